@@ -1,0 +1,121 @@
+"""Attention: Multi-head Latent Attention (DeepSeek-V2/V3) and plain MHA/GQA (dense models, MoE-16B).
+
+MLA (V2P 2.1; V3P 2.1.1 eqs. 1-11; REFERENCE.md 2.1-2.2), training form:
+  c_q  = RMSNorm(W_DQ h)                      q_a_proj, q_a_layernorm     (or none: q_proj)
+  q    = W_UQ,QR c_q -> per head [q_nope; q_pe]     q_b_proj
+  [c_kv; k_pe] = W_DKV,KR h                   kv_a_proj_with_mqa (k_pe from h, not from c_kv)
+  c_kv = RMSNorm(c_kv)                        kv_a_layernorm
+  [k_nope; v] = W_UK,UV c_kv per head          kv_b_proj
+  k    = [k_nope; RoPE(k_pe)] with ONE k_pe shared by all heads
+  o    = softmax(q k^T * softmax_scale) v,  u = W_O o          o_proj
+softmax_scale = 1/sqrt(d_n + d_r), times YaRN's mscale^2 (ModelConfig.softmax_scale).
+The absorbed decoding form over the latent cache belongs to the inference path.
+
+Shapes: B batch, S length, D hidden, H heads, Hkv kv heads, C kv_lora_rank, Cq q_lora_rank,
+Dn nope head dim, R rope head dim, Dv value head dim, Dh MHA head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minids.config import ModelConfig
+from minids.norm import RMSNorm
+from minids.rope import apply_rope
+
+__all__ = ["MHA", "MLA", "attention", "attention_ref"]
+
+
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Reference causal attention with an explicit float32 softmax.
+
+    q: (B, H, S, Dqk), k: (B, H, S, Dqk), v: (B, H, S, Dv) -> (B, H, S, Dv) in q.dtype.
+    """
+    S, T = q.shape[-2], k.shape[-2]
+    scores = torch.einsum("bhsd,bhtd->bhst", q.float(), k.float()) * scale  # (B, H, S, T)
+    causal = torch.ones(S, T, dtype=torch.bool, device=q.device).tril(T - S)
+    probs = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+    return torch.einsum("bhst,bhtd->bhsd", probs, v.float()).to(q.dtype)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention through torch's fused SDPA; same signature and result as ``attention_ref``."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention, naive (training) form. x: (B, S, D) -> (B, S, D)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        D, H = cfg.hidden_size, cfg.num_attention_heads
+        self.n_heads, self.dn, self.dr, self.dv = H, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.softmax_scale = cfg.softmax_scale
+        self.interleave = cfg.rope_interleave
+        qk = self.dn + self.dr
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * qk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, cfg.kv_lora_rank + self.dr, bias=False)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (self.dn + self.dv), bias=False)
+        self.o_proj = nn.Linear(H * self.dv, D, bias=False)
+
+    def project_q(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, S, D) -> q: (B, S, H, Dn + R), before RoPE."""
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        return q.unflatten(-1, (self.n_heads, self.dn + self.dr))  # (B, S, H, Dn + R)
+
+    def project_kv_latent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, S, D) -> normalised latent c_kv (B, S, C) and the pre-RoPE shared key k_pe (B, S, R)."""
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.dr], dim=-1)  # (B,S,C), (B,S,R)
+        return self.kv_a_layernorm(c_kv), k_pe
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x.shape
+        q = self.project_q(x)
+        q_nope, q_pe = q.split([self.dn, self.dr], dim=-1)  # (B, S, H, Dn), (B, S, H, R)
+        q_pe = apply_rope(q_pe, cos, sin, self.interleave)
+        c_kv, k_pe = self.project_kv_latent(x)
+        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin, self.interleave)  # (B, S, 1, R)
+        kv = self.kv_b_proj(c_kv).unflatten(-1, (self.n_heads, self.dn + self.dv))  # (B, S, H, Dn + Dv)
+        k_nope, v = kv.split([self.dn, self.dv], dim=-1)  # (B, S, H, Dn), (B, S, H, Dv)
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # (B, H, S, Dn + R)
+        k = torch.cat([k_nope, k_pe.expand(-1, -1, self.n_heads, -1)], dim=-1).transpose(1, 2)  # (B, H, S, Dn + R)
+        o = attention(q, k, v.transpose(1, 2), self.softmax_scale)  # (B, H, S, Dv)
+        return self.o_proj(o.transpose(1, 2).reshape(B, S, self.n_heads * self.dv))  # (B, S, D)
+
+
+class MHA(nn.Module):
+    """Multi-head (or grouped-query) attention of the dense models and DeepSeekMoE-16B. (B, S, D) -> (B, S, D)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        D = cfg.hidden_size
+        self.n_heads, self.n_kv, self.dh = cfg.num_attention_heads, cfg.num_kv_heads, cfg.mha_head_dim
+        self.softmax_scale = cfg.softmax_scale
+        self.interleave = cfg.rope_interleave
+        self.q_proj = nn.Linear(D, self.n_heads * self.dh, bias=False)
+        self.k_proj = nn.Linear(D, self.n_kv * self.dh, bias=False)
+        self.v_proj = nn.Linear(D, self.n_kv * self.dh, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.dh, D, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x.shape
+        q = apply_rope(self.q_proj(x).unflatten(-1, (self.n_heads, self.dh)), cos, sin, self.interleave)  # (B,S,H,Dh)
+        k = apply_rope(self.k_proj(x).unflatten(-1, (self.n_kv, self.dh)), cos, sin, self.interleave)  # (B,S,Hkv,Dh)
+        v = self.v_proj(x).unflatten(-1, (self.n_kv, self.dh))  # (B, S, Hkv, Dh)
+        rep = self.n_heads // self.n_kv
+        k = k.repeat_interleave(rep, dim=2).transpose(1, 2)  # (B, H, S, Dh): query head h reads kv head h // rep
+        v = v.repeat_interleave(rep, dim=2).transpose(1, 2)  # (B, H, S, Dh)
+        o = attention(q.transpose(1, 2), k, v, self.softmax_scale)  # (B, H, S, Dh)
+        return self.o_proj(o.transpose(1, 2).reshape(B, S, self.n_heads * self.dh))  # (B, S, D)

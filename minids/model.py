@@ -1,0 +1,155 @@
+"""The decoder-only Transformer: embedding, decoder layers, final norm, untied head, MTP, losses.
+
+``Transformer(cfg)`` builds any config of the family; its parameter names are the Hugging Face
+checkpoint keys (``model.embed_tokens.weight``, ``model.layers.N.self_attn.q_a_proj.weight``,
+``lm_head.weight``), except that routed experts are stacked (``mlp.experts.gate_proj[e]`` is
+``mlp.experts.e.gate_proj.weight``) and MTP layer k lives at ``mtp.{k-1}`` (``model.layers.{L+k-1}``
+on disk).
+
+    out = model(input_ids, labels=input_ids)
+    out.logits (B, S, V); out.loss = LM loss + mtp_weight * MTP loss; out.aux: a dict with
+    "lm_loss", "mtp_loss" (when the model has MTP and labels are given) and "expert_counts"
+    (n_moe_layers, E) tokens routed to each expert in this forward.
+
+Labels follow the Hugging Face convention: ``labels[:, t]`` is the token at position t (the model
+shifts internally); -100 is ignored.
+
+Shapes: B batch, S length, D hidden, V vocab, E routed experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minids.block import DecoderLayer
+from minids.config import ModelConfig
+from minids.moe import DeepSeekMoE, Experts, Router
+from minids.mtp import MTPLayer
+from minids.norm import RMSNorm
+from minids.rope import RotaryEmbedding, rope_inv_freq
+
+__all__ = ["ModelOutput", "Transformer", "lm_loss"]
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, shift: int = 1) -> torch.Tensor:
+    """Mean cross-entropy of logits[:, t] against labels[:, t + shift], in float32; -100 ignored.
+
+    logits: (B, S, V), labels: (B, S + shift - 1) or longer; both aligned at position 0.
+    """
+    S = logits.shape[1]
+    targets = labels[:, shift : shift + S - 1]  # (B, S-1)
+    return F.cross_entropy(
+        logits[:, : targets.shape[1]].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX
+    )
+
+
+class DecoderStack(nn.Module):
+    """``model.*`` in the checkpoints: embed_tokens, layers, norm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig | str | dict):
+        super().__init__()
+        cfg = ModelConfig.load(cfg) if not isinstance(cfg, ModelConfig) else cfg
+        self.cfg = cfg
+        self.model = DecoderStack(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.mtp = nn.ModuleList(MTPLayer(cfg, k) for k in range(1, cfg.num_nextn_predict_layers + 1))
+        self.rotary = RotaryEmbedding(cfg)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, initializer_range) for every matrix, ones for norms, zeros for selection biases.
+
+        Also recomputes the RoPE frequencies, so a model built on the meta device and moved with
+        ``to_empty`` is complete after this call.
+        """
+        std = self.cfg.initializer_range
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, 0.0, std)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+            elif isinstance(m, Experts):
+                for p in m.parameters():
+                    nn.init.normal_(p, 0.0, std)
+            elif isinstance(m, Router):
+                nn.init.normal_(m.weight, 0.0, std)
+                if m.e_score_correction_bias is not None:
+                    m.e_score_correction_bias.zero_()
+        r = self.rotary
+        r.inv_freq = rope_inv_freq(r.dim, self.cfg.rope_theta, self.cfg.rope_scaling).to(r.inv_freq.device)
+
+    def set_moe_impl(self, impl: str) -> None:
+        """Route every MoE layer through "grouped" (torch._grouped_mm), "loop" or "auto"."""
+        if impl not in ("auto", "grouped", "loop"):
+            raise ValueError(f"moe impl {impl!r}: one of auto, grouped, loop")
+        for m in self.modules():
+            if isinstance(m, DeepSeekMoE):
+                m.impl = impl
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        mtp_weight: float = 0.3,
+    ) -> ModelOutput:
+        """input_ids, labels: (B, S). mtp_weight is lambda of V3P eq. 25 (0.3, then 0.1, in V3's training)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+        B, S = input_ids.shape
+        if S > self.cfg.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {S} exceeds max_position_embeddings={self.cfg.max_position_embeddings}"
+            )
+        positions = torch.arange(S, device=input_ids.device).unsqueeze(0)  # (1, S)
+        cos, sin = self.rotary(positions)  # (1, S, R/2)
+        h = self.model.embed_tokens(input_ids)  # (B, S, D)
+        counts = []
+        for layer in self.model.layers:
+            h, c = layer(h, cos, sin)
+            if c is not None:
+                counts.append(c)
+        h = self.model.norm(h)
+        logits = self.lm_head(h)  # (B, S, V)
+        aux: dict[str, torch.Tensor] = {}
+        loss = None
+        if labels is not None:
+            loss = aux["lm_loss"] = lm_loss(logits, labels)
+            if len(self.mtp) and S > len(self.mtp) + 1:
+                mtp_losses = []
+                for k, layer in enumerate(self.mtp, start=1):
+                    n = S - k  # positions i = 0..S-k-1 see tokens t_{i+k}
+                    emb = self.model.embed_tokens(input_ids[:, k:])  # (B, S-k, D)
+                    h, c = layer(h[:, :n], emb, cos[:, :n], sin[:, :n])  # (B, S-k, D)
+                    counts.append(c) if c is not None else None
+                    logits_k = self.lm_head(layer.shared_head.norm(h))  # (B, S-k, V)
+                    mtp_losses.append(lm_loss(logits_k, labels, shift=k + 1))
+                aux["mtp_loss"] = torch.stack(mtp_losses).mean()
+                loss = loss + mtp_weight * aux["mtp_loss"]
+        if counts:
+            aux["expert_counts"] = torch.stack(counts)  # (n_moe_layers [+ MTP], E)
+        return ModelOutput(logits=logits, loss=loss, aux=aux)

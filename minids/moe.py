@@ -1,0 +1,217 @@
+"""DeepSeekMoE: shared experts plus fine-grained routed experts, the router, dispatch and combine.
+
+Layer output (V2P eq. 20; V3P eq. 12; the block adds the residual):
+    y_t = FFN_shared(u_t) + sum_i g_{i,t} FFN_i(u_t)
+
+Router (``route``), all in float32 (REFERENCE.md 3.2-3.4):
+  s_{i,t} = softmax_i(u_t e_i) (V2, MoE-16B) or sigmoid(u_t e_i) (V3)
+  selection scores = s + b (b = ``e_score_correction_bias``, noaux_tc only; V3P eqs. 13-16)
+  group-limited routing (n_group > 1, not greedy): score each of the n_group contiguous expert groups
+    by its max (group_limited_greedy, V2) or by the sum of its top-2 biased scores (noaux_tc, V3),
+    keep topk_group groups, and mask the others with -inf (as the official code does since 2025-02;
+    transformers fills 0.0, REFERENCE.md 8.1)
+  top-K over the (masked) selection scores; the gate weight is the UNBIASED s of the chosen experts:
+    the bias changes which experts are chosen, never their weight (V3P 2.1.2)
+  norm_topk_prob: g <- g / (sum_K g + 1e-20); then g <- g * routed_scaling_factor.
+
+Dispatch (``moe_experts``): the (token, expert) pairs are sorted by expert, the experts run as one
+grouped GEMM over contiguous row blocks (``torch._grouped_mm``) or, where that is unavailable, a loop
+over experts on contiguous slices (one host sync for the counts, none per expert), and the outputs are
+scattered back with their gate weights (index_add in float32). No Python loop over tokens.
+
+Shapes: N tokens (= B*S), D hidden, E routed experts, K experts per token, G groups, I expert width,
+P = N*K (token, expert) pairs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minids.config import ModelConfig
+from minids.mlp import MLP
+
+__all__ = ["DeepSeekMoE", "Experts", "Router", "grouped_mm_available", "moe_experts", "route"]
+
+
+def route(
+    logits: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    top_k: int,
+    scoring_func: str = "softmax",
+    topk_method: str = "greedy",
+    n_group: int = 1,
+    topk_group: int = 1,
+    norm_topk_prob: bool = False,
+    routed_scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference router. logits: (N, E) router logits, bias: (E,) selection bias or None.
+
+    Returns gate weights (N, K) float32, expert indices (N, K) int64, and the scores s (N, E) float32.
+    """
+    logits = logits.float()
+    if scoring_func == "softmax":
+        scores = logits.softmax(dim=-1)  # (N, E)
+    elif scoring_func == "sigmoid":
+        scores = logits.sigmoid()  # (N, E)
+    else:
+        raise ValueError(f"scoring_func={scoring_func!r}: one of softmax, sigmoid")
+    choice = scores if bias is None else scores + bias.float()  # (N, E): selection only
+    if topk_method != "greedy" and n_group > 1:
+        N, E = choice.shape
+        grouped = choice.view(N, n_group, E // n_group)  # (N, G, E/G)
+        if topk_method == "noaux_tc":
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (N, G): top-2 sum (V3P 2.1.2)
+        else:
+            group_scores = grouped.amax(dim=-1)  # (N, G): best expert of the group (V2P 2.2.2)
+        keep = group_scores.topk(topk_group, dim=-1).indices  # (N, topk_group)
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)  # (N, G)
+        choice = grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).view(N, E)  # (N, E)
+    indices = choice.topk(top_k, dim=-1).indices  # (N, K)
+    weights = scores.gather(1, indices)  # (N, K): unbiased scores of the chosen experts
+    if norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * routed_scaling_factor, indices, scores
+
+
+@functools.cache
+def _grouped_mm_probe(device_type: str, dtype: torch.dtype) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        a = torch.zeros(16, 16, device=device_type, dtype=dtype)
+        b = torch.zeros(2, 16, 16, device=device_type, dtype=dtype)
+        torch._grouped_mm(a, b.transpose(-2, -1), offs=torch.tensor([8, 16], device=device_type, dtype=torch.int32))
+        return True
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch._grouped_mm`` runs on this device type and dtype in the installed torch."""
+    return _grouped_mm_probe(torch.device(device).type, dtype)
+
+
+def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
+    # torch._grouped_mm's backward rejects a gradient with zero strides (the gradient of .sum()).
+    if t.requires_grad:
+        t.register_hook(lambda g: g.contiguous())
+    return t
+
+
+def _grouped_linear(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows of x: (P, Din) in expert blocks ending at offs: (E,); w: (E, Dout, Din) -> (P, Dout)."""
+    return _contiguous_grad(torch._grouped_mm(x, w.transpose(-2, -1), offs=offs))
+
+
+def moe_experts(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    indices: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routed part of the MoE layer: sum_k weights[t, k] * FFN_{indices[t, k]}(x[t]).
+
+    x: (N, D), weights: (N, K) float32, indices: (N, K), w_gate / w_up: (E, I, D), w_down: (E, D, I).
+    impl: "grouped" (torch._grouped_mm), "loop" (per-expert slices) or "auto" (grouped where it runs).
+    Returns (y (N, D) in x.dtype, tokens per expert (E,) int64).
+    """
+    N, K = indices.shape
+    E = w_gate.shape[0]
+    flat = indices.reshape(-1)  # (P,)
+    order = flat.argsort(stable=True)  # (P,): pairs sorted by expert
+    token = order // K  # (P,): source token of each sorted pair
+    counts = torch.bincount(flat, minlength=E)  # (E,)
+    xs = x[token]  # (P, D), expert-contiguous
+    if impl == "auto":
+        impl = "grouped" if grouped_mm_available(x.device, x.dtype) else "loop"
+    if impl == "grouped":
+        offs = counts.cumsum(0).to(torch.int32)  # (E,): end row of each expert's block
+        h = F.silu(_grouped_linear(xs, w_gate, offs)) * _grouped_linear(xs, w_up, offs)  # (P, I)
+        ys = _grouped_linear(h, w_down, offs)  # (P, D)
+    elif impl == "loop":
+        chunks = xs.split(counts.tolist())  # one host sync for all experts
+        ys = torch.cat(
+            [F.linear(F.silu(F.linear(c, w_gate[e])) * F.linear(c, w_up[e]), w_down[e]) for e, c in enumerate(chunks)]
+        )  # (P, D)
+    else:
+        raise ValueError(f"impl={impl!r}: one of auto, grouped, loop")
+    ys = ys.float() * weights.reshape(-1)[order].unsqueeze(-1)  # (P, D) float32
+    y = torch.zeros(N, x.shape[-1], dtype=torch.float32, device=x.device).index_add_(0, token, ys)  # (N, D)
+    return y.to(x.dtype), counts
+
+
+class Router(nn.Module):
+    """The gate: ``weight`` (E, D) and, for noaux_tc, the float32 selection bias buffer."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        if cfg.uses_selection_bias:
+            # a buffer: it receives no gradient; the balance rule updates it (V3P 2.1.2)
+            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def _apply(self, fn, recurse=True):
+        # keep the selection bias in float32 whatever dtype the model is cast to
+        bias = self.e_score_correction_bias
+        super()._apply(fn, recurse)
+        if bias is not None:
+            dev = self.weight.device
+            self.e_score_correction_bias = (
+                torch.empty_like(bias, device=dev) if bias.is_meta else bias.to(device=dev, dtype=torch.float32)
+            )
+        return self
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (N, D) -> weights (N, K) float32, indices (N, K), scores (N, E) float32."""
+        c = self.cfg
+        logits = F.linear(x.float(), self.weight.float())  # (N, E), router in float32
+        return route(
+            logits, self.e_score_correction_bias, top_k=c.num_experts_per_tok, scoring_func=c.scoring_func,
+            topk_method=c.topk_method, n_group=c.n_group, topk_group=c.topk_group,
+            norm_topk_prob=c.norm_topk_prob, routed_scaling_factor=c.routed_scaling_factor,
+        )
+
+
+class Experts(nn.Module):
+    """E routed SwiGLU experts stored stacked: gate_proj / up_proj (E, I, D), down_proj (E, D, I).
+
+    Checkpoint key ``experts.{e}.gate_proj.weight`` is ``experts.gate_proj[e]`` here.
+    """
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.up_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+
+
+class DeepSeekMoE(nn.Module):
+    """x: (B, S, D) -> (B, S, D) and tokens per routed expert (E,)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = MLP(cfg.hidden_size, cfg.shared_intermediate_size) if cfg.n_shared_experts else None
+        self.impl = "auto"  # "grouped" | "loop" | "auto"; set through Transformer.set_moe_impl
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (N, D)
+        weights, indices, _ = self.gate(x)
+        e = self.experts
+        y, counts = moe_experts(x, weights, indices, e.gate_proj, e.up_proj, e.down_proj, self.impl)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y.view(shape), counts
