@@ -138,9 +138,9 @@ def moe_experts(
         ys = _grouped_linear(h, w_down, offs)  # (P, D)
     elif impl == "loop":
         chunks = xs.split(counts.tolist())  # one host sync for all experts
-        ys = torch.cat(
-            [F.linear(F.silu(F.linear(c, w_gate[e])) * F.linear(c, w_up[e]), w_down[e]) for e, c in enumerate(chunks)]
-        )  # (P, D)
+        # unbind, not w[e]: indexing a stacked weight E times makes E full-size gradients in backward
+        ws = zip(chunks, w_gate.unbind(0), w_up.unbind(0), w_down.unbind(0))
+        ys = torch.cat([F.linear(F.silu(F.linear(c, g)) * F.linear(c, u), d) for c, g, u, d in ws])  # (P, D)
     else:
         raise ValueError(f"impl={impl!r}: one of auto, grouped, loop")
     ys = ys.float() * weights.reshape(-1)[order].unsqueeze(-1)  # (P, D) float32

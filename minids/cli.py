@@ -1,0 +1,186 @@
+"""The ``minids`` command.
+
+    minids info CONFIG [CONFIG ...]     parameters, activated parameters, MTP, KV cache, FLOPs per token,
+                                        beside the published figures ("all" = every bundled config)
+    minids smoke CONFIG                 a short forward/backward of a random batch on the CPU (or --device)
+
+CONFIG is a preset name (``minids info --list``), a JSON file, or a Hugging Face model directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _fmt_count(n: float) -> str:
+    return f"{n / 1e9:,.3f}B" if n >= 1e8 else f"{n / 1e6:,.3f}M"
+
+
+def _published_check(ours: int, published: float) -> str:
+    """Relative difference, and whether it lies within 1% or within the published rounding."""
+    rel = ours / published - 1
+    text = f"{ours / 1e9:.3f}B".rstrip("0")
+    digits = len(f"{published / 1e9:g}".split(".")[1]) if "." in f"{published / 1e9:g}" else 0
+    half_unit = 0.5 * 10 ** (-digits) * 1e9
+    if abs(rel) <= 0.01:
+        verdict = "within 1%"
+    elif abs(ours - published) <= half_unit:
+        verdict = f"within the published rounding ({published / 1e9:g}B = {text} rounded)"
+    else:
+        verdict = "OUTSIDE 1% and the published rounding"
+    return f"{rel:+.2%}  {verdict}"
+
+
+def _preset_key(name: str) -> str:
+    """'deepseek-v3' for a preset name or a path to configs/deepseek-v3.json (names may contain dots)."""
+    p = Path(str(name))
+    return p.stem if p.suffix == ".json" else p.name
+
+
+def info_record(name: str, seq_len: int) -> dict:
+    """Everything ``minids info`` prints for one config, as a dict."""
+    from minids.accounting import PUBLISHED, count, flops_per_token, kv_cache_elements_per_token
+    from minids.config import ModelConfig
+
+    cfg = ModelConfig.load(name)
+    c = count(cfg)
+    rec: dict = {"config": str(name), "counts": c.as_dict()}
+    rec["kv_cache_elements_per_token"] = kv_cache_elements_per_token(cfg)
+    rec["kv_cache_elements_per_token_naive"] = kv_cache_elements_per_token(cfg, "naive")
+    rec["forward_flops_per_token"] = flops_per_token(cfg, seq_len, c)
+    rec["seq_len"] = seq_len
+    pub = PUBLISHED.get(_preset_key(name))
+    if pub is not None:
+        rec["published"] = {k: v for k, v in pub.__dict__.items() if v is not None}
+    return rec
+
+
+def _describe(cfg) -> str:
+    attn = "MLA" if cfg.is_mla else ("GQA" if cfg.num_kv_heads < cfg.num_attention_heads else "MHA")
+    parts = [cfg.model_type, f"{cfg.num_hidden_layers} layers", f"{attn} {cfg.num_attention_heads} heads"]
+    if cfg.is_moe:
+        dense = cfg.num_hidden_layers - cfg.num_moe_layers
+        parts.append(
+            f"{dense} dense + {cfg.num_moe_layers} MoE ({cfg.n_routed_experts} routed + {cfg.n_shared_experts} shared,"
+            f" top-{cfg.num_experts_per_tok}, {cfg.scoring_func} {cfg.topk_method})"
+        )
+    if cfg.num_nextn_predict_layers:
+        parts.append(f"MTP depth {cfg.num_nextn_predict_layers}")
+    return ", ".join(parts)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from minids.accounting import PUBLISHED
+    from minids.config import ModelConfig, preset_names
+
+    if args.list:
+        print("\n".join(preset_names()))
+        return 0
+    names = preset_names() if args.configs == ["all"] or not args.configs else args.configs
+    records = []
+    for name in names:
+        cfg = ModelConfig.load(name)
+        rec = info_record(name, args.seq_len)
+        records.append(rec)
+        if args.json:
+            continue
+        c = rec["counts"]
+        pub = PUBLISHED.get(_preset_key(name))
+        print(f"{name}: {_describe(cfg)}")
+        line = f"  parameters, total            {c['total']:>18,}  ({_fmt_count(c['total'])})"
+        if pub and pub.total:
+            line += f"  published {pub.total / 1e9:g}B [{pub.source}]  {_published_check(c['total'], pub.total)}"
+        print(line)
+        if cfg.is_moe:
+            for key, label, incl in (("activated", "activated/token, no embed", False),
+                                     ("activated_with_embedding", "activated/token, with embed", True)):
+                line = f"  {label:<28} {c[key]:>18,}  ({_fmt_count(c[key])})"
+                if pub and pub.activated and pub.activated_includes_embedding == incl:
+                    line += f"  published {pub.activated / 1e9:g}B [{pub.source}]  {_published_check(c[key], pub.activated)}"
+                print(line)
+        if c["mtp"]:
+            line = f"  MTP modules (unique)         {c['mtp']:>18,}  ({_fmt_count(c['mtp'])})"
+            if pub and pub.mtp:
+                line += f"  published {pub.mtp / 1e9:g}B [{pub.source}]  {_published_check(c['mtp'], pub.mtp)}"
+            print(line)
+        kv, naive = rec["kv_cache_elements_per_token"], rec["kv_cache_elements_per_token_naive"]
+        if cfg.is_mla:
+            print(f"  KV cache / token             {kv:>18,} elements = {2 * kv:,} B in bf16 (latent "
+                  f"{cfg.kv_lora_rank}+{cfg.qk_rope_head_dim} per layer); per-head K/V would be {naive:,} "
+                  f"({naive / kv:.1f}x)")
+        else:
+            print(f"  KV cache / token             {kv:>18,} elements = {2 * kv:,} B in bf16 (K and V, "
+                  f"{cfg.num_kv_heads} kv heads x {cfg.mha_head_dim})")
+        print(f"  forward FLOPs / token        {rec['forward_flops_per_token']:>18,.4g}  (seq {args.seq_len})")
+    if args.json:
+        json.dump(records, sys.stdout, indent=1)
+        print()
+    return 0
+
+
+def cmd_smoke(args: argparse.Namespace) -> int:
+    import torch
+
+    from minids.config import ModelConfig
+    from minids.model import Transformer
+
+    cfg = ModelConfig.load(args.config)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    model = Transformer(cfg).to(device)
+    n = sum(p.numel() for p in model.parameters())
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len), device=device)
+    t0 = time.perf_counter()
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    dt = time.perf_counter() - t0
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    missing = sum(g is None for g in grads)
+    norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)).item()
+    extra = f", MTP loss {out.aux['mtp_loss'].item():.4f}" if "mtp_loss" in out.aux else ""
+    print(f"{args.config}: {n:,} parameters; batch {args.batch}x{args.seq_len} on {device}: "
+          f"loss {out.aux['lm_loss'].item():.4f} (ln V = {torch.log(torch.tensor(float(cfg.vocab_size))).item():.4f})"
+          f"{extra}, grad norm {norm:.4f}, {missing} parameters without gradient, forward+backward {dt:.2f} s")
+    if not torch.isfinite(out.loss) or missing:
+        print("smoke test FAILED: non-finite loss or parameters without gradient", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="minids", description="DeepSeek-family models in plain PyTorch.")
+    sub = p.add_subparsers(dest="command", required=True)
+    i = sub.add_parser("info", help="parameters, KV cache and FLOPs of configs, beside the published figures")
+    i.add_argument("configs", nargs="*", help="preset names, JSON files or HF directories; 'all' (default) for every preset")
+    i.add_argument("--seq-len", type=int, default=4096, help="sequence length for the FLOPs count (default 4096)")
+    i.add_argument("--json", action="store_true", help="print JSON records instead of the table")
+    i.add_argument("--list", action="store_true", help="list the preset names and exit")
+    i.set_defaults(func=cmd_info)
+    s = sub.add_parser("smoke", help="forward and backward of a random batch through a (tiny) model")
+    s.add_argument("config", nargs="?", default="tiny-v3")
+    s.add_argument("--batch", type=int, default=4)
+    s.add_argument("--seq-len", type=int, default=128)
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(func=cmd_smoke)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from minids.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"minids {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
