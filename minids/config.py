@@ -53,15 +53,9 @@ _MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "deepseek", "llama")
 
 def _configs_dir() -> Path:
     """The preset folder: ``minids/configs`` in an installed wheel, ``configs/`` in a checkout."""
-    try:
-        from importlib.resources import files
-
-        d = Path(str(files("minids.configs")))
-        if d.is_dir() and any(d.glob("*.json")):
-            return d
-    except (ModuleNotFoundError, TypeError):
-        pass
-    return Path(__file__).resolve().parent.parent / "configs"
+    here = Path(__file__).resolve().parent
+    installed = here / "configs"
+    return installed if installed.is_dir() else here.parent / "configs"
 
 
 def preset_names() -> list[str]:

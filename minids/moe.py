@@ -130,9 +130,16 @@ def moe_experts(
     token = order // K  # (P,): source token of each sorted pair
     counts = torch.bincount(flat, minlength=E)  # (E,)
     xs = x[token]  # (P, D), expert-contiguous
+    # torch._grouped_mm needs every row stride a multiple of 16 bytes: D and I (fp32: multiples of 4)
+    aligned = all(n * x.element_size() % 16 == 0 for n in (x.shape[-1], w_gate.shape[1]))
     if impl == "auto":
-        impl = "grouped" if grouped_mm_available(x.device, x.dtype) else "loop"
+        impl = "grouped" if aligned and grouped_mm_available(x.device, x.dtype) else "loop"
     if impl == "grouped":
+        if not aligned:
+            raise ValueError(
+                f"impl='grouped': torch._grouped_mm needs hidden ({x.shape[-1]}) and expert width "
+                f"({w_gate.shape[1]}) to be multiples of {16 // x.element_size()} in {x.dtype}; use impl='loop'"
+            )
         offs = counts.cumsum(0).to(torch.int32)  # (E,): end row of each expert's block
         h = F.silu(_grouped_linear(xs, w_gate, offs)) * _grouped_linear(xs, w_up, offs)  # (P, I)
         ys = _grouped_linear(h, w_down, offs)  # (P, D)
