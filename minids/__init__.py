@@ -15,3 +15,7 @@ __all__ = [
     "yarn_correction_range",
 ]
 __version__ = "0.1.0"
+
+from minids.checkpoint import CheckpointError, from_pretrained, save_pretrained  # noqa: E402
+
+__all__ += ["CheckpointError", "from_pretrained", "save_pretrained"]

@@ -99,6 +99,10 @@ class Transformer(nn.Module):
                 nn.init.normal_(m.weight, 0.0, std)
                 if m.e_score_correction_bias is not None:
                     m.e_score_correction_bias.zero_()
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """Recompute the non-persistent buffers (RoPE frequencies), e.g. after ``to_empty``."""
         r = self.rotary
         r.inv_freq = rope_inv_freq(r.dim, self.cfg.rope_theta, self.cfg.rope_scaling).to(r.inv_freq.device)
 

@@ -1,0 +1,368 @@
+"""Hugging Face checkpoints both ways: ``from_pretrained`` and ``save_pretrained``.
+
+Layout (REFERENCE.md 6.1): ``config.json`` and ``model.safetensors``, or shards
+``model-0000x-of-0000y.safetensors`` with ``model.safetensors.index.json``. Keys are those of the
+published checkpoints; the differences from minids' module names are:
+- routed experts: ``mlp.experts.{e}.gate_proj.weight`` on disk is ``mlp.experts.gate_proj[e]`` here
+  (transformers 5's fused ``mlp.experts.gate_up_proj`` / ``down_proj`` are read too);
+- MTP layer k: ``model.layers.{L + k - 1}.*`` on disk is ``mtp.{k - 1}.*`` here. Its on-disk copies of
+  the shared embedding and head (``embed_tokens``, ``shared_head.head``) are written for completeness
+  and skipped on load (the main model's are used);
+- FP8 weights (official V3/R1 files): a float8 ``weight`` with a float32 ``weight_scale_inv`` is
+  dequantized block-wise (128x128, ``minids.fp8.weight_dequant``) to the requested dtype.
+
+Loading is lazy per tensor: the model is built on the meta device, allocated once in the target
+dtype and device, and each tensor is read from its file and copied into place, so memory stays near
+one copy of the model. Only safetensors are read: no pickle is ever loaded.
+
+Saving is atomic per file (temporary file, fsync, rename), the index and config last; shards of an
+earlier save that the new index no longer names are removed afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from minids.config import ConfigError, ModelConfig
+from minids.fp8 import weight_dequant
+
+__all__ = ["CheckpointError", "from_pretrained", "hf_state_dict", "save_pretrained"]
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_FUSED = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
+_MTP_SHARED_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
+_ARCH = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
+         "deepseek": "DeepseekForCausalLM", "llama": "LlamaForCausalLM"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or written; the message names the file and tensor."""
+
+
+# --------------------------------------------------------------------------------------------- reading
+def _shard_files(path: Path) -> dict[str, Path]:
+    """tensor name -> file, from the index or the single file."""
+    index = path / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        files = {}
+        for name, fname in weight_map.items():
+            f = path / fname
+            if not f.is_file():
+                n = sum(v == fname for v in weight_map.values())
+                raise CheckpointError(f"{index}: shard {fname} (listed for {n} tensors, e.g. {name}) is missing")
+            files[name] = f
+        return files
+    single = path / SINGLE
+    if single.is_file():
+        from safetensors import safe_open
+
+        with _open(single) as f:
+            return {k: single for k in f.keys()}
+    pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+    hint = f" (found {', '.join(pickles)}: pickle files are never loaded; convert them to safetensors)" if pickles else ""
+    raise CheckpointError(f"{path}: no {SINGLE} or {INDEX}{hint}")
+
+
+class _open:
+    """safe_open with a one-line error for a truncated or corrupt file."""
+
+    def __init__(self, file: Path):
+        self.file = file
+
+    def __enter__(self):
+        from safetensors import safe_open
+
+        try:
+            self.handle = safe_open(str(self.file), framework="pt", device="cpu")
+        except Exception as e:  # SafetensorError, OSError: header or file broken
+            raise CheckpointError(f"{self.file}: not a readable safetensors file ({e})") from None
+        return self.handle
+
+    def __exit__(self, *exc):
+        self.handle = None
+        return False
+
+
+def _mtp_depths_on_disk(cfg: ModelConfig, names: list[str]) -> int:
+    layers = {int(m.group(1)) for n in names if (m := _LAYER.match(n))}
+    k = 0
+    while cfg.num_hidden_layers + k in layers:
+        k += 1
+    return k
+
+
+def _target(cfg: ModelConfig, name: str) -> tuple[str, int | None] | None:
+    """On-disk name -> (minids parameter/buffer name, expert index or None); None = skip (documented)."""
+    m = _LAYER.match(name)
+    if m and int(m.group(1)) >= cfg.num_hidden_layers:
+        depth = int(m.group(1)) - cfg.num_hidden_layers
+        rest = m.group(2)
+        if rest in _MTP_SHARED_COPIES:
+            return None
+        name = f"mtp.{depth}.{rest}"
+    if e := _EXPERT.match(name):
+        return f"{e.group(1)}.{e.group(3)}", int(e.group(2))
+    return name, None
+
+
+def from_pretrained(
+    path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> torch.nn.Module:
+    """Load a Hugging Face DeepseekV2/V3 (or Llama / DeepSeekMoE) directory into ``minids.Transformer``.
+
+    dtype: the parameters' dtype (default: the config's ``torch_dtype``/``dtype``, else float32).
+    """
+    from minids.model import Transformer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory (expected config.json + *.safetensors)")
+    cfg = ModelConfig.load(path)
+    files = _shard_files(path)
+    names = sorted(files)
+    on_disk = _mtp_depths_on_disk(cfg, names)
+    if on_disk < cfg.num_nextn_predict_layers:
+        warnings.warn(
+            f"{path}: config declares {cfg.num_nextn_predict_layers} MTP layer(s) but the checkpoint holds "
+            f"{on_disk} (transformers drops them): loading without the missing ones",
+            stacklevel=2,
+        )
+        cfg.num_nextn_predict_layers = on_disk
+    if dtype is None:
+        dtype = getattr(torch, str(cfg.extra.get("torch_dtype") or cfg.extra.get("dtype") or "float32"), torch.float32)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to(dtype)
+    model.to_empty(device=device)
+    params = dict(model.named_parameters())
+    params.update(dict(model.named_buffers()))
+    loaded: dict[str, set] = {}
+    unexpected = []
+    by_file: dict[Path, list[str]] = {}
+    for n in names:
+        by_file.setdefault(files[n], []).append(n)
+    for file, keys in by_file.items():
+        with _open(file) as f:
+            present = set(f.keys())
+            for key in keys:
+                if key.endswith("_scale_inv"):
+                    if key[: -len("_scale_inv")] not in present:
+                        unexpected.append(key)
+                    continue
+                tgt = _target(cfg, key)
+                if tgt is None:
+                    continue
+                tname, expert = tgt
+                fused = _FUSED.match(tname) if tname not in params else None
+                if tname not in params and not fused:
+                    unexpected.append(key)
+                    continue
+                tensor = _read(f, key, present, file, files)
+                if fused:
+                    _copy_fused(params, fused, tensor, key, file, loaded)
+                    continue
+                _copy(params[tname], expert, tensor, key, file)
+                loaded.setdefault(tname, set()).add(expert)
+    _check_complete(model, cfg, params, loaded, path, unexpected)
+    model.reset_buffers()
+    return model
+
+
+def _read(f, key: str, present: set, file: Path, files: dict) -> torch.Tensor:
+    try:
+        t = f.get_tensor(key)
+    except Exception as e:
+        raise CheckpointError(f"{file}: tensor {key} cannot be read ({e})") from None
+    if t.element_size() == 1 and t.is_floating_point():
+        skey = key + "_scale_inv"
+        if skey not in files:
+            raise CheckpointError(f"{file}: FP8 tensor {key} has no {skey}")
+        if skey in present:
+            scale = f.get_tensor(skey)
+        else:
+            with _open(files[skey]) as g:
+                scale = g.get_tensor(skey)
+        try:
+            t = weight_dequant(t, scale, dtype=torch.float32)
+        except ValueError as e:
+            raise CheckpointError(f"{file}: {skey}: {e}") from None
+    return t
+
+
+def _copy(dst: torch.Tensor, expert: int | None, src: torch.Tensor, key: str, file: Path) -> None:
+    if expert is not None:
+        if expert >= dst.shape[0]:
+            raise CheckpointError(f"{file}: tensor {key} names expert {expert}, the config has {dst.shape[0]}")
+        dst = dst[expert]
+    if tuple(src.shape) != tuple(dst.shape):
+        raise CheckpointError(f"{file}: tensor {key} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
+    with torch.no_grad():
+        dst.copy_(src)
+
+
+def _copy_fused(params, fused: re.Match, src: torch.Tensor, key: str, file: Path, loaded: dict) -> None:
+    base, kind = fused.group(1), fused.group(2)
+    if kind == "down_proj":
+        _copy(params[f"{base}.down_proj"], None, src, key, file)
+        loaded.setdefault(f"{base}.down_proj", set()).add(None)
+        return
+    gate = params[f"{base}.gate_proj"]
+    if src.dim() != 3 or src.shape[1] != 2 * gate.shape[1]:
+        raise CheckpointError(f"{file}: tensor {key} has shape {tuple(src.shape)}, expected {(gate.shape[0], 2 * gate.shape[1], gate.shape[2])}")
+    g, u = src.chunk(2, dim=1)
+    _copy(gate, None, g, key, file)
+    _copy(params[f"{base}.up_proj"], None, u, key, file)
+    loaded.setdefault(f"{base}.gate_proj", set()).add(None)
+    loaded.setdefault(f"{base}.up_proj", set()).add(None)
+
+
+def _check_complete(model, cfg, params, loaded, path, unexpected) -> None:
+    missing = []
+    for name, t in params.items():
+        if name.startswith("rotary.") or (cfg.tie_word_embeddings and name == "lm_head.weight"):
+            continue
+        got = loaded.get(name)
+        if got is None:
+            missing.append(name)
+        elif None not in got and len(got) != t.shape[0]:
+            missing.append(f"{name}[experts {sorted(set(range(t.shape[0])) - got)[:8]}...]")
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
+        if unexpected:
+            parts.append(
+                f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected[:6])}{' ...' if len(unexpected) > 6 else ''}"
+            )
+        raise CheckpointError(f"{path}: {'; '.join(parts)} (does config.json match the weights?)")
+
+
+# --------------------------------------------------------------------------------------------- writing
+def hf_state_dict(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(on-disk name, tensor) pairs in the Hugging Face layout; views, no copies except MTP's shared copies."""
+    cfg: ModelConfig = model.cfg
+    L = cfg.num_hidden_layers
+    for name, t in model.state_dict().items():
+        if name.startswith("rotary.") or (cfg.tie_word_embeddings and name == "lm_head.weight"):
+            continue
+        if name.startswith("mtp."):
+            depth, rest = name[4:].split(".", 1)
+            name = f"model.layers.{L + int(depth)}.{rest}"
+        if (m := re.match(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$", name)) is not None:
+            for e in range(t.shape[0]):
+                yield f"{m.group(1)}.{e}.{m.group(2)}.weight", t[e]
+            continue
+        yield name, t
+    for depth in range(cfg.num_nextn_predict_layers):
+        yield f"model.layers.{L + depth}.embed_tokens.weight", model.model.embed_tokens.weight.detach().clone()
+        yield f"model.layers.{L + depth}.shared_head.head.weight", model.lm_head.weight.detach().clone()
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], dst: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _atomic_write_text(text: str, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_pretrained(
+    model: torch.nn.Module,
+    path: str | Path,
+    *,
+    max_shard_bytes: int = 5 * 1024**3,
+    dtype: torch.dtype | None = None,
+    drop_mtp: bool = False,
+) -> Path:
+    """Write ``model`` in the Hugging Face layout (shards + index above ``max_shard_bytes``).
+
+    dtype: cast floating tensors on write (the selection bias stays float32). drop_mtp: leave out MTP.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot create the output directory ({e.strerror})") from None
+    if not os.access(path, os.W_OK):
+        raise CheckpointError(f"{path}: output directory is not writable")
+    cfg: ModelConfig = model.cfg
+    L = cfg.num_hidden_layers
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    total = 0
+    for name, t in hf_state_dict(model):
+        if drop_mtp and (m := _LAYER.match(name)) and int(m.group(1)) >= L:
+            continue
+        t = t.detach()
+        if dtype is not None and t.is_floating_point() and not name.endswith("e_score_correction_bias"):
+            t = t.to(dtype)
+        t = t.contiguous().cpu()
+        nbytes = t.numel() * t.element_size()
+        if size and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+        total += nbytes
+    out_cfg = cfg.to_dict()
+    if drop_mtp:
+        out_cfg["num_nextn_predict_layers"] = 0
+    out_cfg.setdefault("architectures", [_ARCH[cfg.model_type]])
+    dt = dtype or next(model.parameters()).dtype
+    out_cfg["torch_dtype"] = str(dt).removeprefix("torch.")
+    if len(shards) == 1:
+        names = [SINGLE]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for shard, fname in zip(shards, names):
+        _atomic_save(shard, path / fname)
+    if len(shards) > 1:
+        weight_map = {k: fname for shard, fname in zip(shards, names) for k in shard}
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        _atomic_write_text(json.dumps(index, indent=2) + "\n", path / INDEX)
+    else:
+        (path / INDEX).unlink(missing_ok=True)
+    _atomic_write_text(json.dumps(out_cfg, indent=2) + "\n", path / "config.json")
+    for stale in path.glob("model*.safetensors"):
+        if stale.name not in names:
+            stale.unlink()
+    return path
+
+
+def _dtype_from_name(name: str) -> torch.dtype:
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
+             "fp16": torch.float16, "float16": torch.float16}
+    if name not in table:
+        raise ConfigError(f"dtype={name!r}: one of {', '.join(table)}")
+    return table[name]
