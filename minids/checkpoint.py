@@ -33,7 +33,7 @@ import torch
 from minids.config import ConfigError, ModelConfig
 from minids.fp8 import weight_dequant
 
-__all__ = ["CheckpointError", "from_pretrained", "hf_state_dict", "save_pretrained"]
+__all__ = ["CheckpointError", "convert_checkpoint", "from_pretrained", "hf_state_dict", "save_pretrained"]
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -358,6 +358,66 @@ def save_pretrained(
         if stale.name not in names:
             stale.unlink()
     return path
+
+
+def convert_checkpoint(
+    src: str | Path, dst: str | Path, *, dtype: torch.dtype = torch.bfloat16, drop_mtp: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Stream a checkpoint to ``dtype``, one shard at a time: FP8 weights are dequantized block-wise and
+    their ``weight_scale_inv`` dropped (what the official ``fp8_cast_bf16.py`` does), the
+    ``quantization_config`` removed, optionally the MTP layers too. Other files (tokenizer, ...) are copied.
+    Memory: one shard at a time, never the whole model.
+    """
+    import shutil
+
+    from tqdm.auto import tqdm
+
+    src, dst = Path(src), Path(dst)
+    if src.resolve() == dst.resolve():
+        raise CheckpointError(f"{dst}: the destination must differ from the source")
+    cfg = ModelConfig.load(src)
+    files = _shard_files(src)
+    dst.mkdir(parents=True, exist_ok=True)
+    L = cfg.num_hidden_layers
+    by_file: dict[Path, list[str]] = {}
+    for n in sorted(files):
+        by_file.setdefault(files[n], []).append(n)
+    weight_map: dict[str, str] = {}
+    total = 0
+    bar = tqdm(total=len(files), desc=f"convert {src.name}", unit="tensor", disable=not progress)
+    for file, keys in sorted(by_file.items()):
+        out: dict[str, torch.Tensor] = {}
+        with _open(file) as f:
+            present = set(f.keys())
+            for key in keys:
+                bar.update(1)
+                if key.endswith("_scale_inv"):
+                    continue
+                if drop_mtp and (m := _LAYER.match(key)) and int(m.group(1)) >= L:
+                    continue
+                t = _read(f, key, present, file, files)
+                if t.is_floating_point() and not key.endswith("e_score_correction_bias"):
+                    t = t.to(dtype)
+                out[key] = t.contiguous()
+                total += t.numel() * t.element_size()
+        if out:
+            _atomic_save(out, dst / file.name)
+            weight_map.update({k: file.name for k in out})
+    bar.close()
+    if (src / INDEX).is_file():
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        _atomic_write_text(json.dumps(index, indent=2) + "\n", dst / INDEX)
+    out_cfg = json.loads((src / "config.json").read_text())
+    out_cfg.pop("quantization_config", None)
+    out_cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+    if drop_mtp:
+        out_cfg["num_nextn_predict_layers"] = 0
+    _atomic_write_text(json.dumps(out_cfg, indent=2) + "\n", dst / "config.json")
+    for other in src.iterdir():
+        if other.is_file() and not other.name.endswith(".safetensors") and other.name not in ("config.json", INDEX):
+            shutil.copy2(other, dst / other.name)
+    return dst
 
 
 def _dtype_from_name(name: str) -> torch.dtype:

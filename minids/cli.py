@@ -3,6 +3,7 @@
     minids info CONFIG [CONFIG ...]     parameters, activated parameters, MTP, KV cache, FLOPs per token,
                                         beside the published figures ("all" = every bundled config)
     minids smoke CONFIG                 a short forward/backward of a random batch on the CPU (or --device)
+    minids convert SRC DST              a checkpoint to bf16/fp32 (FP8 weights dequantized), shard by shard
 
 CONFIG is a preset name (``minids info --list``), a JSON file, or a Hugging Face model directory.
 """
@@ -153,6 +154,14 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from minids.checkpoint import _dtype_from_name, convert_checkpoint
+
+    dst = convert_checkpoint(args.src, args.dst, dtype=_dtype_from_name(args.dtype), drop_mtp=args.drop_mtp)
+    print(f"wrote {dst}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minids", description="DeepSeek-family models in plain PyTorch.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -168,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seq-len", type=int, default=128)
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_smoke)
+    c = sub.add_parser("convert", help="convert a Hugging Face checkpoint (FP8 -> BF16/FP32), shard by shard")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--dtype", default="bf16", help="bf16 (default), fp32 or fp16")
+    c.add_argument("--drop-mtp", action="store_true", help="leave out the MTP layers")
+    c.set_defaults(func=cmd_convert)
     return p
 
 
@@ -177,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, OSError) as e:
         print(f"minids {args.command}: {e}", file=sys.stderr)
         return 2
 

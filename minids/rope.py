@@ -89,6 +89,19 @@ class RotaryEmbedding(nn.Module):
                 s, cfg.rope_scaling.get("mscale_all_dim", 0) or 0
             )
 
+    def _apply(self, fn, recurse=True):
+        # keep the frequencies in float32 whatever dtype the model is cast to: rounded to bf16 (rel. error
+        # 2^-9) and multiplied by a position in the thousands, an angle is off by whole radians
+        inv_freq = self.inv_freq
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            dev = self.inv_freq.device
+            if inv_freq.is_meta or dev.type == "meta":
+                self.inv_freq = torch.empty(inv_freq.shape, dtype=torch.float32, device=dev)
+            else:
+                self.inv_freq = inv_freq.to(device=dev, dtype=torch.float32)
+        return self
+
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         angles = positions.float().unsqueeze(-1) * self.inv_freq  # (B, S, R/2)
         return angles.cos() * self.scale, angles.sin() * self.scale

@@ -79,6 +79,7 @@ def test_bf16_forward(name):
     torch.manual_seed(0)
     cfg = cfg_of(name, num_hidden_layers=2)
     model = Transformer(cfg).to(torch.bfloat16)
+    assert model.rotary.inv_freq.dtype == torch.float32  # RoPE angles stay exact in a bf16 model
     ids = batch(cfg, 2, 16, seed=2)
     out = model(ids, labels=ids)
     assert out.logits.dtype == torch.bfloat16

@@ -192,3 +192,20 @@ def test_v3_softmax_scale_with_yarn():
         warnings.simplefilter("ignore")
         cfg = ModelConfig.load("deepseek-v3")
     assert cfg.softmax_scale == pytest.approx(0.1352338, abs=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_frequencies_stay_float32_when_the_model_is_cast(dtype):
+    # a bf16 frequency (relative error 2^-9) times position ~1000 is off by a large fraction of a radian
+    cfg = ModelConfig.load("tiny-v3")
+    rot = RotaryEmbedding(cfg)
+    want = rot.inv_freq.clone()
+    rot.to(dtype)
+    assert rot.inv_freq.dtype == torch.float32
+    assert torch.equal(rot.inv_freq, want)
+    cos, sin = rot(torch.arange(1000).unsqueeze(0))
+    want_cos, want_sin = angles(range(1000), base_freqs(16, 10000.0))
+    torch.testing.assert_close(cos, want_cos, rtol=0, atol=2e-4)
+    torch.testing.assert_close(sin, want_sin, rtol=0, atol=2e-4)
+    rot.to("meta")
+    assert rot.inv_freq.is_meta and rot.inv_freq.dtype == torch.float32
