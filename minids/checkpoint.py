@@ -32,6 +32,7 @@ import torch
 
 from minids.config import ConfigError, ModelConfig
 from minids.fp8 import weight_dequant
+from minids.safetensors_io import SafetensorsFile, write_safetensors
 
 __all__ = ["CheckpointError", "convert_checkpoint", "from_pretrained", "hf_state_dict", "save_pretrained"]
 
@@ -68,8 +69,6 @@ def _shard_files(path: Path) -> dict[str, Path]:
         return files
     single = path / SINGLE
     if single.is_file():
-        from safetensors import safe_open
-
         with _open(single) as f:
             return {k: single for k in f.keys()}
     pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
@@ -78,22 +77,20 @@ def _shard_files(path: Path) -> dict[str, Path]:
 
 
 class _open:
-    """safe_open with a one-line error for a truncated or corrupt file."""
+    """SafetensorsFile with a one-line CheckpointError for a truncated or corrupt file."""
 
     def __init__(self, file: Path):
         self.file = file
 
-    def __enter__(self):
-        from safetensors import safe_open
-
+    def __enter__(self) -> SafetensorsFile:
         try:
-            self.handle = safe_open(str(self.file), framework="pt", device="cpu")
-        except Exception as e:  # SafetensorError, OSError: header or file broken
+            self.handle = SafetensorsFile(self.file)
+        except (ValueError, OSError) as e:
             raise CheckpointError(f"{self.file}: not a readable safetensors file ({e})") from None
         return self.handle
 
     def __exit__(self, *exc):
-        self.handle = None
+        self.handle.close()
         return False
 
 
@@ -157,10 +154,10 @@ def from_pretrained(
         by_file.setdefault(files[n], []).append(n)
     for file, keys in by_file.items():
         with _open(file) as f:
-            present = set(f.keys())
-            for key in keys:
+            wanted = set(keys)
+            for key in (k for k in f.keys() if k in wanted):  # file order: sequential reads
                 if key.endswith("_scale_inv"):
-                    if key[: -len("_scale_inv")] not in present:
+                    if key[: -len("_scale_inv")] not in files:
                         unexpected.append(key)
                     continue
                 tgt = _target(cfg, key)
@@ -171,31 +168,29 @@ def from_pretrained(
                 if tname not in params and not fused:
                     unexpected.append(key)
                     continue
-                tensor = _read(f, key, present, file, files)
                 if fused:
-                    _copy_fused(params, fused, tensor, key, file, loaded)
+                    _copy_fused(params, fused, _read(f, key, file, files), key, file, loaded)
                     continue
-                _copy(params[tname], expert, tensor, key, file)
+                _load_into(f, params[tname], expert, key, file, files)
                 loaded.setdefault(tname, set()).add(expert)
     _check_complete(model, cfg, params, loaded, path, unexpected)
     model.reset_buffers()
     return model
 
 
-def _read(f, key: str, present: set, file: Path, files: dict) -> torch.Tensor:
-    try:
-        t = f.get_tensor(key)
-    except Exception as e:
-        raise CheckpointError(f"{file}: tensor {key} cannot be read ({e})") from None
-    if t.element_size() == 1 and t.is_floating_point():
+def _read(f: SafetensorsFile, key: str, file: Path, files: dict) -> torch.Tensor:
+    """A tensor as stored, FP8 weights dequantized to float32 with their ``weight_scale_inv``."""
+    dtype, _ = f.meta(key)
+    t = f.read(key)
+    if dtype.itemsize == 1 and dtype.is_floating_point:
         skey = key + "_scale_inv"
         if skey not in files:
             raise CheckpointError(f"{file}: FP8 tensor {key} has no {skey}")
-        if skey in present:
-            scale = f.get_tensor(skey)
+        if skey in f:
+            scale = f.read(skey)
         else:
             with _open(files[skey]) as g:
-                scale = g.get_tensor(skey)
+                scale = g.read(skey)
         try:
             t = weight_dequant(t, scale, dtype=torch.float32)
         except ValueError as e:
@@ -203,11 +198,22 @@ def _read(f, key: str, present: set, file: Path, files: dict) -> torch.Tensor:
     return t
 
 
-def _copy(dst: torch.Tensor, expert: int | None, src: torch.Tensor, key: str, file: Path) -> None:
+def _load_into(f: SafetensorsFile, dst: torch.Tensor, expert: int | None, key: str, file: Path, files: dict) -> None:
     if expert is not None:
         if expert >= dst.shape[0]:
             raise CheckpointError(f"{file}: tensor {key} names expert {expert}, the config has {dst.shape[0]}")
         dst = dst[expert]
+    dtype, shape = f.meta(key)
+    if tuple(shape) != tuple(dst.shape):
+        raise CheckpointError(f"{file}: tensor {key} has shape {tuple(shape)}, expected {tuple(dst.shape)}")
+    with torch.no_grad():
+        if dtype == dst.dtype and not (dtype.itemsize == 1 and dtype.is_floating_point):
+            f.read(key, out=dst)  # straight from disk into the parameter
+        else:
+            dst.copy_(_read(f, key, file, files))
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor, key: str, file: Path) -> None:
     if tuple(src.shape) != tuple(dst.shape):
         raise CheckpointError(f"{file}: tensor {key} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
     with torch.no_grad():
@@ -217,15 +223,15 @@ def _copy(dst: torch.Tensor, expert: int | None, src: torch.Tensor, key: str, fi
 def _copy_fused(params, fused: re.Match, src: torch.Tensor, key: str, file: Path, loaded: dict) -> None:
     base, kind = fused.group(1), fused.group(2)
     if kind == "down_proj":
-        _copy(params[f"{base}.down_proj"], None, src, key, file)
+        _copy(params[f"{base}.down_proj"], src, key, file)
         loaded.setdefault(f"{base}.down_proj", set()).add(None)
         return
     gate = params[f"{base}.gate_proj"]
     if src.dim() != 3 or src.shape[1] != 2 * gate.shape[1]:
         raise CheckpointError(f"{file}: tensor {key} has shape {tuple(src.shape)}, expected {(gate.shape[0], 2 * gate.shape[1], gate.shape[2])}")
     g, u = src.chunk(2, dim=1)
-    _copy(gate, None, g, key, file)
-    _copy(params[f"{base}.up_proj"], None, u, key, file)
+    _copy(gate, g, key, file)
+    _copy(params[f"{base}.up_proj"], u, key, file)
     loaded.setdefault(f"{base}.gate_proj", set()).add(None)
     loaded.setdefault(f"{base}.up_proj", set()).add(None)
 
@@ -272,14 +278,10 @@ def hf_state_dict(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         yield f"model.layers.{L + depth}.shared_head.head.weight", model.lm_head.weight.detach().clone()
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], dst: Path) -> None:
-    from safetensors.torch import save_file
-
+def _atomic_save(tensors: dict[str, torch.Tensor], dst: Path, cast: dict[str, torch.dtype] | None = None) -> None:
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     try:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        write_safetensors(tensors, tmp, cast=cast)
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
@@ -319,20 +321,19 @@ def save_pretrained(
     cfg: ModelConfig = model.cfg
     L = cfg.num_hidden_layers
     shards: list[dict[str, torch.Tensor]] = [{}]
+    cast: dict[str, torch.dtype] = {}
     size = 0
     total = 0
     for name, t in hf_state_dict(model):
         if drop_mtp and (m := _LAYER.match(name)) and int(m.group(1)) >= L:
             continue
-        t = t.detach()
         if dtype is not None and t.is_floating_point() and not name.endswith("e_score_correction_bias"):
-            t = t.to(dtype)
-        t = t.contiguous().cpu()
-        nbytes = t.numel() * t.element_size()
+            cast[name] = dtype  # cast while writing, one tensor at a time
+        nbytes = t.numel() * cast.get(name, t.dtype).itemsize
         if size and size + nbytes > max_shard_bytes:
             shards.append({})
             size = 0
-        shards[-1][name] = t
+        shards[-1][name] = t.detach()
         size += nbytes
         total += nbytes
     out_cfg = cfg.to_dict()
@@ -340,13 +341,13 @@ def save_pretrained(
         out_cfg["num_nextn_predict_layers"] = 0
     out_cfg.setdefault("architectures", [_ARCH[cfg.model_type]])
     dt = dtype or next(model.parameters()).dtype
-    out_cfg["torch_dtype"] = str(dt).removeprefix("torch.")
+    out_cfg["dtype" if "dtype" in out_cfg else "torch_dtype"] = str(dt).removeprefix("torch.")  # transformers 5 / 4
     if len(shards) == 1:
         names = [SINGLE]
     else:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for shard, fname in zip(shards, names):
-        _atomic_save(shard, path / fname)
+        _atomic_save(shard, path / fname, cast)
     if len(shards) > 1:
         weight_map = {k: fname for shard, fname in zip(shards, names) for k in shard}
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
@@ -389,14 +390,13 @@ def convert_checkpoint(
     for file, keys in sorted(by_file.items()):
         out: dict[str, torch.Tensor] = {}
         with _open(file) as f:
-            present = set(f.keys())
             for key in keys:
                 bar.update(1)
                 if key.endswith("_scale_inv"):
                     continue
                 if drop_mtp and (m := _LAYER.match(key)) and int(m.group(1)) >= L:
                     continue
-                t = _read(f, key, present, file, files)
+                t = _read(f, key, file, files)
                 if t.is_floating_point() and not key.endswith("e_score_correction_bias"):
                     t = t.to(dtype)
                 out[key] = t.contiguous()
@@ -410,7 +410,7 @@ def convert_checkpoint(
         _atomic_write_text(json.dumps(index, indent=2) + "\n", dst / INDEX)
     out_cfg = json.loads((src / "config.json").read_text())
     out_cfg.pop("quantization_config", None)
-    out_cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+    out_cfg["dtype" if "dtype" in out_cfg else "torch_dtype"] = str(dtype).removeprefix("torch.")
     if drop_mtp:
         out_cfg["num_nextn_predict_layers"] = 0
     _atomic_write_text(json.dumps(out_cfg, indent=2) + "\n", dst / "config.json")

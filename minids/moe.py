@@ -8,8 +8,8 @@ Router (``route``), all in float32 (REFERENCE.md 3.2-3.4):
   selection scores = s + b (b = ``e_score_correction_bias``, noaux_tc only; V3P eqs. 13-16)
   group-limited routing (n_group > 1, not greedy): score each of the n_group contiguous expert groups
     by its max (group_limited_greedy, V2) or by the sum of its top-2 biased scores (noaux_tc, V3),
-    keep topk_group groups, and mask the others with -inf (as the official code does since 2025-02;
-    transformers fills 0.0, REFERENCE.md 8.1)
+    keep topk_group groups, and mask the others with -inf (as the official code since 2025-02 and
+    transformers 5's V3 router do; older transformers and its V2 router fill 0.0, REFERENCE.md 8.1)
   top-K over the (masked) selection scores; the gate weight is the UNBIASED s of the chosen experts:
     the bias changes which experts are chosen, never their weight (V3P 2.1.2)
   norm_topk_prob: g <- g / (sum_K g + 1e-20); then g <- g * routed_scaling_factor.

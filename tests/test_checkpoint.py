@@ -42,7 +42,7 @@ def test_round_trip_is_exact(tmp_path, name):
     back = minids.from_pretrained(tmp_path).eval()
     ids = torch.randint(0, model.cfg.vocab_size, (2, 24))
     same_outputs(model, back, ids)
-    assert back.cfg.to_dict() == {**model.cfg.to_dict(), "torch_dtype": "float32"} or back.cfg == model.cfg
+    assert back.cfg.to_dict() == {**model.cfg.to_dict(), "torch_dtype": "float32"}
 
 
 def test_layout_names_experts_mtp_and_bias_like_the_official_checkpoint(tmp_path):

@@ -7,7 +7,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from minids.block import DecoderLayer
 from minids.config import ModelConfig
@@ -177,7 +176,7 @@ def randomize_norms_(model: Transformer, seed: int) -> None:
     """Norm weights away from 1, so swapping enorm / hnorm or dropping shared_head.norm shows."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g))
 

@@ -26,7 +26,10 @@ import warnings
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers", reason="parity tests need transformers (pip install -e '.[test]')")
+# minversion: the configs below use transformers 5's rope_parameters and its native DeepseekV3 (4.x differs, 8.6)
+transformers = pytest.importorskip(
+    "transformers", minversion="5.0", reason="parity tests need transformers (pip install -e '.[test]')"
+)
 
 import minids  # noqa: E402
 from minids.model import Transformer  # noqa: E402
