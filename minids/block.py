@@ -15,7 +15,7 @@ from torch import nn
 from minids.attention import MHA, MLA
 from minids.config import ModelConfig
 from minids.mlp import MLP
-from minids.moe import DeepSeekMoE
+from minids.moe import DeepSeekMoE, Routing
 from minids.norm import RMSNorm
 
 __all__ = ["DecoderLayer"]
@@ -33,11 +33,11 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x: (B, S, D) -> (B, S, D), and tokens per routed expert (E,) for a MoE layer (else None)."""
+    ) -> tuple[torch.Tensor, Routing | None]:
+        """x: (B, S, D) -> (B, S, D), and the router's decisions for a MoE layer (else None)."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
-            y, counts = self.mlp(h)
-            return x + y, counts
+            y, routing = self.mlp(h)
+            return x + y, routing
         return x + self.mlp(h), None

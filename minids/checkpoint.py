@@ -145,8 +145,8 @@ def from_pretrained(
         model = Transformer(cfg)
     model.to(dtype)
     model.to_empty(device=device)
-    params = dict(model.named_parameters())
-    params.update(dict(model.named_buffers()))
+    persistent = set(model.state_dict())  # parameters and persistent buffers (not RoPE tables, load counts)
+    params = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()] if n in persistent}
     loaded: dict[str, set] = {}
     unexpected = []
     by_file: dict[Path, list[str]] = {}
@@ -239,7 +239,7 @@ def _copy_fused(params, fused: re.Match, src: torch.Tensor, key: str, file: Path
 def _check_complete(model, cfg, params, loaded, path, unexpected) -> None:
     missing = []
     for name, t in params.items():
-        if name.startswith("rotary.") or (cfg.tie_word_embeddings and name == "lm_head.weight"):
+        if cfg.tie_word_embeddings and name == "lm_head.weight":
             continue
         got = loaded.get(name)
         if got is None:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minids.balance import balance_losses
 from minids.block import DecoderLayer
 from minids.config import ModelConfig
 from minids.moe import DeepSeekMoE, Experts, Router
@@ -102,9 +103,12 @@ class Transformer(nn.Module):
         self.reset_buffers()
 
     def reset_buffers(self) -> None:
-        """Recompute the non-persistent buffers (RoPE frequencies), e.g. after ``to_empty``."""
+        """Recompute the non-persistent buffers (RoPE frequencies, zeroed load counts), e.g. after ``to_empty``."""
         r = self.rotary
         r.inv_freq = rope_inv_freq(r.dim, self.cfg.rope_theta, self.cfg.rope_scaling).to(r.inv_freq.device)
+        for m in self.modules():
+            if isinstance(m, Router) and m.load_counts is not None:
+                m.load_counts.zero_()
 
     def set_moe_impl(self, impl: str) -> None:
         """Route every MoE layer through "grouped" (torch._grouped_mm), "loop" or "auto"."""
@@ -120,8 +124,14 @@ class Transformer(nn.Module):
         labels: torch.Tensor | None = None,
         *,
         mtp_weight: float = 0.3,
+        balance: dict[str, float] | None = None,
     ) -> ModelOutput:
-        """input_ids, labels: (B, S). mtp_weight is lambda of V3P eq. 25 (0.3, then 0.1, in V3's training)."""
+        """input_ids, labels: (B, S) -> logits, loss, aux.
+
+        mtp_weight: lambda of V3P eq. 25 (0.3, then 0.1, in V3's training).
+        balance: {loss name: alpha} of ``minids.balance`` losses to add to the loss, e.g.
+            {"sequence": 1e-4} (V3) or {"expert": 0.003, "device": 0.05, "comm": 0.02} (V2).
+        """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
         B, S = input_ids.shape
@@ -132,11 +142,11 @@ class Transformer(nn.Module):
         positions = torch.arange(S, device=input_ids.device).unsqueeze(0)  # (1, S)
         cos, sin = self.rotary(positions)  # (1, S, R/2)
         h = self.model.embed_tokens(input_ids)  # (B, S, D)
-        counts = []
+        routing = []
         for layer in self.model.layers:
-            h, c = layer(h, cos, sin)
-            if c is not None:
-                counts.append(c)
+            h, r = layer(h, cos, sin)
+            if r is not None:
+                routing.append(r)
         h = self.model.norm(h)
         logits = self.lm_head(h)  # (B, S, V)
         aux: dict[str, torch.Tensor] = {}
@@ -148,12 +158,18 @@ class Transformer(nn.Module):
                 for k, layer in enumerate(self.mtp, start=1):
                     n = S - k  # positions i = 0..S-k-1 see tokens t_{i+k}
                     emb = self.model.embed_tokens(input_ids[:, k:])  # (B, S-k, D)
-                    h, c = layer(h[:, :n], emb, cos[:, :n], sin[:, :n])  # (B, S-k, D)
-                    counts.append(c) if c is not None else None
+                    h, r = layer(h[:, :n], emb, cos[:, :n], sin[:, :n])  # (B, S-k, D)
+                    if r is not None:
+                        routing.append(r)
                     logits_k = self.lm_head(layer.shared_head.norm(h))  # (B, S-k, V)
                     mtp_losses.append(lm_loss(logits_k, labels, shift=k + 1))
                 aux["mtp_loss"] = torch.stack(mtp_losses).mean()
                 loss = loss + mtp_weight * aux["mtp_loss"]
-        if counts:
-            aux["expert_counts"] = torch.stack(counts)  # (n_moe_layers [+ MTP], E)
+            if balance and routing:
+                terms = balance_losses(routing, balance, self.cfg.n_group, self.cfg.topk_group)
+                for name, v in terms.items():
+                    aux[f"balance_{name}"] = v
+                    loss = loss + v
+        if routing:
+            aux["expert_counts"] = torch.stack([r.counts for r in routing])  # (n_moe_layers [+ MTP], E)
         return ModelOutput(logits=logits, loss=loss, aux=aux)

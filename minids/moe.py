@@ -26,6 +26,7 @@ P = N*K (token, expert) pairs.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,7 @@ from torch import nn
 from minids.config import ModelConfig
 from minids.mlp import MLP
 
-__all__ = ["DeepSeekMoE", "Experts", "Router", "grouped_mm_available", "moe_experts", "route"]
+__all__ = ["DeepSeekMoE", "Experts", "Router", "Routing", "grouped_mm_available", "moe_experts", "route"]
 
 
 def route(
@@ -165,18 +166,19 @@ class Router(nn.Module):
         if cfg.uses_selection_bias:
             # a buffer: it receives no gradient; the balance rule updates it (V3P 2.1.2)
             self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+            # tokens routed to each expert by training forwards since the last bias update (minids.balance)
+            self.register_buffer("load_counts", torch.zeros(cfg.n_routed_experts, dtype=torch.float32), persistent=False)
         else:
             self.e_score_correction_bias = None
+            self.load_counts = None
 
     def _apply(self, fn, recurse=True):
-        # keep the selection bias in float32 whatever dtype the model is cast to
-        bias = self.e_score_correction_bias
+        # keep the selection bias and the load counts in float32 whatever dtype the model is cast to
+        keep = {n: b for n in ("e_score_correction_bias", "load_counts") if (b := getattr(self, n)) is not None}
         super()._apply(fn, recurse)
-        if bias is not None:
-            dev = self.weight.device
-            self.e_score_correction_bias = (
-                torch.empty_like(bias, device=dev) if bias.is_meta else bias.to(device=dev, dtype=torch.float32)
-            )
+        dev = self.weight.device
+        for n, b in keep.items():
+            setattr(self, n, torch.empty_like(b, device=dev) if b.is_meta else b.to(device=dev, dtype=torch.float32))
         return self
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -203,8 +205,18 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
 
 
+@dataclass
+class Routing:
+    """What one MoE layer's router decided, for balance losses and statistics."""
+
+    counts: torch.Tensor  # (E,) tokens per routed expert
+    scores: torch.Tensor  # (N, E) float32 scores s (with gradient)
+    indices: torch.Tensor  # (N, K) chosen experts
+    shape: tuple[int, int]  # (B, S): N = B * S tokens
+
+
 class DeepSeekMoE(nn.Module):
-    """x: (B, S, D) -> (B, S, D) and tokens per routed expert (E,)."""
+    """x: (B, S, D) -> (B, S, D) and the layer's Routing."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -213,12 +225,15 @@ class DeepSeekMoE(nn.Module):
         self.shared_experts = MLP(cfg.hidden_size, cfg.shared_intermediate_size) if cfg.n_shared_experts else None
         self.impl = "auto"  # "grouped" | "loop" | "auto"; set through Transformer.set_moe_impl
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, D)
-        weights, indices, _ = self.gate(x)
+        weights, indices, scores = self.gate(x)
         e = self.experts
         y, counts = moe_experts(x, weights, indices, e.gate_proj, e.up_proj, e.down_proj, self.impl)
+        if self.training and self.gate.load_counts is not None:
+            with torch.no_grad():
+                self.gate.load_counts.add_(counts)  # on device: no host sync
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
-        return y.view(shape), counts
+        return y.view(shape), Routing(counts, scores, indices, (shape[0], shape[1]) if len(shape) == 3 else (1, shape[0]))

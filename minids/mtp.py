@@ -24,6 +24,7 @@ from torch import nn
 
 from minids.block import DecoderLayer
 from minids.config import ModelConfig
+from minids.moe import Routing
 from minids.norm import RMSNorm
 
 __all__ = ["MTPLayer"]
@@ -50,7 +51,7 @@ class MTPLayer(DecoderLayer):
 
     def forward(  # type: ignore[override]
         self, h_prev: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """h_prev, emb: (B, S', D) -> h^k (B, S', D) before shared_head.norm, and expert counts."""
+    ) -> tuple[torch.Tensor, Routing | None]:
+        """h_prev, emb: (B, S', D) -> h^k (B, S', D) before shared_head.norm, and the layer's Routing."""
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))  # (B, S', D)
         return super().forward(x, cos, sin)

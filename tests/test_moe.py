@@ -342,9 +342,10 @@ def test_deepseek_moe_module_matches_reference(impl, B, S):
     torch.testing.assert_close(gx.double(), gx_ref.double(), **TOL32)
     for n in gp:
         torch.testing.assert_close(gp[n], gp_ref[n].to(gp[n].dtype), **TOL32, msg=lambda s: f"{n}: {s}")
-    _, counts = m(x)
-    _, idx, _ = m.gate(x.reshape(-1, 32))
-    assert counts.tolist() == torch.bincount(idx.flatten(), minlength=cfg.n_routed_experts).tolist()
+    _, routing = m(x)
+    _, idx, scores = m.gate(x.reshape(-1, 32))
+    assert routing.counts.tolist() == torch.bincount(idx.flatten(), minlength=cfg.n_routed_experts).tolist()
+    assert torch.equal(routing.indices, idx) and torch.equal(routing.scores, scores) and routing.shape == (B, S)
 
 
 # ---------------------------------------------------------------------------------------------- the bias buffer
