@@ -4,6 +4,8 @@
                                         beside the published figures ("all" = every bundled config)
     minids smoke CONFIG                 a short forward/backward of a random batch on the CPU (or --device)
     minids convert SRC DST              a checkpoint to bf16/fp32 (FP8 weights dequantized), shard by shard
+    minids train [--config F] [--name value ...]   train (defaults: tiny-v3, the Python stdlib corpus, CPU)
+    minids plot RUN_DIR                 the PNG plots of a training run
 
 CONFIG is a preset name (``minids info --list``), a JSON file, or a Hugging Face model directory.
 """
@@ -162,6 +164,22 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
+    from minids.train import TrainConfig, parse_overrides, train
+
+    cfg = TrainConfig.load(args.config, parse_overrides(rest))
+    result = train(cfg)
+    return 130 if result.get("interrupted") else 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from minids.plots import plot_run
+
+    for p in plot_run(args.run):
+        print(f"wrote {p}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minids", description="DeepSeek-family models in plain PyTorch.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -177,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seq-len", type=int, default=128)
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_smoke)
+    t = sub.add_parser("train", help="train a model (defaults: tiny-v3 on the Python standard library, CPU)",
+                       description="Every TrainConfig field can be given as --name value (see minids/train.py).")
+    t.add_argument("--config", default=None, help="a training config JSON; --name value pairs override its fields")
+    t.set_defaults(func=cmd_train, takes_rest=True)
+    pl = sub.add_parser("plot", help="write the PNG plots of a training run directory")
+    pl.add_argument("run")
+    pl.set_defaults(func=cmd_plot)
     c = sub.add_parser("convert", help="convert a Hugging Face checkpoint (FP8 -> BF16/FP32), shard by shard")
     c.add_argument("src")
     c.add_argument("dst")
@@ -189,8 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from minids.config import ConfigError
 
-    args = build_parser().parse_args(argv)
+    args, rest = build_parser().parse_known_args(argv)
     try:
+        if getattr(args, "takes_rest", False):
+            return args.func(args, rest)
+        if rest:
+            raise ValueError(f"unrecognized arguments: {' '.join(rest)}")
         return args.func(args)
     except (ConfigError, ValueError, OSError) as e:
         print(f"minids {args.command}: {e}", file=sys.stderr)

@@ -1,0 +1,105 @@
+"""PNG plots of a training run: loss curves, learning rate, MaxVio, and the per-layer expert load.
+
+``minids plot RUN_DIR`` (or ``plot_run``) reads ``metrics.jsonl`` and ``expert_load.json`` of a run
+directory and writes ``loss.png``, ``lr.png``, ``maxvio.png`` and ``expert_load.png`` beside them.
+Needs matplotlib (``pip install 'minids[plots]'``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["plot_run", "read_metrics"]
+
+
+def read_metrics(run: str | Path) -> list[dict]:
+    path = Path(run) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics (is {run} a minids run directory?)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _series(rows: list[dict], key: str) -> tuple[list, list]:
+    pts = [(r["tokens"], r[key]) for r in rows if key in r]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_run(run: str | Path) -> list[Path]:
+    """Write the run's PNGs; returns their paths (none if matplotlib is missing)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plots need matplotlib: pip install 'minids[plots]'")
+        return []
+    run = Path(run)
+    rows = read_metrics(run)
+    written = []
+
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label in (("loss", "train loss (nats/token)"), ("val_loss", "validation loss (nats/token)"),
+                       ("mtp_loss", "MTP loss")):
+        x, y = _series(rows, key)
+        if x:
+            ax[0].plot(x, y, label=label, marker="o" if key == "val_loss" else None, ms=3)
+    ax[0].set_xlabel("tokens")
+    ax[0].set_ylabel("nats / token")
+    ax[0].legend()
+    x, y = _series(rows, "val_bpb")
+    if x:
+        ax[1].plot(x, y, marker="o", ms=3, color="C1")
+    ax[1].set_xlabel("tokens")
+    ax[1].set_ylabel("validation bits per byte")
+    fig.suptitle(run.name)
+    fig.tight_layout()
+    written.append(run / "loss.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    x, y = _series(rows, "lr")
+    if x:
+        fig, ax = plt.subplots(figsize=(5.5, 3.5))
+        ax.plot(x, y)
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("learning rate")
+        fig.tight_layout()
+        written.append(run / "lr.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+
+    x, y = _series(rows, "maxvio_batch")
+    xg, yg = _series(rows, "maxvio_global")
+    if x or xg:
+        fig, ax = plt.subplots(figsize=(5.5, 3.5))
+        if x:
+            ax.plot(x, y, label="MaxVio_batch (mean over layers)", lw=0.8)
+        if xg:
+            ax.plot(xg, yg, label="MaxVio_global (validation)", marker="o", ms=3)
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("MaxVio")
+        ax.legend()
+        fig.tight_layout()
+        written.append(run / "maxvio.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+
+    load_file = run / "expert_load.json"
+    if load_file.is_file():
+        import numpy as np
+
+        load = np.array(json.loads(load_file.read_text())["load"], dtype=float)  # (L, E)
+        rel = load / load.mean(axis=1, keepdims=True)
+        fig, ax = plt.subplots(figsize=(max(5, 0.35 * rel.shape[1] + 2), 0.5 * rel.shape[0] + 1.5))
+        im = ax.imshow(rel, cmap="coolwarm", vmin=0, vmax=2, aspect="auto")
+        ax.set_xlabel("expert")
+        ax.set_ylabel("MoE layer")
+        ax.set_title("validation load / balanced load")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        written.append(run / "expert_load.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written
