@@ -25,7 +25,6 @@ P = N*K (token, expert) pairs.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -79,27 +78,28 @@ def route(
     return weights * routed_scaling_factor, indices, scores
 
 
-@functools.cache
-def _grouped_mm_probe(device_type: str, dtype: torch.dtype) -> bool:
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    try:
-        a = torch.zeros(16, 16, device=device_type, dtype=dtype)
-        b = torch.zeros(2, 16, 16, device=device_type, dtype=dtype)
-        torch._grouped_mm(a, b.transpose(-2, -1), offs=torch.tensor([8, 16], device=device_type, dtype=torch.int32))
-        return True
-    except (RuntimeError, NotImplementedError, TypeError):
-        return False
+_GROUPED_OK: dict[tuple[str, torch.dtype], bool] = {}
 
 
-def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``torch._grouped_mm`` runs on this device type and dtype in the installed torch."""
-    return _grouped_mm_probe(torch.device(device).type, dtype)
+def grouped_mm_available(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether ``torch._grouped_mm`` runs on this device type and dtype in the installed torch (probed once)."""
+    key = (torch.device(device).type, dtype)
+    if key not in _GROUPED_OK:
+        ok = hasattr(torch, "_grouped_mm")
+        if ok:
+            try:
+                a = torch.zeros(16, 16, device=key[0], dtype=dtype)
+                b = torch.zeros(2, 16, 16, device=key[0], dtype=dtype)
+                torch._grouped_mm(a, b.transpose(-2, -1), offs=torch.tensor([8, 16], device=key[0], dtype=torch.int32))
+            except (RuntimeError, NotImplementedError, TypeError):
+                ok = False
+        _GROUPED_OK[key] = ok
+    return _GROUPED_OK[key]
 
 
 def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
     # torch._grouped_mm's backward rejects a gradient with zero strides (the gradient of .sum()).
-    if t.requires_grad:
+    if t.requires_grad and not torch.compiler.is_compiling():
         t.register_hook(lambda g: g.contiguous())
     return t
 
@@ -107,6 +107,12 @@ def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
 def _grouped_linear(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Rows of x: (P, Din) in expert blocks ending at offs: (E,); w: (E, Dout, Din) -> (P, Dout)."""
     return _contiguous_grad(torch._grouped_mm(x, w.transpose(-2, -1), offs=offs))
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the expert GEMMs run in: autocast's where it is on (as F.linear would), else x's."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
 def moe_experts(
@@ -122,6 +128,7 @@ def moe_experts(
 
     x: (N, D), weights: (N, K) float32, indices: (N, K), w_gate / w_up: (E, I, D), w_down: (E, D, I).
     impl: "grouped" (torch._grouped_mm), "loop" (per-expert slices) or "auto" (grouped where it runs).
+    Under autocast the GEMMs run in autocast's dtype, as F.linear would.
     Returns (y (N, D) in x.dtype, tokens per expert (E,) int64).
     """
     N, K = indices.shape
@@ -129,21 +136,23 @@ def moe_experts(
     flat = indices.reshape(-1)  # (P,)
     order = flat.argsort(stable=True)  # (P,): pairs sorted by expert
     token = order // K  # (P,): source token of each sorted pair
-    counts = torch.bincount(flat, minlength=E)  # (E,)
+    counts = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))  # (E,)
     xs = x[token]  # (P, D), expert-contiguous
+    dt = _compute_dtype(x)
     # torch._grouped_mm needs every row stride a multiple of 16 bytes: D and I (fp32: multiples of 4)
-    aligned = all(n * x.element_size() % 16 == 0 for n in (x.shape[-1], w_gate.shape[1]))
+    aligned = all(n * dt.itemsize % 16 == 0 for n in (x.shape[-1], w_gate.shape[1]))
     if impl == "auto":
-        impl = "grouped" if aligned and grouped_mm_available(x.device, x.dtype) else "loop"
+        impl = "grouped" if aligned and grouped_mm_available(x.device, dt) else "loop"
     if impl == "grouped":
         if not aligned:
             raise ValueError(
                 f"impl='grouped': torch._grouped_mm needs hidden ({x.shape[-1]}) and expert width "
-                f"({w_gate.shape[1]}) to be multiples of {16 // x.element_size()} in {x.dtype}; use impl='loop'"
+                f"({w_gate.shape[1]}) to be multiples of {16 // dt.itemsize} in {dt}; use impl='loop'"
             )
         offs = counts.cumsum(0).to(torch.int32)  # (E,): end row of each expert's block
-        h = F.silu(_grouped_linear(xs, w_gate, offs)) * _grouped_linear(xs, w_up, offs)  # (P, I)
-        ys = _grouped_linear(h, w_down, offs)  # (P, D)
+        xs, wg, wu, wd = xs.to(dt), w_gate.to(dt), w_up.to(dt), w_down.to(dt)
+        h = F.silu(_grouped_linear(xs, wg, offs)) * _grouped_linear(xs, wu, offs)  # (P, I)
+        ys = _grouped_linear(h, wd, offs)  # (P, D)
     elif impl == "loop":
         chunks = xs.split(counts.tolist())  # one host sync for all experts
         # unbind, not w[e]: indexing a stacked weight E times makes E full-size gradients in backward

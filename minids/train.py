@@ -99,6 +99,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     out_dir: str = "runs/default"
     resume: bool = False
+    stop_after: int | None = None  # stop (with a checkpoint) after this many steps in this session
     tensorboard: bool = False
     sample_tokens: int = 160
     sample_prompt: str = "def "
@@ -449,9 +450,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     old_handler = signal.signal(signal.SIGINT, on_sigint) if main else None
     last_eval: dict[str, Any] = {}
     step = start
+    stop_at = min(total, start + cfg.stop_after) if cfg.stop_after else total
     t_last, tok_last = time.perf_counter(), 0
     try:
-        while step < total and not interrupted:
+        while step < stop_at and not interrupted:
             lr = lr_at(cfg, step, total)
             for g in optimizer.param_groups:
                 g["lr"] = lr
@@ -507,7 +509,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                       **{k: v for k, v in last_eval.items() if k != "expert_load"}})
                 if "expert_load" in last_eval and log is not None:
                     (run / "expert_load.json").write_text(json.dumps({"step": step, "load": last_eval["expert_load"]}))
-            if main and (step % cfg.ckpt_interval == 0 or step == total):
+            if main and (step % cfg.ckpt_interval == 0 or step in (total, stop_at)):
                 save_checkpoint(run, step, model, optimizer, cfg, {"tokens": step * tokens_per_step}, cfg.keep_checkpoints)
     finally:
         bar.close()
@@ -521,6 +523,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             log.close()
         return {"step": step, "interrupted": True}
     result = {"step": step, **{k: v for k, v in last_eval.items() if k != "expert_load"}}
+    if step < total:
+        if main:
+            print(f"stopped at step {step} of {total} (stop_after): continue with --resume")
+        if log is not None:
+            log.close()
+        return {**result, "stopped": True}
     if main:
         if cfg.sample_tokens:
             text = sample(model, tokenizer, cfg.sample_prompt, cfg.sample_tokens, device)
