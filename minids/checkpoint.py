@@ -21,11 +21,13 @@ earlier save that the new index no longer names are removed afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -152,8 +154,10 @@ def from_pretrained(
     by_file: dict[Path, list[str]] = {}
     for n in names:
         by_file.setdefault(files[n], []).append(n)
-    for file, keys in by_file.items():
-        with _open(file) as f:
+    direct: list[tuple[SafetensorsFile, str, torch.Tensor]] = []  # read in parallel below
+    with contextlib.ExitStack() as stack:
+        for file, keys in by_file.items():
+            f = stack.enter_context(_open(file))
             wanted = set(keys)
             for key in (k for k in f.keys() if k in wanted):  # file order: sequential reads
                 if key.endswith("_scale_inv"):
@@ -171,8 +175,14 @@ def from_pretrained(
                 if fused:
                     _copy_fused(params, fused, _read(f, key, file, files), key, file, loaded)
                     continue
-                _load_into(f, params[tname], expert, key, file, files)
+                job = _load_into(f, params[tname], expert, key, file, files)
+                if job is not None:
+                    direct.append(job)
                 loaded.setdefault(tname, set()).add(expert)
+        # reading into freshly allocated memory is bound by page faults as much as by the disk:
+        # several readers overlap both (measured here: ~0.45 GB/s with one thread, 1-2 GB/s with 8)
+        with torch.no_grad(), ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(_direct_read, direct))
     _check_complete(model, cfg, params, loaded, path, unexpected)
     model.reset_buffers()
     return model
@@ -198,7 +208,18 @@ def _read(f: SafetensorsFile, key: str, file: Path, files: dict) -> torch.Tensor
     return t
 
 
-def _load_into(f: SafetensorsFile, dst: torch.Tensor, expert: int | None, key: str, file: Path, files: dict) -> None:
+def _direct_read(job: tuple[SafetensorsFile, str, torch.Tensor]) -> None:
+    f, key, dst = job
+    try:
+        f.read(key, out=dst)
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{f.path}: tensor {key} cannot be read ({e})") from None
+
+
+def _load_into(
+    f: SafetensorsFile, dst: torch.Tensor, expert: int | None, key: str, file: Path, files: dict
+) -> tuple[SafetensorsFile, str, torch.Tensor] | None:
+    """Check the shape, then either copy now (dtype conversion, FP8) or return a direct-read job."""
     if expert is not None:
         if expert >= dst.shape[0]:
             raise CheckpointError(f"{file}: tensor {key} names expert {expert}, the config has {dst.shape[0]}")
@@ -206,11 +227,11 @@ def _load_into(f: SafetensorsFile, dst: torch.Tensor, expert: int | None, key: s
     dtype, shape = f.meta(key)
     if tuple(shape) != tuple(dst.shape):
         raise CheckpointError(f"{file}: tensor {key} has shape {tuple(shape)}, expected {tuple(dst.shape)}")
+    if dtype == dst.dtype and dst.device.type == "cpu" and not (dtype.itemsize == 1 and dtype.is_floating_point):
+        return f, key, dst  # straight from disk into the parameter
     with torch.no_grad():
-        if dtype == dst.dtype and not (dtype.itemsize == 1 and dtype.is_floating_point):
-            f.read(key, out=dst)  # straight from disk into the parameter
-        else:
-            dst.copy_(_read(f, key, file, files))
+        dst.copy_(_read(f, key, file, files))
+    return None
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor, key: str, file: Path) -> None:

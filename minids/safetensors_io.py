@@ -73,16 +73,21 @@ class SafetensorsFile:
         return dtype, shape
 
     def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The tensor ``name``; with ``out`` (CPU, contiguous, same dtype and shape) read straight into it."""
+        """The tensor ``name``; with ``out`` (CPU, contiguous, same dtype and shape) read straight into it.
+
+        Thread-safe: reads are positional (``os.preadv``), so several tensors can be read in parallel.
+        """
         dtype, shape, begin, end = self.entries[name]
         direct = out is not None and out.device.type == "cpu" and out.dtype == dtype and out.is_contiguous()
         buf = out if direct else torch.empty(shape, dtype=dtype)
         view = buf.reshape(-1).view(torch.uint8).numpy() if buf.numel() else None
-        if view is not None:
-            self.fh.seek(self.base + begin)
-            got = self.fh.readinto(view)
-            if got != end - begin:
-                raise ValueError(f"{self.path}: short read of tensor {name} ({got} of {end - begin} bytes)")
+        if view is not None:  # positional reads: safe to call from several threads at once
+            got, want, fd = 0, end - begin, self.fh.fileno()
+            while got < want:
+                n = os.preadv(fd, [view[got:]], self.base + begin + got)
+                if n <= 0:
+                    raise ValueError(f"{self.path}: short read of tensor {name} ({got} of {want} bytes)")
+                got += n
         if out is not None and not direct:
             out.copy_(buf)
             return out

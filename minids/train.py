@@ -330,6 +330,19 @@ def sample(model, tokenizer, prompt: str, n: int, device) -> str:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) a training run; returns the final metrics."""
+    # On the CPU, deterministic algorithms make every step bitwise reproducible (exact resume): without
+    # them the backward of an indexing gather (the MoE dispatch x[token]) accumulates with parallel atomic
+    # adds, and two identical runs drift apart. Restored on return.
+    was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    if not torch.cuda.is_available():
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        return _train(cfg)
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+
+
+def _train(cfg: TrainConfig) -> dict[str, Any]:
     from accelerate import Accelerator
 
     torch.manual_seed(cfg.seed)
