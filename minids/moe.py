@@ -137,7 +137,7 @@ def moe_experts(
     order = flat.argsort(stable=True)  # (P,): pairs sorted by expert
     token = order // K  # (P,): source token of each sorted pair
     counts = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))  # (E,)
-    xs = x[token]  # (P, D), expert-contiguous
+    xs = x.index_select(0, token)  # (P, D), expert-contiguous (deterministic backward, unlike x[token])
     dt = _compute_dtype(x)
     # torch._grouped_mm needs every row stride a multiple of 16 bytes: D and I (fp32: multiples of 4)
     aligned = all(n * dt.itemsize % 16 == 0 for n in (x.shape[-1], w_gate.shape[1]))
