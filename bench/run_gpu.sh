@@ -15,3 +15,22 @@ fi
 if [[ $what == all || $what == ckpt ]]; then
   python3 bench/checkpoint_io.py --out "$OUT" --dir /tmp/minids-ckpt-bench 2>&1 | tee "$OUT/checkpoint_io.log"
 fi
+if [[ $what == dist ]]; then
+  # two processes, one GPU each: DDP, then FSDP2; each stops half way and resumes
+  for kind in ddp fsdp; do
+    run=/tmp/minids-$kind
+    rm -rf $run
+    common="--model tiny-v3 --max_steps 24 --eval_interval 12 --ckpt_interval 12 --seq_len 256 --batch_size 8 --sample_tokens 40 --plots false --out_dir $run"
+    accelerate launch --config_file scripts/accelerate/$kind.yaml -m minids.cli train $common --stop_after 12 2>&1 | grep -v -e "train:" | tail -n 8
+    accelerate launch --config_file scripts/accelerate/$kind.yaml -m minids.cli train $common --resume 2>&1 | grep -v -e "train:" | tail -n 12
+    python3 - "$run" <<'PY' | tee "$OUT/dist_$kind.log"
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1] + "/metrics.jsonl")]
+steps = [r["step"] for r in rows if "loss" in r]
+print(sys.argv[1], "steps logged:", len(steps), "unique:", len(set(steps)), "first loss", rows[0]["loss"],
+      "last", [r["loss"] for r in rows if "loss" in r][-1], "val", [r["val_loss"] for r in rows if "val_loss" in r],
+      "maxvio_global", [r.get("maxvio_global") for r in rows if "val_loss" in r])
+PY
+    ls $run/checkpoints/*
+  done
+fi

@@ -279,11 +279,17 @@ def _check_complete(model, cfg, params, loaded, path, unexpected) -> None:
 
 
 # --------------------------------------------------------------------------------------------- writing
-def hf_state_dict(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(on-disk name, tensor) pairs in the Hugging Face layout; views, no copies except MTP's shared copies."""
+def hf_state_dict(
+    model: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(on-disk name, tensor) pairs in the Hugging Face layout; views, no copies except MTP's shared copies.
+
+    state_dict: a full state dict to write instead of ``model.state_dict()`` (e.g. gathered from FSDP shards).
+    """
     cfg: ModelConfig = model.cfg
     L = cfg.num_hidden_layers
-    for name, t in model.state_dict().items():
+    sd = model.state_dict() if state_dict is None else state_dict
+    for name, t in sd.items():
         if name.startswith("rotary.") or (cfg.tie_word_embeddings and name == "lm_head.weight"):
             continue
         if name.startswith("mtp."):
@@ -294,9 +300,10 @@ def hf_state_dict(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
                 yield f"{m.group(1)}.{e}.{m.group(2)}.weight", t[e]
             continue
         yield name, t
+    head = sd["model.embed_tokens.weight"] if cfg.tie_word_embeddings else sd["lm_head.weight"]
     for depth in range(cfg.num_nextn_predict_layers):
-        yield f"model.layers.{L + depth}.embed_tokens.weight", model.model.embed_tokens.weight.detach().clone()
-        yield f"model.layers.{L + depth}.shared_head.head.weight", model.lm_head.weight.detach().clone()
+        yield f"model.layers.{L + depth}.embed_tokens.weight", sd["model.embed_tokens.weight"].detach().clone()
+        yield f"model.layers.{L + depth}.shared_head.head.weight", head.detach().clone()
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], dst: Path, cast: dict[str, torch.dtype] | None = None) -> None:
@@ -327,10 +334,12 @@ def save_pretrained(
     max_shard_bytes: int = 5 * 1024**3,
     dtype: torch.dtype | None = None,
     drop_mtp: bool = False,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``model`` in the Hugging Face layout (shards + index above ``max_shard_bytes``).
 
     dtype: cast floating tensors on write (the selection bias stays float32). drop_mtp: leave out MTP.
+    state_dict: write these tensors (minids names) instead of ``model.state_dict()``, e.g. an FSDP-gathered copy.
     """
     path = Path(path)
     try:
@@ -345,7 +354,7 @@ def save_pretrained(
     cast: dict[str, torch.dtype] = {}
     size = 0
     total = 0
-    for name, t in hf_state_dict(model):
+    for name, t in hf_state_dict(model, state_dict):
         if drop_mtp and (m := _LAYER.match(name)) and int(m.group(1)) >= L:
             continue
         if dtype is not None and t.is_floating_point() and not name.endswith("e_score_correction_bias"):

@@ -217,30 +217,52 @@ def _fsync_dir(path: Path) -> None:
                 os.fsync(fh.fileno())
 
 
-def save_checkpoint(run: Path, step: int, model, optimizer, cfg: TrainConfig, extra: dict, keep: int) -> Path:
-    """checkpoints/step-NNNNNNN: model (HF layout) + optimizer/step/RNG; atomic (temp dir, fsync, rename)."""
+def save_checkpoint(run: Path, step: int, acc, fwd_model, model, optimizer, cfg: TrainConfig, extra: dict) -> Path | None:
+    """checkpoints/step-NNNNNNN: model (HF layout) + optimizer/step/RNG; atomic (temp dir, fsync, rename).
+
+    Collective: every process calls it. The full model state is gathered (FSDP) and written by the main
+    process; optimizer state is written by the main process, or by every rank (its own shard) under FSDP.
+    """
     ckdir = run / "checkpoints"
-    ckdir.mkdir(parents=True, exist_ok=True)
     final = ckdir / f"step-{step:07d}"
     tmp = ckdir / f".step-{step:07d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_pretrained(model, tmp)
+    sharded = _is_fsdp(acc)
+    state_dict = acc.get_state_dict(fwd_model)  # gathers a full copy under FSDP; plain state_dict otherwise
+    if acc.is_main_process:
+        ckdir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_pretrained(model, tmp, state_dict=state_dict)
+    acc.wait_for_everyone()
     opt = optimizer.state_dict()
-    tensors = {"rng.torch": torch.get_rng_state()}
-    for idx, st in opt["state"].items():
-        for k, v in st.items():
-            tensors[f"optimizer.{idx}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-    write_safetensors(tensors, tmp / "trainer_state.safetensors")
-    state = {"step": step, "param_groups": opt["param_groups"], "train_config": dataclasses.asdict(cfg), **extra}
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in sorted(ckdir.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    if sharded or acc.is_main_process:
+        tensors = {"rng.torch": torch.get_rng_state()}
+        for idx, st in opt["state"].items():
+            for k, v in st.items():
+                v = v.full_tensor() if hasattr(v, "full_tensor") and not sharded else v
+                v = v.to_local() if hasattr(v, "to_local") else v
+                tensors[f"optimizer.{idx}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+        name = f"trainer_state.rank{acc.process_index}.safetensors" if sharded else "trainer_state.safetensors"
+        write_safetensors(tensors, tmp / name)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        state = {"step": step, "param_groups": opt["param_groups"], "train_config": dataclasses.asdict(cfg),
+                 "sharded_optimizer": sharded, "world_size": acc.num_processes, **extra}
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in sorted(ckdir.glob("step-*"))[: -cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
     return final
+
+
+def _is_fsdp(acc) -> bool:
+    from accelerate.utils import DistributedType
+
+    return acc.distributed_type == DistributedType.FSDP
 
 
 def latest_checkpoint(run: Path) -> Path | None:
@@ -248,15 +270,23 @@ def latest_checkpoint(run: Path) -> Path | None:
     return cks[-1] if cks else None
 
 
-def load_trainer_state(ck: Path, optimizer) -> dict:
+def load_trainer_state(ck: Path, optimizer, rank: int = 0, world: int = 1) -> dict:
     state = json.loads((ck / "trainer_state.json").read_text())
-    with SafetensorsFile(ck / "trainer_state.safetensors") as f:
+    name = "trainer_state.safetensors"
+    if state.get("sharded_optimizer"):
+        if state.get("world_size") != world:
+            raise TrainError(
+                f"{ck}: the optimizer state is sharded over {state.get('world_size')} processes; "
+                f"resume with the same number of processes (now {world})"
+            )
+        name = f"trainer_state.rank{rank}.safetensors"
+    with SafetensorsFile(ck / name) as f:
         tensors = {k: f.read(k) for k in f.keys()}
     opt_state: dict = {}
     for k, v in tensors.items():
         if k.startswith("optimizer."):
-            _, idx, name = k.split(".", 2)
-            opt_state.setdefault(int(idx), {})[name] = v
+            _, idx, key = k.split(".", 2)
+            opt_state.setdefault(int(idx), {})[key] = v
     optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
     torch.set_rng_state(tensors["rng.torch"])
     return state
@@ -313,11 +343,11 @@ def evaluate(model, data: TokenData, cfg: TrainConfig, device, autocast) -> dict
 
 
 @torch.no_grad()
-def sample(model, tokenizer, prompt: str, n: int, device) -> str:
+def sample(model, mcfg: ModelConfig, tokenizer, prompt: str, n: int, device) -> str:
     """Greedy continuation of ``prompt`` (full forward per token: the inference path makes this fast)."""
     model.eval()
     ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
-    limit = model.cfg.max_position_embeddings
+    limit = mcfg.max_position_embeddings
     for _ in range(n):
         x = torch.tensor([ids[-limit:]], device=device)
         nxt = int(model(x).logits[0, -1, : tokenizer.vocab_size].argmax())
@@ -403,19 +433,26 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     model.set_moe_impl(cfg.moe_impl)
     model.to(device)
     balancer = BiasBalancer(model, gamma=cfg.bias_gamma, rule=cfg.bias_rule)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=None,
-    )
+
+    def make_optimizer(module):
+        decay = [p for p in module.parameters() if p.dim() >= 2]  # matrices; not norms or biases
+        no_decay = [p for p in module.parameters() if p.dim() < 2]
+        return torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+        )
+
+    if _is_fsdp(acc):  # FSDP shards the parameters: the optimizer must see the sharded ones
+        fwd_model = acc.prepare(model)
+        optimizer = acc.prepare(make_optimizer(fwd_model))
+    else:
+        fwd_model, optimizer = acc.prepare(model, make_optimizer(model))
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * acc.num_processes
     total = cfg.max_steps or max(1, cfg.max_tokens // tokens_per_step)
     start = 0
     if ck is not None:
-        state = load_trainer_state(ck, optimizer)
+        state = load_trainer_state(ck, optimizer, acc.process_index, acc.num_processes)
         start = state["step"]
-    fwd_model, optimizer = acc.prepare(model, optimizer)
     if cfg.compile:
         fwd_model = torch.compile(fwd_model)
 
@@ -460,7 +497,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         nonlocal interrupted
         interrupted = True
 
-    old_handler = signal.signal(signal.SIGINT, on_sigint) if main else None
+    old_handler = signal.signal(signal.SIGINT, on_sigint)
     last_eval: dict[str, Any] = {}
     step = start
     stop_at = min(total, start + cfg.stop_after) if cfg.stop_after else total
@@ -478,10 +515,18 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
                 ids = ids.to(device)
                 batches.append(ids)
                 sync = acc.no_sync(fwd_model) if micro < cfg.grad_accum - 1 else _nullcontext()
-                with sync, acc.autocast():
-                    out = fwd_model(ids, labels=ids, **kwargs)
-                    loss = out.loss / cfg.grad_accum
-                acc.backward(loss)
+                try:
+                    with sync, acc.autocast():
+                        out = fwd_model(ids, labels=ids, **kwargs)
+                        loss = out.loss / cfg.grad_accum
+                    acc.backward(loss)
+                except (torch.OutOfMemoryError, RuntimeError) as e:
+                    if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+                        raise
+                    raise TrainError(
+                        f"out of memory on {device} with a micro-batch of {cfg.batch_size} x {cfg.seq_len} tokens: "
+                        "lower --batch_size (and raise --grad_accum to keep the batch)"
+                    ) from None
                 loss_acc += out.aux["lm_loss"].detach() / cfg.grad_accum
             loss_val = loss_acc.item()
             if not math.isfinite(loss_val):
@@ -517,20 +562,23 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
                 bar.set_postfix(post, refresh=False)
             bar.update(1)
             if step % cfg.eval_interval == 0 or step == total:
-                last_eval = evaluate(model, data, cfg, device, acc.autocast)
+                last_eval = evaluate(fwd_model, data, cfg, device, acc.autocast)
                 emit({"step": step, "tokens": step * tokens_per_step,
                       **{k: v for k, v in last_eval.items() if k != "expert_load"}})
                 if "expert_load" in last_eval and log is not None:
                     (run / "expert_load.json").write_text(json.dumps({"step": step, "load": last_eval["expert_load"]}))
-            if main and (step % cfg.ckpt_interval == 0 or step in (total, stop_at)):
-                save_checkpoint(run, step, model, optimizer, cfg, {"tokens": step * tokens_per_step}, cfg.keep_checkpoints)
+            if acc.num_processes > 1:  # every rank must agree to stop (Ctrl-C reaches them at different times)
+                flag = torch.tensor(float(interrupted), device=device)
+                interrupted = bool(acc.reduce(flag, reduction="sum").item())
+            if step % cfg.ckpt_interval == 0 or step in (total, stop_at):
+                save_checkpoint(run, step, acc, fwd_model, model, optimizer, cfg, {"tokens": step * tokens_per_step})
     finally:
         bar.close()
         if old_handler is not None:
             signal.signal(signal.SIGINT, old_handler)
     if interrupted:
+        ckp = save_checkpoint(run, step, acc, fwd_model, model, optimizer, cfg, {"tokens": step * tokens_per_step})
         if main:
-            ckp = save_checkpoint(run, step, model, optimizer, cfg, {"tokens": step * tokens_per_step}, cfg.keep_checkpoints)
             print(f"interrupted at step {step}: saved {ckp}; continue with --resume")
         if log is not None:
             log.close()
@@ -544,7 +592,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         return {**result, "stopped": True}
     if main:
         if cfg.sample_tokens:
-            text = sample(model, tokenizer, cfg.sample_prompt, cfg.sample_tokens, device)
+            text = sample(fwd_model, mcfg, tokenizer, cfg.sample_prompt, cfg.sample_tokens, device)
             (run / "sample.txt").write_text(text)
             print("sample (greedy):\n" + text)
             result["sample"] = text
