@@ -67,9 +67,9 @@ def raw_read(path: Path, chunk: int = 64 << 20) -> tuple[float, int]:
     return time.perf_counter() - t, n
 
 
-def load_child(path: str, dtype: str) -> None:
+def load_child(path: str, dtype: str, strategy: str) -> None:
     t = time.perf_counter()
-    model = minids.from_pretrained(path, dtype=getattr(torch, dtype))
+    model = minids.from_pretrained(path, dtype=getattr(torch, dtype), read_strategy=strategy)
     dt = time.perf_counter() - t
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -84,9 +84,10 @@ def main() -> None:
     ap.add_argument("--shard-gb", type=float, default=0.5)
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--strategy", default="staged", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        return load_child(args.child, args.dtype)
+        return load_child(args.child, args.dtype, args.strategy)
 
     cfg = dict(CFG)
     base = minids.count(minids.ModelConfig.from_dict(cfg)).total
@@ -116,10 +117,13 @@ def main() -> None:
     raw_w = raw_write(root / "raw.bin", file_bytes)
     (root / "raw.bin").unlink()
     raw_r, _ = raw_read(ckpt)
-    drop_cache(ckpt)
-    out = subprocess.run([sys.executable, __file__, "--child", str(ckpt), "--dtype", args.dtype],
-                         capture_output=True, text=True, check=True)
-    child = json.loads(out.stdout.strip().splitlines()[-1])
+    loads = {}
+    for strategy in ("staged", "direct"):  # each in a fresh process, from a dropped page cache
+        drop_cache(ckpt)
+        out = subprocess.run([sys.executable, __file__, "--child", str(ckpt), "--dtype", args.dtype,
+                              "--strategy", strategy], capture_output=True, text=True, check=True)
+        loads[strategy] = json.loads(out.stdout.strip().splitlines()[-1])
+    child = loads["staged"]
     shutil.rmtree(root, ignore_errors=True)
 
     gb = file_bytes / 1e9
@@ -132,10 +136,12 @@ def main() -> None:
         "save_s": save_s, "save_GBps": gb / save_s, "raw_write_GBps": gb / raw_w,
         "load_s": child["load_s"], "load_GBps": gb / child["load_s"], "raw_read_GBps": gb / raw_r,
         "peak_rss_bytes": child["peak_rss_bytes"], "peak_rss_over_model": child["peak_rss_bytes"] / nbytes,
+        "load_GBps_by_strategy": {k: gb / v["load_s"] for k, v in loads.items()},
     }
     print(f"{n_params / 1e9:.2f}B parameters, {gb:.2f} GB in {len(list(ckpt.parent.glob('*')))} dir")
     print(f"save  {rec['save_GBps']:.2f} GB/s   (plain write+fsync of the same bytes: {rec['raw_write_GBps']:.2f} GB/s)")
-    print(f"load  {rec['load_GBps']:.2f} GB/s   (plain read of the same files: {rec['raw_read_GBps']:.2f} GB/s)")
+    print(f"load  {rec['load_GBps']:.2f} GB/s   (plain read of the same files: {rec['raw_read_GBps']:.2f} GB/s; "
+          f"direct reads: {rec['load_GBps_by_strategy']['direct']:.2f} GB/s)")
     print(f"peak RSS while loading: {rec['peak_rss_bytes'] / 1e9:.2f} GB = {rec['peak_rss_over_model']:.2f} x the model")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     dest = Path(args.out) / f"checkpoint_io-{platform.node() or 'host'}.json"

@@ -21,8 +21,8 @@ if [[ $what == dist ]]; then
     run=/tmp/minids-$kind
     rm -rf $run
     common="--model tiny-v3 --max_steps 24 --eval_interval 12 --ckpt_interval 12 --seq_len 256 --batch_size 8 --sample_tokens 40 --plots false --out_dir $run"
-    accelerate launch --config_file scripts/accelerate/$kind.yaml -m minids.cli train $common --stop_after 12 2>&1 | grep -v -e "train:" | tail -n 8
-    accelerate launch --config_file scripts/accelerate/$kind.yaml -m minids.cli train $common --resume 2>&1 | grep -v -e "train:" | tail -n 12
+    accelerate launch --config_file scripts/accelerate/$kind.yaml -m minids.cli train $common --stop_after 12 2>&1 | grep -v -e "^train:" -e "it/s" | tail -n 12
+    accelerate launch --config_file scripts/accelerate/$kind.yaml -m minids.cli train $common --resume 2>&1 | grep -v -e "^train:" -e "it/s" | tail -n 12
     python3 - "$run" <<'PY' | tee "$OUT/dist_$kind.log"
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1] + "/metrics.jsonl")]

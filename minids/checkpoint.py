@@ -119,12 +119,21 @@ def _target(cfg: ModelConfig, name: str) -> tuple[str, int | None] | None:
 
 
 def from_pretrained(
-    path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    path: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    read_strategy: str = "staged",
 ) -> torch.nn.Module:
     """Load a Hugging Face DeepseekV2/V3 (or Llama / DeepSeekMoE) directory into ``minids.Transformer``.
 
     dtype: the parameters' dtype (default: the config's ``torch_dtype``/``dtype``, else float32).
+    read_strategy: how tensors whose dtype already matches are read into place: "staged" (large
+        sequential reads through a 64 MB buffer per file, the default) or "direct" (one positional read
+        per tensor straight into the parameter, 8 in flight); bench/checkpoint_io.py compares them.
     """
+    if read_strategy not in ("staged", "direct"):
+        raise ValueError(f"read_strategy={read_strategy!r}: one of staged, direct")
     from minids.model import Transformer
 
     path = Path(path)
@@ -179,10 +188,14 @@ def from_pretrained(
                 if job is not None:
                     direct.append(job)
                 loaded.setdefault(tname, set()).add(expert)
-        # reading into freshly allocated memory is bound by page faults as much as by the disk:
-        # several readers overlap both (measured here: ~0.45 GB/s with one thread, 1-2 GB/s with 8)
-        with torch.no_grad(), ThreadPoolExecutor(max_workers=8) as pool:
-            list(pool.map(_direct_read, direct))
+        with torch.no_grad(), ThreadPoolExecutor(max_workers=8 if read_strategy == "direct" else 4) as pool:
+            if read_strategy == "direct":  # one positional read per tensor, 8 at a time
+                list(pool.map(_direct_read, direct))
+            else:  # per file, large sequential reads through a staging buffer; files in parallel
+                per_file: dict[SafetensorsFile, list] = {}
+                for f, key, dst in direct:
+                    per_file.setdefault(f, []).append((key, dst))
+                list(pool.map(_staged_read, per_file.items()))
     _check_complete(model, cfg, params, loaded, path, unexpected)
     model.reset_buffers()
     return model
@@ -206,6 +219,14 @@ def _read(f: SafetensorsFile, key: str, file: Path, files: dict) -> torch.Tensor
         except ValueError as e:
             raise CheckpointError(f"{file}: {skey}: {e}") from None
     return t
+
+
+def _staged_read(item: tuple[SafetensorsFile, list[tuple[str, torch.Tensor]]]) -> None:
+    f, jobs = item
+    try:
+        f.read_many(jobs)
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{f.path}: cannot be read ({e})") from None
 
 
 def _direct_read(job: tuple[SafetensorsFile, str, torch.Tensor]) -> None:

@@ -45,6 +45,9 @@ from minids.config import ConfigError, ModelConfig
 from minids.data import DataError, TokenData, get_tokenizer, load_documents, split_documents
 from minids.model import Transformer
 from minids.safetensors_io import SafetensorsFile, write_safetensors
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict,
+)
 
 __all__ = ["TrainConfig", "TrainError", "train"]
 
@@ -220,34 +223,31 @@ def _fsync_dir(path: Path) -> None:
 def save_checkpoint(run: Path, step: int, acc, fwd_model, model, optimizer, cfg: TrainConfig, extra: dict) -> Path | None:
     """checkpoints/step-NNNNNNN: model (HF layout) + optimizer/step/RNG; atomic (temp dir, fsync, rename).
 
-    Collective: every process calls it. The full model state is gathered (FSDP) and written by the main
-    process; optimizer state is written by the main process, or by every rank (its own shard) under FSDP.
+    Collective: every process calls it. The full model and optimizer states are gathered (FSDP) and
+    written by the main process.
     """
     ckdir = run / "checkpoints"
     final = ckdir / f"step-{step:07d}"
     tmp = ckdir / f".step-{step:07d}.tmp"
-    sharded = _is_fsdp(acc)
     state_dict = acc.get_state_dict(fwd_model)  # gathers a full copy under FSDP; plain state_dict otherwise
     if acc.is_main_process:
         ckdir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         save_pretrained(model, tmp, state_dict=state_dict)
-    acc.wait_for_everyone()
-    opt = optimizer.state_dict()
-    if sharded or acc.is_main_process:
+    # the whole optimizer state keyed by parameter name (gathered from the shards under FSDP), so a
+    # run can resume on any number of processes
+    opt = get_optimizer_state_dict(model, _inner(optimizer), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if acc.is_main_process:
         tensors = {"rng.torch": torch.get_rng_state()}
-        for idx, st in opt["state"].items():
+        for fqn, st in opt["state"].items():
             for k, v in st.items():
-                v = v.full_tensor() if hasattr(v, "full_tensor") and not sharded else v
-                v = v.to_local() if hasattr(v, "to_local") else v
-                tensors[f"optimizer.{idx}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-        name = f"trainer_state.rank{acc.process_index}.safetensors" if sharded else "trainer_state.safetensors"
-        write_safetensors(tensors, tmp / name)
+                tensors[f"optimizer.{fqn}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+        write_safetensors(tensors, tmp / "trainer_state.safetensors")
     acc.wait_for_everyone()
     if acc.is_main_process:
         state = {"step": step, "param_groups": opt["param_groups"], "train_config": dataclasses.asdict(cfg),
-                 "sharded_optimizer": sharded, "world_size": acc.num_processes, **extra}
+                 "world_size": acc.num_processes, **extra}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
         _fsync_dir(tmp)
         if final.exists():
@@ -270,26 +270,26 @@ def latest_checkpoint(run: Path) -> Path | None:
     return cks[-1] if cks else None
 
 
-def load_trainer_state(ck: Path, optimizer, rank: int = 0, world: int = 1) -> dict:
+def load_trainer_state(ck: Path, model, optimizer) -> dict:
+    """Restore the optimizer (full state, keyed by parameter name; re-sharded under FSDP) and the RNG."""
     state = json.loads((ck / "trainer_state.json").read_text())
-    name = "trainer_state.safetensors"
-    if state.get("sharded_optimizer"):
-        if state.get("world_size") != world:
-            raise TrainError(
-                f"{ck}: the optimizer state is sharded over {state.get('world_size')} processes; "
-                f"resume with the same number of processes (now {world})"
-            )
-        name = f"trainer_state.rank{rank}.safetensors"
-    with SafetensorsFile(ck / name) as f:
+    with SafetensorsFile(ck / "trainer_state.safetensors") as f:
         tensors = {k: f.read(k) for k in f.keys()}
     opt_state: dict = {}
     for k, v in tensors.items():
         if k.startswith("optimizer."):
-            _, idx, key = k.split(".", 2)
-            opt_state.setdefault(int(idx), {})[key] = v
-    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+            fqn, key = k[len("optimizer."):].rsplit(".", 1)
+            opt_state.setdefault(fqn, {})[key] = v
+    set_optimizer_state_dict(
+        model, _inner(optimizer), {"state": opt_state, "param_groups": state["param_groups"]},
+        options=StateDictOptions(full_state_dict=True),
+    )
     torch.set_rng_state(tensors["rng.torch"])
     return state
+
+
+def _inner(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
 
 
 # ------------------------------------------------------------------------------------------------ diagnostics
@@ -442,16 +442,16 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
         )
 
-    if _is_fsdp(acc):  # FSDP shards the parameters: the optimizer must see the sharded ones
-        fwd_model = acc.prepare(model)
+    if _is_fsdp(acc) and getattr(acc.state.fsdp_plugin, "fsdp_version", 1) == 1:
+        fwd_model = acc.prepare(model)  # FSDP1 flattens parameters: build the optimizer on the wrapped ones
         optimizer = acc.prepare(make_optimizer(fwd_model))
-    else:
+    else:  # single process, DDP, FSDP2 (which swaps the optimizer's parameters for the sharded ones itself)
         fwd_model, optimizer = acc.prepare(model, make_optimizer(model))
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * acc.num_processes
     total = cfg.max_steps or max(1, cfg.max_tokens // tokens_per_step)
     start = 0
     if ck is not None:
-        state = load_trainer_state(ck, optimizer, acc.process_index, acc.num_processes)
+        state = load_trainer_state(ck, model, optimizer)
         start = state["step"]
     if cfg.compile:
         fwd_model = torch.compile(fwd_model)
