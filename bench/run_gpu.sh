@@ -13,16 +13,18 @@ if [[ $what == all || $what == train ]]; then
   python3 bench/train_throughput.py --device cuda --out "$OUT" ${PROFILE:+--profile} 2>&1 | grep -v -e "Loading weights" -e "Writing model" | tee "$OUT/train_throughput.log"
 fi
 if [[ $what == all || $what == ckpt ]]; then
-  python3 bench/checkpoint_io.py --out "$OUT" --dir /tmp/minids-ckpt-bench 2>&1 | tee "$OUT/checkpoint_io.log"
+  python3 bench/checkpoint_io.py --out "$OUT" --dir /tmp/minids-ckpt-bench ${DIAGNOSE:+--diagnose} 2>&1 | tee "$OUT/checkpoint_io.log"
 fi
 if [[ $what == dist ]]; then
   # two processes, one GPU each: DDP, then FSDP2; each stops half way and resumes
-  for kind in ddp fsdp; do
+  for kind in ${KINDS:-ddp fsdp}; do
     run=/tmp/minids-$kind
     rm -rf $run
     common="--model tiny-v3 --max_steps 24 --eval_interval 12 --ckpt_interval 12 --seq_len 256 --batch_size 8 --sample_tokens 40 --plots false --out_dir $run"
-    accelerate launch --config_file scripts/accelerate/$kind.yaml -m minids.cli train $common --stop_after 12 2>&1 | grep -v -e "^train:" -e "it/s" | tail -n 12
-    accelerate launch --config_file scripts/accelerate/$kind.yaml -m minids.cli train $common --resume 2>&1 | grep -v -e "^train:" -e "it/s" | tail -n 12
+    accelerate launch --config_file scripts/accelerate/$kind.yaml -m minids.cli train $common --stop_after 12 > "$OUT/dist_${kind}_first.log" 2>&1
+    grep -v -e "it/s" "$OUT/dist_${kind}_first.log" | grep -E "minids|Error|error|done|stopped" | head -n 12
+    accelerate launch --config_file scripts/accelerate/$kind.yaml -m minids.cli train $common --resume > "$OUT/dist_${kind}_resume.log" 2>&1
+    grep -v -e "it/s" "$OUT/dist_${kind}_resume.log" | grep -E "minids|Error|error|done|stopped" | head -n 12
     python3 - "$run" <<'PY' | tee "$OUT/dist_$kind.log"
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1] + "/metrics.jsonl")]

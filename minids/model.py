@@ -158,10 +158,10 @@ class Transformer(nn.Module):
                 for k, layer in enumerate(self.mtp, start=1):
                     n = S - k  # positions i = 0..S-k-1 see tokens t_{i+k}
                     emb = self.model.embed_tokens(input_ids[:, k:])  # (B, S-k, D)
-                    h, r = layer(h[:, :n], emb, cos[:, :n], sin[:, :n])  # (B, S-k, D)
+                    h, h_normed, r = layer(h[:, :n], emb, cos[:, :n], sin[:, :n])  # (B, S-k, D) each
                     if r is not None:
                         routing.append(r)
-                    logits_k = self.lm_head(layer.shared_head.norm(h))  # (B, S-k, V)
+                    logits_k = self.lm_head(h_normed)  # (B, S-k, V)
                     mtp_losses.append(lm_loss(logits_k, labels, shift=k + 1))
                 aux["mtp_loss"] = torch.stack(mtp_losses).mean()
                 loss = loss + mtp_weight * aux["mtp_loss"]

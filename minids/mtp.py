@@ -51,7 +51,12 @@ class MTPLayer(DecoderLayer):
 
     def forward(  # type: ignore[override]
         self, h_prev: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> tuple[torch.Tensor, Routing | None]:
-        """h_prev, emb: (B, S', D) -> h^k (B, S', D) before shared_head.norm, and the layer's Routing."""
+    ) -> tuple[torch.Tensor, torch.Tensor, Routing | None]:
+        """h_prev, emb: (B, S', D) -> h^k (B, S', D), shared_head.norm(h^k) for the head, and the Routing.
+
+        The head's norm is applied here, inside the layer, so that a sharded (FSDP) layer has its
+        weights gathered when the norm runs.
+        """
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))  # (B, S', D)
-        return super().forward(x, cos, sin)
+        h, routing = super().forward(x, cos, sin)
+        return h, self.shared_head.norm(h), routing
