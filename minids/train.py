@@ -590,12 +590,13 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         if log is not None:
             log.close()
         return {**result, "stopped": True}
-    if main:
-        if cfg.sample_tokens:
-            text = sample(fwd_model, mcfg, tokenizer, cfg.sample_prompt, cfg.sample_tokens, device)
+    if cfg.sample_tokens:  # every rank decodes: a sharded (FSDP) model needs all of them in each forward
+        text = sample(fwd_model, mcfg, tokenizer, cfg.sample_prompt, cfg.sample_tokens, device)
+        result["sample"] = text
+        if main:
             (run / "sample.txt").write_text(text)
             print("sample (greedy):\n" + text)
-            result["sample"] = text
+    if main:
         if cfg.plots:
             from minids.plots import plot_run
 
