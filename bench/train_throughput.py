@@ -111,8 +111,8 @@ def main() -> None:
         torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     B = args.batch or (16 if gpu else 8)
     S = args.seq_len or (1024 if gpu else 256)
-    steps = args.steps or (20 if gpu else 6)
-    warmup = args.warmup or (5 if gpu else 2)
+    steps = args.steps or (20 if gpu else 10)
+    warmup = args.warmup or (5 if gpu else 3)
     dtype = torch.bfloat16 if gpu else torch.float32
     variants = (args.variants or ("transformers,minids,minids-compile" if gpu else "transformers,minids")).split(",")
     cfg_dict = GPU_CFG if gpu else CPU_CFG

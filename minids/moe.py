@@ -142,7 +142,9 @@ def moe_experts(
     # torch._grouped_mm needs every row stride a multiple of 16 bytes: D and I (fp32: multiples of 4)
     aligned = all(n * dt.itemsize % 16 == 0 for n in (x.shape[-1], w_gate.shape[1]))
     if impl == "auto":
-        impl = "grouped" if aligned and grouped_mm_available(x.device, dt) else "loop"
+        # under torch.compile the grouped op's shape function accepts only bf16 (torch 2.11-2.13)
+        compilable = dt == torch.bfloat16 or not torch.compiler.is_compiling()
+        impl = "grouped" if aligned and compilable and grouped_mm_available(x.device, dt) else "loop"
     if impl == "grouped":
         if not aligned:
             raise ValueError(

@@ -50,7 +50,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="docs/balance_study")
     ap.add_argument("--runs", default="runs/balance_study")
+    ap.add_argument("--replot", action="store_true", help="only redraw the PNG from --out's JSON")
     args = ap.parse_args()
+    if args.replot:
+        saved = json.loads((Path(args.out) / "balance_study.json").read_text())["results"]
+        return plot(saved, Path(args.out) / "balance_study.png")
     overrides = {
         "num_hidden_layers": args.layers, "n_routed_experts": args.experts, "num_experts_per_tok": args.top_k,
         "n_group": 1, "topk_group": 1, "num_nextn_predict_layers": 0,
@@ -124,6 +128,7 @@ def plot(results: dict, path: Path) -> None:
         a.set_title(f"{name}\nMaxVio_global {r['maxvio_global']:.2f}", fontsize=9)
         a.set_xlabel("expert")
         a.set_ylabel("MoE layer")
+        a.set_yticks(range(load.shape[0]))
     fig.colorbar(im, ax=fig.axes[1:], shrink=0.8, label="validation load / balanced load")
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
