@@ -21,7 +21,8 @@ def read_metrics(run: str | Path) -> list[dict]:
 
 
 def _series(rows: list[dict], key: str) -> tuple[list, list]:
-    pts = [(r["tokens"], r[key]) for r in rows if key in r]
+    """x in millions of tokens, y the metric."""
+    pts = [(r["tokens"] / 1e6, r[key]) for r in rows if key in r]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
@@ -45,13 +46,13 @@ def plot_run(run: str | Path) -> list[Path]:
         x, y = _series(rows, key)
         if x:
             ax[0].plot(x, y, label=label, marker="o" if key == "val_loss" else None, ms=3)
-    ax[0].set_xlabel("tokens")
+    ax[0].set_xlabel("tokens (millions)")
     ax[0].set_ylabel("nats / token")
     ax[0].legend()
     x, y = _series(rows, "val_bpb")
     if x:
         ax[1].plot(x, y, marker="o", ms=3, color="C1")
-    ax[1].set_xlabel("tokens")
+    ax[1].set_xlabel("tokens (millions)")
     ax[1].set_ylabel("validation bits per byte")
     fig.suptitle(run.name)
     fig.tight_layout()
@@ -63,7 +64,7 @@ def plot_run(run: str | Path) -> list[Path]:
     if x:
         fig, ax = plt.subplots(figsize=(5.5, 3.5))
         ax.plot(x, y)
-        ax.set_xlabel("tokens")
+        ax.set_xlabel("tokens (millions)")
         ax.set_ylabel("learning rate")
         fig.tight_layout()
         written.append(run / "lr.png")
@@ -78,7 +79,7 @@ def plot_run(run: str | Path) -> list[Path]:
             ax.plot(x, y, label="MaxVio_batch (mean over layers)", lw=0.8)
         if xg:
             ax.plot(xg, yg, label="MaxVio_global (validation)", marker="o", ms=3)
-        ax.set_xlabel("tokens")
+        ax.set_xlabel("tokens (millions)")
         ax.set_ylabel("MaxVio")
         ax.legend()
         fig.tight_layout()
