@@ -25,7 +25,9 @@ from minids.config import ModelConfig
 from minids.norm import RMSNorm
 from minids.rope import apply_rope
 
-__all__ = ["MHA", "MLA", "attention", "attention_ref"]
+__all__ = [
+    "MHA", "MLA", "attention", "attention_ref", "masked_attention", "mla_attention_absorbed", "mla_attention_naive",
+]
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -53,6 +55,51 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
         v = F.pad(v, (0, q.shape[-1] - dv))
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)[..., :dv]
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of new queries over a cache. q: (B, S, H, Dqk), k: (B, T, H, Dqk), v: (B, T, H, Dv),
+    mask: (B, 1, S, T) bool -> (B, S, H, Dv); float32 softmax."""
+    scores = torch.einsum("bshd,bthd->bhst", q.float(), k.float()) * scale  # (B, H, S, T)
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    return torch.einsum("bhst,bthd->bshd", probs, v.float()).to(q.dtype)  # (B, S, H, Dv)
+
+
+def mla_attention_naive(
+    q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, wkv_b: torch.Tensor,
+    mask: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    """MLA over the latent cache, naive form: expand every cached latent to per-head keys and values.
+
+    q_nope: (B, S, H, Dn), q_pe: (B, S, H, R) (RoPE applied), c_kv: (B, T, C) normalised latents,
+    k_pe: (B, T, R) RoPE'd shared keys, wkv_b: (H, Dn + Dv, C) = kv_b_proj.weight viewed per head,
+    mask: (B, 1, S, T) -> (B, S, H, Dv).
+    """
+    Dn = q_nope.shape[-1]
+    kv = torch.einsum("btc,hdc->bthd", c_kv.float(), wkv_b.float())  # (B, T, H, Dn + Dv)
+    k_nope, v = kv[..., :Dn], kv[..., Dn:]
+    scores = torch.einsum("bshd,bthd->bhst", q_nope.float(), k_nope)  # (B, H, S, T)
+    scores = (scores + torch.einsum("bshr,btr->bhst", q_pe.float(), k_pe.float())) * scale
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    return torch.einsum("bhst,bthd->bshd", probs, v).to(q_nope.dtype)  # (B, S, H, Dv)
+
+
+def mla_attention_absorbed(
+    q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, wkv_b: torch.Tensor,
+    mask: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    """MLA over the latent cache, absorbed form (REFERENCE.md 2.6; same signature as the naive form):
+    W_UK is folded into the query, the weighted sum runs over the C-wide latents, and W_UV is applied
+    to the result, so no per-head key or value is ever formed.
+    """
+    Dn = q_nope.shape[-1]
+    w_uk, w_uv = wkv_b[:, :Dn].float(), wkv_b[:, Dn:].float()  # (H, Dn, C), (H, Dv, C)
+    q_lat = torch.einsum("bshd,hdc->bshc", q_nope.float(), w_uk)  # (B, S, H, C)
+    scores = torch.einsum("bshc,btc->bhst", q_lat, c_kv.float())  # (B, H, S, T)
+    scores = (scores + torch.einsum("bshr,btr->bhst", q_pe.float(), k_pe.float())) * scale
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    o_lat = torch.einsum("bhst,btc->bshc", probs, c_kv.float())  # (B, S, H, C)
+    return torch.einsum("bshc,hdc->bshd", o_lat, w_uv).to(q_nope.dtype)  # (B, S, H, Dv)
 
 
 class MLA(nn.Module):
@@ -90,13 +137,20 @@ class MLA(nn.Module):
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.dr], dim=-1)  # (B,S,C), (B,S,R)
         return self.kv_a_layernorm(c_kv), k_pe
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None, layer: int = 0) -> torch.Tensor:
+        """x: (B, S, D) -> (B, S, D). With a ``KVCache``: decode over the cached latents (absorbed or naive)."""
         B, S, _ = x.shape
         q = self.project_q(x)
         q_nope, q_pe = q.split([self.dn, self.dr], dim=-1)  # (B, S, H, Dn), (B, S, H, R)
         q_pe = apply_rope(q_pe, cos, sin, self.interleave)
         c_kv, k_pe = self.project_kv_latent(x)
         k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin, self.interleave)  # (B, S, 1, R)
+        if cache is not None:
+            c = cache.write(layer, c_kv, k_pe.squeeze(2))  # the cache keeps only c_kv and the RoPE'd k_pe
+            wkv_b = self.kv_b_proj.weight.view(self.n_heads, self.dn + self.dv, self.kv_lora_rank)  # (H, Dn+Dv, C)
+            fn = mla_attention_absorbed if cache.mla_impl == "absorbed" else mla_attention_naive
+            o = fn(q_nope, q_pe, c.a, c.b, wkv_b, cache.step_mask, self.softmax_scale)  # (B, S, H, Dv)
+            return self.o_proj(o.reshape(B, S, self.n_heads * self.dv))
         kv = self.kv_b_proj(c_kv).unflatten(-1, (self.n_heads, self.dn + self.dv))  # (B, S, H, Dn + Dv)
         k_nope, v = kv.split([self.dn, self.dv], dim=-1)  # (B, S, H, Dn), (B, S, H, Dv)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # (B, H, S, Dn + R)
@@ -119,12 +173,19 @@ class MHA(nn.Module):
         self.v_proj = nn.Linear(D, self.n_kv * self.dh, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.dh, D, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None, layer: int = 0) -> torch.Tensor:
+        """x: (B, S, D) -> (B, S, D). With a ``KVCache``: attend over the cached keys and values."""
         B, S, _ = x.shape
         q = apply_rope(self.q_proj(x).unflatten(-1, (self.n_heads, self.dh)), cos, sin, self.interleave)  # (B,S,H,Dh)
         k = apply_rope(self.k_proj(x).unflatten(-1, (self.n_kv, self.dh)), cos, sin, self.interleave)  # (B,S,Hkv,Dh)
         v = self.v_proj(x).unflatten(-1, (self.n_kv, self.dh))  # (B, S, Hkv, Dh)
         rep = self.n_heads // self.n_kv
+        if cache is not None:
+            c = cache.write(layer, k, v)
+            k_all = c.a.repeat_interleave(rep, dim=2)  # (B, T, H, Dh)
+            v_all = c.b.repeat_interleave(rep, dim=2)
+            o = masked_attention(q, k_all, v_all, cache.step_mask, self.softmax_scale)  # (B, S, H, Dh)
+            return self.o_proj(o.reshape(B, S, self.n_heads * self.dh))
         k = k.repeat_interleave(rep, dim=2).transpose(1, 2)  # (B, H, S, Dh): query head h reads kv head h // rep
         v = v.repeat_interleave(rep, dim=2).transpose(1, 2)  # (B, H, S, Dh)
         o = attention(q.transpose(1, 2), k, v, self.softmax_scale)  # (B, H, S, Dh)

@@ -32,10 +32,13 @@ class DecoderLayer(nn.Module):
         self.mlp = DeepSeekMoE(cfg) if self.is_moe else MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None
     ) -> tuple[torch.Tensor, Routing | None]:
-        """x: (B, S, D) -> (B, S, D), and the router's decisions for a MoE layer (else None)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        """x: (B, S, D) -> (B, S, D), and the router's decisions for a MoE layer (else None).
+
+        cache: a ``minids.cache.KVCache`` to decode with (this layer's slot is its layer index).
+        """
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, self.layer_idx)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
             y, routing = self.mlp(h)

@@ -6,6 +6,7 @@
     minids convert SRC DST              a checkpoint to bf16/fp32 (FP8 weights dequantized), shard by shard
     minids train [--config F] [--name value ...]   train (defaults: tiny-v3, the Python stdlib corpus, CPU)
     minids plot RUN_DIR                 the PNG plots of a training run
+    minids generate CKPT --prompt TEXT  continue a prompt (greedy, or --temperature/--top-k/--top-p), streaming
 
 CONFIG is a preset name (``minids info --list``), a JSON file, or a Hugging Face model directory.
 """
@@ -172,6 +173,50 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     return 130 if result.get("interrupted") else 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from minids.checkpoint import from_pretrained
+    from minids.data import ByteTokenizer, load_saved_tokenizer
+    from minids.generate import stream
+    from minids.model import Transformer
+
+    src = Path(args.model)
+    if src.is_dir() and any(src.glob("*.safetensors")):
+        model = from_pretrained(src, device=args.device)
+        tok = load_saved_tokenizer(src) or load_saved_tokenizer(src.parent.parent)  # a run's checkpoint dir
+    else:
+        torch.manual_seed(0)
+        model = Transformer(args.model).to(args.device)
+        print(f"({args.model}: random weights; pass a checkpoint directory for a trained model)", file=sys.stderr)
+        tok = None
+    if tok is None:
+        if model.cfg.vocab_size < ByteTokenizer.vocab_size:
+            raise ValueError(f"{args.model}: no tokenizer found beside the weights (tokenizer.json or tokenizer_minids.json)")
+        tok = ByteTokenizer()
+    prompts = [tok.encode(p) or [tok.eos_id] for p in args.prompt]
+    g = torch.Generator(device=args.device).manual_seed(args.seed)
+    out = [list(p) for p in prompts]
+    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_tokens=[tok.eos_id], generator=g)
+    shown = [len(tok.decode(p)) for p in prompts]
+    if len(prompts) == 1:
+        print(args.prompt[0], end="", flush=True)
+    for tokens, done in stream(model, prompts, args.max_new_tokens, **kw):
+        for b, (t, d) in enumerate(zip(tokens.tolist(), done.tolist())):
+            if not d and t != tok.eos_id:
+                out[b].append(t)
+        if len(prompts) == 1:  # stream the single prompt's text as it grows
+            text = tok.decode(out[0])
+            print(text[shown[0]:], end="", flush=True)
+            shown[0] = len(text)
+    if len(prompts) == 1:
+        print()
+    else:
+        for b in range(len(prompts)):
+            print(f"[{b}] {tok.decode(out[b])}")
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from minids.plots import plot_run
 
@@ -199,6 +244,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Every TrainConfig field can be given as --name value (see minids/train.py).")
     t.add_argument("--config", default=None, help="a training config JSON; --name value pairs override its fields")
     t.set_defaults(func=cmd_train, takes_rest=True)
+    g = sub.add_parser("generate", help="continue prompts with a checkpoint (greedy by default), streaming")
+    g.add_argument("model", help="a checkpoint directory (e.g. runs/default/checkpoints/step-0000146) or a preset")
+    g.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="cpu")
+    g.set_defaults(func=cmd_generate)
     pl = sub.add_parser("plot", help="write the PNG plots of a training run directory")
     pl.add_argument("run")
     pl.set_defaults(func=cmd_plot)

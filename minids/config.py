@@ -42,7 +42,7 @@ _PASSTHROUGH_KEYS = {
     "mlp_bias", "output_router_logits", "router_aux_loss_coef", "num_experts", "is_decoder",
     "max_window_layers", "sliding_window", "use_sliding_window", "chat_template", "head_dim_override",
     "layer_types", "model_name", "output_attentions", "output_hidden_states", "return_dict",
-    "scale_fmt", "_attn_implementation_autoset", "qk_head_dim", "mlp_bias",
+    "scale_fmt", "_attn_implementation_autoset", "qk_head_dim",
 }
 
 _TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")

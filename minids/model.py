@@ -43,6 +43,7 @@ class ModelOutput:
     logits: torch.Tensor
     loss: torch.Tensor | None = None
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
+    hidden: torch.Tensor | None = None  # (B, S, D) after the final norm (decoding with a cache: what MTP drafts from)
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, shift: int = 1) -> torch.Tensor:
@@ -125,12 +126,17 @@ class Transformer(nn.Module):
         *,
         mtp_weight: float = 0.3,
         balance: dict[str, float] | None = None,
+        cache=None,
+        lengths: torch.Tensor | None = None,
     ) -> ModelOutput:
         """input_ids, labels: (B, S) -> logits, loss, aux.
 
         mtp_weight: lambda of V3P eq. 25 (0.3, then 0.1, in V3's training).
         balance: {loss name: alpha} of ``minids.balance`` losses to add to the loss, e.g.
             {"sequence": 1e-4} (V3) or {"expert": 0.003, "device": 0.05, "comm": 0.02} (V2).
+        cache: a ``minids.cache.KVCache``: the S tokens continue each sequence at cache.lengths[b]
+            (prefill or decode); lengths (B,) says how many of them are real in a right-padded batch
+            (default all S); the cache's lengths advance by that much. Returns logits and ``hidden``.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
@@ -139,16 +145,27 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"sequence length {S} exceeds max_position_embeddings={self.cfg.max_position_embeddings}"
             )
-        positions = torch.arange(S, device=input_ids.device).unsqueeze(0)  # (1, S)
-        cos, sin = self.rotary(positions)  # (1, S, R/2)
+        if cache is not None:
+            if labels is not None:
+                raise ValueError("labels and cache together: train without a cache, decode with one")
+            cache.new_lens = lengths if lengths is not None else torch.full((B,), S, device=input_ids.device)
+            positions = cache.positions(S)  # (B, S)
+            cache.step_mask = cache.mask(S)  # (B, 1, S, T+1), shared by every layer of this step
+        else:
+            positions = torch.arange(S, device=input_ids.device).unsqueeze(0)  # (1, S)
+        cos, sin = self.rotary(positions)  # (1 or B, S, R/2)
         h = self.model.embed_tokens(input_ids)  # (B, S, D)
         routing = []
         for layer in self.model.layers:
-            h, r = layer(h, cos, sin)
+            h, r = layer(h, cos, sin, cache)
             if r is not None:
                 routing.append(r)
         h = self.model.norm(h)
         logits = self.lm_head(h)  # (B, S, V)
+        if cache is not None:
+            cache.lengths = cache.lengths + cache.new_lens
+            return ModelOutput(logits=logits, aux={"expert_counts": torch.stack([r.counts for r in routing])}
+                               if routing else {}, hidden=h)
         aux: dict[str, torch.Tensor] = {}
         loss = None
         if labels is not None:

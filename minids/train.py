@@ -41,8 +41,8 @@ import torch.nn.functional as F
 
 from minids.balance import BiasBalancer, max_vio
 from minids.checkpoint import from_pretrained, save_pretrained
-from minids.config import ConfigError, ModelConfig
-from minids.data import DataError, TokenData, get_tokenizer, load_documents, split_documents
+from minids.config import ModelConfig
+from minids.data import TokenData, get_tokenizer, load_documents, split_documents
 from minids.model import Transformer
 from minids.safetensors_io import SafetensorsFile, write_safetensors
 from torch.distributed.checkpoint.state_dict import (
@@ -220,7 +220,9 @@ def _fsync_dir(path: Path) -> None:
                 os.fsync(fh.fileno())
 
 
-def save_checkpoint(run: Path, step: int, acc, fwd_model, model, optimizer, cfg: TrainConfig, extra: dict) -> Path | None:
+def save_checkpoint(
+    run: Path, step: int, acc, fwd_model, model, optimizer, cfg: TrainConfig, extra: dict, tokenizer=None
+) -> Path | None:
     """checkpoints/step-NNNNNNN: model (HF layout) + optimizer/step/RNG; atomic (temp dir, fsync, rename).
 
     Collective: every process calls it. The full model and optimizer states are gathered (FSDP) and
@@ -235,6 +237,8 @@ def save_checkpoint(run: Path, step: int, acc, fwd_model, model, optimizer, cfg:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         save_pretrained(model, tmp, state_dict=state_dict)
+        if tokenizer is not None:  # so that `minids generate CHECKPOINT` finds it
+            tokenizer.save(tmp)
     # the whole optimizer state keyed by parameter name (gathered from the shards under FSDP), so a
     # run can resume on any number of processes
     opt = get_optimizer_state_dict(model, _inner(optimizer), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -571,13 +575,13 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
                 flag = torch.tensor(float(interrupted), device=device)
                 interrupted = bool(acc.reduce(flag, reduction="sum").item())
             if step % cfg.ckpt_interval == 0 or step in (total, stop_at):
-                save_checkpoint(run, step, acc, fwd_model, model, optimizer, cfg, {"tokens": step * tokens_per_step})
+                save_checkpoint(run, step, acc, fwd_model, model, optimizer, cfg, {"tokens": step * tokens_per_step}, tokenizer)
     finally:
         bar.close()
         if old_handler is not None:
             signal.signal(signal.SIGINT, old_handler)
     if interrupted:
-        ckp = save_checkpoint(run, step, acc, fwd_model, model, optimizer, cfg, {"tokens": step * tokens_per_step})
+        ckp = save_checkpoint(run, step, acc, fwd_model, model, optimizer, cfg, {"tokens": step * tokens_per_step}, tokenizer)
         if main:
             print(f"interrupted at step {step}: saved {ckp}; continue with --resume")
         if log is not None:

@@ -9,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import minids
-from minids.checkpoint import CheckpointError, convert_checkpoint
+from minids.checkpoint import CheckpointError
 from minids.cli import main
 from minids.fp8 import weight_dequant, weight_quant
 

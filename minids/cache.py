@@ -1,0 +1,94 @@
+"""The static KV cache for decoding: MLA's compressed latent, or MHA/GQA keys and values.
+
+For an MLA layer the cache holds, per token, only the normalised KV latent c_kv (kv_lora_rank values)
+and the RoPE'd shared key k_pe (qk_rope_head_dim values): (C + R) elements per token per layer, 576
+for V2/V3 (REFERENCE.md 2.5), against H * (Dn + R + Dv) = 40,960 for the per-head keys and values
+that transformers caches for V3. For MHA/GQA layers it holds RoPE'd keys and values per kv head.
+
+The cache is allocated once for ``batch`` sequences of up to ``max_len`` tokens (static shapes), and
+``lengths[b]`` counts the tokens of sequence b already in it; new tokens go to positions
+lengths[b], lengths[b] + 1, ... Rolling back rejected tokens (speculative decoding) is lowering
+``lengths``; entries past a sequence's length are masked and later overwritten. One extra slot at
+index max_len takes the writes of padding tokens (ragged batches), so they never touch real entries.
+
+Shapes: B batch, T max_len, S new tokens, C kv_lora_rank, R rope dim, Hkv kv heads, Dh head dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from minids.config import ModelConfig
+
+__all__ = ["KVCache", "LayerCache"]
+
+
+@dataclass
+class LayerCache:
+    """One layer's storage: MLA (c_kv (B, T, C), k_pe (B, T, R)) or MHA (k, v: (B, T, Hkv, Dh))."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+
+
+@dataclass
+class KVCache:
+    """Static per-layer cache for the main layers and the MTP layers (in that order)."""
+
+    layers: list[LayerCache]
+    lengths: torch.Tensor  # (B,) int64 tokens stored per sequence
+    max_len: int
+    mla_impl: str = "absorbed"  # "absorbed" (attention in latent space) or "naive" (expand the latent each step)
+    new_lens: torch.Tensor | None = field(default=None, repr=False)  # (B,) valid new tokens of the current step
+
+    @classmethod
+    def allocate(
+        cls, cfg: ModelConfig, batch: int, max_len: int, *, dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu", mla_impl: str = "absorbed",
+    ) -> KVCache:
+        if max_len > cfg.max_position_embeddings:
+            raise ValueError(f"cache of {max_len} tokens exceeds max_position_embeddings={cfg.max_position_embeddings}")
+        if mla_impl not in ("absorbed", "naive"):
+            raise ValueError(f"mla_impl={mla_impl!r}: one of absorbed, naive")
+        n = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+        T = max_len + 1  # + the padding slot
+        layers = []
+        for _ in range(n):
+            if cfg.is_mla:
+                a = torch.zeros(batch, T, cfg.kv_lora_rank, dtype=dtype, device=device)
+                b = torch.zeros(batch, T, cfg.qk_rope_head_dim, dtype=dtype, device=device)
+            else:
+                shape = (batch, T, cfg.num_kv_heads, cfg.mha_head_dim)
+                a = torch.zeros(shape, dtype=dtype, device=device)
+                b = torch.zeros(shape, dtype=dtype, device=device)
+            layers.append(LayerCache(a, b))
+        return cls(layers, torch.zeros(batch, dtype=torch.long, device=device), max_len, mla_impl)
+
+    def bytes_per_token(self) -> int:
+        """Cached bytes per token over all layers (REFERENCE.md 2.5's formula times the element size)."""
+        return sum(t.a[0, 0].numel() * t.a.element_size() + t.b[0, 0].numel() * t.b.element_size() for t in self.layers)
+
+    def positions(self, S: int) -> torch.Tensor:
+        """(B, S) absolute positions of the next S tokens of every sequence."""
+        return self.lengths[:, None] + torch.arange(S, device=self.lengths.device)[None, :]
+
+    def mask(self, S: int) -> torch.Tensor:
+        """(B, 1, S, T+1) True where query j of sequence b may attend to cache slot t (causal, valid)."""
+        qpos = self.positions(S)  # (B, S)
+        t = torch.arange(self.max_len + 1, device=self.lengths.device)
+        valid = t[None, :] < (self.lengths + self.new_lens)[:, None]  # (B, T)
+        return ((t[None, None, :] <= qpos[:, :, None]) & valid[:, None, :]).unsqueeze(1)  # (B, 1, S, T)
+
+    def write(self, layer: int, a_new: torch.Tensor, b_new: torch.Tensor) -> LayerCache:
+        """Store S new entries per sequence at positions lengths[b] + j (one batched index_put)."""
+        c = self.layers[layer]
+        B, S = a_new.shape[:2]
+        pos = self.positions(S)  # (B, S)
+        real = torch.arange(S, device=pos.device)[None, :] < self.new_lens[:, None]
+        pos = torch.where(real, pos, self.max_len)  # padding tokens go to the spare slot
+        rows = torch.arange(B, device=pos.device)[:, None].expand(B, S)
+        c.a[rows, pos] = a_new.to(c.a.dtype)
+        c.b[rows, pos] = b_new.to(c.b.dtype)
+        return c
