@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         if rest:
             raise ValueError(f"unrecognized arguments: {' '.join(rest)}")
         return args.func(args)
-    except (ConfigError, ValueError, OSError) as e:
+    except (ConfigError, ValueError, OSError, RuntimeError) as e:
         print(f"minids {args.command}: {e}", file=sys.stderr)
         return 2
 

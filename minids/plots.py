@@ -27,17 +27,16 @@ def _series(rows: list[dict], key: str) -> tuple[list, list]:
 
 
 def plot_run(run: str | Path) -> list[Path]:
-    """Write the run's PNGs; returns their paths (none if matplotlib is missing)."""
+    """Write the run's PNGs; returns their paths. Raises RuntimeError when matplotlib is missing."""
+    run = Path(run)
+    rows = read_metrics(run)
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("plots need matplotlib: pip install 'minids[plots]'")
-        return []
-    run = Path(run)
-    rows = read_metrics(run)
+        raise RuntimeError("plots need matplotlib: pip install 'minids[plots]'") from None
     written = []
 
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))

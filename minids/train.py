@@ -604,8 +604,11 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         if cfg.plots:
             from minids.plots import plot_run
 
-            for p in plot_run(run):
-                print(f"wrote {p}")
+            try:
+                for p in plot_run(run):
+                    print(f"wrote {p}")
+            except RuntimeError as e:  # no matplotlib: the run itself is complete
+                print(f"no plots: {e}")
         print(f"done: step {step}, " + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
     if log is not None:
         log.close()
