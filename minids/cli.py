@@ -268,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from minids.config import ConfigError
+    from minids.plots import PlotError
 
     args, rest = build_parser().parse_known_args(argv)
     try:
@@ -276,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         if rest:
             raise ValueError(f"unrecognized arguments: {' '.join(rest)}")
         return args.func(args)
-    except (ConfigError, ValueError, OSError, RuntimeError) as e:
+    except (ConfigError, ValueError, OSError, PlotError) as e:
         print(f"minids {args.command}: {e}", file=sys.stderr)
         return 2
 

@@ -10,7 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["plot_run", "read_metrics"]
+__all__ = ["PlotError", "plot_run", "read_metrics"]
+
+
+class PlotError(RuntimeError):
+    """Plots cannot be drawn (matplotlib missing)."""
 
 
 def read_metrics(run: str | Path) -> list[dict]:
@@ -27,7 +31,7 @@ def _series(rows: list[dict], key: str) -> tuple[list, list]:
 
 
 def plot_run(run: str | Path) -> list[Path]:
-    """Write the run's PNGs; returns their paths. Raises RuntimeError when matplotlib is missing."""
+    """Write the run's PNGs; returns their paths. Raises PlotError when matplotlib is missing."""
     run = Path(run)
     rows = read_metrics(run)
     try:
@@ -36,7 +40,7 @@ def plot_run(run: str | Path) -> list[Path]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise RuntimeError("plots need matplotlib: pip install 'minids[plots]'") from None
+        raise PlotError("plots need matplotlib: pip install 'minids[plots]'") from None
     written = []
 
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))

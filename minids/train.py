@@ -602,12 +602,12 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
             print("sample (greedy):\n" + text)
     if main:
         if cfg.plots:
-            from minids.plots import plot_run
+            from minids.plots import PlotError, plot_run
 
             try:
                 for p in plot_run(run):
                     print(f"wrote {p}")
-            except RuntimeError as e:  # no matplotlib: the run itself is complete
+            except PlotError as e:  # no matplotlib: the run itself is complete
                 print(f"no plots: {e}")
         print(f"done: step {step}, " + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
     if log is not None:
