@@ -41,18 +41,22 @@ class KVCache:
     lengths: torch.Tensor  # (B,) int64 tokens stored per sequence
     max_len: int
     mla_impl: str = "absorbed"  # "absorbed" (attention in latent space) or "naive" (expand the latent each step)
+    first_layer: int = 0  # layer index of layers[0] (the MTP layers get a cache of their own)
     new_lens: torch.Tensor | None = field(default=None, repr=False)  # (B,) valid new tokens of the current step
 
     @classmethod
     def allocate(
         cls, cfg: ModelConfig, batch: int, max_len: int, *, dtype: torch.dtype = torch.float32,
-        device: str | torch.device = "cpu", mla_impl: str = "absorbed",
+        device: str | torch.device = "cpu", mla_impl: str = "absorbed", mtp: bool = False,
     ) -> KVCache:
+        """The main model's layers, or with ``mtp=True`` the MTP layers' (layer indices L .. L+D-1)."""
         if max_len > cfg.max_position_embeddings:
             raise ValueError(f"cache of {max_len} tokens exceeds max_position_embeddings={cfg.max_position_embeddings}")
         if mla_impl not in ("absorbed", "naive"):
             raise ValueError(f"mla_impl={mla_impl!r}: one of absorbed, naive")
-        n = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+        n = cfg.num_nextn_predict_layers if mtp else cfg.num_hidden_layers
+        if n == 0:
+            raise ValueError("the config has no MTP layers (num_nextn_predict_layers=0)")
         T = max_len + 1  # + the padding slot
         layers = []
         for _ in range(n):
@@ -64,7 +68,8 @@ class KVCache:
                 a = torch.zeros(shape, dtype=dtype, device=device)
                 b = torch.zeros(shape, dtype=dtype, device=device)
             layers.append(LayerCache(a, b))
-        return cls(layers, torch.zeros(batch, dtype=torch.long, device=device), max_len, mla_impl)
+        first = cfg.num_hidden_layers if mtp else 0
+        return cls(layers, torch.zeros(batch, dtype=torch.long, device=device), max_len, mla_impl, first)
 
     def bytes_per_token(self) -> int:
         """Cached bytes per token over all layers (REFERENCE.md 2.5's formula times the element size)."""
@@ -83,7 +88,7 @@ class KVCache:
 
     def write(self, layer: int, a_new: torch.Tensor, b_new: torch.Tensor) -> LayerCache:
         """Store S new entries per sequence at positions lengths[b] + j (one batched index_put)."""
-        c = self.layers[layer]
+        c = self.layers[layer - self.first_layer]
         B, S = a_new.shape[:2]
         pos = self.positions(S)  # (B, S)
         real = torch.arange(S, device=pos.device)[None, :] < self.new_lens[:, None]

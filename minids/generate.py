@@ -20,7 +20,7 @@ import torch
 
 from minids.cache import KVCache
 
-__all__ = ["generate", "sample_next", "stream"]
+__all__ = ["generate", "sample_next", "speculative_generate", "stream"]
 
 
 def sample_next(
@@ -109,3 +109,104 @@ def generate(
             if not d:
                 out[b].append(t)
     return out
+
+
+def _probs(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """The distribution ``sample_next`` draws from (temperature > 0), as probabilities (B, V)."""
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        logits = logits.masked_fill(logits < logits.topk(top_k, dim=-1).values[:, -1:], float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        p = sorted_logits.softmax(dim=-1)
+        sorted_logits = sorted_logits.masked_fill(p.cumsum(dim=-1) - p >= top_p, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits.softmax(dim=-1)
+
+
+@torch.no_grad()
+def speculative_generate(
+    model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
+    top_k: int | None = None, top_p: float | None = None, stop_tokens: Sequence[int] = (),
+    generator: torch.Generator | None = None, mla_impl: str = "absorbed",
+) -> tuple[list[list[int]], dict[str, float]]:
+    """MTP speculative decoding (V3P 2.2, 5.4.3): the MTP module drafts the token after next, the main
+    model verifies the next token and the draft in one forward of two positions, the caches roll back a
+    rejected draft. Greedy (temperature 0) gives exactly ``generate``'s tokens; sampling uses the
+    lossless rule: accept draft d ~ q with probability min(1, p(d) / q(d)), else draw from
+    norm(max(0, p - q)), so the output follows the main model's distribution.
+
+    Returns the new tokens of each prompt and {"drafted", "accepted", "acceptance", "tokens_per_step"}.
+    """
+    need = _check_prompts(model, prompts, max_new_tokens) + 2
+    if not len(model.mtp):
+        raise ValueError("this model has no MTP module (num_nextn_predict_layers=0): it cannot draft tokens")
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    cfg = model.cfg
+    B, P = len(prompts), max(len(p) for p in prompts)
+    main = KVCache.allocate(cfg, B, need, dtype=dtype, device=device, mla_impl=mla_impl)
+    mtp = KVCache.allocate(cfg, B, need, dtype=dtype, device=device, mla_impl=mla_impl, mtp=True)
+    ids = torch.zeros(B, P, dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        ids[b, : len(p)] = torch.tensor(p, device=device)
+    lens = torch.tensor([len(p) for p in prompts], device=device)
+    rows = torch.arange(B, device=device)
+    greedy = temperature <= 0
+
+    def pick(logits):  # (B, V) -> tokens (B,)
+        return sample_next(logits, temperature, top_k, top_p, generator)
+
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(ids, cache=main, lengths=lens)
+        nxt = pick(out.logits[rows, lens - 1])  # (B,) the next token
+        follow = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)  # (B, P): token after each prompt position
+        follow[rows, lens - 1] = nxt
+        q_logits = model.mtp_logits(out.hidden, follow, mtp, lens)[rows, lens - 1]  # (B, V)
+        draft = pick(q_logits)
+        tokens: list[list[int]] = [[t] for t in nxt.tolist()]
+        stops = set(stop_tokens)
+        done = [t in stops for t in nxt.tolist()]
+        drafted = accepted = steps = 0
+        while not all(done or len(t) >= max_new_tokens for t, done in zip(tokens, done)):
+            steps += 1
+            v = model(torch.stack([nxt, draft], dim=1), cache=main)  # verify: 2 positions
+            if greedy:
+                pred = v.logits[:, 0].argmax(-1)
+                ok = pred == draft
+                fix = pred
+            else:
+                p = _probs(v.logits[:, 0], temperature, top_k, top_p)
+                q = _probs(q_logits, temperature, top_k, top_p)
+                pd, qd = p[rows, draft], q[rows, draft]
+                u = torch.rand(B, device=device, generator=generator)
+                ok = u * qd <= pd  # accept with probability min(1, p(d) / q(d))
+                resid = (p - q).clamp(min=0)
+                resid = torch.where(resid.sum(-1, keepdim=True) > 0, resid, p)
+                fix = torch.multinomial(resid / resid.sum(-1, keepdim=True), 1, generator=generator).squeeze(-1)
+            bonus = pick(v.logits[:, 1])
+            main.lengths = main.lengths - (~ok).long()  # roll back a rejected draft
+            first = torch.where(ok, draft, fix)  # the token after nxt
+            new_next = torch.where(ok, bonus, first)
+            # MTP sees the main hidden states of the kept positions with the token that follows each
+            q_all = model.mtp_logits(v.hidden, torch.stack([first, bonus], dim=1), mtp, 1 + ok.long())
+            q_logits = q_all[rows, ok.long()]
+            draft = pick(q_logits)
+            for b in range(B):
+                if done[b] or len(tokens[b]) >= max_new_tokens:
+                    continue
+                drafted += 1
+                new = [int(first[b])] + ([int(bonus[b])] if bool(ok[b]) else [])
+                accepted += int(bool(ok[b]))
+                for t in new:
+                    if len(tokens[b]) < max_new_tokens and not done[b]:
+                        tokens[b].append(t)
+                        done[b] = t in stops
+            nxt = new_next
+    finally:
+        model.train(was_training)
+    stats = {"drafted": drafted, "accepted": accepted, "acceptance": accepted / max(drafted, 1),
+             "tokens_per_step": sum(len(t) - 1 for t in tokens) / max(steps * B, 1)}
+    return tokens, stats

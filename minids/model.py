@@ -111,6 +111,27 @@ class Transformer(nn.Module):
             if isinstance(m, Router) and m.load_counts is not None:
                 m.load_counts.zero_()
 
+    @torch.no_grad()
+    def mtp_logits(
+        self, hidden: torch.Tensor, next_ids: torch.Tensor, cache, lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Depth-1 MTP drafting over its own cache (``KVCache.allocate(..., mtp=True)``).
+
+        hidden: (B, S, D) the main model's final hidden states at positions cache.lengths[b] + j, and
+        next_ids: (B, S) the token that follows each of those positions -> logits (B, S, V) for the token
+        after that (V3P eq. 21-23 at inference).
+        """
+        if not len(self.mtp):
+            raise ValueError("this model has no MTP module (num_nextn_predict_layers=0): it cannot draft tokens")
+        B, S = next_ids.shape
+        cache.new_lens = lengths if lengths is not None else torch.full((B,), S, device=next_ids.device)
+        positions = cache.positions(S)  # (B, S)
+        cache.step_mask = cache.mask(S)
+        cos, sin = self.rotary(positions)
+        _, h_normed, _ = self.mtp[0](hidden, self.model.embed_tokens(next_ids), cos, sin, cache)
+        cache.lengths = cache.lengths + cache.new_lens
+        return self.lm_head(h_normed)  # (B, S, V)
+
     def set_moe_impl(self, impl: str) -> None:
         """Route every MoE layer through "grouped" (torch._grouped_mm), "loop" or "auto"."""
         if impl not in ("auto", "grouped", "loop"):

@@ -50,7 +50,7 @@ class MTPLayer(DecoderLayer):
         self.shared_head = SharedHead(cfg)
 
     def forward(  # type: ignore[override]
-        self, h_prev: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self, h_prev: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None
     ) -> tuple[torch.Tensor, torch.Tensor, Routing | None]:
         """h_prev, emb: (B, S', D) -> h^k (B, S', D), shared_head.norm(h^k) for the head, and the Routing.
 
@@ -58,5 +58,5 @@ class MTPLayer(DecoderLayer):
         weights gathered when the norm runs.
         """
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))  # (B, S', D)
-        h, routing = super().forward(x, cos, sin)
+        h, routing = super().forward(x, cos, sin, cache)
         return h, self.shared_head.norm(h), routing
