@@ -108,9 +108,9 @@ def _fractions(indices: torch.Tensor, n_experts: int, shape: tuple[int, ...]) ->
     """f_i = E/(K T) * tokens choosing i, per sequence. indices: (N, K) -> (B, E), with shape = (B, S)."""
     B, S = shape
     K = indices.shape[-1]
-    onehot = torch.zeros(B, S * K, n_experts, device=indices.device)
-    onehot.scatter_(2, indices.view(B, S * K, 1), 1.0)
-    return onehot.sum(dim=1) * n_experts / (K * S)  # (B, E)
+    flat = indices.reshape(B, S * K)
+    counts = torch.zeros(B, n_experts, device=indices.device).scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float32))
+    return counts * n_experts / (K * S)  # (B, E)
 
 
 def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:

@@ -156,6 +156,7 @@ def from_pretrained(
         model = Transformer(cfg)
     model.to(dtype)
     model.to_empty(device=device)
+    model.tie_weights()  # to_empty makes new parameters: share embedding and head again
     persistent = set(model.state_dict())  # parameters and persistent buffers (not RoPE tables, load counts)
     params = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()] if n in persistent}
     loaded: dict[str, set] = {}
@@ -174,8 +175,8 @@ def from_pretrained(
                         unexpected.append(key)
                     continue
                 tgt = _target(cfg, key)
-                if tgt is None:
-                    continue
+                if tgt is None or (cfg.tie_word_embeddings and key == "lm_head.weight"):
+                    continue  # documented duplicates: MTP's copies, a tied head
                 tname, expert = tgt
                 fused = _FUSED.match(tname) if tname not in params else None
                 if tname not in params and not fused:
@@ -397,8 +398,19 @@ def save_pretrained(
         names = [SINGLE]
     else:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for shard, fname in zip(shards, names):
-        _atomic_save(shard, path / fname, cast)
+    # every shard complete under a temporary name first, then all renamed, the index and config last:
+    # a crash leaves the previous checkpoint's files, or the new ones, never a half-written shard
+    tmps = []
+    try:
+        for shard, fname in zip(shards, names):
+            tmp = path / f".{fname}.tmp-{os.getpid()}"
+            write_safetensors(shard, tmp, cast=cast)
+            tmps.append((tmp, path / fname))
+        for tmp, dst in tmps:
+            os.replace(tmp, dst)
+    finally:
+        for tmp, _ in tmps:
+            tmp.unlink(missing_ok=True)
     if len(shards) > 1:
         weight_map = {k: fname for shard, fname in zip(shards, names) for k in shard}
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
@@ -406,8 +418,9 @@ def save_pretrained(
     else:
         (path / INDEX).unlink(missing_ok=True)
     _atomic_write_text(json.dumps(out_cfg, indent=2) + "\n", path / "config.json")
+    ours = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")  # only shards this layout names
     for stale in path.glob("model*.safetensors"):
-        if stale.name not in names:
+        if ours.match(stale.name) and stale.name not in names:
             stale.unlink()
     return path
 

@@ -107,11 +107,15 @@ def _hf_documents(spec: str) -> tuple[list[tuple[str, str]], str]:
 
 def split_documents(docs: list[tuple[str, str]], val_fraction: float) -> tuple[list, list]:
     """Deterministic split by a hash of each document's name; at least one document in each part."""
+    if len(docs) == 1:  # one document: its tail validates, so no text is in both parts
+        name, text = docs[0]
+        cut = int(len(text) * (1 - val_fraction))
+        return [(name, text[:cut])], [(f"{name} (tail)", text[cut:])]
     key = [int(hashlib.md5(n.encode()).hexdigest()[:8], 16) / 2**32 for n, _ in docs]
     val = [d for d, k in zip(docs, key) if k < val_fraction]
     train = [d for d, k in zip(docs, key) if k >= val_fraction]
     if not val or not train:  # tiny corpora: the last document validates
-        train, val = docs[:-1] or docs, docs[-1:]
+        train, val = docs[:-1], docs[-1:]
     return train, val
 
 
@@ -161,11 +165,17 @@ class HFTokenizer:
         return self.tok.decode(ids)
 
     def token_bytes(self) -> torch.Tensor:
+        """(V,) UTF-8 bytes per token. A byte-level BPE token is a string of byte symbols (one character per
+        byte), so its length is exact even for a partial UTF-8 sequence, which decodes to U+FFFD."""
+        from tokenizers import pre_tokenizers
+
         out = torch.zeros(self.vocab_size, dtype=torch.long)
-        specials = {self.eos_id}
+        byte_level = isinstance(self.tok.pre_tokenizer, pre_tokenizers.ByteLevel)
         for i in range(self.vocab_size):
-            if i not in specials:
-                out[i] = len(self.tok.decode([i]).encode("utf-8"))
+            if i == self.eos_id:
+                continue
+            piece = self.tok.id_to_token(i)
+            out[i] = len(piece) if byte_level and piece is not None else len(self.tok.decode([i]).encode("utf-8"))
         return out
 
     def save(self, directory: Path) -> None:

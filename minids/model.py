@@ -75,8 +75,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.model = DecoderStack(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         self.mtp = nn.ModuleList(MTPLayer(cfg, k) for k in range(1, cfg.num_nextn_predict_layers + 1))
         self.rotary = RotaryEmbedding(cfg)
         self.init_weights()
@@ -102,6 +101,11 @@ class Transformer(nn.Module):
                 if m.e_score_correction_bias is not None:
                     m.e_score_correction_bias.zero_()
         self.reset_buffers()
+
+    def tie_weights(self) -> None:
+        """Share the input embedding with the head when the config ties them (again after ``to_empty``)."""
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     def reset_buffers(self) -> None:
         """Recompute the non-persistent buffers (RoPE frequencies, zeroed load counts), e.g. after ``to_empty``."""

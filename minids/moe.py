@@ -195,7 +195,8 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (N, D) -> weights (N, K) float32, indices (N, K), scores (N, E) float32."""
         c = self.cfg
-        logits = F.linear(x.float(), self.weight.float())  # (N, E), router in float32
+        with torch.autocast(x.device.type, enabled=False):  # float32 even inside bf16 autocast
+            logits = F.linear(x.float(), self.weight.float())  # (N, E)
         return route(
             logits, self.e_score_correction_bias, top_k=c.num_experts_per_tok, scoring_func=c.scoring_func,
             topk_method=c.topk_method, n_group=c.n_group, topk_group=c.topk_group,

@@ -59,6 +59,12 @@ class SafetensorsFile:
                 raise ValueError(f"{self.path}: corrupt safetensors entry for {name}") from None
             if self.base + end > size:
                 raise ValueError(f"{self.path}: truncated safetensors file: tensor {name} ends past the end of the file")
+            numel = 1
+            for n_ in shape:
+                numel *= n_
+            if not 0 <= begin <= end or end - begin != numel * dtype.itemsize:
+                raise ValueError(f"{self.path}: corrupt safetensors entry for {name}: offsets {begin}..{end} "
+                                 f"do not hold {shape} of {e['dtype']}")
             self.entries[name] = (dtype, shape, begin, end)
 
     def keys(self) -> list[str]:

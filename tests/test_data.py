@@ -113,7 +113,11 @@ def test_split_documents():
     assert set(t3) == set(train) and set(v3) == set(val)
     # tiny corpora: the last document validates
     assert split_documents(DOCS[:2], 0.02) == (DOCS[:1], DOCS[1:2])
-    assert split_documents(DOCS[:1], 0.5) == (DOCS[:1], DOCS[:1])
+    # one document: its tail validates, so no text is in both parts
+    (name, text), = DOCS[:1]
+    train1, val1 = split_documents(DOCS[:1], 0.5)
+    cut = len(text) // 2
+    assert train1 == [(name, text[:cut])] and val1 == [(f"{name} (tail)", text[cut:])]
 
 
 # ------------------------------------------------------------------------------------------------ tokenizers
