@@ -128,8 +128,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_device(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch has no CUDA GPU available; use --device cpu")
+
+
 def cmd_smoke(args: argparse.Namespace) -> int:
     import torch
+
+    _check_device(args.device)
 
     from minids.config import ModelConfig
     from minids.model import Transformer
@@ -168,13 +177,22 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     from minids.train import TrainConfig, parse_overrides, train
 
-    cfg = TrainConfig.load(args.config, parse_overrides(rest))
+    overrides = parse_overrides(rest)
+    config = args.config
+    if overrides.get("resume") and config is None:  # continue with the run's own settings
+        saved = Path(overrides.get("out_dir", TrainConfig.out_dir)) / "train_config.json"
+        if saved.is_file():
+            config = saved
+            overrides.setdefault("stop_after", None)  # a limit for the first session only
+    cfg = TrainConfig.load(config, overrides)
     result = train(cfg)
     return 130 if result.get("interrupted") else 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
+
+    _check_device(args.device)
 
     from minids.checkpoint import from_pretrained
     from minids.data import ByteTokenizer, load_saved_tokenizer

@@ -132,6 +132,22 @@ class TrainConfig:
         for n in ("seq_len", "batch_size", "grad_accum", "eval_interval", "log_interval", "ckpt_interval"):
             if not isinstance(getattr(self, n), int) or getattr(self, n) < 1:
                 bad(n, "must be a positive integer")
+        for n in ("lr", "min_lr_ratio", "beta1", "beta2", "weight_decay", "grad_clip", "mtp_weight", "mtp_weight_final",
+                  "mtp_switch_fraction", "bias_gamma", "bias_gamma_final", "bias_freeze_fraction", "decay_fraction"):
+            v = getattr(self, n)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                bad(n, "must be a non-negative number")
+        for n in ("warmup_steps", "eval_tokens", "keep_checkpoints", "sample_tokens", "seed"):
+            v = getattr(self, n)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                bad(n, "must be a non-negative integer")
+        for n in ("max_steps", "max_tokens", "stop_after"):
+            v = getattr(self, n)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                bad(n, "must be a positive integer or null")
+        for n in ("model_overrides", "balance"):
+            if not isinstance(getattr(self, n), dict):
+                bad(n, "must be a JSON object, e.g. '{\"num_hidden_layers\": 2}'")
         if self.max_steps is None and not self.max_tokens:
             bad("max_steps", "set max_steps or max_tokens")
         if self.schedule not in ("cosine", "wsd"):
@@ -254,11 +270,14 @@ def save_checkpoint(
                  "world_size": acc.num_processes, **extra}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
         _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in sorted(ckdir.glob("step-*"))[: -cfg.keep_checkpoints]:
+        old = ckdir / f".step-{step:07d}.old"
+        if final.exists():  # a second save at the same step (Ctrl-C right after a periodic save)
             shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+        for stale in sorted(ckdir.glob("step-*"))[: -max(1, cfg.keep_checkpoints)]:
+            shutil.rmtree(stale, ignore_errors=True)
     acc.wait_for_everyone()
     return final
 
@@ -391,7 +410,12 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
 
     on_gpu = torch.cuda.is_available()
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if on_gpu else "fp32")
-    acc = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=not on_gpu)
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # DDP's buffer broadcast would overwrite every rank's token counts with rank 0's; the selection
+    # biases stay identical on all ranks anyway (every rank applies the same all-reduced update)
+    acc = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=not on_gpu,
+                      kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
     device = acc.device
     main = acc.is_main_process
 
@@ -430,6 +454,9 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
             f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
             f"{mcfg.vocab_size}: use a smaller tokenizer or --model_overrides '{{\"vocab_size\": {tokenizer.vocab_size}}}'"
         )
+    if cfg.seq_len < mcfg.num_nextn_predict_layers + 2:
+        raise TrainError(f"seq_len={cfg.seq_len} is too short for {mcfg.num_nextn_predict_layers} MTP layer(s): "
+                         f"use at least {mcfg.num_nextn_predict_layers + 2}")
     if cfg.seq_len > mcfg.max_position_embeddings:
         raise TrainError(
             f"seq_len={cfg.seq_len} exceeds the model's max_position_embeddings={mcfg.max_position_embeddings}"
@@ -457,6 +484,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     if ck is not None:
         state = load_trainer_state(ck, model, optimizer)
         start = state["step"]
+    prepared = fwd_model  # what accelerate gathers state dicts from (torch.compile renames the keys)
     if cfg.compile:
         fwd_model = torch.compile(fwd_model)
 
@@ -470,6 +498,11 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
                 "data": data_desc, "train_tokens": len(data.train), "val_tokens": len(data.val),
                 "parameters": sum(p.numel() for p in model.parameters()), "precision": precision}
         (run / "run_info.json").write_text(json.dumps(info, indent=1) + "\n")
+    if main and ck is not None and (run / "metrics.jsonl").is_file():
+        # steps logged after the checkpoint (a crash) are run again: drop them so each step appears once
+        kept = [line for line in (run / "metrics.jsonl").read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= start]
+        (run / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
     log = open(run / "metrics.jsonl", "a") if main else None
     tb = None
     if main and cfg.tensorboard:
@@ -513,6 +546,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
                 g["lr"] = lr
             kwargs = {"mtp_weight": mtp_weight_at(cfg, step, total), "balance": cfg.balance}
             loss_acc = torch.zeros((), device=device)
+            total_acc = torch.zeros((), device=device)
             batches = []
             for micro in range(cfg.grad_accum):
                 ids = data.train_batch(cfg.batch_size, cfg.seq_len, cfg.seed + 7919 * acc.process_index, step, micro)
@@ -524,19 +558,23 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
                         out = fwd_model(ids, labels=ids, **kwargs)
                         loss = out.loss / cfg.grad_accum
                     acc.backward(loss)
-                except (torch.OutOfMemoryError, RuntimeError) as e:
-                    if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+                except RuntimeError as e:  # torch.OutOfMemoryError (torch >= 2.5) is a RuntimeError
+                    if "out of memory" not in str(e).lower() and "can't allocate memory" not in str(e):
                         raise
                     raise TrainError(
                         f"out of memory on {device} with a micro-batch of {cfg.batch_size} x {cfg.seq_len} tokens: "
                         "lower --batch_size (and raise --grad_accum to keep the batch)"
                     ) from None
                 loss_acc += out.aux["lm_loss"].detach() / cfg.grad_accum
+                total_acc += out.loss.detach() / cfg.grad_accum
+            if acc.num_processes > 1:  # all ranks stop together
+                total_acc = acc.reduce(total_acc, reduction="sum")
             loss_val = loss_acc.item()
-            if not math.isfinite(loss_val):
-                where = first_nonfinite_module(model, batches[0], kwargs)
+            if not math.isfinite(total_acc.item()):
+                # the diagnostic forward needs every rank under FSDP: run it only when alone
+                where = first_nonfinite_module(model, batches[0], kwargs) if acc.num_processes == 1 else None
                 raise TrainError(
-                    f"non-finite loss ({loss_val}) at step {step}; first non-finite output in "
+                    f"non-finite loss ({total_acc.item()}) at step {step}; first non-finite output in "
                     f"{where or 'the loss itself'}; the last good checkpoint is {latest_checkpoint(run) or 'none'}"
                 )
             gnorm = acc.clip_grad_norm_(fwd_model.parameters(), cfg.grad_clip)
@@ -554,8 +592,10 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
                 for k, v in out.aux.items():
                     if k.startswith("balance_"):
                         rec[k] = v.item()
-                if vio is not None:
-                    rec["maxvio_batch"] = vio.mean().item()
+                if vio is not None:  # main MoE layers, as MaxVio_global on validation (MTP routers apart)
+                    rec["maxvio_batch"] = vio[: mcfg.num_moe_layers].mean().item()
+                    if len(vio) > mcfg.num_moe_layers:
+                        rec["maxvio_batch_mtp"] = vio[mcfg.num_moe_layers :].mean().item()
                 emit(rec)
                 t_last, tok_last = now, 0
                 post = {"loss": f"{loss_val:.3f}", "tok/s": f"{rec['tokens_per_s']:.0f}", "lr": f"{lr:.2e}"}
@@ -575,13 +615,13 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
                 flag = torch.tensor(float(interrupted), device=device)
                 interrupted = bool(acc.reduce(flag, reduction="sum").item())
             if step % cfg.ckpt_interval == 0 or step in (total, stop_at):
-                save_checkpoint(run, step, acc, fwd_model, model, optimizer, cfg, {"tokens": step * tokens_per_step}, tokenizer)
+                save_checkpoint(run, step, acc, prepared, model, optimizer, cfg, {"tokens": step * tokens_per_step}, tokenizer)
     finally:
         bar.close()
         if old_handler is not None:
             signal.signal(signal.SIGINT, old_handler)
     if interrupted:
-        ckp = save_checkpoint(run, step, acc, fwd_model, model, optimizer, cfg, {"tokens": step * tokens_per_step}, tokenizer)
+        ckp = save_checkpoint(run, step, acc, prepared, model, optimizer, cfg, {"tokens": step * tokens_per_step}, tokenizer)
         if main:
             print(f"interrupted at step {step}: saved {ckp}; continue with --resume")
         if log is not None:

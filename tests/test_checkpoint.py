@@ -260,3 +260,24 @@ def test_unwritable_output(tmp_path):
     blocker.write_text("x")
     with pytest.raises(CheckpointError, match="cannot create the output directory"):
         minids.save_pretrained(make("tiny-dense"), blocker / "sub")
+
+
+def test_tied_embeddings_stay_tied_through_save_and_load(tmp_path):
+    model = make("tiny-dense", tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    minids.save_pretrained(model, tmp_path)
+    assert "lm_head.weight" not in load_file(tmp_path / "model.safetensors")
+    back = minids.from_pretrained(tmp_path).eval()
+    assert back.lm_head.weight is back.model.embed_tokens.weight
+    same_outputs(model, back, torch.randint(0, 512, (2, 16)))
+
+
+def test_corrupt_offsets_are_rejected(tmp_path):
+    import struct
+
+    header = json.dumps({"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}).encode()
+    (tmp_path / "bad.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(16))
+    from minids.safetensors_io import SafetensorsFile
+
+    with pytest.raises(ValueError, match=r"corrupt safetensors entry for x: offsets 0..8 do not hold \(4,\)"):
+        SafetensorsFile(tmp_path / "bad.safetensors")

@@ -386,3 +386,14 @@ def test_model_to_bf16_keeps_bias_float32_and_values():
     keys = [k for k in sd if k.endswith("e_score_correction_bias")]
     assert keys and all(sd[k].dtype == torch.float32 for k in keys)
     assert any(k.startswith("model.layers.1.mlp.gate.") for k in keys)
+
+
+def test_router_stays_float32_inside_bf16_autocast():
+    cfg = ModelConfig.load("tiny-v3")
+    router = Router(cfg)
+    torch.nn.init.normal_(router.weight, 0, 0.05)
+    x = torch.randn(64, cfg.hidden_size)
+    ref_w, ref_i, ref_s = router(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        w, i, s = router(x)
+    assert s.dtype == torch.float32 and torch.equal(i, ref_i) and torch.equal(w, ref_w) and torch.equal(s, ref_s)
