@@ -85,11 +85,11 @@ def stream(
         last = logits[torch.arange(B, device=device), lens - 1]  # (B, V): each prompt's last real position
         stops = torch.tensor(list(stop_tokens), device=device, dtype=torch.long)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             nxt = sample_next(last, temperature, top_k, top_p, generator)  # (B,)
             yield nxt, finished.clone()
             finished |= torch.isin(nxt, stops)
-            if bool(finished.all()):
+            if step == max_new_tokens - 1 or bool(finished.all()):
                 break
             last = model(nxt[:, None], cache=cache).logits[:, -1]  # (B, V)
     finally:
