@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 import minids
+from minids.train import _git_sha
 
 CFG = {  # ~1.0B parameters with the default width; scaled by --params through the layer count
     "model_type": "deepseek_v3", "vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632,
@@ -170,7 +171,7 @@ def main() -> None:
         "bench": "checkpoint_io",
         "date": time.strftime("%Y-%m-%d"),
         "host": platform.node(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
-        "torch": torch.__version__, "minids": minids.__version__,
+        "torch": torch.__version__, "minids": minids.__version__, "git_sha": _git_sha(),
         "config": cfg, "parameters": n_params, "dtype": args.dtype, "file_bytes": file_bytes,
         "save_s": save_s, "save_GBps": gb / save_s, "raw_write_GBps": gb / raw_w,
         "load_s": child["load_s"], "load_GBps": gb / child["load_s"], "raw_read_GBps": gb / raw_r,

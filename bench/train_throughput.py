@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import minids  # noqa: E402
+from minids.train import _git_sha  # noqa: E402
 
 GPU_CFG = dict(  # the Training issue's reference config (transformers: ~168k tokens/s on an H200)
     vocab_size=32000, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512, num_hidden_layers=8,
@@ -183,7 +184,7 @@ def main() -> None:
         "bench": "train_throughput", "date": time.strftime("%Y-%m-%d"), "device": dev,
         "device_name": torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "minids": minids.__version__, "config": cfg_dict, "parameters": n_params, "activated": counts.activated,
+        "minids": minids.__version__, "git_sha": _git_sha(), "config": cfg_dict, "parameters": n_params, "activated": counts.activated,
         "batch": B, "seq_len": S, "dtype": str(dtype), "steps": steps, "warmup": warmup,
         "train_flops_per_token": train_flops_per_token, "bf16_matmul_tflops": ceiling, "results": results,
     }
