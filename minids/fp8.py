@@ -1,11 +1,33 @@
-"""FP8 block scaling of weights, as in DeepSeek-V3's checkpoints (REFERENCE.md 5.2).
+"""FP8 as DeepSeek-V3 trains with it: fine-grained scaling, the FP8 linear layer, and accumulation precision.
 
-Each FP8 (E4M3) weight W[out, in] carries a float32 ``weight_scale_inv`` of shape
-[ceil(out/128), ceil(in/128)]: the real value of an element is its FP8 value times the scale of its
-128x128 block; edge blocks are partial. The scale of a block is amax(|block|) / 448 (448 = the
-largest finite E4M3 value), so the block's largest element maps to +-448.
+Formats. E4M3 (4 exponent bits, 3 mantissa bits, largest finite value 448) has more precision and
+less range than E5M2 (5 and 2, up to 57344). Earlier FP8 recipes used E4M3 forward and E5M2 for
+gradients; V3 uses E4M3 everywhere, because fine-grained scales leave each group only a narrow range
+to cover (REFERENCE.md 5.1; V3P 3.3.2).
 
-Shapes: O out features, I in features, b block size (128).
+Scales (V3P 3.3.2, REFERENCE.md 5.1): one scale per small group, computed online from the group's
+current max-abs (no history): amax / FP8_MAX maps the group's largest element onto the format's.
+- activations: 1x128 tiles along the last (reduction) dim           ``act_quant``
+- the transposed activations the weight-gradient GEMM reads:
+  128x1 tiles along the token dim                                   ``act_quant_t``
+- weights: 128x128 blocks, partial edge blocks                      ``weight_quant``
+- optional power-of-two scales (UE8M0, DeepSeek-V3.1's ``scale_fmt``): rounded UP to 2^ceil(log2 s),
+  so a group is never scaled past the format's maximum.
+- ``weight_dequant`` is the official checkpoints' ``weight_scale_inv`` semantics (REFERENCE.md 5.2).
+
+FP8 linear (``FP8LinearFunction``, V3P 3.3.1, Fig. 6): all three GEMMs of a linear layer run on FP8
+operands with float32 accumulation: Fprop y = x W^T (x in 1x128 tiles, W in 128x128 blocks), Dgrad
+dx = dy W (dy in 1x128 tiles along the output dim, W in the same blocks), Wgrad dW = dy^T x (both
+re-quantized in 128x1 tiles along the token dim, from the FP8 x cached in forward). Master weights,
+gradients and optimizer state stay in high precision. ``enable_fp8`` switches the layers the report
+lists (every linear of attention and the FFN/experts) and leaves embedding, head, router and norms
+alone. "sim" quantizes and dequantizes around float32 matmuls, so it runs on any device.
+
+Accumulation (V3P 3.3.2, REFERENCE.md 5.1): Hopper's FP8 tensor cores keep only about 14 bits of the
+running sum; V3 copies partial sums to float32 every N_C = 128 elements of K. ``matmul_limited_acc``
+simulates that accumulator, with or without promotion (scripts/fp8_accumulation.py).
+
+Shapes: M tokens, K reduction, N outputs, b block (128).
 """
 
 from __future__ import annotations
@@ -13,38 +35,187 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
-__all__ = ["E4M3_MAX", "weight_dequant", "weight_quant"]
+__all__ = [
+    "E4M3_MAX", "E5M2_MAX", "FP8LinearFunction", "act_dequant", "act_quant", "act_quant_t", "enable_fp8",
+    "fp8_linear", "matmul_limited_acc", "weight_dequant", "weight_quant",
+]
 
 E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+E5M2_MAX = 57344.0  # torch.finfo(torch.float8_e5m2).max
+_FORMATS = {"e4m3": (torch.float8_e4m3fn, E4M3_MAX), "e5m2": (torch.float8_e5m2, E5M2_MAX)}
+_AMAX_FLOOR = 1e-4  # the official act_quant clamps amax to at least 1e-4 (REFERENCE.md 5.3)
 
 
-def _block_view(shape: torch.Size, block: int) -> tuple[int, int]:
-    return math.ceil(shape[0] / block), math.ceil(shape[1] / block)
+def _fmt(fmt: str) -> tuple[torch.dtype, float]:
+    if fmt not in _FORMATS:
+        raise ValueError(f"fmt={fmt!r}: one of {', '.join(_FORMATS)}")
+    return _FORMATS[fmt]
+
+
+def _scale(amax: torch.Tensor, fmax: float, ue8m0: bool) -> torch.Tensor:
+    """amax / fmax, optionally rounded up to a power of two (never under-scaled)."""
+    s = amax.float().clamp(min=_AMAX_FLOOR) / fmax
+    return torch.exp2(torch.ceil(torch.log2(s))) if ue8m0 else s
+
+
+def act_quant(
+    x: torch.Tensor, block: int = 128, fmt: str = "e4m3", ue8m0: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """1 x block tiles along the last dim. x: (..., K) -> fp8 (..., K), scales (..., ceil(K/b)) float32.
+
+    The last tile of a row may be partial (K not a multiple of b): it is scaled by its own amax.
+    """
+    dtype, fmax = _fmt(fmt)
+    K = x.shape[-1]
+    nb = math.ceil(K / block)
+    xf = torch.nn.functional.pad(x.float(), (0, nb * block - K))  # zeros never raise an amax
+    tiles = xf.unflatten(-1, (nb, block))  # (..., nb, b)
+    s = _scale(tiles.abs().amax(dim=-1), fmax, ue8m0)  # (..., nb)
+    q = (tiles / s.unsqueeze(-1)).clamp(-fmax, fmax).to(dtype)  # saturate at the format's max
+    return q.flatten(-2)[..., :K], s
+
+
+def act_dequant(q: torch.Tensor, s: torch.Tensor, block: int = 128, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of ``act_quant``: q (..., K), s (..., ceil(K/b)) -> (..., K)."""
+    K = q.shape[-1]
+    return (q.float() * s.repeat_interleave(block, dim=-1)[..., :K]).to(dtype)
+
+
+def act_quant_t(
+    x: torch.Tensor, block: int = 128, fmt: str = "e4m3", ue8m0: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """block x 1 tiles along the token dim, for the Wgrad GEMM. x: (M, K) -> fp8 x^T (K, M), scales (K, ceil(M/b)).
+
+    The result is laid out transposed (K-major along tokens), as the GEMM that reduces over M reads it.
+    """
+    return act_quant(x.t(), block, fmt, ue8m0)
+
+
+def weight_quant(
+    w: torch.Tensor, block: int = 128, fmt: str = "e4m3", ue8m0: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block x block tiles. w: (O, I) -> (fp8 (O, I), scale_inv (ceil(O/b), ceil(I/b)) float32)."""
+    dtype, fmax = _fmt(fmt)
+    O, I = w.shape
+    bo, bi = math.ceil(O / block), math.ceil(I / block)
+    padded = torch.nn.functional.pad(w.float(), (0, bi * block - I, 0, bo * block - O))  # zero padding
+    blocks = padded.view(bo, block, bi, block)  # (bo, b, bi, b)
+    s = _scale(blocks.abs().amax(dim=(1, 3)), fmax, ue8m0)  # (bo, bi)
+    q = (blocks / s[:, None, :, None]).clamp(-fmax, fmax).to(dtype)
+    return q.view(bo * block, bi * block)[:O, :I].contiguous(), s
 
 
 def weight_dequant(
     w: torch.Tensor, scale_inv: torch.Tensor, block: int = 128, dtype: torch.dtype = torch.bfloat16
 ) -> torch.Tensor:
-    """Reference block dequantization. w: (O, I) fp8, scale_inv: (ceil(O/b), ceil(I/b)) -> (O, I) in dtype."""
-    if w.dim() != 2 or scale_inv.shape != _block_view(w.shape, block):
+    """Block dequantization (the checkpoints' ``weight_scale_inv``). w: (O, I) fp8 -> (O, I) in dtype."""
+    if w.dim() != 2 or scale_inv.shape != (math.ceil(w.shape[0] / block), math.ceil(w.shape[1] / block)):
         raise ValueError(
-            f"scale_inv has shape {tuple(scale_inv.shape)}, expected {_block_view(w.shape, block)} "
-            f"for a weight of shape {tuple(w.shape)} with {block}x{block} blocks"
+            f"scale_inv has shape {tuple(scale_inv.shape)}, expected "
+            f"{(math.ceil(w.shape[0] / block), math.ceil(w.shape[1] / block))} for a weight of shape "
+            f"{tuple(w.shape)} with {block}x{block} blocks"
         )
     O, I = w.shape
     s = scale_inv.float().repeat_interleave(block, 0)[:O].repeat_interleave(block, 1)[:, :I]  # (O, I)
     return (w.float() * s).to(dtype)
 
 
-def weight_quant(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference block quantization to E4M3. w: (O, I) -> (fp8 (O, I), scale_inv (ceil(O/b), ceil(I/b)) fp32)."""
-    O, I = w.shape
-    bo, bi = _block_view(w.shape, block)
-    padded = torch.zeros(bo * block, bi * block, dtype=torch.float32, device=w.device)
-    padded[:O, :I] = w.float()  # zero padding never raises a block's amax
-    blocks = padded.view(bo, block, bi, block)  # (bo, b, bi, b)
-    amax = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12)  # (bo, bi)
-    scale_inv = amax / E4M3_MAX
-    q = (blocks / scale_inv[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    return q.view(bo * block, bi * block)[:O, :I].contiguous(), scale_inv
+class FP8LinearFunction(torch.autograd.Function):
+    """y = x W^T with FP8 operands in all three GEMMs (simulated: quantize, dequantize, float32 matmul)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, block: int = 128) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # (M, K)
+        xq, xs = act_quant(x2, block)  # 1x128 tiles along K
+        wq, ws = weight_quant(weight, block)  # 128x128 blocks
+        y = act_dequant(xq, xs, block) @ weight_dequant(wq, ws, block, torch.float32).t()  # (M, N), fp32 acc
+        ctx.save_for_backward(xq, xs, wq, ws)  # activations cached in FP8, as V3 does
+        ctx.block, ctx.shape, ctx.x_dtype = block, shape, x.dtype
+        out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        return y.to(out_dtype).view(*shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        xq, xs, wq, ws = ctx.saved_tensors
+        b = ctx.block
+        dy2 = dy.reshape(-1, dy.shape[-1]).float()  # (M, N)
+        w = weight_dequant(wq, ws, b, torch.float32)  # (N, K)
+        dyq, dys = act_quant(dy2, b)  # Dgrad: 1x128 tiles along N, the reduction dim here
+        dx = act_dequant(dyq, dys, b) @ w  # (M, K)
+        x = act_dequant(xq, xs, b)  # the cached FP8 activations, re-quantized along tokens for Wgrad
+        dyt_q, dyt_s = act_quant_t(dy2, b)  # (N, M) in 128x1 tiles over M
+        xt_q, xt_s = act_quant_t(x, b)  # (K, M)
+        dw = act_dequant(dyt_q, dyt_s, b) @ act_dequant(xt_q, xt_s, b).t()  # (N, K)
+        return dx.to(ctx.x_dtype).view(ctx.shape), dw, None
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """F.linear(x, weight) through ``FP8LinearFunction`` (no bias: DeepSeek linears have none)."""
+    return FP8LinearFunction.apply(x, weight, block)
+
+
+class FP8Linear(nn.Linear):
+    """An nn.Linear whose forward is ``fp8_linear``; same parameters and names (``enable_fp8`` swaps the class)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.weight)
+
+
+def enable_fp8(model: nn.Module, mode: str = "sim") -> int:
+    """Route every linear of attention and of the dense/shared-expert FFNs through FP8 ("sim"), or back
+    ("off"). Embedding, output head, router, norms and MTP's eh_proj stay in high precision (V3P 3.3.1;
+    eh_proj is BF16 in the checkpoint, REFERENCE.md 5.2). Routed experts (stacked weights) take the
+    FP8 path inside ``moe_experts`` through their module's ``fp8`` flag. Returns the layers switched.
+    """
+    from minids.attention import MHA, MLA
+    from minids.mlp import MLP
+    from minids.moe import DeepSeekMoE
+
+    if mode not in ("off", "sim"):
+        raise ValueError(f"fp8={mode!r}: one of off, sim (real FP8 GEMMs need the Triton kernels of a later issue)")
+    n = 0
+    for m in model.modules():
+        if isinstance(m, (MLA, MHA, MLP)):
+            for lin in m.children():
+                if isinstance(lin, nn.Linear):
+                    lin.__class__ = FP8Linear if mode == "sim" else nn.Linear
+                    n += 1
+        elif isinstance(m, DeepSeekMoE):
+            m.fp8 = mode == "sim"
+            n += 1
+    return n
+
+
+def _truncate(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Keep the top ``bits`` bits of each value's mantissa (the rest is shifted out during alignment)."""
+    m, e = torch.frexp(x)  # x = m * 2^e, 0.5 <= |m| < 1
+    return torch.ldexp(torch.trunc(m * 2.0**bits) / 2.0**bits, e)
+
+
+def matmul_limited_acc(
+    a: torch.Tensor, b: torch.Tensor, acc_bits: int = 14, promote_every: int | None = None, chunk: int = 32
+) -> torch.Tensor:
+    """A (M, K) @ B (K, N) through a limited-precision accumulator.
+
+    Model: each tensor-core instruction sums ``chunk`` products along K (Hopper's FP8 WGMMA takes
+    K = 32 per instruction) and adds them into a running sum that keeps only ``acc_bits`` mantissa
+    bits (the low bits are shifted out when the addends are aligned: truncation). With
+    ``promote_every`` (V3's N_C = 128) the running sum is added into a full-precision accumulator and
+    restarted every that many elements of K. ``chunk=1`` truncates after every single product (a
+    pessimistic bound). Inputs are summed exactly within a chunk (float64); reference speed.
+    """
+    if promote_every and promote_every % chunk:
+        raise ValueError(f"promote_every={promote_every} must be a multiple of chunk={chunk}")
+    a, b = a.double(), b.double()
+    M, K = a.shape
+    out = torch.zeros(M, b.shape[1], dtype=torch.float64, device=a.device)
+    acc = torch.zeros_like(out)
+    for k in range(0, K, chunk):
+        acc = _truncate(acc + a[:, k : k + chunk] @ b[k : k + chunk], acc_bits)
+        if promote_every and (k + chunk) % promote_every == 0:
+            out += acc
+            acc = torch.zeros_like(acc)
+    return out + acc

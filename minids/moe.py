@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minids.config import ModelConfig
+from minids.fp8 import fp8_linear
 from minids.mlp import MLP
 
 __all__ = ["DeepSeekMoE", "Experts", "Router", "Routing", "grouped_mm_available", "moe_experts", "route"]
@@ -123,12 +124,14 @@ def moe_experts(
     w_up: torch.Tensor,
     w_down: torch.Tensor,
     impl: str = "auto",
+    fp8: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The routed part of the MoE layer: sum_k weights[t, k] * FFN_{indices[t, k]}(x[t]).
 
     x: (N, D), weights: (N, K) float32, indices: (N, K), w_gate / w_up: (E, I, D), w_down: (E, D, I).
     impl: "grouped" (torch._grouped_mm), "loop" (per-expert slices) or "auto" (grouped where it runs).
-    Under autocast the GEMMs run in autocast's dtype, as F.linear would.
+    Under autocast the GEMMs run in autocast's dtype, as F.linear would. fp8: every expert GEMM through
+    ``minids.fp8.fp8_linear`` (the simulation; on the per-expert loop).
     Returns (y (N, D) in x.dtype, tokens per expert (E,) int64).
     """
     N, K = indices.shape
@@ -141,6 +144,8 @@ def moe_experts(
     dt = _compute_dtype(x)
     # torch._grouped_mm needs every row stride a multiple of 16 bytes: D and I (fp32: multiples of 4)
     aligned = all(n * dt.itemsize % 16 == 0 for n in (x.shape[-1], w_gate.shape[1]))
+    if fp8:
+        impl = "loop"
     if impl == "auto":
         # under torch.compile the grouped op's shape function accepts only bf16 (torch 2.11-2.13)
         compilable = dt == torch.bfloat16 or not torch.compiler.is_compiling()
@@ -159,7 +164,8 @@ def moe_experts(
         chunks = xs.split(counts.tolist())  # one host sync for all experts
         # unbind, not w[e]: indexing a stacked weight E times makes E full-size gradients in backward
         ws = zip(chunks, w_gate.unbind(0), w_up.unbind(0), w_down.unbind(0))
-        ys = torch.cat([F.linear(F.silu(F.linear(c, g)) * F.linear(c, u), d) for c, g, u, d in ws])  # (P, D)
+        lin = fp8_linear if fp8 else F.linear
+        ys = torch.cat([lin(F.silu(lin(c, g)) * lin(c, u), d) for c, g, u, d in ws])  # (P, D)
     else:
         raise ValueError(f"impl={impl!r}: one of auto, grouped, loop")
     ys = ys.float() * weights.reshape(-1)[order].unsqueeze(-1)  # (P, D) float32
@@ -236,13 +242,14 @@ class DeepSeekMoE(nn.Module):
         self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         self.shared_experts = MLP(cfg.hidden_size, cfg.shared_intermediate_size) if cfg.n_shared_experts else None
         self.impl = "auto"  # "grouped" | "loop" | "auto"; set through Transformer.set_moe_impl
+        self.fp8 = False  # routed expert GEMMs through the FP8 simulation; set by minids.fp8.enable_fp8
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, D)
         weights, indices, scores = self.gate(x)
         e = self.experts
-        y, counts = moe_experts(x, weights, indices, e.gate_proj, e.up_proj, e.down_proj, self.impl)
+        y, counts = moe_experts(x, weights, indices, e.gate_proj, e.up_proj, e.down_proj, self.impl, self.fp8)
         if self.training and self.gate.load_counts is not None:
             with torch.no_grad():
                 self.gate.load_counts.add_(counts)  # on device: no host sync

@@ -92,6 +92,7 @@ class TrainConfig:
     # execution
     precision: str = "auto"  # auto (fp32 on CPU, bf16 autocast on GPU) | fp32 | bf16
     compile: bool = False
+    fp8: str = "off"  # off | sim (DeepSeek-V3's FP8 recipe simulated: minids.fp8)
     moe_impl: str = "auto"
     seed: int = 0
     # evaluation, logging, checkpoints
@@ -154,6 +155,8 @@ class TrainConfig:
             bad("schedule", "one of cosine, wsd")
         if self.precision not in ("auto", "fp32", "bf16"):
             bad("precision", "one of auto, fp32, bf16")
+        if self.fp8 not in ("off", "sim"):
+            bad("fp8", "one of off, sim ('real' FP8 GEMMs need the Triton FP8 kernels, not in minids yet)")
         if not 0 < self.val_fraction < 1:
             bad("val_fraction", "must lie in (0, 1)")
 
@@ -462,6 +465,10 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
             f"seq_len={cfg.seq_len} exceeds the model's max_position_embeddings={mcfg.max_position_embeddings}"
         )
     model.set_moe_impl(cfg.moe_impl)
+    if cfg.fp8 != "off":
+        from minids.fp8 import enable_fp8
+
+        enable_fp8(model, cfg.fp8)
     model.to(device)
     balancer = BiasBalancer(model, gamma=cfg.bias_gamma, rule=cfg.bias_rule)
 
