@@ -1,0 +1,97 @@
+"""FP8 training (simulated) against high precision: the relative loss difference over training.
+
+    python scripts/fp8_vs_bf16.py                 # CPU defaults (fp32 baseline), a few minutes; writes docs/fp8/
+    python scripts/fp8_vs_bf16.py --steps 2000 --batch-size 32 --seq-len 1024 --model small-v3   # a GPU: bf16 baseline
+
+Trains the same model twice with the same seed and data: ``fp8: off`` (fp32 on a CPU, bf16 autocast on
+a GPU) and ``fp8: sim`` (every linear of attention and the FFN/experts through DeepSeek-V3's FP8
+recipe, simulated: minids.fp8). Writes the per-step relative difference |L_fp8 - L_ref| / L_ref of the
+training loss (smoothed) and the final validation losses as markdown, JSON and a PNG, against the
+report's bound: relative loss error below 0.25% (V3P 3.3, App. B.1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from minids.train import TrainConfig, train  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="tiny-v3")
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--out", default="docs/fp8")
+    ap.add_argument("--runs", default="runs/fp8_vs_bf16")
+    args = ap.parse_args()
+    overrides = {"num_hidden_layers": args.layers} if args.layers else {}
+    res, losses = {}, {}
+    for mode in ("off", "sim"):
+        cfg = TrainConfig(
+            model=args.model, model_overrides=overrides, fp8=mode, seq_len=args.seq_len, batch_size=args.batch_size,
+            max_steps=args.steps, max_tokens=None, lr=args.lr, warmup_steps=max(1, args.steps // 10),
+            eval_interval=max(1, args.steps // 4), eval_tokens=32768, ckpt_interval=10**9, keep_checkpoints=1,
+            out_dir=f"{args.runs}/{mode}", sample_tokens=0, plots=False,
+        )
+        print(f"== fp8 {mode}", flush=True)
+        res[mode] = train(cfg)
+        rows = [json.loads(x) for x in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()]
+        losses[mode] = {r["step"]: r["loss"] for r in rows if "loss" in r}
+    steps = sorted(set(losses["off"]) & set(losses["sim"]))
+    rel = [abs(losses["sim"][s] - losses["off"][s]) / losses["off"][s] for s in steps]
+    w = max(1, len(rel) // 10)
+    smooth = [sum(rel[max(0, i - w + 1) : i + 1]) / len(rel[max(0, i - w + 1) : i + 1]) for i in range(len(rel))]
+    tail = rel[len(rel) // 2 :]
+    val_rel = abs(res["sim"]["val_loss"] - res["off"]["val_loss"]) / res["off"]["val_loss"]
+    summary = {
+        "train_loss_rel_diff_mean_second_half": sum(tail) / len(tail),
+        "train_loss_rel_diff_last_smoothed": smooth[-1],
+        "val_loss": {m: res[m]["val_loss"] for m in res}, "val_loss_rel_diff": val_rel,
+        "bound": 0.0025, "args": vars(args),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fp8_vs_bf16.json").write_text(json.dumps({**summary, "steps": steps, "rel": rel}, indent=1) + "\n")
+    md = [
+        f"{args.model}{f' ({args.layers} layers)' if args.layers else ''}, {args.steps} steps x {args.batch_size} x "
+        f"{args.seq_len} tokens, same seed and data; baseline = fp8 off.", "",
+        "| | value |", "|---|---|",
+        f"| relative train-loss difference, mean over the second half | {summary['train_loss_rel_diff_mean_second_half']:.3%} |",
+        f"| same, last {w}-step average | {summary['train_loss_rel_diff_last_smoothed']:.3%} |",
+        f"| validation loss off / sim | {res['off']['val_loss']:.4f} / {res['sim']['val_loss']:.4f} |",
+        f"| relative validation-loss difference | {val_rel:.3%} |",
+        "| V3 report's bound (relative loss error) | 0.25% |",
+    ]
+    (out / "fp8_vs_bf16.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    ax[0].plot(steps, [losses["off"][s] for s in steps], label="fp8 off")
+    ax[0].plot(steps, [losses["sim"][s] for s in steps], label="fp8 sim", alpha=0.8)
+    ax[0].set_xlabel("step")
+    ax[0].set_ylabel("training loss")
+    ax[0].legend()
+    ax[1].plot(steps, [100 * r for r in smooth], label=f"|sim - off| / off, {w}-step average")
+    ax[1].axhline(0.25, color="gray", ls=":", label="V3 report's bound, 0.25%")
+    ax[1].set_xlabel("step")
+    ax[1].set_ylabel("relative loss difference (%)")
+    ax[1].legend()
+    fig.tight_layout()
+    fig.savefig(out / "fp8_vs_bf16.png", dpi=110)
+    print(f"wrote {out}/fp8_vs_bf16.md, .json, .png")
+
+
+if __name__ == "__main__":
+    main()
