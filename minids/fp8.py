@@ -11,8 +11,9 @@ current max-abs (no history): amax / FP8_MAX maps the group's largest element on
 - the transposed activations the weight-gradient GEMM reads:
   128x1 tiles along the token dim                                   ``act_quant_t``
 - weights: 128x128 blocks, partial edge blocks                      ``weight_quant``
-- optional power-of-two scales (UE8M0, DeepSeek-V3.1's ``scale_fmt``): rounded UP to 2^ceil(log2 s),
-  so a group is never scaled past the format's maximum.
+- optional power-of-two scales (UE8M0, DeepSeek-V3.1's ``scale_fmt``): rounded UP to 2^ceil(log2 s)
+  computed in float32 as the official kernel does (within one float32 ulp of amax / FP8_MAX the
+  rounding can land one power low; the clamp then saturates that element at the format's maximum).
 - ``weight_dequant`` is the official checkpoints' ``weight_scale_inv`` semantics (REFERENCE.md 5.2).
 
 FP8 linear (``FP8LinearFunction``, V3P 3.3.1, Fig. 6): all three GEMMs of a linear layer run on FP8
@@ -111,7 +112,9 @@ def weight_dequant(
     w: torch.Tensor, scale_inv: torch.Tensor, block: int = 128, dtype: torch.dtype = torch.bfloat16
 ) -> torch.Tensor:
     """Block dequantization (the checkpoints' ``weight_scale_inv``). w: (O, I) fp8 -> (O, I) in dtype."""
-    if w.dim() != 2 or scale_inv.shape != (math.ceil(w.shape[0] / block), math.ceil(w.shape[1] / block)):
+    if w.dim() != 2:
+        raise ValueError(f"weight_dequant needs a 2-D weight, got shape {tuple(w.shape)}")
+    if scale_inv.shape != (math.ceil(w.shape[0] / block), math.ceil(w.shape[1] / block)):
         raise ValueError(
             f"scale_inv has shape {tuple(scale_inv.shape)}, expected "
             f"{(math.ceil(w.shape[0] / block), math.ceil(w.shape[1] / block))} for a weight of shape "
