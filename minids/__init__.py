@@ -1,7 +1,7 @@
 """minids: a small, exact and fast PyTorch re-implementation of the DeepSeek model family."""
 
 from minids.accounting import count, flops_per_token, kv_cache_elements_per_token
-from minids.attention import MHA, MLA, attention, attention_ref
+from minids.attention import MHA, MLA, attention, attention_ref, mla_attention_absorbed, mla_attention_naive
 from minids.config import ConfigError, ModelConfig, preset_names
 from minids.model import ModelOutput, Transformer, lm_loss
 from minids.moe import DeepSeekMoE, grouped_mm_available, moe_experts, route
@@ -12,7 +12,7 @@ __all__ = [
     "MHA", "MLA", "ConfigError", "DeepSeekMoE", "ModelConfig", "ModelOutput", "RMSNorm", "RotaryEmbedding",
     "Transformer", "apply_rope", "attention", "attention_ref", "count", "flops_per_token", "grouped_mm_available",
     "kv_cache_elements_per_token", "lm_loss", "moe_experts", "preset_names", "rms_norm", "rope_inv_freq", "route",
-    "yarn_correction_range",
+    "yarn_correction_range", "mla_attention_absorbed", "mla_attention_naive",
 ]
 __version__ = "0.1.0"
 
