@@ -170,9 +170,11 @@ def speculative_generate(
         stops = set(stop_tokens)
         done = [t in stops for t in nxt.tolist()]
         drafted = accepted = steps = 0
-        while not all(done or len(t) >= max_new_tokens for t, done in zip(tokens, done)):
+        while not all(d or len(t) >= max_new_tokens for t, d in zip(tokens, done)):
             steps += 1
-            v = model(torch.stack([nxt, draft], dim=1), cache=main)  # verify: 2 positions
+            # finished sequences ride along without advancing their caches (their writes hit the spare slot)
+            active = torch.tensor([not d and len(t) < max_new_tokens for t, d in zip(tokens, done)], device=device)
+            v = model(torch.stack([nxt, draft], dim=1), cache=main, lengths=2 * active.long())  # verify 2 positions
             if greedy:
                 pred = v.logits[:, 0].argmax(-1)
                 ok = pred == draft
@@ -187,11 +189,11 @@ def speculative_generate(
                 resid = torch.where(resid.sum(-1, keepdim=True) > 0, resid, p)
                 fix = torch.multinomial(resid / resid.sum(-1, keepdim=True), 1, generator=generator).squeeze(-1)
             bonus = pick(v.logits[:, 1])
-            main.lengths = main.lengths - (~ok).long()  # roll back a rejected draft
+            main.lengths = main.lengths - (~ok & active).long()  # roll back a rejected draft
             first = torch.where(ok, draft, fix)  # the token after nxt
             new_next = torch.where(ok, bonus, first)
             # MTP sees the main hidden states of the kept positions with the token that follows each
-            q_all = model.mtp_logits(v.hidden, torch.stack([first, bonus], dim=1), mtp, 1 + ok.long())
+            q_all = model.mtp_logits(v.hidden, torch.stack([first, bonus], dim=1), mtp, (1 + ok.long()) * active.long())
             q_logits = q_all[rows, ok.long()]
             draft = pick(q_logits)
             for b in range(B):
@@ -208,5 +210,5 @@ def speculative_generate(
     finally:
         model.train(was_training)
     stats = {"drafted": drafted, "accepted": accepted, "acceptance": accepted / max(drafted, 1),
-             "tokens_per_step": sum(len(t) - 1 for t in tokens) / max(steps * B, 1)}
+             "tokens_per_step": sum(len(t) - 1 for t in tokens) / max(drafted, 1)}  # per active verification
     return tokens, stats

@@ -60,3 +60,16 @@ def test_a_model_without_mtp_cannot_speculate():
     model = tiny(num_nextn_predict_layers=0)
     with pytest.raises(ValueError, match="no MTP module"):
         speculative_generate(model, [[1, 2]], 4)
+
+
+def test_a_finished_sequence_rides_along_without_overflowing_its_cache():
+    # sequence 0 stops at its first token; sequence 1 then decodes 40 more steps: the finished one must
+    # not keep advancing its cache positions (it would run past the allocated length)
+    torch.manual_seed(4)
+    model = tiny(initializer_range=0.08)
+    prompts = [[3, 1, 4, 1, 5], [9, 2, 6]]
+    first = generate(model, prompts[:1], 1)[0][0]
+    plain = generate(model, prompts, 40, stop_tokens=[first])
+    spec, stats = speculative_generate(model, prompts, 40, stop_tokens=[first])
+    assert spec == plain and spec[0] == [first] and len(spec[1]) == 40 or first in spec[1]
+    assert 1 <= stats["tokens_per_step"] <= 2
