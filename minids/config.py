@@ -393,7 +393,8 @@ class ModelConfig:
                     f"hidden_size={self.hidden_size} must be divisible by num_attention_heads (or set head_dim)",
                 )
             if self.mha_head_dim % 2:
-                bad("head_dim", f"RoPE rotates pairs of channels: head dim {self.mha_head_dim} must be even")
+                bad("head_dim", f"RoPE rotates pairs of channels: head dim {self.mha_head_dim} must be even "
+                                f"(unset head_dim means hidden_size / num_attention_heads)")
             if self.num_attention_heads % self.num_kv_heads:
                 bad(
                     "num_key_value_heads",
@@ -456,6 +457,10 @@ class ModelConfig:
             orig = rs.get("original_max_position_embeddings")
             if not (isinstance(orig, int) and orig > 0):
                 bad("rope_scaling", "yarn needs a positive integer 'original_max_position_embeddings'")
+            for key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+                v = rs.get(key, 0)
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    bad("rope_scaling", f"yarn's {key!r} must be a number, got {v!r}")
             if rs.get("beta_fast", 32) <= rs.get("beta_slow", 1):
                 bad("rope_scaling", "yarn needs beta_fast > beta_slow")
 

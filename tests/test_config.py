@@ -253,3 +253,10 @@ def test_unknown_keys_kept_and_only_unrecognised_ones_warned():
         c = ModelConfig.from_dict(tiny(n_routed_expert=16))
     assert c.extra == {"n_routed_expert": 16} and c.n_routed_experts == 8
     assert c.to_dict()["n_routed_expert"] == 16
+
+
+def test_yarn_parameters_must_be_numbers():
+    d = {**ModelConfig.load("tiny-v2").to_dict()}
+    d["rope_scaling"] = {**d["rope_scaling"], "beta_fast": None}
+    with pytest.raises(ConfigError, match=r"rope_scaling=.*yarn's 'beta_fast' must be a number, got None"):
+        ModelConfig.from_dict(d)
