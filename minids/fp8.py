@@ -11,9 +11,9 @@ current max-abs (no history): amax / FP8_MAX maps the group's largest element on
 - the transposed activations the weight-gradient GEMM reads:
   128x1 tiles along the token dim                                   ``act_quant_t``
 - weights: 128x128 blocks, partial edge blocks                      ``weight_quant``
-- optional power-of-two scales (UE8M0, DeepSeek-V3.1's ``scale_fmt``): rounded UP to 2^ceil(log2 s)
-  computed in float32 as the official kernel does (within one float32 ulp of amax / FP8_MAX the
-  rounding can land one power low; the clamp then saturates that element at the format's maximum).
+- optional power-of-two scales (UE8M0, DeepSeek-V3.1's ``scale_fmt``): rounded UP to 2^ceil(log2 s),
+  computed exactly from the float's exponent bits (the official kernel's float32 ceil(log2 s) can land
+  one power low when s is within an ulp above a power of two; the exact form never under-scales).
 - ``weight_dequant`` is the official checkpoints' ``weight_scale_inv`` semantics (REFERENCE.md 5.2).
 
 FP8 linear (``FP8LinearFunction``, V3P 3.3.1, Fig. 6): all three GEMMs of a linear layer run on FP8
@@ -40,7 +40,7 @@ from torch import nn
 
 __all__ = [
     "E4M3_MAX", "E5M2_MAX", "FP8LinearFunction", "act_dequant", "act_quant", "act_quant_t", "enable_fp8",
-    "fp8_linear", "matmul_limited_acc", "weight_dequant", "weight_quant",
+    "fp8_gemm", "fp8_linear", "matmul_limited_acc", "weight_dequant", "weight_quant",
 ]
 
 E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
@@ -58,7 +58,10 @@ def _fmt(fmt: str) -> tuple[torch.dtype, float]:
 def _scale(amax: torch.Tensor, fmax: float, ue8m0: bool) -> torch.Tensor:
     """amax / fmax, optionally rounded up to a power of two (never under-scaled)."""
     s = amax.float().clamp(min=_AMAX_FLOOR) / fmax
-    return torch.exp2(torch.ceil(torch.log2(s))) if ue8m0 else s
+    if not ue8m0:
+        return s
+    m, e = torch.frexp(s)  # s = m * 2^e, 0.5 <= m < 1; s >= 1e-4 / 57344 is a normal float
+    return torch.where(m == 0.5, s, torch.ldexp(torch.ones_like(s), e))  # the exact 2^ceil(log2 s)
 
 
 def act_quant(
@@ -85,19 +88,33 @@ def act_dequant(q: torch.Tensor, s: torch.Tensor, block: int = 128, dtype: torch
 
 
 def act_quant_t(
-    x: torch.Tensor, block: int = 128, fmt: str = "e4m3", ue8m0: bool = False
+    x: torch.Tensor, block: int = 128, fmt: str = "e4m3", ue8m0: bool = False,
+    in_scale: torch.Tensor | None = None, in_block: int = 128,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """block x 1 tiles along the token dim, for the Wgrad GEMM. x: (M, K) -> fp8 x^T (K, M), scales (K, ceil(M/b)).
 
     The result is laid out transposed (K-major along tokens), as the GEMM that reduces over M reads it.
+    With ``in_scale`` (M, ceil(K/in_block)), x is FP8 in 1 x in_block tiles and is dequantized first (the FP8
+    activations cached by the forward, re-quantized along tokens).
     """
+    if in_scale is not None:
+        x = act_dequant(x, in_scale, in_block)
     return act_quant(x.t(), block, fmt, ue8m0)
 
 
+def act_quant_both(
+    x: torch.Tensor, block: int = 128, fmt: str = "e4m3", ue8m0: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``act_quant(x)`` and ``act_quant_t(x)`` of a (M, K) tensor together: (q, s, qt, st). The backward of the
+    FP8 linear needs both quantizations of dy (Dgrad along N, Wgrad along tokens); the kernel reads dy once."""
+    return (*act_quant(x, block, fmt, ue8m0), *act_quant_t(x, block, fmt, ue8m0))
+
+
 def weight_quant(
-    w: torch.Tensor, block: int = 128, fmt: str = "e4m3", ue8m0: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block x block tiles. w: (O, I) -> (fp8 (O, I), scale_inv (ceil(O/b), ceil(I/b)) float32)."""
+    w: torch.Tensor, block: int = 128, fmt: str = "e4m3", ue8m0: bool = False, transposed: bool = False,
+):
+    """Block x block tiles. w: (O, I) -> (fp8 (O, I), scale_inv (ceil(O/b), ceil(I/b)) float32), and with
+    ``transposed=True`` also the FP8 w^T (I, O) third (Dgrad reads W^T with K contiguous; scales scale_inv.t())."""
     dtype, fmax = _fmt(fmt)
     O, I = w.shape
     bo, bi = math.ceil(O / block), math.ceil(I / block)
@@ -105,7 +122,8 @@ def weight_quant(
     blocks = padded.view(bo, block, bi, block)  # (bo, b, bi, b)
     s = _scale(blocks.abs().amax(dim=(1, 3)), fmax, ue8m0)  # (bo, bi)
     q = (blocks / s[:, None, :, None]).clamp(-fmax, fmax).to(dtype)
-    return q.view(bo * block, bi * block)[:O, :I].contiguous(), s
+    q = q.view(bo * block, bi * block)[:O, :I].contiguous()
+    return (q, s, q.t().contiguous()) if transposed else (q, s)
 
 
 def weight_dequant(
@@ -125,23 +143,99 @@ def weight_dequant(
     return (w.float() * s).to(dtype)
 
 
+def _gemm_check(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, block: int):
+    """Validate ``fp8_gemm``'s operands; returns (M, N, K, b_group) with b_group = block (128x128 weight blocks)
+    or 1 (1x128 scales per row of b)."""
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"fp8_gemm needs a (M, K) and b (N, K), got {tuple(a.shape)} and {tuple(b.shape)}")
+    (M, K), N = a.shape, b.shape[0]
+    nk = math.ceil(K / block)
+    if a_s.shape != (M, nk):
+        raise ValueError(f"a_s has shape {tuple(a_s.shape)}, expected {(M, nk)} (1x{block} scales of a {(M, K)})")
+    if b_s.shape == (N, nk):
+        b_group = 1
+    elif b_s.shape == (math.ceil(N / block), nk):
+        b_group = block
+    else:
+        raise ValueError(
+            f"b_s has shape {tuple(b_s.shape)}: expected {(math.ceil(N / block), nk)} ({block}x{block} blocks) "
+            f"or {(N, nk)} (1x{block} tiles) for b of shape {(N, K)}"
+        )
+    return M, N, K, b_group
+
+
+def fp8_gemm(
+    a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16, block: int = 128,
+) -> torch.Tensor:
+    """The block-scaled FP8 GEMM C (M, N) = (a a_s)(b b_s)^T, accumulated in float32 one K block at a time with
+    the scales applied to each block's partial product (V3P 3.3.2's promotion every N_C = 128 elements).
+
+    a: (M, K) FP8 with 1 x b scales a_s (M, ceil(K/b)); b: (N, K) FP8 with either b x b block scales
+    b_s (ceil(N/b), ceil(K/b)) (weights: Fprop, and Dgrad with b = W^T) or 1 x b scales (N, ceil(K/b)) (Wgrad,
+    where both operands are activations quantized along the token dim). Reference for ``minids.kernels.fp8``.
+    """
+    M, N, K, b_group = _gemm_check(a, a_s, b, b_s, block)
+    acc = torch.zeros(M, N, dtype=torch.float32, device=a.device)
+    for i, k0 in enumerate(range(0, K, block)):
+        part = a[:, k0:k0 + block].float() @ b[:, k0:k0 + block].float().t()  # (M, N), exact products of FP8 values
+        sb = b_s[:, i].float()
+        sb = sb if b_group == 1 else sb.repeat_interleave(block)[:N]
+        acc += part * a_s[:, i, None].float() * sb[None, :]
+    return acc.to(out_dtype)
+
+
+def _ops(t: torch.Tensor, use_kernels: bool | None = None):
+    """Where the FP8 work of ``real`` mode runs: ``minids.kernels.fp8`` (Triton) on CUDA, else this module's
+    references (same functions, same signatures); ``use_kernels=True`` forces the kernels (the tests run them
+    through Triton's interpreter on CPU tensors)."""
+    from minids import kernels
+
+    if use_kernels if use_kernels is not None else (kernels.HAVE_TRITON and t.is_cuda):
+        from minids.kernels import fp8 as triton_fp8
+
+        return triton_fp8
+    import minids.fp8 as reference
+
+    return reference
+
+
 class FP8LinearFunction(torch.autograd.Function):
-    """y = x W^T with FP8 operands in all three GEMMs (simulated: quantize, dequantize, float32 matmul)."""
+    """y = x W^T with FP8 operands in all three GEMMs.
+
+    real=False (``sim``): quantize, dequantize, float32 matmul: runs anywhere, exactly the recipe's values.
+    real=True: the block-scaled FP8 GEMM ``fp8_gemm`` for Fprop, Dgrad and Wgrad (the Triton kernels on CUDA,
+    the references elsewhere), quantizing W once per step into W and W^T and dy once into both tilings.
+    Both give the same values up to the order of float32 additions.
+    """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, block: int = 128) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, weight: torch.Tensor, block: int = 128, real: bool = False,
+        use_kernels: bool | None = None,
+    ) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (M, K)
+        out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        ctx.block, ctx.shape, ctx.x_dtype, ctx.w_dtype, ctx.real = block, shape, x.dtype, weight.dtype, real
+        ctx.use_kernels = use_kernels
+        if real:
+            ops = _ops(x2, use_kernels)
+            xq, xs = ops.act_quant(x2, block)  # 1x128 tiles along K
+            wq, ws, wqt = ops.weight_quant(weight, block, transposed=True)  # 128x128 blocks, W and W^T
+            y = ops.fp8_gemm(xq, xs, wq, ws, out_dtype, block)  # (M, N)
+            ctx.save_for_backward(xq, xs, wqt, ws)
+            return y.view(*shape[:-1], weight.shape[0])
         xq, xs = act_quant(x2, block)  # 1x128 tiles along K
         wq, ws = weight_quant(weight, block)  # 128x128 blocks
         y = act_dequant(xq, xs, block) @ weight_dequant(wq, ws, block, torch.float32).t()  # (M, N), fp32 acc
         ctx.save_for_backward(xq, xs, wq, ws)  # activations cached in FP8, as V3 does
-        ctx.block, ctx.shape, ctx.x_dtype = block, shape, x.dtype
-        out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         return y.to(out_dtype).view(*shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
+        if ctx.real:
+            return FP8LinearFunction._backward_real(ctx, dy)
         xq, xs, wq, ws = ctx.saved_tensors
         b = ctx.block
         dy2 = dy.reshape(-1, dy.shape[-1]).float()  # (M, N)
@@ -152,24 +246,42 @@ class FP8LinearFunction(torch.autograd.Function):
         dyt_q, dyt_s = act_quant_t(dy2, b)  # (N, M) in 128x1 tiles over M
         xt_q, xt_s = act_quant_t(x, b)  # (K, M)
         dw = act_dequant(dyt_q, dyt_s, b) @ act_dequant(xt_q, xt_s, b).t()  # (N, K)
-        return dx.to(ctx.x_dtype).view(ctx.shape), dw, None
+        return dx.to(ctx.x_dtype).view(ctx.shape), dw, None, None, None
+
+    @staticmethod
+    def _backward_real(ctx, dy: torch.Tensor):
+        xq, xs, wqt, ws = ctx.saved_tensors
+        b = ctx.block
+        dy2 = dy.reshape(-1, dy.shape[-1])  # (M, N)
+        ops = _ops(dy2, ctx.use_kernels)
+        dyq, dys, dyt_q, dyt_s = ops.act_quant_both(dy2, b)  # 1x128 along N (Dgrad), 128x1 along M (Wgrad)
+        dx = ops.fp8_gemm(dyq, dys, wqt, ws.t().contiguous(), ctx.x_dtype, b)  # (M, K) = dy W
+        xt_q, xt_s = ops.act_quant_t(xq, b, in_scale=xs, in_block=b)  # cached FP8 x, re-quantized along M
+        dw = ops.fp8_gemm(dyt_q, dyt_s, xt_q, xt_s, torch.float32, b)  # (N, K) = dy^T x, 1x128 scales both sides
+        return dx.view(ctx.shape), dw.to(ctx.w_dtype), None, None, None
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, block: int = 128) -> torch.Tensor:
-    """F.linear(x, weight) through ``FP8LinearFunction`` (no bias: DeepSeek linears have none)."""
-    return FP8LinearFunction.apply(x, weight, block)
+def fp8_linear(
+    x: torch.Tensor, weight: torch.Tensor, block: int = 128, real: bool = False, use_kernels: bool | None = None,
+) -> torch.Tensor:
+    """F.linear(x, weight) through ``FP8LinearFunction`` (no bias: DeepSeek linears have none). real: FP8 GEMMs
+    (Triton kernels where they run, unless ``use_kernels`` says otherwise) instead of the simulation."""
+    return FP8LinearFunction.apply(x, weight, block, real, use_kernels)
 
 
 class FP8Linear(nn.Linear):
-    """An nn.Linear whose forward is ``fp8_linear``; same parameters and names (``enable_fp8`` swaps the class)."""
+    """An nn.Linear whose forward is ``fp8_linear``; same parameters and names (``enable_fp8`` swaps the class
+    and sets ``fp8_mode``)."""
+
+    fp8_mode = "sim"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight)
+        return fp8_linear(x, self.weight, real=self.fp8_mode == "real")
 
 
 def enable_fp8(model: nn.Module, mode: str = "sim") -> int:
-    """Route every linear of attention and of the dense/shared-expert FFNs through FP8 ("sim"), or back
-    ("off"). Embedding, output head, router, norms and MTP's eh_proj stay in high precision (V3P 3.3.1;
+    """Route every linear of attention and of the dense/shared-expert FFNs through FP8 ("sim": simulated;
+    "real": FP8 GEMMs, the Triton kernels on CUDA), or back ("off"). Embedding, output head, router, norms and MTP's eh_proj stay in high precision (V3P 3.3.1;
     eh_proj is BF16 in the checkpoint, REFERENCE.md 5.2). Routed experts (stacked weights) take the
     FP8 path inside ``moe_experts`` through their module's ``fp8`` flag. Returns the layers switched.
     """
@@ -177,17 +289,19 @@ def enable_fp8(model: nn.Module, mode: str = "sim") -> int:
     from minids.mlp import MLP
     from minids.moe import DeepSeekMoE
 
-    if mode not in ("off", "sim"):
-        raise ValueError(f"fp8={mode!r}: one of off, sim (real FP8 GEMMs need the Triton kernels of a later issue)")
+    if mode not in ("off", "sim", "real"):
+        raise ValueError(f"fp8={mode!r}: one of off, sim, real")
     n = 0
     for m in model.modules():
         if isinstance(m, (MLA, MHA, MLP)):
             for lin in m.children():
                 if isinstance(lin, nn.Linear):
-                    lin.__class__ = FP8Linear if mode == "sim" else nn.Linear
+                    lin.__class__ = nn.Linear if mode == "off" else FP8Linear
+                    if mode != "off":
+                        lin.fp8_mode = mode
                     n += 1
         elif isinstance(m, DeepSeekMoE):
-            m.fp8 = mode == "sim"
+            m.fp8 = False if mode == "off" else mode
             n += 1
     return n
 

@@ -92,7 +92,7 @@ class TrainConfig:
     # execution
     precision: str = "auto"  # auto (fp32 on CPU, bf16 autocast on GPU) | fp32 | bf16
     compile: bool = False
-    fp8: str = "off"  # off | sim (DeepSeek-V3's FP8 recipe simulated: minids.fp8)
+    fp8: str = "off"  # off | sim (DeepSeek-V3's FP8 recipe simulated) | real (FP8 GEMMs: Triton on CUDA; minids.fp8)
     moe_impl: str = "auto"
     seed: int = 0
     # evaluation, logging, checkpoints
@@ -155,8 +155,8 @@ class TrainConfig:
             bad("schedule", "one of cosine, wsd")
         if self.precision not in ("auto", "fp32", "bf16"):
             bad("precision", "one of auto, fp32, bf16")
-        if self.fp8 not in ("off", "sim"):
-            bad("fp8", "one of off, sim ('real' FP8 GEMMs need the Triton FP8 kernels, not in minids yet)")
+        if self.fp8 not in ("off", "sim", "real"):
+            bad("fp8", "one of off, sim, real")
         if not 0 < self.val_fraction < 1:
             bad("val_fraction", "must lie in (0, 1)")
 
