@@ -32,7 +32,6 @@ from __future__ import annotations
 import math
 
 import torch
-
 from minids.kernels import HAVE_TRITON, INTERPRET
 
 __all__ = ["act_quant", "act_quant_both", "act_quant_t", "fp8_gemm", "weight_dequant", "weight_quant"]
@@ -208,7 +207,7 @@ def _buf(out, i: int, shape, dtype: torch.dtype, device) -> torch.Tensor:
 
 def _flags(fmt: str, ue8m0: bool) -> dict:
     _, fmax, mbits, emin = _fmt(fmt)
-    return dict(FMAX=fmax, MBITS=mbits, EMIN=emin, UE8M0=bool(ue8m0), EXACT=INTERPRET)
+    return {"FMAX": fmax, "MBITS": mbits, "EMIN": emin, "UE8M0": bool(ue8m0), "EXACT": INTERPRET}
 
 
 def act_quant(

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from minids.kernels import HAVE_TRITON
 
 import minids.fp8 as ref
-from minids.kernels import HAVE_TRITON
 
 pytestmark = pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed (pip install triton)")
 
