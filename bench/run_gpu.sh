@@ -2,6 +2,8 @@
 # One device call: GPU parity tests, then the benchmarks. Results land in $OUT (copied to bench/results/).
 set -uo pipefail
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
+# from a source tree (no pip install), kernels/ becomes minids.kernels through a link, as the install maps it
+[[ -e minids/kernels ]] || ln -s ../kernels minids/kernels
 OUT="${OUT:-bench/results}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
@@ -35,4 +37,27 @@ print(sys.argv[1], "steps logged:", len(steps), "unique:", len(set(steps)), "fir
 PY
     ls $run/checkpoints/*
   done
+fi
+
+if [[ $what == kernels ]]; then
+  # the kernel issues in one call: GPU parity tests, then each benchmark (QUICK=1 for the reduced sweeps);
+  # every result file goes into one archive (the device tool returns at most 8 files)
+  res=/tmp/minids-results; rm -rf $res; mkdir -p $res
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+  fi
+  q=${QUICK:+--quick}
+  if [[ -z ${SKIP_TESTS:-} ]]; then
+    for t in ${TESTS:-tests/test_kernels_fp8.py tests/test_kernels_mla.py tests/test_kernels_rmsnorm.py tests/test_kernels_moe.py tests/test_gpu.py tests/test_gpu_decode.py}; do
+      echo "== $t"
+      timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider --tb=line -rf $t > $res/test.log 2>&1
+      grep -E "^(FAILED|ERROR)|passed|failed|Error:|error:|assert" $res/test.log | cut -c1-300 | head -n 25
+      cat $res/test.log >> $res/gpu_kernel_tests.log
+    done
+  fi
+  for b in ${BENCHES:-fp8 mla_decode rmsnorm moe decode}; do
+    extra=""; [[ $b == decode && -d runs/mtp3m-ckpt ]] && extra="--ckpt runs/mtp3m-ckpt"; [[ $b == fp8 ]] && extra="${FP8_ARGS:-}"
+    timeout ${BENCH_TIMEOUT:-300} python3 bench/$b.py --out $res $q $extra 2>&1 | grep -v -e "Loading weights" | tee $res/$b.log
+  done
+  tar czf "$OUT/kernels.tgz" -C $res .
 fi

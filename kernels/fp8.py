@@ -21,17 +21,21 @@ accumulator (V3P 3.3.2's promotion every N_C = 128). Tails in M, N and K are mas
 Autotuning is keyed on (M bucket, N, K): the official kernel keys on (N, K) alone, so the first M it
 sees picks the tiles for every other M. Small M uses narrow tiles and split-K so that all 132 SMs work.
 
-Exactness under the interpreter: Triton's interpreter rounds float32 -> FP8 without carrying into the
-exponent (127.8 becomes 64 in E4M3), so when ``INTERPRET`` is set the kernels first round to the FP8
-grid with float32 bit arithmetic (round to nearest even, the hardware's rounding) and then convert an
-exactly representable value. On the GPU the native conversion is used.
+Exact rounding: the kernels round to the FP8 grid with float32 bit arithmetic (round to nearest even) and
+then convert a value the format represents exactly. Neither of Triton's own float32 -> FP8 conversions is
+the correctly rounded one: the interpreter's drops the carry into the exponent (127.8 becomes 64 in
+E4M3), and on the H200 (Triton 3.6) one element in a few hundred landed one FP8 step away from torch's
+conversion whenever the scale was not a power of two (consistent with rounding twice, through float16),
+while power-of-two (UE8M0) scales, whose quotients have few bits, matched exactly.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
+
 from minids.kernels import HAVE_TRITON, INTERPRET
 
 __all__ = ["act_quant", "act_quant_both", "act_quant_t", "fp8_gemm", "weight_dequant", "weight_quant"]
@@ -207,7 +211,7 @@ def _buf(out, i: int, shape, dtype: torch.dtype, device) -> torch.Tensor:
 
 def _flags(fmt: str, ue8m0: bool) -> dict:
     _, fmax, mbits, emin = _fmt(fmt)
-    return {"FMAX": fmax, "MBITS": mbits, "EMIN": emin, "UE8M0": bool(ue8m0), "EXACT": INTERPRET}
+    return {"FMAX": fmax, "MBITS": mbits, "EMIN": emin, "UE8M0": bool(ue8m0), "EXACT": True}
 
 
 def act_quant(
@@ -347,9 +351,19 @@ if HAVE_TRITON:
         stride_am, stride_bn, stride_cs, stride_cm, stride_asm, stride_bsn,
         B_GROUP: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        INPLACE: tl.constexpr,
     ):
         """C[s, m, n] = sum over this split's K steps of (A[m, k-step] . B[n, k-step]) * a_s[m, step] * b_s[n', step]
-        with n' = n // B_GROUP (128: weight blocks; 1: per-row 1x128 scales). M_BUCKET only keys the autotuner."""
+        with n' = n // B_GROUP (128: weight blocks; 1: per-row 1x128 scales). M_BUCKET only keys the autotuner.
+
+        Two ways to apply the scales (a config choice):
+        INPLACE=False  acc += dot(a, b) * scale: the partial product needs a second (BLOCK_M, BLOCK_N) register tile;
+        INPLACE=True   the accumulator is kept in units of the current step's scale and rescaled before the tensor
+                       cores accumulate into it: acc = dot(a, b, acc * prev_scale / scale); no second tile, so larger
+                       tiles fit in registers. The final scale is applied once at the end.
+        When a BLOCK_N tile lies inside one 128-wide weight block (B_GROUP >= BLOCK_N), b's scale is one scalar per
+        step, and the per-element work is one multiply-add instead of an outer product and a multiply-add.
+        """
         pid, pid_k = tl.program_id(0), tl.program_id(1)
         num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
         # grouped order: GROUP_M row-tiles share each column tile while it is in L2
@@ -372,8 +386,17 @@ if HAVE_TRITON:
         a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + (k_lo * BLOCK_K + offs_k)[None, :]
         b_ptrs = b_ptr + offs_n.to(tl.int64)[:, None] * stride_bn + (k_lo * BLOCK_K + offs_k)[None, :]
         as_ptrs = as_ptr + offs_m * stride_asm + k_lo
-        bs_ptrs = bs_ptr + (offs_n // B_GROUP) * stride_bsn + k_lo
+        SCALAR_B: tl.constexpr = B_GROUP >= BLOCK_N
+        if SCALAR_B:
+            bs_ptrs = bs_ptr + ((pid_n * BLOCK_N) // B_GROUP) * stride_bsn + k_lo
+        else:
+            bs_ptrs = bs_ptr + (offs_n // B_GROUP) * stride_bsn + k_lo
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        prev_a = tl.full((BLOCK_M,), 1.0, tl.float32)
+        if SCALAR_B:
+            prev_b = 1.0
+        else:
+            prev_b = tl.full((BLOCK_N,), 1.0, tl.float32)
         for kb in range(k_lo, k_hi):
             if EVEN_K:
                 a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
@@ -382,23 +405,56 @@ if HAVE_TRITON:
                 mask_k = kb * BLOCK_K + offs_k < K
                 a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
                 b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-            a_s = tl.load(as_ptrs, mask=mask_m, other=0.0)
-            b_s = tl.load(bs_ptrs, mask=mask_n, other=0.0)
-            acc += tl.dot(a, tl.trans(b)) * (a_s[:, None] * b_s[None, :])  # promote every 128 K (V3P 3.3.2)
+            a_s = tl.load(as_ptrs, mask=mask_m, other=1.0)  # masked rows: a harmless scale (their a is 0)
+            if SCALAR_B:
+                b_s = tl.load(bs_ptrs)
+            else:
+                b_s = tl.load(bs_ptrs, mask=mask_n, other=1.0)
+            if INPLACE:
+                if SCALAR_B:
+                    acc = tl.dot(a, tl.trans(b), acc * ((prev_a / a_s) * (prev_b / b_s))[:, None])
+                else:
+                    acc = tl.dot(a, tl.trans(b), acc * (prev_a / a_s)[:, None] * (prev_b / b_s)[None, :])
+                prev_a = a_s
+                prev_b = b_s
+            else:
+                if SCALAR_B:
+                    acc += tl.dot(a, tl.trans(b)) * (a_s * b_s)[:, None]  # promote every 128 K (V3P 3.3.2)
+                else:
+                    acc += tl.dot(a, tl.trans(b)) * (a_s[:, None] * b_s[None, :])
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
             as_ptrs += 1
             bs_ptrs += 1
+        if INPLACE:
+            if SCALAR_B:
+                acc = acc * (prev_a * prev_b)[:, None]
+            else:
+                acc = acc * prev_a[:, None] * prev_b[None, :]
         c_ptrs = c_ptr + pid_k * stride_cs + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
+    @triton.jit
+    def _sum_splits_kernel(ws_ptr, c_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+        """c = sum over the split-K partials ws (SPLIT_K, M*N) float32, cast to c's dtype: one pass."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < MN
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for i in tl.static_range(SPLIT_K):
+            acc += tl.load(ws_ptr + i * MN + offs, mask=mask, other=0.0)
+        tl.store(c_ptr + offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
     def _gemm_configs():
         cfg = []
-        for bm, bn, w, s in [
-            (128, 128, 8, 4), (128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 4, 4), (128, 64, 4, 4),  # large M
-            (64, 64, 4, 4), (64, 128, 4, 4), (64, 128, 4, 6), (64, 256, 4, 4), (64, 32, 4, 6),  # M <= 128
+        for bm, bn, w, s, inplace in [
+            # large M. Shared memory per stage is (BM + BN) * 128 bytes; 96 KB or less lets two CTAs share an SM,
+            # so one CTA's scaling arithmetic overlaps the other's tensor-core work.
+            (128, 128, 8, 4, False), (128, 128, 8, 3, False), (128, 128, 4, 3, False), (128, 128, 8, 3, True),
+            (128, 256, 8, 3, True), (256, 128, 8, 3, True), (128, 64, 4, 4, False),
+            # M <= 128: one 64-row tile in M, narrow in N, split K
+            (64, 64, 4, 4, False), (64, 128, 4, 4, False), (64, 128, 4, 3, True), (64, 256, 4, 3, True),
         ]:
-            cfg.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": 8},
+            cfg.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": 8, "INPLACE": inplace},
                                      num_warps=w, num_stages=s))
         return cfg
 
@@ -416,14 +472,25 @@ if HAVE_TRITON:
     )(_fp8_gemm_kernel)
 
 
+AUTOTUNE = os.environ.get("MINIDS_AUTOTUNE", "1") != "0"  # 0: one heuristic config per shape (fast test runs)
+
+
+def _heuristic_config(M: int) -> dict:
+    if M <= 128:
+        return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "INPLACE": False, "num_warps": 4,
+                "num_stages": 4}
+    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "INPLACE": False, "num_warps": 8,
+            "num_stages": 3}
+
+
 def _m_bucket(M: int) -> int:
     """Autotuning key for M: the next power of two (at least 16, at most 8192)."""
     return min(8192, max(16, 1 << (M - 1).bit_length()))
 
 
 def _split_k(M: int, N: int, nk: int, sms: int = 132) -> int:
-    """Split the K loop when the output has too few tiles to fill the GPU (small M): aim for ~one wave, keeping
-    at least 4 K steps (512 of K) per split."""
+    """Split the K loop when the output has too few tiles to fill the GPU (small M): aim for about one wave of
+    (64 x 128) tiles, keeping at least 4 K steps (512 of K) per split."""
     if M > 256:
         return 1
     tiles = math.ceil(M / 64) * math.ceil(N / 128)
@@ -457,22 +524,27 @@ def fp8_gemm(
         split = 2 if nk >= 2 else 1
         c = res[None] if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=a.device)
         grid = (triton.cdiv(M, 32) * triton.cdiv(N, 32), split)
+        grid = (triton.cdiv(M, 32) * triton.cdiv(N, 32), split)
         _fp8_gemm_kernel[grid](
             a, b, c, a_s, b_s, M, N, K, _m_bucket(M), a.stride(0), b.stride(0), c.stride(0), c.stride(1),
             a_s.stride(0), b_s.stride(0), B_GROUP=b_group, SPLIT_K=split, EVEN_K=even_k,
-            BLOCK_M=32, BLOCK_N=32, BLOCK_K=block, GROUP_M=4,
+            BLOCK_M=32, BLOCK_N=32, BLOCK_K=block, GROUP_M=4, INPLACE=M % 2 == 1,  # odd M: the in-place form
         )
     else:
         split = _split_k(M, N, nk, torch.cuda.get_device_properties(a.device).multi_processor_count)
         c = res[None] if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=a.device)
 
-        def grid(meta):
-            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split)
+        args = (a, b, c, a_s, b_s, M, N, K, _m_bucket(M), a.stride(0), b.stride(0), c.stride(0), c.stride(1),
+                a_s.stride(0), b_s.stride(0))
+        if AUTOTUNE:
+            def grid(meta):
+                return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split)
 
-        _fp8_gemm_tuned[grid](
-            a, b, c, a_s, b_s, M, N, K, _m_bucket(M), a.stride(0), b.stride(0), c.stride(0), c.stride(1),
-            a_s.stride(0), b_s.stride(0), B_GROUP=b_group, SPLIT_K=split, EVEN_K=even_k,
-        )
+            _fp8_gemm_tuned[grid](*args, B_GROUP=b_group, SPLIT_K=split, EVEN_K=even_k)
+        else:
+            cfg = _heuristic_config(M)
+            grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
+            _fp8_gemm_kernel[grid](*args, B_GROUP=b_group, SPLIT_K=split, EVEN_K=even_k, **cfg)
     if split > 1:
-        res.copy_(c.sum(0))
+        _sum_splits_kernel[(triton.cdiv(M * N, 1024),)](c, res, M * N, SPLIT_K=split, BLOCK=1024, num_warps=4)
     return res

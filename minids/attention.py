@@ -27,6 +27,7 @@ from minids.rope import apply_rope
 
 __all__ = [
     "MHA", "MLA", "attention", "attention_ref", "masked_attention", "mla_attention_absorbed", "mla_attention_naive",
+    "mla_decode_ref",
 ]
 
 
@@ -102,6 +103,81 @@ def mla_attention_absorbed(
     return torch.einsum("bshc,hdc->bshd", o_lat, w_uv).to(q_nope.dtype)  # (B, S, H, Dv)
 
 
+def mla_decode_ref(
+    q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens: torch.Tensor, head_dim_v: int, scale: float, *,
+    causal: bool = True, block_table: torch.Tensor | None = None, pe_cache: torch.Tensor | None = None,
+    num_splits: int | None = None, out: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention over the latent cache in the absorbed form, in float32 (the spec of ``minids.kernels.mla_decode``).
+
+    The interface follows FlashMLA's ``flash_mla_with_kvcache``. Every head attends with the query
+    q = [W_UK^T q_nope; q_pe] (C + R wide) to the single shared latent key [c_kv; k_pe] of each cached token,
+    and the value is the latent c_kv itself (its first C = head_dim_v columns); W_UV is applied by the caller.
+
+    q: (B, s_q, H, C + R) the absorbed queries of the s_q new tokens of each sequence.
+    kv_cache: contiguous (B, T, C + R), or paged (num_pages, page_size, C + R) with ``block_table``;
+        with ``pe_cache`` it holds only the latents, (B, T, C) or (num_pages, page_size, C), and
+        pe_cache the RoPE'd keys, (B, T, R) or (num_pages, page_size, R) (the two tensors of ``KVCache``).
+    cache_seqlens: (B,) int tokens of each sequence in the cache, the s_q new ones included.
+    head_dim_v: C, the latent width (kv_lora_rank).
+    scale: the softmax scale (``ModelConfig.softmax_scale``).
+    causal: query i of s_q sees cache positions t < len - s_q + 1 + i (the new tokens are the last s_q
+        entries); otherwise every query sees t < len.
+    block_table: (B, max_pages) int32: page p of sequence b is kv_cache[block_table[b, p]]; entries past a
+        sequence's last page are never read (they may hold anything).
+    num_splits: a scheduling hint of the kernel (how many pieces the cache is cut into); the result does
+        not depend on it, and the reference ignores it.
+    out: optional preallocated (out, lse) to write the result into (and return).
+    Returns out (B, s_q, H, C) in q.dtype and lse (B, H, s_q) float32, the natural-log sum of exp of the
+    scaled scores. A query that sees no token gets out = 0 and lse = -inf.
+    """
+    B, s_q, _, D = q.shape
+    C = head_dim_v
+    if block_table is not None:
+        page = kv_cache.shape[1]
+        n_pages = block_table.shape[1]
+        need = (cache_seqlens.long() + page - 1) // page  # (B,) pages each sequence uses
+        used = torch.arange(n_pages, device=q.device)[None, :] < need[:, None]
+        idx = torch.where(used, block_table.long(), 0)  # (B, P): never index with an unused entry
+        kv = kv_cache[idx].flatten(1, 2)  # (B, P * page, C + R) or (B, P * page, C)
+        pe = pe_cache[idx].flatten(1, 2) if pe_cache is not None else None  # (B, P * page, R)
+    else:
+        kv, pe = kv_cache, pe_cache
+    if pe is not None:
+        kv = torch.cat([kv[..., :C], pe], dim=-1)  # (B, T, C + R)
+    T = kv.shape[1]
+    lens = cache_seqlens.long().to(q.device)
+    stored = torch.arange(T, device=q.device)[None, :] < lens[:, None]  # (B, T)
+    kv = torch.where(stored[..., None], kv.float(), 0.0)  # slots past a length may hold anything, NaN included
+    scores = torch.einsum("bshd,btd->bhst", q.float(), kv[..., :D]) * scale  # (B, H, s_q, T)
+    limit = lens[:, None] - (s_q - 1 - torch.arange(s_q, device=q.device))[None, :] if causal \
+        else lens[:, None].expand(B, s_q)  # (B, s_q): query i sees t < limit[b, i]
+    visible = torch.arange(T, device=q.device)[None, None, :] < limit[:, :, None]  # (B, s_q, T)
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # (B, H, s_q); -inf where nothing is visible
+    probs = torch.exp(scores - torch.where(lse.isinf(), 0.0, lse)[..., None])  # (B, H, s_q, T); 0 where masked
+    o = torch.einsum("bhst,btc->bshc", probs, kv[..., :C]).to(q.dtype)  # (B, s_q, H, C)
+    if out is not None:
+        out[0].copy_(o)
+        out[1].copy_(lse)
+        return out
+    return o, lse
+
+
+def _mla_kernel_wanted(impl: str, t: torch.Tensor) -> bool:
+    """Whether the cache's mla_impl sends decoding to ``minids.kernels.mla_decode``: "triton" always (an error
+    where it cannot run), "auto" for bf16/fp16 caches on CUDA when Triton is installed (the kernel's fp32 mode
+    is for exactness, not speed); the CPU keeps the torch path."""
+    if impl not in ("auto", "triton"):
+        return False
+    from minids.kernels import HAVE_TRITON, runs_here
+
+    if impl == "triton" and not runs_here(t):
+        raise ValueError("mla_impl='triton' needs Triton and CUDA tensors (or TRITON_INTERPRET=1 on the CPU); "
+                         "use mla_impl='absorbed' or 'auto'")
+    return HAVE_TRITON and (impl == "triton" or (t.is_cuda and t.dtype in (torch.bfloat16, torch.float16)))
+
+
 class MLA(nn.Module):
     """Multi-head Latent Attention, naive (training) form. x: (B, S, D) -> (B, S, D)."""
 
@@ -137,8 +213,27 @@ class MLA(nn.Module):
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.dr], dim=-1)  # (B,S,C), (B,S,R)
         return self.kv_a_layernorm(c_kv), k_pe
 
+    def _decode_kernel(
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, wkv_b: torch.Tensor,
+        seqlens: torch.Tensor,
+    ) -> torch.Tensor:
+        """The absorbed form through the Triton kernel, reading the cache's c_kv (B, T, C) and k_pe (B, T, R) in place.
+
+        seqlens (B,) = cache lengths + S: query j of sequence b sees slots t < lengths[b] + j + 1, which is
+        ``KVCache.mask`` for every real token (padding tokens' outputs are discarded by the caller).
+        -> (B, S, H, Dv).
+        """
+        from minids.kernels.mla_decode import mla_decode
+
+        w_uk, w_uv = wkv_b[:, : self.dn], wkv_b[:, self.dn :]  # (H, Dn, C), (H, Dv, C)
+        q_lat = torch.einsum("bshd,hdc->bshc", q_nope, w_uk.to(q_nope.dtype))  # (B, S, H, C)
+        q = torch.cat([q_lat, q_pe], dim=-1).to(c_kv.dtype)  # (B, S, H, C + R)
+        o_lat, _ = mla_decode(q, c_kv, seqlens, self.kv_lora_rank, self.softmax_scale, causal=True, pe_cache=k_pe)
+        return torch.einsum("bshc,hdc->bshd", o_lat, w_uv.to(o_lat.dtype)).to(q_nope.dtype)  # (B, S, H, Dv)
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None, layer: int = 0) -> torch.Tensor:
-        """x: (B, S, D) -> (B, S, D). With a ``KVCache``: decode over the cached latents (absorbed or naive)."""
+        """x: (B, S, D) -> (B, S, D). With a ``KVCache``: decode over the cached latents (absorbed, naive or the
+        Triton kernel, by ``cache.mla_impl``)."""
         B, S, _ = x.shape
         q = self.project_q(x)
         q_nope, q_pe = q.split([self.dn, self.dr], dim=-1)  # (B, S, H, Dn), (B, S, H, R)
@@ -148,8 +243,11 @@ class MLA(nn.Module):
         if cache is not None:
             c = cache.write(layer, c_kv, k_pe.squeeze(2))  # the cache keeps only c_kv and the RoPE'd k_pe
             wkv_b = self.kv_b_proj.weight.view(self.n_heads, self.dn + self.dv, self.kv_lora_rank)  # (H, Dn+Dv, C)
-            fn = mla_attention_absorbed if cache.mla_impl == "absorbed" else mla_attention_naive
-            o = fn(q_nope, q_pe, c.a, c.b, wkv_b, cache.step_mask, self.softmax_scale)  # (B, S, H, Dv)
+            if _mla_kernel_wanted(cache.mla_impl, c.a):
+                o = self._decode_kernel(q_nope, q_pe, c.a, c.b, wkv_b, cache.lengths + S)  # (B, S, H, Dv)
+            else:
+                fn = mla_attention_naive if cache.mla_impl == "naive" else mla_attention_absorbed
+                o = fn(q_nope, q_pe, c.a, c.b, wkv_b, cache.step_mask, self.softmax_scale)  # (B, S, H, Dv)
             return self.o_proj(o.reshape(B, S, self.n_heads * self.dv))
         kv = self.kv_b_proj(c_kv).unflatten(-1, (self.n_heads, self.dn + self.dv))  # (B, S, H, Dn + Dv)
         k_nope, v = kv.split([self.dn, self.dv], dim=-1)  # (B, S, H, Dn), (B, S, H, Dv)

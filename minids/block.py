@@ -38,8 +38,8 @@ class DecoderLayer(nn.Module):
 
         cache: a ``minids.cache.KVCache`` to decode with (this layer's slot is its layer index).
         """
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, self.layer_idx)
-        h = self.post_attention_layernorm(x)
+        a = self.self_attn(self.input_layernorm(x), cos, sin, cache, self.layer_idx)
+        h, x = self.post_attention_layernorm.add_forward(a, x)  # x <- x + a, h = RMSNorm(x), fused where it runs
         if self.is_moe:
             y, routing = self.mlp(h)
             return x + y, routing

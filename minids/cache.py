@@ -40,20 +40,22 @@ class KVCache:
     layers: list[LayerCache]
     lengths: torch.Tensor  # (B,) int64 tokens stored per sequence
     max_len: int
-    mla_impl: str = "absorbed"  # "absorbed" (attention in latent space) or "naive" (expand the latent each step)
+    # "absorbed" (attention in latent space, torch), "naive" (expand the latent each step), "triton" (the absorbed
+    # form through minids.kernels.mla_decode), "auto" (triton for bf16/fp16 on CUDA with Triton, else absorbed)
+    mla_impl: str = "auto"
     first_layer: int = 0  # layer index of layers[0] (the MTP layers get a cache of their own)
     new_lens: torch.Tensor | None = field(default=None, repr=False)  # (B,) valid new tokens of the current step
 
     @classmethod
     def allocate(
         cls, cfg: ModelConfig, batch: int, max_len: int, *, dtype: torch.dtype = torch.float32,
-        device: str | torch.device = "cpu", mla_impl: str = "absorbed", mtp: bool = False,
+        device: str | torch.device = "cpu", mla_impl: str = "auto", mtp: bool = False,
     ) -> KVCache:
         """The main model's layers, or with ``mtp=True`` the MTP layers' (layer indices L .. L+D-1)."""
         if max_len > cfg.max_position_embeddings:
             raise ValueError(f"cache of {max_len} tokens exceeds max_position_embeddings={cfg.max_position_embeddings}")
-        if mla_impl not in ("absorbed", "naive"):
-            raise ValueError(f"mla_impl={mla_impl!r}: one of absorbed, naive")
+        if mla_impl not in ("auto", "absorbed", "naive", "triton"):
+            raise ValueError(f"mla_impl={mla_impl!r}: one of auto, absorbed, naive, triton")
         n = cfg.num_nextn_predict_layers if mtp else cfg.num_hidden_layers
         if n == 0:
             raise ValueError("the config has no MTP layers (num_nextn_predict_layers=0)")

@@ -65,6 +65,13 @@ def _scale(amax: torch.Tensor, fmax: float, ue8m0: bool) -> torch.Tensor:
     return torch.where(m == 0.5, s, torch.ldexp(torch.ones_like(s), e))  # the exact 2^ceil(log2 s)
 
 
+def _div(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x / s correctly rounded to float32 on every device: CUDA's float32 tensor division is not always the
+    IEEE-rounded quotient, which the Triton kernels compute (div_rn); a float64 quotient rounded to float32 is
+    (53 >= 2 * 24 + 2 bits: no double-rounding error)."""
+    return (x.double() / s.double()).float()
+
+
 def act_quant(
     x: torch.Tensor, block: int = 128, fmt: str = "e4m3", ue8m0: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,7 +85,7 @@ def act_quant(
     xf = torch.nn.functional.pad(x.float(), (0, nb * block - K))  # zeros never raise an amax
     tiles = xf.unflatten(-1, (nb, block))  # (..., nb, b)
     s = _scale(tiles.abs().amax(dim=-1), fmax, ue8m0)  # (..., nb)
-    q = (tiles / s.unsqueeze(-1)).clamp(-fmax, fmax).to(dtype)  # saturate at the format's max
+    q = _div(tiles, s.unsqueeze(-1)).clamp(-fmax, fmax).to(dtype)  # saturate at the format's max
     return q.flatten(-2)[..., :K], s
 
 
@@ -122,7 +129,7 @@ def weight_quant(
     padded = torch.nn.functional.pad(w.float(), (0, bi * block - I, 0, bo * block - O))  # zero padding
     blocks = padded.view(bo, block, bi, block)  # (bo, b, bi, b)
     s = _scale(blocks.abs().amax(dim=(1, 3)), fmax, ue8m0)  # (bo, bi)
-    q = (blocks / s[:, None, :, None]).clamp(-fmax, fmax).to(dtype)
+    q = _div(blocks, s[:, None, :, None]).clamp(-fmax, fmax).to(dtype)
     q = q.view(bo * block, bi * block)[:O, :I].contiguous()
     return (q, s, q.t().contiguous()) if transposed else (q, s)
 

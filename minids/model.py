@@ -137,11 +137,19 @@ class Transformer(nn.Module):
         return self.lm_head(h_normed)  # (B, S, V)
 
     def set_moe_impl(self, impl: str) -> None:
-        """Route every MoE layer through "grouped" (torch._grouped_mm), "loop" or "auto"."""
-        if impl not in ("auto", "grouped", "loop"):
-            raise ValueError(f"moe impl {impl!r}: one of auto, grouped, loop")
+        """Route every MoE layer through "grouped" (torch._grouped_mm), "loop", "triton" (minids.kernels) or "auto"."""
+        if impl not in ("auto", "grouped", "loop", "triton"):
+            raise ValueError(f"moe impl {impl!r}: one of auto, grouped, loop, triton")
         for m in self.modules():
             if isinstance(m, DeepSeekMoE):
+                m.impl = impl
+
+    def set_norm_impl(self, impl: str) -> None:
+        """Run every RMSNorm as "torch" (the reference), "triton" (minids.kernels.rmsnorm) or "auto" (Triton on CUDA)."""
+        if impl not in ("auto", "torch", "triton"):
+            raise ValueError(f"norm impl {impl!r}: one of auto, torch, triton")
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
                 m.impl = impl
 
     def forward(

@@ -26,6 +26,8 @@ P = N*K (token, expert) pairs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +37,10 @@ from minids.config import ModelConfig
 from minids.fp8 import fp8_linear
 from minids.mlp import MLP
 
-__all__ = ["DeepSeekMoE", "Experts", "Router", "Routing", "grouped_mm_available", "moe_experts", "route"]
+__all__ = [
+    "DeepSeekMoE", "Experts", "MoEAlignment", "Router", "Routing", "grouped_mm_available", "moe_align", "moe_experts",
+    "route",
+]
 
 
 def route(
@@ -77,6 +82,51 @@ def route(
     if norm_topk_prob:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     return weights * routed_scaling_factor, indices, scores
+
+
+class MoEAlignment(NamedTuple):
+    """The (token, expert) pairs in expert order, each expert's rows padded to a multiple of ``block_m``.
+
+    Pair p = t * K + k is token t's k-th choice. Padded rows hold pair -1. Every size is fixed by (P, E, block_m)
+    alone (P_pad = P + E * (block_m - 1) rounded up to block_m), so nothing needs the counts on the host.
+    """
+
+    sorted_pair: torch.Tensor  # (P_pad,) int32: the pair at each padded row, -1 for padding
+    block_expert: torch.Tensor  # (P_pad / block_m,) int32: the expert of each row block, -1 past the last one
+    pair_row: torch.Tensor  # (P,) int32: the padded row of each pair (the inverse of sorted_pair)
+    expert_start: torch.Tensor  # (E + 1,) int32: first padded row of each expert; [E] = rows in use
+    counts: torch.Tensor  # (E,) int64: pairs per expert
+
+
+def moe_align(indices: torch.Tensor, n_experts: int, block_m: int) -> MoEAlignment:
+    """Sort the (token, expert) pairs of indices: (N, K) by expert and pad each expert to a multiple of block_m.
+
+    All on the device, with no host synchronisation and shapes that depend only on (N, K, E, block_m), so it can be
+    captured in a CUDA graph. This is what the Triton grouped GEMMs (``minids.kernels.moe``) iterate over: row
+    block b belongs to expert block_expert[b], and its rows gather tokens sorted_pair // K.
+    """
+    N, K = indices.shape
+    P, E, dev = N * K, n_experts, indices.device
+    n_blocks = (P + E * (block_m - 1) + block_m - 1) // block_m
+    flat = indices.reshape(-1)  # (P,)
+    order = flat.argsort(stable=True)  # (P,): pairs sorted by expert
+    counts = torch.zeros(E, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))  # (E,)
+    padded = (counts + block_m - 1) // block_m * block_m  # (E,)
+    end = padded.cumsum(0)  # (E,): one past each expert's last padded row
+    start = end - padded  # (E,)
+    first = counts.cumsum(0) - counts  # (E,): first sorted pair of each expert
+    expert_of = flat[order]  # (P,): expert of each sorted pair
+    rank = torch.arange(P, device=dev) - first[expert_of]  # (P,): position inside its expert
+    row = start[expert_of] + rank  # (P,): padded row of each sorted pair
+    sorted_pair = torch.full((n_blocks * block_m,), -1, dtype=torch.int32, device=dev)
+    sorted_pair[row] = order.to(torch.int32)  # (P_pad,)
+    pair_row = torch.empty(P, dtype=torch.int32, device=dev)
+    pair_row[order] = row.to(torch.int32)  # (P,)
+    block_start = torch.arange(n_blocks, device=dev) * block_m  # (n_blocks,)
+    block_expert = torch.searchsorted(end, block_start, right=True)  # (n_blocks,): E past the last expert
+    block_expert = torch.where(block_expert < E, block_expert, -1).to(torch.int32)
+    expert_start = torch.cat([start, end[-1:]]).to(torch.int32)  # (E + 1,)
+    return MoEAlignment(sorted_pair, block_expert, pair_row, expert_start, counts)
 
 
 _GROUPED_OK: dict[tuple[str, torch.dtype], bool] = {}
@@ -124,16 +174,26 @@ def moe_experts(
     w_up: torch.Tensor,
     w_down: torch.Tensor,
     impl: str = "auto",
-    fp8: bool = False,
+    fp8: bool | str = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The routed part of the MoE layer: sum_k weights[t, k] * FFN_{indices[t, k]}(x[t]).
 
     x: (N, D), weights: (N, K) float32, indices: (N, K), w_gate / w_up: (E, I, D), w_down: (E, D, I).
-    impl: "grouped" (torch._grouped_mm), "loop" (per-expert slices) or "auto" (grouped where it runs).
+    impl: "grouped" (torch._grouped_mm), "loop" (per-expert slices), "triton" (``minids.kernels.moe``: gathered
+    grouped GEMMs with fused SwiGLU and combine, its own backward) or "auto" (triton on CUDA where Triton is
+    installed and not under torch.compile, else grouped where it runs, else loop).
     Under autocast the GEMMs run in autocast's dtype, as F.linear would. fp8: every expert GEMM through
-    ``minids.fp8.fp8_linear`` (the simulation; on the per-expert loop).
+    ``minids.fp8.fp8_linear`` on the per-expert loop: True or "sim" simulated, "real" FP8 GEMMs.
     Returns (y (N, D) in x.dtype, tokens per expert (E,) int64).
     """
+    if impl == "auto" and x.is_cuda and not fp8 and not torch.compiler.is_compiling():
+        from minids.kernels import HAVE_TRITON
+
+        impl = "triton" if HAVE_TRITON else "auto"
+    if impl == "triton" and not fp8:  # fp8 runs on the per-expert loop, whatever impl says
+        from minids.kernels.moe import moe_experts as moe_experts_triton
+
+        return moe_experts_triton(x, weights, indices, w_gate, w_up, w_down)
     N, K = indices.shape
     E = w_gate.shape[0]
     flat = indices.reshape(-1)  # (P,)
@@ -164,10 +224,10 @@ def moe_experts(
         chunks = xs.split(counts.tolist())  # one host sync for all experts
         # unbind, not w[e]: indexing a stacked weight E times makes E full-size gradients in backward
         ws = zip(chunks, w_gate.unbind(0), w_up.unbind(0), w_down.unbind(0))
-        lin = fp8_linear if fp8 else F.linear
+        lin = partial(fp8_linear, real=fp8 == "real") if fp8 else F.linear
         ys = torch.cat([lin(F.silu(lin(c, g)) * lin(c, u), d) for c, g, u, d in ws])  # (P, D)
     else:
-        raise ValueError(f"impl={impl!r}: one of auto, grouped, loop")
+        raise ValueError(f"impl={impl!r}: one of auto, grouped, loop, triton")
     ys = ys.float() * weights.reshape(-1)[order].unsqueeze(-1)  # (P, D) float32
     y = torch.zeros(N, x.shape[-1], dtype=torch.float32, device=x.device).index_add_(0, token, ys)  # (N, D)
     return y.to(x.dtype), counts
@@ -241,8 +301,8 @@ class DeepSeekMoE(nn.Module):
         self.gate = Router(cfg)
         self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         self.shared_experts = MLP(cfg.hidden_size, cfg.shared_intermediate_size) if cfg.n_shared_experts else None
-        self.impl = "auto"  # "grouped" | "loop" | "auto"; set through Transformer.set_moe_impl
-        self.fp8 = False  # routed expert GEMMs through the FP8 simulation; set by minids.fp8.enable_fp8
+        self.impl = "auto"  # "grouped" | "loop" | "triton" | "auto"; set through Transformer.set_moe_impl
+        self.fp8: bool | str = False  # routed expert GEMMs through FP8 ("sim" or "real"); set by enable_fp8
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         shape = x.shape

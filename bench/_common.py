@@ -1,0 +1,73 @@
+"""Shared pieces of the kernel benchmarks (bench/rmsnorm.py, bench/moe.py): run metadata, the two hardware ceilings
+measured in the same process, a median timer, and the JSON + markdown writer.
+
+Ceilings (METHOD.md): bandwidth from a device-to-device copy of 2 GiB (bytes read + bytes written), compute from an
+8192^3 bf16 torch.matmul. Both are timed with triton.testing.do_bench (CUDA events, median, warm-up first).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def metadata() -> dict:
+    import triton
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
+                             cwd=Path(__file__).resolve().parent).stdout.strip()
+    except OSError:
+        sha = ""
+    return {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_sha": sha,
+    }
+
+
+def median_ms(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) -> float:
+    """Median milliseconds of fn() over CUDA events (triton.testing.do_bench, L2 not flushed: rotate inputs)."""
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def copy_bandwidth_gbs(n_bytes: int = 2 << 30) -> float:
+    """Device-to-device copy of n_bytes: (read + written) bytes / median time, in GB/s."""
+    src = torch.empty(n_bytes // 2, dtype=torch.bfloat16, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src))
+    return 2 * n_bytes / ms / 1e6
+
+
+def matmul_tflops(n: int = 8192) -> float:
+    """bf16 n^3 torch.matmul on random data: 2 n^3 / median time, in TFLOP/s."""
+    a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    ms = median_ms(lambda: a @ b)
+    return 2 * n**3 / ms / 1e9
+
+
+def write_results(out: Path, name: str, meta: dict, rows: list[dict], columns: list[str], notes: str) -> str:
+    """Write out/name.json and out/name.md; return the markdown table."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        cells = []
+        for c in columns:
+            v = r.get(c, "")
+            cells.append(f"{v:.3g}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    head = ", ".join(f"{k}: {v}" for k, v in meta.items() if not isinstance(v, (dict, list)))
+    (out / f"{name}.md").write_text(f"# {name}\n\n{head}\n\n{table}\n\n{notes}\n")
+    return table

@@ -1,0 +1,231 @@
+"""Benchmark: MLA decoding over the latent cache (minids.kernels.mla_decode) against the torch forms, on a GPU.
+
+    python3 bench/mla_decode.py --out bench/results            # full sweep (< 4 min on an H200)
+    python3 bench/mla_decode.py --out /tmp/mla --quick         # a reduced sweep (< 1.5 min)
+
+Shapes: DeepSeek-V3's latent (C=512, R=64) with batch 32 and 128, 16 and 128 heads, mean cache length 1K,
+4K and 16K, fixed or variable lengths (normal(mean, mean/2) clipped to [s_q, 2 * mean], as FlashMLA's
+tests draw them), s_q 1 and 2 (MTP verification); small-v3's latent (C=256, R=32, 16 heads); and the paged
+layout (64-token pages, shuffled) at the 4K V3 shapes. All bf16, causal.
+
+Counting, as FlashMLA counts: bytes = the cache read once (sum of lengths * (C + R)) + queries + outputs;
+FLOPs = 2 * s_q * sum(len) * H * ((C + R) + C). Both are divided by the median time and set against the
+ceilings measured in the same process (a 2 GiB device copy, read + written; an 8192^3 bf16 matmul).
+The kernel is timed as a CUDA graph of the launch (triton.testing.do_bench_cudagraph: the Python launch
+overhead of a ~10 us kernel would otherwise be timed too); small inputs are rotated among copies that
+together exceed the 50 MB L2. The peers (one line when one fails or is skipped) are timed with CUDA
+events: ``mla_decode_ref`` (the float32 reference, same signature), and the model-level forms
+``mla_attention_absorbed`` and ``mla_attention_naive`` (these include the W_UK / W_UV projections, V3's
+Dn = Dv = 128, and the naive form expands every latent to per-head keys and values: skipped where that
+would take more than 12 GB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import copy_bandwidth_gbs, matmul_tflops, median_ms, metadata, write_results
+from minids.kernels import mla_decode as mla_mod
+from minids.kernels.mla_decode import mla_decode
+
+from minids.attention import mla_attention_absorbed, mla_attention_naive, mla_decode_ref
+
+PAGE = 64
+PEER_LIMIT = 12e9  # bytes of temporaries a peer may take before it is skipped
+
+
+def lengths(B: int, mean: int, var: bool, s_q: int, gen: torch.Generator) -> torch.Tensor:
+    if not var:
+        return torch.full((B,), mean, dtype=torch.int32)
+    x = torch.normal(float(mean), mean / 2, (B,), generator=gen)
+    return x.clamp(s_q, 2 * mean).round().to(torch.int32)
+
+
+def make_inputs(B, s_q, H, C, R, lens, paged, gen):
+    """Random bf16 queries and caches; a list of copies to rotate through when one copy fits in L2."""
+    T = -(-int(lens.max()) // PAGE) * PAGE
+    one = B * T * (C + R) * 2
+    copies = max(1, min(8, math.ceil(256e6 / one)))
+    sets = []
+    for _ in range(copies):
+        q = torch.randn(B, s_q, H, C + R, device="cuda", dtype=torch.bfloat16)
+        if paged:
+            n_pages = B * (T // PAGE)
+            kv = torch.randn(n_pages, PAGE, C + R, device="cuda", dtype=torch.bfloat16)
+            table = torch.randperm(n_pages, device="cuda").view(B, T // PAGE).to(torch.int32)
+        else:
+            kv = torch.randn(B, T, C + R, device="cuda", dtype=torch.bfloat16)
+            table = None
+        sets.append((q, kv, table))
+    return sets
+
+
+def rotating(sets, call):
+    state = {"i": 0}
+
+    def fn():
+        s = sets[state["i"] % len(sets)]
+        state["i"] += 1
+        return call(*s)
+
+    return fn
+
+
+def time_kernel(sets, seqlens, C, scale):
+    fn = rotating(sets, lambda q, kv, table: mla_decode(q, kv, seqlens, C, scale, causal=True, block_table=table))
+    for _ in range(len(sets)):
+        fn()  # compile and autotune outside the graph
+    torch.cuda.synchronize()
+    from triton.testing import do_bench_cudagraph
+
+    return float(do_bench_cudagraph(fn, rep=50, return_mode="median"))
+
+
+def peer_times(sets, seqlens, B, s_q, H, C, R, scale, Dn, Dv) -> dict[str, float | str]:
+    """Median ms of each peer, or a short reason it was not timed."""
+    q, kv, _ = sets[0]
+    T = kv.shape[1]
+    res: dict[str, float | str] = {}
+    t = torch.arange(T, device="cuda")
+    limit = seqlens.long()[:, None] - (s_q - 1 - torch.arange(s_q, device="cuda"))[None, :]  # (B, s_q)
+    mask = (t[None, None, :] < limit[:, :, None]).unsqueeze(1)  # (B, 1, s_q, T)
+    q_nope = torch.randn(B, s_q, H, Dn, device="cuda", dtype=torch.bfloat16)
+    q_pe = q[..., C:]
+    c_kv, k_pe = kv[..., :C], kv[..., C:]
+    wkv_b = torch.randn(H, Dn + Dv, C, device="cuda", dtype=torch.bfloat16) * C**-0.5
+    fp32_scores = B * H * s_q * T * 4 * 3
+    need = {
+        "ref_fp32": B * T * (C + R) * 4 * 2 + fp32_scores,
+        "absorbed": B * T * (C + R) * 4 + fp32_scores,
+        "naive": B * T * H * (Dn + Dv) * 4 * 2 + fp32_scores,
+    }
+    calls = {
+        "ref_fp32": lambda: mla_decode_ref(q, kv, seqlens, C, scale, causal=True),
+        "absorbed": lambda: mla_attention_absorbed(q_nope, q_pe, c_kv, k_pe, wkv_b, mask, scale),
+        "naive": lambda: mla_attention_naive(q_nope, q_pe, c_kv, k_pe, wkv_b, mask, scale),
+    }
+    for name, call in calls.items():
+        if need[name] > PEER_LIMIT:
+            res[name] = f"skipped (~{need[name] / 1e9:.0f} GB of temporaries)"
+            print(f"  {name}: skipped, it would take ~{need[name] / 1e9:.0f} GB of temporaries")
+            continue
+        try:
+            res[name] = median_ms(call, warmup_ms=5, rep_ms=40)
+        except Exception as e:  # noqa: BLE001 (a failing peer is one line; the sweep goes on)
+            res[name] = f"failed: {type(e).__name__}"
+            print(f"  {name}: failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+        torch.cuda.empty_cache()
+    return res
+
+
+def _shape(cfg: str, C: int, R: int, B: int, H: int, mean: int, var: bool, s_q: int, paged: bool) -> dict:
+    return {"cfg": cfg, "C": C, "R": R, "B": B, "H": H, "mean": mean, "var": var, "s_q": s_q, "paged": paged}
+
+
+def shapes(quick: bool) -> list[dict]:
+    out = []
+    if quick:
+        for H in (16, 128):
+            for s_q in (1, 2):
+                out.append(_shape("V3", 512, 64, 128, H, 4096, False, s_q, False))
+        out.append(_shape("V3", 512, 64, 32, 16, 4096, True, 1, True))
+        out.append(_shape("small", 256, 32, 128, 16, 4096, False, 1, False))
+        return out
+    for B in (32, 128):
+        for H in (16, 128):
+            for mean in (1024, 4096, 16384):
+                for var in (False, True):
+                    for s_q in (1, 2):
+                        out.append(_shape("V3", 512, 64, B, H, mean, var, s_q, False))
+                        if mean == 4096:
+                            out.append(_shape("V3", 512, 64, B, H, mean, var, s_q, True))
+    for B in (32, 128):
+        for mean in (1024, 4096, 16384):
+            for s_q in (1, 2):
+                out.append(_shape("small", 256, 32, B, 16, mean, True, s_q, False))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    ap.add_argument("--quick", action="store_true", help="a reduced sweep")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("bench/mla_decode.py needs a CUDA GPU")
+        return 1
+    t0 = time.time()
+    meta = metadata()
+    meta["copy_GBps"] = copy_bw = copy_bandwidth_gbs()
+    meta["matmul_TFLOPs"] = mm = matmul_tflops()
+    meta["sms"] = torch.cuda.get_device_properties(0).multi_processor_count
+    print(f"{meta['device']}: copy {copy_bw:.0f} GB/s, bf16 matmul {mm:.0f} TFLOP/s")
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for sh in shapes(args.quick):
+        B, H, C, R, s_q = sh["B"], sh["H"], sh["C"], sh["R"], sh["s_q"]
+        Dn = Dv = 128 if sh["cfg"] == "V3" else 64
+        scale = (Dn + R) ** -0.5
+        lens = lengths(B, sh["mean"], sh["var"], s_q, gen)
+        seqlens = lens.cuda()
+        tokens = int(lens.sum())
+        label = (f"{sh['cfg']} B={B} H={H} len={sh['mean']}{'~' if sh['var'] else ''} s_q={s_q}"
+                 f"{' paged' if sh['paged'] else ''}")
+        row = {"shape": label, **sh, "tokens": tokens}
+        try:
+            sets = make_inputs(B, s_q, H, C, R, lens, sh["paged"], gen)
+            ms = time_kernel(sets, seqlens, C, scale)
+        except Exception as e:  # noqa: BLE001 (one line, and the sweep goes on)
+            print(f"{label}: kernel failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+            row["kernel_ms"] = f"failed: {type(e).__name__}"
+            rows.append(row)
+            continue
+        n_bytes = (tokens * (C + R) + B * s_q * H * (C + R) + B * s_q * H * C) * 2
+        flops = 2 * s_q * tokens * H * ((C + R) + C)
+        row.update(kernel_ms=ms, GBps=n_bytes / ms / 1e6, TFLOPs=flops / ms / 1e9)
+        row["frac_copy"] = row["GBps"] / copy_bw
+        row["frac_matmul"] = row["TFLOPs"] / mm
+        row["bound"] = "memory" if H * s_q <= 32 else "compute"
+        rows_m = s_q * H
+        block_m = 16 if rows_m <= 16 else 32 if rows_m <= 32 else 64
+        T = sets[0][1].shape[1] if not sh["paged"] else sets[0][2].shape[1] * PAGE
+        row["num_splits"] = mla_mod.pick_num_splits(B, -(-rows_m // block_m), rows_m, T, C, R, 2, meta["sms"])
+        tuner = mla_mod._TUNED.get(block_m)
+        if tuner is not None and getattr(tuner, "best_config", None) is not None:
+            bc = tuner.best_config
+            row["config"] = f"M{block_m} N{bc.kwargs['BLOCK_N']} w{bc.num_warps} s{bc.num_stages}"
+        if not sh["paged"]:
+            for name, v in peer_times(sets, seqlens, B, s_q, H, C, R, scale, Dn, Dv).items():
+                row[f"{name}_ms"] = v
+                if isinstance(v, float):
+                    row[f"speedup_vs_{name}"] = v / ms
+        del sets
+        torch.cuda.empty_cache()
+        rows.append(row)
+        print(f"{label}: {ms * 1e3:.1f} us  {row['GBps']:.0f} GB/s ({row['frac_copy']:.0%} of copy)  "
+              f"{row['TFLOPs']:.0f} TFLOP/s ({row['frac_matmul']:.0%} of matmul)  splits={row['num_splits']} "
+              f"{row.get('config', '')}", flush=True)
+    meta["wall_s"] = round(time.time() - t0, 1)
+    columns = ["shape", "bound", "kernel_ms", "GBps", "frac_copy", "TFLOPs", "frac_matmul", "num_splits", "config",
+               "ref_fp32_ms", "absorbed_ms", "naive_ms", "speedup_vs_absorbed"]
+    notes = (
+        "Targets (issue #10): memory-bound rows (H * s_q <= 32) at >= 80% of the copy rate; H=128 rows at >= 300 "
+        "TFLOP/s. kernel_ms is a CUDA-graph replay of one launch (split kernel + combine when num_splits > 1); "
+        "peers are eager torch (float32 inside), timed with CUDA events. config: the autotuned tile (rows per "
+        "program M, tokens per tile N, warps, pipeline stages). '~' marks variable lengths."
+    )
+    table = write_results(args.out, "mla_decode", meta, rows, columns, notes)
+    print(table)
+    print(f"wall {meta['wall_s']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

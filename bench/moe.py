@@ -1,0 +1,146 @@
+"""A DeepSeekMoE layer on the GPU: minids' Triton experts against the torch._grouped_mm pipeline and the per-expert
+loop (both ``minids.moe.moe_experts``), forward and forward+backward, balanced and Zipf-like routing.
+
+    python3 bench/moe.py --out bench/results          # all tiers (under 4 minutes on an H200)
+    python3 bench/moe.py --out /tmp/r --quick         # the V2-Lite tier only
+
+What is timed: the routed experts for a given routing (weights, indices), plus the shared experts (a cuBLAS SwiGLU
+MLP, the same in every column), as the MoE layer computes them; the router's (N, E) GEMM and top-k are left out, so
+that the routing can be drawn balanced or skewed. bf16 activations and weights, float32 routing weights.
+forward+backward computes the gradients of x, the routing weights and every expert weight.
+
+Useful work: 2 * 3 * D * I FLOPs per (token, routed expert) pair and 2 * 3 * D * I_shared per token forward, three
+times that forward+backward; padding, gathers and recomputation are not counted. The bf16 ceiling is an 8192^3
+torch.matmul measured in the same run. The GEMMs are compute bound and their weights are far larger than L2, so
+inputs are not rotated. Each column runs in a try: a failing peer prints one line and the sweep goes on.
+
+Routing: balanced draws K distinct experts uniformly per token; zipf draws them without replacement with
+probability proportional to 1 / rank (Gumbel top-K), so the first experts take a large share of the tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import matmul_tflops, median_ms, metadata, write_results
+
+from minids.moe import moe_experts
+
+TIERS = {  # name: (tokens, hidden D, experts E, expert width I, top-K, shared experts)
+    "small": (16384, 1024, 16, 512, 4, 0),
+    "v2-lite": (8192, 2048, 64, 1408, 6, 2),
+    "v3-4k": (4096, 7168, 256, 2048, 8, 1),
+    "v3-16k": (16384, 7168, 256, 2048, 8, 1),
+}
+IMPLS = ["triton", "grouped", "loop"]
+NOTES = """Notes. triton (minids.kernels.moe): routing plumbing on device (sort, pad each expert to the row block, no host
+sync); the gate/up GEMM gathers token rows of x on load (no permuted copy of x) and applies SwiGLU in its epilogue
+(one write of h instead of g, u, silu(g) and the product); the down GEMM writes each pair's unweighted output to its
+token-major row and one pass sums the K rows per token with the routing weights in float32 (deterministic, no
+atomics, no scatter-add). The backward gathers (weights * dy) on load, fuses the SwiGLU backward into the dh GEMM's
+epilogue, sums the gate and up products for dx in one accumulator, and reduces each expert's weight gradients over
+its rows in grouped GEMMs that gather x and dy on load. grouped: sort + index_select + torch._grouped_mm x3 +
+index_add (minids.moe.moe_experts impl="grouped"). loop: one GEMM triple per expert on contiguous slices."""
+
+
+def draw_routing(N: int, E: int, K: int, kind: str, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """weights (N, K) float32 summing to 1 per token, indices (N, K) int64 of K distinct experts."""
+    gumbel = -torch.log(-torch.log(torch.rand(N, E, device="cuda", generator=g).clamp_min(1e-20)))
+    if kind == "zipf":
+        gumbel = gumbel + (-torch.log(torch.arange(1, E + 1, device="cuda").float()))  # log p, p ~ 1 / rank
+    indices = gumbel.topk(K, dim=-1).indices
+    weights = torch.rand(N, K, device="cuda", generator=g).softmax(-1)
+    return weights, indices
+
+
+def bench_tier(tier: str, ceiling: float, g: torch.Generator) -> list[dict]:
+    """Every impl, both routings, forward and forward+backward, at one tier; returns the table rows."""
+    N, D, E, I, K, n_shared = TIERS[tier]
+    Is = n_shared * I
+    dt = torch.bfloat16
+
+    def param(*shape: int, fan_in: int) -> torch.Tensor:
+        return (torch.randn(*shape, device="cuda", dtype=dt, generator=g) / math.sqrt(fan_in)).requires_grad_()
+
+    x = torch.randn(N, D, device="cuda", dtype=dt, generator=g).requires_grad_()
+    wg, wu, wd = param(E, I, D, fan_in=D), param(E, I, D, fan_in=D), param(E, D, I, fan_in=I)
+    shared = [param(Is, D, fan_in=D), param(Is, D, fan_in=D), param(D, Is, fan_in=Is)] if Is else []
+    dy = torch.randn(N, D, device="cuda", dtype=dt, generator=g)
+    flops_fwd = 6 * N * K * D * I + 6 * N * D * Is
+    rows = []
+    for kind in ("balanced", "zipf"):
+        weights, indices = draw_routing(N, E, K, kind, g)
+        weights.requires_grad_()
+        top_share = torch.bincount(indices.flatten(), minlength=E).max().item() / (N * K)
+
+        def layer(impl: str, weights: torch.Tensor = weights, indices: torch.Tensor = indices) -> torch.Tensor:
+            y, _ = moe_experts(x, weights, indices, wg, wu, wd, impl=impl)
+            if shared:
+                sg, su, sd = shared
+                y = y + F.linear(F.silu(F.linear(x, sg)) * F.linear(x, su), sd)
+            return y
+
+        params = [x, weights, wg, wu, wd, *shared]
+        ref = None
+        for impl in IMPLS:
+            try:
+                with torch.no_grad():
+                    y = layer(impl)
+                    if ref is None:
+                        ref = y.float()
+                    err = ((y.float() - ref).norm() / ref.norm()).item()
+                    f_ms = median_ms(lambda impl=impl: layer(impl))
+                fb_ms = median_ms(lambda impl=impl, params=params: torch.autograd.grad(layer(impl), params, dy))
+            except Exception as e:  # noqa: BLE001  a failing peer is one line, the sweep goes on
+                print(f"{tier} {kind} {impl}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                continue
+            f_tf, fb_tf = flops_fwd / f_ms / 1e9, 3 * flops_fwd / fb_ms / 1e9
+            rows.append({
+                "tier": tier, "routing": kind, "top_expert_share": round(top_share, 3), "impl": impl,
+                "N": N, "D": D, "E": E, "I": I, "K": K, "shared": n_shared,
+                "fwd_ms": f_ms, "fwd_TFLOPs": f_tf, "fwd_of_ceiling": f_tf / ceiling,
+                "fwd_bwd_ms": fb_ms, "fwd_bwd_TFLOPs": fb_tf, "fwd_bwd_of_ceiling": fb_tf / ceiling,
+                "rel_err_vs_triton": err,
+            })
+            print(f"{tier:8s} {kind:8s} {impl:8s} fwd {f_ms:8.3f} ms {f_tf:6.1f} TFLOP/s ({f_tf / ceiling:.0%})"
+                  f"   fwd+bwd {fb_ms:8.3f} ms {fb_tf:6.1f} TFLOP/s ({fb_tf / ceiling:.0%})   err {err:.1e}")
+        base = {r["impl"]: r for r in rows if r["routing"] == kind}
+        if "triton" in base and "grouped" in base:
+            t, gr = base["triton"], base["grouped"]
+            t["fwd_speedup_vs_grouped"] = gr["fwd_ms"] / t["fwd_ms"]
+            t["fwd_bwd_speedup_vs_grouped"] = gr["fwd_bwd_ms"] / t["fwd_bwd_ms"]
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    ap.add_argument("--quick", action="store_true", help="the V2-Lite tier only")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/moe.py needs a CUDA GPU")
+    meta = metadata()
+    ceiling = matmul_tflops()
+    meta["matmul_bf16_TFLOPs"] = round(ceiling, 1)
+    print(f"{meta['device']}: bf16 matmul {ceiling:.0f} TFLOP/s")
+    tiers = ["v2-lite"] if args.quick else list(TIERS)
+    rows = []
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for tier in tiers:
+        rows += bench_tier(tier, ceiling, g)
+        torch.cuda.empty_cache()
+    cols = ["tier", "routing", "top_expert_share", "impl", "fwd_ms", "fwd_TFLOPs", "fwd_of_ceiling", "fwd_bwd_ms",
+            "fwd_bwd_TFLOPs", "fwd_bwd_of_ceiling", "fwd_speedup_vs_grouped", "fwd_bwd_speedup_vs_grouped",
+            "rel_err_vs_triton"]
+    print(write_results(args.out, "moe", meta, rows, cols, NOTES))
+
+
+if __name__ == "__main__":
+    main()

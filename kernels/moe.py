@@ -1,0 +1,404 @@
+"""The routed experts of a MoE layer in Triton: grouped GEMMs that gather token rows on load, SwiGLU fused into the
+gate/up GEMM, a deterministic weighted combine, and the backward pass, as one autograd function.
+
+Mirrors ``minids.moe.moe_experts`` (same name, same signature; impl and fp8 must be left at their defaults here):
+
+    y_t = sum_k weights[t, k] * W_down[e] (silu(W_gate[e] x_t) * (W_up[e] x_t)),   e = indices[t, k]
+
+Shapes: N tokens, D hidden, I expert width, E experts, K experts per token, P = N * K (token, expert) pairs,
+P_pad padded rows (``minids.moe.moe_align``), BM the row block (every expert's rows padded to a multiple of it).
+
+Forward, three launches after the routing plumbing (``moe_align``: sort, pad, all on device, no host sync):
+  1. gate/up GEMM: row block b of expert e gathers its tokens' rows of x on load (no permuted copy of x), runs
+     x W_gate[e]^T and x W_up[e]^T into two float32 accumulators and writes h = silu(g) * u (the SwiGLU epilogue)
+     and, for the backward, g and u: (P_pad, I) each.
+  2. down GEMM: h W_down[e]^T, written unweighted to ys: (P, D) at each pair's own row t * K + k (token-major),
+     so the combine reads K adjacent rows.
+  3. combine: y_t = sum_k weights[t, k] * ys[t * K + k] in float32, one pass, no atomics, deterministic.
+Backward (dy: (N, D)):
+  d weights[t, k] = <dy_t, ys[t * K + k]>                      (why ys is kept unweighted)
+  dh = (weights * dy[token]) W_down[e]  gathered on load, with the SwiGLU backward in the epilogue -> dg, du
+  dxs = dg W_gate[e] + du W_up[e]       two products into one accumulator, to each pair's row; dx = sum_k dxs
+  dW_down[e] = (weights * dy[token])^T h,  dW_gate[e] = dg^T x[token],  dW_up[e] = du^T x[token]
+     (grouped "weight-gradient" GEMMs that reduce over each expert's rows, gathering x and dy on load)
+g and u are kept from the forward (2 * P_pad * I elements) instead of recomputing the gate/up GEMM: a third of the
+forward FLOPs saved in the backward for memory the torch._grouped_mm pipeline's autograd keeps as well.
+
+Rounding follows the reference where it is cheap: GEMM operands in the compute dtype with float32 accumulation,
+ys rounded to the compute dtype before the weighted float32 combine, (weights * dy) rounded before its GEMMs.
+SwiGLU is evaluated in float32 and rounded once (the reference rounds g, u, silu(g) and the product separately).
+
+Tiles (H200: 227 KB shared memory, 255 registers a thread): BM is 64 or 128 (``block_m_for``, the routing pad);
+autotuning picks among two (BN, BK=64, warps, stages) configurations per kernel, keyed on the widths. Shared memory
+per pipeline stage is (BM + BN) * BK * 2 bytes per operand pair: the gate/up GEMM (two weight tiles) at BM = BN = 128
+with 3 stages takes 144 KB, the dx GEMM (two operand pairs) 192 KB; the two float32 accumulators of the gate/up GEMM
+hold 128 registers a thread at BM = BN = 128 with 8 warps.
+
+Preconditions: x (N, D) float32 or bf16/fp16 (under autocast the GEMMs run in autocast's dtype, as the reference),
+weights (N, K) float, indices (N, K) integer in [0, E), w_gate / w_up (E, I, D), w_down (E, D, I), all on one
+device. Runs on CUDA with Triton, or under TRITON_INTERPRET=1 (small blocks, one configuration, no autotuning).
+"""
+
+from __future__ import annotations
+
+import torch
+from minids.kernels import HAVE_TRITON, INTERPRET
+
+from minids.moe import MoEAlignment, moe_align
+
+__all__ = ["block_m_for", "moe_experts"]
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    def _configs(gpu: list[tuple[int, int, int, int]], names: tuple[str, str]) -> list[triton.Config]:
+        """Autotune configs from (block_a, block_b, warps, stages); under the interpreter one small config."""
+        if INTERPRET:
+            return [triton.Config({names[0]: 32, names[1]: 32}, num_warps=1, num_stages=1)]
+        return [triton.Config({names[0]: a, names[1]: b}, num_warps=w, num_stages=s) for a, b, w, s in gpu]
+
+    @triton.jit
+    def _swizzle(pid, n_pid_m, n_pid_n, GROUP_M: tl.constexpr):
+        """Row blocks in groups of GROUP_M sweep the column tiles together, so their expert's weights stay in L2."""
+        width = GROUP_M * n_pid_n
+        first_m = (pid // width) * GROUP_M
+        size_m = tl.minimum(n_pid_m - first_m, GROUP_M)
+        return first_m + (pid % width) % size_m, (pid % width) // size_m
+
+    @triton.autotune(
+        configs=_configs([(64, 64, 4, 4), (128, 64, 8, 3)], ("BN", "BK")),
+        key=["Ndim", "Kdim", "STORE_GU", "BM"],
+    )
+    @triton.jit
+    def _gate_up_kernel(
+        X, WG, WU, H, G, U, SORTED_PAIR, BLOCK_EXPERT,
+        n_blocks, Ndim, Kdim, top_k,
+        STORE_GU: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+        GROUP_M: tl.constexpr = 8,
+    ):
+        """h = silu(x W_gate[e]^T) * (x W_up[e]^T) for one (BM, BN) tile of padded rows.
+
+        X: (N, Kdim=D) gathered by token; WG, WU: (E, Ndim=I, D); H, G, U: (P_pad, I).
+        """
+        pid_m, pid_n = _swizzle(tl.program_id(0), n_blocks, tl.cdiv(Ndim, BN), GROUP_M)
+        e = tl.load(BLOCK_EXPERT + pid_m).to(tl.int64)
+        if e >= 0:
+            rows = pid_m * BM + tl.arange(0, BM)  # (BM,) padded rows
+            pair = tl.load(SORTED_PAIR + rows)
+            valid = pair >= 0
+            token = tl.where(valid, pair // top_k, 0).to(tl.int64)  # (BM,): gather on load, no permuted copy
+            cols = pid_n * BN + tl.arange(0, BN)  # (BN,) over I
+            cmask = cols < Ndim
+            ks = tl.arange(0, BK)
+            a_ptr = X + token[:, None] * Kdim + ks[None, :]  # (BM, BK)
+            w_off = e * Ndim * Kdim + cols[None, :].to(tl.int64) * Kdim + ks[:, None]  # (BK, BN): W^T tile
+            acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+            acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+            for k0 in range(0, Kdim, BK):
+                kmask = k0 + ks < Kdim
+                a = tl.load(a_ptr + k0, mask=valid[:, None] & kmask[None, :], other=0.0)
+                bmask = kmask[:, None] & cmask[None, :]
+                acc_g = tl.dot(a, tl.load(WG + w_off + k0, mask=bmask, other=0.0), acc_g, input_precision=PREC)
+                acc_u = tl.dot(a, tl.load(WU + w_off + k0, mask=bmask, other=0.0), acc_u, input_precision=PREC)
+            h = acc_g * tl.sigmoid(acc_g) * acc_u  # SwiGLU epilogue, float32, rounded once
+            out = rows[:, None].to(tl.int64) * Ndim + cols[None, :]
+            tl.store(H + out, h.to(H.dtype.element_ty), mask=cmask[None, :])
+            if STORE_GU:
+                tl.store(G + out, acc_g.to(G.dtype.element_ty), mask=cmask[None, :])
+                tl.store(U + out, acc_u.to(U.dtype.element_ty), mask=cmask[None, :])
+
+    @triton.autotune(
+        configs=_configs([(128, 64, 8, 3), (64, 64, 4, 4)], ("BN", "BK")),
+        key=["Ndim", "Kdim", "A_GATHER", "TWO", "EPI", "BM"],
+    )
+    @triton.jit
+    def _grouped_kernel(
+        A, A2, B, B2, C, C2, G, U, SORTED_PAIR, BLOCK_EXPERT, ROUTE_W,
+        n_blocks, Ndim, Kdim, top_k, stride_be, stride_bk, stride_bn,
+        A_GATHER: tl.constexpr, TWO: tl.constexpr, EPI: tl.constexpr, PREC: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr = 8,
+    ):
+        """C = A B[e] (+ A2 B2[e]) for one (BM, BN) tile of padded rows of expert e.
+
+        A (and A2): (P_pad, Kdim) padded rows, or with A_GATHER (N, Kdim) rows gathered by token and scaled by the
+        pair's routing weight (rounded to A's dtype: the reference's (weights * dy)); B[e] (Kdim, Ndim) read through
+        strides, so W (E, out, in) serves as W^T without a copy.
+        EPI 0: store C (P, Ndim) at each pair's row t * K + k; padded rows are skipped.
+        EPI 1: SwiGLU backward with G, U (P_pad, Ndim): C <- dg = acc * u * silu'(g), C2 <- du = acc * silu(g).
+        """
+        pid_m, pid_n = _swizzle(tl.program_id(0), n_blocks, tl.cdiv(Ndim, BN), GROUP_M)
+        e = tl.load(BLOCK_EXPERT + pid_m).to(tl.int64)
+        if e >= 0:
+            rows = pid_m * BM + tl.arange(0, BM)  # (BM,)
+            pair = tl.load(SORTED_PAIR + rows)
+            valid = pair >= 0
+            if A_GATHER:
+                a_rows = tl.where(valid, pair // top_k, 0).to(tl.int64)  # (BM,) tokens
+                scale = tl.load(ROUTE_W + pair, mask=valid, other=0.0)  # (BM,) float32
+            else:
+                a_rows = rows.to(tl.int64)
+            cols = pid_n * BN + tl.arange(0, BN)
+            cmask = cols < Ndim
+            ks = tl.arange(0, BK)
+            a_off = a_rows[:, None] * Kdim + ks[None, :]  # (BM, BK)
+            b_off = e * stride_be + ks[:, None].to(tl.int64) * stride_bk + cols[None, :].to(tl.int64) * stride_bn
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for k0 in range(0, Kdim, BK):
+                kmask = k0 + ks < Kdim
+                amask = valid[:, None] & kmask[None, :]
+                bmask = kmask[:, None] & cmask[None, :]
+                a = tl.load(A + a_off + k0, mask=amask, other=0.0)
+                if A_GATHER:
+                    a = (a.to(tl.float32) * scale[:, None]).to(A.dtype.element_ty)
+                acc = tl.dot(a, tl.load(B + b_off + k0 * stride_bk, mask=bmask, other=0.0), acc, input_precision=PREC)
+                if TWO:
+                    a2 = tl.load(A2 + a_off + k0, mask=amask, other=0.0)
+                    b2 = tl.load(B2 + b_off + k0 * stride_bk, mask=bmask, other=0.0)
+                    acc = tl.dot(a2, b2, acc, input_precision=PREC)
+            if EPI == 0:
+                out = pair[:, None].to(tl.int64) * Ndim + cols[None, :]  # (BM, BN): pair-major rows
+                tl.store(C + out, acc.to(C.dtype.element_ty), mask=valid[:, None] & cmask[None, :])
+            else:
+                out = rows[:, None].to(tl.int64) * Ndim + cols[None, :]  # (BM, BN): padded rows
+                g = tl.load(G + out, mask=cmask[None, :], other=0.0).to(tl.float32)
+                u = tl.load(U + out, mask=cmask[None, :], other=0.0).to(tl.float32)
+                sig = tl.sigmoid(g)
+                dg = acc * u * sig * (1.0 + g * (1.0 - sig))  # d silu(g) / dg = sig * (1 + g (1 - sig))
+                du = acc * g * sig
+                tl.store(C + out, dg.to(C.dtype.element_ty), mask=cmask[None, :])
+                tl.store(C2 + out, du.to(C2.dtype.element_ty), mask=cmask[None, :])
+
+    @triton.autotune(
+        configs=_configs([(128, 128, 8, 3), (64, 128, 4, 4)], ("BMW", "BNW")),
+        key=["Mdim", "Ndim", "A_GATHER", "B_GATHER"],
+    )
+    @triton.jit
+    def _wgrad_kernel(
+        A, B, DW, SORTED_PAIR, EXPERT_START, ROUTE_W,
+        Mdim, Ndim, top_k,
+        A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, PREC: tl.constexpr,
+        BMW: tl.constexpr, BNW: tl.constexpr, BK: tl.constexpr,
+    ):
+        """DW[e] = A_e^T B_e: (Mdim, Ndim), reducing over expert e's padded rows [EXPERT_START[e], EXPERT_START[e+1]).
+
+        A: (rows, Mdim), B: (rows, Ndim); a *_GATHER operand is (N, dim) read at each pair's token, and a gathered A
+        is scaled by the routing weight (the (weights * dy) of dW_down). An expert with no rows gets zeros.
+        """
+        n_tiles_n = tl.cdiv(Ndim, BNW)
+        pid_m = tl.program_id(0) // n_tiles_n
+        pid_n = tl.program_id(0) % n_tiles_n
+        e = tl.program_id(1)
+        start = tl.load(EXPERT_START + e)
+        end = tl.load(EXPERT_START + e + 1)
+        ms = pid_m * BMW + tl.arange(0, BMW)
+        ns = pid_n * BNW + tl.arange(0, BNW)
+        mmask = ms < Mdim
+        nmask = ns < Ndim
+        ks = tl.arange(0, BK)
+        acc = tl.zeros((BMW, BNW), dtype=tl.float32)
+        for r0 in range(start, end, BK):
+            r = r0 + ks  # (BK,) padded rows
+            pair = tl.load(SORTED_PAIR + r, mask=r < end, other=-1)
+            valid = pair >= 0
+            token = tl.where(valid, pair // top_k, 0).to(tl.int64)
+            a_rows = token if A_GATHER else r.to(tl.int64)
+            b_rows = token if B_GATHER else r.to(tl.int64)
+            a = tl.load(A + a_rows[None, :] * Mdim + ms[:, None], mask=mmask[:, None] & valid[None, :], other=0.0)
+            if A_GATHER:
+                scale = tl.load(ROUTE_W + pair, mask=valid, other=0.0)
+                a = (a.to(tl.float32) * scale[None, :]).to(A.dtype.element_ty)
+            b = tl.load(B + b_rows[:, None] * Ndim + ns[None, :], mask=valid[:, None] & nmask[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PREC)  # (BMW, BK) @ (BK, BNW)
+        out = e.to(tl.int64) * Mdim * Ndim + ms[:, None].to(tl.int64) * Ndim + ns[None, :]
+        tl.store(DW + out, acc.to(DW.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+    @triton.jit
+    def _combine_kernel(YS, ROUTE_W, Y, N, D, top_k, HAS_W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+        """Y[t] = sum_k (ROUTE_W[t, k] *) YS[t * K + k] in float32. YS: (N * K, D); Y: (N, D)."""
+        ts = tl.program_id(0) * BT + tl.arange(0, BT)
+        ds = tl.program_id(1) * BD + tl.arange(0, BD)
+        tmask = ts < N
+        mask = tmask[:, None] & (ds[None, :] < D)
+        acc = tl.zeros((BT, BD), dtype=tl.float32)
+        for k in range(top_k):
+            p = ts.to(tl.int64) * top_k + k  # (BT,) pairs
+            v = tl.load(YS + p[:, None] * D + ds[None, :], mask=mask, other=0.0).to(tl.float32)
+            if HAS_W:
+                v = v * tl.load(ROUTE_W + p, mask=tmask, other=0.0)[:, None]
+            acc += v
+        tl.store(Y + ts[:, None].to(tl.int64) * D + ds[None, :], acc.to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _route_grad_kernel(DY, YS, DW, N, D, top_k, BT: tl.constexpr, BD: tl.constexpr):
+        """DW[t, k] = <DY[t], YS[t * K + k]> in float32. DY: (N, D); YS: (N * K, D); DW: (N, K) float32."""
+        ts = tl.program_id(0) * BT + tl.arange(0, BT)
+        tmask = ts < N
+        for k in range(top_k):
+            p = ts.to(tl.int64) * top_k + k
+            acc = tl.zeros((BT,), dtype=tl.float32)
+            for d0 in range(0, D, BD):
+                ds = d0 + tl.arange(0, BD)
+                mask = tmask[:, None] & (ds[None, :] < D)
+                dy = tl.load(DY + ts[:, None].to(tl.int64) * D + ds[None, :], mask=mask, other=0.0).to(tl.float32)
+                ys = tl.load(YS + p[:, None] * D + ds[None, :], mask=mask, other=0.0).to(tl.float32)
+                acc += tl.sum(dy * ys, axis=1)
+            tl.store(DW + p, acc, mask=tmask)
+
+
+def block_m_for(n_pairs: int, n_experts: int) -> int:
+    """The row block BM (every expert padded to a multiple of it): 128 when experts average >= 256 rows, else 64.
+
+    Under the interpreter 16 keeps the tiles small. Large blocks reuse each weight tile over more rows; small ones
+    waste less padding when experts get few tokens.
+    """
+    if INTERPRET:
+        return 16
+    return 128 if n_pairs >= 256 * n_experts else 64
+
+
+def _prec(dtype: torch.dtype) -> str:
+    # float32 operands: full-precision products (the tests' dtype); bf16/fp16 ignore it
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _gemm(a, b, out, al: MoEAlignment, route_w, top_k, *, gather, epi, a2=None, b2=None, g=None, u=None, out2=None):
+    """Launch _grouped_kernel: out = a @ b[e] (+ a2 @ b2[e]); b (E, Kdim, Ndim) given as a strided view."""
+    Kdim, Ndim = b.shape[1:]
+    n_blocks = al.block_expert.shape[0]
+    bm = al.sorted_pair.shape[0] // n_blocks
+    grid = lambda meta: (n_blocks * triton.cdiv(Ndim, meta["BN"]),)
+    _grouped_kernel[grid](
+        a, a2 if a2 is not None else a, b, b2 if b2 is not None else b, out, out2 if out2 is not None else out,
+        g if g is not None else out, u if u is not None else out, al.sorted_pair, al.block_expert, route_w,
+        n_blocks, Ndim, Kdim, top_k, b.stride(0), b.stride(1), b.stride(2),
+        A_GATHER=gather, TWO=a2 is not None, EPI=epi, PREC=_prec(a.dtype), BM=bm,
+    )
+
+
+def _wgrad(a, b, al: MoEAlignment, route_w, top_k, n_experts, *, a_gather, b_gather):
+    """(E, Mdim, Ndim) = per expert, a_rows^T @ b_rows over its padded rows."""
+    Mdim, Ndim = a.shape[1], b.shape[1]
+    dw = torch.empty(n_experts, Mdim, Ndim, device=a.device, dtype=a.dtype)
+    bk = 16 if INTERPRET else 64
+    grid = lambda meta: (triton.cdiv(Mdim, meta["BMW"]) * triton.cdiv(Ndim, meta["BNW"]), n_experts)
+    _wgrad_kernel[grid](
+        a, b, dw, al.sorted_pair, al.expert_start, route_w, Mdim, Ndim, top_k,
+        A_GATHER=a_gather, B_GATHER=b_gather, PREC=_prec(a.dtype), BK=bk,
+    )
+    return dw
+
+
+def _combine(ys: torch.Tensor, route_w: torch.Tensor | None, N: int, top_k: int, dtype: torch.dtype) -> torch.Tensor:
+    D = ys.shape[1]
+    y = torch.empty(N, D, device=ys.device, dtype=dtype)
+    bt, bd = (16, 16) if INTERPRET else (4, 512)
+    if N > 0:
+        _combine_kernel[(triton.cdiv(N, bt), triton.cdiv(D, bd))](
+            ys, route_w if route_w is not None else ys, y, N, D, top_k, HAS_W=route_w is not None, BT=bt, BD=bd,
+            num_warps=4,
+        )
+    return y
+
+
+class _MoEExpertsFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, route_w, al, top_k, wg, wu, wd, out_dtype, need_grad):
+        """x: (N, D) compute dtype; route_w: (P,) float32; wg, wu: (E, I, D); wd: (E, D, I) -> y (N, D) out_dtype.
+
+        need_grad: keep g and u for the backward (False under no_grad: inference writes h only).
+        """
+        N, D = x.shape
+        I = wg.shape[1]
+        P_pad = al.sorted_pair.shape[0]
+        n_blocks = al.block_expert.shape[0]
+        h = torch.empty(P_pad, I, device=x.device, dtype=x.dtype)  # (P_pad, I)
+        g = torch.empty_like(h) if need_grad else h
+        u = torch.empty_like(h) if need_grad else h
+        grid = lambda meta: (n_blocks * triton.cdiv(I, meta["BN"]),)
+        _gate_up_kernel[grid](
+            x, wg, wu, h, g, u, al.sorted_pair, al.block_expert, n_blocks, I, D, top_k,
+            STORE_GU=need_grad, PREC=_prec(x.dtype), BM=P_pad // n_blocks,
+        )
+        ys = torch.empty(N * top_k, D, device=x.device, dtype=x.dtype)  # (P, D), pair-major
+        _gemm(h, wd.transpose(1, 2), ys, al, route_w, top_k, gather=False, epi=0)  # (E, I, D) view of W_down^T
+        y = _combine(ys, route_w, N, top_k, out_dtype)  # (N, D): float32 sum, rounded once
+        ctx.save_for_backward(x, route_w, wg, wu, wd, h, g, u, ys, *al)
+        ctx.top_k = top_k
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, route_w, wg, wu, wd, h, g, u, ys, *al = ctx.saved_tensors
+        al = MoEAlignment(*al)
+        top_k = ctx.top_k
+        N, D = x.shape
+        E = wg.shape[0]
+        dy = dy.contiguous()  # (N, D) out_dtype
+        d_route = None
+        if ctx.needs_input_grad[1]:
+            d_route = torch.empty(N * top_k, device=x.device, dtype=torch.float32)  # (P,)
+            bt, bd = (16, 16) if INTERPRET else (8, 256)
+            if N > 0:
+                _route_grad_kernel[(triton.cdiv(N, bt),)](dy, ys, d_route, N, D, top_k, BT=bt, BD=bd, num_warps=4)
+        dy_c = dy.to(x.dtype)  # (N, D): the GEMM operand; scaled by the routing weight on load
+        dg, du = torch.empty_like(g), torch.empty_like(u)  # (P_pad, I)
+        _gemm(dy_c, wd, dg, al, route_w, top_k, gather=True, epi=1, g=g, u=u, out2=du)  # W_down (E, D, I)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dxs = torch.empty(N * top_k, D, device=x.device, dtype=x.dtype)  # (P, D)
+            _gemm(dg, wg, dxs, al, route_w, top_k, gather=False, epi=0, a2=du, b2=wu)  # W (E, I, D) as is
+            dx = _combine(dxs, None, N, top_k, x.dtype)  # (N, D)
+        dwg = _wgrad(dg, x, al, route_w, top_k, E, a_gather=False, b_gather=True) if ctx.needs_input_grad[4] else None
+        dwu = _wgrad(du, x, al, route_w, top_k, E, a_gather=False, b_gather=True) if ctx.needs_input_grad[5] else None
+        dwd = _wgrad(dy_c, h, al, route_w, top_k, E, a_gather=True, b_gather=False) if ctx.needs_input_grad[6] else None
+        return dx, d_route, None, None, dwg, dwu, dwd, None, None
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+def moe_experts(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    indices: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    impl: str = "triton",
+    fp8: bool | str = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton routed experts: sum_k weights[t, k] * FFN_{indices[t, k]}(x[t]), forward and backward.
+
+    x: (N, D), weights: (N, K) float, indices: (N, K), w_gate / w_up: (E, I, D), w_down: (E, D, I).
+    Returns (y (N, D) in x.dtype, tokens per expert (E,) int64), as ``minids.moe.moe_experts``.
+    """
+    if impl != "triton":
+        raise ValueError(f"minids.kernels.moe.moe_experts: impl={impl!r}; only 'triton' (the reference has the rest)")
+    if fp8:
+        raise ValueError("minids.kernels.moe.moe_experts: no FP8 path; use minids.moe.moe_experts(..., fp8=...)")
+    if not HAVE_TRITON:
+        raise ValueError("minids.kernels.moe.moe_experts needs Triton installed")
+    if x.dim() != 2 or indices.shape != weights.shape or indices.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"moe_experts: x {tuple(x.shape)} must be (N, D), weights {tuple(weights.shape)} and indices "
+            f"{tuple(indices.shape)} (N, K)"
+        )
+    E, I, D = w_gate.shape
+    if w_up.shape != (E, I, D) or w_down.shape != (E, D, I) or x.shape[1] != D:
+        raise ValueError(
+            f"moe_experts: w_gate {tuple(w_gate.shape)} and w_up {tuple(w_up.shape)} must be (E, I, D), w_down "
+            f"{tuple(w_down.shape)} (E, D, I), with D = x.shape[1] = {x.shape[1]}"
+        )
+    N, K = indices.shape
+    dt = _compute_dtype(x)
+    al = moe_align(indices, E, block_m_for(N * K, E))
+    xc = x.to(dt).contiguous()  # (N, D)
+    wg, wu, wd = (w.to(dt).contiguous() for w in (w_gate, w_up, w_down))
+    route_w = weights.float().reshape(-1).contiguous()  # (P,)
+    need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, w_gate, w_up, w_down))
+    with torch.autocast(x.device.type, enabled=False):
+        y = _MoEExpertsFn.apply(xc, route_w, al, K, wg, wu, wd, x.dtype, need_grad)
+    return y, al.counts

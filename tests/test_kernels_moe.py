@@ -1,0 +1,211 @@
+"""Triton routed experts (minids.kernels.moe) against the reference (minids.moe.moe_experts, the per-expert loop),
+forward and every gradient (x, the routing weights, W_gate, W_up, W_down), and the routing plumbing (moe_align).
+
+Routings cover: odd token counts (1, 37), experts with zero tokens, one expert taking most tokens (Zipf-like),
+top-k from 1 to 8, hidden and expert widths that are not multiples of the tiles. On the CPU the kernels run under
+TRITON_INTERPRET=1 (conftest) in float32 with small shapes; on CUDA the same file also runs bf16 at a larger size.
+Unwritten outputs are caught by NaN poisoning: deterministic mode with ``fill_uninitialized_memory`` makes every
+``torch.empty`` (all the kernels' output and scratch buffers) NaN, and NaN never passes.
+"""
+
+import pytest
+import torch
+from minids.kernels import HAVE_TRITON
+
+from minids.moe import moe_align, moe_experts
+
+pytestmark = pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed")
+
+device = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def nan_poison():
+    was = torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(was)
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert torch.isfinite(a).all(), "non-finite values: an output element was not written"
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def routing(N: int, E: int, K: int, kind: str, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights (N, K) float32, indices (N, K) int64): K distinct experts per token.
+
+    balanced: random scores; zero: only the first half of the experts is ever chosen; skewed: expert 0 is every
+    token's first choice and the rest follow a Zipf-like preference (weight 1 / rank).
+    """
+    scores = torch.rand(N, E, generator=g)
+    if kind == "zero":
+        scores[:, E // 2:] -= 2.0  # never in the top-K while K <= E // 2
+    elif kind == "skewed":
+        scores = scores * 0.1 + 1.0 / torch.arange(1, E + 1).float()
+    indices = scores.topk(K, dim=-1).indices
+    weights = torch.rand(N, K, generator=g) + 0.1
+    return weights, indices
+
+
+# ------------------------------------------------------------------------------------------------ routing plumbing
+def test_moe_align_by_hand():
+    # 3 tokens, top-2, 4 experts, blocks of 4: pairs (t * K + k) 0:e0 1:e2 2:e2 3:e1 4:e2 5:e0; expert 3 gets none
+    idx = torch.tensor([[0, 2], [2, 1], [2, 0]], device=device)
+    al = moe_align(idx, 4, 4)
+    n_blocks = (6 + 4 * 3 + 3) // 4  # P + E * (BM - 1), rounded up to BM: fixed by the shapes alone
+    assert al.sorted_pair.tolist() == [0, 5, -1, -1, 3, -1, -1, -1, 1, 2, 4, -1] + [-1] * (4 * n_blocks - 12)
+    assert al.block_expert.tolist() == [0, 1, 2] + [-1] * (n_blocks - 3)
+    assert al.expert_start.tolist() == [0, 4, 8, 12, 12]
+    assert al.pair_row.tolist() == [0, 8, 9, 4, 10, 1]
+    assert al.counts.tolist() == [2, 1, 3, 0]
+
+
+@pytest.mark.parametrize("kind", ["balanced", "zero", "skewed"])
+@pytest.mark.parametrize("N,E,K,bm", [(1, 4, 1, 16), (37, 8, 3, 16), (300, 16, 8, 64)])
+def test_moe_align_invariants(N, E, K, bm, kind):
+    g = torch.Generator().manual_seed(N * E + K)
+    _, idx = routing(N, E, K, kind, g)
+    idx = idx.to(device)
+    al = moe_align(idx, E, bm)
+    flat = idx.reshape(-1).cpu()
+    sp, be, start = al.sorted_pair.cpu().long(), al.block_expert.cpu().long(), al.expert_start.cpu().long()
+    counts = torch.bincount(flat, minlength=E)
+    assert al.counts.cpu().tolist() == counts.tolist()
+    assert sorted(sp[sp >= 0].tolist()) == list(range(N * K))  # every pair exactly once
+    assert (al.pair_row.cpu().long() == torch.nonzero(sp >= 0).squeeze(1)[sp[sp >= 0].argsort()]).all()
+    assert (sp[al.pair_row.cpu().long()] == torch.arange(N * K)).all()  # pair_row inverts sorted_pair
+    assert (start.diff() % bm == 0).all() and start[0] == 0
+    assert (start.diff() == (counts + bm - 1) // bm * bm).all()  # each expert padded to a multiple of BM
+    for e in range(E):
+        rows = sp[start[e] : start[e + 1]]
+        assert (rows[: counts[e]] >= 0).all() and (rows[counts[e]:] == -1).all()
+        assert (flat[rows[: counts[e]]] == e).all()
+        assert (rows[: counts[e]].diff() > 0).all()  # stable: token order kept inside an expert
+        assert (be[start[e] // bm : start[e + 1] // bm] == e).all()
+    assert (be[start[E] // bm :] == -1).all() and (sp[start[E]:] == -1).all()
+
+
+@pytest.mark.skipif(device != "cuda", reason="CUDA graphs need CUDA")
+def test_moe_align_captures_in_a_cuda_graph():
+    torch.use_deterministic_algorithms(False)  # the graph test needs no poisoning; the fixture restores the mode
+    idx = torch.randint(0, 16, (512, 4), device=device)
+    out = moe_align(idx, 16, 64)  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = moe_align(idx, 16, 64)
+    idx.copy_(torch.randint(0, 16, (512, 4), device=device))
+    graph.replay()
+    want = moe_align(idx, 16, 64)
+    for a, b in zip(out, want):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------ experts
+CASES = [  # N, D, I, E, K, routing kind
+    (37, 40, 24, 5, 2, "balanced"),  # odd N; D and I not multiples of the 32-wide tiles
+    (1, 33, 17, 3, 1, "balanced"),  # one token, top-1
+    (29, 48, 20, 9, 8, "balanced"),  # top-8
+    (31, 40, 24, 8, 3, "zero"),  # experts 4..7 get no token: their weight gradients must be zeros
+    (40, 32, 24, 6, 4, "skewed"),  # expert 0 takes every token, the others Zipf-like
+    (23, 24, 40, 7, 6, "skewed"),  # I > D
+]
+
+
+def make(N, D, I, E, K, kind, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    weights, indices = routing(N, E, K, kind, g)
+    x = torch.randn(N, D, generator=g)
+    wg = torch.randn(E, I, D, generator=g) / D**0.5
+    wu = torch.randn(E, I, D, generator=g) / D**0.5
+    wd = torch.randn(E, D, I, generator=g) / I**0.5
+    dy = torch.randn(N, D, generator=g)
+    leaves = [t.to(device, dtype if t.is_floating_point() and t is not weights else t.dtype)
+              for t in (x, weights, wg, wu, wd)]
+    return [t.requires_grad_() for t in leaves], indices.to(device), dy.to(device, dtype)
+
+
+def run(impl, leaves, indices, dy):
+    x, weights, wg, wu, wd = leaves
+    y, counts = moe_experts(x, weights, indices, wg, wu, wd, impl=impl)
+    grads = torch.autograd.grad(y, leaves, dy)
+    return y, counts, grads
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"N{c[0]}-D{c[1]}-I{c[2]}-E{c[3]}-K{c[4]}-{c[5]}" for c in CASES])
+def test_triton_matches_reference_fp32(case):
+    leaves, indices, dy = make(*case, torch.float32, seed=sum(case[:5]))
+    y, counts, grads = run("triton", leaves, indices, dy)
+    y_ref, counts_ref, grads_ref = run("loop", leaves, indices, dy)
+    assert torch.equal(counts, counts_ref)
+    # float32 operands and accumulation on both sides: only summation order differs (~1e-7 relative)
+    assert rel_err(y, y_ref) < 1e-5
+    for name, a, b in zip(["x", "weights", "w_gate", "w_up", "w_down"], grads, grads_ref):
+        assert a.dtype == b.dtype, name
+        assert rel_err(a, b) < 1e-5, name
+    with torch.no_grad():  # inference keeps neither g nor u: same kernels, same result
+        y_inference, _ = moe_experts(*leaves[:2], indices, *leaves[2:], impl="triton")
+    assert rel_err(y_inference, y) < 1e-6
+    if case[5] == "zero":
+        assert (grads[2][case[3] // 2:] == 0).all() and (grads[4][case[3] // 2:] == 0).all()
+
+
+def test_no_tokens():
+    leaves, indices, dy = make(4, 32, 16, 4, 2, "balanced", torch.float32, seed=0)
+    x, weights, wg, wu, wd = leaves
+    x0, w0, i0 = x[:0], weights[:0], indices[:0]
+    y, counts = moe_experts(x0, w0, i0, wg, wu, wd, impl="triton")
+    assert y.shape == (0, 32) and counts.tolist() == [0, 0, 0, 0]
+    dwg, dwd = torch.autograd.grad(y, (wg, wd), dy[:0])
+    assert (dwg == 0).all() and (dwd == 0).all()
+
+
+def test_bad_shapes_are_one_line_errors():
+    from minids.kernels.moe import moe_experts as moe_experts_triton
+
+    leaves, indices, _ = make(5, 32, 16, 4, 2, "balanced", torch.float32, seed=1)
+    x, weights, wg, wu, wd = leaves
+    with pytest.raises(ValueError, match="w_down"):
+        moe_experts_triton(x, weights, indices, wg, wu, wd.transpose(1, 2))
+    with pytest.raises(ValueError, match="impl"):
+        moe_experts_triton(x, weights, indices, wg, wu, wd, impl="grouped")
+
+
+def test_model_switch_accepts_triton():
+    from minids.model import Transformer
+
+    model = Transformer("tiny-moe")
+    model.set_moe_impl("triton")
+    assert {m.impl for m in model.modules() if hasattr(m, "impl") and hasattr(m, "experts")} == {"triton"}
+
+
+@pytest.mark.skipif(device != "cuda", reason="bf16 is checked on the GPU only (the interpreter does not model it)")
+@pytest.mark.parametrize("kind", ["balanced", "skewed"])
+def test_triton_bf16_on_gpu(kind):
+    # bf16 operands, float32 accumulation, against float32 autograd of the reference on the same bf16 values:
+    # bf16 rounding of h, ys and (weights * dy) gives ~3e-3 relative error; the torch._grouped_mm pipeline lands
+    # in the same range. 1.5e-2 leaves room for the K-fold sums without admitting a wrong element.
+    N, D, I, E, K = 1000, 512, 192, 16, 6
+    leaves, indices, dy = make(N, D, I, E, K, kind, torch.bfloat16, seed=3)
+    y, counts, grads = run("triton", leaves, indices, dy)
+    ref_leaves = [t.detach().float().requires_grad_() for t in leaves]
+    y_ref, counts_ref, grads_ref = run("loop", ref_leaves, indices, dy.float())
+    assert torch.equal(counts, counts_ref)
+    assert y.dtype == torch.bfloat16 and rel_err(y.float(), y_ref) < 1.5e-2
+    for name, a, b in zip(["x", "weights", "w_gate", "w_up", "w_down"], grads, grads_ref):
+        assert rel_err(a.float(), b) < 1.5e-2, name
+
+
+@pytest.mark.skipif(device != "cuda", reason="autocast to bf16 is checked on the GPU only")
+def test_triton_under_autocast_on_gpu():
+    leaves, indices, dy = make(300, 256, 128, 8, 4, "balanced", torch.float32, seed=4)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y, _, grads = run("triton", leaves, indices, dy)
+        y_ref, _, grads_ref = run("grouped", leaves, indices, dy)
+    assert y.dtype == torch.float32 and rel_err(y, y_ref) < 1.5e-2
+    for a, b in zip(grads, grads_ref):
+        assert a.dtype == b.dtype and rel_err(a, b) < 1.5e-2
