@@ -74,8 +74,10 @@ if HAVE_TRITON:
 
     @triton.jit
     def _scale_of(amax, FMAX: tl.constexpr, UE8M0: tl.constexpr):
-        """amax / FMAX (amax floored at 1e-4), optionally the exact power of two at or above it."""
-        s = tl.math.div_rn(tl.maximum(amax, 1e-4), FMAX)
+        """amax / FMAX (amax floored at 1e-4), optionally the exact power of two at or above it. The quotient is
+        taken in float64 and rounded once to float32: the correctly rounded float32 quotient on every device (one
+        division per 128 elements; the reference computes it the same way)."""
+        s = (tl.maximum(amax, 1e-4).to(tl.float64) / FMAX).to(tl.float32)
         if UE8M0:
             bits = s.to(tl.uint32, bitcast=True)
             up = (bits & 0x7FFFFF) != 0
@@ -84,7 +86,9 @@ if HAVE_TRITON:
 
     @triton.jit
     def _quantize(x, s, FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, EXACT: tl.constexpr):
-        y = tl.math.div_rn(x, s)
+        # x / s correctly rounded: float64 quotient rounded once to float32 (H200: div_rn differed from it in
+        # about 1 of 2000 quotients)
+        y = (x.to(tl.float64) / s.to(tl.float64)).to(tl.float32)
         y = tl.minimum(tl.maximum(y, -FMAX), FMAX)
         if EXACT:
             y = _round_to_grid(y, MBITS, EMIN)
@@ -351,16 +355,15 @@ if HAVE_TRITON:
         stride_am, stride_bn, stride_cs, stride_cm, stride_asm, stride_bsn,
         B_GROUP: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        INPLACE: tl.constexpr,
     ):
         """C[s, m, n] = sum over this split's K steps of (A[m, k-step] . B[n, k-step]) * a_s[m, step] * b_s[n', step]
         with n' = n // B_GROUP (128: weight blocks; 1: per-row 1x128 scales). M_BUCKET only keys the autotuner.
 
-        Two ways to apply the scales (a config choice):
-        INPLACE=False  acc += dot(a, b) * scale: the partial product needs a second (BLOCK_M, BLOCK_N) register tile;
-        INPLACE=True   the accumulator is kept in units of the current step's scale and rescaled before the tensor
-                       cores accumulate into it: acc = dot(a, b, acc * prev_scale / scale); no second tile, so larger
-                       tiles fit in registers. The final scale is applied once at the end.
+        Each 128-K step's partial product comes out of the tensor cores on its own and is scaled into the float32
+        accumulator (acc += dot(a, b) * scale). Accumulating into acc inside the tensor cores and rescaling acc
+        instead (acc = dot(a, b, acc * prev_scale / scale)) saves a register tile but puts the whole running sum
+        through the tensor cores' ~14-bit accumulation: measured on the H200, the error at K = 16384 grew from
+        3.4e-3 to 1.3e-2 of max |C| (bench/results/fp8_notes.md), which is the promotion V3 exists to avoid.
         When a BLOCK_N tile lies inside one 128-wide weight block (B_GROUP >= BLOCK_N), b's scale is one scalar per
         step, and the per-element work is one multiply-add instead of an outer product and a multiply-add.
         """
@@ -392,11 +395,6 @@ if HAVE_TRITON:
         else:
             bs_ptrs = bs_ptr + (offs_n // B_GROUP) * stride_bsn + k_lo
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        prev_a = tl.full((BLOCK_M,), 1.0, tl.float32)
-        if SCALAR_B:
-            prev_b = 1.0
-        else:
-            prev_b = tl.full((BLOCK_N,), 1.0, tl.float32)
         for kb in range(k_lo, k_hi):
             if EVEN_K:
                 a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
@@ -410,27 +408,14 @@ if HAVE_TRITON:
                 b_s = tl.load(bs_ptrs)
             else:
                 b_s = tl.load(bs_ptrs, mask=mask_n, other=1.0)
-            if INPLACE:
-                if SCALAR_B:
-                    acc = tl.dot(a, tl.trans(b), acc * ((prev_a / a_s) * (prev_b / b_s))[:, None])
-                else:
-                    acc = tl.dot(a, tl.trans(b), acc * (prev_a / a_s)[:, None] * (prev_b / b_s)[None, :])
-                prev_a = a_s
-                prev_b = b_s
+            if SCALAR_B:
+                acc += tl.dot(a, tl.trans(b)) * (a_s * b_s)[:, None]  # promote every 128 K (V3P 3.3.2)
             else:
-                if SCALAR_B:
-                    acc += tl.dot(a, tl.trans(b)) * (a_s * b_s)[:, None]  # promote every 128 K (V3P 3.3.2)
-                else:
-                    acc += tl.dot(a, tl.trans(b)) * (a_s[:, None] * b_s[None, :])
+                acc += tl.dot(a, tl.trans(b)) * (a_s[:, None] * b_s[None, :])
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
             as_ptrs += 1
             bs_ptrs += 1
-        if INPLACE:
-            if SCALAR_B:
-                acc = acc * (prev_a * prev_b)[:, None]
-            else:
-                acc = acc * prev_a[:, None] * prev_b[None, :]
         c_ptrs = c_ptr + pid_k * stride_cs + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -446,15 +431,14 @@ if HAVE_TRITON:
 
     def _gemm_configs():
         cfg = []
-        for bm, bn, w, s, inplace in [
+        for bm, bn, w, s in [
             # large M. Shared memory per stage is (BM + BN) * 128 bytes; 96 KB or less lets two CTAs share an SM,
             # so one CTA's scaling arithmetic overlaps the other's tensor-core work.
-            (128, 128, 8, 4, False), (128, 128, 8, 3, False), (128, 128, 4, 3, False), (128, 128, 8, 3, True),
-            (128, 256, 8, 3, True), (256, 128, 8, 3, True), (128, 64, 4, 4, False),
+            (128, 128, 8, 4), (128, 128, 8, 3), (128, 128, 4, 3), (128, 64, 4, 4), (128, 256, 8, 3),
             # M <= 128: one 64-row tile in M, narrow in N, split K
-            (64, 64, 4, 4, False), (64, 128, 4, 4, False), (64, 128, 4, 3, True), (64, 256, 4, 3, True),
+            (64, 64, 4, 4), (64, 128, 4, 4), (64, 128, 4, 3), (64, 64, 4, 6),
         ]:
-            cfg.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": 8, "INPLACE": inplace},
+            cfg.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": 8},
                                      num_warps=w, num_stages=s))
         return cfg
 
@@ -477,9 +461,9 @@ AUTOTUNE = os.environ.get("MINIDS_AUTOTUNE", "1") != "0"  # 0: one heuristic con
 
 def _heuristic_config(M: int) -> dict:
     if M <= 128:
-        return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "INPLACE": False, "num_warps": 4,
+        return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4,
                 "num_stages": 4}
-    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "INPLACE": False, "num_warps": 8,
+    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8,
             "num_stages": 3}
 
 
@@ -528,7 +512,7 @@ def fp8_gemm(
         _fp8_gemm_kernel[grid](
             a, b, c, a_s, b_s, M, N, K, _m_bucket(M), a.stride(0), b.stride(0), c.stride(0), c.stride(1),
             a_s.stride(0), b_s.stride(0), B_GROUP=b_group, SPLIT_K=split, EVEN_K=even_k,
-            BLOCK_M=32, BLOCK_N=32, BLOCK_K=block, GROUP_M=4, INPLACE=M % 2 == 1,  # odd M: the in-place form
+            BLOCK_M=32, BLOCK_N=32, BLOCK_K=block, GROUP_M=4,
         )
     else:
         split = _split_k(M, N, nk, torch.cuda.get_device_properties(a.device).multi_processor_count)

@@ -58,7 +58,7 @@ def _fmt(fmt: str) -> tuple[torch.dtype, float]:
 
 def _scale(amax: torch.Tensor, fmax: float, ue8m0: bool) -> torch.Tensor:
     """amax / fmax, optionally rounded up to a power of two (never under-scaled)."""
-    s = amax.float().clamp(min=_AMAX_FLOOR) / fmax
+    s = (amax.double().clamp(min=_AMAX_FLOOR) / fmax).float()  # correctly rounded (CUDA's x / scalar is x * (1/scalar))
     if not ue8m0:
         return s
     m, e = torch.frexp(s)  # s = m * 2^e, 0.5 <= m < 1; s >= 1e-4 / 57344 is a normal float
