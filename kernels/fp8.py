@@ -21,12 +21,12 @@ accumulator (V3P 3.3.2's promotion every N_C = 128). Tails in M, N and K are mas
 Autotuning is keyed on (M bucket, N, K): the official kernel keys on (N, K) alone, so the first M it
 sees picks the tiles for every other M. Small M uses narrow tiles and split-K so that all 132 SMs work.
 
-Exact rounding: the kernels round to the FP8 grid with float32 bit arithmetic (round to nearest even) and
-then convert a value the format represents exactly. Neither of Triton's own float32 -> FP8 conversions is
-the correctly rounded one: the interpreter's drops the carry into the exponent (127.8 becomes 64 in
-E4M3), and on the H200 (Triton 3.6) one element in a few hundred landed one FP8 step away from torch's
-conversion whenever the scale was not a power of two (consistent with rounding twice, through float16),
-while power-of-two (UE8M0) scales, whose quotients have few bits, matched exactly.
+Exact rounding: x / s is taken in float64 and rounded once to float32 (the correctly rounded quotient), then
+rounded to the FP8 grid with float32 bit arithmetic (round to nearest even), and only then converted, so the
+result is bit-identical to the reference on the GPU and in the interpreter. Why each step: the interpreter's
+float32 -> FP8 conversion drops the carry into the exponent (127.8 becomes 64 in E4M3); on the H200, Triton's
+``div_rn`` differed from the correctly rounded quotient in about 1 of 2000 elements. It costs speed (rates with
+and without it: bench/results/kernels_notes.md).
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ import math
 import os
 
 import torch
-
 from minids.kernels import HAVE_TRITON, INTERPRET
 
 __all__ = ["act_quant", "act_quant_both", "act_quant_t", "fp8_gemm", "weight_dequant", "weight_quant"]
@@ -85,19 +84,17 @@ if HAVE_TRITON:
         return s
 
     @triton.jit
-    def _quantize(x, s, FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, EXACT: tl.constexpr):
+    def _quantize(x, s, FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr):
         # x / s correctly rounded: float64 quotient rounded once to float32 (H200: div_rn differed from it in
         # about 1 of 2000 quotients)
         y = (x.to(tl.float64) / s.to(tl.float64)).to(tl.float32)
         y = tl.minimum(tl.maximum(y, -FMAX), FMAX)
-        if EXACT:
-            y = _round_to_grid(y, MBITS, EMIN)
-        return y
+        return _round_to_grid(y, MBITS, EMIN)  # exactly representable: the FP8 conversion after it is exact
 
     @triton.jit
     def _act_quant_kernel(
         x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm,
-        FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, UE8M0: tl.constexpr, EXACT: tl.constexpr,
+        FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, UE8M0: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK: tl.constexpr,
     ):
         """q[m, k] = x[m, k] / s[m, k // BLOCK]; one program: BLOCK_M rows x one BLOCK-wide tile."""
@@ -108,7 +105,7 @@ if HAVE_TRITON:
         rows64 = rows.to(tl.int64)
         x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         s = _scale_of(tl.max(tl.abs(x), axis=1), FMAX, UE8M0)  # (BLOCK_M,)
-        q = _quantize(x, s[:, None], FMAX, MBITS, EMIN, EXACT)
+        q = _quantize(x, s[:, None], FMAX, MBITS, EMIN)
         tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(s_ptr + rows64 * stride_sm + pid_k, s, mask=rows < M)
 
@@ -116,7 +113,7 @@ if HAVE_TRITON:
     def _act_quant_t_kernel(
         x_ptr, xs_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_xsm, stride_qk, stride_sk,
         HAS_IN_SCALE: tl.constexpr, IN_BLOCK: tl.constexpr,
-        FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, UE8M0: tl.constexpr, EXACT: tl.constexpr,
+        FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, UE8M0: tl.constexpr,
         BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """x (M, K) -> q (K, M) in BLOCK x 1 tiles along M: one program reads (BLOCK tokens x BLOCK_K) and writes
@@ -131,7 +128,7 @@ if HAVE_TRITON:
             xs = tl.load(xs_ptr + rows64[:, None] * stride_xsm + (cols // IN_BLOCK)[None, :], mask=mask, other=0.0)
             x = x * xs
         s = _scale_of(tl.max(tl.abs(x), axis=0), FMAX, UE8M0)  # (BLOCK_K,): one per column over BLOCK tokens
-        q = _quantize(x, s[None, :], FMAX, MBITS, EMIN, EXACT)
+        q = _quantize(x, s[None, :], FMAX, MBITS, EMIN)
         cols64 = cols.to(tl.int64)
         q_ptrs = q_ptr + cols64[None, :] * stride_qk + rows[:, None]
         tl.store(q_ptrs, q.to(q_ptr.dtype.element_ty), mask=mask)
@@ -140,7 +137,7 @@ if HAVE_TRITON:
     @triton.jit
     def _act_quant_both_kernel(
         x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_qtk, stride_stk,
-        FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, UE8M0: tl.constexpr, EXACT: tl.constexpr,
+        FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, UE8M0: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         """One read of a (BLOCK x BLOCK) tile of x (M, K); writes its 1 x BLOCK quantization into q (M, K) and its
@@ -153,11 +150,11 @@ if HAVE_TRITON:
         x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         ax = tl.abs(x)
         s = _scale_of(tl.max(ax, axis=1), FMAX, UE8M0)
-        q = _quantize(x, s[:, None], FMAX, MBITS, EMIN, EXACT)
+        q = _quantize(x, s[:, None], FMAX, MBITS, EMIN)
         tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(s_ptr + rows64 * stride_sm + pid_k, s, mask=rows < M)
         st = _scale_of(tl.max(ax, axis=0), FMAX, UE8M0)
-        qt = _quantize(x, st[None, :], FMAX, MBITS, EMIN, EXACT)
+        qt = _quantize(x, st[None, :], FMAX, MBITS, EMIN)
         tl.store(qt_ptr + cols64[None, :] * stride_qtk + rows[:, None], qt.to(qt_ptr.dtype.element_ty), mask=mask)
         tl.store(st_ptr + cols64 * stride_stk + pid_m, st, mask=cols < K)
 
@@ -165,7 +162,7 @@ if HAVE_TRITON:
     def _weight_quant_kernel(
         w_ptr, q_ptr, qt_ptr, s_ptr, O, I, stride_wo, stride_qo, stride_qti, stride_so,
         WRITE_T: tl.constexpr,
-        FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, UE8M0: tl.constexpr, EXACT: tl.constexpr,
+        FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, UE8M0: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         """One (BLOCK x BLOCK) block of w (O, I): its scale, its FP8 values, and optionally the transposed copy."""
@@ -176,7 +173,7 @@ if HAVE_TRITON:
         rows64, cols64 = rows.to(tl.int64), cols.to(tl.int64)
         w = tl.load(w_ptr + rows64[:, None] * stride_wo + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         s = _scale_of(tl.max(tl.max(tl.abs(w), axis=1), axis=0), FMAX, UE8M0)
-        q = _quantize(w, s, FMAX, MBITS, EMIN, EXACT).to(q_ptr.dtype.element_ty)
+        q = _quantize(w, s, FMAX, MBITS, EMIN).to(q_ptr.dtype.element_ty)
         tl.store(q_ptr + rows64[:, None] * stride_qo + cols[None, :], q, mask=mask)
         if WRITE_T:
             tl.store(qt_ptr + cols64[None, :] * stride_qti + rows[:, None], q, mask=mask)
@@ -215,7 +212,7 @@ def _buf(out, i: int, shape, dtype: torch.dtype, device) -> torch.Tensor:
 
 def _flags(fmt: str, ue8m0: bool) -> dict:
     _, fmax, mbits, emin = _fmt(fmt)
-    return {"FMAX": fmax, "MBITS": mbits, "EMIN": emin, "UE8M0": bool(ue8m0), "EXACT": True}
+    return {"FMAX": fmax, "MBITS": mbits, "EMIN": emin, "UE8M0": bool(ue8m0)}
 
 
 def act_quant(
@@ -363,7 +360,7 @@ if HAVE_TRITON:
         accumulator (acc += dot(a, b) * scale). Accumulating into acc inside the tensor cores and rescaling acc
         instead (acc = dot(a, b, acc * prev_scale / scale)) saves a register tile but puts the whole running sum
         through the tensor cores' ~14-bit accumulation: measured on the H200, the error at K = 16384 grew from
-        3.4e-3 to 1.3e-2 of max |C| (bench/results/fp8_notes.md), which is the promotion V3 exists to avoid.
+        3.4e-3 to 1.3e-2 of max |C| (bench/results/kernels_notes.md), which is the promotion V3 exists to avoid.
         When a BLOCK_N tile lies inside one 128-wide weight block (B_GROUP >= BLOCK_N), b's scale is one scalar per
         step, and the per-element work is one multiply-add instead of an outer product and a multiply-add.
         """
