@@ -44,7 +44,7 @@ from __future__ import annotations
 import torch
 from minids.kernels import HAVE_TRITON, INTERPRET
 
-from minids.moe import MoEAlignment, moe_align
+from minids.moe import MoEAlignment, _compute_dtype, moe_align
 
 __all__ = ["block_m_for", "moe_experts"]
 
@@ -353,11 +353,6 @@ class _MoEExpertsFn(torch.autograd.Function):
         dwu = _wgrad(du, x, al, route_w, top_k, E, a_gather=False, b_gather=True) if ctx.needs_input_grad[5] else None
         dwd = _wgrad(dy_c, h, al, route_w, top_k, E, a_gather=True, b_gather=False) if ctx.needs_input_grad[6] else None
         return dx, d_route, None, None, dwg, dwu, dwd, None, None
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
 def moe_experts(

@@ -14,20 +14,10 @@ from minids.kernels import HAVE_TRITON
 
 from minids.moe import moe_align, moe_experts
 
-pytestmark = pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed")
+pytestmark = [pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed"),
+              pytest.mark.usefixtures("nan_poison")]
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(autouse=True)
-def nan_poison():
-    was = torch.are_deterministic_algorithms_enabled()
-    fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(was)
-    torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -12,7 +12,8 @@ from minids.kernels import HAVE_TRITON
 
 from minids.norm import RMSNorm, add_rms_norm, rms_norm
 
-pytestmark = pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed")
+pytestmark = [pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed"),
+              pytest.mark.usefixtures("nan_poison")]
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
 # float32: same formula, different summation order over D <= 7168: a few float32 ulps of O(1) values.
@@ -22,18 +23,6 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32] + ([torch.bfloat16] if device == "cuda" else [])
 SHAPES = [(1, 1), (7, 33), (3, 5, 1024), (2, 7168), (127, 100), (0, 64)]
 EPS = 1e-6
-
-
-@pytest.fixture(autouse=True)
-def nan_poison():
-    """torch.empty returns NaN-filled memory while the test runs (torch.utils.deterministic.fill_uninitialized_memory)."""
-    was = torch.are_deterministic_algorithms_enabled()
-    fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(was)
-    torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 def close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> None:
