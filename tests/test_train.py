@@ -267,6 +267,26 @@ def bad_run(cfg: TrainConfig, *needles: str) -> str:
     return msg
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs RLIMIT_AS (an address-space limit)")
+def test_batch_too_large_for_memory(tmp_path):
+    """A micro-batch that does not fit: the trainer runs in a process limited to 3 GiB of address space, so the
+    forward's allocations fail as they would when RAM runs out (about 2.4 GB is touched first, 5 s). The error
+    names the size tried and what to do, in one line, and no checkpoint is left behind."""
+    data = write_corpus(tmp_path / "src", n_files=16)  # ~60 KB: enough for 1024-token windows
+    run = tmp_path / "run"
+    argv = ["train", "--model", "tiny-v3", "--data", str(data), "--batch_size", "128", "--seq_len", "1024",
+            "--max_steps", "1", "--plots", "false", "--sample_tokens", "0", "--out_dir", str(run)]
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30)); "
+            f"from minids.cli import main; sys.exit(main({argv!r}))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stderr[-2000:]
+    errors = [line for line in p.stderr.splitlines() if "out of memory" in line]
+    assert errors == ["minids train: out of memory on cpu with a micro-batch of 128 x 1024 tokens: lower "
+                      "--batch_size (and raise --grad_accum to keep the batch)"], p.stderr[-2000:]
+    assert not (run / "checkpoints").exists() or not list((run / "checkpoints").iterdir())
+    assert not list(run.rglob("*.tmp"))
+
+
 def test_missing_data_path(corpus, tmp_path):
     bad_run(tiny_cfg(corpus, tmp_path / "run", data=str(tmp_path / "no_such_dir")), "no_such_dir", "no such file")
 
