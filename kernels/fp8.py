@@ -37,6 +37,8 @@ import os
 import torch
 from minids.kernels import HAVE_TRITON, INTERPRET
 
+from minids.fp8 import _gemm_check
+
 __all__ = ["act_quant", "act_quant_both", "act_quant_t", "fp8_gemm", "weight_dequant", "weight_quant"]
 
 if HAVE_TRITON:
@@ -210,6 +212,13 @@ def _buf(out, i: int, shape, dtype: torch.dtype, device) -> torch.Tensor:
     return t
 
 
+def _tokens_by_features(x: torch.Tensor, name: str) -> torch.Tensor:
+    """x as a 2-D (tokens, features) tensor with unit stride along features, or a one-line error."""
+    if x.dim() != 2:
+        raise ValueError(f"{name} needs a 2-D (tokens, features) tensor, got shape {tuple(x.shape)}")
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def _flags(fmt: str, ue8m0: bool) -> dict:
     _, fmax, mbits, emin = _fmt(fmt)
     return {"FMAX": fmax, "MBITS": mbits, "EMIN": emin, "UE8M0": bool(ue8m0)}
@@ -249,10 +258,7 @@ def act_quant_t(
     dequantized on load (``act_quant_t(act_dequant(x, in_scale))`` in one pass, for the cached activations)."""
     _check_block(block)
     dtype = _fmt(fmt)[0]
-    if x.dim() != 2:
-        raise ValueError(f"act_quant_t needs a 2-D (tokens, features) tensor, got shape {tuple(x.shape)}")
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    x = _tokens_by_features(x, "act_quant_t")
     M, K = x.shape
     nb = math.ceil(M / block)
     q = _buf(out, 0, (K, M), dtype, x.device)
@@ -276,10 +282,7 @@ def act_quant_both(
     qt (K, M), st (K, ceil(M/b)))."""
     _check_block(block)
     dtype = _fmt(fmt)[0]
-    if x.dim() != 2:
-        raise ValueError(f"act_quant_both needs a 2-D (tokens, features) tensor, got shape {tuple(x.shape)}")
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    x = _tokens_by_features(x, "act_quant_both")
     M, K = x.shape
     q = _buf(out, 0, (M, K), dtype, x.device)
     s = _buf(out, 1, (M, math.ceil(K / block)), torch.float32, x.device)
@@ -488,8 +491,6 @@ def fp8_gemm(
     a: (M, K) FP8, a_s: (M, ceil(K/b)); b: (N, K) FP8 with b_s (ceil(N/b), ceil(K/b)) 128x128 block scales
     (weights) or (N, ceil(K/b)) 1x128 scales (Wgrad: both operands quantized along the token dim).
     """
-    from minids.fp8 import _gemm_check
-
     M, N, K, b_group = _gemm_check(a, a_s, b, b_s, block)
     if block != 128:
         raise ValueError(f"block={block}: the Triton FP8 GEMM implements DeepSeek-V3's 128")

@@ -18,6 +18,7 @@ Shapes: B batch, P longest prompt, V vocabulary.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -69,6 +70,17 @@ def _decoder(model, prompts, max_new_tokens, speculative, **kw) -> Decoder:
     return Decoder(model, len(prompts), need, max_new_tokens, speculative=speculative, **kw)
 
 
+@contextmanager
+def _eval_mode(model):
+    """Decode in eval mode and give the model back in the mode it came in, also on an error."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def stream(
     model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
@@ -84,9 +96,7 @@ def stream(
     """
     if max_new_tokens <= 0:
         return
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         dec = _decoder(model, prompts, max_new_tokens, False, temperature=temperature, top_k=top_k, top_p=top_p,
                        stop_tokens=stop_tokens, generator=generator, mla_impl=mla_impl, cuda_graphs=cuda_graphs)
         dec.prefill(prompts)
@@ -96,8 +106,6 @@ def stream(
             if step == max_new_tokens - 1 or (len(stop_tokens) and bool(s["finished"].all())):
                 break
             dec.step()
-    finally:
-        model.train(was_training)
 
 
 @torch.no_grad()
@@ -114,14 +122,10 @@ def generate(
     if max_new_tokens <= 0:
         _check_prompts(model, prompts, 0)
         return [[] for _ in prompts]
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         dec = _decoder(model, prompts, max_new_tokens, False, temperature=temperature, top_k=top_k, top_p=top_p,
                        stop_tokens=stop_tokens, generator=generator, mla_impl=mla_impl, cuda_graphs=cuda_graphs)
         return dec.generate(prompts)
-    finally:
-        model.train(was_training)
 
 
 @torch.no_grad()
@@ -143,12 +147,8 @@ def speculative_generate(
     if max_new_tokens <= 0:
         _check_prompts(model, prompts, 0)
         return [[] for _ in prompts], {"drafted": 0, "accepted": 0, "acceptance": 0.0, "tokens_per_step": 0.0}
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         dec = _decoder(model, prompts, max_new_tokens, True, temperature=temperature, top_k=top_k, top_p=top_p,
                        stop_tokens=stop_tokens, generator=generator, mla_impl=mla_impl, cuda_graphs=cuda_graphs)
         tokens = dec.generate(prompts)
         return tokens, dec.stats()
-    finally:
-        model.train(was_training)

@@ -142,7 +142,7 @@ def grouped_mm_available(device: torch.device | str, dtype: torch.dtype) -> bool
                 a = torch.zeros(16, 16, device=key[0], dtype=dtype)
                 b = torch.zeros(2, 16, 16, device=key[0], dtype=dtype)
                 torch._grouped_mm(a, b.transpose(-2, -1), offs=torch.tensor([8, 16], device=key[0], dtype=torch.int32))
-            except (RuntimeError, NotImplementedError, TypeError):
+            except (RuntimeError, NotImplementedError, TypeError):  # this torch has no kernel here: use the loop
                 ok = False
         _GROUPED_OK[key] = ok
     return _GROUPED_OK[key]
