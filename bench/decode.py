@@ -3,6 +3,7 @@
     python3 bench/decode.py --out DIR                     # full sweep (H200: about 2-3 minutes)
     python3 bench/decode.py --out DIR --quick             # reduced sweep
     python3 bench/decode.py --out DIR --ckpt runs/mtp3m/checkpoints/step-0000732   # + MTP speculation, trained
+    python3 bench/decode.py --out DIR --only spec --ckpt CK1 --ckpt CK2    # speculation rows only -> decode-spec.*
 
 Model: the issue's small DeepSeek-V3-style model (configs/small-v3.json cut to 4 layers: dim 1024, 16 heads,
 kv_lora 256, nope 64, rope 32, v 64, 16 experts top-4 + 1 shared, moe_inter 512, dense inter 2816, vocab
@@ -220,7 +221,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--quick", action="store_true", help="reduced sweep")
-    ap.add_argument("--ckpt", default=None, help="a trained checkpoint with MTP for the speculation rows")
+    ap.add_argument("--ckpt", action="append", default=[],
+                    help="a trained checkpoint with MTP for the speculation rows (repeat for several)")
+    ap.add_argument("--only", choices=("all", "sweep", "spec"), default="all",
+                    help="sweep: the batch x cache-length table only; spec: the speculation rows only")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/decode.py needs a CUDA GPU")
@@ -257,7 +261,7 @@ def main() -> None:
         ("minids graphs (absorbed)", lambda B, L: decoder_run(model, B, L, g, graphs=True, impl="absorbed"), "auto"),
         ("minids graphs (naive)", lambda B, L: decoder_run(model, B, L, g, graphs=True, impl="naive"), "auto"),
     ]
-    for L in lengths:
+    for L in lengths if args.only != "spec" else ():
         for B in batches:
             for name, make, moe in variants:
                 if name.startswith(("eager", "minids eager")) and L not in eager_lengths:
@@ -307,21 +311,23 @@ def main() -> None:
     spec_rows = []
     print("speculation (MTP depth 1, greedy unless noted):", flush=True)
     gp = torch.Generator().manual_seed(1)
-    for B in (1, 8):  # the random small model: the cost of a speculative step (drafts are random)
+    for B in (1, 8) if args.only != "sweep" else ():  # random weights: the cost of a speculative step (drafts random)
         prompts = torch.randint(0, cfg.vocab_size, (B, 1024), generator=gp).tolist()
         spec_rows += speculation_rows(model, prompts, 64, reps, "small-v3 random weights")
     torch.cuda.empty_cache()
-    if args.ckpt:
+    for ck in args.ckpt if args.only != "sweep" else ():
         try:
-            trained, prompts = checkpoint_prompts(Path(args.ckpt), 8, 64)
+            trained, prompts = checkpoint_prompts(Path(ck), 8, 64)
+            label = f"trained {Path(ck).name} ({trained.cfg.num_hidden_layers} layers)"
             for B in (1, 8):
-                spec_rows += speculation_rows(trained, prompts[:B], 128, reps, f"trained {Path(args.ckpt).name}")
-            spec_rows += speculation_rows(trained, prompts, 128, reps, f"trained {Path(args.ckpt).name}, T=1",
-                                          temperature=1.0)
+                spec_rows += speculation_rows(trained, prompts[:B], 128, reps, label)
+            spec_rows += speculation_rows(trained, prompts, 128, reps, f"{label}, T=1", temperature=1.0)
+            del trained
+            torch.cuda.empty_cache()
         except Exception as e:  # noqa: BLE001  a failing peer prints one line
-            print(f"  checkpoint {args.ckpt}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+            print(f"  checkpoint {ck}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
             spec_rows.append({"row": "checkpoint", "error": f"{type(e).__name__}: {e}"[:500]})
-    else:
+    if not args.ckpt:
         print("  (no --ckpt: the trained-model speculation rows are skipped)", flush=True)
     record["speculation"] = spec_rows
 
@@ -352,8 +358,9 @@ def main() -> None:
     text = "\n".join(md) + "\n"
     print()
     print(text)
-    (out_dir / "decode.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
-    (out_dir / "decode.md").write_text(text)
+    name = "decode" if args.only == "all" else f"decode-{args.only}"
+    (out_dir / f"{name}.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
+    (out_dir / f"{name}.md").write_text(text)
     if any(math.isnan(r.get("tok_s", 0.0)) for r in rows):
         sys.exit("a row measured NaN")
 

@@ -3,6 +3,7 @@ loop (both ``minids.moe.moe_experts``), forward and forward+backward, balanced a
 
     python3 bench/moe.py --out bench/results          # all tiers (under 4 minutes on an H200)
     python3 bench/moe.py --out /tmp/r --quick         # the V2-Lite tier only
+    python3 bench/moe.py --out /tmp/r --tiers v2-lite --profile   # + the CUDA time of each kernel of one fwd+bwd
 
 What is timed: the routed experts for a given routing (weights, indices), plus the shared experts (a cuBLAS SwiGLU
 MLP, the same in every column), as the MoE layer computes them; the router's (N, E) GEMM and top-k are left out, so
@@ -119,10 +120,49 @@ def bench_tier(tier: str, ceiling: float, g: torch.Generator) -> list[dict]:
     return rows
 
 
+def profile_tier(tier: str, g: torch.Generator) -> list[dict]:
+    """CUDA time per kernel of one Triton forward+backward at a tier (balanced routing), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    N, D, E, I, K, _ = TIERS[tier]
+    dt = torch.bfloat16
+    x = torch.randn(N, D, device="cuda", dtype=dt, generator=g).requires_grad_()
+    ws = [(torch.randn(*sh, device="cuda", dtype=dt, generator=g) / math.sqrt(sh[-1])).requires_grad_()
+          for sh in ((E, I, D), (E, I, D), (E, D, I))]
+    weights, indices = draw_routing(N, E, K, "balanced", g)
+    weights.requires_grad_()
+    dy = torch.randn(N, D, device="cuda", dtype=dt, generator=g)
+
+    def step() -> None:
+        y, _ = moe_experts(x, weights, indices, *ws, impl="triton")
+        torch.autograd.grad(y, [x, weights, *ws], dy)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", 0) or getattr(ev, "cuda_time_total", 0)
+        if us > 0:
+            rows.append({"tier": tier, "kernel": ev.key[:90], "calls_per_step": ev.count / 5, "ms_per_step": us / 5e3})
+    rows.sort(key=lambda r: -r["ms_per_step"])
+    total = sum(r["ms_per_step"] for r in rows)
+    print(f"profile {tier}: {total:.3f} ms of kernels per forward+backward (routed experts only)")
+    for r in rows[:15]:
+        print(f"  {r['ms_per_step']:8.3f} ms  {r['calls_per_step']:4.1f}x  {r['kernel']}")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     ap.add_argument("--quick", action="store_true", help="the V2-Lite tier only")
+    ap.add_argument("--tiers", nargs="+", choices=list(TIERS), help="the tiers to run (default all)")
+    ap.add_argument("--profile", action="store_true", help="also time each kernel of the Triton path per tier")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/moe.py needs a CUDA GPU")
@@ -130,7 +170,7 @@ def main() -> None:
     ceiling = matmul_tflops()
     meta["matmul_bf16_TFLOPs"] = round(ceiling, 1)
     print(f"{meta['device']}: bf16 matmul {ceiling:.0f} TFLOP/s")
-    tiers = ["v2-lite"] if args.quick else list(TIERS)
+    tiers = args.tiers or (["v2-lite"] if args.quick else list(TIERS))
     rows = []
     g = torch.Generator(device="cuda").manual_seed(0)
     for tier in tiers:
@@ -140,6 +180,10 @@ def main() -> None:
             "fwd_bwd_TFLOPs", "fwd_bwd_of_ceiling", "fwd_speedup_vs_grouped", "fwd_bwd_speedup_vs_grouped",
             "rel_err_vs_triton"]
     print(write_results(args.out, "moe", meta, rows, cols, NOTES))
+    if args.profile:
+        prof = [r for tier in tiers for r in profile_tier(tier, g)]
+        write_results(args.out, "moe_profile", meta, prof, ["tier", "kernel", "calls_per_step", "ms_per_step"],
+                      "CUDA time per kernel of one Triton forward+backward of the routed experts (torch.profiler).")
 
 
 if __name__ == "__main__":

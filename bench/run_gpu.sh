@@ -55,8 +55,19 @@ if [[ $what == kernels ]]; then
       cat $res/test.log >> $res/gpu_kernel_tests.log
     done
   fi
+  cks=""; [[ -d runs/mtp3m-ckpt ]] && cks="--ckpt runs/mtp3m-ckpt"
+  if [[ -n ${TRAIN_MTP:-} ]]; then
+    # a deeper trained model for the speculation rows: tiny-v3 with 8 layers (the MTP layer is then 1/8 of the main
+    # model, not 1/4), 3M tokens of the standard library with the settings of runs/mtp3m, trained on this GPU
+    python3 -m minids.cli train --model tiny-v3 --model_overrides '{"num_hidden_layers": 8}' --max_tokens 3000000 \
+      --batch_size 16 --seq_len 256 --lr 0.002 --warmup_steps 30 --mtp_weight 0.3 --mtp_weight_final 0.1 \
+      --mtp_switch_fraction 0.676 --bias_gamma 0.001 --bias_gamma_final 0.0 --bias_freeze_fraction 0.966 \
+      --eval_interval 150 --ckpt_interval 1000 --plots false --out_dir /tmp/mtp8l > $res/train_mtp8l.log 2>&1
+    grep -v "it/s" $res/train_mtp8l.log | tail -n 4; cp /tmp/mtp8l/metrics.jsonl $res/mtp8l_metrics.jsonl
+    ck8=$(ls -d /tmp/mtp8l/checkpoints/step-* | tail -n 1); [[ -n $ck8 ]] && cks="$cks --ckpt $ck8"
+  fi
   for b in ${BENCHES:-fp8 mla_decode rmsnorm moe decode}; do
-    extra=""; [[ $b == decode && -d runs/mtp3m-ckpt ]] && extra="--ckpt runs/mtp3m-ckpt"; [[ $b == fp8 ]] && extra="${FP8_ARGS:-}"
+    extra=""; [[ $b == decode ]] && extra="$cks ${DECODE_ARGS:-}"; [[ $b == fp8 ]] && extra="${FP8_ARGS:-}"
     timeout ${BENCH_TIMEOUT:-300} python3 bench/$b.py --out $res $q $extra 2>&1 | grep -v -e "Loading weights" | tee $res/$b.log
   done
   tar czf "$OUT/kernels.tgz" -C $res .

@@ -45,6 +45,9 @@ class KVCache:
     mla_impl: str = "auto"
     first_layer: int = 0  # layer index of layers[0] (the MTP layers get a cache of their own)
     new_lens: torch.Tensor | None = field(default=None, repr=False)  # (B,) valid new tokens of the current step
+    _slots: torch.Tensor | None = field(default=None, repr=False)  # (B, S) where this step's tokens are written
+    _rows: torch.Tensor | None = field(default=None, repr=False)  # (B, 1) the batch index of each slot
+    _mask: torch.Tensor | None = field(default=None, repr=False)  # this step's attention mask, built on first use
 
     @classmethod
     def allocate(
@@ -81,6 +84,28 @@ class KVCache:
         """(B, S) absolute positions of the next S tokens of every sequence."""
         return self.lengths[:, None] + torch.arange(S, device=self.lengths.device)[None, :]
 
+    def begin(self, S: int, new_lens: torch.Tensor) -> torch.Tensor:
+        """Start a forward of S new tokens per sequence, new_lens (B,) of them real -> their positions (B, S).
+
+        Computes once per forward what every layer shares: the slots the tokens are written to (padding tokens go
+        to the spare slot) and, when a layer first asks for it, the attention mask (the Triton MLA kernel never
+        does). In a decode step of a small model these few index ops per layer are a visible share of the kernels.
+        """
+        self.new_lens = new_lens
+        pos = self.positions(S)  # (B, S)
+        real = torch.arange(S, device=pos.device)[None, :] < new_lens[:, None]
+        self._slots = torch.where(real, pos, self.max_len)
+        self._rows = torch.arange(pos.shape[0], device=pos.device)[:, None]
+        self._mask = None
+        return pos
+
+    @property
+    def step_mask(self) -> torch.Tensor:
+        """(B, 1, S, T+1) this step's mask (``mask``), shared by every layer; after ``begin``."""
+        if self._mask is None:
+            self._mask = self.mask(self._slots.shape[1])
+        return self._mask
+
     def mask(self, S: int) -> torch.Tensor:
         """(B, 1, S, T+1) True where query j of sequence b may attend to cache slot t (causal, valid)."""
         qpos = self.positions(S)  # (B, S)
@@ -89,13 +114,11 @@ class KVCache:
         return ((t[None, None, :] <= qpos[:, :, None]) & valid[:, None, :]).unsqueeze(1)  # (B, 1, S, T)
 
     def write(self, layer: int, a_new: torch.Tensor, b_new: torch.Tensor) -> LayerCache:
-        """Store S new entries per sequence at positions lengths[b] + j (one batched index_put)."""
+        """Store S new entries per sequence at positions lengths[b] + j (one batched index_put; after ``begin``)."""
         c = self.layers[layer - self.first_layer]
         B, S = a_new.shape[:2]
-        pos = self.positions(S)  # (B, S)
-        real = torch.arange(S, device=pos.device)[None, :] < self.new_lens[:, None]
-        pos = torch.where(real, pos, self.max_len)  # padding tokens go to the spare slot
-        rows = torch.arange(B, device=pos.device)[:, None].expand(B, S)
-        c.a[rows, pos] = a_new.to(c.a.dtype)
-        c.b[rows, pos] = b_new.to(c.b.dtype)
+        if self._slots is None or self._slots.shape != (B, S):
+            raise ValueError(f"cache.write of {S} tokens before cache.begin({S}, new_lens) for this step")
+        c.a[self._rows, self._slots] = a_new.to(c.a.dtype)
+        c.b[self._rows, self._slots] = b_new.to(c.b.dtype)
         return c

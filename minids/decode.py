@@ -144,19 +144,22 @@ class Decoder:
                           if speculative else None)
         self.stops = torch.tensor(list(stop_tokens), dtype=torch.long, device=dev)
         self.rows = torch.arange(B, device=dev)
+        self.offsets = torch.arange(2, device=dev)  # column offsets of the (up to) 2 tokens a step emits
         long = {"dtype": torch.long, "device": dev}
         # the static state: every step reads and writes these tensors in place (a graph replays on them)
+        pair = torch.zeros(B, 2, **long)  # [next input token, MTP's draft of the token after it]: one (B, 2) input
         self.state: dict[str, torch.Tensor] = {
             "lengths": self.cache.lengths,  # (B,) tokens in the main cache
-            "tokens": torch.zeros(B, **long),  # (B,) the next input token of each sequence
-            "draft": torch.zeros(B, **long),  # (B,) MTP's draft of the token after it (speculative)
+            "pair": pair,  # (B, 2) the speculative step's input; "tokens" and "draft" are its columns
+            "tokens": pair[:, 0],  # (B,) the next input token of each sequence
+            "draft": pair[:, 1],  # (B,) MTP's draft of the token after it (speculative)
             "finished": torch.zeros(B, dtype=torch.bool, device=dev),  # (B,) stop token seen or N tokens emitted
             "n_out": torch.zeros(B, **long),  # (B,) tokens emitted so far
             "out": torch.zeros(B, N + 2, **long),  # (B, N + 2) emitted tokens; the last 2 columns take discards
             "step_tokens": torch.zeros(B, **long),  # (B,) the token sampled by the last step (stream)
             "step_done": torch.zeros(B, dtype=torch.bool, device=dev),  # (B,) finished before the last step
-            "drafted": torch.zeros((), **long),  # verifications of active sequences
-            "accepted": torch.zeros((), **long),  # accepted drafts
+            "drafted": torch.zeros(B, **long),  # (B,) verifications while active, per sequence
+            "accepted": torch.zeros(B, **long),  # (B,) accepted drafts, per sequence
         }
         if speculative:
             self.state["mtp_lengths"] = self.mtp_cache.lengths
@@ -178,8 +181,6 @@ class Decoder:
         return sample_with_noise(logits, self.noise[k], self.temperature, self.top_k, self.top_p)
 
     def _is_stop(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.stops.numel() == 0:
-            return torch.zeros_like(tokens, dtype=torch.bool)
         return torch.isin(tokens, self.stops)
 
     def _forward(self, ids: torch.Tensor, new_lens: torch.Tensor):
@@ -196,13 +197,17 @@ class Decoder:
         self.mtp_cache.lengths = self.state["mtp_lengths"]
         return logits
 
-    def _emit(self, tok: torch.Tensor, emit: torch.Tensor, column: torch.Tensor) -> None:
-        """Record tok (B,) at out[b, column[b]] where emit (B,) is set; count it; finish on a stop or N tokens."""
+    def _emit(self, toks: torch.Tensor, emit: torch.Tensor) -> None:
+        """Record toks (B, k) at out[b, n_out[b] + j] where emit (B, k) is set (a prefix of the k columns), count
+        them, and finish a sequence on an emitted stop token or at N tokens. Discards land in a spare column."""
         s = self.state
-        col = torch.where(emit, column, self.max_new + 1)  # discarded tokens land in the spare column
-        s["out"].scatter_(1, col[:, None], tok[:, None])
-        s["n_out"].add_(emit.long())
-        s["finished"].logical_or_(emit & (self._is_stop(tok) | (s["n_out"] >= self.max_new)))
+        col = s["n_out"][:, None] + self.offsets[: toks.shape[1]]  # (B, k)
+        s["out"].scatter_(1, torch.where(emit, col, self.max_new + 1), toks)
+        s["n_out"].add_(emit.sum(1))
+        done = s["n_out"] >= self.max_new
+        if self.stops.numel():  # a static choice: decoders without stop tokens skip these kernels
+            done |= (self._is_stop(toks) & emit).any(1)
+        s["finished"].logical_or_(done)
 
     # ------------------------------------------------------------------------------------------ the steps
     def _plain_step(self) -> None:
@@ -213,7 +218,7 @@ class Decoder:
         nxt = self._sample(logits, 0)  # (B,)
         s["step_done"].copy_(~active)
         s["step_tokens"].copy_(nxt)
-        self._emit(nxt, active, s["n_out"])
+        self._emit(nxt[:, None], active[:, None])
         s["tokens"].copy_(nxt)
 
     def _speculative_step(self) -> None:
@@ -222,13 +227,17 @@ class Decoder:
         Greedy: the draft is kept iff it is the main model's argmax, so the output is plain greedy decoding's.
         Sampling (lossless): keep draft d ~ q with probability min(1, p(d) / q(d)), else draw the token from
         norm(max(0, p - q)); the kept tokens then follow the main model's distribution p.
+        Written with few kernels: on a small model a step is a few hundred launches, and every one added here
+        is paid at every step (the bookkeeping below is about a dozen).
         """
         s, rows = self.state, self.rows
         active = ~s["finished"]  # (B,)
-        nxt, draft = s["tokens"], s["draft"]
-        v = self._forward(torch.stack([nxt, draft], dim=1), 2 * active.long())  # (B, 2, V)
+        act = active.long()
+        draft = s["draft"]
+        v = self._forward(s["pair"], 2 * act)  # (B, 2, V) over [next, draft]
         if self.greedy:
-            fix = v.logits[:, 0].argmax(-1)  # (B,)
+            am = v.logits.argmax(-1)  # (B, 2): the main model's choice after next, and after the draft
+            fix, bonus = am[:, 0], am[:, 1]
             ok = fix == draft
         else:
             p = sampling_probs(v.logits[:, 0], self.temperature, self.top_k, self.top_p)  # (B, V)
@@ -237,25 +246,31 @@ class Decoder:
             resid = (p - q).clamp(min=0)
             resid = torch.where(resid.sum(-1, keepdim=True) > 0, resid, p)
             fix = (resid / self.noise[0].clamp_min(1e-30)).argmax(-1)  # a draw from norm(resid)
-        bonus = self._sample(v.logits[:, 1], 1)  # (B,) the token after an accepted draft
-        s["lengths"].sub_((~ok & active).long())  # roll back a rejected draft
-        first = torch.where(ok, draft, fix)  # (B,) the token after nxt
+            bonus = self._sample(v.logits[:, 1], 1)  # (B,) the token after an accepted draft
+        kept = ok & active  # (B,) sequences that keep 2 tokens
+        s["lengths"].sub_(act - kept.long())  # roll back a rejected draft
+        first = torch.where(ok, draft, fix)  # (B,) the token after next
+        toks = torch.stack([first, bonus], dim=1)  # (B, 2) the tokens this step may emit
         # MTP sees the main hidden states of the kept positions with the token that follows each
-        q_all = self._mtp(v.hidden, torch.stack([first, bonus], dim=1), (1 + ok.long()) * active.long())  # (B, 2, V)
-        q_logits = q_all[rows, ok.long()]  # (B, V) at the last kept position
-        new_draft = self._sample(q_logits, 2)
-        # bookkeeping: first (if active), then bonus (if accepted, first was no stop and the budget allows)
-        emit2 = active & ok & ~self._is_stop(first) & (s["n_out"] + 1 < self.max_new)
+        q_all = self._mtp(v.hidden, toks, act + kept.long())  # (B, 2, V)
+        pick = ok.long()  # the last kept position
+        if self.greedy:
+            new_draft = q_all.argmax(-1).gather(1, pick[:, None]).squeeze(1)  # (B,)
+        else:
+            q_logits = q_all[rows, pick]  # (B, V)
+            new_draft = self._sample(q_logits, 2)
+            s["q_logits"].copy_(q_logits)
+        # emit first (if active), then bonus (if kept, first was no stop and the budget allows)
+        second = kept & (s["n_out"] + 1 < self.max_new)
+        if self.stops.numel():
+            second &= ~self._is_stop(first)
         s["step_done"].copy_(~active)
         s["step_tokens"].copy_(first)
-        s["drafted"].add_(active.sum())
-        s["accepted"].add_((active & ok).sum())
-        self._emit(first, active, s["n_out"])
-        self._emit(bonus, emit2, s["n_out"])
+        s["drafted"].add_(act)
+        s["accepted"].add_(kept.long())
+        self._emit(toks, torch.stack([active, second], dim=1))
         s["tokens"].copy_(torch.where(ok, bonus, first))
-        s["draft"].copy_(new_draft)
-        if not self.greedy:
-            s["q_logits"].copy_(q_logits)
+        draft.copy_(new_draft)
 
     def _body(self) -> None:
         (self._speculative_step if self.speculative else self._plain_step)()
@@ -279,7 +294,7 @@ class Decoder:
         self._draw_noise()
         out = self._forward(ids, lens)
         nxt = self._sample(out.logits[rows, lens - 1], 0)  # (B,) the first new token
-        self._emit(nxt, torch.ones_like(s["finished"]), s["n_out"])
+        self._emit(nxt[:, None], torch.ones_like(s["finished"])[:, None])
         s["step_tokens"].copy_(nxt)
         s["tokens"].copy_(nxt)
         if self.speculative:
@@ -368,7 +383,7 @@ class Decoder:
     def stats(self) -> dict[str, float]:
         """Speculation counters: drafts verified for active sequences, accepted, their ratio, tokens per step."""
         s = self.state
-        drafted, accepted = int(s["drafted"]), int(s["accepted"])
+        drafted, accepted = int(s["drafted"].sum()), int(s["accepted"].sum())
         emitted = int(s["n_out"].sum()) - self.batch  # the prefill's tokens come from no verification step
         return {"drafted": drafted, "accepted": accepted, "acceptance": accepted / max(drafted, 1),
                 "tokens_per_step": emitted / max(drafted, 1)}

@@ -128,9 +128,7 @@ class Transformer(nn.Module):
         if not len(self.mtp):
             raise ValueError("this model has no MTP module (num_nextn_predict_layers=0): it cannot draft tokens")
         B, S = next_ids.shape
-        cache.new_lens = lengths if lengths is not None else torch.full((B,), S, device=next_ids.device)
-        positions = cache.positions(S)  # (B, S)
-        cache.step_mask = cache.mask(S)
+        positions = cache.begin(S, lengths if lengths is not None else torch.full((B,), S, device=next_ids.device))
         cos, sin = self.rotary(positions)
         _, h_normed, _ = self.mtp[0](hidden, self.model.embed_tokens(next_ids), cos, sin, cache)
         cache.lengths = cache.lengths + cache.new_lens
@@ -181,9 +179,7 @@ class Transformer(nn.Module):
         if cache is not None:
             if labels is not None:
                 raise ValueError("labels and cache together: train without a cache, decode with one")
-            cache.new_lens = lengths if lengths is not None else torch.full((B,), S, device=input_ids.device)
-            positions = cache.positions(S)  # (B, S)
-            cache.step_mask = cache.mask(S)  # (B, 1, S, T+1), shared by every layer of this step
+            positions = cache.begin(S, lengths if lengths is not None else torch.full((B,), S, device=input_ids.device))
         else:
             positions = torch.arange(S, device=input_ids.device).unsqueeze(0)  # (1, S)
         cos, sin = self.rotary(positions)  # (1 or B, S, R/2)

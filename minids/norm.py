@@ -31,19 +31,15 @@ def add_rms_norm(
     return rms_norm(s, weight, eps), s
 
 
-AUTO_MIN_DIM = 4096  # "auto" takes the kernel from this width up (H200, bench/results/rmsnorm-quick.md: at 7168 it
-# ran forward 3.74 TB/s against F.rms_norm's 2.76 and backward 2.61 against 1.57; at 1024 it was slower, 1.05
-# against 2.42 forward; widths in between are not measured)
-
-
 def _use_kernel(impl: str, x: torch.Tensor) -> bool:
-    """Whether the Triton RMSNorm runs: forced by impl="triton", or impl="auto" on CUDA with Triton for widths of at
-    least AUTO_MIN_DIM, not compiling."""
+    """Whether the Triton RMSNorm runs: forced by impl="triton", or impl="auto" on CUDA with Triton, not compiling.
+
+    "auto" takes the kernel at every width: the eager alternative is the reference formula above, six or seven
+    kernels (cast, square, mean, rsqrt, two products, cast) where the kernel is one launch and one pass."""
     if impl not in ("auto", "torch", "triton"):
         raise ValueError(f"RMSNorm impl={impl!r}: one of auto, torch, triton")
     # under torch.compile the eager formula is traced and fused by the compiler instead
-    if impl == "torch" or (impl == "auto" and (not x.is_cuda or torch.compiler.is_compiling()
-                                               or x.shape[-1] < AUTO_MIN_DIM)):
+    if impl == "torch" or (impl == "auto" and (not x.is_cuda or torch.compiler.is_compiling())):
         return False
     from minids.kernels import HAVE_TRITON
 
