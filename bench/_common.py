@@ -40,6 +40,23 @@ def median_ms(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) 
     return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
+def device_ms(fn: Callable[[], object], reps: int = 30) -> float:
+    """Milliseconds of GPU kernel time per fn() call: the summed durations of the CUDA kernels it launched
+    (torch.profiler), over reps calls after a warm-up. Unlike ``median_ms`` this leaves out host time (Python,
+    autograd, launch gaps), so a short kernel's bandwidth is its own; compare both columns to see host overhead."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    us = sum(ev.time_range.elapsed_us() for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA)
+    return us / reps / 1e3
+
+
 def copy_bandwidth_gbs(n_bytes: int = 2 << 30) -> float:
     """Device-to-device copy of n_bytes: (read + written) bytes / median time, in GB/s."""
     src = torch.empty(n_bytes // 2, dtype=torch.bfloat16, device="cuda").uniform_()

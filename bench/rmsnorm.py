@@ -24,19 +24,22 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import copy_bandwidth_gbs, matmul_tflops, median_ms, metadata, write_results
+from _common import copy_bandwidth_gbs, device_ms, matmul_tflops, median_ms, metadata, write_results
 from minids.kernels.rmsnorm import add_rms_norm as add_rms_norm_triton
 from minids.kernels.rmsnorm import rms_norm as rms_norm_triton
 
 from minids.norm import add_rms_norm, rms_norm
 
 EPS = 1e-6
-NOTES = """Notes. minids: one (rows x BLOCK_D) tile per program, several rows per tile at small D so each program moves
-~16 KB; the forward stores rstd so the backward does not reduce x twice; the backward runs 4 persistent programs per
-SM that keep dweight partials in registers and write one (P, D) float32 buffer that torch sums (no per-row-block
-partial rows, no atomics: no fixed floor at small D). The fused add writes s = x + residual and normalises it from
-registers. F.rms_norm does not round the normalised value to bf16 before the weight multiply (minids and
-transformers do); the bytes moved are the same."""
+NOTES = """Notes. minids: the forward normalises (rows x BLOCK_D) tiles of ~8K elements (several rows at small D) and
+stores rstd so the backward does not reduce x twice; the backward runs one wave of persistent programs (as many as
+the compiled kernel's registers let each SM hold), small 4-warp tiles up to D=2048, each program loading its next
+tile while it computes the current one and keeping dweight partials in registers, then one (P, D) float32 buffer
+that torch sums (no atomics). The fused add writes s = x + residual and normalises it from registers. F.rms_norm
+does not round the normalised value to bf16 before the weight multiply (minids and transformers do); the bytes
+moved are the same. *_ms columns: do_bench wall time per call (host overhead included
+where it exceeds the kernels); *_kernel_* columns: the summed GPU kernel time per call (torch.profiler), which is
+what the bandwidth targets are about."""
 
 
 def liger_norm(D: int) -> Callable | None:
@@ -75,8 +78,9 @@ def fused_peers(w: torch.Tensor) -> dict[str, Callable]:
     }
 
 
-def time_three(fn: Callable, sets: list[tuple], params: tuple) -> tuple[float, float, float]:
-    """Median ms of forward, backward alone, and forward+backward of y = fn(*inputs), rotating over input sets.
+def time_three(fn: Callable, sets: list[tuple], params: tuple) -> tuple[float, float, float, float, float]:
+    """Median ms of forward, backward alone, and forward+backward of y = fn(*inputs), rotating over input sets,
+    then the GPU kernel time alone of the forward and of the backward (``device_ms``: no host overhead).
 
     sets: ((inputs...), (output grads...)) pairs; params: the tensors besides the inputs that get gradients.
     """
@@ -94,6 +98,7 @@ def time_three(fn: Callable, sets: list[tuple], params: tuple) -> tuple[float, f
         torch.autograd.grad(outs, (*s[0], *params), s[1], retain_graph=True)
 
     b_ms = median_ms(bwd)
+    f_dev, b_dev = device_ms(lambda: fn(*next(cyc)[0])), device_ms(bwd)
     del graphs
 
     def fwd_bwd():
@@ -101,7 +106,7 @@ def time_three(fn: Callable, sets: list[tuple], params: tuple) -> tuple[float, f
         torch.autograd.grad(fwd_out(s), (*s[0], *params), s[1])
 
     fb_ms = median_ms(fwd_bwd)
-    return f_ms, b_ms, fb_ms
+    return f_ms, b_ms, fb_ms, f_dev, b_dev
 
 
 def main() -> None:
@@ -136,7 +141,7 @@ def main() -> None:
         cases += [("add_rms_norm", name, fn, (w,), fused, 4, 4) for name, fn in fused_peers(w).items()]
         for op, name, fn, params, sets, f_elems, b_elems in cases:
             try:
-                f_ms, b_ms, fb_ms = time_three(fn, sets, params)
+                f_ms, b_ms, fb_ms, f_dev, b_dev = time_three(fn, sets, params)
             except Exception as e:  # noqa: BLE001  a failing peer is one line, the sweep continues
                 print(f"{op} D={D} {name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
                 continue
@@ -148,13 +153,16 @@ def main() -> None:
                 "fwd_ms": f_ms, "fwd_TBps": f_gbs / 1e3, "fwd_of_copy": f_gbs / copy_gbs,
                 "bwd_ms": b_ms, "bwd_TBps": b_gbs / 1e3, "bwd_of_copy": b_gbs / copy_gbs,
                 "fwd_bwd_ms": fb_ms, "fwd_bwd_TBps": fb_gbs / 1e3,
+                "fwd_kernel_ms": f_dev, "fwd_kernel_of_copy": f_elems * unit / f_dev / 1e6 / copy_gbs,
+                "bwd_kernel_ms": b_dev, "bwd_kernel_of_copy": b_elems * unit / b_dev / 1e6 / copy_gbs,
             })
             print(f"{op:12s} D={D:5d} {name:10s} fwd {f_ms:.3f} ms {f_gbs / 1e3:.2f} TB/s ({f_gbs / copy_gbs:.0%})"
-                  f"  bwd {b_ms:.3f} ms {b_gbs / 1e3:.2f} TB/s ({b_gbs / copy_gbs:.0%})  fwd+bwd {fb_gbs / 1e3:.2f} TB/s")
+                  f"  bwd {b_ms:.3f} ms {b_gbs / 1e3:.2f} TB/s ({b_gbs / copy_gbs:.0%})  fwd+bwd {fb_gbs / 1e3:.2f} TB/s"
+                  f"  kernels alone: fwd {rows[-1]['fwd_kernel_of_copy']:.0%} bwd {rows[-1]['bwd_kernel_of_copy']:.0%} of copy")
         del plain, fused
         torch.cuda.empty_cache()
     cols = ["op", "rows", "D", "impl", "fwd_ms", "fwd_TBps", "fwd_of_copy", "bwd_ms", "bwd_TBps", "bwd_of_copy",
-            "fwd_bwd_ms", "fwd_bwd_TBps"]
+            "fwd_bwd_ms", "fwd_bwd_TBps", "fwd_kernel_ms", "fwd_kernel_of_copy", "bwd_kernel_ms", "bwd_kernel_of_copy"]
     print(write_results(args.out, "rmsnorm", meta, rows, cols, NOTES))
 
 

@@ -11,14 +11,19 @@ Backward (xhat = x * rstd, dn = (dy * weight) rounded to x.dtype, as autograd of
     dx = rstd * (dn - xhat * mean(dn * xhat))    (+ the gradient of the returned residual s, when fused)
     dweight = sum over rows of dy * n
 
-Layout and optimisations:
-- Rows are independent: a program normalises a (ROWS, BLOCK_D) tile, several rows at once when D is small so every
-  program moves a few KB (one row of D=1024 bf16 is only 2 KB, too little to hide memory latency alone).
+Layout and optimisations (both passes only stream memory; the aim is enough bytes in flight per SM, ~32-64 KB on
+an H100/H200, with 128-bit accesses and no register spills):
+- Rows are independent: a forward program normalises one (ROWS, BLOCK_D) tile of about 8K elements (16 KB of bf16),
+  several rows at once when D is small (one row of D=1024 bf16 is only 2 KB, too little to hide memory latency),
+  16 elements (two 128-bit loads of bf16) per thread. ``_fwd_config`` has the numbers.
 - The forward keeps rstd (4 bytes a row) so the backward needs no second reduction over x for it.
-- The backward runs a fixed number of persistent programs (a few per SM) that stride over row tiles and keep
-  their dweight partial sums in registers; one (P, D) float32 buffer of partials, summed by torch afterwards,
-  replaces a full (rows, D) product or atomics. P is set by the machine, not by the row count, so small hidden sizes
-  pay no fixed per-row-block cost for dweight (the floor a compiled eager RMSNorm hits at D=1024).
+- The backward runs one wave of persistent programs (as many as fit on the GPU at once, from the compiled kernel's
+  register count) that stride over row tiles. Each keeps its dweight partial sums in fp32 registers, one per tile
+  slot, so the loop has no cross-row reduction, and writes one row of a (P, D) float32 buffer, summed by torch
+  afterwards: no (rows, D) product and no atomics. P is set by the machine, not by the row count, so small hidden
+  sizes pay no fixed per-row-block cost for dweight. Tiles are small (4-warp programs up to D=2048) so registers pack
+  into several programs per SM, and a program loads its next tile before working on the current one (PREFETCH):
+  two tiles in flight per program for the price of their raw (bf16) registers. ``_bwd_config`` has the numbers.
 - The fused residual add writes s = x + residual once and normalises it from registers: one read of x and
   residual, two writes, instead of the separate add (read 2, write 1) and norm (read 1, write 1).
 
@@ -28,6 +33,8 @@ contiguous over rows (a copy only where they are not). Runs on CUDA with Triton,
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from minids.kernels import HAVE_TRITON
@@ -67,53 +74,161 @@ if HAVE_TRITON:
         tl.store(RSTD + rows, rstd, mask=rmask)
 
     @triton.jit
+    def _load_rows(P, rows, cols, cmask, n_rows, D):
+        """The (ROWS, BLOCK_D) tile of rows `rows` of the (n_rows, D) matrix at P, in its own dtype (0 outside)."""
+        mask = (rows < n_rows)[:, None] & cmask[None, :]
+        return tl.load(P + rows[:, None].to(tl.int64) * D + cols[None, :], mask=mask, other=0.0)
+
+    @triton.jit
     def _rms_norm_bwd(
         DY, X, W, RSTD, DS, DX, DW_PART,
         n_rows, D,
-        HAS_DS: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_DS: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PREFETCH: tl.constexpr,
     ):
         """Persistent: program p takes row tiles p, p + P, ... and writes its dweight partial sum to DW_PART[p].
 
         DY, X, DS, DX: (n_rows, D) contiguous (X is s when the residual add was fused; DS the gradient of s);
-        RSTD: (n_rows,) fp32; DW_PART: (P, D) fp32.
+        RSTD: (n_rows,) fp32; DW_PART: (P, D) fp32. PREFETCH: tile i + 1 is loaded in iteration i, its loads
+        overlapping tile i's math, reductions and dx store (ptxas issues them once tile i's raw registers are free).
         """
         pid = tl.program_id(0)
-        n_prog = tl.num_programs(0)
+        step = tl.num_programs(0) * ROWS  # rows from one of this program's tiles to the next
         cols = tl.arange(0, BLOCK_D)
         cmask = cols < D
         w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)  # (BLOCK_D,)
-        dw = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for start in range(pid * ROWS, n_rows, n_prog * ROWS):
+        # one partial sum per tile slot: adding a (ROWS, BLOCK_D) tile is elementwise, so the loop never reduces
+        # across rows (across warps when D is small); the ROWS slots are summed once at the end
+        dw = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+        if PREFETCH:  # this program's first tile
+            rows = pid * ROWS + tl.arange(0, ROWS)
+            x_next = _load_rows(X, rows, cols, cmask, n_rows, D)
+            dy_next = _load_rows(DY, rows, cols, cmask, n_rows, D)
+            rstd_next = tl.load(RSTD + rows, mask=rows < n_rows, other=0.0)
+            if HAS_DS:
+                ds_next = _load_rows(DS, rows, cols, cmask, n_rows, D)
+        for start in range(pid * ROWS, n_rows, step):
             rows = start + tl.arange(0, ROWS)
             rmask = rows < n_rows
-            mask = rmask[:, None] & cmask[None, :]
-            offs = rows[:, None].to(tl.int64) * D + cols[None, :]
-            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-            rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
-            xhat = x * rstd[:, None]
-            dw += tl.sum(dy * xhat.to(X.dtype.element_ty).to(tl.float32), axis=0)
-            dn = (dy * w[None, :]).to(X.dtype.element_ty).to(tl.float32)
+            if PREFETCH:  # take the tile loaded last iteration, start loading the next (masked past the end)
+                x, dy, rstd = x_next, dy_next, rstd_next
+                x_next = _load_rows(X, rows + step, cols, cmask, n_rows, D)
+                dy_next = _load_rows(DY, rows + step, cols, cmask, n_rows, D)
+                rstd_next = tl.load(RSTD + rows + step, mask=rows + step < n_rows, other=0.0)
+                if HAS_DS:
+                    ds = ds_next
+                    ds_next = _load_rows(DS, rows + step, cols, cmask, n_rows, D)
+            else:
+                x = _load_rows(X, rows, cols, cmask, n_rows, D)
+                dy = _load_rows(DY, rows, cols, cmask, n_rows, D)
+                rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
+                if HAS_DS:
+                    ds = _load_rows(DS, rows, cols, cmask, n_rows, D)
+            xf = x.to(tl.float32)
+            dyf = dy.to(tl.float32)
+            xhat = xf * rstd[:, None]
+            dw += dyf * xhat.to(X.dtype.element_ty).to(tl.float32)
+            dn = (dyf * w[None, :]).to(X.dtype.element_ty).to(tl.float32)
             c = tl.sum(dn * xhat, axis=1) / D  # (ROWS,)
             dx = rstd[:, None] * (dn - xhat * c[:, None])
             if HAS_DS:
-                dx += tl.load(DS + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
-        tl.store(DW_PART + pid.to(tl.int64) * D + cols, dw, mask=cmask)
+                dx += ds.to(tl.float32)
+            offs = rows[:, None].to(tl.int64) * D + cols[None, :]
+            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+        tl.store(DW_PART + pid.to(tl.int64) * D + cols, tl.sum(dw, axis=0), mask=cmask)
 
 
-def _tile(D: int) -> tuple[int, int, int]:
-    """(BLOCK_D, ROWS, num_warps): a tile of about 8K elements, at most 16 of them per thread."""
+# Launch configuration. Both passes stream memory, so a config is judged by bytes in flight per SM (Hopper needs
+# ~32-64 KB per SM to cover HBM3e latency at full bandwidth), by 128-bit accesses (8 bf16 / 4 fp32 contiguous per
+# thread: BLOCK_D is a power of two and Triton vectorises along it when D % 8 == 0) and by registers (64K per SM).
+# Register counts quoted below are ptxas's for sm_90a (Triton 3.9, bf16), compiled without a GPU.
+_ELEMS_PER_THREAD = 16  # two 128-bit loads per bf16 tensor per thread: ILP without spilling (the fp32 math on a
+#                         tile needs ~6 registers an element)
+_FWD_TILE = 8192  # elements a forward program handles: 16 KB of bf16 x (32 KB with the residual), 16 warps. Measured
+#                   on an H200: 88% of copy at D=7168 (1 row) and 81% for the fused add at D=1024 (8 rows)
+_BWD_MIN_TILE = 2048  # elements per backward tile at least: 4 warps x 32 threads x 16; x + dy = 8 KB of bf16
+_PREFETCH = True  # backward loads tile i + 1 while it computes tile i (unless that spills; tests also run it off)
+
+
+@functools.cache
+def _fwd_config(D: int) -> tuple[int, int, int]:
+    """(BLOCK_D, ROWS, num_warps) of the forward: a non-persistent grid of (ROWS, BLOCK_D) tiles of ~_FWD_TILE
+    elements (a whole row at least), 16 elements a thread. bf16 on sm_90: ~40 registers, so 3 programs (48 warps,
+    ~48 KB of x) per SM at every D below; 2048-16384 programs for 16384 rows, many waves, so no persistent loop.
+
+        D     BLOCK_D  ROWS  warps
+        512     512     16    16
+        1024   1024      8    16
+        2048   2048      4    16
+        4096   4096      2    16
+        7168   8192      1    16
+    """
     block_d = triton.next_power_of_2(D)
-    rows = max(1, min(16, 8192 // block_d))
-    warps = min(16, max(1, rows * block_d // 512))
+    rows = max(1, min(128, _FWD_TILE // block_d))
+    warps = min(16, max(1, rows * block_d // (32 * _ELEMS_PER_THREAD)))
     return block_d, rows, warps
 
 
-def _n_programs(device: torch.device, n_tiles: int) -> int:
-    """Persistent programs for the backward: 4 per SM on a GPU (4 under the interpreter), never more than tiles."""
-    per_device = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(n_tiles, per_device))
+@functools.cache
+def _bwd_config(D: int) -> tuple[int, int, int]:
+    """(BLOCK_D, ROWS, num_warps) of the persistent backward.
+
+    A tile is one row, or several rows of at least _BWD_MIN_TILE elements, 16 elements a thread, so num_warps grows
+    with D from 4. Small programs pack the register file better than 16-warp ones: the old 16-warp tiles (8 rows of
+    1024) took ~88 registers a thread, so one program per SM, 32 KB in flight at most and nothing while it computed.
+    With PREFETCH each program also has its next tile in flight while it computes the current one. bf16, sm_90
+    (programs per SM from registers; loads in flight counts x + dy of two tiles per program):
+
+        D     BLOCK_D  ROWS  warps  registers  programs/SM  loads in flight/SM
+        512     512      4     4       126          4             64 KB
+        1024   1024      2     4        96          5             80 KB
+        2048   2048      1     4        96          5             80 KB
+        4096   4096      1     8        96          2             64 KB
+        7168   8192      1    16        96          1             56 KB   (28 KB without prefetch, 85 registers)
+    """
+    block_d = triton.next_power_of_2(D)
+    tile = max(block_d, _BWD_MIN_TILE)
+    return block_d, tile // block_d, min(16, tile // (32 * _ELEMS_PER_THREAD))
+
+
+_BWD_PLAN: dict[tuple, tuple[int, bool]] = {}  # kernel specialisation -> (programs per SM, PREFETCH)
+
+
+def _bwd_plan(device: torch.device, key: tuple, warmup_args: tuple, meta: dict) -> tuple[int, bool]:
+    """(programs resident per SM, PREFETCH) for the backward on `device`, from the compiled kernel's registers,
+    spills and shared memory (the recipe of Triton's fused-softmax tutorial); compiled here once, then cached.
+
+    The persistent grid is programs-per-SM times the SM count: one wave, every program resident, none waiting on
+    another's exit. PREFETCH is dropped if the kernel with it spills registers (a 16-warp program may use 128).
+    If the query fails (a Triton whose API differs), a generous guess: over-subscribing costs only extra rows of
+    dweight partials, under-subscribing would leave SMs with too little in flight.
+    """
+    if key in _BWD_PLAN:
+        return _BWD_PLAN[key]
+    warps = meta["num_warps"]
+    props = torch.cuda.get_device_properties(device)
+    regs_sm = getattr(props, "regs_per_multiprocessor", 65536)
+    warps_sm = getattr(props, "max_threads_per_multi_processor", 2048) // 32
+    smem_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+    try:
+        for prefetch in ([True, False] if _PREFETCH else [False]):
+            with torch.cuda.device(device):
+                kernel = _rms_norm_bwd.warmup(*warmup_args, grid=(1,), **{**meta, "PREFETCH": prefetch})
+                kernel._init_handles()
+            if not (prefetch and kernel.n_spills > 0):
+                break
+        regs_warp = -(-kernel.n_regs * 32 // 256) * 256  # registers are allocated per warp, 256 at a time
+        by_regs = regs_sm // regs_warp // warps
+        by_smem = smem_sm // (kernel.metadata.shared + 1024)  # the runtime reserves 1 KB per program
+        plan = (max(1, min(by_regs, warps_sm // warps, by_smem, 32)), prefetch)  # 32: most programs an SM holds
+    except Exception:  # noqa: BLE001  a Triton without warmup / n_regs / n_spills: guess half the thread limit
+        plan = (max(2, warps_sm // warps // 2), _PREFETCH)
+    _BWD_PLAN[key] = plan
+    return plan
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> None:
@@ -138,7 +253,7 @@ class _RMSNormFn(torch.autograd.Function):
         y = torch.empty(n_rows, D, device=x.device, dtype=torch.promote_types(weight.dtype, s_dtype))  # (R, D)
         s = torch.empty(n_rows, D, device=x.device, dtype=s_dtype) if residual is not None else x2  # (R, D)
         rstd = torch.empty(n_rows, device=x.device, dtype=torch.float32)  # (R,)
-        block_d, rows, warps = _tile(D)
+        block_d, rows, warps = _fwd_config(D)
         if n_rows > 0:
             _rms_norm_fwd[(triton.cdiv(n_rows, rows),)](
                 x2, r2 if r2 is not None else x2, weight, y, s, rstd, n_rows, D, eps,
@@ -159,16 +274,21 @@ class _RMSNormFn(torch.autograd.Function):
         dy2 = dy.reshape(-1, D).contiguous()  # (R, D)
         ds2 = ds.reshape(-1, D).to(s.dtype).contiguous() if ctx.has_res and ds is not None else None
         dx = torch.empty_like(s)  # (R, D)
-        block_d, rows, warps = _tile(D)
-        n_prog = _n_programs(s.device, triton.cdiv(n_rows, rows))
-        dw_part = torch.empty(n_prog, D, device=s.device, dtype=torch.float32)  # (P, D)
-        if n_rows > 0:
-            _rms_norm_bwd[(n_prog,)](
-                dy2, s, weight, rstd, ds2 if ds2 is not None else dy2, dx, dw_part, n_rows, D,
-                HAS_DS=ds2 is not None, ROWS=rows, BLOCK_D=block_d, num_warps=warps,
-            )
+        block_d, rows, warps = _bwd_config(D)
+        n_tiles = triton.cdiv(n_rows, rows)
+        meta = {"HAS_DS": ds2 is not None, "ROWS": rows, "BLOCK_D": block_d, "num_warps": warps}
+        args = (dy2, s, weight, rstd, ds2 if ds2 is not None else dy2, dx)
+        if n_rows == 0:
+            dw_part = torch.zeros(1, D, device=s.device, dtype=torch.float32)
         else:
-            dw_part.zero_()
+            if s.is_cuda:  # one wave of persistent programs: as many as are resident at once on every SM
+                key = (s.device.index, D, dy2.dtype, s.dtype, weight.dtype, ds2 is not None, _PREFETCH)
+                per_sm, prefetch = _bwd_plan(s.device, key, (*args, rstd, n_rows, D), meta)  # rstd: any fp32 buffer
+                n_prog = min(n_tiles, per_sm * _sm_count(s.device.index))
+            else:  # interpreter: a few programs, so that each runs the grid-stride loop more than once
+                n_prog, prefetch = min(n_tiles, 4), _PREFETCH
+            dw_part = torch.empty(n_prog, D, device=s.device, dtype=torch.float32)  # (P, D)
+            _rms_norm_bwd[(n_prog,)](*args, dw_part, n_rows, D, PREFETCH=prefetch, **meta)
         dw = dw_part.sum(0).to(weight.dtype)  # (D,)
         dx = dx.view(ctx.shape)
         if ctx.has_res:  # s = x + residual: both get ds, each in its own dtype (a copy only where they differ)

@@ -84,6 +84,29 @@ def test_add_rms_norm_forward_backward(shape, dtype):
             close(a, b, dtype)
 
 
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_backward_many_tiles_per_program(prefetch, monkeypatch):
+    # the persistent backward strides over many row tiles per program, the last one partial, with and without
+    # loading the next tile ahead (PREFETCH; off where it would spill registers on the GPU)
+    import minids.kernels.rmsnorm as k
+
+    monkeypatch.setattr(k, "_PREFETCH", prefetch)
+    x, w, g = inputs((300, 256), torch.float32, torch.float32, 13)
+    r = torch.randn(300, 256, generator=g).to(device).requires_grad_()
+    dy = torch.randn(300, 256, generator=g).to(device)
+    ds = torch.randn(300, 256, generator=g).to(device)
+    y, s = k.add_rms_norm(x, r, w, EPS)
+    y_ref, s_ref = add_rms_norm(x, r, w, EPS)
+    grads = torch.autograd.grad((y * dy).sum() + (s * ds).sum(), (x, r, w))
+    grads_ref = torch.autograd.grad((y_ref * dy).sum() + (s_ref * ds).sum(), (x, r, w))
+    for a, b in zip(grads, grads_ref):
+        close(a, b, torch.float32)
+    dx, dw = torch.autograd.grad(k.rms_norm(x, w, EPS), (x, w), dy)
+    dx_ref, dw_ref = torch.autograd.grad(rms_norm(x, w, EPS), (x, w), dy)
+    close(dx, dx_ref, torch.float32)
+    close(dw, dw_ref, torch.float32)
+
+
 @pytest.mark.skipif(device != "cuda", reason="bf16 is checked on the GPU only")
 def test_add_rms_norm_mixed_dtypes_on_gpu():
     # autocast: a bf16 sublayer output added onto the float32 residual stream; s, y and dx are float32, dresidual
