@@ -6,11 +6,18 @@ Measured in one process, side by side:
 - ceilings: device-to-device copy (GB/s, bytes read + written), bf16 torch.matmul 8192^3, and a per-tensor-scaled
   FP8 torch._scaled_mm 8192^3 (TFLOP/s);
 - quantization kernels (act_quant 1x128, act_quant_t 128x1 transposed, act_quant_both, weight_quant 128x128 with
-  its transpose, weight_dequant) against the torch reference in minids.fp8: effective GB/s = bytes read + written;
-- the GEMM on DeepGEMM's shapes (M in 64, 128, 4096): minids' Triton kernel, torch._scaled_mm with block-wise
+  its transpose, weight_dequant) in both modes, exact (bit-exact) and fast (exact=False: native FP8 conversion),
+  against the torch reference in minids.fp8: effective GB/s = bytes read + written; plus the fraction of FP8 values
+  where fast and exact differ (one FP8 step each, expected ~1e-3 or less; 0 with UE8M0);
+- ``tiles``: the fast mode's tile per program of the three transposing kernels (kfp8._TILES) swept, to pick defaults;
+- the GEMM on DeepGEMM's shapes (M in 64, 128, 4096): minids' Triton kernel (autotuned, timed per call with CUDA
+  events as everything else, and replayed from a CUDA graph, which leaves out the host's launch overhead that
+  dominates at small M; and the heuristic config alone, as with MINIDS_AUTOTUNE=0), torch._scaled_mm with block-wise
   scales (1x128 activations, 128x128 weights; row-wise if this torch has no block-wise form), bf16 cuBLAS, and the
   reference (minids.fp8.fp8_gemm); the official kernel's figures quoted in the issue (measured on this project's
   H200 with torch 2.11, Triton 3.6) are listed for the ratio;
+- ``plans``: at M = 64 and 128, every (BLOCK_N, split-K) the small-M heuristic (kfp8._gemm_plan) chooses from, timed
+  from CUDA graphs, against its choice;
 - the FP8 linear (``fp8: real``) forward + backward against bf16 F.linear and against the simulation (``sim``).
 """
 
@@ -36,6 +43,14 @@ OFFICIAL = {
     4096: {(2112, 7168): 532, (24576, 1536): 581, (7168, 16384): 609, (4096, 7168): 639, (7168, 2048): 615},
     128: {(2112, 7168): 162, (24576, 1536): 242, (7168, 16384): 384, (4096, 7168): 237, (7168, 2048): 81},
 }
+
+
+def graph_ms(fn) -> float:
+    """Median milliseconds of fn() replayed from a CUDA graph: GPU time without the host's launch overhead."""
+    from triton.testing import do_bench_cudagraph
+
+    fn()  # compiled and autotuned before the capture
+    return float(do_bench_cudagraph(fn, rep=50, return_mode="median"))
 
 
 def fp8_scaled_mm_tflops(n: int = 8192) -> float:
@@ -82,39 +97,95 @@ def blockwise_scaled_mm(a, a_s, b, b_s):
         return None, "; ".join(errors + [f"row-wise: {str(e).splitlines()[0][:120]}"])
 
 
+def _quant_cases(x, w, xq, xs):
+    """(name, kernel call taking exact=, reference call, bytes moved)."""
+    M, K = x.shape
+    nb_bytes = lambda m, k: 4 * m * math.ceil(k / 128)  # noqa: E731  float32 scales
+    return [
+        ("act_quant 1x128", lambda e: kfp8.act_quant(x, exact=e), lambda: ref.act_quant(x), 3 * M * K + nb_bytes(M, K)),
+        ("act_quant_t 128x1", lambda e: kfp8.act_quant_t(x, exact=e), lambda: ref.act_quant_t(x),
+         3 * M * K + nb_bytes(K, M)),
+        ("act_quant_both", lambda e: kfp8.act_quant_both(x, exact=e), lambda: ref.act_quant_both(x),
+         4 * M * K + nb_bytes(M, K) + nb_bytes(K, M)),
+        ("act_quant_t from fp8 (Wgrad requant)", lambda e: kfp8.act_quant_t(xq, in_scale=xs, exact=e),
+         lambda: ref.act_quant_t(xq, in_scale=xs), 2 * M * K + nb_bytes(M, K) + nb_bytes(K, M)),
+        ("weight_quant 128x128 (+transpose)", lambda e: kfp8.weight_quant(w, transposed=True, exact=e),
+         lambda: ref.weight_quant(w, transposed=True), 4 * w.numel()),
+    ]
+
+
+def _fp8_differ(a: tuple, b: tuple) -> float:
+    """Fraction of the FP8 values that differ between two results (tuples of outputs)."""
+    n = d = 0
+    for u, v in zip(a, b):
+        if u.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            d += (u.view(torch.uint8) != v.view(torch.uint8)).sum().item()
+            n += u.numel()
+    return d / n
+
+
 def bench_quant(rows: list, copy_gbs: float, quick: bool) -> None:
     M, K = 8192, 7168
     x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
     w = torch.randn(7168, 16384 if not quick else 7168, dtype=torch.bfloat16, device="cuda")
-    nb_bytes = lambda m, k: 4 * m * math.ceil(k / 128)  # noqa: E731  float32 scales
     xq, xs = kfp8.act_quant(x)
     wq, ws = kfp8.weight_quant(w)
-    cases = [
-        ("act_quant 1x128", lambda: kfp8.act_quant(x), lambda: ref.act_quant(x), 3 * M * K + nb_bytes(M, K)),
-        ("act_quant_t 128x1", lambda: kfp8.act_quant_t(x), lambda: ref.act_quant_t(x), 3 * M * K + nb_bytes(K, M)),
-        ("act_quant_both", lambda: kfp8.act_quant_both(x), lambda: ref.act_quant_both(x),
-         4 * M * K + nb_bytes(M, K) + nb_bytes(K, M)),
-        ("act_quant_t from fp8 (Wgrad requant)", lambda: kfp8.act_quant_t(xq, in_scale=xs),
-         lambda: ref.act_quant_t(xq, in_scale=xs), 2 * M * K + nb_bytes(M, K) + nb_bytes(K, M)),
-        ("weight_quant 128x128 (+transpose)", lambda: kfp8.weight_quant(w, transposed=True),
-         lambda: ref.weight_quant(w, transposed=True), 4 * w.numel()),
-        ("weight_dequant -> bf16", lambda: kfp8.weight_dequant(wq, ws), lambda: ref.weight_dequant(wq, ws),
-         3 * w.numel()),
-    ]
-    for name, fast, slow, nbytes in cases:
+    for name, kernel, slow, nbytes in _quant_cases(x, w, xq, xs):
         shape = f"{M}x{K}" if "weight" not in name else f"{w.shape[0]}x{w.shape[1]}"
-        ms = median_ms(fast)
+        ms_exact, ms_fast = median_ms(lambda: kernel(True)), median_ms(lambda: kernel(False))
         ms_ref = median_ms(slow)
-        row = {"kernel": name, "shape": shape, "ms": ms, "GB/s": nbytes / ms / 1e6,
-               "frac_copy": nbytes / ms / 1e6 / copy_gbs, "ref_ms": ms_ref, "ref_GB/s": nbytes / ms_ref / 1e6}
+        row = {"kernel": name, "shape": shape, "ms": ms_fast, "GB/s": nbytes / ms_fast / 1e6,
+               "frac_copy": nbytes / ms_fast / 1e6 / copy_gbs, "exact_ms": ms_exact,
+               "exact_GB/s": nbytes / ms_exact / 1e6, "fast_differs": _fp8_differ(kernel(False), kernel(True)),
+               "ref_ms": ms_ref, "ref_GB/s": nbytes / ms_ref / 1e6}
         rows.append(row)
-        print(f"{name:40s} {shape:12s} {row['GB/s']:8.0f} GB/s ({row['frac_copy']:.0%} of copy)   "
+        print(f"{name:40s} {shape:12s} fast {row['GB/s']:6.0f} GB/s ({row['frac_copy']:.0%} of copy)  exact "
+              f"{row['exact_GB/s']:6.0f}  fast != exact {row['fast_differs']:.1e}  "
               f"reference {row['ref_GB/s']:6.0f} GB/s", flush=True)
+    nbytes = 3 * w.numel()
+    ms, ms_ref = median_ms(lambda: kfp8.weight_dequant(wq, ws)), median_ms(lambda: ref.weight_dequant(wq, ws))
+    rows.append({"kernel": "weight_dequant -> bf16", "shape": f"{w.shape[0]}x{w.shape[1]}", "ms": ms,
+                 "GB/s": nbytes / ms / 1e6, "frac_copy": nbytes / ms / 1e6 / copy_gbs, "ref_ms": ms_ref,
+                 "ref_GB/s": nbytes / ms_ref / 1e6})
+    print(f"{'weight_dequant -> bf16':40s} {rows[-1]['shape']:12s} {rows[-1]['GB/s']:6.0f} GB/s", flush=True)
+
+
+TILE_SWEEP = {  # kfp8._TILES key: the fast mode's (features per program, num_warps) to try
+    "act_quant_t": [(64, 4), (64, 8), (128, 4), (128, 8), (128, 16), (256, 8), (256, 16)],
+    "act_quant_t_fp8": [(64, 4), (128, 4), (128, 8), (128, 16), (256, 8), (256, 16)],
+    "act_quant_both": [(128, 4), (128, 8), (128, 16), (256, 8), (256, 16)],
+    "weight_quant": [(128, 4), (128, 8), (128, 16), (256, 8), (256, 16)],
+}
+
+
+def bench_tiles(rows: list, copy_gbs: float) -> None:
+    """The fast mode's tiles of the transposing kernels, one at a time (the default is restored after)."""
+    M, K = 8192, 7168
+    x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
+    w = torch.randn(7168, 7168, dtype=torch.bfloat16, device="cuda")
+    xq, xs = kfp8.act_quant(x)
+    cases = {name: (kernel, nbytes) for name, kernel, _, nbytes in _quant_cases(x, w, xq, xs)}
+    uses = {"act_quant_t": "act_quant_t 128x1", "act_quant_t_fp8": "act_quant_t from fp8 (Wgrad requant)",
+            "act_quant_both": "act_quant_both", "weight_quant": "weight_quant 128x128 (+transpose)"}
+    for key, tiles in TILE_SWEEP.items():
+        default = kfp8._TILES[key][False]
+        try:
+            for tile in tiles:
+                kfp8._TILES[key][False] = tile
+                kernel, nbytes = cases[uses[key]]
+                gbs = nbytes / median_ms(lambda: kernel(False)) / 1e6
+                rows.append({"kernel": uses[key], "features": tile[0], "num_warps": tile[1], "GB/s": gbs,
+                             "frac_copy": gbs / copy_gbs, "default": tile == default})
+                print(f"{uses[key]:40s} {tile[0]:4d} features {tile[1]:3d} warps  {gbs:6.0f} GB/s"
+                      f"{'  (default)' if tile == default else ''}", flush=True)
+        finally:
+            kfp8._TILES[key][False] = default
 
 
 def bench_gemm(rows: list, bf16_peak: float, fp8_peak: float, quick: bool) -> None:
     ms_list = [128, 4096] if quick else [64, 128, 4096]
     shapes = SHAPES_NK[:2] + SHAPES_NK[3:4] if quick else SHAPES_NK
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     for M in ms_list:
         for N, K in shapes:
             g = torch.Generator(device="cuda").manual_seed(M + N + K)
@@ -130,10 +201,18 @@ def bench_gemm(rows: list, bf16_peak: float, fp8_peak: float, quick: bool) -> No
             row["minids_triton"] = flop / median_ms(lambda: kfp8.fp8_gemm(a, a_s, b, b_s)) / 1e9
             best = kfp8._fp8_gemm_tuned.best_config if hasattr(kfp8._fp8_gemm_tuned, "best_config") else None
             row["config"] = str(best.all_kwargs() if best is not None else "")[:120]
-            row["split_k"] = kfp8._split_k(M, N, math.ceil(K / 128), torch.cuda.get_device_properties(0).multi_processor_count)
+            row["triton_graph"] = flop / graph_ms(lambda: kfp8.fp8_gemm(a, a_s, b, b_s)) / 1e9
+            cfg, split = kfp8._gemm_plan(kfp8._m_bucket(M), N, math.ceil(K / 128), sms)
+            row["split_k"], row["plan"] = split, f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}/{split}"
+            tuned, kfp8.AUTOTUNE = kfp8.AUTOTUNE, False
+            try:  # the heuristic config alone (MINIDS_AUTOTUNE=0)
+                row["heuristic_graph"] = flop / graph_ms(lambda: kfp8.fp8_gemm(a, a_s, b, b_s)) / 1e9
+            finally:
+                kfp8.AUTOTUNE = tuned
             fn, label = blockwise_scaled_mm(a, a_s, b, b_s)
             row["scaled_mm_form"] = label[:160]
             row["torch_scaled_mm"] = flop / median_ms(fn) / 1e9 if fn is not None else float("nan")
+            row["scaled_mm_graph"] = flop / graph_ms(fn) / 1e9 if fn is not None else float("nan")
             ab, bb = a_hp, b_hp
             row["bf16_cublas"] = flop / median_ms(lambda: ab @ bb.t()) / 1e9
             row["reference"] = flop / median_ms(lambda: ref.fp8_gemm(a, a_s, b, b_s), rep_ms=50) / 1e9
@@ -144,9 +223,43 @@ def bench_gemm(rows: list, bf16_peak: float, fp8_peak: float, quick: bool) -> No
             row["vs_bf16"] = row["minids_triton"] / row["bf16_cublas"]
             row["frac_fp8_peak"] = row["minids_triton"] / fp8_peak
             rows.append(row)
-            print(f"M={M:5d} N={N:6d} K={K:6d}  triton {row['minids_triton']:7.1f}  scaled_mm "
-                  f"{row['torch_scaled_mm']:7.1f}  bf16 {row['bf16_cublas']:7.1f}  ref {row['reference']:6.1f}  "
-                  f"official {off or '-'}  err {row['max_rel_err']:.1e}  split {row['split_k']}  {row['config']}",
+            print(f"M={M:5d} N={N:6d} K={K:6d}  triton {row['minids_triton']:7.1f} (graph {row['triton_graph']:7.1f}, "
+                  f"heuristic {row['heuristic_graph']:7.1f})  scaled_mm {row['torch_scaled_mm']:7.1f} (graph "
+                  f"{row['scaled_mm_graph']:7.1f})  bf16 {row['bf16_cublas']:7.1f}  ref {row['reference']:6.1f}  "
+                  f"official {off or '-'}  err {row['max_rel_err']:.1e}  plan {row['plan']}  {row['config']}",
+                  flush=True)
+
+
+def bench_plans(rows: list) -> None:
+    """Small M: every (BLOCK_N, split) the heuristic weighs, with its default warps and stages, from CUDA graphs."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for M in (64, 128):
+        for N, K in SHAPES_NK:
+            g = torch.Generator(device="cuda").manual_seed(M + N + K)
+            a, a_s = kfp8.act_quant(torch.randn(M, K, device="cuda", generator=g, dtype=torch.bfloat16))
+            b, b_s = kfp8.weight_quant(torch.randn(N, K, device="cuda", generator=g, dtype=torch.bfloat16) * 0.05)
+            nk = math.ceil(K / 128)
+            plan, plan_split = kfp8._gemm_plan(kfp8._m_bucket(M), N, nk, sms)
+            res = torch.empty(M, N, dtype=torch.bfloat16, device="cuda")
+            times = {}
+            for bn in (128, 64):
+                for split in range(1, kfp8._MAX_SPLIT + 1):
+                    per = math.ceil(nk / split)
+                    if (split > 1 and per < kfp8._MIN_STEPS_PER_SPLIT) or math.ceil(nk / per) != split:
+                        continue
+                    cfg = {**plan, "BLOCK_N": bn}
+                    times[bn, split] = graph_ms(
+                        lambda cfg=cfg, split=split: kfp8._gemm_run(a, a_s, b, b_s, res, 128, cfg, split, tuned=False))
+            best = min(times, key=times.get)
+            flop = 2 * M * N * K
+            row = {"M": M, "N": N, "K": K, "plan": f"{plan['BLOCK_N']}/{plan_split}",
+                   "plan_TFLOPs": flop / times[plan["BLOCK_N"], plan_split] / 1e9,
+                   "best": f"{best[0]}/{best[1]}", "best_TFLOPs": flop / times[best] / 1e9,
+                   "all": {f"{bn}/{s}": round(flop / t / 1e9, 1) for (bn, s), t in times.items()}}
+            row["plan_vs_best"] = row["plan_TFLOPs"] / row["best_TFLOPs"]
+            rows.append(row)
+            print(f"M={M:4d} N={N:6d} K={K:6d}  plan BLOCK_N/split {row['plan']} {row['plan_TFLOPs']:6.1f} TFLOP/s, "
+                  f"best {row['best']} {row['best_TFLOPs']:6.1f}  ({row['plan_vs_best']:.2f})  all {row['all']}",
                   flush=True)
 
 
@@ -185,7 +298,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--only", default="quant,gemm,linear")
+    p.add_argument("--only", default="quant,gemm,linear", help="any of quant,tiles,gemm,plans,linear")
     args = p.parse_args()
     meta = metadata()
     copy_gbs, bf16_peak, fp8_peak = copy_bandwidth_gbs(), matmul_tflops(), fp8_scaled_mm_tflops()
@@ -198,16 +311,34 @@ def main() -> None:
         rows: list = []
         bench_quant(rows, copy_gbs, args.quick)
         write_results(args.out, f"fp8_quant{suffix}", meta, rows,
-                      ["kernel", "shape", "ms", "GB/s", "frac_copy", "ref_GB/s"],
-                      "Effective GB/s = bytes read + bytes written (FP8 values and float32 scales) / median time.")
+                      ["kernel", "shape", "ms", "GB/s", "frac_copy", "exact_GB/s", "fast_differs", "ref_GB/s"],
+                      "Effective GB/s = bytes read + bytes written (FP8 values and float32 scales) / median time. "
+                      "GB/s: the fast mode (exact=False, the default); exact_GB/s: exact=True (bit-exact); "
+                      "fast_differs: fraction of FP8 values where the two differ (by one FP8 step).")
+    if "tiles" in only:
+        rows = []
+        bench_tiles(rows, copy_gbs)
+        write_results(args.out, f"fp8_tiles{suffix}", meta, rows,
+                      ["kernel", "features", "num_warps", "GB/s", "frac_copy", "default"],
+                      "Fast mode, 8192x7168 bf16 (weights 7168x7168): a program quantizes 128 tokens x `features`.")
     if "gemm" in only:
         rows = []
         bench_gemm(rows, bf16_peak, fp8_peak, args.quick)
         write_results(args.out, f"fp8_gemm{suffix}", meta, rows,
-                      ["M", "N", "K", "minids_triton", "torch_scaled_mm", "bf16_cublas", "reference", "official_issue",
-                       "vs_official", "vs_scaled_mm", "vs_bf16", "split_k", "max_rel_err"],
-                      "TFLOP/s = 2MNK / median time. official_issue: the official DeepSeek-V3 fp8_gemm on this "
+                      ["M", "N", "K", "minids_triton", "triton_graph", "heuristic_graph", "torch_scaled_mm",
+                       "scaled_mm_graph", "bf16_cublas", "reference", "official_issue", "vs_official", "vs_scaled_mm",
+                       "vs_bf16", "plan", "max_rel_err"],
+                      "TFLOP/s = 2MNK / median time. *_graph: replayed from a CUDA graph (no host launch overhead); "
+                      "heuristic: MINIDS_AUTOTUNE=0's config; plan: BLOCK_MxBLOCK_N/split-K of kfp8._gemm_plan. "
+                      "official_issue: the official DeepSeek-V3 fp8_gemm on this "
                       "project's H200 as quoted in the issue (autotuned per M in a fresh process).")
+    if "plans" in only:
+        rows = []
+        bench_plans(rows)
+        write_results(args.out, f"fp8_gemm_plans{suffix}", meta, rows,
+                      ["M", "N", "K", "plan", "plan_TFLOPs", "best", "best_TFLOPs", "plan_vs_best", "all"],
+                      "Small-M GEMM, BLOCK_N/split-K: the heuristic's choice against every candidate it weighs "
+                      "(64-row tiles, default warps and stages), TFLOP/s from CUDA-graph replays.")
     if "linear" in only:
         rows = []
         bench_linear(rows, args.quick)

@@ -11,7 +11,25 @@ one float32 scale per 128 elements. What they do to reach the copy rate:
 - ``act_quant_t`` reads (128 tokens x BLOCK_K) tiles row-major and writes them transposed, so the
   transpose costs no extra pass; ``act_quant_both`` writes the 1x128 and the 128x1 quantizations of the
   same tensor from one read (the FP8 linear's backward needs both of dy);
-- ``weight_quant`` writes the transposed copy in the same pass when asked (Dgrad reads W^T K-major).
+- ``weight_quant`` writes the transposed copy in the same pass when asked (Dgrad reads W^T K-major);
+- the transposing kernels' tiles depend on the mode (``_TILES``): 128 tokens x 128 features in the fast mode.
+
+Two quantization modes, by the keyword ``exact`` of the four quantization functions:
+- fast (``exact=False``): y = x * (1/s) in float32 (1/s once per group, exact for UE8M0), then the GPU's float32 ->
+  FP8 conversion (round to nearest even, saturating; y is clamped to the format's max first). The scales are the
+  reference's bit for bit (amax / FMAX from a float64 quotient, once per 128 elements; UE8M0 as exact powers of two).
+  A value can differ from the reference only where x * (1/s) and the correctly rounded x / s straddle an FP8 rounding
+  boundary, and then by one FP8 step: a few in 10^4 of the elements with bf16 inputs, none with UE8M0 scales.
+- exact (``exact=True``): bit-identical to the reference, at about half the speed (bench/results/kernels_notes.md).
+  x / s is taken in float64 and rounded once to float32 (the correctly rounded quotient), then rounded to the FP8 grid
+  with float32 bit arithmetic (round to nearest even), and only then converted. Why each step: the interpreter's
+  float32 -> FP8 conversion drops the carry into the exponent (127.8 becomes 64 in E4M3); on the H200, Triton's
+  ``div_rn`` differed from the correctly rounded quotient in about 1 of 2000 elements.
+A call that leaves ``exact`` unset takes the module's ``EXACT_QUANT``: False (fast) unless the environment sets
+MINIDS_FP8_EXACT=1. The FP8 linear (``fp8: real``) calls these kernels without the keyword: it trains on the fast
+path, and MINIDS_FP8_EXACT=1 (or ``EXACT_QUANT = True``) makes its quantization bit-exact with the references in
+``minids.fp8``, the oracle. Under the interpreter the fast mode rounds to the FP8 grid in software as well (its
+conversion being wrong, above): there it tests everything of the GPU's fast mode but the hardware conversion.
 
 The GEMM C = (A a_s)(B b_s)^T takes A (M, K) FP8 with 1x128 scales a_s (M, ceil(K/128)) and B (N, K) FP8
 with either 128x128 block scales (weights: b_s (ceil(N/128), ceil(K/128))) or 1x128 scales (the Wgrad
@@ -19,18 +37,14 @@ form, both operands quantized along the token dim: b_s (N, ceil(K/128))). It acc
 step on the tensor cores, multiplies that partial product by a_s[m] * b_s[n] and adds it to a float32
 accumulator (V3P 3.3.2's promotion every N_C = 128). Tails in M, N and K are masked, never wrapped.
 Autotuning is keyed on (M bucket, N, K): the official kernel keys on (N, K) alone, so the first M it
-sees picks the tiles for every other M. Small M uses narrow tiles and split-K so that all 132 SMs work.
-
-Exact rounding: x / s is taken in float64 and rounded once to float32 (the correctly rounded quotient), then
-rounded to the FP8 grid with float32 bit arithmetic (round to nearest even), and only then converted, so the
-result is bit-identical to the reference on the GPU and in the interpreter. Why each step: the interpreter's
-float32 -> FP8 conversion drops the carry into the exponent (127.8 becomes 64 in E4M3); on the H200, Triton's
-``div_rn`` differed from the correctly rounded quotient in about 1 of 2000 elements. It costs speed (rates with
-and without it: bench/results/kernels_notes.md).
+sees picks the tiles for every other M. Small M (<= 256) takes the tile shape and split-K of ``_gemm_plan``
+(M <= 128: 64-row tiles, 64 or 128 wide, split so that the grid fills the SMs); split-K partials are summed by
+a second kernel in a fixed order (deterministic).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -48,6 +62,25 @@ if HAVE_TRITON:
 _FMT = {"e4m3": (torch.float8_e4m3fn, 448.0, 3, -6), "e5m2": (torch.float8_e5m2, 57344.0, 2, -14)}
 # dtype, largest finite value, mantissa bits, smallest normal exponent
 _AMAX_FLOOR = 1e-4  # as minids.fp8 (the official act_quant's clamp)
+
+# The quantization mode of calls that do not pass ``exact`` (the FP8 linear's among them): fast unless asked.
+EXACT_QUANT = os.environ.get("MINIDS_FP8_EXACT", "0") == "1"
+
+# Tiles of the kernels that write a transposed copy, by mode (exact?): (features per program, num_warps); a program is
+# always one quantization block (128) of tokens tall. Memory-bound, they want two CTAs per SM, so that one loads while
+# the other computes and stores, and a whole tile in flight per CTA. Chosen from ptxas' register counts (Triton 3.9,
+# sm_90a, bf16 in): fast act_quant_t 128 x 128 with 8 warps takes ~120 registers, two CTAs and 64 KB of loads per SM
+# (128 x 64, the old tile, read 128 B per row); from FP8 with 4 warps ~210 (two CTAs, 128 B per row);
+# act_quant_both 128 x 128 with 4 warps ~200 (two CTAs; with 8 warps ~150, one); weight_quant 128 x 128 with 8 warps
+# ~105 (two). 128 x 256 tiles fit one CTA per SM or spill. The exact mode's float64 quotients need registers (its
+# act_quant_both spills in every tile): it keeps the tiles measured in kernels_notes.md. On the GPU,
+# bench/fp8.py --only tiles sweeps the fast mode's.
+_TILES = {
+    "act_quant_t": {True: (64, 4), False: (128, 8)},
+    "act_quant_t_fp8": {True: (64, 4), False: (128, 4)},  # FP8 input with in_scale (the Wgrad requantization)
+    "act_quant_both": {True: (128, 8), False: (128, 4)},  # features in whole blocks (1x128 groups of q)
+    "weight_quant": {True: (128, 8), False: (128, 8)},  # whole 128x128 blocks
+}
 
 
 def _fmt(fmt: str):
@@ -77,7 +110,7 @@ if HAVE_TRITON:
     def _scale_of(amax, FMAX: tl.constexpr, UE8M0: tl.constexpr):
         """amax / FMAX (amax floored at 1e-4), optionally the exact power of two at or above it. The quotient is
         taken in float64 and rounded once to float32: the correctly rounded float32 quotient on every device (one
-        division per 128 elements; the reference computes it the same way)."""
+        division per 128 elements, in both modes; the reference computes it the same way)."""
         s = (tl.maximum(amax, 1e-4).to(tl.float64) / FMAX).to(tl.float32)
         if UE8M0:
             bits = s.to(tl.uint32, bitcast=True)
@@ -86,17 +119,30 @@ if HAVE_TRITON:
         return s
 
     @triton.jit
-    def _quantize(x, s, FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr):
-        # x / s correctly rounded: float64 quotient rounded once to float32 (H200: div_rn differed from it in
-        # about 1 of 2000 quotients)
-        y = (x.to(tl.float64) / s.to(tl.float64)).to(tl.float32)
+    def _quantize(x, s, FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, UE8M0: tl.constexpr,
+                  EXACT: tl.constexpr, SOFT_CVT: tl.constexpr):
+        """x / s for the FP8 store, in float32. s is broadcast against x (one value per quantization group), so its
+        reciprocal is taken once per group. Exact: the correctly rounded quotient, rounded to the FP8 grid here.
+        Fast: x * (1/s), clamped; the conversion at the store rounds (SOFT_CVT: rounded here, for the interpreter)."""
+        if EXACT:
+            # float64 quotient rounded once to float32 (H200: div_rn differed from it in about 1 of 2000 quotients)
+            y = (x.to(tl.float64) / s.to(tl.float64)).to(tl.float32)
+        else:
+            if UE8M0:  # s = 2^e: 1/s = 2^-e exactly, by exponent arithmetic (biased 254 - E)
+                inv = (0x7F000000 - s.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
+            else:
+                inv = tl.math.div_rn(1.0, s)
+            y = x * inv
         y = tl.minimum(tl.maximum(y, -FMAX), FMAX)
-        return _round_to_grid(y, MBITS, EMIN)  # exactly representable: the FP8 conversion after it is exact
+        if EXACT or SOFT_CVT:
+            y = _round_to_grid(y, MBITS, EMIN)  # exactly representable: the FP8 conversion after it is exact
+        return y
 
     @triton.jit
     def _act_quant_kernel(
         x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm,
         FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, UE8M0: tl.constexpr,
+        EXACT: tl.constexpr, SOFT_CVT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK: tl.constexpr,
     ):
         """q[m, k] = x[m, k] / s[m, k // BLOCK]; one program: BLOCK_M rows x one BLOCK-wide tile."""
@@ -107,7 +153,7 @@ if HAVE_TRITON:
         rows64 = rows.to(tl.int64)
         x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         s = _scale_of(tl.max(tl.abs(x), axis=1), FMAX, UE8M0)  # (BLOCK_M,)
-        q = _quantize(x, s[:, None], FMAX, MBITS, EMIN)
+        q = _quantize(x, s[:, None], FMAX, MBITS, EMIN, UE8M0, EXACT, SOFT_CVT)
         tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(s_ptr + rows64 * stride_sm + pid_k, s, mask=rows < M)
 
@@ -116,6 +162,7 @@ if HAVE_TRITON:
         x_ptr, xs_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_xsm, stride_qk, stride_sk,
         HAS_IN_SCALE: tl.constexpr, IN_BLOCK: tl.constexpr,
         FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, UE8M0: tl.constexpr,
+        EXACT: tl.constexpr, SOFT_CVT: tl.constexpr,
         BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """x (M, K) -> q (K, M) in BLOCK x 1 tiles along M: one program reads (BLOCK tokens x BLOCK_K) and writes
@@ -127,11 +174,17 @@ if HAVE_TRITON:
         rows64 = rows.to(tl.int64)
         x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_IN_SCALE:
-            xs = tl.load(xs_ptr + rows64[:, None] * stride_xsm + (cols // IN_BLOCK)[None, :], mask=mask, other=0.0)
-            x = x * xs
+            if IN_BLOCK % BLOCK_K == 0:  # the tile's columns share one input scale per row
+                xs = tl.load(xs_ptr + rows64 * stride_xsm + (pid_k * BLOCK_K) // IN_BLOCK, mask=rows < M, other=0.0)
+                x = x * xs[:, None]
+            else:
+                xs = tl.load(xs_ptr + rows64[:, None] * stride_xsm + (cols // IN_BLOCK)[None, :], mask=mask,
+                             other=0.0)
+                x = x * xs
         s = _scale_of(tl.max(tl.abs(x), axis=0), FMAX, UE8M0)  # (BLOCK_K,): one per column over BLOCK tokens
-        q = _quantize(x, s[None, :], FMAX, MBITS, EMIN)
+        q = _quantize(x, s[None, :], FMAX, MBITS, EMIN, UE8M0, EXACT, SOFT_CVT)
         cols64 = cols.to(tl.int64)
+        # the store's pointers run along the tokens: the compiler transposes the tile through shared memory
         q_ptrs = q_ptr + cols64[None, :] * stride_qk + rows[:, None]
         tl.store(q_ptrs, q.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(s_ptr + cols64 * stride_sk + pid_m, s, mask=cols < K)
@@ -140,24 +193,29 @@ if HAVE_TRITON:
     def _act_quant_both_kernel(
         x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_qtk, stride_stk,
         FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, UE8M0: tl.constexpr,
-        BLOCK: tl.constexpr,
+        EXACT: tl.constexpr, SOFT_CVT: tl.constexpr,
+        BLOCK: tl.constexpr, G: tl.constexpr,
     ):
-        """One read of a (BLOCK x BLOCK) tile of x (M, K); writes its 1 x BLOCK quantization into q (M, K) and its
-        BLOCK x 1 quantization, transposed, into qt (K, M)."""
+        """One read of a (BLOCK tokens x G*BLOCK features) tile of x (M, K), held as (BLOCK, G, BLOCK); writes its
+        1 x BLOCK quantization into q (M, K) and its BLOCK x 1 quantization, transposed, into qt (K, M)."""
         pid_m, pid_k = tl.program_id(0), tl.program_id(1)
         rows = pid_m * BLOCK + tl.arange(0, BLOCK)
-        cols = pid_k * BLOCK + tl.arange(0, BLOCK)
-        mask = (rows < M)[:, None] & (cols < K)[None, :]
+        groups = pid_k * G + tl.arange(0, G)  # BLOCK-wide feature groups
+        cols = groups[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # (G, BLOCK)
+        mask = (rows < M)[:, None, None] & (cols < K)[None, :, :]
         rows64, cols64 = rows.to(tl.int64), cols.to(tl.int64)
-        x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        ax = tl.abs(x)
-        s = _scale_of(tl.max(ax, axis=1), FMAX, UE8M0)
-        q = _quantize(x, s[:, None], FMAX, MBITS, EMIN)
-        tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
-        tl.store(s_ptr + rows64 * stride_sm + pid_k, s, mask=rows < M)
-        st = _scale_of(tl.max(ax, axis=0), FMAX, UE8M0)
-        qt = _quantize(x, st[None, :], FMAX, MBITS, EMIN)
-        tl.store(qt_ptr + cols64[None, :] * stride_qtk + rows[:, None], qt.to(qt_ptr.dtype.element_ty), mask=mask)
+        x = tl.load(x_ptr + rows64[:, None, None] * stride_xm + cols[None, :, :], mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        s = _scale_of(tl.max(tl.abs(x), axis=2), FMAX, UE8M0)  # (BLOCK, G): along features
+        q = _quantize(x, s[:, :, None], FMAX, MBITS, EMIN, UE8M0, EXACT, SOFT_CVT)
+        tl.store(q_ptr + rows64[:, None, None] * stride_qm + cols[None, :, :], q.to(q_ptr.dtype.element_ty),
+                 mask=mask)
+        tl.store(s_ptr + rows64[:, None] * stride_sm + groups[None, :], s,
+                 mask=(rows < M)[:, None] & (groups * BLOCK < K)[None, :])
+        st = _scale_of(tl.max(tl.abs(x), axis=0), FMAX, UE8M0)  # (G, BLOCK): along tokens
+        qt = _quantize(x, st[None, :, :], FMAX, MBITS, EMIN, UE8M0, EXACT, SOFT_CVT)
+        tl.store(qt_ptr + cols64[None, :, :] * stride_qtk + rows[:, None, None], qt.to(qt_ptr.dtype.element_ty),
+                 mask=mask)
         tl.store(st_ptr + cols64 * stride_stk + pid_m, st, mask=cols < K)
 
     @triton.jit
@@ -165,21 +223,25 @@ if HAVE_TRITON:
         w_ptr, q_ptr, qt_ptr, s_ptr, O, I, stride_wo, stride_qo, stride_qti, stride_so,
         WRITE_T: tl.constexpr,
         FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, UE8M0: tl.constexpr,
-        BLOCK: tl.constexpr,
+        EXACT: tl.constexpr, SOFT_CVT: tl.constexpr,
+        BLOCK: tl.constexpr, G: tl.constexpr,
     ):
-        """One (BLOCK x BLOCK) block of w (O, I): its scale, its FP8 values, and optionally the transposed copy."""
+        """G (BLOCK x BLOCK) blocks of w (O, I) side by side, held as (BLOCK, G, BLOCK): their scales, their FP8
+        values, and optionally the transposed copy."""
         pid_o, pid_i = tl.program_id(0), tl.program_id(1)
         rows = pid_o * BLOCK + tl.arange(0, BLOCK)
-        cols = pid_i * BLOCK + tl.arange(0, BLOCK)
-        mask = (rows < O)[:, None] & (cols < I)[None, :]
+        groups = pid_i * G + tl.arange(0, G)
+        cols = groups[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # (G, BLOCK)
+        mask = (rows < O)[:, None, None] & (cols < I)[None, :, :]
         rows64, cols64 = rows.to(tl.int64), cols.to(tl.int64)
-        w = tl.load(w_ptr + rows64[:, None] * stride_wo + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        s = _scale_of(tl.max(tl.max(tl.abs(w), axis=1), axis=0), FMAX, UE8M0)
-        q = _quantize(w, s, FMAX, MBITS, EMIN).to(q_ptr.dtype.element_ty)
-        tl.store(q_ptr + rows64[:, None] * stride_qo + cols[None, :], q, mask=mask)
+        w = tl.load(w_ptr + rows64[:, None, None] * stride_wo + cols[None, :, :], mask=mask, other=0.0)
+        w = w.to(tl.float32)
+        s = _scale_of(tl.max(tl.max(tl.abs(w), axis=2), axis=0), FMAX, UE8M0)  # (G,): one per block
+        q = _quantize(w, s[None, :, None], FMAX, MBITS, EMIN, UE8M0, EXACT, SOFT_CVT).to(q_ptr.dtype.element_ty)
+        tl.store(q_ptr + rows64[:, None, None] * stride_qo + cols[None, :, :], q, mask=mask)
         if WRITE_T:
-            tl.store(qt_ptr + cols64[None, :] * stride_qti + rows[:, None], q, mask=mask)
-        tl.store(s_ptr + pid_o * stride_so + pid_i, s)
+            tl.store(qt_ptr + cols64[None, :, :] * stride_qti + rows[:, None, None], q, mask=mask)
+        tl.store(s_ptr + pid_o * stride_so + groups, s, mask=groups * BLOCK < I)
 
     @triton.jit
     def _weight_dequant_kernel(
@@ -219,17 +281,26 @@ def _tokens_by_features(x: torch.Tensor, name: str) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _flags(fmt: str, ue8m0: bool) -> dict:
+def _flags(fmt: str, ue8m0: bool, exact: bool | None) -> dict:
+    """The kernels' format and mode constants; ``exact=None`` takes the module's ``EXACT_QUANT``."""
     _, fmax, mbits, emin = _fmt(fmt)
-    return {"FMAX": fmax, "MBITS": mbits, "EMIN": emin, "UE8M0": bool(ue8m0)}
+    return {"FMAX": fmax, "MBITS": mbits, "EMIN": emin, "UE8M0": bool(ue8m0),
+            "EXACT": EXACT_QUANT if exact is None else bool(exact), "SOFT_CVT": INTERPRET}
+
+
+def _blocks_per_program(name: str, flags: dict, block: int) -> tuple[int, int]:
+    """(block-wide feature groups per program, num_warps) of a 3-D-tiled kernel, from ``_TILES``."""
+    feats, warps = _TILES[name][flags["EXACT"]]
+    return max(1, feats // block), warps
 
 
 def act_quant(
-    x: torch.Tensor, block: int = 128, fmt: str = "e4m3", ue8m0: bool = False, out=None,
+    x: torch.Tensor, block: int = 128, fmt: str = "e4m3", ue8m0: bool = False, out=None, exact: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """1 x block tiles along the last dim. x: (..., K) -> fp8 (..., K), scales (..., ceil(K/b)) float32.
     Same contract as ``minids.fp8.act_quant``; ``out``: optional preallocated (q (M, K), s (M, nb)), M = x's rows
-    (every kernel here takes one)."""
+    (every kernel here takes one). ``exact``: bit-exact (True) or fast (False) rounding, see the module docstring;
+    None: ``EXACT_QUANT`` (the same for every quantization function here)."""
     _check_block(block)
     dtype = _fmt(fmt)[0]
     K = x.shape[-1]
@@ -243,7 +314,7 @@ def act_quant(
         BLOCK_M = 16 if block <= 128 else 4
         grid = (triton.cdiv(M, BLOCK_M), nb)
         _act_quant_kernel[grid](
-            x2, q, s, M, K, x2.stride(0), q.stride(0), s.stride(0), **_flags(fmt, ue8m0),
+            x2, q, s, M, K, x2.stride(0), q.stride(0), s.stride(0), **_flags(fmt, ue8m0, exact),
             BLOCK_M=BLOCK_M, BLOCK=block, num_warps=4,
         )
     return q.view(*x.shape), s.view(*x.shape[:-1], nb)
@@ -251,11 +322,12 @@ def act_quant(
 
 def act_quant_t(
     x: torch.Tensor, block: int = 128, fmt: str = "e4m3", ue8m0: bool = False,
-    in_scale: torch.Tensor | None = None, in_block: int = 128, out=None,
+    in_scale: torch.Tensor | None = None, in_block: int = 128, out=None, exact: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """block x 1 tiles along the token dim, written transposed. x: (M, K) -> fp8 x^T (K, M), scales (K, ceil(M/b)).
     Same contract as ``minids.fp8.act_quant_t``; with ``in_scale`` (M, ceil(K/in_block)), x is FP8 and is
-    dequantized on load (``act_quant_t(act_dequant(x, in_scale))`` in one pass, for the cached activations)."""
+    dequantized on load (``act_quant_t(act_dequant(x, in_scale))`` in one pass, for the cached activations).
+    ``exact``: as ``act_quant``."""
     _check_block(block)
     dtype = _fmt(fmt)[0]
     x = _tokens_by_features(x, "act_quant_t")
@@ -264,22 +336,23 @@ def act_quant_t(
     q = _buf(out, 0, (K, M), dtype, x.device)
     s = _buf(out, 1, (K, nb), torch.float32, x.device)
     if M and K:
-        BLOCK_K = 64
+        flags = _flags(fmt, ue8m0, exact)
+        BLOCK_K, warps = _TILES["act_quant_t" if in_scale is None else "act_quant_t_fp8"][flags["EXACT"]]
         grid = (nb, triton.cdiv(K, BLOCK_K))
         xs = in_scale if in_scale is not None else s
         _act_quant_t_kernel[grid](
             x, xs, q, s, M, K, x.stride(0), xs.stride(0), q.stride(0), s.stride(0),
-            HAS_IN_SCALE=in_scale is not None, IN_BLOCK=in_block, **_flags(fmt, ue8m0),
-            BLOCK=block, BLOCK_K=BLOCK_K, num_warps=4,
+            HAS_IN_SCALE=in_scale is not None, IN_BLOCK=in_block, **flags,
+            BLOCK=block, BLOCK_K=BLOCK_K, num_warps=warps,
         )
     return q, s
 
 
 def act_quant_both(
-    x: torch.Tensor, block: int = 128, fmt: str = "e4m3", ue8m0: bool = False, out=None,
+    x: torch.Tensor, block: int = 128, fmt: str = "e4m3", ue8m0: bool = False, out=None, exact: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``act_quant(x)`` and ``act_quant_t(x)`` from one read of x (M, K): (q (M, K), s (M, ceil(K/b)),
-    qt (K, M), st (K, ceil(M/b)))."""
+    qt (K, M), st (K, ceil(M/b))). ``exact``: as ``act_quant``."""
     _check_block(block)
     dtype = _fmt(fmt)[0]
     x = _tokens_by_features(x, "act_quant_both")
@@ -289,20 +362,23 @@ def act_quant_both(
     qt = _buf(out, 2, (K, M), dtype, x.device)
     st = _buf(out, 3, (K, math.ceil(M / block)), torch.float32, x.device)
     if M and K:
-        grid = (triton.cdiv(M, block), triton.cdiv(K, block))
+        flags = _flags(fmt, ue8m0, exact)
+        G, warps = _blocks_per_program("act_quant_both", flags, block)
+        grid = (triton.cdiv(M, block), triton.cdiv(K, G * block))
         _act_quant_both_kernel[grid](
             x, q, s, qt, st, M, K, x.stride(0), q.stride(0), s.stride(0), qt.stride(0), st.stride(0),
-            **_flags(fmt, ue8m0), BLOCK=block, num_warps=8,
+            **flags, BLOCK=block, G=G, num_warps=warps,
         )
     return q, s, qt, st
 
 
 def weight_quant(
     w: torch.Tensor, block: int = 128, fmt: str = "e4m3", ue8m0: bool = False, transposed: bool = False, out=None,
+    exact: bool | None = None,
 ):
     """Block x block tiles. w: (O, I) -> (fp8 (O, I), scale_inv (ceil(O/b), ceil(I/b)) float32), as
     ``minids.fp8.weight_quant``; with ``transposed=True`` also the FP8 w^T (I, O) from the same pass, returned
-    third (its block scales are scale_inv.t())."""
+    third (its block scales are scale_inv.t()). ``exact``: as ``act_quant``."""
     _check_block(block)
     dtype = _fmt(fmt)[0]
     if w.dim() != 2:
@@ -315,9 +391,11 @@ def weight_quant(
     s = _buf(out, 1, (bo, bi), torch.float32, w.device)
     qt = _buf(out, 2, (I, O), dtype, w.device) if transposed else q
     if O and I:
-        _weight_quant_kernel[(bo, bi)](
+        flags = _flags(fmt, ue8m0, exact)
+        G, warps = _blocks_per_program("weight_quant", flags, block)
+        _weight_quant_kernel[(bo, triton.cdiv(bi, G))](
             w, q, qt, s, O, I, w.stride(0), q.stride(0), qt.stride(0), s.stride(0), WRITE_T=transposed,
-            **_flags(fmt, ue8m0), BLOCK=block, num_warps=8,
+            **flags, BLOCK=block, G=G, num_warps=warps,
         )
     return (q, s, qt) if transposed else (q, s)
 
@@ -435,17 +513,23 @@ if HAVE_TRITON:
             # large M. Shared memory per stage is (BM + BN) * 128 bytes; 96 KB or less lets two CTAs share an SM,
             # so one CTA's scaling arithmetic overlaps the other's tensor-core work.
             (128, 128, 8, 4), (128, 128, 8, 3), (128, 128, 4, 3), (128, 64, 4, 4), (128, 256, 8, 3),
-            # M <= 128: one 64-row tile in M, narrow in N, split K
-            (64, 64, 4, 4), (64, 128, 4, 4), (64, 128, 4, 3), (64, 64, 4, 6),
+            # M <= 128: one or two 64-row tiles (the wgmma minimum) in M, 64 or 128 wide in N, split K (_gemm_plan)
+            (64, 128, 4, 4), (64, 128, 4, 3), (64, 128, 4, 5), (64, 64, 4, 4), (64, 64, 4, 6), (64, 64, 4, 3),
         ]:
             cfg.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": 8},
                                      num_warps=w, num_stages=s))
         return cfg
 
     def _prune(configs, named_args, **kwargs):
-        """Keep tiles no taller than the M bucket (a 256-row tile for 64 tokens is wasted work)."""
+        """M <= 256: the split-K passed in was planned for one tile shape (``_gemm_plan``), so only its warps and
+        stages are tuned. Larger M: tiles no taller than the M bucket, and from 1024 rows on 128 rows tall."""
         m = named_args["M_BUCKET"]
-        kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, m)]
+        if m <= 256:
+            plan, _ = _gemm_plan(m, named_args["N"], triton.cdiv(named_args["K"], 128),
+                                 _sm_count(named_args["a_ptr"].device.index))
+            return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) ==
+                    (plan["BLOCK_M"], plan["BLOCK_N"])]
+        kept = [c for c in configs if c.kwargs["BLOCK_M"] <= m]
         if m >= 1024:
             kept = [c for c in kept if c.kwargs["BLOCK_M"] >= 128]
         return kept
@@ -456,29 +540,81 @@ if HAVE_TRITON:
     )(_fp8_gemm_kernel)
 
 
-AUTOTUNE = os.environ.get("MINIDS_AUTOTUNE", "1") != "0"  # 0: one heuristic config per shape (fast test runs)
+AUTOTUNE = os.environ.get("MINIDS_AUTOTUNE", "1") != "0"  # 0: the heuristic's config per shape (fast test runs)
+
+_LARGE_M = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+_INTERPRET_CFG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 128, "GROUP_M": 4}  # small tiles: fast to interpret
+_MAX_SPLIT = 8
+_MIN_STEPS_PER_SPLIT = 4  # 512 of K
 
 
-def _heuristic_config(M: int) -> dict:
-    if M <= 128:
-        return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4,
-                "num_stages": 4}
-    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8,
-            "num_stages": 3}
+@functools.cache
+def _sm_count(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _m_bucket(M: int) -> int:
-    """Autotuning key for M: the next power of two (at least 16, at most 8192)."""
+    """Autotuning key for M: the next power of two (at least 16, at most 8192). 64 and 128 are separate buckets."""
     return min(8192, max(16, 1 << (M - 1).bit_length()))
 
 
-def _split_k(M: int, N: int, nk: int, sms: int = 132) -> int:
-    """Split the K loop when the output has too few tiles to fill the GPU (small M): aim for about one wave of
-    (64 x 128) tiles, keeping at least 4 K steps (512 of K) per split."""
-    if M > 256:
-        return 1
-    tiles = math.ceil(M / 64) * math.ceil(N / 128)
-    return max(1, min(sms // tiles, nk // 4, 8))
+@functools.lru_cache(maxsize=4096)
+def _gemm_plan(m_bucket: int, N: int, nk: int, sms: int) -> tuple[dict, int]:
+    """The heuristic's config and split-K for M (its bucket), N, nk = ceil(K/128) on ``sms`` SMs: (config, split).
+
+    M > 256: 128 x 128 tiles fill the GPU without a split. M <= 128: tiles 64 rows tall (the wgmma minimum), 128 or
+    64 wide; 129..256: 128 x 128. Then the (BLOCK_N, split) of least estimated time in a crude model,
+        waves x K steps per CTA x step cost (a 64 x 128 or 128 x 128 tile: 1; 64 x 64: 0.7)
+        + for split > 1, the reduction pass (about 4 steps, plus one per MiB of float32 partials),
+    with waves counted at two CTAs per SM (shared memory and registers let two of these configs share one), every
+    split at least 512 of K (4 steps), at most 8 splits and none empty. Grids come out at one to two waves of 132 SMs
+    (the very wide N of 24576 or 32768 at M = 128: about three). bench/fp8.py --only plans times the alternatives.
+    """
+    if m_bucket > 256:
+        return _LARGE_M, 1
+    bm = 64 if m_bucket <= 128 else 128
+    m_tiles = math.ceil(m_bucket / bm)
+    best = None
+    for bn in (128, 64) if bm == 64 else (128,):
+        tiles = m_tiles * math.ceil(N / bn)
+        for split in range(1, _MAX_SPLIT + 1):
+            per = math.ceil(nk / split)  # K steps per split, as the kernel divides them
+            if split > 1 and per < _MIN_STEPS_PER_SPLIT:
+                break
+            if math.ceil(nk / per) != split:  # the last split would be empty
+                continue
+            waves = math.ceil(tiles * split / (2 * sms))
+            cost = waves * per * (1.0 if bn == 128 else 0.7)
+            if split > 1:
+                cost += 4 + split * m_bucket * N / 2**18
+            if best is None or cost < best[0]:  # ties keep the first: 128 wide before 64, fewer splits first
+                best = (cost, bn, split)
+    _, bn, split = best
+    cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4 if bm == 64 else 8,
+           "num_stages": 4 if bm == 64 else 3}
+    return cfg, split
+
+
+def _gemm_run(a, a_s, b, b_s, res: torch.Tensor, b_group: int, cfg: dict, split: int, tuned: bool) -> torch.Tensor:
+    """Launch the GEMM into res (M, N) with one config (or the autotuner, which keeps cfg's tile shape for small M)
+    and ``split`` K splits; split > 1 writes float32 partials that ``_sum_splits_kernel`` adds in a fixed order."""
+    M, K = a.shape
+    N = b.shape[0]
+    c = res[None] if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=a.device)
+    args = (a, b, c, a_s, b_s, M, N, K, _m_bucket(M), a.stride(0), b.stride(0), c.stride(0), c.stride(1),
+            a_s.stride(0), b_s.stride(0))
+    consts = {"B_GROUP": b_group, "SPLIT_K": split, "EVEN_K": K % 128 == 0}
+    if tuned:
+        def grid(meta):
+            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split)
+
+        _fp8_gemm_tuned[grid](*args, **consts)
+    else:
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
+        _fp8_gemm_kernel[grid](*args, **consts, **cfg)
+    if split > 1:
+        _sum_splits_kernel[(triton.cdiv(M * N, 1024),)](c, res, M * N, SPLIT_K=split, BLOCK=1024, num_warps=4)
+    return res
 
 
 def fp8_gemm(
@@ -501,32 +637,7 @@ def fp8_gemm(
     res = _buf(None if out is None else (out,), 0, (M, N), out_dtype, a.device)
     if M == 0 or N == 0 or K == 0:
         return res.zero_()
-    even_k = K % block == 0
-    if INTERPRET:  # no autotuning in the interpreter: one small config, and a split to exercise that path
-        split = 2 if nk >= 2 else 1
-        c = res[None] if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=a.device)
-        grid = (triton.cdiv(M, 32) * triton.cdiv(N, 32), split)
-        grid = (triton.cdiv(M, 32) * triton.cdiv(N, 32), split)
-        _fp8_gemm_kernel[grid](
-            a, b, c, a_s, b_s, M, N, K, _m_bucket(M), a.stride(0), b.stride(0), c.stride(0), c.stride(1),
-            a_s.stride(0), b_s.stride(0), B_GROUP=b_group, SPLIT_K=split, EVEN_K=even_k,
-            BLOCK_M=32, BLOCK_N=32, BLOCK_K=block, GROUP_M=4,
-        )
-    else:
-        split = _split_k(M, N, nk, torch.cuda.get_device_properties(a.device).multi_processor_count)
-        c = res[None] if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=a.device)
-
-        args = (a, b, c, a_s, b_s, M, N, K, _m_bucket(M), a.stride(0), b.stride(0), c.stride(0), c.stride(1),
-                a_s.stride(0), b_s.stride(0))
-        if AUTOTUNE:
-            def grid(meta):
-                return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split)
-
-            _fp8_gemm_tuned[grid](*args, B_GROUP=b_group, SPLIT_K=split, EVEN_K=even_k)
-        else:
-            cfg = _heuristic_config(M)
-            grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
-            _fp8_gemm_kernel[grid](*args, B_GROUP=b_group, SPLIT_K=split, EVEN_K=even_k, **cfg)
-    if split > 1:
-        _sum_splits_kernel[(triton.cdiv(M * N, 1024),)](c, res, M * N, SPLIT_K=split, BLOCK=1024, num_warps=4)
-    return res
+    if INTERPRET:  # no autotuning in the interpreter: small tiles, and a split to exercise that path
+        return _gemm_run(a, a_s, b, b_s, res, b_group, _INTERPRET_CFG, 2 if nk >= 2 else 1, tuned=False)
+    cfg, split = _gemm_plan(_m_bucket(M), N, nk, _sm_count(a.device.index))
+    return _gemm_run(a, a_s, b, b_s, res, b_group, cfg, split, tuned=AUTOTUNE)

@@ -2,8 +2,10 @@
 
 On a machine without CUDA they run through Triton's interpreter on CPU tensors (tests/conftest.py sets
 TRITON_INTERPRET=1) with float32 inputs and small shapes; with CUDA the same tests run compiled on the GPU
-with bf16 inputs. Quantization must be bit-exact (same float32 operations, round-to-nearest-even into FP8).
-Outputs are written into NaN-poisoned buffers so that an element a kernel forgets stays NaN.
+with bf16 inputs. Quantization with ``exact=True`` must be bit-exact (same float32 operations, round-to-nearest-even
+into FP8); the fast mode (``exact=False``, the default) must give the reference's scales bit for bit and values within
+one FP8 step, nearly all identical. Outputs are written into NaN-poisoned buffers so that an element a kernel forgets
+stays NaN.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def test_act_quant_bit_exact(M, K, fmt, ue8m0):
     x = rand(M, K, seed=M * 7 + K)
     nb = -(-K // 128)
     out = (poisoned((M, K), FP8[fmt]), poisoned((M, nb), torch.float32))
-    q, s = kfp8.act_quant(x, fmt=fmt, ue8m0=ue8m0, out=out)
+    q, s = kfp8.act_quant(x, fmt=fmt, ue8m0=ue8m0, out=out, exact=True)
     qr, sr = ref.act_quant(x, fmt=fmt, ue8m0=ue8m0)
     assert q.data_ptr() == out[0].data_ptr()
     assert torch.equal(s, sr)
@@ -65,7 +67,7 @@ def test_act_quant_bit_exact(M, K, fmt, ue8m0):
 def test_act_quant_leading_dims_and_saturation():
     x = rand(2, 3, 256, seed=1)
     x[0, 0, 5] = 1e30  # one huge element: its tile's scale follows it, the rest of the tile flushes toward 0
-    q, s = kfp8.act_quant(x)
+    q, s = kfp8.act_quant(x, exact=True)
     qr, sr = ref.act_quant(x)
     assert q.shape == (2, 3, 256) and s.shape == (2, 3, 2)
     assert torch.equal(s, sr) and same_bits(q, qr)
@@ -78,7 +80,7 @@ def test_act_quant_leading_dims_and_saturation():
 def test_act_quant_t_bit_exact(M, K, fmt):
     x = rand(M, K, seed=M + K).t().contiguous().t()  # a non-contiguous view is fine too
     out = (poisoned((K, M), FP8[fmt]), poisoned((K, -(-M // 128)), torch.float32))
-    q, s = kfp8.act_quant_t(x, fmt=fmt, out=out)
+    q, s = kfp8.act_quant_t(x, fmt=fmt, out=out, exact=True)
     qr, sr = ref.act_quant_t(x, fmt=fmt)
     assert torch.equal(s, sr) and same_bits(q, qr)
 
@@ -89,7 +91,7 @@ def test_act_quant_both_is_both(M, K, ue8m0):
     x = rand(M, K, seed=3 * M + K)
     out = (poisoned((M, K), torch.float8_e4m3fn), poisoned((M, -(-K // 128)), torch.float32),
            poisoned((K, M), torch.float8_e4m3fn), poisoned((K, -(-M // 128)), torch.float32))
-    q, s, qt, st = kfp8.act_quant_both(x, ue8m0=ue8m0, out=out)
+    q, s, qt, st = kfp8.act_quant_both(x, ue8m0=ue8m0, out=out, exact=True)
     qr, sr = ref.act_quant(x, ue8m0=ue8m0)
     qtr, str_ = ref.act_quant_t(x, ue8m0=ue8m0)
     assert torch.equal(s, sr) and same_bits(q, qr)
@@ -100,7 +102,7 @@ def test_act_quant_t_dequantizes_on_load():
     """The Wgrad path re-quantizes the FP8 activations cached by the forward without a dequantized copy."""
     x = rand(200, 300, seed=5)
     xq, xs = ref.act_quant(x)
-    q, s = kfp8.act_quant_t(xq, in_scale=xs)
+    q, s = kfp8.act_quant_t(xq, in_scale=xs, exact=True)
     qr, sr = ref.act_quant_t(xq, in_scale=xs)
     assert torch.equal(s, sr) and same_bits(q, qr)
     qr2, sr2 = ref.act_quant_t(ref.act_dequant(xq, xs))  # the reference's in_scale is exactly this
@@ -115,7 +117,7 @@ def test_weight_quant_and_transpose_bit_exact(O, I, fmt, ue8m0):
     w = rand(O, I, seed=O * 3 + I)
     bo, bi = -(-O // 128), -(-I // 128)
     out = (poisoned((O, I), FP8[fmt]), poisoned((bo, bi), torch.float32), poisoned((I, O), FP8[fmt]))
-    q, s, qt = kfp8.weight_quant(w, fmt=fmt, ue8m0=ue8m0, transposed=True, out=out)
+    q, s, qt = kfp8.weight_quant(w, fmt=fmt, ue8m0=ue8m0, transposed=True, out=out, exact=True)
     qr, sr, qtr = ref.weight_quant(w, fmt=fmt, ue8m0=ue8m0, transposed=True)
     assert torch.equal(s, sr) and same_bits(q, qr) and same_bits(qt, qtr)
     assert same_bits(qtr, qr.t().contiguous())
@@ -134,6 +136,149 @@ def test_weight_dequant_matches(O, I):
             assert torch.equal(got, want)
     with pytest.raises(ValueError, match="scale_inv has shape"):
         kfp8.weight_dequant(q, s[:, :1] if s.shape[1] > 1 else s[:0], dtype=torch.float32)
+
+
+# ------------------------------------------------------------------ the fast mode (exact=False)
+# x * (1/s) in float32 and the native FP8 conversion (the interpreter rounds in software, its conversion being wrong):
+# the scales are the reference's, a value can land one FP8 step away where x * (1/s) and the correctly rounded x / s
+# straddle a rounding boundary. bf16-valued inputs meet such ties (about 5e-4 of the elements); float32 ones hardly.
+MBITS_EMIN = {"e4m3": (3, -6), "e5m2": (2, -14)}
+
+
+def fp8_step(v: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The FP8 grid's spacing at magnitude v (float32): 2^(floor(log2 v) - mantissa bits), the subnormal step below
+    the smallest normal."""
+    mbits, emin = MBITS_EMIN[fmt]
+    _, e = torch.frexp(v.abs().clamp(min=2.0**emin))  # v = m 2^e, 0.5 <= m < 1
+    return torch.ldexp(torch.ones_like(v), e - 1 - mbits)
+
+
+def assert_within_one_step(q: torch.Tensor, qr: torch.Tensor, fmt: str, exact_if: bool = False):
+    """q (fast) against qr (reference), same scales: every value written, at most one FP8 step apart (the step of the
+    smaller magnitude), at most 1% differing; bit-exact when ``exact_if`` (UE8M0 scales: 1/s is exact)."""
+    assert q.shape == qr.shape
+    a, b = q.float(), qr.float()
+    assert not a.isnan().any()
+    if exact_if:
+        assert same_bits(q, qr)
+        return
+    step = fp8_step(torch.minimum(a.abs(), b.abs()), fmt)
+    assert ((a - b).abs() <= step).all(), f"max |diff| / step {((a - b).abs() / step).max():.2f}"
+    assert (a != b).float().mean() <= 0.01
+
+
+def rand_bf16(*shape, seed: int) -> torch.Tensor:
+    return rand(*shape, seed=seed).to(torch.bfloat16).to(DT)
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("ue8m0", [False, True])
+@pytest.mark.parametrize("M,K", [(1, 128), (7, 300), (127, 256), (4097, 130)])
+def test_act_quant_fast(M, K, fmt, ue8m0):
+    x = rand_bf16(M, K, seed=M * 5 + K)
+    out = (poisoned((M, K), FP8[fmt]), poisoned((M, -(-K // 128)), torch.float32))
+    q, s = kfp8.act_quant(x, fmt=fmt, ue8m0=ue8m0, out=out, exact=False)
+    qr, sr = ref.act_quant(x, fmt=fmt, ue8m0=ue8m0)
+    assert torch.equal(s, sr)
+    assert_within_one_step(q, qr, fmt, exact_if=ue8m0)
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("M,K", [(1, 64), (127, 200), (300, 128), (129, 520)])
+def test_act_quant_t_fast(M, K, fmt):
+    x = rand_bf16(M, K, seed=2 * M + K).t().contiguous().t()
+    out = (poisoned((K, M), FP8[fmt]), poisoned((K, -(-M // 128)), torch.float32))
+    q, s = kfp8.act_quant_t(x, fmt=fmt, out=out, exact=False)
+    qr, sr = ref.act_quant_t(x, fmt=fmt)
+    assert torch.equal(s, sr)
+    assert_within_one_step(q, qr, fmt)
+
+
+def test_act_quant_t_fast_dequantizes_on_load():
+    x = rand(200, 300, seed=6)
+    for in_block in (128, 32):  # one input scale per row of a tile, and several
+        xq, xs = ref.act_quant(x, in_block)
+        q, s = kfp8.act_quant_t(xq, in_scale=xs, in_block=in_block, exact=False)
+        qr, sr = ref.act_quant_t(xq, in_scale=xs, in_block=in_block)
+        assert torch.equal(s, sr)
+        assert_within_one_step(q, qr, "e4m3")
+        assert same_bits(kfp8.act_quant_t(xq, in_scale=xs, in_block=in_block, exact=True)[0], qr)
+
+
+@pytest.mark.parametrize("ue8m0", [False, True])
+@pytest.mark.parametrize("M,K", [(7, 300), (257, 130), (130, 520)])
+def test_act_quant_both_fast(M, K, ue8m0):
+    x = rand_bf16(M, K, seed=3 * M + K + 1)
+    out = (poisoned((M, K), torch.float8_e4m3fn), poisoned((M, -(-K // 128)), torch.float32),
+           poisoned((K, M), torch.float8_e4m3fn), poisoned((K, -(-M // 128)), torch.float32))
+    q, s, qt, st = kfp8.act_quant_both(x, ue8m0=ue8m0, out=out, exact=False)
+    qr, sr = ref.act_quant(x, ue8m0=ue8m0)
+    qtr, str_ = ref.act_quant_t(x, ue8m0=ue8m0)
+    assert torch.equal(s, sr) and torch.equal(st, str_)
+    assert_within_one_step(q, qr, "e4m3", exact_if=ue8m0)
+    assert_within_one_step(qt, qtr, "e4m3", exact_if=ue8m0)
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("ue8m0", [False, True])
+@pytest.mark.parametrize("O,I", [(1, 1), (130, 257), (256, 128), (200, 520)])
+def test_weight_quant_fast(O, I, fmt, ue8m0):
+    w = rand_bf16(O, I, seed=O * 5 + I)
+    bo, bi = -(-O // 128), -(-I // 128)
+    out = (poisoned((O, I), FP8[fmt]), poisoned((bo, bi), torch.float32), poisoned((I, O), FP8[fmt]))
+    q, s, qt = kfp8.weight_quant(w, fmt=fmt, ue8m0=ue8m0, transposed=True, out=out, exact=False)
+    qr, sr = ref.weight_quant(w, fmt=fmt, ue8m0=ue8m0)
+    assert torch.equal(s, sr)
+    assert_within_one_step(q, qr, fmt, exact_if=ue8m0)
+    assert same_bits(qt, q.t().contiguous())
+    q2, s2 = kfp8.weight_quant(w, fmt=fmt, ue8m0=ue8m0, exact=False)  # without the transposed copy
+    assert torch.equal(s2, sr) and same_bits(q2, q)
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "fast"])
+def test_wide_tiles(exact, monkeypatch):
+    """Tiles of 256 features per program (bench/fp8.py --only tiles tries them; act_quant_both and weight_quant then
+    hold two 128-wide groups as a 3-D tile), with tails in both dims."""
+    for key in ("act_quant_t", "act_quant_t_fp8", "act_quant_both", "weight_quant"):
+        monkeypatch.setitem(kfp8._TILES, key, {True: (256, 8), False: (256, 8)})
+    x = rand_bf16(130, 520, seed=13)
+
+    def check(q, qr):
+        if exact:
+            assert same_bits(q, qr)
+        else:
+            assert_within_one_step(q, qr, "e4m3")
+
+    qr, sr = ref.act_quant(x)
+    qtr, str_ = ref.act_quant_t(x)
+    q, s, qt, st = kfp8.act_quant_both(x, exact=exact)
+    assert torch.equal(s, sr) and torch.equal(st, str_)
+    check(q, qr)
+    check(qt, qtr)
+    q, s = kfp8.act_quant_t(x, exact=exact)
+    assert torch.equal(s, str_)
+    check(q, qtr)
+    xq, xs = ref.act_quant(x)
+    q, s = kfp8.act_quant_t(xq, in_scale=xs, exact=exact)
+    qr2, sr2 = ref.act_quant_t(xq, in_scale=xs)
+    assert torch.equal(s, sr2)
+    check(q, qr2)
+    wr, wsr = ref.weight_quant(x)
+    w, ws, wt = kfp8.weight_quant(x, transposed=True, exact=exact)
+    assert torch.equal(ws, wsr) and same_bits(wt, w.t().contiguous())
+    check(w, wr)
+
+
+def test_exact_default_follows_module_setting(monkeypatch):
+    """exact=None takes kfp8.EXACT_QUANT (fast unless MINIDS_FP8_EXACT=1); the two modes do differ on bf16 inputs."""
+    x = rand_bf16(512, 256, seed=11)
+    qr, _ = ref.act_quant(x)
+    fast, _ = kfp8.act_quant(x, exact=False)
+    assert not same_bits(fast, qr)  # some ties, else this test proves nothing
+    for setting, want in ((True, qr), (False, fast)):
+        monkeypatch.setattr(kfp8, "EXACT_QUANT", setting)
+        assert same_bits(kfp8.act_quant(x)[0], want)
+        assert same_bits(kfp8.act_quant_both(x)[0], want)
 
 
 # ------------------------------------------------------------------ the block-scaled GEMM
@@ -183,11 +328,72 @@ def test_fp8_gemm_bad_scales():
         kfp8.fp8_gemm(a, a_s[:4], b, b_s)
 
 
+# ------------------------------------------------------------------ small M: the heuristic's tiles and split-K
+DEEPGEMM_NK = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
+
+
+def test_m_buckets_separate_64_and_128():
+    assert [kfp8._m_bucket(m) for m in (1, 16, 17, 64, 65, 128, 129, 4096, 10**5)] == \
+        [16, 16, 32, 64, 128, 128, 256, 4096, 8192]
+
+
+@pytest.mark.parametrize("M", [1, 64, 100, 128, 200, 4096])
+def test_gemm_plan(M):
+    """M <= 128: 64-row tiles; a split keeps >= 512 of K per CTA, none empty, and never grows the grid past two waves of
+    132 SMs; the chosen tile shape, warps and stages are among the autotuner's configs."""
+    tuned = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kfp8._gemm_configs()}
+    for N, K in DEEPGEMM_NK:
+        nk = -(-K // 128)
+        cfg, split = kfp8._gemm_plan(kfp8._m_bucket(M), N, nk, 132)
+        assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"]) in tuned
+        assert cfg["BLOCK_M"] == (64 if M <= 128 else 128)
+        assert 1 <= split <= 8
+        if split > 1:
+            per = -(-nk // split)
+            assert per >= 4 and -(-nk // per) == split
+            assert -(-M // cfg["BLOCK_M"]) * -(-N // cfg["BLOCK_N"]) * split <= 2 * 132
+        if M > 256:
+            assert split == 1
+
+
+def test_autotuner_keeps_the_planned_tile_for_small_m(monkeypatch):
+    monkeypatch.setattr(kfp8, "_sm_count", lambda index: 132)
+    for m in (64, 128, 256):
+        for N, K in DEEPGEMM_NK:
+            cfg, _ = kfp8._gemm_plan(m, N, -(-K // 128), 132)
+            kept = kfp8._prune(kfp8._gemm_configs(), {"M_BUCKET": m, "N": N, "K": K, "a_ptr": torch.empty(0)})
+            assert kept and {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept} == \
+                {(cfg["BLOCK_M"], cfg["BLOCK_N"])}
+    kept = kfp8._prune(kfp8._gemm_configs(), {"M_BUCKET": 4096, "N": 4096, "K": 4096, "a_ptr": torch.empty(0)})
+    assert kept and all(c.kwargs["BLOCK_M"] >= 128 for c in kept)
+
+
+@pytest.mark.parametrize("b_rows", [False, True], ids=["weight-128x128", "wgrad-1x128"])
+@pytest.mark.parametrize("BLOCK_N", [64, 128])
+def test_fp8_gemm_small_m_tiles_and_splits(BLOCK_N, b_rows):
+    """The small-M configs (64-row tiles) with split-K, M and K tails included (K = 1000: 8 steps split 3, 3, 2)."""
+    M, N, K = 100, 200, 1000
+    a, a_s, b, b_s = gemm_operands(M, N, K, b_rows, seed=N + BLOCK_N)
+    cr = ref.fp8_gemm(a, a_s, b, b_s, torch.float32)
+    out_dtype = torch.float32 if DEV == "cpu" else torch.bfloat16
+    cfg = {"BLOCK_M": 64, "BLOCK_N": BLOCK_N, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
+    for split in (1, 3):
+        c = kfp8._gemm_run(a, a_s.float().contiguous(), b, b_s.float().contiguous(), poisoned((M, N), out_dtype),
+                           1 if b_rows else 128, cfg, split, tuned=False)
+        assert not c.isnan().any()
+        err = (c.float() - cr).abs().max() / cr.abs().max()
+        assert err <= TOL, f"split {split}: max error {err:.2e} of max |C|"
+
+
 # ------------------------------------------------------------------ the FP8 linear on the kernels
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "fast"])
 @pytest.mark.parametrize("M,K,N", [(50, 200, 150), (130, 256, 128)])
-def test_fp8_linear_real_on_kernels_equals_simulation(M, K, N):
+def test_fp8_linear_real_on_kernels_equals_simulation(M, K, N, exact, monkeypatch):
     """fp8 'real' (the three GEMMs on the Triton kernels) gives the simulation's values: same quantized operands,
-    float32 accumulation; only the order of additions (and on the GPU the tensor cores' accumulator) differ."""
+    float32 accumulation; only the order of additions (and on the GPU the tensor cores' accumulator) differ. The FP8
+    linear quantizes in the kernels' default mode (EXACT_QUANT); the fast mode's one-step differences in rare elements
+    leave the GPU's tolerance."""
+    monkeypatch.setattr(kfp8, "EXACT_QUANT", exact)
     x = rand(3, M, K, seed=M, spread=False).float().requires_grad_()
     w = (rand(N, K, seed=K, spread=False).float() * 0.05).requires_grad_()
     dy = rand(3, M, N, seed=N, spread=False).float()
@@ -197,7 +403,7 @@ def test_fp8_linear_real_on_kernels_equals_simulation(M, K, N):
         y = ref.fp8_linear(x, w, **kw)
         y.backward(dy)
         results.append((y.detach(), x.grad.clone(), w.grad.clone()))
-    tol = 1e-5 if DEV == "cpu" else 2.0**-8
+    tol = 1e-5 if DEV == "cpu" and exact else 2.0**-8
     for name, got, want in zip(("y", "dx", "dw"), results[1], results[0]):
         err = (got - want).abs().max() / want.abs().max()
         assert err <= tol, f"{name}: {err:.2e}"
