@@ -68,6 +68,7 @@ if [[ $what == kernels ]]; then
   fi
   for b in ${BENCHES:-fp8 mla_decode rmsnorm moe decode}; do
     extra=""; [[ $b == decode ]] && extra="$cks ${DECODE_ARGS:-}"; [[ $b == fp8 ]] && extra="${FP8_ARGS:-}"
+    [[ $b == moe ]] && extra="${MOE_ARGS:-}"
     timeout ${BENCH_TIMEOUT:-300} python3 bench/$b.py --out $res $q $extra 2>&1 | grep -v -e "Loading weights" | tee $res/$b.log
   done
   tar czf "$OUT/kernels.tgz" -C $res .
