@@ -193,14 +193,9 @@ def main() -> int:
         row["frac_copy"] = row["GBps"] / copy_bw
         row["frac_matmul"] = row["TFLOPs"] / mm
         row["bound"] = "memory" if H * s_q <= 32 else "compute"
-        rows_m = s_q * H
-        block_m = 16 if rows_m <= 16 else 32 if rows_m <= 32 else 64
-        T = sets[0][1].shape[1] if not sh["paged"] else sets[0][2].shape[1] * PAGE
-        row["num_splits"] = mla_mod.pick_num_splits(B, -(-rows_m // block_m), rows_m, T, C, R, 2, meta["sms"])
-        tuner = mla_mod._TUNED.get(block_m)
-        if tuner is not None and getattr(tuner, "best_config", None) is not None:
-            bc = tuner.best_config
-            row["config"] = f"M{block_m} N{bc.kwargs['BLOCK_N']} w{bc.num_warps} s{bc.num_stages}"
+        launch = dict(mla_mod.LAST_LAUNCH)  # the timed call's tile config and program count
+        row["programs"] = launch.get("programs")
+        row["config"] = launch.get("config")
         if not sh["paged"]:
             for name, v in peer_times(sets, seqlens, B, s_q, H, C, R, scale, Dn, Dv).items():
                 row[f"{name}_ms"] = v
@@ -210,16 +205,17 @@ def main() -> int:
         torch.cuda.empty_cache()
         rows.append(row)
         print(f"{label}: {ms * 1e3:.1f} us  {row['GBps']:.0f} GB/s ({row['frac_copy']:.0%} of copy)  "
-              f"{row['TFLOPs']:.0f} TFLOP/s ({row['frac_matmul']:.0%} of matmul)  splits={row['num_splits']} "
+              f"{row['TFLOPs']:.0f} TFLOP/s ({row['frac_matmul']:.0%} of matmul)  programs={row['programs']} "
               f"{row.get('config', '')}", flush=True)
     meta["wall_s"] = round(time.time() - t0, 1)
-    columns = ["shape", "bound", "kernel_ms", "GBps", "frac_copy", "TFLOPs", "frac_matmul", "num_splits", "config",
+    columns = ["shape", "bound", "kernel_ms", "GBps", "frac_copy", "TFLOPs", "frac_matmul", "programs", "config",
                "ref_fp32_ms", "absorbed_ms", "naive_ms", "speedup_vs_absorbed"]
     notes = (
         "Targets (issue #10): memory-bound rows (H * s_q <= 32) at >= 80% of the copy rate; H=128 rows at >= 300 "
-        "TFLOP/s. kernel_ms is a CUDA-graph replay of one launch (split kernel + combine when num_splits > 1); "
+        "TFLOP/s. kernel_ms is a CUDA-graph replay of one launch (one kernel: work-balanced programs, fused combine); "
         "peers are eager torch (float32 inside), timed with CUDA events. config: the autotuned tile (rows per "
-        "program M, tokens per tile N, warps, pipeline stages). '~' marks variable lengths."
+        "program M, tokens per tile N, warps, pipeline stages); programs: the grid (SMs x programs per SM). "
+        "'~' marks variable lengths."
     )
     table = write_results(args.out, "mla_decode", meta, rows, columns, notes)
     print(table)

@@ -184,9 +184,9 @@ if HAVE_TRITON:
         s = _scale_of(tl.max(tl.abs(x), axis=0), FMAX, UE8M0)  # (BLOCK_K,): one per column over BLOCK tokens
         q = _quantize(x, s[None, :], FMAX, MBITS, EMIN, UE8M0, EXACT, SOFT_CVT)
         cols64 = cols.to(tl.int64)
-        # the store's pointers run along the tokens: the compiler transposes the tile through shared memory
-        q_ptrs = q_ptr + cols64[None, :] * stride_qk + rows[:, None]
-        tl.store(q_ptrs, q.to(q_ptr.dtype.element_ty), mask=mask)
+        # transposed in registers (the compiler goes through shared memory), then stored along the tokens
+        q_ptrs = q_ptr + cols64[:, None] * stride_qk + rows[None, :]  # (BLOCK_K, BLOCK)
+        tl.store(q_ptrs, tl.trans(q).to(q_ptr.dtype.element_ty), mask=tl.trans(mask))
         tl.store(s_ptr + cols64 * stride_sk + pid_m, s, mask=cols < K)
 
     @triton.jit
@@ -214,8 +214,11 @@ if HAVE_TRITON:
                  mask=(rows < M)[:, None] & (groups * BLOCK < K)[None, :])
         st = _scale_of(tl.max(tl.abs(x), axis=0), FMAX, UE8M0)  # (G, BLOCK): along tokens
         qt = _quantize(x, st[None, :, :], FMAX, MBITS, EMIN, UE8M0, EXACT, SOFT_CVT)
-        tl.store(qt_ptr + cols64[None, :, :] * stride_qtk + rows[:, None, None], qt.to(qt_ptr.dtype.element_ty),
-                 mask=mask)
+        # the transposed copy is permuted to (G, features, tokens) in registers first, so the store runs along its
+        # last dim (tokens, contiguous in qt) like every other store; storing the (tokens, G, features) tile through
+        # transposed pointers came out wrong on full tiles on the H200 (Triton 3.6)
+        qt_ptrs = qt_ptr + cols64[:, :, None] * stride_qtk + rows[None, None, :]  # (G, BLOCK, BLOCK)
+        tl.store(qt_ptrs, tl.permute(qt, (1, 2, 0)).to(qt_ptr.dtype.element_ty), mask=tl.permute(mask, (1, 2, 0)))
         tl.store(st_ptr + cols64 * stride_stk + pid_m, st, mask=cols < K)
 
     @triton.jit
@@ -239,8 +242,9 @@ if HAVE_TRITON:
         s = _scale_of(tl.max(tl.max(tl.abs(w), axis=2), axis=0), FMAX, UE8M0)  # (G,): one per block
         q = _quantize(w, s[None, :, None], FMAX, MBITS, EMIN, UE8M0, EXACT, SOFT_CVT).to(q_ptr.dtype.element_ty)
         tl.store(q_ptr + rows64[:, None, None] * stride_qo + cols[None, :, :], q, mask=mask)
-        if WRITE_T:
-            tl.store(qt_ptr + cols64[None, :, :] * stride_qti + rows[:, None, None], q, mask=mask)
+        if WRITE_T:  # permuted to (G, features, rows) first, as in _act_quant_both_kernel
+            qt_ptrs = qt_ptr + cols64[:, :, None] * stride_qti + rows[None, None, :]  # (G, BLOCK, BLOCK)
+            tl.store(qt_ptrs, tl.permute(q, (1, 2, 0)), mask=tl.permute(mask, (1, 2, 0)))
         tl.store(s_ptr + pid_o * stride_so + groups, s, mask=groups * BLOCK < I)
 
     @triton.jit

@@ -1,4 +1,4 @@
-"""MLA decoding over the compressed latent cache: a split-KV Triton kernel and its combine step.
+"""MLA decoding over the compressed latent cache: one work-balanced Triton kernel with a fused combine.
 
 Mirrors ``minids.attention.mla_decode_ref`` (same signature, same result up to the dtype's rounding). In
 the absorbed form (REFERENCE.md 2.6) all H heads attend to ONE latent key per token, [c_kv; k_pe]
@@ -14,72 +14,96 @@ The design, and what each part is for:
 - Rows on M. A program takes BLOCK_M rows (query token i, head h) of one sequence and computes the
   scores of all of them against a BLOCK_N-token cache tile with one ``tl.dot`` (q[M, C] @ c_kv^T and
   q_pe[M, R] @ k_pe^T), then p[M, N] @ c_kv[N, C] into an fp32 (M, C) accumulator: each cache tile is
-  loaded once for all the heads of the program and used as both key and value. With many heads (V3's 128,
-  or MTP's s_q = 2) this is tensor-core bound; BLOCK_M = 64 is the smallest Hopper warpgroup MMA.
-- Split-KV. The cache of each sequence is cut into pieces of ``split_len`` tokens that run as separate
-  programs; each writes a normalised partial output and its log-sum-exp, and the combine kernel merges
-  them (out = sum_j exp(lse_j - lse) out_j). Small batches and few heads still fill the 132 SMs, and
-  uneven lengths are spread over programs of equal size. With one split the first kernel writes the
-  result directly and the combine is skipped (no fp32 round trip).
+  loaded once for all the rows of the program and used as both key and value. All s_q * H rows of a
+  sequence share a program up to 64 rows (H=16, s_q=2: 32 rows, both query tokens of each head), so
+  the cache is read once; H=128 takes 64-row blocks (Hopper's warpgroup MMA is 64 rows tall).
+- Work-balanced, sync-free scheduling (FlashMLA's idea, with the metadata derived inside the kernel).
+  Sequence b costs OVERHEAD + ceil(len_b / UNIT) units (UNIT = 64 tokens; the overhead unit stands for
+  the query load and the output write). Laid end to end, the units of all sequences form one line of
+  `total` units, and the P programs of a row block take consecutive slices of W units each, W = max(
+  ceil(total / P), MIN_UNITS, ceil(max_b tiles_b / (MAX_PIECES - 1))): a slice may start inside one
+  sequence and run on into the next ones, so ragged lengths cost no imbalance (every program gets the
+  same work, to one unit). Every program reads the B lengths (from L2) and derives the same schedule:
+  no host read of the lengths, no extra launch, and the grid depends on static sizes only (P = SMs x
+  programs per SM of the tile config, one wave), so a decoding step can be graph-captured. MIN_UNITS
+  keeps pieces from being so short that the query load and partial write dominate; MAX_PIECES bounds
+  the pieces of one sequence (a long one among short ones), which bounds its combine. Programs whose
+  slice starts past `total` exit at once.
+- Pieces and the fused combine. A sequence whose tiles all fall in one slice is computed by one program,
+  which writes out and lse directly. A sequence cut across programs p_first..p_last gets one piece per
+  program; each writes its normalised fp32 partial output and log2-sum-exp to a slot (2 per program: a
+  cut sequence is either the first or the last of a slice; slot 2p + 1 holds p's last, 2p its first),
+  then counts itself in with an atomic (acq_rel at GPU scope after a CTA barrier: the CUTLASS split-K
+  semaphore pattern). The program that arrives last for (sequence, row block) merges the pieces, always
+  in piece order p_first..p_last, so the result is deterministic whatever the arrival order, and resets
+  the counter to 0 for the next launch. Counters: one int32 per (sequence, row block), allocated once
+  per device, zero between launches. This replaces a second (combine) launch, which costs
+  a few microseconds of a ~10-40 us decoding step.
 - Online softmax in base 2 (the scale is multiplied by log2 e once), with a guard for rows that have
   seen no token yet (their running max is -inf).
 - Two cache layouts, one loop: contiguous (B, T, .) rows are addressed as page b, token t; paged caches
-  look each token's page up in the block table, so any page size works. The latent and RoPE parts are
-  two pointers with their own strides: ``KVCache``'s separate c_kv and k_pe tensors are read in place,
-  and a single (.., C + R) cache is passed as two views of itself.
-- The split count comes from the static shapes only (batch, heads, the cache's capacity), never from
-  the lengths on the device, so a decoding step does not wait for the host (and can be graph-captured).
+  look each tile's page up in the block table (one scalar per tile when the page holds whole tiles, as
+  with 64-token pages; one entry per token otherwise). The lookup takes a software-pipeline stage of its
+  own, so paged configs get more stages for the same tile buffers. The latent and RoPE parts are two
+  pointers with their own strides: ``KVCache``'s separate c_kv and k_pe tensors are read in place, and a
+  single (.., C + R) cache is passed as two views of itself. The per-token strides are compile-time
+  constants (one compiled variant per layout), which saves address registers.
+- Tiles (see _CONFIGS): memory-bound cases (s_q * H <= 32) use 16 or 32 rows per program with mma.sync
+  (padding to a 64-row wgmma would multiply the tensor work by 2-4x) and deep cp.async pipelines, ~75-150
+  KB of cache tiles in flight per SM; H=128 (compute-bound) uses 64-row wgmma blocks with 8 warps.
 
 Preconditions: q, kv_cache, pe_cache of one floating dtype (bf16, fp16 or fp32; q is cast to the cache's
-dtype), last dimension contiguous; cache_seqlens int32/int64 on the same device, each in [0, capacity];
-block_table int32. fp32 runs its dots in IEEE fp32 (not tf32) so fp32 models decode exactly.
+dtype), last dimension contiguous; cache_seqlens int32/int64 on the same device, each in [0, capacity]
+(values outside are clamped); block_table int32. fp32 runs its dots in IEEE fp32 (not tf32) so fp32
+models decode exactly. Launches share the device's combine counters, so two launches must not run
+concurrently on one device (on two streams, or graphs replayed on two streams).
 
 Shapes: B batch, s_q new tokens per sequence, H heads, C kv_lora_rank (head_dim_v), R rope dim,
-T cache capacity, M = s_q * H rows, N tokens per tile.
+T cache capacity, M = s_q * H rows, N tokens per tile, P programs per row block.
 """
 
 from __future__ import annotations
 
 import functools
-import math
+import os
 
 import torch
 from minids.kernels import HAVE_TRITON, INTERPRET
 
-__all__ = ["mla_decode", "pick_num_splits"]
+__all__ = ["mla_decode", "pick_config", "schedule_ref"]
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
 _LOG2E = 1.4426950408889634
-_SPLIT_ALIGN = 64  # split lengths are multiples of every BLOCK_N, so tiles never straddle two splits
+UNIT = 64  # tokens per schedule unit; slices start at multiples of it, so BLOCK_N <= 64 tiles never straddle two
+OVERHEAD = 1  # extra units charged per sequence (query load + output write)
+MIN_UNITS = 4  # smallest slice (256 tokens) when the program count is automatic
+MAX_PIECES = 32  # most programs one sequence is cut across (bounds the last arriver's combine)
+MAX_BLOCK_B = 1024  # lengths read at once while the schedule is derived (a power of two; larger batches loop)
+AUTOTUNE = os.environ.get("MINIDS_AUTOTUNE", "1") != "0"  # 0: the heuristic config (tests); 1: tune per shape
 
 
-def pick_num_splits(batch: int, row_blocks: int, rows: int, capacity: int, C: int, R: int, elem: int, n_sm: int) -> int:
-    """How many pieces to cut each sequence's cache into, from static sizes only.
-
-    1. Fill the GPU in whole waves: with base = batch * row_blocks programs per split, take the smallest
-       split count whose wave efficiency (programs / (waves * n_sm)) is within 85% of the best
-       (flash-attention's rule); a base of 0.8 waves or more needs no split.
-    2. More, shorter pieces balance uneven lengths; allow up to 4x more while the fp32 partial results
-       (written once and read once by the combine) stay under 5% of the cache bytes.
-    Each piece keeps at least 128 tokens, and there are at most 64.
-    """
-    max_splits = max(1, min(64, capacity // 128))
-    base = batch * row_blocks
-    if base >= 0.8 * n_sm or max_splits == 1:
-        s = 1
-    else:
-        effs = []
-        for s in range(1, max_splits + 1):
-            waves = base * s / n_sm
-            effs.append(waves / math.ceil(waves))
-        s = next(i + 1 for i, e in enumerate(effs) if e >= 0.85 * max(effs))
-    partial_bytes = rows * C * 4 * 2  # one split's fp32 partial output of one sequence, written and read
-    budget = int(0.05 * capacity * (C + R) * elem / partial_bytes)
-    k = max(1, min(4, budget // s))
-    return max(1, min(max_splits, s * k))
+def schedule_ref(lens: list[int], programs: int, min_units: int = MIN_UNITS, max_pieces: int = MAX_PIECES):
+    """The kernel's schedule in Python (documentation and tests): W units per slice, and for each program the
+    (sequence, first token, end token, slot or None) pieces it computes; slot None: written as the result."""
+    n = [-(-max(0, x) // UNIT) for x in lens]
+    total = sum(k + OVERHEAD for k in n)
+    W = max(-(-total // programs), min_units, -(-max(n, default=0) // max(1, max_pieces - 1)))
+    work = []
+    for p in range(programs):
+        u0, u1 = p * W, min(p * W + W, total)
+        pieces, S = [], 0
+        for b, k in enumerate(n):
+            first = S + OVERHEAD  # the unit of the sequence's first tile
+            lo, hi = max(u0, first) - first, min(u1, first + k) - first
+            if u0 < u1 and (hi > lo or (k == 0 and u0 <= S < u1)):
+                whole = lo == 0 and hi == k
+                pieces.append((b, lo * UNIT, min(hi * UNIT, max(0, lens[b])), None if whole else 2 * p + (lo == 0)))
+            S = first + k
+        work.append(pieces)
+    return W, work
 
 
 @functools.cache
@@ -87,72 +111,84 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+_counters: dict = {}  # device -> list of counter buffers, the last one current
+
+
+def _get_counters(n: int, device: torch.device) -> torch.Tensor:
+    """Arrival counters of the fused combine, one buffer per device: zero between launches (each last arriver
+    resets its own), so every call reuses it, graph captures included. A call that needs more gets a fresh
+    zeroed buffer; the old ones are kept, since a captured graph may still use them."""
+    bufs = _counters.setdefault(device, [])
+    if not bufs or bufs[-1].numel() < n:
+        bufs.append(torch.zeros(max(n, 4096), dtype=torch.int32, device=device))
+    return bufs[-1]
+
+
 if HAVE_TRITON:
 
-    @triton.jit(do_not_specialize=["H", "S_Q"])
-    def _mla_decode_split(
-        Q, KV, PE, SEQLENS, BLOCK_TABLE, O, LSE,
-        stride_qb, stride_qs, stride_qh,
-        stride_kvp, stride_kvt, stride_pep, stride_pet,
-        stride_btb,
-        stride_ob, stride_os, stride_oh, stride_on,
-        stride_lb, stride_ls, stride_lh, stride_ln,
-        qk_scale, split_len, capacity, H, S_Q,
+    @triton.jit
+    def _totals(SEQLENS, B, capacity, BLOCK_B: tl.constexpr, UNIT: tl.constexpr, OVERHEAD: tl.constexpr):
+        """(total units of all sequences, most tiles of one sequence)."""
+        total = 0
+        n_max = 0
+        for i in range(0, B, BLOCK_B):
+            offs = i + tl.arange(0, BLOCK_B)
+            ok = offs < B
+            n = tl.cdiv(tl.minimum(tl.maximum(tl.load(SEQLENS + offs, mask=ok, other=0), 0), capacity), UNIT)
+            total += tl.sum(tl.where(ok, n + OVERHEAD, 0), 0)
+            n_max = tl.maximum(n_max, tl.max(n, 0))
+        return total, n_max
+
+    @triton.jit
+    def _locate(SEQLENS, B, capacity, u0, BLOCK_B: tl.constexpr, UNIT: tl.constexpr, OVERHEAD: tl.constexpr):
+        """The first sequence whose units reach past unit u0, and the unit where it starts."""
+        b = 0
+        start = 0
+        run = 0
+        for i in range(0, B, BLOCK_B):
+            offs = i + tl.arange(0, BLOCK_B)
+            ok = offs < B
+            n = tl.cdiv(tl.minimum(tl.maximum(tl.load(SEQLENS + offs, mask=ok, other=0), 0), capacity), UNIT)
+            units = tl.where(ok, n + OVERHEAD, 0)
+            ends = run + tl.cumsum(units, 0)
+            before = ok & (ends <= u0)
+            b += tl.sum(before.to(tl.int32), 0)
+            start = tl.maximum(start, tl.max(tl.where(before, ends, 0), 0))
+            run += tl.sum(units, 0)
+        return b, start
+
+    @triton.jit
+    def _attend(
+        q_c, q_r, limit, kv_seq, pe_seq, tbl, KV, PE, t0, t1,
+        stride_kvp, stride_kvt: tl.constexpr, stride_pep, stride_pet: tl.constexpr, qk_scale,
         C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr,
-        CAUSAL: tl.constexpr, FINAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, UNIT: tl.constexpr,
     ):
-        """One program: BLOCK_M rows (query token, head) of sequence b over cache tokens of one split.
-
-        Grid (row blocks, splits, B): the row blocks of one (split, sequence) are launched next to each
-        other, so the cache tiles they all read are served from L2 after the first. FINAL: one split,
-        write out (in its dtype) and lse; otherwise the normalised fp32 partial and its lse.
-        """
-        pid_m = tl.program_id(0)
-        split = tl.program_id(1)
-        b = tl.program_id(2)
-        seqlen = tl.minimum(tl.load(SEQLENS + b).to(tl.int32), capacity)  # never read past the cache
-        start = split * split_len
-        end = tl.minimum(start + split_len, seqlen)
-        if not FINAL:  # noqa: SIM102 (FINAL is a compile-time constant, start >= end a run-time value)
-            if start >= end:  # past this sequence's length: nothing to do, and the combine will not read it
-                return
-        # (FINAL: an empty sequence runs no iteration and writes out = 0, lse = -inf below)
-
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (M,) row = i * H + h
-        row_ok = rows < S_Q * H
-        qi = rows // H
-        hh = rows % H
+        """Online softmax of rows q over cache tokens [t0, t1) of one sequence -> (acc (M, C) fp32, m, l)."""
         offs_c = tl.arange(0, BLOCK_C)
         offs_r = tl.arange(0, BLOCK_R)
         c_ok = offs_c < C
         r_ok = offs_r < R
-        b64 = b.to(tl.int64)
-
-        q_ptr = Q + b64 * stride_qb + qi * stride_qs + hh * stride_qh  # (M,) pointers to each row
-        q_c = tl.load(q_ptr[:, None] + offs_c[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-        q_r = tl.load(q_ptr[:, None] + C + offs_r[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-        q_c = q_c.to(KV.dtype.element_ty)  # (M, C)
-        q_r = q_r.to(KV.dtype.element_ty)  # (M, R)
-
-        if CAUSAL:
-            limit = seqlen - S_Q + 1 + qi  # (M,) query i sees t < len - s_q + 1 + i
-        else:
-            limit = tl.zeros([BLOCK_M], dtype=tl.int32) + seqlen
-        kv_seq = KV + b64 * stride_kvp  # contiguous cache: sequence b's rows (stride_kvt * capacity < 2**31)
-        pe_seq = PE + b64 * stride_pep
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max, log2 units
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of 2^(s - m)
         acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)  # running sum of p * c_kv
-
-        for n0 in range(start, end, BLOCK_N):
+        tl.static_assert(UNIT % BLOCK_N == 0)  # tiles never straddle a piece's end (a multiple of UNIT or the length)
+        limit = tl.minimum(limit, t1)  # (M,) tokens a row sees in this piece: t < limit
+        for n0 in range(t0, t1, BLOCK_N):
             toks = n0 + tl.arange(0, BLOCK_N)  # (N,)
-            t_ok = toks < end
+            t_ok = toks < t1
             if PAGED:
-                page = tl.load(BLOCK_TABLE + b64 * stride_btb + toks // PAGE, mask=t_ok, other=0).to(tl.int64)
-                kv_ptr = KV + page * stride_kvp + (toks % PAGE) * stride_kvt  # (N,) row pointers
-                pe_ptr = PE + page * stride_pep + (toks % PAGE) * stride_pet
-            else:  # 32-bit offsets from the sequence's base pointer: fewer registers than 64-bit row offsets
+                if PAGE % BLOCK_N == 0:  # the tile lies in one page: one table entry, 32-bit offsets within it
+                    page = tl.load(tbl + n0 // PAGE).to(tl.int64)
+                    in_page = (n0 % PAGE + tl.arange(0, BLOCK_N))
+                    kv_ptr = KV + page * stride_kvp + in_page * stride_kvt
+                    pe_ptr = PE + page * stride_pep + in_page * stride_pet
+                else:  # a page per token
+                    page = tl.load(tbl + toks // PAGE, mask=t_ok, other=0).to(tl.int64)
+                    kv_ptr = KV + page * stride_kvp + (toks % PAGE) * stride_kvt
+                    pe_ptr = PE + page * stride_pep + (toks % PAGE) * stride_pet
+            else:  # 32-bit offsets from the sequence's base pointer (stride_kvt * capacity < 2**31)
                 kv_ptr = kv_seq + toks * stride_kvt
                 pe_ptr = pe_seq + toks * stride_pet
             kv = tl.load(kv_ptr[:, None] + offs_c[None, :], mask=t_ok[:, None] & c_ok[None, :], other=0.0)
@@ -171,75 +207,215 @@ if HAVE_TRITON:
             acc = acc * alpha[:, None]
             acc = tl.dot(p.to(kv.dtype), kv, acc, input_precision=DOT_PRECISION)  # (M, C): the value is c_kv
             m_i = m_new
-
-        empty = l_i == 0.0
-        l_safe = tl.where(empty, 1.0, l_i)
-        out = acc / l_safe[:, None]  # 0 for a row that saw nothing
-        lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)  # natural log
-        o_ptr = O + b64 * stride_ob + qi * stride_os + hh * stride_oh + split * stride_on  # (M,)
-        tl.store(o_ptr[:, None] + offs_c[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None] & c_ok[None, :])
-        l_ptr = LSE + b64 * stride_lb + qi * stride_ls + hh * stride_lh + split * stride_ln
-        tl.store(l_ptr, lse, mask=row_ok)
+        return acc, m_i, l_i
 
     @triton.jit
-    def _mla_decode_combine(
-        OP, LP, SEQLENS, O, LSE,
-        stride_pb, stride_ps, stride_ph, stride_pn,
-        stride_lpb, stride_lps, stride_lph, stride_lpn,
-        stride_ob, stride_os, stride_oh,
-        stride_lb, stride_ls, stride_lh,
-        split_len, capacity, H,
-        C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    def _combine(
+        O_PART, L_PART, o_ptr, l_ptr, rows, row_ok, offs_c, p_first, p_last, n_rows,
+        C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK_C: tl.constexpr, BLOCK_J: tl.constexpr,
     ):
-        """One program per (row, sequence): out = sum_j w_j out_j / sum_j w_j with w_j = exp(lse_j - max lse),
-        over the splits that ran (those starting before the sequence's length), and lse = max + log sum_j w_j."""
-        row = tl.program_id(0)
-        b = tl.program_id(1)
-        qi = row // H
-        hh = row % H
-        b64 = b.to(tl.int64)
-        seqlen = tl.minimum(tl.load(SEQLENS + b).to(tl.int32), capacity)
-        n_splits = tl.cdiv(seqlen, split_len)
-        offs_s = tl.arange(0, BLOCK_S)
-        lp = LP + b64 * stride_lpb + qi * stride_lps + hh * stride_lph
-        lse_j = tl.load(lp + offs_s * stride_lpn, mask=offs_s < n_splits, other=float("-inf"))  # (S,)
-        m = tl.max(lse_j, 0)
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        denom = tl.sum(tl.exp(lse_j - m_safe), 0)
-        offs_c = tl.arange(0, BLOCK_C)
-        c_ok = offs_c < C
-        op = OP + b64 * stride_pb + qi * stride_ps + hh * stride_ph
-        acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for j in range(n_splits):
-            w = tl.exp(tl.load(lp + j * stride_lpn) - m_safe)
-            acc += w * tl.load(op + j * stride_pn + offs_c, mask=c_ok, other=0.0)
-        empty = denom == 0.0
-        out = acc / tl.where(empty, 1.0, denom)
-        o_ptr = O + b64 * stride_ob + qi * stride_os + hh * stride_oh
-        tl.store(o_ptr + offs_c, out.to(O.dtype.element_ty), mask=c_ok)
-        tl.store(LSE + b64 * stride_lb + qi * stride_ls + hh * stride_lh, tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, denom))))
+        """out = sum_j w_j o_j / sum_j w_j, w_j = 2^(lse_j - max lse), over the pieces of programs p_first..p_last
+        (slot 2j, or 2j + 1 for the first), summed in that order; lse = max + log sum_j w_j.
 
-    # Tile shapes (BLOCK_N tokens, warps, pipeline stages) per BLOCK_M, two candidates each so tuning takes
-    # seconds per shape. Resource use of the candidates, compiled for sm_90 (C=512, R=64, bf16):
-    #   M=16, 4 warps: 32 x 3 stages 91 KB shared, 187 registers; 64 x 2 stages 92 KB, 186: two programs per SM.
-    #   M=32, 8 warps (4 warps spill): 32 x 3 110 KB, 211 registers; 64 x 2 112 KB, 242.
-    #   M=64, 8 warps (an fp32 64 x 512 accumulator is 128 registers a thread): 32 x 2 144 KB, 64 x 2 216 KB
-    #   of the 227 KB (the query tile alone is 72 KB); both spill ~140-320 bytes a thread, which the
-    #   autotuner weighs. The MMA is Hopper's warpgroup MMA (M=64), the loads are cp.async pipelined.
+        Latency-bound (it runs at the end of the kernel): the pieces' lse come in one load (at most BLOCK_J
+        pieces), the pieces themselves through a prefetching loop, CHUNK_C columns at a time (an fp32 (M, C)
+        accumulator plus a loaded piece would not fit in registers at M=64)."""
+        jj = tl.arange(0, BLOCK_J)
+        slots = (2 * (p_first + jj) + (jj == 0).to(tl.int32)).to(tl.int64)
+        lse = tl.load(L_PART + slots[:, None] * n_rows + rows[None, :], mask=(jj <= p_last - p_first)[:, None] & row_ok[None, :],
+                      other=float("-inf"), cache_modifier=".cg")  # (J, M)
+        m = tl.max(lse, 0)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        for c0 in tl.static_range(0, BLOCK_C, CHUNK_C):
+            cols = c0 + offs_c
+            mask = row_ok[:, None] & (cols < C)[None, :]
+            den = tl.zeros([BLOCK_M], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_M, CHUNK_C], dtype=tl.float32)
+            for j in tl.range(p_first, p_last + 1, num_stages=3):
+                sj = (2 * j + (j == p_first).to(tl.int32)).to(tl.int64)
+                lj = tl.load(L_PART + sj * n_rows + rows, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+                w = tl.exp2(lj - m_safe)  # 0 for a piece in which the row saw nothing
+                oj = tl.load(O_PART + (sj * n_rows + rows)[:, None] * C + cols[None, :], mask=mask, other=0.0,
+                             cache_modifier=".cg")
+                acc += w[:, None] * oj
+                den += w
+            none = den == 0.0
+            out = acc / tl.where(none, 1.0, den)[:, None]
+            tl.store(o_ptr[:, None] + cols[None, :], out.to(o_ptr.dtype.element_ty), mask=mask)
+            if c0 == 0:
+                lse_out = tl.where(none, float("-inf"), (m + tl.log2(tl.where(none, 1.0, den))) * 0.6931471805599453)
+                tl.store(l_ptr, lse_out, mask=row_ok)
+
+    @triton.jit(do_not_specialize=["capacity", "H", "S_Q", "B", "min_units", "max_pieces", "size_class"])
+    def _mla_decode_kernel(
+        Q, KV, PE, SEQLENS, BLOCK_TABLE, O, LSE, O_PART, L_PART, COUNTS,
+        stride_qb, stride_qs, stride_qh, stride_kvp, stride_pep, stride_btb,
+        stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh,
+        qk_scale, capacity, H, S_Q, B, min_units, max_pieces, size_class,
+        STRIDE_KVT: tl.constexpr, STRIDE_PET: tl.constexpr,
+        C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, ONE_B_BLOCK: tl.constexpr,
+        PAGE: tl.constexpr, PAGED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        UNIT: tl.constexpr, OVERHEAD: tl.constexpr, CHUNK_C: tl.constexpr, BLOCK_J: tl.constexpr, OCC: tl.constexpr,
+    ):
+        """Program (row block, p): rows [BLOCK_M * row block, +BLOCK_M) of every sequence piece in slice p.
+
+        O_PART (2 P, S_Q * H, C) fp32 and L_PART (2 P, S_Q * H) fp32 (log2 units) hold the pieces of cut
+        sequences; COUNTS (B * row blocks,) int32, zero on entry and on exit. The cache's token strides are
+        compile-time constants (one per layout: fewer address registers). OCC (programs per SM of the
+        config) only sizes the grid; size_class is only an autotuning key.
+        """
+        pid_m = tl.program_id(0)
+        p = tl.program_id(1)
+        P = tl.num_programs(1)
+        n_rb = tl.num_programs(0)
+
+        # --- the schedule: every program computes the same W and finds its slice [u0, u1)
+        if ONE_B_BLOCK:  # all lengths in one load (one round trip to L2 before the first tile is requested)
+            offs_b = tl.arange(0, BLOCK_B)
+            ok_b = offs_b < B
+            n_b = tl.cdiv(tl.minimum(tl.maximum(tl.load(SEQLENS + offs_b, mask=ok_b, other=0), 0), capacity), UNIT)
+            units = tl.where(ok_b, n_b + OVERHEAD, 0)
+            total = tl.sum(units, 0)
+            n_max = tl.max(n_b, 0)
+        else:
+            total, n_max = _totals(SEQLENS, B, capacity, BLOCK_B, UNIT, OVERHEAD)
+        W = tl.maximum(tl.maximum(tl.cdiv(total, P), min_units), tl.cdiv(n_max, max_pieces - 1))
+        u0 = p * W
+        if u0 >= total:  # no work left for this program
+            return
+        u1 = tl.minimum(u0 + W, total)
+        if ONE_B_BLOCK:  # the first sequence that reaches past u0, and the unit where it starts
+            ends = tl.cumsum(units, 0)
+            before = ok_b & (ends <= u0)
+            b = tl.sum(before.to(tl.int32), 0)
+            S = tl.max(tl.where(before, ends, 0), 0)
+        else:
+            b, S = _locate(SEQLENS, B, capacity, u0, BLOCK_B, UNIT, OVERHEAD)
+
+        n_rows = S_Q * H
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (M,) row = i * H + h
+        row_ok = rows < n_rows
+        qi = rows // H
+        hh = rows % H
+        rows_q = tl.minimum(rows, n_rows - 1)  # rows past s_q * H read the last row (no (M, C) load mask)
+        offs_c = tl.arange(0, BLOCK_C)
+        offs_r = tl.arange(0, BLOCK_R)
+        c_ok = offs_c < C
+        r_ok = offs_r < R
+
+        while (b < B) & (S < u1):  # the sequences that overlap [u0, u1)
+            seqlen = tl.minimum(tl.maximum(tl.load(SEQLENS + b).to(tl.int32), 0), capacity)
+            n = tl.cdiv(seqlen, UNIT)
+            first = S + OVERHEAD  # the unit of the sequence's first tile
+            lo = tl.maximum(u0, first) - first  # this slice's tiles of the sequence: [lo, hi)
+            hi = tl.minimum(u1, first + n) - first
+            # an empty sequence is written (out = 0, lse = -inf) by the program holding its overhead unit
+            if (hi > lo) | ((n == 0) & (S >= u0)):
+                b64 = b.to(tl.int64)
+                # (M, C) index tensors are built from run-time zeros (b, n >= 0), one for the query load and one
+                # for the stores: the compiler would otherwise build one before the loops and keep it in
+                # registers throughout (64 a thread at M=16); the factor keeps the columns' alignment known
+                cols = offs_c + tl.minimum(b, 0) * BLOCK_C
+                q_ptr = Q + b64 * stride_qb + (rows_q // H) * stride_qs + (rows_q % H) * stride_qh  # (M,)
+                if C == BLOCK_C:
+                    q_c = tl.load(q_ptr[:, None] + cols[None, :])
+                else:
+                    q_c = tl.load(q_ptr[:, None] + cols[None, :], mask=c_ok[None, :], other=0.0)
+                if R == BLOCK_R:
+                    q_r = tl.load(q_ptr[:, None] + C + offs_r[None, :])
+                else:
+                    q_r = tl.load(q_ptr[:, None] + C + offs_r[None, :], mask=r_ok[None, :], other=0.0)
+                if CAUSAL:
+                    limit = seqlen - S_Q + 1 + qi  # (M,) query i sees t < len - s_q + 1 + i
+                else:
+                    limit = tl.zeros([BLOCK_M], dtype=tl.int32) + seqlen
+                acc, m_i, l_i = _attend(
+                    q_c.to(KV.dtype.element_ty), q_r.to(KV.dtype.element_ty), limit,
+                    KV + b64 * stride_kvp, PE + b64 * stride_pep, BLOCK_TABLE + b64 * stride_btb,
+                    KV, PE, lo * UNIT, tl.minimum(hi * UNIT, seqlen),
+                    stride_kvp, STRIDE_KVT, stride_pep, STRIDE_PET, qk_scale,
+                    C, R, BLOCK_C, BLOCK_R, BLOCK_M, BLOCK_N, PAGE, PAGED, DOT_PRECISION, UNIT)
+
+                cols = offs_c + tl.minimum(n, 0) * BLOCK_C
+                mask = row_ok[:, None] & c_ok[None, :]
+                empty = l_i == 0.0
+                l_safe = tl.where(empty, 1.0, l_i)
+                out = acc / l_safe[:, None]  # 0 for a row that saw nothing
+                lse2 = tl.where(empty, float("-inf"), m_i + tl.log2(l_safe))
+                o_ptr = O + b64 * stride_ob + qi * stride_os + hh * stride_oh  # (M,)
+                l_ptr = LSE + b64 * stride_lb + qi * stride_ls + hh * stride_lh
+                if (lo == 0) & (hi == n):  # the whole sequence: write the result
+                    tl.store(o_ptr[:, None] + cols[None, :], out.to(O.dtype.element_ty), mask=mask)
+                    tl.store(l_ptr, lse2 * 0.6931471805599453, mask=row_ok)
+                else:
+                    # a piece: slot 2p + 1 if the sequence starts in this slice (its first piece), else 2p
+                    slot = (2 * p + (lo == 0).to(tl.int32)).to(tl.int64)
+                    tl.store(O_PART + (slot * n_rows + rows)[:, None] * C + cols[None, :], out, mask=mask)
+                    tl.store(L_PART + slot * n_rows + rows, lse2, mask=row_ok)
+                    tl.debug_barrier()  # every thread's piece is written before the arrival is counted
+                    cnt_ptr = COUNTS + b * n_rb + pid_m
+                    arrived = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+                    p_first = first // W
+                    p_last = (first + n - 1) // W
+                    if arrived == p_last - p_first:  # the last piece in: merge them all
+                        tl.debug_barrier()
+                        _combine(O_PART, L_PART, o_ptr, l_ptr, rows, row_ok, tl.arange(0, CHUNK_C), p_first, p_last,
+                                 n_rows, C, BLOCK_C, BLOCK_M, CHUNK_C, BLOCK_J)
+                        tl.store(cnt_ptr, 0)  # ready for the next launch
+            S = first + n
+            b += 1
+
+    # Tile configs per BLOCK_M (C=512, R=64, bf16; resources from sm_90 builds of this kernel). OCC: programs
+    # per SM, which sets the grid (SMs x OCC programs, one wave); every config is near 255 registers, so 4
+    # warps fit twice per SM and 8 warps once. What a program keeps in flight while it computes a tile is its
+    # other tile buffers (a 64-token tile is 74 KB; the query tile takes 18 / 37 / 72 KB at M = 16 / 32 / 64).
+    #   M=16, 4 warps (mma.sync): N32 s3 91 KB x2 programs (2 buffers each); N64 s3 164 KB (2 buffers);
+    #     N32 s5 163 KB (4 buffers of 37 KB); N64 s2 92 KB x2 (1 buffer: the next load waits for the compute).
+    #   M=32, 8 warps (4 warps spill): N32 s5 182 KB (4 buffers); N64 s3 184 KB (2); N64 s2 128 KB (1).
+    #   M=64, 8 warps (wgmma; the fp32 64 x 512 accumulator is 128 registers a thread, so one warpgroup could
+    #     not hold it, and splitting the 512 output columns over two programs would compute the 576-deep
+    #     scores twice: 1.5x the tensor work of a compute-bound case): N64 s2 216 KB (2 buffers), N32 s3
+    #     180 KB (3), N32 s2 144 KB (2); each reloads 25-60 spilled registers (from L1) per tile.
+    # The inner loops of M=16 and 32 do not spill (the spills are in the per-sequence epilogue). Paged caches:
+    # the table lookup takes pipeline stages of its own, so the same buffers need more stages (_paged). The
+    # first entry of each list is the default (MINIDS_AUTOTUNE=0).
+    def _cfg(n, occ, warps, stages):
+        return triton.Config({"BLOCK_N": n, "OCC": occ}, num_warps=warps, num_stages=stages)
+
     _CONFIGS = {
-        16: [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=3),
-             triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2)],
-        32: [triton.Config({"BLOCK_N": 32}, num_warps=8, num_stages=3),
-             triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=2)],
-        64: [triton.Config({"BLOCK_N": 32}, num_warps=8, num_stages=2),
-             triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=2)],
+        16: [_cfg(32, 2, 4, 3), _cfg(64, 1, 4, 3), _cfg(32, 1, 4, 5), _cfg(64, 2, 4, 2)],
+        32: [_cfg(32, 1, 8, 5), _cfg(64, 1, 8, 3), _cfg(64, 1, 8, 2)],
+        64: [_cfg(64, 1, 8, 2), _cfg(32, 1, 8, 3), _cfg(32, 1, 8, 2)],
     }
-    _KEY = ["C", "R", "PAGED", "FINAL", "CAUSAL"]
+
+    def _paged(configs, block_m):
+        """The same tile buffers with the table lookup in the pipeline: s - 1 buffers take 2s - 1 stages on the
+        mma.sync path (M <= 32); the wgmma path (s buffers, 2 at s = 2) needs s + 2 from s = 3 (sm_90 builds)."""
+        if block_m == 64:
+            return [_cfg(c.kwargs["BLOCK_N"], c.kwargs["OCC"], c.num_warps, c.num_stages + 2 * (c.num_stages > 2))
+                    for c in configs]
+        return [_cfg(c.kwargs["BLOCK_N"], c.kwargs["OCC"], c.num_warps, 2 * c.num_stages - 1) for c in configs]
+
+    def _configs(block_m: int, paged: bool) -> list:
+        return _paged(_CONFIGS[block_m], block_m) if paged else _CONFIGS[block_m]
+
+    # tuned per cache layout and size class (log2 of batch x capacity): the best tile depends on the work per
+    # program, not only on the shapes
+    _KEY = ["C", "R", "PAGED", "CAUSAL", "PAGE", "STRIDE_KVT", "size_class"]
 
     def _bench(fn, quantiles=None):
         return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 
-    _TUNED = {m: triton.autotune(configs=c, key=_KEY, do_bench=_bench)(_mla_decode_split) for m, c in _CONFIGS.items()}
+    _TUNED = {(m, paged): triton.autotune(configs=_configs(m, paged), key=_KEY, do_bench=_bench)(_mla_decode_kernel)
+              for m in _CONFIGS for paged in (False, True)}
+
+
+def pick_config(rows: int, paged: bool = False) -> tuple[int, dict]:
+    """(BLOCK_M, the default config's kwargs incl. num_warps / num_stages) for s_q * H = rows (16-bit caches)."""
+    block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
+    c = _configs(block_m, paged)[0]
+    return block_m, {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
 
 
 def _check(q, kv_cache, cache_seqlens, head_dim_v, block_table, pe_cache):
@@ -274,6 +450,9 @@ def _check(q, kv_cache, cache_seqlens, head_dim_v, block_table, pe_cache):
     return B, s_q, H, C, R
 
 
+LAST_LAUNCH: dict = {}  # what the latest call ran (config, programs): for benchmarks' reports
+
+
 def mla_decode(
     q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens: torch.Tensor, head_dim_v: int, scale: float, *,
     causal: bool = True, block_table: torch.Tensor | None = None, pe_cache: torch.Tensor | None = None,
@@ -282,12 +461,15 @@ def mla_decode(
     """Decode attention over the latent cache (Triton); see ``minids.attention.mla_decode_ref`` for the
     arguments and the result: out (B, s_q, H, C) in q.dtype, lse (B, H, s_q) float32.
 
-    num_splits: cut each sequence's cache into this many pieces (the capacity T, or max_pages * page_size,
-    divided evenly, rounded up to 64 tokens); None picks it from the static shapes (``pick_num_splits``).
+    num_splits: the number of programs (per block of BLOCK_M rows) the work is balanced over, with no floor
+    on the slice size (tests use it to force many pieces, or 1 for none); None: SMs x programs per SM of
+    the tile config. It changes the summation order, not the result beyond rounding.
     """
     if not HAVE_TRITON:
         raise RuntimeError("minids.kernels.mla_decode needs Triton: pip install triton, or use minids.mla_decode_ref")
     B, s_q, H, C, R = _check(q, kv_cache, cache_seqlens, head_dim_v, block_table, pe_cache)
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"num_splits must be at least 1, got {num_splits}")
     dev = q.device
     paged = block_table is not None
     page = kv_cache.shape[1] if paged else 1
@@ -300,16 +482,21 @@ def mla_decode(
     table = block_table.to(torch.int32) if paged else seqlens  # (unused pointer when contiguous)
 
     rows = s_q * H
-    block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
+    block_m, cfg = pick_config(rows, paged)
     row_blocks = triton.cdiv(rows, block_m)
     block_c = max(16, triton.next_power_of_2(C))
     block_r = max(16, triton.next_power_of_2(R))
-    if num_splits is None:
-        n_sm = _num_sms(dev.index if dev.index is not None else torch.cuda.current_device()) if q.is_cuda else 8
-        num_splits = pick_num_splits(B, row_blocks, rows, capacity, C, R, kv.element_size(), n_sm)
-    split_len = triton.cdiv(triton.cdiv(max(capacity, 1), max(1, num_splits)), _SPLIT_ALIGN) * _SPLIT_ALIGN
-    n_split = max(1, triton.cdiv(capacity, split_len))
-    final = n_split == 1
+    fixed = INTERPRET or kv.dtype == torch.float32 or not AUTOTUNE
+    if INTERPRET:  # the interpreter runs one small tile (no tuning)
+        cfg = {"BLOCK_N": 16, "OCC": 1, "num_warps": 4, "num_stages": 1}
+    elif kv.dtype == torch.float32:  # fp32 takes the FMA path with small tiles
+        cfg = {"BLOCK_N": 32, "OCC": 1, "num_warps": 4 if block_m < 64 else 8, "num_stages": 1}
+    n_sm = (_num_sms(dev.index if dev.index is not None else torch.cuda.current_device()) if q.is_cuda else 8)
+
+    def programs(occ: int) -> int:  # programs per row block
+        return num_splits if num_splits is not None else max(1, n_sm * occ // row_blocks)
+
+    p_max = programs(cfg["OCC"] if fixed else max(c.kwargs["OCC"] for c in _configs(block_m, paged)))
 
     if out is None:
         out = torch.empty(B, s_q, H, C, dtype=q.dtype, device=dev)
@@ -321,43 +508,36 @@ def mla_decode(
                              f"got {tuple(out.shape)} {out.dtype}")
         if lse.shape != (B, H, s_q) or lse.dtype != torch.float32:
             raise ValueError(f"lse must be ({B}, {H}, {s_q}) float32, got {tuple(lse.shape)} {lse.dtype}")
-    # the split results; under the interpreter (the tests) they start as NaN, so a read of a piece that no
-    # program wrote shows up in the output
-    scratch = torch.full if INTERPRET else torch.empty
-    if final:
-        o_buf, l_buf = out, lse
-        o_strides = (*out.stride()[:3], 0)
-        l_strides = (lse.stride(0), lse.stride(2), lse.stride(1), 0)
-    else:
-        fill = (float("nan"),) if INTERPRET else ()
-        o_buf = scratch((B, s_q, H, n_split, C), *fill, dtype=torch.float32, device=dev)
-        l_buf = scratch((B, s_q, H, n_split), *fill, dtype=torch.float32, device=dev)
-        o_strides = o_buf.stride()[:4]
-        l_strides = l_buf.stride()
-    args = (
-        q, kv, pe, seqlens, table, o_buf, l_buf,
-        q.stride(0), q.stride(1), q.stride(2),
-        kv.stride(0), kv.stride(1), pe.stride(0), pe.stride(1),
-        table.stride(0) if paged else 0,
-        *o_strides, *l_strides,
-        scale * _LOG2E, split_len, capacity, H, s_q,
-    )
-    meta = {"C": C, "R": R, "BLOCK_C": block_c, "BLOCK_R": block_r, "BLOCK_M": block_m, "PAGE": page,
-            "PAGED": paged, "CAUSAL": causal, "FINAL": final,
-            "DOT_PRECISION": "ieee" if kv.dtype == torch.float32 else "tf32"}
-    grid = (row_blocks, n_split, B)
-    if INTERPRET or kv.dtype == torch.float32:
-        # the interpreter runs one fixed tile (no tuning); fp32 takes the FMA path with small tiles
-        _mla_decode_split[grid](*args, **meta, BLOCK_N=16 if INTERPRET else 32, num_warps=4, num_stages=1)
-    else:
-        _TUNED[block_m][grid](*args, **meta)
+    # the pieces; under the interpreter (the tests) they start as NaN, so a read of a slot that no program
+    # wrote shows up in the output
+    fill = torch.full if INTERPRET else torch.empty
+    nan = (float("nan"),) if INTERPRET else ()
+    o_part = fill((2 * p_max, rows, C), *nan, dtype=torch.float32, device=dev)
+    l_part = fill((2 * p_max, rows), *nan, dtype=torch.float32, device=dev)
+    counts = _get_counters(B * row_blocks, dev)
 
-    if not final:
-        _mla_decode_combine[(rows, B)](
-            o_buf, l_buf, seqlens, out, lse,
-            *o_buf.stride()[:4], *l_buf.stride(),
-            *out.stride()[:3], lse.stride(0), lse.stride(2), lse.stride(1),
-            split_len, capacity, H,
-            C=C, BLOCK_C=block_c, BLOCK_S=max(2, triton.next_power_of_2(n_split)), num_warps=4,
-        )
+    args = (
+        q, kv, pe, seqlens, table, out, lse, o_part, l_part, counts,
+        q.stride(0), q.stride(1), q.stride(2), kv.stride(0), pe.stride(0), table.stride(0) if paged else 0,
+        *out.stride()[:3], lse.stride(0), lse.stride(2), lse.stride(1),
+        scale * _LOG2E, capacity, H, s_q, B, 1 if num_splits is not None else MIN_UNITS, max(2, MAX_PIECES),
+        max(1, B * capacity).bit_length(),
+    )
+    meta = {"STRIDE_KVT": kv.stride(1), "STRIDE_PET": pe.stride(1), "C": C, "R": R, "BLOCK_C": block_c,
+            "BLOCK_R": block_r, "BLOCK_M": block_m, "BLOCK_B": min(MAX_BLOCK_B, max(16, triton.next_power_of_2(B))),
+            "ONE_B_BLOCK": B <= MAX_BLOCK_B,
+            "PAGE": page, "PAGED": paged, "CAUSAL": causal,
+            "DOT_PRECISION": "ieee" if kv.dtype == torch.float32 else "tf32",
+            "UNIT": UNIT, "OVERHEAD": OVERHEAD, "CHUNK_C": min(block_c, 16384 // block_m),
+            "BLOCK_J": triton.next_power_of_2(max(2, MAX_PIECES))}
+    if fixed:
+        _mla_decode_kernel[(row_blocks, programs(cfg["OCC"]))](*args, **meta, **cfg)
+    else:
+        tuner = _TUNED[(block_m, paged)]
+        tuner[lambda m: (row_blocks, programs(m["OCC"]))](*args, **meta)
+        c = tuner.best_config
+        cfg = {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+    LAST_LAUNCH.clear()
+    LAST_LAUNCH.update(config=f"M{block_m} N{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}",
+                       programs=row_blocks * programs(cfg["OCC"]), tuned=not fixed)
     return out, lse

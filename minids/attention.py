@@ -125,7 +125,7 @@ def mla_decode_ref(
         entries); otherwise every query sees t < len.
     block_table: (B, max_pages) int32: page p of sequence b is kv_cache[block_table[b, p]]; entries past a
         sequence's last page are never read (they may hold anything).
-    num_splits: a scheduling hint of the kernel (how many pieces the cache is cut into); the result does
+    num_splits: a scheduling hint of the kernel (how many programs share the work); the result does
         not depend on it, and the reference ignores it.
     out: optional preallocated (out, lse) to write the result into (and return).
     Returns out (B, s_q, H, C) in q.dtype and lse (B, H, s_q) float32, the natural-log sum of exp of the

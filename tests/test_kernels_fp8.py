@@ -76,7 +76,7 @@ def test_act_quant_leading_dims_and_saturation():
 
 # ------------------------------------------------------------------ 128 x 1 (transposed) and both at once
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
-@pytest.mark.parametrize("M,K", [(1, 64), (127, 200), (300, 128)])
+@pytest.mark.parametrize("M,K", [(1, 64), (127, 200), (300, 128), (256, 256)])
 def test_act_quant_t_bit_exact(M, K, fmt):
     x = rand(M, K, seed=M + K).t().contiguous().t()  # a non-contiguous view is fine too
     out = (poisoned((K, M), FP8[fmt]), poisoned((K, -(-M // 128)), torch.float32))
@@ -86,7 +86,7 @@ def test_act_quant_t_bit_exact(M, K, fmt):
 
 
 @pytest.mark.parametrize("ue8m0", [False, True])
-@pytest.mark.parametrize("M,K", [(7, 300), (257, 130)])
+@pytest.mark.parametrize("M,K", [(7, 300), (257, 130), (256, 256)])
 def test_act_quant_both_is_both(M, K, ue8m0):
     x = rand(M, K, seed=3 * M + K)
     out = (poisoned((M, K), torch.float8_e4m3fn), poisoned((M, -(-K // 128)), torch.float32),
@@ -184,7 +184,7 @@ def test_act_quant_fast(M, K, fmt, ue8m0):
 
 
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
-@pytest.mark.parametrize("M,K", [(1, 64), (127, 200), (300, 128), (129, 520)])
+@pytest.mark.parametrize("M,K", [(1, 64), (127, 200), (300, 128), (129, 520), (256, 256)])
 def test_act_quant_t_fast(M, K, fmt):
     x = rand_bf16(M, K, seed=2 * M + K).t().contiguous().t()
     out = (poisoned((K, M), FP8[fmt]), poisoned((K, -(-M // 128)), torch.float32))
@@ -206,7 +206,7 @@ def test_act_quant_t_fast_dequantizes_on_load():
 
 
 @pytest.mark.parametrize("ue8m0", [False, True])
-@pytest.mark.parametrize("M,K", [(7, 300), (257, 130), (130, 520)])
+@pytest.mark.parametrize("M,K", [(7, 300), (257, 130), (130, 520), (256, 256)])
 def test_act_quant_both_fast(M, K, ue8m0):
     x = rand_bf16(M, K, seed=3 * M + K + 1)
     out = (poisoned((M, K), torch.float8_e4m3fn), poisoned((M, -(-K // 128)), torch.float32),
@@ -417,7 +417,9 @@ def test_fp8_linear_real_on_kernels_equals_simulation(M, K, N, exact, monkeypatc
         y = ref.fp8_linear(x, w, **kw)
         y.backward(dy)
         results.append((y.detach(), x.grad.clone(), w.grad.clone()))
-    tol = 1e-5 if DEV == "cpu" and exact else 2.0**-8
+    # exact: float32 addition order (and on the GPU the tensor cores' accumulation); fast: also the rare elements one
+    # FP8 step off (a step is 2^-4..2^-3 of the element), measured up to 1.2e-2 of max |y| on the H200
+    tol = (1e-5 if DEV == "cpu" else 2.0**-8) if exact else 2.0**-5
     for name, got, want in zip(("y", "dx", "dw"), results[1], results[0]):
         err = (got - want).abs().max() / want.abs().max()
         assert err <= tol, f"{name}: {err:.2e}"

@@ -6,10 +6,13 @@ float32 with small shapes; on a GPU the same file runs the compiled, autotuned k
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import pytest
 import torch
 from minids.kernels import HAVE_TRITON
-from minids.kernels.mla_decode import mla_decode, pick_num_splits
+from minids.kernels.mla_decode import mla_decode, schedule_ref
 
 import minids
 from minids.attention import mla_attention_absorbed, mla_decode_ref
@@ -32,7 +35,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
-def make_cache(lens: list[int], C: int, R: int, layout: str, gen: torch.Generator):
+def make_cache(lens: list[int], C: int, R: int, layout: str, gen: torch.Generator, page_size: int = PAGE):
     """A cache holding random latents for sequences of the given lengths, in one of three layouts.
 
     Every slot that no sequence owns (the contiguous tail, the unused pages) is NaN, so a kernel that reads
@@ -48,11 +51,11 @@ def make_cache(lens: list[int], C: int, R: int, layout: str, gen: torch.Generato
         return dense.to(device), None, None, dense
     if layout == "split":  # KVCache's two tensors: c_kv (B, T, C) and k_pe (B, T, R)
         return dense[..., :C].contiguous().to(device), dense[..., C:].contiguous().to(device), None, dense
-    # paged: pages of 64 tokens, the sequences' pages shuffled in one pool with spare NaN pages
-    max_pages = -(-T // PAGE)
-    need = [-(-n // PAGE) for n in lens]
+    # paged: pages of page_size (64) tokens, the sequences' pages shuffled in one pool with spare NaN pages
+    max_pages = -(-T // page_size)
+    need = [-(-n // page_size) for n in lens]
     n_pages = sum(need) + 3
-    pool = torch.full((n_pages, PAGE, C + R), float("nan"), dtype=dtype)
+    pool = torch.full((n_pages, page_size, C + R), float("nan"), dtype=dtype)
     order = torch.randperm(n_pages, generator=gen)
     table = torch.full((B, max_pages), -1, dtype=torch.int32)
     k = 0
@@ -61,14 +64,14 @@ def make_cache(lens: list[int], C: int, R: int, layout: str, gen: torch.Generato
             page = int(order[k])
             k += 1
             table[b, p] = page
-            rows = dense[b, p * PAGE: min((p + 1) * PAGE, n)]
+            rows = dense[b, p * page_size: min((p + 1) * page_size, n)]
             pool[page, : rows.shape[0]] = rows
     return pool.to(device), None, table.to(device), dense
 
 
-def check(lens, s_q, H, C, R, layout, num_splits=None, causal=True, seed=0):
+def check(lens, s_q, H, C, R, layout, num_splits=None, causal=True, seed=0, page_size=PAGE):
     gen = torch.Generator().manual_seed(seed)
-    kv, pe, table, dense = make_cache(lens, C, R, layout, gen)
+    kv, pe, table, dense = make_cache(lens, C, R, layout, gen, page_size)
     B = len(lens)
     q = torch.randn(B, s_q, H, C + R, generator=gen).to(dtype).to(device)
     seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
@@ -84,19 +87,21 @@ def check(lens, s_q, H, C, R, layout, num_splits=None, causal=True, seed=0):
     assert rel_err(got_o, want_o) < OUT_TOL
     fin = want_lse.isfinite()
     assert (got_lse[fin] - want_lse[fin]).abs().max().item() < LSE_TOL
+    return got_o, got_lse
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "split", "paged"])
 @pytest.mark.parametrize("s_q", [1, 2])
 def test_ragged_lengths_all_layouts(layout, s_q):
     """The issue's ragged lengths (1, 63, 64, 65, 4097) with the tiny configs' widths (C=64, R=16), 8 heads,
-    cut into several splits (combine path)."""
+    balanced over 5 programs (the long sequence is cut into pieces: the fused combine)."""
     check([1, 63, 64, 65, 4097], s_q, H=8, C=64, R=16, layout=layout, num_splits=5)
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 64])
 def test_split_counts(num_splits):
-    """One split (the result written directly), two, and more splits than tiles (most of them empty)."""
+    """One program (every sequence whole, written directly), two, and more programs than tiles (most of them
+    with nothing to do)."""
     check([5, 64, 130], 2, H=4, C=64, R=16, layout="contiguous", num_splits=num_splits)
 
 
@@ -105,6 +110,38 @@ def test_config_widths(C, R, H, s_q):
     """V3's latent (512 + 64) and small-v3's (256 + 32); 16 and 32 rows per program, and 80 rows (two row
     blocks of 64, the second partial); default split choice."""
     check([1, 65, 200], s_q, H=H, C=C, R=R, layout="paged" if s_q == 2 else "split")
+
+
+def test_counters_reset_and_deterministic():
+    """The fused combine leaves its arrival counters at zero (the next call reuses them), and two runs give
+    bitwise the same result (the pieces are merged in a fixed order, whichever arrives last)."""
+    from minids.kernels import mla_decode as mod
+
+    lens = [3, 700, 129, 0, 257]
+    a = check(lens, 2, H=8, C=64, R=16, layout="contiguous", num_splits=16, seed=3)
+    assert all(int(c.abs().sum()) == 0 for bufs in mod._counters.values() for c in bufs)
+    b = check(lens, 2, H=8, C=64, R=16, layout="contiguous", num_splits=16, seed=3)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_large_batch_and_piece_cap(monkeypatch):
+    """More sequences than one block of lengths (the schedule's loops over the batch), and the cap on the
+    pieces of one sequence (a long sequence among short ones)."""
+    from minids.kernels import mla_decode as mod
+
+    monkeypatch.setattr(mod, "MAX_BLOCK_B", 16)
+    gen = torch.Generator().manual_seed(5)
+    check(torch.randint(0, 150, (40,), generator=gen).tolist(), 1, H=4, C=32, R=16, layout="paged", num_splits=7)
+    monkeypatch.setattr(mod, "MAX_PIECES", 3)
+    check([1000, 5, 0, 70], 1, H=4, C=32, R=16, layout="contiguous", num_splits=12)
+    _, work = schedule_ref([1000, 5, 0, 70], 12, min_units=1, max_pieces=3)
+    assert sum(b == 0 for pieces in work for b, *_ in pieces) == 3  # not 12
+
+
+def test_pages_smaller_than_a_tile():
+    """Pages that hold less than a tile (a table entry per token) and pages of no power-of-two size."""
+    check([1, 63, 64, 65, 300], 2, H=4, C=64, R=16, layout="paged", num_splits=3, page_size=8)
+    check([5, 100, 250], 1, H=4, C=64, R=16, layout="paged", page_size=24)
 
 
 def test_odd_widths_and_non_causal():
@@ -137,14 +174,30 @@ def test_reference_matches_model_absorbed_form():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_pick_num_splits():
-    """A grid that fills the GPU is not split; a small batch with few heads is split to fill the SMs;
-    long caches get more, shorter pieces (for uneven lengths)."""
-    assert pick_num_splits(128, 2, 128, 1024, 512, 64, 2, 132) == 1  # V3, batch 128, 128 heads: 256 programs
-    s = pick_num_splits(32, 1, 16, 1024, 512, 64, 2, 132)
-    assert 32 * s >= 0.8 * 132 and s <= 1024 // 128
-    assert pick_num_splits(32, 1, 16, 16384, 512, 64, 2, 132) > s
-    assert pick_num_splits(1, 1, 16, 100, 512, 64, 2, 132) == 1  # too short to cut
+def test_schedule_balances_ragged_lengths():
+    """The work-balanced schedule (the kernel's, in Python): every token of every sequence is computed by
+    exactly one piece, no program gets more than W units, a cut sequence's pieces have distinct slots, and
+    ragged lengths do not unbalance the programs (the longest slice is W, whatever the lengths)."""
+    gen = torch.Generator().manual_seed(0)
+    for lens, P in [([1024] * 32, 264), (torch.randint(0, 2049, (32,), generator=gen).tolist(), 264),
+                    ([0, 5, 70000, 3, 0], 132), ([0, 0], 8), ([65, 1, 4097], 1)]:
+        W, work = schedule_ref(lens, P)
+        got = {b: [] for b in range(len(lens))}
+        slots = set()
+        for p, pieces in enumerate(work):
+            units = sum(-(-(e - s) // 64) for _, s, e, _ in pieces)
+            assert units <= W
+            for b, s, e, slot in pieces:
+                got[b].append((s, e))
+                if slot is not None:
+                    assert slot // 2 == p and slot not in slots
+                    slots.add(slot)
+        for b, n in enumerate(lens):  # the pieces tile [0, len) in order
+            spans = sorted(got[b])
+            assert spans[0][0] == 0 and spans[-1][1] == n and len(spans) <= 32
+            assert all(x[1] == y[0] for x, y in itertools.pairwise(spans))
+        tiles = [math.ceil(n / 64) for n in lens]
+        assert W == max(math.ceil((sum(tiles) + len(lens)) / P), 4, math.ceil(max(tiles) / 31))
 
 
 def test_bad_inputs_are_one_line_errors():
