@@ -69,7 +69,8 @@ if [[ $what == kernels ]]; then
   for b in ${BENCHES:-fp8 mla_decode rmsnorm moe decode}; do
     extra=""; [[ $b == decode ]] && extra="$cks ${DECODE_ARGS:-}"; [[ $b == fp8 ]] && extra="${FP8_ARGS:-}"
     [[ $b == moe ]] && extra="${MOE_ARGS:-}"
-    timeout ${BENCH_TIMEOUT:-300} python3 bench/$b.py --out $res $q $extra 2>&1 | grep -v -e "Loading weights" | tee $res/$b.log
+    timeout ${BENCH_TIMEOUT:-300} python3 bench/$b.py --out $res $q $extra 2>&1 | grep -v -e "Loading weights" > $res/$b.log
+    grep -v -e "^|" -e "^ *naive: skipped" -e "^ *ref_fp32: skipped" $res/$b.log | tail -n ${BENCH_TAIL:-40} | cut -c1-200
+    tar czf "$OUT/kernels.tgz" -C $res .  # after every benchmark: what finished comes back even if a later one is cut
   done
-  tar czf "$OUT/kernels.tgz" -C $res .
 fi
