@@ -240,11 +240,12 @@ if HAVE_TRITON:
         w = tl.load(w_ptr + rows64[:, None, None] * stride_wo + cols[None, :, :], mask=mask, other=0.0)
         w = w.to(tl.float32)
         s = _scale_of(tl.max(tl.max(tl.abs(w), axis=2), axis=0), FMAX, UE8M0)  # (G,): one per block
-        q = _quantize(w, s[None, :, None], FMAX, MBITS, EMIN, UE8M0, EXACT, SOFT_CVT).to(q_ptr.dtype.element_ty)
-        tl.store(q_ptr + rows64[:, None, None] * stride_qo + cols[None, :, :], q, mask=mask)
-        if WRITE_T:  # permuted to (G, features, rows) first, as in _act_quant_both_kernel
+        q = _quantize(w, s[None, :, None], FMAX, MBITS, EMIN, UE8M0, EXACT, SOFT_CVT)  # float32 until each store
+        tl.store(q_ptr + rows64[:, None, None] * stride_qo + cols[None, :, :], q.to(q_ptr.dtype.element_ty), mask=mask)
+        if WRITE_T:  # the float32 values permuted to (G, features, rows), then converted, as in _act_quant_both_kernel
+            # (permuting the FP8 tile instead gave a transposed copy unequal to q on full tiles, H200, Triton 3.6)
             qt_ptrs = qt_ptr + cols64[:, :, None] * stride_qti + rows[None, None, :]  # (G, BLOCK, BLOCK)
-            tl.store(qt_ptrs, tl.permute(q, (1, 2, 0)), mask=tl.permute(mask, (1, 2, 0)))
+            tl.store(qt_ptrs, tl.permute(q, (1, 2, 0)).to(qt_ptr.dtype.element_ty), mask=tl.permute(mask, (1, 2, 0)))
         tl.store(s_ptr + pid_o * stride_so + groups, s, mask=groups * BLOCK < I)
 
     @triton.jit
