@@ -441,30 +441,11 @@ def weight_dequant(
 if HAVE_TRITON:
 
     @triton.jit
-    def _gemm_step(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, kb, K, offs_k, mask_m, mask_n,
-                   EVEN_K: tl.constexpr, SCALAR_B: tl.constexpr, BLOCK_K: tl.constexpr):
-        """One 128-K step of ``_fp8_gemm_kernel``: the raw product (BLOCK_M, BLOCK_N) and the scale to apply to it."""
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
-            b = tl.load(b_ptrs, mask=mask_n[:, None], other=0.0)
-        else:
-            mask_k = kb * BLOCK_K + offs_k < K
-            a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        a_s = tl.load(as_ptrs, mask=mask_m, other=1.0)  # masked rows: a harmless scale (their a is 0)
-        if SCALAR_B:
-            scale = (a_s * tl.load(bs_ptrs))[:, None]
-        else:
-            scale = a_s[:, None] * tl.load(bs_ptrs, mask=mask_n, other=1.0)[None, :]
-        return tl.dot(a, tl.trans(b)), scale
-
-    @triton.jit
     def _fp8_gemm_kernel(
         a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, M, N, K, M_BUCKET,
         stride_am, stride_bn, stride_cs, stride_cm, stride_asm, stride_bsn,
         B_GROUP: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        K_UNROLL: tl.constexpr = 1,
     ):
         """C[s, m, n] = sum over this split's K steps of (A[m, k-step] . B[n, k-step]) * a_s[m, step] * b_s[n', step]
         with n' = n // B_GROUP (128: weight blocks; 1: per-row 1x128 scales). M_BUCKET only keys the autotuner.
@@ -476,9 +457,6 @@ if HAVE_TRITON:
         3.4e-3 to 1.3e-2 of max |C| (bench/results/kernels_notes.md), which is the promotion V3 exists to avoid.
         When a BLOCK_N tile lies inside one 128-wide weight block (B_GROUP >= BLOCK_N), b's scale is one scalar per
         step, and the per-element work is one multiply-add instead of an outer product and a multiply-add.
-        K_UNROLL = 2 issues two 128-K products before scaling either into acc (acc += d0 * s0; acc += d1 * s1: the
-        same additions in the same order, so the same result): the second product runs on the tensor cores while
-        the first is waited for and scaled, instead of the tensor cores idling at every step's wait.
         """
         pid, pid_k = tl.program_id(0), tl.program_id(1)
         num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -508,29 +486,27 @@ if HAVE_TRITON:
         else:
             bs_ptrs = bs_ptr + (offs_n // B_GROUP) * stride_bsn + k_lo
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        kb = k_lo
-        if K_UNROLL == 2:
-            for _ in range(0, (k_hi - k_lo) // 2):
-                d0, s0 = _gemm_step(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, kb, K, offs_k, mask_m, mask_n,
-                                    EVEN_K, SCALAR_B, BLOCK_K)
-                d1, s1 = _gemm_step(a_ptrs + BLOCK_K, b_ptrs + BLOCK_K, as_ptrs + 1, bs_ptrs + 1, kb + 1, K, offs_k,
-                                    mask_m, mask_n, EVEN_K, SCALAR_B, BLOCK_K)
-                acc += d0 * s0  # promote every 128 K (V3P 3.3.2)
-                acc += d1 * s1
-                a_ptrs += 2 * BLOCK_K
-                b_ptrs += 2 * BLOCK_K
-                as_ptrs += 2
-                bs_ptrs += 2
-                kb += 2
-        for _ in range(kb, k_hi):  # K_UNROLL 1: every step; 2: an odd last step
-            d, sc = _gemm_step(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, kb, K, offs_k, mask_m, mask_n,
-                               EVEN_K, SCALAR_B, BLOCK_K)
-            acc += d * sc  # promote every 128 K (V3P 3.3.2)
+        for kb in range(k_lo, k_hi):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+                b = tl.load(b_ptrs, mask=mask_n[:, None], other=0.0)
+            else:
+                mask_k = kb * BLOCK_K + offs_k < K
+                a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            a_s = tl.load(as_ptrs, mask=mask_m, other=1.0)  # masked rows: a harmless scale (their a is 0)
+            if SCALAR_B:
+                b_s = tl.load(bs_ptrs)
+            else:
+                b_s = tl.load(bs_ptrs, mask=mask_n, other=1.0)
+            if SCALAR_B:
+                acc += tl.dot(a, tl.trans(b)) * (a_s * b_s)[:, None]  # promote every 128 K (V3P 3.3.2)
+            else:
+                acc += tl.dot(a, tl.trans(b)) * (a_s[:, None] * b_s[None, :])
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
             as_ptrs += 1
             bs_ptrs += 1
-            kb += 1
         c_ptrs = c_ptr + pid_k * stride_cs + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -554,11 +530,6 @@ if HAVE_TRITON:
             (64, 128, 4, 4), (64, 128, 4, 3), (64, 128, 4, 5), (64, 64, 4, 4), (64, 64, 4, 6), (64, 64, 4, 3),
         ]:
             cfg.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": 8},
-                                     num_warps=w, num_stages=s))
-        # large M, two 128-K products in flight per wait (K_UNROLL; a loop iteration loads two K steps, so the
-        # stage counts are the same shared memory as 4 and 6 stages above)
-        for bm, bn, w, s in [(128, 128, 8, 2), (128, 128, 8, 3), (128, 128, 4, 2), (128, 256, 8, 2)]:
-            cfg.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": 8, "K_UNROLL": 2},
                                      num_warps=w, num_stages=s))
         return cfg
 
