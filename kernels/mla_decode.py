@@ -127,6 +127,11 @@ def _get_counters(n: int, device: torch.device) -> torch.Tensor:
 if HAVE_TRITON:
 
     @triton.jit
+    def _seq_tiles(SEQLENS, offs, ok, capacity, UNIT: tl.constexpr):
+        """Tiles of UNIT tokens of the sequences at offs (0 where not ok), lengths clamped to [0, capacity]."""
+        return tl.cdiv(tl.minimum(tl.maximum(tl.load(SEQLENS + offs, mask=ok, other=0), 0), capacity), UNIT)
+
+    @triton.jit
     def _totals(SEQLENS, B, capacity, BLOCK_B: tl.constexpr, UNIT: tl.constexpr, OVERHEAD: tl.constexpr):
         """(total units of all sequences, most tiles of one sequence)."""
         total = 0
@@ -134,7 +139,7 @@ if HAVE_TRITON:
         for i in range(0, B, BLOCK_B):
             offs = i + tl.arange(0, BLOCK_B)
             ok = offs < B
-            n = tl.cdiv(tl.minimum(tl.maximum(tl.load(SEQLENS + offs, mask=ok, other=0), 0), capacity), UNIT)
+            n = _seq_tiles(SEQLENS, offs, ok, capacity, UNIT)
             total += tl.sum(tl.where(ok, n + OVERHEAD, 0), 0)
             n_max = tl.maximum(n_max, tl.max(n, 0))
         return total, n_max
@@ -148,7 +153,7 @@ if HAVE_TRITON:
         for i in range(0, B, BLOCK_B):
             offs = i + tl.arange(0, BLOCK_B)
             ok = offs < B
-            n = tl.cdiv(tl.minimum(tl.maximum(tl.load(SEQLENS + offs, mask=ok, other=0), 0), capacity), UNIT)
+            n = _seq_tiles(SEQLENS, offs, ok, capacity, UNIT)
             units = tl.where(ok, n + OVERHEAD, 0)
             ends = run + tl.cumsum(units, 0)
             before = ok & (ends <= u0)
