@@ -127,9 +127,13 @@ def _get_counters(n: int, device: torch.device) -> torch.Tensor:
 if HAVE_TRITON:
 
     @triton.jit
-    def _seq_tiles(SEQLENS, offs, ok, capacity, UNIT: tl.constexpr):
-        """Tiles of UNIT tokens of the sequences at offs (0 where not ok), lengths clamped to [0, capacity]."""
-        return tl.cdiv(tl.minimum(tl.maximum(tl.load(SEQLENS + offs, mask=ok, other=0), 0), capacity), UNIT)
+    def _block_units(SEQLENS, i, B, capacity, BLOCK_B: tl.constexpr, UNIT: tl.constexpr, OVERHEAD: tl.constexpr):
+        """Sequences i .. i + BLOCK_B: (valid, tiles of UNIT tokens, units = tiles + OVERHEAD, 0 where not valid),
+        lengths clamped to [0, capacity]."""
+        offs = i + tl.arange(0, BLOCK_B)
+        ok = offs < B
+        n = tl.cdiv(tl.minimum(tl.maximum(tl.load(SEQLENS + offs, mask=ok, other=0), 0), capacity), UNIT)
+        return ok, n, tl.where(ok, n + OVERHEAD, 0)
 
     @triton.jit
     def _totals(SEQLENS, B, capacity, BLOCK_B: tl.constexpr, UNIT: tl.constexpr, OVERHEAD: tl.constexpr):
@@ -137,10 +141,8 @@ if HAVE_TRITON:
         total = 0
         n_max = 0
         for i in range(0, B, BLOCK_B):
-            offs = i + tl.arange(0, BLOCK_B)
-            ok = offs < B
-            n = _seq_tiles(SEQLENS, offs, ok, capacity, UNIT)
-            total += tl.sum(tl.where(ok, n + OVERHEAD, 0), 0)
+            _, n, units = _block_units(SEQLENS, i, B, capacity, BLOCK_B, UNIT, OVERHEAD)
+            total += tl.sum(units, 0)
             n_max = tl.maximum(n_max, tl.max(n, 0))
         return total, n_max
 
@@ -151,10 +153,7 @@ if HAVE_TRITON:
         start = 0
         run = 0
         for i in range(0, B, BLOCK_B):
-            offs = i + tl.arange(0, BLOCK_B)
-            ok = offs < B
-            n = _seq_tiles(SEQLENS, offs, ok, capacity, UNIT)
-            units = tl.where(ok, n + OVERHEAD, 0)
+            ok, _, units = _block_units(SEQLENS, i, B, capacity, BLOCK_B, UNIT, OVERHEAD)
             ends = run + tl.cumsum(units, 0)
             before = ok & (ends <= u0)
             b += tl.sum(before.to(tl.int32), 0)
