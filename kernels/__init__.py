@@ -7,6 +7,7 @@ The library calls a kernel only where it runs: CUDA tensors with Triton installe
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -19,6 +20,15 @@ except ImportError:  # Triton is optional: the references run everywhere
     HAVE_TRITON = False
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# MINIDS_AUTOTUNE=0: every kernel takes its heuristic (or first) config instead of autotuning per shape (the tests
+# set it: autotuning each small test shape would cost minutes)
+AUTOTUNE = os.environ.get("MINIDS_AUTOTUNE", "1") != "0"
+
+
+@functools.cache
+def sm_count(device_index: int | None) -> int:
+    """Streaming multiprocessors of a CUDA device (cached: the property query is slow for a per-launch call)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def runs_here(t: torch.Tensor) -> bool:

@@ -50,7 +50,8 @@ import math
 import os
 
 import torch
-from minids.kernels import HAVE_TRITON, INTERPRET
+from minids.kernels import AUTOTUNE, HAVE_TRITON, INTERPRET
+from minids.kernels import sm_count as _sm_count
 
 from minids.fp8 import _gemm_check
 
@@ -553,17 +554,11 @@ if HAVE_TRITON:
     )(_fp8_gemm_kernel)
 
 
-AUTOTUNE = os.environ.get("MINIDS_AUTOTUNE", "1") != "0"  # 0: the heuristic's config per shape (fast test runs)
 
 _LARGE_M = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
 _INTERPRET_CFG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 128, "GROUP_M": 4}  # small tiles: fast to interpret
 _MAX_SPLIT = 8
 _MIN_STEPS_PER_SPLIT = 4  # 512 of K
-
-
-@functools.cache
-def _sm_count(index: int | None) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _m_bucket(M: int) -> int:

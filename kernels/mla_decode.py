@@ -64,11 +64,8 @@ T cache capacity, M = s_q * H rows, N tokens per tile, P programs per row block.
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
-from minids.kernels import HAVE_TRITON, INTERPRET
+from minids.kernels import AUTOTUNE, HAVE_TRITON, INTERPRET, sm_count
 
 __all__ = ["mla_decode", "pick_config", "schedule_ref"]
 
@@ -82,7 +79,6 @@ OVERHEAD = 1  # extra units charged per sequence (query load + output write)
 MIN_UNITS = 4  # smallest slice (256 tokens) when the program count is automatic
 MAX_PIECES = 32  # most programs one sequence is cut across (bounds the last arriver's combine)
 MAX_BLOCK_B = 1024  # lengths read at once while the schedule is derived (a power of two; larger batches loop)
-AUTOTUNE = os.environ.get("MINIDS_AUTOTUNE", "1") != "0"  # 0: the heuristic config (tests); 1: tune per shape
 
 
 def schedule_ref(lens: list[int], programs: int, min_units: int = MIN_UNITS, max_pieces: int = MAX_PIECES):
@@ -104,11 +100,6 @@ def schedule_ref(lens: list[int], programs: int, min_units: int = MIN_UNITS, max
             S = first + k
         work.append(pieces)
     return W, work
-
-
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 _counters: dict = {}  # device -> list of counter buffers, the last one current
@@ -495,7 +486,7 @@ def mla_decode(
         cfg = {"BLOCK_N": 16, "OCC": 1, "num_warps": 4, "num_stages": 1}
     elif kv.dtype == torch.float32:  # fp32 takes the FMA path with small tiles
         cfg = {"BLOCK_N": 32, "OCC": 1, "num_warps": 4 if block_m < 64 else 8, "num_stages": 1}
-    n_sm = (_num_sms(dev.index if dev.index is not None else torch.cuda.current_device()) if q.is_cuda else 8)
+    n_sm = (sm_count(dev.index if dev.index is not None else torch.cuda.current_device()) if q.is_cuda else 8)
 
     def programs(occ: int) -> int:  # programs per row block
         return num_splits if num_splits is not None else max(1, n_sm * occ // row_blocks)

@@ -41,10 +41,8 @@ device. Runs on CUDA with Triton, or under TRITON_INTERPRET=1 (small blocks, one
 
 from __future__ import annotations
 
-import os
-
 import torch
-from minids.kernels import HAVE_TRITON, INTERPRET
+from minids.kernels import AUTOTUNE, HAVE_TRITON, INTERPRET
 
 from minids.moe import MoEAlignment, _compute_dtype, moe_align
 
@@ -54,14 +52,12 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    _TUNE = os.environ.get("MINIDS_AUTOTUNE", "1") != "0"  # 0: each kernel's first config only (fast test runs)
-
     def _configs(gpu: list[tuple[int, int, int, int]], names: tuple[str, str]) -> list[triton.Config]:
         """Autotune configs from (block_a, block_b, warps, stages); under the interpreter one small config."""
         if INTERPRET:
             return [triton.Config({names[0]: 32, names[1]: 32}, num_warps=1, num_stages=1)]
         return [triton.Config({names[0]: a, names[1]: b}, num_warps=w, num_stages=s)
-                for a, b, w, s in (gpu if _TUNE else gpu[:1])]
+                for a, b, w, s in (gpu if AUTOTUNE else gpu[:1])]
 
     @triton.jit
     def _swizzle(pid, n_pid_m, n_pid_n, GROUP_M: tl.constexpr):
@@ -184,7 +180,7 @@ if HAVE_TRITON:
         gpu = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 128, 32, 8, 4), (64, 128, 32, 4, 4),
                (128, 64, 64, 4, 3), (64, 64, 64, 4, 3), (128, 256, 64, 8, 3)]
         return [triton.Config({"BMW": m, "BNW": n, "BK": k}, num_warps=w, num_stages=st)
-                for m, n, k, w, st in (gpu if _TUNE else gpu[:1])]
+                for m, n, k, w, st in (gpu if AUTOTUNE else gpu[:1])]
 
     @triton.autotune(  # H200 profile: the three weight gradients are 42-49% of a fwd+bwd's kernel time
         configs=_wgrad_configs(), key=["Mdim", "Ndim", "A_GATHER", "B_GATHER", "ROWS_BUCKET"],

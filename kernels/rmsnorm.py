@@ -37,7 +37,7 @@ from __future__ import annotations
 import functools
 
 import torch
-from minids.kernels import HAVE_TRITON
+from minids.kernels import HAVE_TRITON, sm_count
 
 __all__ = ["add_rms_norm", "rms_norm"]
 
@@ -226,11 +226,6 @@ def _bwd_plan(device: torch.device, key: tuple, warmup_args: tuple, meta: dict) 
     return plan
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> None:
     if not x.is_floating_point():
         raise ValueError(f"rms_norm: x must be floating point, got {x.dtype}")
@@ -284,7 +279,7 @@ class _RMSNormFn(torch.autograd.Function):
             if s.is_cuda:  # one wave of persistent programs: as many as are resident at once on every SM
                 key = (s.device.index, D, dy2.dtype, s.dtype, weight.dtype, ds2 is not None, _PREFETCH)
                 per_sm, prefetch = _bwd_plan(s.device, key, (*args, rstd, n_rows, D), meta)  # rstd: any fp32 buffer
-                n_prog = min(n_tiles, per_sm * _sm_count(s.device.index))
+                n_prog = min(n_tiles, per_sm * sm_count(s.device.index))
             else:  # interpreter: a few programs, so that each runs the grid-stride loop more than once
                 n_prog, prefetch = min(n_tiles, 4), _PREFETCH
             dw_part = torch.empty(n_prog, D, device=s.device, dtype=torch.float32)  # (P, D)
