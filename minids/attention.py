@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minids._kernels import kernels_available, require_kernels
 from minids.config import ModelConfig
 from minids.norm import RMSNorm
 from minids.rope import apply_rope
@@ -168,14 +169,17 @@ def _mla_kernel_wanted(impl: str, t: torch.Tensor) -> bool:
     """Whether the cache's mla_impl sends decoding to ``minids.kernels.mla_decode``: "triton" always (an error
     where it cannot run), "auto" for bf16/fp16 caches on CUDA when Triton is installed (the kernel's fp32 mode
     is for exactness, not speed); the CPU keeps the torch path."""
-    if impl not in ("auto", "triton"):
+    if impl == "auto":
+        return t.is_cuda and t.dtype in (torch.bfloat16, torch.float16) and kernels_available()
+    if impl != "triton":
         return False
-    from minids.kernels import HAVE_TRITON, runs_here
+    require_kernels("mla_impl='triton'")
+    from minids.kernels import runs_here
 
-    if impl == "triton" and not runs_here(t):
-        raise ValueError("mla_impl='triton' needs Triton and CUDA tensors (or TRITON_INTERPRET=1 on the CPU); "
+    if not runs_here(t):
+        raise ValueError("mla_impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU); "
                          "use mla_impl='absorbed' or 'auto'")
-    return HAVE_TRITON and (impl == "triton" or (t.is_cuda and t.dtype in (torch.bfloat16, torch.float16)))
+    return True
 
 
 class MLA(nn.Module):
@@ -244,7 +248,7 @@ class MLA(nn.Module):
             c = cache.write(layer, c_kv, k_pe.squeeze(2))  # the cache keeps only c_kv and the RoPE'd k_pe
             wkv_b = self.kv_b_proj.weight.view(self.n_heads, self.dn + self.dv, self.kv_lora_rank)  # (H, Dn+Dv, C)
             if _mla_kernel_wanted(cache.mla_impl, c.a):
-                o = self._decode_kernel(q_nope, q_pe, c.a, c.b, wkv_b, cache.lengths + S)  # (B, S, H, Dv)
+                o = self._decode_kernel(q_nope, q_pe, c.a, c.b, wkv_b, cache.step_seqlens)  # (B, S, H, Dv)
             else:
                 fn = mla_attention_naive if cache.mla_impl == "naive" else mla_attention_absorbed
                 o = fn(q_nope, q_pe, c.a, c.b, wkv_b, cache.step_mask, self.softmax_scale)  # (B, S, H, Dv)

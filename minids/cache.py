@@ -48,6 +48,7 @@ class KVCache:
     _slots: torch.Tensor | None = field(default=None, repr=False)  # (B, S) where this step's tokens are written
     _rows: torch.Tensor | None = field(default=None, repr=False)  # (B, 1) the batch index of each slot
     _mask: torch.Tensor | None = field(default=None, repr=False)  # this step's attention mask, built on first use
+    _seqlens: torch.Tensor | None = field(default=None, repr=False)  # this step's lengths + S, built on first use
 
     @classmethod
     def allocate(
@@ -88,15 +89,15 @@ class KVCache:
         """Start a forward of S new tokens per sequence, new_lens (B,) of them real -> their positions (B, S).
 
         Computes once per forward what every layer shares: the slots the tokens are written to (padding tokens go
-        to the spare slot) and, when a layer first asks for it, the attention mask (the Triton MLA kernel never
-        does). In a decode step of a small model these few index ops per layer are a visible share of the kernels.
+        to the spare slot) and, when a layer first asks for them, the attention mask (torch attention) or the
+        sequence lengths (the Triton MLA kernel). In a decode step of a small model these few index ops per layer are a visible share of the kernels.
         """
         self.new_lens = new_lens
         pos = self.positions(S)  # (B, S)
         real = torch.arange(S, device=pos.device)[None, :] < new_lens[:, None]
         self._slots = torch.where(real, pos, self.max_len)
         self._rows = torch.arange(pos.shape[0], device=pos.device)[:, None]
-        self._mask = None
+        self._mask = self._seqlens = None
         return pos
 
     @property
@@ -105,6 +106,14 @@ class KVCache:
         if self._mask is None:
             self._mask = self.mask(self._slots.shape[1])
         return self._mask
+
+    @property
+    def step_seqlens(self) -> torch.Tensor:
+        """(B,) lengths + S: the cache slots the step's last query may see (the Triton MLA kernel's seqlens), shared by
+        every layer; after ``begin``."""
+        if self._seqlens is None:
+            self._seqlens = self.lengths + self._slots.shape[1]
+        return self._seqlens
 
     def mask(self, S: int) -> torch.Tensor:
         """(B, 1, S, T+1) True where query j of sequence b may attend to cache slot t (causal, valid)."""

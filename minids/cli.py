@@ -131,8 +131,14 @@ def cmd_info(args: argparse.Namespace) -> int:
 def _check_device(device: str) -> None:
     import torch
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device}: not a device name; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: this torch has no CUDA GPU available; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
 
 
 def cmd_smoke(args: argparse.Namespace) -> int:

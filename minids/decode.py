@@ -28,17 +28,17 @@ Shapes: B batch, P longest prompt, V vocabulary, N max new tokens.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import warnings
 from collections.abc import Sequence
 
 import torch
 
+from minids._kernels import kernels_available
 from minids.cache import KVCache
 from minids.moe import DeepSeekMoE, grouped_mm_available
 
-__all__ = ["Decoder", "graph_blocker", "sample_with_noise", "sampling_probs"]
+__all__ = ["Decoder", "check_prompts", "graph_blocker", "sample_with_noise", "sampling_probs"]
 
 CHECK_EVERY = 16  # with stop tokens: steps between two host checks of "every sequence finished"
 
@@ -74,11 +74,23 @@ def sample_with_noise(
     return (p / noise.clamp_min(1e-30)).argmax(dim=-1)  # filtered tokens have p = 0 and never win
 
 
-def _triton_moe_available() -> bool:
-    """Whether moe impl "auto" runs the routed experts through ``minids.kernels.moe`` on CUDA (sync-free)."""
-    from minids.kernels import HAVE_TRITON
-
-    return HAVE_TRITON and importlib.util.find_spec("minids.kernels.moe") is not None
+def check_prompts(model, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> int:
+    """One clear line for an empty prompt list or prompt, a token id outside the vocabulary, or prompt + new tokens
+    past the positions; returns the cache length the longest prompt needs."""
+    cfg = model.cfg
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (encode an empty text as the BOS/EOS token)")
+    for i, p in enumerate(prompts):
+        bad = [t for t in p if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {cfg.vocab_size}): {bad[:5]}")
+    need = max(len(p) for p in prompts) + max_new_tokens
+    if need > cfg.max_position_embeddings:
+        raise ValueError(
+            f"prompt of {max(len(p) for p in prompts)} tokens + {max_new_tokens} new tokens exceeds "
+            f"max_position_embeddings={cfg.max_position_embeddings}: shorten the prompt or --max_new_tokens"
+        )
+    return need
 
 
 def graph_blocker(model) -> str | None:
@@ -97,7 +109,7 @@ def graph_blocker(model) -> str | None:
             continue
         if m.fp8:
             return "the FP8 simulation runs the routed experts as a per-expert loop, which syncs with the host"
-        if m.impl == "triton" or (m.impl == "auto" and _triton_moe_available()):
+        if m.impl == "triton" or (m.impl == "auto" and kernels_available()):
             continue
         aligned = all(n * p.element_size() % 16 == 0 for n in m.experts.gate_proj.shape[1:])
         if m.impl == "loop" or p.dtype != torch.bfloat16 or not aligned or not grouped_mm_available(p.device, p.dtype):
@@ -282,6 +294,7 @@ class Decoder:
         B = self.batch
         if len(prompts) != B:
             raise ValueError(f"this decoder holds {B} sequences; got {len(prompts)} prompts")
+        check_prompts(self.model, prompts, self.max_new)
         P = max(len(p) for p in prompts)
         if P + self.max_new > self.cache.max_len:
             raise ValueError(f"prompt of {P} tokens + {self.max_new} new tokens exceeds the cache ({self.cache.max_len})")

@@ -39,6 +39,8 @@ import sys
 import torch
 from torch import nn
 
+from minids._kernels import kernels_available
+
 __all__ = [
     "E4M3_MAX", "E5M2_MAX", "FP8LinearFunction", "act_dequant", "act_quant", "act_quant_t", "enable_fp8",
     "fp8_gemm", "fp8_linear", "matmul_limited_acc", "weight_dequant", "weight_quant",
@@ -197,9 +199,7 @@ def _ops(t: torch.Tensor, use_kernels: bool | None = None):
     """Where the FP8 work of ``real`` mode runs: ``minids.kernels.fp8`` (Triton) on CUDA, else this module's
     references (same functions, same signatures); ``use_kernels=True`` forces the kernels (the tests run them
     through Triton's interpreter on CPU tensors)."""
-    from minids import kernels
-
-    if use_kernels if use_kernels is not None else (kernels.HAVE_TRITON and t.is_cuda):
+    if use_kernels if use_kernels is not None else (t.is_cuda and kernels_available()):
         from minids.kernels import fp8 as triton_fp8
 
         return triton_fp8

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 
 import torch
 
-from minids.decode import Decoder
+from minids.decode import Decoder, check_prompts, sampling_probs
 
 __all__ = ["generate", "sample_next", "speculative_generate", "stream"]
 
@@ -34,39 +34,12 @@ def sample_next(
     """logits: (B, V) -> next tokens (B,). temperature 0 is greedy; top-k then top-p (nucleus) filtering."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # keep the smallest prefix whose mass reaches top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
+    probs = sampling_probs(logits, temperature, top_k, top_p)  # (B, V)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _check_prompts(model, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> int:
-    cfg = model.cfg
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token (encode an empty text as the BOS/EOS token)")
-    for i, p in enumerate(prompts):
-        bad = [t for t in p if not 0 <= t < cfg.vocab_size]
-        if bad:
-            raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {cfg.vocab_size}): {bad[:5]}")
-    need = max(len(p) for p in prompts) + max_new_tokens
-    if need > cfg.max_position_embeddings:
-        raise ValueError(
-            f"prompt of {max(len(p) for p in prompts)} tokens + {max_new_tokens} new tokens exceeds "
-            f"max_position_embeddings={cfg.max_position_embeddings}: shorten the prompt or --max_new_tokens"
-        )
-    return need
-
-
 def _decoder(model, prompts, max_new_tokens, speculative, **kw) -> Decoder:
-    need = _check_prompts(model, prompts, max_new_tokens)
+    need = check_prompts(model, prompts, max_new_tokens)
     return Decoder(model, len(prompts), need, max_new_tokens, speculative=speculative, **kw)
 
 
@@ -120,7 +93,7 @@ def generate(
     steps when stop tokens may end the batch early. cuda_graphs: as in ``stream``.
     """
     if max_new_tokens <= 0:
-        _check_prompts(model, prompts, 0)
+        check_prompts(model, prompts, 0)
         return [[] for _ in prompts]
     with _eval_mode(model):
         dec = _decoder(model, prompts, max_new_tokens, False, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -145,7 +118,7 @@ def speculative_generate(
     if not len(model.mtp):
         raise ValueError("this model has no MTP module (num_nextn_predict_layers=0): it cannot draft tokens")
     if max_new_tokens <= 0:
-        _check_prompts(model, prompts, 0)
+        check_prompts(model, prompts, 0)
         return [[] for _ in prompts], {"drafted": 0, "accepted": 0, "acceptance": 0.0, "tokens_per_step": 0.0}
     with _eval_mode(model):
         dec = _decoder(model, prompts, max_new_tokens, True, temperature=temperature, top_k=top_k, top_p=top_p,

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minids._kernels import kernels_available, require_kernels
 from minids.config import ModelConfig
 from minids.fp8 import fp8_linear
 from minids.mlp import MLP
@@ -187,10 +188,9 @@ def moe_experts(
     Returns (y (N, D) in x.dtype, tokens per expert (E,) int64).
     """
     if impl == "auto" and x.is_cuda and not fp8 and not torch.compiler.is_compiling():
-        from minids.kernels import HAVE_TRITON
-
-        impl = "triton" if HAVE_TRITON else "auto"
+        impl = "triton" if kernels_available() else "auto"
     if impl == "triton" and not fp8:  # fp8 runs on the per-expert loop, whatever impl says
+        require_kernels("moe impl='triton'")
         from minids.kernels.moe import moe_experts as moe_experts_triton
 
         return moe_experts_triton(x, weights, indices, w_gate, w_up, w_down)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from minids._kernels import kernels_available, require_kernels
+
 __all__ = ["RMSNorm", "add_rms_norm", "rms_norm"]
 
 
@@ -41,11 +43,9 @@ def _use_kernel(impl: str, x: torch.Tensor) -> bool:
     # under torch.compile the eager formula is traced and fused by the compiler instead
     if impl == "torch" or (impl == "auto" and (not x.is_cuda or torch.compiler.is_compiling())):
         return False
-    from minids.kernels import HAVE_TRITON
-
-    if impl == "triton" and not HAVE_TRITON:
-        raise ValueError("RMSNorm impl='triton' needs Triton installed; use impl='torch'")
-    return HAVE_TRITON
+    if impl == "triton":
+        require_kernels("RMSNorm impl='triton'")
+    return kernels_available()
 
 
 class RMSNorm(nn.Module):

@@ -223,6 +223,15 @@ def gamma_at(cfg: TrainConfig, step: int, total: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
+def _json_or_none(line: str) -> dict | None:
+    """A metrics.jsonl line as a dict, or None for a blank or cut-off line."""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
 def _git_sha() -> str | None:
     try:
         here = Path(__file__).resolve().parent
@@ -510,9 +519,10 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
                 "parameters": sum(p.numel() for p in model.parameters()), "precision": precision}
         (run / "run_info.json").write_text(json.dumps(info, indent=1) + "\n")
     if main and ck is not None and (run / "metrics.jsonl").is_file():
-        # steps logged after the checkpoint (a crash) are run again: drop them so each step appears once
+        # steps logged after the checkpoint (a crash) are run again: drop them so each step appears once, and a
+        # line the crash cut short with them
         kept = [line for line in (run / "metrics.jsonl").read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= start]
+                if (rec := _json_or_none(line)) is not None and rec.get("step", 0) <= start]
         (run / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
     log = open(run / "metrics.jsonl", "a") if main else None
     tb = None

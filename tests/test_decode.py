@@ -46,6 +46,17 @@ def reference_greedy(model, prompts, n: int, stop: int | None = None, mla_impl: 
     return out
 
 
+def test_decoder_prefill_checks_its_prompts():
+    """The public Decoder checks what generate checks: an empty prompt, an id outside the vocabulary."""
+    model = tiny()
+    V = model.cfg.vocab_size
+    dec = Decoder(model, 2, 16, 4, cuda_graphs=False)
+    with pytest.raises(ValueError, match="at least one token"):
+        dec.prefill([[1, 2], []])
+    with pytest.raises(ValueError, match=rf"outside the vocabulary \[0, {V}\).*\[{V}\]"):
+        dec.prefill([[1, 2], [3, V]])
+
+
 # ------------------------------------------------------------------------------------------ greedy equality
 @pytest.mark.parametrize("key,impl", [("tiny-v3", "absorbed"), ("tiny-v3", "naive"), ("tiny-v2", "absorbed"),
                                       ("tiny-dense", "absorbed")])

@@ -476,6 +476,12 @@ def test_cli_generate_preset(capsys):
     assert re.search(r"^\[0\] def ", out, re.MULTILINE) and re.search(r"^\[1\] x = ", out, re.MULTILINE)
 
 
+def test_cli_bad_device_is_one_line(capsys):
+    assert cli_main(["generate", "tiny-v3", "--prompt", "def ", "--device", "gpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "minids generate: --device gpu: not a device name; use cpu, cuda or cuda:N"
+
+
 def test_cli_generate_checkpoint(tmp_path, capsys):
     model = make_model("tiny-v3", init=0.02)
     d = tmp_path / "ckpt"

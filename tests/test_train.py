@@ -124,6 +124,8 @@ def test_exact_resume(corpus, run_a, tmp_path):
     assert sorted(step_losses(run_b)) == [1, 2, 3, 4]
     assert not (run_b / "sample.txt").exists()
 
+    with open(run_b / "metrics.jsonl", "a") as f:  # a crash cut the last line short: the resume drops it
+        f.write('{"step": 5, "lo')
     second = train(tiny_cfg(corpus, run_b, stop_after=4, resume=True))
     assert second["step"] == 8 and not second.get("stopped")
     assert not torch.are_deterministic_algorithms_enabled()  # train() restores the global setting
