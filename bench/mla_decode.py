@@ -193,9 +193,10 @@ def main() -> int:
         row["frac_copy"] = row["GBps"] / copy_bw
         row["frac_matmul"] = row["TFLOPs"] / mm
         row["bound"] = "memory" if H * s_q <= 32 else "compute"
-        launch = dict(mla_mod.LAST_LAUNCH)  # the timed call's tile config and program count
-        row["programs"] = launch.get("programs")
-        row["config"] = launch.get("config")
+        launch = mla_mod.LAST_LAUNCH  # the timed call's tile config and program count
+        cfg = launch["cfg"]
+        row["programs"] = launch["row_blocks"] * launch["programs"](cfg["OCC"])
+        row["config"] = f"M{launch['block_m']} N{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}"
         if not sh["paged"]:
             for name, v in peer_times(sets, seqlens, B, s_q, H, C, R, scale, Dn, Dv).items():
                 row[f"{name}_ms"] = v

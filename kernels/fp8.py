@@ -12,7 +12,7 @@ one float32 scale per 128 elements. What they do to reach the copy rate:
   transpose costs no extra pass; ``act_quant_both`` writes the 1x128 and the 128x1 quantizations of the
   same tensor from one read (the FP8 linear's backward needs both of dy);
 - ``weight_quant`` writes the transposed copy in the same pass when asked (Dgrad reads W^T K-major);
-- the transposing kernels' tiles depend on the mode (``_TILES``): 128 tokens x 128 features in the fast mode.
+- the transposing kernels' tiles depend on the mode (``_TILES``, chosen by the H200 tile sweep).
 
 Two quantization modes, by the keyword ``exact`` of the four quantization functions:
 - fast (``exact=False``): y = x * (1/s) in float32 (1/s once per group, exact for UE8M0), then the GPU's float32 ->
@@ -53,7 +53,7 @@ import torch
 from minids.kernels import AUTOTUNE, HAVE_TRITON, INTERPRET
 from minids.kernels import sm_count as _sm_count
 
-from minids.fp8 import _gemm_check
+from minids.fp8 import _AMAX_FLOOR, _dequant_check, _fmt, _gemm_check
 
 __all__ = ["act_quant", "act_quant_both", "act_quant_t", "fp8_gemm", "weight_dequant", "weight_quant"]
 
@@ -61,22 +61,16 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-_FMT = {"e4m3": (torch.float8_e4m3fn, 448.0, 3, -6), "e5m2": (torch.float8_e5m2, 57344.0, 2, -14)}
-# dtype, largest finite value, mantissa bits, smallest normal exponent
-_AMAX_FLOOR = 1e-4  # as minids.fp8 (the official act_quant's clamp)
+    AMAX_FLOOR = tl.constexpr(_AMAX_FLOOR)  # the reference's amax floor, as a constant the kernels can read
+
 
 # The quantization mode of calls that do not pass ``exact`` (the FP8 linear's among them): fast unless asked.
 EXACT_QUANT = os.environ.get("MINIDS_FP8_EXACT", "0") == "1"
 
 # Tiles of the kernels that write a transposed copy, by mode (exact?): (features per program, num_warps); a program is
-# always one quantization block (128) of tokens tall. Memory-bound, they want two CTAs per SM, so that one loads while
-# the other computes and stores, and a whole tile in flight per CTA. Chosen from ptxas' register counts (Triton 3.9,
-# sm_90a, bf16 in): fast act_quant_t 128 x 128 with 8 warps takes ~120 registers, two CTAs and 64 KB of loads per SM
-# (128 x 64, the old tile, read 128 B per row); from FP8 with 4 warps ~210 (two CTAs, 128 B per row);
-# act_quant_both 128 x 128 with 4 warps ~200 (two CTAs; with 8 warps ~150, one); weight_quant 128 x 128 with 8 warps
-# ~105 (two). 128 x 256 tiles fit one CTA per SM or spill. The exact mode's float64 quotients need registers (its
-# act_quant_both spills in every tile): it keeps the tiles measured in kernels_notes.md. On the GPU,
-# bench/fp8.py --only tiles sweeps the fast mode's.
+# always one quantization block (128) of tokens tall. They are memory-bound; the fast mode's were picked by the H200
+# sweep of bench/fp8.py --only tiles (bench/results/fp8_tiles.md), the exact mode's float64 quotients need registers and
+# keep the tiles measured in kernels_notes.md.
 _TILES = {
     # fast-mode tiles from the H200 sweep (bench/results/fp8_tiles.md): 128 tokens x 64 features, 4 warps, ran
     # act_quant_t at 2582 GB/s against 1072 for 128 x 128 with 8 warps, and the FP8 requantization at 1388 against 1281
@@ -85,12 +79,6 @@ _TILES = {
     "act_quant_both": {True: (128, 8), False: (128, 4)},  # features in whole blocks (1x128 groups of q)
     "weight_quant": {True: (128, 8), False: (128, 8)},  # whole 128x128 blocks
 }
-
-
-def _fmt(fmt: str):
-    if fmt not in _FMT:
-        raise ValueError(f"fmt={fmt!r}: one of {', '.join(_FMT)}")
-    return _FMT[fmt]
 
 
 if HAVE_TRITON:
@@ -115,7 +103,7 @@ if HAVE_TRITON:
         """amax / FMAX (amax floored at 1e-4), optionally the exact power of two at or above it. The quotient is
         taken in float64 and rounded once to float32: the correctly rounded float32 quotient on every device (one
         division per 128 elements, in both modes; the reference computes it the same way)."""
-        s = (tl.maximum(amax, 1e-4).to(tl.float64) / FMAX).to(tl.float32)
+        s = (tl.maximum(amax, AMAX_FLOOR).to(tl.float64) / FMAX).to(tl.float32)
         if UE8M0:
             bits = s.to(tl.uint32, bitcast=True)
             up = (bits & 0x7FFFFF) != 0
@@ -292,7 +280,9 @@ def _tokens_by_features(x: torch.Tensor, name: str) -> torch.Tensor:
 
 def _flags(fmt: str, ue8m0: bool, exact: bool | None) -> dict:
     """The kernels' format and mode constants; ``exact=None`` takes the module's ``EXACT_QUANT``."""
-    _, fmax, mbits, emin = _fmt(fmt)
+    dtype, fmax = _fmt(fmt)
+    info = torch.finfo(dtype)  # mantissa bits and the smallest normal exponent, for the grid rounding
+    mbits, emin = round(-math.log2(info.eps)), round(math.log2(info.smallest_normal))
     return {"FMAX": fmax, "MBITS": mbits, "EMIN": emin, "UE8M0": bool(ue8m0),
             "EXACT": EXACT_QUANT if exact is None else bool(exact), "SOFT_CVT": INTERPRET}
 
@@ -348,6 +338,13 @@ def act_quant_t(
         flags = _flags(fmt, ue8m0, exact)
         BLOCK_K, warps = _TILES["act_quant_t" if in_scale is None else "act_quant_t_fp8"][flags["EXACT"]]
         grid = (nb, triton.cdiv(K, BLOCK_K))
+        if in_scale is not None:
+            _check_block(in_block)
+            want = (M, math.ceil(K / in_block))
+            if tuple(in_scale.shape) != want:
+                raise ValueError(f"act_quant_t: in_scale has shape {tuple(in_scale.shape)}, expected {want} for x of "
+                                 f"shape {(M, K)} in 1x{in_block} tiles")
+            in_scale = in_scale.float().contiguous()  # the kernel reads it row-major
         xs = in_scale if in_scale is not None else s
         _act_quant_t_kernel[grid](
             x, xs, q, s, M, K, x.stride(0), xs.stride(0), q.stride(0), s.stride(0),
@@ -419,14 +416,8 @@ def weight_dequant(
 ) -> torch.Tensor:
     """Block dequantization (the checkpoints' ``weight_scale_inv``), as ``minids.fp8.weight_dequant``."""
     _check_block(block)
-    if w.dim() != 2:
-        raise ValueError(f"weight_dequant needs a 2-D weight, got shape {tuple(w.shape)}")
+    _dequant_check(w, scale_inv, block)
     O, I = w.shape
-    if scale_inv.shape != (math.ceil(O / block), math.ceil(I / block)):
-        raise ValueError(
-            f"scale_inv has shape {tuple(scale_inv.shape)}, expected {(math.ceil(O / block), math.ceil(I / block))}"
-            f" for a weight of shape {tuple(w.shape)} with {block}x{block} blocks"
-        )
     if w.stride(-1) != 1:
         w = w.contiguous()
     scale_inv = scale_inv.float().contiguous()

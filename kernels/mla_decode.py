@@ -267,10 +267,7 @@ if HAVE_TRITON:
 
         # --- the schedule: every program computes the same W and finds its slice [u0, u1)
         if ONE_B_BLOCK:  # all lengths in one load (one round trip to L2 before the first tile is requested)
-            offs_b = tl.arange(0, BLOCK_B)
-            ok_b = offs_b < B
-            n_b = tl.cdiv(tl.minimum(tl.maximum(tl.load(SEQLENS + offs_b, mask=ok_b, other=0), 0), capacity), UNIT)
-            units = tl.where(ok_b, n_b + OVERHEAD, 0)
+            ok_b, n_b, units = _block_units(SEQLENS, 0, B, capacity, BLOCK_B, UNIT, OVERHEAD)
             total = tl.sum(units, 0)
             n_max = tl.max(n_b, 0)
         else:
@@ -445,7 +442,7 @@ def _check(q, kv_cache, cache_seqlens, head_dim_v, block_table, pe_cache):
     return B, s_q, H, C, R
 
 
-LAST_LAUNCH: dict = {}  # what the latest call ran (config, programs): for benchmarks' reports
+LAST_LAUNCH: dict = {}  # what the latest call ran (block_m, cfg, row_blocks, programs(OCC)): for benchmarks' reports
 
 
 def mla_decode(
@@ -532,7 +529,5 @@ def mla_decode(
         tuner[lambda m: (row_blocks, programs(m["OCC"]))](*args, **meta)
         c = tuner.best_config
         cfg = {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
-    LAST_LAUNCH.clear()
-    LAST_LAUNCH.update(config=f"M{block_m} N{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}",
-                       programs=row_blocks * programs(cfg["OCC"]), tuned=not fixed)
+    LAST_LAUNCH.update(block_m=block_m, cfg=cfg, row_blocks=row_blocks, programs=programs)  # references only
     return out, lse

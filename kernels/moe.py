@@ -29,7 +29,8 @@ ys rounded to the compute dtype before the weighted float32 combine, (weights * 
 SwiGLU is evaluated in float32 and rounded once (the reference rounds g, u, silu(g) and the product separately).
 
 Tiles (H200: 227 KB shared memory, 255 registers a thread): BM is 64 or 128 (``block_m_for``, the routing pad);
-autotuning picks among two (BN, BK=64, warps, stages) configurations per kernel, keyed on the widths. Shared memory
+autotuning picks among a few (BN, BK, warps, stages) configurations per kernel (``_configs``, ``_wgrad_configs``),
+keyed on the widths (and, for the weight gradients, the mean rows per expert). Shared memory
 per pipeline stage is (BM + BN) * BK * 2 bytes per operand pair: the gate/up GEMM (two weight tiles) at BM = BN = 128
 with 3 stages takes 144 KB, the dx GEMM (two operand pairs) 192 KB; the two float32 accumulators of the gate/up GEMM
 hold 128 registers a thread at BM = BN = 128 with 8 warps.
@@ -42,7 +43,7 @@ device. Runs on CUDA with Triton, or under TRITON_INTERPRET=1 (small blocks, one
 from __future__ import annotations
 
 import torch
-from minids.kernels import AUTOTUNE, HAVE_TRITON, INTERPRET
+from minids.kernels import AUTOTUNE, HAVE_TRITON, INTERPRET, runs_here
 
 from minids.moe import MoEAlignment, _compute_dtype, moe_align
 
@@ -389,6 +390,9 @@ def moe_experts(
         raise ValueError("minids.kernels.moe.moe_experts: no FP8 path; use minids.moe.moe_experts(..., fp8=...)")
     if not HAVE_TRITON:
         raise ValueError("minids.kernels.moe.moe_experts needs Triton installed")
+    if not runs_here(x):
+        raise ValueError("minids.kernels.moe.moe_experts needs CUDA tensors, or TRITON_INTERPRET=1 on the CPU; use "
+                         "minids.moe.moe_experts with impl 'grouped' or 'loop'")
     if x.dim() != 2 or indices.shape != weights.shape or indices.shape[0] != x.shape[0]:
         raise ValueError(
             f"moe_experts: x {tuple(x.shape)} must be (N, D), weights {tuple(weights.shape)} and indices "

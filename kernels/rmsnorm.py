@@ -37,7 +37,7 @@ from __future__ import annotations
 import functools
 
 import torch
-from minids.kernels import HAVE_TRITON, sm_count
+from minids.kernels import HAVE_TRITON, runs_here, sm_count
 
 __all__ = ["add_rms_norm", "rms_norm"]
 
@@ -235,12 +235,15 @@ def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None)
         raise ValueError(f"add_rms_norm: residual {tuple(residual.shape)} must have the shape of x {tuple(x.shape)}")
     if x.device != weight.device:
         raise ValueError(f"rms_norm: x on {x.device}, weight on {weight.device}")
+    if not runs_here(x):
+        raise ValueError("rms_norm (Triton) needs CUDA tensors, or TRITON_INTERPRET=1 on the CPU; use minids.rms_norm")
 
 
 class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, eps):
         shape, D = x.shape, x.shape[-1]
+        weight = weight.contiguous()  # the kernels read it with unit stride
         x2 = x.reshape(-1, D).contiguous()  # (R, D)
         r2 = residual.reshape(-1, D).contiguous() if residual is not None else None
         n_rows = x2.shape[0]

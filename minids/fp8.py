@@ -136,10 +136,8 @@ def weight_quant(
     return (q, s, q.t().contiguous()) if transposed else (q, s)
 
 
-def weight_dequant(
-    w: torch.Tensor, scale_inv: torch.Tensor, block: int = 128, dtype: torch.dtype = torch.bfloat16
-) -> torch.Tensor:
-    """Block dequantization (the checkpoints' ``weight_scale_inv``). w: (O, I) fp8 -> (O, I) in dtype."""
+def _dequant_check(w: torch.Tensor, scale_inv: torch.Tensor, block: int) -> None:
+    """One line for a weight that is not 2-D or a scale grid of the wrong shape (here and in minids.kernels.fp8)."""
     if w.dim() != 2:
         raise ValueError(f"weight_dequant needs a 2-D weight, got shape {tuple(w.shape)}")
     if scale_inv.shape != (math.ceil(w.shape[0] / block), math.ceil(w.shape[1] / block)):
@@ -148,6 +146,13 @@ def weight_dequant(
             f"{(math.ceil(w.shape[0] / block), math.ceil(w.shape[1] / block))} for a weight of shape "
             f"{tuple(w.shape)} with {block}x{block} blocks"
         )
+
+
+def weight_dequant(
+    w: torch.Tensor, scale_inv: torch.Tensor, block: int = 128, dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
+    """Block dequantization (the checkpoints' ``weight_scale_inv``). w: (O, I) fp8 -> (O, I) in dtype."""
+    _dequant_check(w, scale_inv, block)
     O, I = w.shape
     s = scale_inv.float().repeat_interleave(block, 0)[:O].repeat_interleave(block, 1)[:, :I]  # (O, I)
     return (w.float() * s).to(dtype)

@@ -107,6 +107,8 @@ def test_act_quant_t_dequantizes_on_load():
     assert torch.equal(s, sr) and same_bits(q, qr)
     qr2, sr2 = ref.act_quant_t(ref.act_dequant(xq, xs))  # the reference's in_scale is exactly this
     assert torch.equal(sr, sr2) and same_bits(qr, qr2)
+    with pytest.raises(ValueError, match=r"in_scale has shape \(200, 2\), expected \(200, 3\)"):
+        kfp8.act_quant_t(xq, in_scale=xs[:, :2])
 
 
 # ------------------------------------------------------------------ weights, 128 x 128

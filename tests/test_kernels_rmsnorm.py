@@ -146,6 +146,8 @@ def test_non_contiguous_input():
     x, w, _ = inputs((9, 64), torch.float32, torch.float32, 11)
     xt = x.detach()[:, ::2]  # (9, 32), row stride 64, column stride 2
     close(rms_norm_triton(xt, w[:32].detach(), EPS), rms_norm(xt, w[:32].detach(), EPS), torch.float32)
+    ws = w.detach()[::2]  # (32,) weight with stride 2
+    close(rms_norm_triton(xt, ws, EPS), rms_norm(xt, ws, EPS), torch.float32)
 
 
 def test_bad_inputs_are_one_line_errors():
