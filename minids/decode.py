@@ -34,9 +34,8 @@ from collections.abc import Sequence
 
 import torch
 
-from minids._kernels import kernels_available
 from minids.cache import KVCache
-from minids.moe import DeepSeekMoE, grouped_mm_available
+from minids.moe import DeepSeekMoE, resolve_moe_impl
 
 __all__ = ["Decoder", "check_prompts", "graph_blocker", "sample_with_noise", "sampling_probs"]
 
@@ -96,10 +95,11 @@ def check_prompts(model, prompts: Sequence[Sequence[int]], max_new_tokens: int) 
 def graph_blocker(model) -> str | None:
     """Why a decode step of this model cannot be captured into a CUDA graph, or None if it can.
 
-    The known host syncs on the decode path are in the routed experts: the "loop" implementation (and the FP8
-    simulation, which uses it) reads the per-expert token counts on the host; ``torch._grouped_mm`` takes its
+    The known host syncs on the decode path are in the routed experts: the "loop" implementation (and FP8,
+    sim or real, which uses it) reads the per-expert token counts on the host; ``torch._grouped_mm`` takes its
     offsets on the device but runs sync-free only in bf16 (its float32 fallback copies them to the host).
     The Triton experts (``minids.kernels.moe``, impl "triton", or "auto" where Triton is installed) never sync.
+    Which implementation a layer runs is ``minids.moe.resolve_moe_impl``'s answer, the one ``moe_experts`` follows.
     """
     p = next(model.parameters())
     if not p.is_cuda:
@@ -108,13 +108,14 @@ def graph_blocker(model) -> str | None:
         if not isinstance(m, DeepSeekMoE):
             continue
         if m.fp8:
-            return "the FP8 simulation runs the routed experts as a per-expert loop, which syncs with the host"
-        if m.impl == "triton" or (m.impl == "auto" and kernels_available()):
+            return "FP8 (sim or real) runs the routed experts as a per-expert loop, which syncs with the host"
+        _, inter, hidden = m.experts.gate_proj.shape
+        impl = resolve_moe_impl(m.impl, p.device, p.dtype, hidden, inter)
+        if impl == "triton" or (impl == "grouped" and p.dtype == torch.bfloat16):
             continue
-        aligned = all(n * p.element_size() % 16 == 0 for n in m.experts.gate_proj.shape[1:])
-        if m.impl == "loop" or p.dtype != torch.bfloat16 or not aligned or not grouped_mm_available(p.device, p.dtype):
-            return (f"the routed experts would run as a per-expert loop ({p.dtype}, moe impl {m.impl!r}), which "
-                    "syncs with the host every layer: use moe impl 'triton', or a bf16 model with 'grouped'")
+        how = "as a per-expert loop" if impl == "loop" else f"through torch._grouped_mm's {p.dtype} fallback"
+        return (f"the routed experts would run {how} ({p.dtype}, moe impl {m.impl!r}), which syncs with the host "
+                "every layer: use moe impl 'triton', or a bf16 model with 'grouped'")
     return None
 
 

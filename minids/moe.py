@@ -167,6 +167,32 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
+def _grouped_aligned(dtype: torch.dtype, hidden: int, inter: int) -> bool:
+    """torch._grouped_mm needs every row stride a multiple of 16 bytes: hidden and expert width (fp32: multiples of 4)."""
+    return all(n * dtype.itemsize % 16 == 0 for n in (hidden, inter))
+
+
+def resolve_moe_impl(
+    impl: str, device: torch.device, dtype: torch.dtype, hidden: int, inter: int, fp8: bool | str = False
+) -> str:
+    """The implementation ``moe_experts`` runs for these experts: "triton", "grouped" or "loop" (dtype: the GEMMs'
+    compute dtype). fp8 always takes the loop; "auto" takes Triton on CUDA where the kernels are available (not under
+    torch.compile), else torch._grouped_mm where it runs for this dtype and alignment, else the loop."""
+    if impl not in ("auto", "grouped", "loop", "triton"):
+        raise ValueError(f"impl={impl!r}: one of auto, grouped, loop, triton")
+    if fp8:
+        return "loop"
+    if impl != "auto":
+        return impl
+    compiling = torch.compiler.is_compiling()
+    if device.type == "cuda" and not compiling and kernels_available():
+        return "triton"
+    # under torch.compile the grouped op's shape function accepts only bf16 (torch 2.11-2.13)
+    compilable = dtype == torch.bfloat16 or not compiling
+    ok = _grouped_aligned(dtype, hidden, inter) and compilable and grouped_mm_available(device, dtype)
+    return "grouped" if ok else "loop"
+
+
 def moe_experts(
     x: torch.Tensor,
     weights: torch.Tensor,
@@ -187,9 +213,9 @@ def moe_experts(
     ``minids.fp8.fp8_linear`` on the per-expert loop: True or "sim" simulated, "real" FP8 GEMMs.
     Returns (y (N, D) in x.dtype, tokens per expert (E,) int64).
     """
-    if impl == "auto" and x.is_cuda and not fp8 and not torch.compiler.is_compiling():
-        impl = "triton" if kernels_available() else "auto"
-    if impl == "triton" and not fp8:  # fp8 runs on the per-expert loop, whatever impl says
+    dt = _compute_dtype(x)
+    impl = resolve_moe_impl(impl, x.device, dt, x.shape[-1], w_gate.shape[1], fp8)
+    if impl == "triton":
         require_kernels("moe impl='triton'")
         from minids.kernels.moe import moe_experts as moe_experts_triton
 
@@ -201,17 +227,8 @@ def moe_experts(
     token = order // K  # (P,): source token of each sorted pair
     counts = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))  # (E,)
     xs = x.index_select(0, token)  # (P, D), expert-contiguous (deterministic backward, unlike x[token])
-    dt = _compute_dtype(x)
-    # torch._grouped_mm needs every row stride a multiple of 16 bytes: D and I (fp32: multiples of 4)
-    aligned = all(n * dt.itemsize % 16 == 0 for n in (x.shape[-1], w_gate.shape[1]))
-    if fp8:
-        impl = "loop"
-    if impl == "auto":
-        # under torch.compile the grouped op's shape function accepts only bf16 (torch 2.11-2.13)
-        compilable = dt == torch.bfloat16 or not torch.compiler.is_compiling()
-        impl = "grouped" if aligned and compilable and grouped_mm_available(x.device, dt) else "loop"
     if impl == "grouped":
-        if not aligned:
+        if not _grouped_aligned(dt, x.shape[-1], w_gate.shape[1]):
             raise ValueError(
                 f"impl='grouped': torch._grouped_mm needs hidden ({x.shape[-1]}) and expert width "
                 f"({w_gate.shape[1]}) to be multiples of {16 // dt.itemsize} in {dt}; use impl='loop'"
@@ -220,14 +237,12 @@ def moe_experts(
         xs, wg, wu, wd = xs.to(dt), w_gate.to(dt), w_up.to(dt), w_down.to(dt)
         h = F.silu(_grouped_linear(xs, wg, offs)) * _grouped_linear(xs, wu, offs)  # (P, I)
         ys = _grouped_linear(h, wd, offs)  # (P, D)
-    elif impl == "loop":
+    else:  # loop
         chunks = xs.split(counts.tolist())  # one host sync for all experts
         # unbind, not w[e]: indexing a stacked weight E times makes E full-size gradients in backward
         ws = zip(chunks, w_gate.unbind(0), w_up.unbind(0), w_down.unbind(0))
         lin = partial(fp8_linear, real=fp8 == "real") if fp8 else F.linear
         ys = torch.cat([lin(F.silu(lin(c, g)) * lin(c, u), d) for c, g, u, d in ws])  # (P, D)
-    else:
-        raise ValueError(f"impl={impl!r}: one of auto, grouped, loop, triton")
     ys = ys.float() * weights.reshape(-1)[order].unsqueeze(-1)  # (P, D) float32
     y = torch.zeros(N, x.shape[-1], dtype=torch.float32, device=x.device).index_add_(0, token, ys)  # (N, D)
     return y.to(x.dtype), counts
