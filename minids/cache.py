@@ -35,10 +35,10 @@ class LayerCache:
 
 @dataclass
 class KVCache:
-    """Static per-layer cache for the main layers and the MTP layers (in that order)."""
+    """Static per-layer cache of the main layers, or (``allocate(..., mtp=True)``) of the MTP layers."""
 
     layers: list[LayerCache]
-    lengths: torch.Tensor  # (B,) int64 tokens stored per sequence
+    lengths: torch.Tensor  # (B,) int64 tokens stored per sequence; each forward advances it in place
     max_len: int
     # "absorbed" (attention in latent space, torch), "naive" (expand the latent each step), "triton" (the absorbed
     # form through minids.kernels.mla_decode), "auto" (triton for bf16/fp16 on CUDA with Triton, else absorbed)
@@ -90,7 +90,8 @@ class KVCache:
 
         Computes once per forward what every layer shares: the slots the tokens are written to (padding tokens go
         to the spare slot) and, when a layer first asks for them, the attention mask (torch attention) or the
-        sequence lengths (the Triton MLA kernel). In a decode step of a small model these few index ops per layer are a visible share of the kernels.
+        sequence lengths (the Triton MLA kernel). In a decode step of a small model these few index ops per layer are
+        a visible share of the kernels.
         """
         self.new_lens = new_lens
         pos = self.positions(S)  # (B, S)

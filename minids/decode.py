@@ -21,7 +21,8 @@ The noise is drawn into a static buffer before each step, outside the graph, fro
 generator, so a graph replays valid random draws without capturing generator state.
 
 The host waits on the device only between chunks of steps: after the prefill and whenever the loop
-needs to know how many tokens are still to come (once for plain greedy decoding without stop tokens).
+needs to know how many tokens are still to come (twice for plain greedy decoding without stop tokens: the
+first chunk and the check that ends the loop), and once more to read the results.
 
 Shapes: B batch, P longest prompt, V vocabulary, N max new tokens.
 """
@@ -197,18 +198,12 @@ class Decoder:
         return torch.isin(tokens, self.stops)
 
     def _forward(self, ids: torch.Tensor, new_lens: torch.Tensor):
-        """The model over the main cache; the cache's lengths stay the static state tensor (updated in place)."""
-        out = self.model(ids, cache=self.cache, lengths=new_lens)
-        self.state["lengths"].copy_(self.cache.lengths)
-        self.cache.lengths = self.state["lengths"]
-        return out
+        """The model over the main cache (which advances its lengths, the static state tensor, in place)."""
+        return self.model(ids, cache=self.cache, lengths=new_lens)
 
     def _mtp(self, hidden: torch.Tensor, next_ids: torch.Tensor, new_lens: torch.Tensor) -> torch.Tensor:
-        """MTP logits (B, S, V) over its own cache, whose lengths stay the static state tensor."""
-        logits = self.model.mtp_logits(hidden, next_ids, self.mtp_cache, new_lens)
-        self.state["mtp_lengths"].copy_(self.mtp_cache.lengths)
-        self.mtp_cache.lengths = self.state["mtp_lengths"]
-        return logits
+        """MTP logits (B, S, V) over its own cache."""
+        return self.model.mtp_logits(hidden, next_ids, self.mtp_cache, new_lens)
 
     def _emit(self, toks: torch.Tensor, emit: torch.Tensor) -> None:
         """Record toks (B, k) at out[b, n_out[b] + j] where emit (B, k) is set (a prefix of the k columns), count
@@ -346,7 +341,6 @@ class Decoder:
     def _capture(self) -> None:
         """Warm up on a side stream (lazy initialisation, autotuning), restore the state, capture one step."""
         snapshot = {k: t.clone() for k, t in self.state.items()}
-        lengths, mtp_lengths = self.cache.lengths, self.mtp_cache.lengths if self.mtp_cache else None
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         try:
@@ -362,9 +356,6 @@ class Decoder:
             self.graph = graph
         except RuntimeError as e:
             torch.cuda.synchronize(self.device)
-            self.cache.lengths = lengths
-            if self.mtp_cache is not None:
-                self.mtp_cache.lengths = mtp_lengths
             for k, t in self.state.items():
                 t.copy_(snapshot[k])
             self.use_graphs = False

@@ -216,7 +216,7 @@ class FP8LinearFunction(torch.autograd.Function):
 
     real=False (``sim``): quantize, dequantize, float32 matmul: runs anywhere, exactly the recipe's values.
     real=True: the block-scaled FP8 GEMM ``fp8_gemm`` for Fprop, Dgrad and Wgrad (the Triton kernels on CUDA,
-    the references elsewhere), quantizing W once per step into W and W^T and dy once into both tilings.
+    the references elsewhere), quantizing W once per call into W and W^T and dy once into both tilings.
     Both give the same values up to the order of float32 additions.
     """
 

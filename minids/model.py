@@ -131,7 +131,7 @@ class Transformer(nn.Module):
         positions = cache.begin(S, lengths if lengths is not None else torch.full((B,), S, device=next_ids.device))
         cos, sin = self.rotary(positions)
         _, h_normed, _ = self.mtp[0](hidden, self.model.embed_tokens(next_ids), cos, sin, cache)
-        cache.lengths = cache.lengths + cache.new_lens
+        cache.lengths.add_(cache.new_lens)  # in place: a decoder keeps it as static state
         return self.lm_head(h_normed)  # (B, S, V)
 
     def set_moe_impl(self, impl: str) -> None:
@@ -192,7 +192,7 @@ class Transformer(nn.Module):
         h = self.model.norm(h)
         logits = self.lm_head(h)  # (B, S, V)
         if cache is not None:
-            cache.lengths = cache.lengths + cache.new_lens
+            cache.lengths.add_(cache.new_lens)  # in place: a decoder keeps it as static state
             return ModelOutput(logits=logits, aux={"expert_counts": torch.stack([r.counts for r in routing])}
                                if routing else {}, hidden=h)
         aux: dict[str, torch.Tensor] = {}

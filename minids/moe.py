@@ -14,10 +14,12 @@ Router (``route``), all in float32 (REFERENCE.md 3.2-3.4):
     the bias changes which experts are chosen, never their weight (V3P 2.1.2)
   norm_topk_prob: g <- g / (sum_K g + 1e-20); then g <- g * routed_scaling_factor.
 
-Dispatch (``moe_experts``): the (token, expert) pairs are sorted by expert, the experts run as one
-grouped GEMM over contiguous row blocks (``torch._grouped_mm``) or, where that is unavailable, a loop
-over experts on contiguous slices (one host sync for the counts, none per expert), and the outputs are
-scattered back with their gate weights (index_add in float32). No Python loop over tokens.
+Dispatch (``moe_experts``; ``resolve_moe_impl`` picks the path): on CUDA with the Triton kernels, the fused
+experts of ``minids.kernels.moe`` (gather on load, SwiGLU epilogue, deterministic combine, their own backward).
+Otherwise the (token, expert) pairs are sorted by expert, the experts run as one grouped GEMM over contiguous row
+blocks (``torch._grouped_mm``) or, where that is unavailable, a loop over experts on contiguous slices (one host
+sync for the counts, none per expert), and the outputs are scattered back with their gate weights (index_add in
+float32). No Python loop over tokens.
 
 Shapes: N tokens (= B*S), D hidden, E routed experts, K experts per token, G groups, I expert width,
 P = N*K (token, expert) pairs.
