@@ -1,7 +1,8 @@
-"""Shared pieces of the kernel benchmarks (bench/rmsnorm.py, bench/moe.py): run metadata, the two hardware ceilings
-measured in the same process, a median timer, and the JSON + markdown writer.
+"""Shared pieces of the GPU benchmarks (bench/rmsnorm.py, moe.py, fp8.py, mla_decode.py, decode.py): run metadata,
+the two hardware ceilings measured in the same process, a median timer, a CUDA-graph timer, a kernel-time timer
+(torch.profiler), and the JSON + markdown writer.
 
-Ceilings (METHOD.md): bandwidth from a device-to-device copy of 2 GiB (bytes read + bytes written), compute from an
+Ceilings (the device tool's METHOD.md): bandwidth from a device-to-device copy of 2 GiB (bytes read + bytes written), compute from an
 8192^3 bf16 torch.matmul. Both are timed with triton.testing.do_bench (CUDA events, median, warm-up first).
 """
 
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,11 +19,9 @@ import torch
 def metadata() -> dict:
     import triton
 
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
-                             cwd=Path(__file__).resolve().parent).stdout.strip()
-    except OSError:
-        sha = ""
+    from minids.train import _git_sha
+
+    sha = (_git_sha() or "")[:7]
     return {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
@@ -55,6 +53,15 @@ def device_ms(fn: Callable[[], object], reps: int = 30) -> float:
         torch.cuda.synchronize()
     us = sum(ev.time_range.elapsed_us() for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA)
     return us / reps / 1e3
+
+
+def graph_ms(fn: Callable[[], object]) -> float:
+    """Median milliseconds of fn() replayed from a CUDA graph: GPU time without the host's launch overhead. fn runs once
+    first (compiled and autotuned before the capture)."""
+    from triton.testing import do_bench_cudagraph
+
+    fn()
+    return float(do_bench_cudagraph(fn, rep=50, return_mode="median"))
 
 
 def copy_bandwidth_gbs(n_bytes: int = 2 << 30) -> float:

@@ -44,10 +44,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import minids
 from minids.cache import KVCache
 from minids.decode import Decoder
-from minids.train import _git_sha
+from _common import copy_bandwidth_gbs, matmul_tflops, metadata  # noqa: E402
 
 SMALL = {"num_hidden_layers": 4, "max_position_embeddings": 32768 + 256}  # small-v3 with the issue's 4 layers
 REFERENCE_TOKS = 366.0  # the issue's eager official-style implementation at batch 8 (absorbed), H200
@@ -66,25 +67,6 @@ def time_ms(fn, reps: int) -> list[float]:
         b.synchronize()
         out.append(a.elapsed_time(b))
     return out
-
-
-def copy_bandwidth() -> float:
-    """GB/s of a 2 GiB device-to-device copy, bytes read + written."""
-    n = 2**30
-    src = torch.empty(n, dtype=torch.bfloat16, device="cuda").normal_()
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    ms = statistics.median(time_ms(lambda: dst.copy_(src), 10))
-    return 2 * 2 * n / ms / 1e6
-
-
-def matmul_tflops(n: int = 8192) -> float:
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    ms = statistics.median(time_ms(lambda: a @ b, 20))
-    return 2 * n**3 / ms / 1e9
 
 
 # ------------------------------------------------------------------------------------------ model and cache
@@ -239,9 +221,9 @@ def main() -> None:
     record = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
         "python": platform.python_version(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "git_sha": _git_sha(), "quick": args.quick,
+        "git_sha": metadata()["git_sha"], "quick": args.quick,
     }
-    bw, tflops = copy_bandwidth(), matmul_tflops()
+    bw, tflops = copy_bandwidth_gbs(), matmul_tflops()
     record["ceilings"] = {"copy_GBps": bw, "matmul_bf16_TFLOPs": tflops}
     print(f"{record['device']}  torch {record['torch']}  triton {record['triton']}  git {record['git_sha']}")
     print(f"ceilings: copy {bw:.0f} GB/s (read + write), bf16 matmul 8192^3 {tflops:.0f} TFLOP/s", flush=True)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import copy_bandwidth_gbs, matmul_tflops, median_ms, metadata, write_results  # noqa: E402
+from _common import copy_bandwidth_gbs, graph_ms, matmul_tflops, median_ms, metadata, write_results  # noqa: E402
 
 import minids.fp8 as ref  # noqa: E402
 from minids.kernels import fp8 as kfp8  # noqa: E402
@@ -43,14 +43,6 @@ OFFICIAL = {
     4096: {(2112, 7168): 532, (24576, 1536): 581, (7168, 16384): 609, (4096, 7168): 639, (7168, 2048): 615},
     128: {(2112, 7168): 162, (24576, 1536): 242, (7168, 16384): 384, (4096, 7168): 237, (7168, 2048): 81},
 }
-
-
-def graph_ms(fn) -> float:
-    """Median milliseconds of fn() replayed from a CUDA graph: GPU time without the host's launch overhead."""
-    from triton.testing import do_bench_cudagraph
-
-    fn()  # compiled and autotuned before the capture
-    return float(do_bench_cudagraph(fn, rep=50, return_mode="median"))
 
 
 def fp8_scaled_mm_tflops(n: int = 8192) -> float:
