@@ -432,6 +432,10 @@ def _check(q, kv_cache, cache_seqlens, head_dim_v, block_table, pe_cache):
         raise ValueError(f"block_table must be (batch={B}, max_pages), got {tuple(block_table.shape)}")
     if cache_seqlens.shape != (B,):
         raise ValueError(f"cache_seqlens must be (batch={B},), got {tuple(cache_seqlens.shape)}")
+    if cache_seqlens.is_floating_point() or cache_seqlens.is_complex() or cache_seqlens.dtype == torch.bool:
+        raise ValueError(f"cache_seqlens must hold integers, got {cache_seqlens.dtype}")
+    if cache_seqlens.device != q.device:  # a host copy per call would also break CUDA-graph capture
+        raise ValueError(f"cache_seqlens is on {cache_seqlens.device}, q on {q.device}: keep them on one device")
     if kv_cache.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"the cache must be bf16, fp16 or fp32, got {kv_cache.dtype}")
     for name, t in (("q", q), ("kv_cache", kv_cache), ("pe_cache", pe_cache)):
@@ -458,7 +462,7 @@ def mla_decode(
     the tile config. It changes the summation order, not the result beyond rounding.
     """
     if not HAVE_TRITON:
-        raise RuntimeError("minids.kernels.mla_decode needs Triton: pip install triton, or use minids.mla_decode_ref")
+        raise ValueError("minids.kernels.mla_decode needs Triton: pip install triton, or use minids.mla_decode_ref")
     B, s_q, H, C, R = _check(q, kv_cache, cache_seqlens, head_dim_v, block_table, pe_cache)
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be at least 1, got {num_splits}")

@@ -208,6 +208,8 @@ def test_bad_inputs_are_one_line_errors():
     with pytest.raises(ValueError, match="block_table"):
         mla_decode(q, torch.zeros(3, 64, 80, device=device, dtype=dtype), lens, 64, 0.1,
                    block_table=torch.zeros(3, 1, dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match="cache_seqlens must hold integers"):
+        mla_decode(q, torch.zeros(2, 8, 80, device=device, dtype=dtype), lens.float() + 0.7, 64, 0.1)
 
 
 def test_greedy_decoding_kernel_equals_reference():
