@@ -171,11 +171,15 @@ class HFTokenizer:
 
         out = torch.zeros(self.vocab_size, dtype=torch.long)
         byte_level = isinstance(self.tok.pre_tokenizer, pre_tokenizers.ByteLevel)
+        added = set(self.tok.get_added_tokens_decoder())  # special/added tokens are stored as text, not byte symbols
         for i in range(self.vocab_size):
             if i == self.eos_id:
                 continue
             piece = self.tok.id_to_token(i)
-            out[i] = len(piece) if byte_level and piece is not None else len(self.tok.decode([i]).encode("utf-8"))
+            if byte_level and piece is not None and i not in added:
+                out[i] = len(piece)
+            else:
+                out[i] = len(self.tok.decode([i]).encode("utf-8"))
         return out
 
     def save(self, directory: Path) -> None:
