@@ -13,17 +13,19 @@ Backward (xhat = x * rstd, dn = (dy * weight) rounded to x.dtype, as autograd of
 
 Layout and optimisations (both passes only stream memory; the aim is enough bytes in flight per SM, ~32-64 KB on
 an H100/H200, with 128-bit accesses and no register spills):
-- Rows are independent: a forward program normalises one (ROWS, BLOCK_D) tile of about 8K elements (16 KB of bf16),
-  several rows at once when D is small (one row of D=1024 bf16 is only 2 KB, too little to hide memory latency),
-  16 elements (two 128-bit loads of bf16) per thread. ``_fwd_config`` has the numbers.
+- Rows are independent: a forward program normalises one (ROWS, BLOCK_D) tile of at least 2K elements (4 KB of
+  bf16), several rows at once when D is small (one row of D=1024 bf16 is only 2 KB, too little to hide memory
+  latency), with 2-8 warps: small programs, many per SM. ``_fwd_config`` has the numbers.
 - The forward keeps rstd (4 bytes a row) so the backward needs no second reduction over x for it.
 - The backward runs one wave of persistent programs (as many as fit on the GPU at once, from the compiled kernel's
   register count) that stride over row tiles. Each keeps its dweight partial sums in fp32 registers, one per tile
-  slot, so the loop has no cross-row reduction, and writes one row of a (P, D) float32 buffer, summed by torch
-  afterwards: no (rows, D) product and no atomics. P is set by the machine, not by the row count, so small hidden
-  sizes pay no fixed per-row-block cost for dweight. Tiles are small (4-warp programs up to D=2048) so registers pack
-  into several programs per SM, and a program loads its next tile before working on the current one (PREFETCH):
-  two tiles in flight per program for the price of their raw (bf16) registers. ``_bwd_config`` has the numbers.
+  slot, so the loop has no cross-row reduction, and writes one row of a (P, D) float32 buffer: no (rows, D) product
+  and no atomics on data. P is set by the machine, not by the row count, so small hidden sizes pay no fixed
+  per-row-block cost for dweight. Tiles are small (2-4 warp programs up to D=2048) so registers pack into many
+  programs per SM, and a program loads its next tile before working on the current one (PREFETCH): two tiles in
+  flight per program for the price of their raw (bf16) registers. ``_bwd_config`` has the numbers.
+- The (P, D) partials are summed by a second small kernel in a fixed order, split over P and D so that it takes
+  microseconds (``_dw_sum_kernel``; torch's column sum took as long as the backward itself at D=512).
 - The fused residual add writes s = x + residual once and normalises it from registers: one read of x and
   residual, two writes, instead of the separate add (read 2, write 1) and norm (read 1, write 1).
 
@@ -46,14 +48,25 @@ if HAVE_TRITON:
     import triton.language as tl
 
     @triton.jit
+    def _load_rows(P, rows, cols, cmask, n_rows, D, EVICT: tl.constexpr):
+        """The (ROWS, BLOCK_D) tile of rows `rows` of the (n_rows, D) matrix at P, in its own dtype (0 outside);
+        EVICT: read once, marked evict_first in L2."""
+        mask = (rows < n_rows)[:, None] & cmask[None, :]
+        ptrs = P + rows[:, None].to(tl.int64) * D + cols[None, :]
+        if EVICT:
+            return tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
+        return tl.load(ptrs, mask=mask, other=0.0)
+
+    @triton.jit
     def _rms_norm_fwd(
         X, R, W, Y, S, RSTD,
         n_rows, D, eps,
-        HAS_RES: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_RES: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, EVICT: tl.constexpr = False,
     ):
         """One (ROWS, BLOCK_D) tile of rows. X, R, Y, S: (n_rows, D) contiguous; W: (D,); RSTD: (n_rows,) fp32.
 
         S (the sum, in result_type(x, residual); S is X itself without a residual) sets the rounding dtype.
+        EVICT: stream x and residual through L2 with evict_first, so the weight (read by every program) stays.
         """
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
         cols = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
@@ -61,9 +74,9 @@ if HAVE_TRITON:
         cmask = cols < D
         mask = rmask[:, None] & cmask[None, :]
         offs = rows[:, None].to(tl.int64) * D + cols[None, :]  # (ROWS, BLOCK_D); int64: rows * D can pass 2^31
-        x = tl.load(X + offs, mask=mask, other=0.0)
+        x = _load_rows(X, rows, cols, cmask, n_rows, D, EVICT)
         if HAS_RES:
-            r = tl.load(R + offs, mask=mask, other=0.0)
+            r = _load_rows(R, rows, cols, cmask, n_rows, D, EVICT)
             x = (x.to(tl.float32) + r.to(tl.float32)).to(S.dtype.element_ty)  # s = x + residual, rounded as torch
             tl.store(S + offs, x, mask=mask)
         xf = x.to(tl.float32)
@@ -74,16 +87,11 @@ if HAVE_TRITON:
         tl.store(RSTD + rows, rstd, mask=rmask)
 
     @triton.jit
-    def _load_rows(P, rows, cols, cmask, n_rows, D):
-        """The (ROWS, BLOCK_D) tile of rows `rows` of the (n_rows, D) matrix at P, in its own dtype (0 outside)."""
-        mask = (rows < n_rows)[:, None] & cmask[None, :]
-        return tl.load(P + rows[:, None].to(tl.int64) * D + cols[None, :], mask=mask, other=0.0)
-
-    @triton.jit
     def _rms_norm_bwd(
         DY, X, W, RSTD, DS, DX, DW_PART,
         n_rows, D,
         HAS_DS: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PREFETCH: tl.constexpr,
+        EVICT: tl.constexpr = False,
     ):
         """Persistent: program p takes row tiles p, p + P, ... and writes its dweight partial sum to DW_PART[p].
 
@@ -101,28 +109,28 @@ if HAVE_TRITON:
         dw = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
         if PREFETCH:  # this program's first tile
             rows = pid * ROWS + tl.arange(0, ROWS)
-            x_next = _load_rows(X, rows, cols, cmask, n_rows, D)
-            dy_next = _load_rows(DY, rows, cols, cmask, n_rows, D)
+            x_next = _load_rows(X, rows, cols, cmask, n_rows, D, EVICT)
+            dy_next = _load_rows(DY, rows, cols, cmask, n_rows, D, EVICT)
             rstd_next = tl.load(RSTD + rows, mask=rows < n_rows, other=0.0)
             if HAS_DS:
-                ds_next = _load_rows(DS, rows, cols, cmask, n_rows, D)
+                ds_next = _load_rows(DS, rows, cols, cmask, n_rows, D, EVICT)
         for start in range(pid * ROWS, n_rows, step):
             rows = start + tl.arange(0, ROWS)
             rmask = rows < n_rows
             if PREFETCH:  # take the tile loaded last iteration, start loading the next (masked past the end)
                 x, dy, rstd = x_next, dy_next, rstd_next
-                x_next = _load_rows(X, rows + step, cols, cmask, n_rows, D)
-                dy_next = _load_rows(DY, rows + step, cols, cmask, n_rows, D)
+                x_next = _load_rows(X, rows + step, cols, cmask, n_rows, D, EVICT)
+                dy_next = _load_rows(DY, rows + step, cols, cmask, n_rows, D, EVICT)
                 rstd_next = tl.load(RSTD + rows + step, mask=rows + step < n_rows, other=0.0)
                 if HAS_DS:
                     ds = ds_next
-                    ds_next = _load_rows(DS, rows + step, cols, cmask, n_rows, D)
+                    ds_next = _load_rows(DS, rows + step, cols, cmask, n_rows, D, EVICT)
             else:
-                x = _load_rows(X, rows, cols, cmask, n_rows, D)
-                dy = _load_rows(DY, rows, cols, cmask, n_rows, D)
+                x = _load_rows(X, rows, cols, cmask, n_rows, D, EVICT)
+                dy = _load_rows(DY, rows, cols, cmask, n_rows, D, EVICT)
                 rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
                 if HAS_DS:
-                    ds = _load_rows(DS, rows, cols, cmask, n_rows, D)
+                    ds = _load_rows(DS, rows, cols, cmask, n_rows, D, EVICT)
             xf = x.to(tl.float32)
             dyf = dy.to(tl.float32)
             xhat = xf * rstd[:, None]
@@ -136,58 +144,84 @@ if HAVE_TRITON:
             tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
         tl.store(DW_PART + pid.to(tl.int64) * D + cols, tl.sum(dw, axis=0), mask=cmask)
 
+    @triton.jit
+    def _dw_sum_kernel(PART, STAGE, COUNT, DW, P, D, SPLIT, PB: tl.constexpr, BD: tl.constexpr,
+                       SPLIT_P2: tl.constexpr):
+        """DW[c] = sum over p of PART[p, c], deterministic, in one launch of a (D / BD, SPLIT) grid.
+
+        PART: (P, D) fp32 dweight partials; STAGE: (SPLIT, D) fp32; COUNT: (D / BD,) int32 zeros; DW: (D,).
+        Program (c, s) sums rows [s * PB, (s + 1) * PB) of column strip c in one tile load and writes STAGE[s];
+        the last of a strip's SPLIT programs to arrive (an acq_rel atomic after a CTA barrier, as in the MLA
+        combine) sums the SPLIT stage rows in order, writes DW in its dtype and resets the strip's counter to 0.
+        Why not torch's sum(0): a column reduction of a (1320, 512) buffer took 10 us on an H200, as long as the
+        whole backward pass of 16384 rows of D=512 (each of its threads walks the P rows one by one).
+        """
+        c = tl.program_id(0)
+        s = tl.program_id(1)
+        cols = c * BD + tl.arange(0, BD)
+        cmask = cols < D
+        rows = s * PB + tl.arange(0, PB)
+        t = tl.load(PART + rows[:, None].to(tl.int64) * D + cols[None, :], mask=(rows < P)[:, None] & cmask[None, :],
+                    other=0.0)
+        tl.store(STAGE + s * D + cols, tl.sum(t, axis=0), mask=cmask)
+        tl.debug_barrier()  # every thread's stage value is written before the arrival is counted
+        arrived = tl.atomic_add(COUNT + c, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT - 1:
+            ss = tl.arange(0, SPLIT_P2)
+            st = tl.load(STAGE + ss[:, None] * D + cols[None, :], mask=(ss < SPLIT)[:, None] & cmask[None, :],
+                         other=0.0)
+            tl.store(DW + cols, tl.sum(st, axis=0).to(DW.dtype.element_ty), mask=cmask)
+            tl.store(COUNT + c, 0)  # zero again for the next launch
+
 
 # Launch configuration. Both passes stream memory, so a config is judged by bytes in flight per SM (Hopper needs
 # ~32-64 KB per SM to cover HBM3e latency at full bandwidth), by 128-bit accesses (8 bf16 / 4 fp32 contiguous per
 # thread: BLOCK_D is a power of two and Triton vectorises along it when D % 8 == 0) and by registers (64K per SM).
 # Register counts quoted below are ptxas's for sm_90a (Triton 3.9, bf16), compiled without a GPU.
-_ELEMS_PER_THREAD = 16  # two 128-bit loads per bf16 tensor per thread: ILP without spilling (the fp32 math on a
-#                         tile needs ~6 registers an element)
-_FWD_TILE = 8192  # elements a forward program handles: 16 KB of bf16 x (32 KB with the residual), 16 warps. Measured
-#                   on an H200: 88% of copy at D=7168 (1 row) and 81% for the fused add at D=1024 (8 rows)
-_BWD_MIN_TILE = 2048  # elements per backward tile at least: 4 warps x 32 threads x 16; x + dy = 8 KB of bf16
 _PREFETCH = True  # backward loads tile i + 1 while it computes tile i (unless that spills; tests also run it off)
 
 
 @functools.cache
-def _fwd_config(D: int) -> tuple[int, int, int]:
-    """(BLOCK_D, ROWS, num_warps) of the forward: a non-persistent grid of (ROWS, BLOCK_D) tiles of ~_FWD_TILE
-    elements (a whole row at least), 16 elements a thread. bf16 on sm_90: ~40 registers, so 3 programs (48 warps,
-    ~48 KB of x) per SM at every D below; 2048-16384 programs for 16384 rows, many waves, so no persistent loop.
+def _fwd_config(D: int) -> tuple[int, int, int, bool]:
+    """(BLOCK_D, ROWS, num_warps, EVICT) of the forward: a non-persistent grid of (ROWS, BLOCK_D) tiles of 2048
+    elements or one row, 32 elements a thread up to BLOCK_D = 1024, 16 above (at most 8 warps). Small programs pack
+    many per SM; the many waves over 16384 rows need no persistent loop. EVICT (x and residual read with
+    evict_first) where a tile spans several rows. From launch-config sweeps on an H200 (``bench/sweep_rmsnorm.py``,
+    16384 rows of bf16, kernel time as a fraction of the copy rate; the old 8K-element 16-warp tiles in brackets):
 
-        D     BLOCK_D  ROWS  warps
-        512     512     16    16
-        1024   1024      8    16
-        2048   2048      4    16
-        4096   4096      2    16
-        7168   8192      1    16
+        D     BLOCK_D  ROWS  warps  EVICT  of copy
+        512     512      4     2     yes    88%  (70%)
+        1024   1024      2     2     yes    94%  (78%)
+        2048   2048      1     4     no     93%  (85%)
+        4096   4096      1     8     no     94-96% (92%)
+        7168   8192      1     8     no     97%  (90%)
     """
     block_d = triton.next_power_of_2(D)
-    rows = max(1, min(128, _FWD_TILE // block_d))
-    warps = min(16, max(1, rows * block_d // (32 * _ELEMS_PER_THREAD)))
-    return block_d, rows, warps
+    if block_d <= 1024:
+        rows = 2048 // block_d
+        return block_d, rows, max(1, rows * block_d // 1024), True
+    return block_d, 1, min(8, block_d // 512), False
 
 
 @functools.cache
-def _bwd_config(D: int) -> tuple[int, int, int]:
-    """(BLOCK_D, ROWS, num_warps) of the persistent backward.
+def _bwd_config(D: int) -> tuple[int, int, int, bool]:
+    """(BLOCK_D, ROWS, num_warps, EVICT) of the persistent backward: tiles of one row, two up to BLOCK_D = 1024,
+    16 elements a thread (2 to 16 warps); EVICT at BLOCK_D <= 512.
 
-    A tile is one row, or several rows of at least _BWD_MIN_TILE elements, 16 elements a thread, so num_warps grows
-    with D from 4. Small programs pack the register file better than 16-warp ones: the old 16-warp tiles (8 rows of
-    1024) took ~88 registers a thread, so one program per SM, 32 KB in flight at most and nothing while it computed.
-    With PREFETCH each program also has its next tile in flight while it computes the current one. bf16, sm_90
-    (programs per SM from registers; loads in flight counts x + dy of two tiles per program):
+    Small programs pack the register file better than big ones (one wave holds as many as fit, ``_bwd_plan``),
+    and with PREFETCH each also has its next tile in flight while it computes the current one. Measured on an H200
+    (sweep as in ``_fwd_config``, the dweight sum included; before this sweep, torch's sum and 4-warp tiles):
 
-        D     BLOCK_D  ROWS  warps  registers  programs/SM  loads in flight/SM
-        512     512      4     4       126          4             64 KB
-        1024   1024      2     4        96          5             80 KB
-        2048   2048      1     4        96          5             80 KB
-        4096   4096      1     8        96          2             64 KB
-        7168   8192      1    16        96          1             56 KB   (28 KB without prefetch, 85 registers)
+        D     BLOCK_D  ROWS  warps  programs/SM  of copy
+        512     512      2     2       10         73%  (41%)
+        1024   1024      2     4        5         80%  (61%)
+        2048   2048      1     4        5         87%  (76%)
+        4096   4096      1     8        2         91%  (88%)
+        7168   8192      1    16        1         88%  (87%)
     """
     block_d = triton.next_power_of_2(D)
-    tile = max(block_d, _BWD_MIN_TILE)
-    return block_d, tile // block_d, min(16, tile // (32 * _ELEMS_PER_THREAD))
+    rows = 2 if block_d <= 1024 else 1
+    return block_d, rows, min(16, max(1, rows * block_d // 512)), block_d <= 512
 
 
 _BWD_PLAN: dict[tuple, tuple[int, bool]] = {}  # kernel specialisation -> (programs per SM, PREFETCH)
@@ -226,6 +260,32 @@ def _bwd_plan(device: torch.device, key: tuple, warmup_args: tuple, meta: dict) 
     return plan
 
 
+_DW_BD, _DW_TILE = 64, 8192  # the dweight sum's column strip and tile (PB = 128 rows of partials a program)
+_counters: dict = {}  # device -> arrival counters of _dw_sum_kernel, zero between launches
+
+
+def _sum_rows(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(P, D) float32 partials -> (D,) in dtype: their column sums, in a fixed order (``_dw_sum_kernel``).
+
+    The counters are shared by the launches on a device (each last arriver resets its own, so graph captures reuse
+    them); two of these sums must not run at the same time on different streams of one device.
+    """
+    P, D = part.shape
+    if D == 0:
+        return part.sum(0).to(dtype)
+    bd = min(_DW_BD, triton.next_power_of_2(D))
+    pb = _DW_TILE // bd
+    n_strips, split = triton.cdiv(D, bd), triton.cdiv(P, pb)
+    bufs = _counters.setdefault(part.device, [])
+    if not bufs or bufs[-1].numel() < n_strips:  # a bigger one when needed; old ones kept for captured graphs
+        bufs.append(torch.zeros(max(n_strips, 1024), dtype=torch.int32, device=part.device))
+    stage = torch.empty(split, D, device=part.device, dtype=torch.float32)  # (SPLIT, D)
+    dw = torch.empty(D, device=part.device, dtype=dtype)
+    _dw_sum_kernel[(n_strips, split)](part, stage, bufs[-1], dw, P, D, split, PB=pb, BD=bd,
+                                      SPLIT_P2=triton.next_power_of_2(split), num_warps=8)
+    return dw
+
+
 def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> None:
     if not x.is_floating_point():
         raise ValueError(f"rms_norm: x must be floating point, got {x.dtype}")
@@ -251,11 +311,11 @@ class _RMSNormFn(torch.autograd.Function):
         y = torch.empty(n_rows, D, device=x.device, dtype=torch.promote_types(weight.dtype, s_dtype))  # (R, D)
         s = torch.empty(n_rows, D, device=x.device, dtype=s_dtype) if residual is not None else x2  # (R, D)
         rstd = torch.empty(n_rows, device=x.device, dtype=torch.float32)  # (R,)
-        block_d, rows, warps = _fwd_config(D)
+        block_d, rows, warps, evict = _fwd_config(D)
         if n_rows > 0:
             _rms_norm_fwd[(triton.cdiv(n_rows, rows),)](
                 x2, r2 if r2 is not None else x2, weight, y, s, rstd, n_rows, D, eps,
-                HAS_RES=residual is not None, ROWS=rows, BLOCK_D=block_d, num_warps=warps,
+                HAS_RES=residual is not None, ROWS=rows, BLOCK_D=block_d, EVICT=evict, num_warps=warps,
             )
         ctx.save_for_backward(s, weight, rstd)
         ctx.has_res = residual is not None
@@ -272,9 +332,9 @@ class _RMSNormFn(torch.autograd.Function):
         dy2 = dy.reshape(-1, D).contiguous()  # (R, D)
         ds2 = ds.reshape(-1, D).to(s.dtype).contiguous() if ctx.has_res and ds is not None else None
         dx = torch.empty_like(s)  # (R, D)
-        block_d, rows, warps = _bwd_config(D)
+        block_d, rows, warps, evict = _bwd_config(D)
         n_tiles = triton.cdiv(n_rows, rows)
-        meta = {"HAS_DS": ds2 is not None, "ROWS": rows, "BLOCK_D": block_d, "num_warps": warps}
+        meta = {"HAS_DS": ds2 is not None, "ROWS": rows, "BLOCK_D": block_d, "EVICT": evict, "num_warps": warps}
         args = (dy2, s, weight, rstd, ds2 if ds2 is not None else dy2, dx)
         if n_rows == 0:
             dw_part = torch.zeros(1, D, device=s.device, dtype=torch.float32)
@@ -287,7 +347,7 @@ class _RMSNormFn(torch.autograd.Function):
                 n_prog, prefetch = min(n_tiles, 4), _PREFETCH
             dw_part = torch.empty(n_prog, D, device=s.device, dtype=torch.float32)  # (P, D)
             _rms_norm_bwd[(n_prog,)](*args, dw_part, n_rows, D, PREFETCH=prefetch, **meta)
-        dw = dw_part.sum(0).to(weight.dtype)  # (D,)
+        dw = _sum_rows(dw_part, weight.dtype)  # (D,)
         dx = dx.view(ctx.shape)
         if ctx.has_res:  # s = x + residual: both get ds, each in its own dtype (a copy only where they differ)
             return dx.to(ctx.dtypes[0]), dx.to(ctx.dtypes[1]), dw, None

@@ -107,6 +107,25 @@ def test_backward_many_tiles_per_program(prefetch, monkeypatch):
     close(dw, dw_ref, torch.float32)
 
 
+@pytest.mark.parametrize("P, D", [(300, 200), (1, 7), (129, 64), (2000, 1000)])
+def test_dweight_partial_sum(P, D):
+    # the backward's (P, D) partials summed over P: column strips of 64, 128 partial rows a program, the last of a
+    # strip's programs summing their stage rows. Run twice: each last arriver must zero its counter again.
+    import minids.kernels.rmsnorm as k
+
+    g = torch.Generator().manual_seed(P + D)
+    for dtype in (torch.float32, torch.bfloat16):
+        part = torch.randn(P, D, generator=g).to(device)
+        for _ in range(2):
+            out = k._sum_rows(part, dtype)
+            assert out.dtype == dtype and out.shape == (D,)
+            # bf16: the float32 sum rounded once; within one bf16 ulp (2^-7 relative; the interpreter's conversion
+            # need not round to nearest)
+            torch.testing.assert_close(out.float(), part.sum(0), rtol=1e-5 if dtype == torch.float32 else 2**-7,
+                                       atol=1e-4)
+    assert not k._counters[part.device][-1].any(), "an arrival counter was left non-zero"
+
+
 @pytest.mark.skipif(device != "cuda", reason="bf16 is checked on the GPU only")
 def test_add_rms_norm_mixed_dtypes_on_gpu():
     # autocast: a bf16 sublayer output added onto the float32 residual stream; s, y and dx are float32, dresidual

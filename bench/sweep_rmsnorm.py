@@ -1,0 +1,190 @@
+"""Launch-configuration sweep of minids' Triton RMSNorm on the GPU: kernel time of each (rows per program, warps,
+L2 eviction hint) forward and (tile, warps, programs per SM, prefetch, eviction hint) backward, beside
+torch.compile of the eager reference, at 16384 rows of bf16 (bench/rmsnorm.py's shapes). What bench/rmsnorm.py's
+``_fwd_config`` / ``_bwd_config`` choose is marked "*"; the fastest config per shape is printed last.
+
+    python3 bench/sweep_rmsnorm.py --out /tmp/r
+
+Kernel time is ``device_ms`` (torch.profiler, the sum of the kernels' durations, inputs rotated past L2); the
+backward's time includes the (P, D) dweight partial sum, which is also reported alone (``sum_us``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import copy_bandwidth_gbs, device_ms, metadata, write_results
+from minids.kernels import rmsnorm as K
+
+from minids.norm import rms_norm
+
+EPS = 1e-6
+
+
+def fwd_configs(D: int) -> list[tuple[int, int, bool]]:
+    """(ROWS, warps, EVICT) with tiles of 2K-32K elements and 8-64 elements a thread."""
+    bd = K.triton.next_power_of_2(D)
+    out = []
+    for tile in (1024, 2048, 4096, 8192, 16384):
+        rows = tile // bd
+        if rows < 1 or rows > 64:
+            continue
+        for warps in (1, 2, 4, 8, 16):
+            if 16 <= tile // (32 * warps) <= 64:
+                out += [(rows, warps, False), (rows, warps, True)]
+    return out
+
+
+def bwd_configs(D: int, base_per_sm: int) -> list[tuple[int, int, int, bool, bool]]:
+    """(ROWS, warps, programs per SM, PREFETCH, EVICT)."""
+    bd = K.triton.next_power_of_2(D)
+    out = []
+    for tile in (512, 1024, 2048, 4096, 8192):
+        rows = tile // bd
+        if rows < 1:
+            continue
+        for warps in (1, 2, 4, 8, 16):
+            if not 8 <= tile // (32 * warps) <= 32:
+                continue
+            for per_sm in sorted({max(1, base_per_sm // 2), base_per_sm, 2 * base_per_sm, 16 // warps}):
+                out.append((rows, warps, per_sm, True, False))
+            out.append((rows, warps, base_per_sm, False, False))
+            out.append((rows, warps, base_per_sm, True, True))
+    return out
+
+
+def sweep_hidden(D: int, R: int, copy: float, sms: int, g: torch.Generator) -> list[dict]:
+    """Every forward and backward config at hidden D, then torch.compile's kernels; prints 3 lines, returns rows."""
+    rows_out = []
+    n_sets = max(2, -(-(256 << 20) // (R * D * 2)))
+    w = (1 + 0.1 * torch.randn(D, device="cuda", generator=g)).to(torch.bfloat16)
+    xs = [torch.randn(R, D, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(n_sets)]
+    dys = [torch.randn(R, D, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(n_sets)]
+    y, dx = torch.empty_like(xs[0]), torch.empty_like(xs[0])
+    rstd = [torch.empty(R, device="cuda", dtype=torch.float32) for _ in range(n_sets)]
+    ref = rms_norm(xs[0], w, EPS)
+    bd, base_rows, base_warps, base_ev = K._fwd_config(D)
+    unit = R * D * 2
+    # forward
+    f_res = []
+    for rows, warps, ev in fwd_configs(D):
+        cyc = itertools.cycle(range(n_sets))
+
+        def run(rows=rows, warps=warps, ev=ev, cyc=cyc):
+            i = next(cyc)
+            K._rms_norm_fwd[(K.triton.cdiv(R, rows),)](
+                xs[i], xs[i], w, y, xs[i], rstd[i], R, D, EPS,
+                HAS_RES=False, ROWS=rows, BLOCK_D=bd, EVICT=ev, num_warps=warps)
+        try:
+            run()  # set 0
+            err = (y.float() - ref.float()).abs().max().item()
+            ms = device_ms(run)
+        except Exception as e:  # noqa: BLE001
+            print(f"fwd D={D} rows={rows} w={warps} ev={ev}: failed {type(e).__name__}: {str(e)[:100]}")
+            continue
+        mark = "*" if (rows, warps, ev) == (base_rows, base_warps, base_ev) else ""
+        f_res.append((2 * unit / ms / 1e6 / copy, rows, warps, ev, mark, err, ms))
+        rows_out.append({"pass": "fwd", "D": D, "rows_per_prog": rows, "warps": warps, "evict": ev,
+                         "default": bool(mark), "kernel_ms": ms, "of_copy": f_res[-1][0], "max_err": err})
+    f_res.sort(reverse=True)
+    line = " ".join(f"{r[1]}r{r[2]}w{'E' if r[3] else ''}{r[4]}:{r[0]:.0%}" for r in f_res[:6])
+    dflt = [r for r in f_res if r[4]]
+    print(f"D={D} fwd  default {dflt[0][0]:.0%} | best {line} | max err {max(r[5] for r in f_res):.1e}")
+    # backward: the default plan's programs per SM, then variations around it
+    x0 = xs[0].detach().requires_grad_()
+    (dref,) = torch.autograd.grad(K.rms_norm(x0, w, EPS), x0, dys[0])  # also compiles the default plan
+    brow, bwarps, bev = K._bwd_config(D)[1:]
+    key = (0, D, torch.bfloat16, torch.bfloat16, torch.bfloat16, False, K._PREFETCH)
+    base_per_sm = K._BWD_PLAN[key][0]
+    for i in range(n_sets):  # rstd of every set
+        K._rms_norm_fwd[(K.triton.cdiv(R, base_rows),)](
+            xs[i], xs[i], w, y, xs[i], rstd[i], R, D, EPS, HAS_RES=False, ROWS=base_rows, BLOCK_D=bd,
+            num_warps=base_warps)
+    b_res = []
+    for rows, warps, per_sm, pf, ev in bwd_configs(D, base_per_sm):
+        n_prog = min(K.triton.cdiv(R, rows), per_sm * sms)
+        part = torch.empty(n_prog, D, device="cuda", dtype=torch.float32)
+
+        cyc = itertools.cycle(range(n_sets))
+
+        def run(rows=rows, warps=warps, pf=pf, ev=ev, n_prog=n_prog, part=part, cyc=cyc):
+            i = next(cyc)
+            K._rms_norm_bwd[(n_prog,)](
+                dys[i], xs[i], w, rstd[i], dys[i], dx, part, R, D,
+                HAS_DS=False, ROWS=rows, BLOCK_D=bd, PREFETCH=pf, EVICT=ev, num_warps=warps)
+            return K._sum_rows(part, torch.bfloat16)
+
+        try:
+            run()  # set 0
+            err = (dx.float() - dref.float()).abs().max().item()
+            ms = device_ms(run)
+        except Exception as e:  # noqa: BLE001
+            print(f"bwd D={D} {rows}r {warps}w {per_sm}/SM pf={pf}: failed {type(e).__name__}: {str(e)[:100]}")
+            continue
+        plan = (brow, bwarps, base_per_sm, K._BWD_PLAN[key][1], bev)
+        mark = "*" if (rows, warps, per_sm, pf, ev) == plan else ""
+        b_res.append((3 * unit / ms / 1e6 / copy, rows, warps, per_sm, pf, ev, mark, err, ms))
+        rows_out.append({"pass": "bwd", "D": D, "rows_per_prog": rows, "warps": warps, "per_sm": per_sm,
+                         "prefetch": pf, "evict": ev, "default": bool(mark), "kernel_ms": ms,
+                         "of_copy": b_res[-1][0], "max_err": err})
+    part = torch.randn(base_per_sm * sms, D, device="cuda")
+    sum_us = device_ms(lambda: K._sum_rows(part, torch.bfloat16)) * 1e3
+    torch_sum_us = device_ms(lambda: part.sum(0).to(torch.bfloat16)) * 1e3
+    b_res.sort(reverse=True)
+    line = " ".join(f"{r[1]}r{r[2]}w{r[3]}p{'' if r[4] else 'N'}{'E' if r[5] else ''}{r[6]}:{r[0]:.0%}"
+                    for r in b_res[:5])
+    dflt = [r for r in b_res if r[6]]
+    print(f"D={D} bwd  default {dflt[0][0] if dflt else float('nan'):.0%} (sum {sum_us:.1f} us, torch's {torch_sum_us:.1f}) | best {line}"
+          f" | max err {max(r[7] for r in b_res):.1e}")
+    # torch.compile of the eager reference, same inputs
+    wc = w.detach().clone().requires_grad_()
+    comp = torch.compile(lambda x: rms_norm(x, wc, EPS), dynamic=False)
+    cyc = itertools.cycle(range(n_sets))
+    f_ms = device_ms(lambda: comp(xs[next(cyc)]))
+    xg = [x.detach().requires_grad_() for x in xs[:2]]
+    outs = [comp(x) for x in xg]
+    cyc2 = itertools.cycle(range(2))
+
+    def cb():
+        i = next(cyc2)
+        torch.autograd.grad(outs[i], (xg[i], wc), dys[i], retain_graph=True)
+
+    b_ms = device_ms(cb)
+    print(f"D={D} compiled fwd {2 * unit / f_ms / 1e6 / copy:.0%}  bwd {3 * unit / b_ms / 1e6 / copy:.0%}")
+    rows_out.append({"pass": "compiled", "D": D, "fwd_of_copy": 2 * unit / f_ms / 1e6 / copy,
+                     "bwd_of_copy": 3 * unit / b_ms / 1e6 / copy, "fwd_ms": f_ms, "bwd_ms": b_ms})
+    torch.cuda.empty_cache()
+    return rows_out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("/tmp/sweep"))
+    ap.add_argument("--rows", type=int, default=16384)
+    ap.add_argument("--hidden", type=int, nargs="+", default=[512, 1024, 2048, 4096, 7168])
+    args = ap.parse_args()
+    torch._dynamo.config.cache_size_limit = torch._dynamo.config.recompile_limit = 64
+    meta = metadata()
+    copy = copy_bandwidth_gbs()
+    meta["copy_GBps"] = round(copy, 1)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    print(f"{meta['device']} triton {meta['triton']}: copy {copy:.0f} GB/s, {sms} SMs")
+    R = args.rows
+    rows_out = []
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for D in args.hidden:
+        rows_out += sweep_hidden(D, R, copy, sms, g)
+        torch.cuda.empty_cache()
+    cols = ["pass", "D", "rows_per_prog", "warps", "per_sm", "prefetch", "evict", "default", "kernel_ms", "of_copy",
+            "max_err", "fwd_of_copy", "bwd_of_copy"]
+    write_results(args.out, "sweep_rmsnorm", meta, rows_out, cols, "Launch-config sweep (bench/sweep_rmsnorm.py).")
+
+
+if __name__ == "__main__":
+    main()
