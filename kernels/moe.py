@@ -28,6 +28,14 @@ Rounding follows the reference where it is cheap: GEMM operands in the compute d
 ys rounded to the compute dtype before the weighted float32 combine, (weights * dy) rounded before its GEMMs.
 SwiGLU is evaluated in float32 and rounded once (the reference rounds g, u, silu(g) and the product separately).
 
+Backward variants, chosen at run time by the module knobs WGRAD, DGRAD and BLOCK_M (bench/sweep_moe.py times each;
+None keeps the autotuned kernels above; WGRAD's default is sorted + fused): the weight gradients through
+``_wgrad_tiles_kernel`` with a fixed tile, optionally (sorted) from x and (weights * dy) gathered once into padded-row order by ``_gather_rows_kernel`` (no
+pair -> token -> address chain in the K loop; the dh GEMM then reads the same copy), (fuse) dW_gate and dW_up from one
+launch sharing each x tile, (programs) a persistent grid walking the (expert, m, n) tiles, (flat) with Triton's
+loop flattening so one tile's store overlaps the next tile's loads; DGRAD fixes the dh and dx launch configs;
+BLOCK_M the row block.
+
 Tiles (H200: 227 KB shared memory, 255 registers a thread): BM is 64 or 128 (``block_m_for``, the routing pad);
 autotuning picks among a few (BN, BK, warps, stages) configurations per kernel (``_configs``, ``_wgrad_configs``),
 keyed on the widths (and, for the weight gradients, the mean rows per expert). Shared memory
@@ -43,11 +51,27 @@ device. Runs on CUDA with Triton, or under TRITON_INTERPRET=1 (small blocks, one
 from __future__ import annotations
 
 import torch
-from minids.kernels import AUTOTUNE, HAVE_TRITON, INTERPRET, runs_here
+from minids.kernels import AUTOTUNE, HAVE_TRITON, INTERPRET, runs_here, sm_count
 
 from minids.moe import MoEAlignment, _compute_dtype, moe_align
 
 __all__ = ["block_m_for", "moe_experts"]
+
+# Run-time variants of the backward (bench/sweep_moe.py times and checks each).
+# WGRAD: None (the three autotuned _wgrad_kernel launches gathering on load), or a dict for _wgrad_tiles_kernel:
+#   sorted: gather x and (weights * dy) once into padded-row order (also the dh GEMM's operand) instead of on load;
+#   fuse: dW_gate and dW_up in one launch sharing the x tile; programs: 0 one program per output tile, else a
+#   persistent grid of that many programs per SM; flat: flatten the tile and row loops (Triton's loop fusion);
+#   tile: (BMW, BNW, BK, warps, stages).
+# Default sorted + fused: on the H200 (bench/sweep_moe.py, 2026-12-01, fixed configs) the three weight gradients took
+# 0.49 / 2.23 / 14.3 ms at the small / V2-Lite / V3-4k tiers against 0.70 / 3.15 / 18.4 for the gathering kernel.
+WGRAD: dict | None = {"sorted": True, "fuse": True,
+                      "tile": (32, 32, 16, 1, 1) if INTERPRET else (128, 128, 64, 8, 3)}
+# DGRAD: None (autotuned), or {"dh": cfg, "dx": cfg} with cfg = (BN, BK, warps, stages, GROUP_M) fixing the
+# _grouped_kernel launch of dh = (weights * dy) W_down (SwiGLU backward epilogue) or of dxs = dg W_gate + du W_up.
+DGRAD: dict | None = None
+# BLOCK_M: None (block_m_for), or the row block every expert is padded to (64 or 128; 16 under the interpreter).
+BLOCK_M: int | None = None
 
 if HAVE_TRITON:
     import triton
@@ -111,8 +135,10 @@ if HAVE_TRITON:
                 tl.store(U + out, acc_u.to(U.dtype.element_ty), mask=cmask[None, :])
 
     @triton.autotune(  # H200 profile of V2-Lite fwd+bwd: these three launches are 38% of the kernel time
-        configs=_configs([(128, 64, 8, 3), (64, 64, 4, 4), (256, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2)],
-                         ("BN", "BK")),
+        # (128, 64, 4, 3): the fastest dh and dx at V3-4k in bench/sweep_moe.py (3.4 and 7.4 ms against 4.7 and 15.2
+        # for the first config): weight-bound at 64 rows a block, the 4-warp tile keeps more loads in flight
+        configs=_configs([(128, 64, 8, 3), (64, 64, 4, 4), (256, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2),
+                          (128, 64, 4, 3)], ("BN", "BK")),
         key=["Ndim", "Kdim", "A_GATHER", "TWO", "EPI", "BM"],
     )
     @triton.jit
@@ -228,6 +254,77 @@ if HAVE_TRITON:
         tl.store(DW + out, acc.to(DW.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
     @triton.jit
+    def _wgrad_tiles_kernel(
+        A, A2, B, DW, DW2, SORTED_PAIR, EXPERT_START, ROUTE_W,
+        Mdim, Ndim, top_k, n_tiles,
+        A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, TWO: tl.constexpr, FLAT: tl.constexpr, PREC: tl.constexpr,
+        BMW: tl.constexpr, BNW: tl.constexpr, BK: tl.constexpr,
+    ):
+        """_wgrad_kernel's DW[e] = A_e^T B_e with an explicit config: programs walk the (expert, m, n) output tiles
+        (tile = program id + i * programs), so a grid smaller than n_tiles makes them persistent; FLAT asks Triton to
+        flatten the tile and row loops into one pipelined loop (the next tile's loads overlap this tile's store).
+        TWO: DW2[e] = A2_e^T B_e in the same program from the same B tile (dW_gate and dW_up share x).
+        A, A2: (rows, Mdim); B: (rows, Ndim); DW, DW2: (E, Mdim, Ndim); *_GATHER as in _wgrad_kernel.
+        """
+        tiles_n = tl.cdiv(Ndim, BNW)
+        per_e = tl.cdiv(Mdim, BMW) * tiles_n
+        ks = tl.arange(0, BK)
+        for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), flatten=FLAT):
+            e = tile // per_e
+            ms = (tile % per_e) // tiles_n * BMW + tl.arange(0, BMW)
+            ns = tile % tiles_n * BNW + tl.arange(0, BNW)
+            mmask = ms < Mdim
+            nmask = ns < Ndim
+            start = tl.load(EXPERT_START + e)
+            end = tl.load(EXPERT_START + e + 1)
+            acc = tl.zeros((BMW, BNW), dtype=tl.float32)
+            acc2 = tl.zeros((BMW, BNW), dtype=tl.float32)
+            for r0 in range(start, end, BK):
+                r = r0 + ks  # (BK,) padded rows
+                if A_GATHER or B_GATHER:
+                    pair = tl.load(SORTED_PAIR + r, mask=r < end, other=-1)
+                    valid = pair >= 0
+                    token = tl.where(valid, pair // top_k, 0).to(tl.int64)
+                else:  # operands in padded-row order (zeros at padding): no index load ahead of the operand loads
+                    pair = r
+                    valid = r < end
+                    token = r.to(tl.int64)
+                a_rows = token if A_GATHER else r.to(tl.int64)
+                b_rows = token if B_GATHER else r.to(tl.int64)
+                amask = mmask[:, None] & valid[None, :]
+                a = tl.load(A + a_rows[None, :] * Mdim + ms[:, None], mask=amask, other=0.0)  # (BMW, BK)
+                if A_GATHER:
+                    scale = tl.load(ROUTE_W + pair, mask=valid, other=0.0)
+                    a = (a.to(tl.float32) * scale[None, :]).to(A.dtype.element_ty)
+                b = tl.load(B + b_rows[:, None] * Ndim + ns[None, :], mask=valid[:, None] & nmask[None, :], other=0.0)
+                acc = tl.dot(a, b, acc, input_precision=PREC)
+                if TWO:
+                    a2 = tl.load(A2 + a_rows[None, :] * Mdim + ms[:, None], mask=amask, other=0.0)
+                    acc2 = tl.dot(a2, b, acc2, input_precision=PREC)
+            out = e.to(tl.int64) * Mdim * Ndim + ms[:, None].to(tl.int64) * Ndim + ns[None, :]
+            omask = mmask[:, None] & nmask[None, :]
+            tl.store(DW + out, acc.to(DW.dtype.element_ty), mask=omask)
+            if TWO:
+                tl.store(DW2 + out, acc2.to(DW2.dtype.element_ty), mask=omask)
+
+    @triton.jit
+    def _gather_rows_kernel(SRC, DST, SORTED_PAIR, ROUTE_W, n_rows, Dcols, top_k,
+                            SCALE: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
+        """DST[r] = SRC[pair // K] (SCALE: times ROUTE_W[pair], rounded to DST's dtype) at each padded row r whose
+        pair is >= 0, zeros at padding rows. SRC: (N, D); DST: (P_pad, D)."""
+        rows = tl.program_id(0) * BR + tl.arange(0, BR)
+        ds = tl.program_id(1) * BD + tl.arange(0, BD)
+        pair = tl.load(SORTED_PAIR + rows, mask=rows < n_rows, other=-1)
+        valid = pair >= 0
+        token = tl.where(valid, pair // top_k, 0).to(tl.int64)
+        dmask = ds[None, :] < Dcols
+        v = tl.load(SRC + token[:, None] * Dcols + ds[None, :], mask=valid[:, None] & dmask, other=0.0)
+        if SCALE:
+            v = v.to(tl.float32) * tl.load(ROUTE_W + pair, mask=valid, other=0.0)[:, None]
+        tl.store(DST + rows[:, None].to(tl.int64) * Dcols + ds[None, :], v.to(DST.dtype.element_ty),
+                 mask=(rows[:, None] < n_rows) & dmask)
+
+    @triton.jit
     def _combine_kernel(YS, ROUTE_W, Y, N, D, top_k, HAS_W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
         """Y[t] = sum_k (ROUTE_W[t, k] *) YS[t * K + k] in float32. YS: (N * K, D); Y: (N, D)."""
         ts = tl.program_id(0) * BT + tl.arange(0, BT)
@@ -276,17 +373,25 @@ def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _gemm(a, b, out, al: MoEAlignment, route_w, top_k, *, gather, epi, a2=None, b2=None, g=None, u=None, out2=None):
-    """Launch _grouped_kernel: out = a @ b[e] (+ a2 @ b2[e]); b (E, Kdim, Ndim) given as a strided view."""
+def _gemm(a, b, out, al: MoEAlignment, route_w, top_k, *, gather, epi, a2=None, b2=None, g=None, u=None, out2=None,
+          cfg=None):
+    """Launch _grouped_kernel: out = a @ b[e] (+ a2 @ b2[e]); b (E, Kdim, Ndim) given as a strided view.
+
+    cfg: None (autotuned) or (BN, BK, warps, stages, GROUP_M) launched as given.
+    """
     Kdim, Ndim = b.shape[1:]
     n_blocks = al.block_expert.shape[0]
     bm = al.sorted_pair.shape[0] // n_blocks
-    grid = lambda meta: (n_blocks * triton.cdiv(Ndim, meta["BN"]),)
-    _grouped_kernel[grid](
+    kernel, meta = _grouped_kernel, {}
+    if cfg is not None:
+        bn, bk, warps, stages, group_m = cfg
+        kernel, meta = _grouped_kernel.fn, {"BN": bn, "BK": bk, "GROUP_M": group_m, "num_warps": warps, "num_stages": stages}
+    grid = lambda m: (n_blocks * triton.cdiv(Ndim, m["BN"]),)
+    kernel[grid](
         a, a2 if a2 is not None else a, b, b2 if b2 is not None else b, out, out2 if out2 is not None else out,
         g if g is not None else out, u if u is not None else out, al.sorted_pair, al.block_expert, route_w,
         n_blocks, Ndim, Kdim, top_k, b.stride(0), b.stride(1), b.stride(2),
-        A_GATHER=gather, TWO=a2 is not None, EPI=epi, PREC=_prec(a.dtype), BM=bm,
+        A_GATHER=gather, TWO=a2 is not None, EPI=epi, PREC=_prec(a.dtype), BM=bm, **meta,
     )
 
 
@@ -301,6 +406,41 @@ def _wgrad(a, b, al: MoEAlignment, route_w, top_k, n_experts, *, a_gather, b_gat
         A_GATHER=a_gather, B_GATHER=b_gather, PREC=_prec(a.dtype),
     )
     return dw
+
+
+def _wgrad_tiles(a, b, al: MoEAlignment, route_w, top_k, n_experts, cfg: dict, *, a_gather, b_gather, a2=None):
+    """_wgrad through _wgrad_tiles_kernel with the WGRAD config cfg: (E, Mdim, Ndim), and a2's too if given."""
+    Mdim, Ndim = a.shape[1], b.shape[1]
+    dw = torch.empty(n_experts, Mdim, Ndim, device=a.device, dtype=a.dtype)
+    dw2 = torch.empty_like(dw) if a2 is not None else dw
+    bmw, bnw, bk, warps, stages = cfg["tile"]
+    n_tiles = n_experts * triton.cdiv(Mdim, bmw) * triton.cdiv(Ndim, bnw)
+    programs = n_tiles
+    if cfg.get("programs"):
+        per_sm = cfg["programs"]
+        programs = min(n_tiles, per_sm * (sm_count(a.device.index) if a.is_cuda else 1))
+    if n_tiles > 0:
+        _wgrad_tiles_kernel[(programs,)](
+            a, a2 if a2 is not None else a, b, dw, dw2, al.sorted_pair, al.expert_start, route_w,
+            Mdim, Ndim, top_k, n_tiles,
+            A_GATHER=a_gather, B_GATHER=b_gather, TWO=a2 is not None, FLAT=bool(cfg.get("flat")),
+            PREC=_prec(a.dtype), BMW=bmw, BNW=bnw, BK=bk, num_warps=warps, num_stages=stages,
+        )
+    return (dw, dw2) if a2 is not None else dw
+
+
+def _gather_rows(src: torch.Tensor, al: MoEAlignment, route_w, top_k: int) -> torch.Tensor:
+    """src: (N, D) -> (P_pad, D): each padded row's token row (times its routing weight if route_w is given, rounded
+    to src's dtype as the gathering GEMMs round it), zeros at padding rows."""
+    n_rows, D = al.sorted_pair.shape[0], src.shape[1]
+    out = torch.empty(n_rows, D, device=src.device, dtype=src.dtype)
+    br, bd = (16, 16) if INTERPRET else (16, 256)
+    if n_rows > 0 and D > 0:
+        _gather_rows_kernel[(triton.cdiv(n_rows, br), triton.cdiv(D, bd))](
+            src, out, al.sorted_pair, route_w if route_w is not None else src, n_rows, D, top_k,
+            SCALE=route_w is not None, BR=br, BD=bd, num_warps=4,
+        )
+    return out
 
 
 def _combine(ys: torch.Tensor, route_w: torch.Tensor | None, N: int, top_k: int, dtype: torch.dtype) -> torch.Tensor:
@@ -356,17 +496,48 @@ class _MoEExpertsFn(torch.autograd.Function):
             if N > 0:
                 _route_grad_kernel[(triton.cdiv(N, bt),)](dy, ys, d_route, N, D, top_k, BT=bt, BD=bd, num_warps=4)
         dy_c = dy.to(x.dtype)  # (N, D): the GEMM operand; scaled by the routing weight on load
+        wcfg, dcfg = WGRAD, DGRAD or {}
+        # WGRAD sorted: (weights * dy) gathered once into padded-row order (P_pad, D), the dh GEMM's and dW_down's A
+        dys = _gather_rows(dy_c, al, route_w, top_k) if wcfg is not None and wcfg.get("sorted") else None
         dg, du = torch.empty_like(g), torch.empty_like(u)  # (P_pad, I)
-        _gemm(dy_c, wd, dg, al, route_w, top_k, gather=True, epi=1, g=g, u=u, out2=du)  # W_down (E, D, I)
+        _gemm(dy_c if dys is None else dys, wd, dg, al, route_w, top_k, gather=dys is None, epi=1, g=g, u=u, out2=du,
+              cfg=dcfg.get("dh"))  # W_down (E, D, I)
         dx = None
         if ctx.needs_input_grad[0]:
             dxs = torch.empty(N * top_k, D, device=x.device, dtype=x.dtype)  # (P, D)
-            _gemm(dg, wg, dxs, al, route_w, top_k, gather=False, epi=0, a2=du, b2=wu)  # W (E, I, D) as is
+            _gemm(dg, wg, dxs, al, route_w, top_k, gather=False, epi=0, a2=du, b2=wu, cfg=dcfg.get("dx"))  # (E, I, D)
             dx = _combine(dxs, None, N, top_k, x.dtype)  # (N, D)
-        dwg = _wgrad(dg, x, al, route_w, top_k, E, a_gather=False, b_gather=True) if ctx.needs_input_grad[4] else None
-        dwu = _wgrad(du, x, al, route_w, top_k, E, a_gather=False, b_gather=True) if ctx.needs_input_grad[5] else None
-        dwd = _wgrad(dy_c, h, al, route_w, top_k, E, a_gather=True, b_gather=False) if ctx.needs_input_grad[6] else None
+        dwg, dwu, dwd = _weight_grads(x, dy_c, dys, h, dg, du, al, route_w, top_k, E, ctx.needs_input_grad[4:7])
         return dx, d_route, None, None, dwg, dwu, dwd, None, None
+
+
+def _weight_grads(x, dy_c, dys, h, dg, du, al: MoEAlignment, route_w, top_k, E, needs):
+    """(dW_gate, dW_up, dW_down), each None where needs says so: (E, I, D), (E, I, D), (E, D, I).
+
+    x, dy_c: (N, D); dys: (P_pad, D) pre-gathered (weights * dy) or None; h, dg, du: (P_pad, I). WGRAD picks the path.
+    """
+    need_g, need_u, need_d = needs
+    cfg = WGRAD
+    if cfg is None:
+        dwg = _wgrad(dg, x, al, route_w, top_k, E, a_gather=False, b_gather=True) if need_g else None
+        dwu = _wgrad(du, x, al, route_w, top_k, E, a_gather=False, b_gather=True) if need_u else None
+        dwd = _wgrad(dy_c, h, al, route_w, top_k, E, a_gather=True, b_gather=False) if need_d else None
+        return dwg, dwu, dwd
+    srt = dys is not None
+    xb = _gather_rows(x, al, None, top_k) if srt and (need_g or need_u) else x  # (P_pad, D) or (N, D)
+
+    def run(a, b, a_gather, b_gather, a2=None):
+        return _wgrad_tiles(a, b, al, route_w, top_k, E, cfg, a_gather=a_gather, b_gather=b_gather, a2=a2)
+
+    dwg = dwu = dwd = None
+    if need_g and need_u and cfg.get("fuse"):
+        dwg, dwu = run(dg, xb, False, not srt, a2=du)
+    else:
+        dwg = run(dg, xb, False, not srt) if need_g else None
+        dwu = run(du, xb, False, not srt) if need_u else None
+    if need_d:
+        dwd = run(dys, h, False, False) if srt else run(dy_c, h, True, False)
+    return dwg, dwu, dwd
 
 
 def moe_experts(
@@ -406,7 +577,7 @@ def moe_experts(
         )
     N, K = indices.shape
     dt = _compute_dtype(x)
-    al = moe_align(indices, E, block_m_for(N * K, E))
+    al = moe_align(indices, E, BLOCK_M or block_m_for(N * K, E))
     xc = x.to(dt).contiguous()  # (N, D)
     wg, wu, wd = (w.to(dt).contiguous() for w in (w_gate, w_up, w_down))
     route_w = weights.float().reshape(-1).contiguous()  # (P,)

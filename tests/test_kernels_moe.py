@@ -199,3 +199,50 @@ def test_triton_under_autocast_on_gpu():
     assert y.dtype == torch.float32 and rel_err(y, y_ref) < 1.5e-2
     for a, b in zip(grads, grads_ref):
         assert a.dtype == b.dtype and rel_err(a, b) < 1.5e-2
+
+
+# ------------------------------------------------------------------------------------------------ backward variants
+VARIANTS = {  # (WGRAD, DGRAD, BLOCK_M) of minids.kernels.moe, interpreter-sized tiles (the default is tested above)
+    "gather-autotuned": (None, None, None),
+    "tiles-gather": ({"tile": (32, 32, 16, 1, 1)}, None, None),
+    "sorted": ({"sorted": True, "tile": (32, 32, 16, 1, 1)}, None, None),
+    "sorted-fused-persistent": ({"sorted": True, "fuse": True, "programs": 3, "flat": True, "tile": (32, 16, 32, 1, 1)},
+                                {"dh": (16, 32, 1, 1, 4), "dx": (32, 16, 1, 1, 1)}, 32),
+    "gather-fused-persistent": ({"fuse": True, "programs": 2, "tile": (16, 32, 16, 1, 1)}, None, None),
+}
+VARIANT_CASES = [CASES[0], CASES[3], CASES[4]]  # uneven rows; experts with zero rows; one expert with most rows
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("case", VARIANT_CASES, ids=[f"N{c[0]}-E{c[3]}-K{c[4]}-{c[5]}" for c in VARIANT_CASES])
+def test_backward_variants_match_reference(case, variant, monkeypatch):
+    from minids.kernels import moe as kmoe
+
+    wgrad, dgrad, block_m = VARIANTS[variant]
+    monkeypatch.setattr(kmoe, "WGRAD", wgrad)
+    monkeypatch.setattr(kmoe, "DGRAD", dgrad)
+    monkeypatch.setattr(kmoe, "BLOCK_M", block_m)
+    leaves, indices, dy = make(*case, torch.float32, seed=sum(case[:5]) + 1)
+    y, _, grads = run("triton", leaves, indices, dy)
+    y_ref, _, grads_ref = run("loop", leaves, indices, dy)
+    assert rel_err(y, y_ref) < 1e-5
+    for name, a, b in zip(["x", "weights", "w_gate", "w_up", "w_down"], grads, grads_ref):
+        assert rel_err(a, b) < 1e-5, name
+    if case[5] == "zero":
+        assert all((gr[case[3] // 2:] == 0).all() for gr in grads[2:]), "experts with no rows get zero gradients"
+
+
+def test_gather_rows_pads_with_zeros():
+    from minids.kernels.moe import _gather_rows
+
+    g = torch.Generator().manual_seed(5)
+    N, K, E, D = 9, 2, 4, 20
+    _, idx = routing(N, E, K, "zero", g)
+    al = moe_align(idx.to(device), E, 16)
+    src = torch.randn(N, D, generator=g).to(device)
+    w = torch.rand(N * K, generator=g).to(device)
+    sp = al.sorted_pair.long()
+    tok = (sp.clamp_min(0) // K)
+    want = torch.where((sp >= 0)[:, None], src[tok] * w[sp.clamp_min(0)][:, None], 0.0)
+    assert torch.equal(_gather_rows(src, al, w, K), want)
+    assert torch.equal(_gather_rows(src, al, None, K), torch.where((sp >= 0)[:, None], src[tok], 0.0))
