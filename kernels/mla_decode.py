@@ -16,7 +16,9 @@ The design, and what each part is for:
   q_pe[M, R] @ k_pe^T), then p[M, N] @ c_kv[N, C] into an fp32 (M, C) accumulator: each cache tile is
   loaded once for all the rows of the program and used as both key and value. All s_q * H rows of a
   sequence share a program up to 64 rows (H=16, s_q=2: 32 rows, both query tokens of each head), so
-  the cache is read once; H=128 takes 64-row blocks (Hopper's warpgroup MMA is 64 rows tall).
+  the cache is read once; H=128 takes 128-row blocks (a Hopper warpgroup MMA of 64 rows per warpgroup)
+  split by output column over V_SPLIT=2 programs: each computes all scores and half of the (128, C) result
+  (the whole fp32 accumulator would not fit in registers); its second read of each tile comes from L2.
 - Work-balanced, sync-free scheduling (FlashMLA's idea, with the metadata derived inside the kernel).
   Sequence b costs OVERHEAD + ceil(len_b / UNIT) units (UNIT = 64 tokens; the overhead unit stands for
   the query load and the output write). Laid end to end, the units of all sequences form one line of
@@ -50,7 +52,8 @@ The design, and what each part is for:
   constants (one compiled variant per layout), which saves address registers.
 - Tiles (see _CONFIGS): memory-bound cases (s_q * H <= 32) use 16 or 32 rows per program with mma.sync
   (padding to a 64-row wgmma would multiply the tensor work by 2-4x) and deep cp.async pipelines, ~75-150
-  KB of cache tiles in flight per SM; H=128 (compute-bound) uses 64-row wgmma blocks with 8 warps.
+  KB of cache tiles in flight per SM; H=128 (compute-bound) uses 128-row wgmma blocks with 8 warps and
+  V_SPLIT=2 (other row counts above 32: 64-row blocks). ``mla_decode(config=...)`` runs any of them.
 
 Preconditions: q, kv_cache, pe_cache of one floating dtype (bf16, fp16 or fp32; q is cast to the cache's
 dtype), last dimension contiguous; cache_seqlens int32/int64 on the same device, each in [0, capacity]
@@ -154,20 +157,25 @@ if HAVE_TRITON:
 
     @triton.jit
     def _attend(
-        q_c, q_r, limit, kv_seq, pe_seq, tbl, KV, PE, t0, t1,
+        q_v, q_o, q_r, v0, limit, kv_seq, pe_seq, tbl, KV, PE, t0, t1,
         stride_kvp, stride_kvt: tl.constexpr, stride_pep, stride_pet: tl.constexpr, qk_scale,
-        C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+        C: tl.constexpr, R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_R: tl.constexpr, V_SPLIT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr,
         DOT_PRECISION: tl.constexpr, UNIT: tl.constexpr,
     ):
-        """Online softmax of rows q over cache tokens [t0, t1) of one sequence -> (acc (M, C) fp32, m, l)."""
-        offs_c = tl.arange(0, BLOCK_C)
+        """Online softmax of rows q over cache tokens [t0, t1) of one sequence -> (acc (M, BLOCK_V) fp32, m, l).
+
+        q_v (M, BLOCK_V): the query's latent columns [v0, v0 + BLOCK_V), the program's output columns; with
+        V_SPLIT = 2, q_o holds the other half (scores need all C columns; unused when V_SPLIT = 1)."""
+        cols_v = v0 + tl.arange(0, BLOCK_V)
+        cols_o = (BLOCK_V - v0) + tl.arange(0, BLOCK_V)  # the other half (V_SPLIT = 2: v0 is 0 or BLOCK_V)
         offs_r = tl.arange(0, BLOCK_R)
-        c_ok = offs_c < C
+        v_ok = cols_v < C
+        o_ok = cols_o < C
         r_ok = offs_r < R
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max, log2 units
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of 2^(s - m)
-        acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)  # running sum of p * c_kv
+        acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)  # running sum of p * c_kv[:, cols_v]
         tl.static_assert(UNIT % BLOCK_N == 0)  # tiles never straddle a piece's end (a multiple of UNIT or the length)
         limit = tl.minimum(limit, t1)  # (M,) tokens a row sees in this piece: t < limit
         for n0 in range(t0, t1, BLOCK_N):
@@ -186,10 +194,13 @@ if HAVE_TRITON:
             else:  # 32-bit offsets from the sequence's base pointer (stride_kvt * capacity < 2**31)
                 kv_ptr = kv_seq + toks * stride_kvt
                 pe_ptr = pe_seq + toks * stride_pet
-            kv = tl.load(kv_ptr[:, None] + offs_c[None, :], mask=t_ok[:, None] & c_ok[None, :], other=0.0)
+            kv = tl.load(kv_ptr[:, None] + cols_v[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0)
             pe = tl.load(pe_ptr[:, None] + offs_r[None, :], mask=t_ok[:, None] & r_ok[None, :], other=0.0)
 
-            s = tl.dot(q_c, tl.trans(kv), input_precision=DOT_PRECISION)  # (M, N)
+            s = tl.dot(q_v, tl.trans(kv), input_precision=DOT_PRECISION)  # (M, N)
+            if V_SPLIT == 2:  # the other half of the key (its second read of the tile comes from L2)
+                kv_o = tl.load(kv_ptr[:, None] + cols_o[None, :], mask=t_ok[:, None] & o_ok[None, :], other=0.0)
+                s = tl.dot(q_o, tl.trans(kv_o), s, input_precision=DOT_PRECISION)
             s = tl.dot(q_r, tl.trans(pe), s, input_precision=DOT_PRECISION)
             s = s * qk_scale
             s = tl.where(toks[None, :] < limit[:, None], s, float("-inf"))
@@ -200,35 +211,37 @@ if HAVE_TRITON:
             p = tl.exp2(s - m_safe[:, None])  # (M, N)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(kv.dtype), kv, acc, input_precision=DOT_PRECISION)  # (M, C): the value is c_kv
+            acc = tl.dot(p.to(kv.dtype), kv, acc, input_precision=DOT_PRECISION)  # (M, BLOCK_V): the value is c_kv
             m_i = m_new
         return acc, m_i, l_i
 
     @triton.jit
     def _combine(
-        O_PART, L_PART, o_ptr, l_ptr, rows, row_ok, offs_c, p_first, p_last, n_rows,
-        C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK_C: tl.constexpr, BLOCK_J: tl.constexpr,
+        O_PART, L_PART, o_ptr, l_ptr, rows, row_ok, offs_c, p_first, p_last, n_rows, v0, part,
+        C: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK_C: tl.constexpr, BLOCK_J: tl.constexpr,
+        V_SPLIT: tl.constexpr,
     ):
-        """out = sum_j w_j o_j / sum_j w_j, w_j = 2^(lse_j - max lse), over the pieces of programs p_first..p_last
-        (slot 2j, or 2j + 1 for the first), summed in that order; lse = max + log sum_j w_j.
+        """out[:, v0 : v0 + BLOCK_V] = sum_j w_j o_j / sum_j w_j, w_j = 2^(lse_j - max lse), over the pieces of
+        programs p_first..p_last (slot 2j, or 2j + 1 for the first), summed in that order; lse = max + log sum_j
+        w_j (written by column part 0). Each column part reads its own lse slots (part), which it computed itself.
 
         Latency-bound (it runs at the end of the kernel): the pieces' lse come in one load (at most BLOCK_J
         pieces), the pieces themselves through a prefetching loop, CHUNK_C columns at a time (an fp32 (M, C)
         accumulator plus a loaded piece would not fit in registers at M=64)."""
         jj = tl.arange(0, BLOCK_J)
-        slots = (2 * (p_first + jj) + (jj == 0).to(tl.int32)).to(tl.int64)
+        slots = (2 * (p_first + jj) + (jj == 0).to(tl.int32)).to(tl.int64) * V_SPLIT + part
         lse = tl.load(L_PART + slots[:, None] * n_rows + rows[None, :], mask=(jj <= p_last - p_first)[:, None] & row_ok[None, :],
                       other=float("-inf"), cache_modifier=".cg")  # (J, M)
         m = tl.max(lse, 0)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
-        for c0 in tl.static_range(0, BLOCK_C, CHUNK_C):
-            cols = c0 + offs_c
+        for c0 in tl.static_range(0, BLOCK_V, CHUNK_C):
+            cols = v0 + c0 + offs_c
             mask = row_ok[:, None] & (cols < C)[None, :]
             den = tl.zeros([BLOCK_M], dtype=tl.float32)
             acc = tl.zeros([BLOCK_M, CHUNK_C], dtype=tl.float32)
             for j in tl.range(p_first, p_last + 1, num_stages=3):
                 sj = (2 * j + (j == p_first).to(tl.int32)).to(tl.int64)
-                lj = tl.load(L_PART + sj * n_rows + rows, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+                lj = tl.load(L_PART + (sj * V_SPLIT + part) * n_rows + rows, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
                 w = tl.exp2(lj - m_safe)  # 0 for a piece in which the row saw nothing
                 oj = tl.load(O_PART + (sj * n_rows + rows)[:, None] * C + cols[None, :], mask=mask, other=0.0,
                              cache_modifier=".cg")
@@ -239,7 +252,7 @@ if HAVE_TRITON:
             tl.store(o_ptr[:, None] + cols[None, :], out.to(o_ptr.dtype.element_ty), mask=mask)
             if c0 == 0:
                 lse_out = tl.where(none, float("-inf"), (m + tl.log2(tl.where(none, 1.0, den))) * 0.6931471805599453)
-                tl.store(l_ptr, lse_out, mask=row_ok)
+                tl.store(l_ptr, lse_out, mask=row_ok & (rows * 0 + part == 0))
 
     @triton.jit(do_not_specialize=["capacity", "H", "S_Q", "B", "min_units", "max_pieces", "size_class"])
     def _mla_decode_kernel(
@@ -252,15 +265,22 @@ if HAVE_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, ONE_B_BLOCK: tl.constexpr,
         PAGE: tl.constexpr, PAGED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
         UNIT: tl.constexpr, OVERHEAD: tl.constexpr, CHUNK_C: tl.constexpr, BLOCK_J: tl.constexpr, OCC: tl.constexpr,
+        V_SPLIT: tl.constexpr,
     ):
-        """Program (row block, p): rows [BLOCK_M * row block, +BLOCK_M) of every sequence piece in slice p.
+        """Program (row block x column part, p): rows [BLOCK_M * row block, +BLOCK_M) of every sequence piece in
+        slice p, output columns [v0, v0 + C / V_SPLIT) (column part = program_id(0) % V_SPLIT; every part
+        computes the full scores, so V_SPLIT = 2 trades a second score GEMM for half the accumulator).
 
-        O_PART (2 P, S_Q * H, C) fp32 and L_PART (2 P, S_Q * H) fp32 (log2 units) hold the pieces of cut
-        sequences; COUNTS (B * row blocks,) int32, zero on entry and on exit. The cache's token strides are
-        compile-time constants (one per layout: fewer address registers). OCC (programs per SM of the
-        config) only sizes the grid; size_class is only an autotuning key.
+        O_PART (2 P, S_Q * H, C) fp32 and L_PART (2 P, V_SPLIT, S_Q * H) fp32 (log2 units) hold the pieces of
+        cut sequences; COUNTS (B * row blocks * V_SPLIT,) int32, zero on entry and on exit. The cache's token
+        strides are compile-time constants (one per layout: fewer address registers). OCC (programs per SM of
+        the config) only sizes the grid; size_class is only an autotuning key.
         """
-        pid_m = tl.program_id(0)
+        pid0 = tl.program_id(0)
+        pid_m = pid0 // V_SPLIT
+        part = pid0 % V_SPLIT
+        BLOCK_V: tl.constexpr = BLOCK_C // V_SPLIT
+        v0 = part * BLOCK_V  # the program's first output column
         p = tl.program_id(1)
         P = tl.num_programs(1)
         n_rb = tl.num_programs(0)
@@ -291,9 +311,8 @@ if HAVE_TRITON:
         qi = rows // H
         hh = rows % H
         rows_q = tl.minimum(rows, n_rows - 1)  # rows past s_q * H read the last row (no (M, C) load mask)
-        offs_c = tl.arange(0, BLOCK_C)
+        offs_v = tl.arange(0, BLOCK_V)
         offs_r = tl.arange(0, BLOCK_R)
-        c_ok = offs_c < C
         r_ok = offs_r < R
 
         while (b < B) & (S < u1):  # the sequences that overlap [u0, u1)
@@ -308,12 +327,17 @@ if HAVE_TRITON:
                 # (M, C) index tensors are built from run-time zeros (b, n >= 0), one for the query load and one
                 # for the stores: the compiler would otherwise build one before the loops and keep it in
                 # registers throughout (64 a thread at M=16); the factor keeps the columns' alignment known
-                cols = offs_c + tl.minimum(b, 0) * BLOCK_C
+                cols = v0 + offs_v + tl.minimum(b, 0) * BLOCK_C
                 q_ptr = Q + b64 * stride_qb + (rows_q // H) * stride_qs + (rows_q % H) * stride_qh  # (M,)
                 if C == BLOCK_C:
-                    q_c = tl.load(q_ptr[:, None] + cols[None, :])
+                    q_v = tl.load(q_ptr[:, None] + cols[None, :])
                 else:
-                    q_c = tl.load(q_ptr[:, None] + cols[None, :], mask=c_ok[None, :], other=0.0)
+                    q_v = tl.load(q_ptr[:, None] + cols[None, :], mask=(cols < C)[None, :], other=0.0)
+                if V_SPLIT == 2:  # the other half of the latent, for the scores
+                    cols_o = (BLOCK_V - v0) + offs_v + tl.minimum(b, 0) * BLOCK_C
+                    q_o = tl.load(q_ptr[:, None] + cols_o[None, :], mask=(cols_o < C)[None, :], other=0.0)
+                else:
+                    q_o = q_v  # unused
                 if R == BLOCK_R:
                     q_r = tl.load(q_ptr[:, None] + C + offs_r[None, :])
                 else:
@@ -322,15 +346,16 @@ if HAVE_TRITON:
                     limit = seqlen - S_Q + 1 + qi  # (M,) query i sees t < len - s_q + 1 + i
                 else:
                     limit = tl.zeros([BLOCK_M], dtype=tl.int32) + seqlen
+                kv_t = KV.dtype.element_ty
                 acc, m_i, l_i = _attend(
-                    q_c.to(KV.dtype.element_ty), q_r.to(KV.dtype.element_ty), limit,
+                    q_v.to(kv_t), q_o.to(kv_t), q_r.to(kv_t), v0, limit,
                     KV + b64 * stride_kvp, PE + b64 * stride_pep, BLOCK_TABLE + b64 * stride_btb,
                     KV, PE, lo * UNIT, tl.minimum(hi * UNIT, seqlen),
                     stride_kvp, STRIDE_KVT, stride_pep, STRIDE_PET, qk_scale,
-                    C, R, BLOCK_C, BLOCK_R, BLOCK_M, BLOCK_N, PAGE, PAGED, DOT_PRECISION, UNIT)
+                    C, R, BLOCK_V, BLOCK_R, V_SPLIT, BLOCK_M, BLOCK_N, PAGE, PAGED, DOT_PRECISION, UNIT)
 
-                cols = offs_c + tl.minimum(n, 0) * BLOCK_C
-                mask = row_ok[:, None] & c_ok[None, :]
+                cols = v0 + offs_v + tl.minimum(n, 0) * BLOCK_C
+                mask = row_ok[:, None] & (cols < C)[None, :]
                 empty = l_i == 0.0
                 l_safe = tl.where(empty, 1.0, l_i)
                 out = acc / l_safe[:, None]  # 0 for a row that saw nothing
@@ -339,21 +364,22 @@ if HAVE_TRITON:
                 l_ptr = LSE + b64 * stride_lb + qi * stride_ls + hh * stride_lh
                 if (lo == 0) & (hi == n):  # the whole sequence: write the result
                     tl.store(o_ptr[:, None] + cols[None, :], out.to(O.dtype.element_ty), mask=mask)
-                    tl.store(l_ptr, lse2 * 0.6931471805599453, mask=row_ok)
+                    # column part 0 writes lse (a tensor mask: the interpreter rejects a scalar term)
+                    tl.store(l_ptr, lse2 * 0.6931471805599453, mask=row_ok & (rows * 0 + part == 0))
                 else:
                     # a piece: slot 2p + 1 if the sequence starts in this slice (its first piece), else 2p
                     slot = (2 * p + (lo == 0).to(tl.int32)).to(tl.int64)
                     tl.store(O_PART + (slot * n_rows + rows)[:, None] * C + cols[None, :], out, mask=mask)
-                    tl.store(L_PART + slot * n_rows + rows, lse2, mask=row_ok)
+                    tl.store(L_PART + (slot * V_SPLIT + part) * n_rows + rows, lse2, mask=row_ok)
                     tl.debug_barrier()  # every thread's piece is written before the arrival is counted
-                    cnt_ptr = COUNTS + b * n_rb + pid_m
+                    cnt_ptr = COUNTS + b * n_rb + pid0
                     arrived = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
                     p_first = first // W
                     p_last = (first + n - 1) // W
                     if arrived == p_last - p_first:  # the last piece in: merge them all
                         tl.debug_barrier()
                         _combine(O_PART, L_PART, o_ptr, l_ptr, rows, row_ok, tl.arange(0, CHUNK_C), p_first, p_last,
-                                 n_rows, C, BLOCK_C, BLOCK_M, CHUNK_C, BLOCK_J)
+                                 n_rows, v0, part, C, BLOCK_V, BLOCK_M, CHUNK_C, BLOCK_J, V_SPLIT)
                         tl.store(cnt_ptr, 0)  # ready for the next launch
             S = first + n
             b += 1
@@ -369,7 +395,13 @@ if HAVE_TRITON:
     #     not hold it, and splitting the 512 output columns over two programs would compute the 576-deep
     #     scores twice: 1.5x the tensor work of a compute-bound case): N64 s2 216 KB (2 buffers), N32 s3
     #     180 KB (3), N32 s2 144 KB (2); each reloads 25-60 spilled registers (from L1) per tile.
-    # The inner loops of M=16 and 32 do not spill (the spills are in the per-sequence epilogue). Paged caches:
+    #   M=128 with V_SPLIT=2 (rows a multiple of 128, i.e. H=128): each warpgroup owns 64 rows and the program
+    #     keeps 256 of the 512 output columns (fp32 128 x 256: 128 registers a thread), the 128-row query takes
+    #     147 KB, N32 s2 221 KB. It computes the scores twice (1.5x the tensor work) and still beat M=64 by
+    #     4-8% on the H200 (bench/sweep_mla.py: 182 / 223 / 252 against 175 / 210 / 235 TFLOP/s at B=32 4K,
+    #     B=128 4K ragged, B=128 16K s_q=2); N16 s4 was slower, N32 s3 does not fit.
+    # M=32: N64 s3 first (the sweep: 0.44 / 0.67 of copy at B=32 4K / B=128 16K s_q=2 against N32 s5's 0.32 /
+    # 0.40; the autotuner picked it in every bench row). The inner loops of M=16 and 32 do not spill (the spills are in the per-sequence epilogue). Paged caches:
     # the table lookup takes pipeline stages of its own, so the same buffers need more stages (_paged). The
     # first entry of each list is the default (MINIDS_AUTOTUNE=0).
     def _cfg(n, occ, warps, stages):
@@ -377,14 +409,15 @@ if HAVE_TRITON:
 
     _CONFIGS = {
         16: [_cfg(32, 2, 4, 3), _cfg(64, 1, 4, 3), _cfg(32, 1, 4, 5), _cfg(64, 2, 4, 2)],
-        32: [_cfg(32, 1, 8, 5), _cfg(64, 1, 8, 3), _cfg(64, 1, 8, 2)],
+        32: [_cfg(64, 1, 8, 3), _cfg(32, 1, 8, 5), _cfg(64, 1, 8, 2)],
         64: [_cfg(64, 1, 8, 2), _cfg(32, 1, 8, 3), _cfg(32, 1, 8, 2)],
+        128: [_cfg(32, 1, 8, 2)],
     }
 
     def _paged(configs, block_m):
         """The same tile buffers with the table lookup in the pipeline: s - 1 buffers take 2s - 1 stages on the
         mma.sync path (M <= 32); the wgmma path (s buffers, 2 at s = 2) needs s + 2 from s = 3 (sm_90 builds)."""
-        if block_m == 64:
+        if block_m >= 64:
             return [_cfg(c.kwargs["BLOCK_N"], c.kwargs["OCC"], c.num_warps, c.num_stages + 2 * (c.num_stages > 2))
                     for c in configs]
         return [_cfg(c.kwargs["BLOCK_N"], c.kwargs["OCC"], c.num_warps, 2 * c.num_stages - 1) for c in configs]
@@ -403,11 +436,16 @@ if HAVE_TRITON:
               for m in _CONFIGS for paged in (False, True)}
 
 
+_V_SPLIT = {128: 2}  # column parts per BLOCK_M (1 where absent): a 128 x 512 fp32 accumulator would not fit
+
+
 def pick_config(rows: int, paged: bool = False) -> tuple[int, dict]:
-    """(BLOCK_M, the default config's kwargs incl. num_warps / num_stages) for s_q * H = rows (16-bit caches)."""
-    block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
+    """(BLOCK_M, the default config's kwargs incl. num_warps / num_stages / V_SPLIT) for s_q * H = rows (16-bit
+    caches)."""
+    block_m = 16 if rows <= 16 else 32 if rows <= 32 else 128 if rows % 128 == 0 else 64
     c = _configs(block_m, paged)[0]
-    return block_m, {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+    return block_m, {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages,
+                     "V_SPLIT": _V_SPLIT.get(block_m, 1)}
 
 
 def _check(q, kv_cache, cache_seqlens, head_dim_v, block_table, pe_cache):
@@ -453,6 +491,7 @@ def mla_decode(
     q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens: torch.Tensor, head_dim_v: int, scale: float, *,
     causal: bool = True, block_table: torch.Tensor | None = None, pe_cache: torch.Tensor | None = None,
     num_splits: int | None = None, out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention over the latent cache (Triton); see ``minids.attention.mla_decode_ref`` for the
     arguments and the result: out (B, s_q, H, C) in q.dtype, lse (B, H, s_q) float32.
@@ -460,6 +499,10 @@ def mla_decode(
     num_splits: the number of programs (per block of BLOCK_M rows) the work is balanced over, with no floor
     on the slice size (tests use it to force many pieces, or 1 for none); None: SMs x programs per SM of
     the tile config. It changes the summation order, not the result beyond rounding.
+    config: run this tile config instead of the default / autotuned one (sweeps and tests): BLOCK_M (rows
+    per program, any power of two >= 16), BLOCK_N, OCC, num_warps, num_stages, and optionally V_SPLIT (1; 2:
+    two programs per row block, each writing half of the C output columns) and MIN_UNITS (the smallest
+    slice, in 64-token units; default MIN_UNITS).
     """
     if not HAVE_TRITON:
         raise ValueError("minids.kernels.mla_decode needs Triton: pip install triton, or use minids.mla_decode_ref")
@@ -478,19 +521,30 @@ def mla_decode(
     table = block_table.to(torch.int32) if paged else seqlens  # (unused pointer when contiguous)
 
     rows = s_q * H
-    block_m, cfg = pick_config(rows, paged)
+    min_units = MIN_UNITS
+    if config is not None:
+        cfg = {"V_SPLIT": 1, **config}
+        block_m = cfg.pop("BLOCK_M")
+        min_units = cfg.pop("MIN_UNITS", MIN_UNITS)
+    else:
+        block_m, cfg = pick_config(rows, paged)
     row_blocks = triton.cdiv(rows, block_m)
     block_c = max(16, triton.next_power_of_2(C))
     block_r = max(16, triton.next_power_of_2(R))
-    fixed = INTERPRET or kv.dtype == torch.float32 or not AUTOTUNE
-    if INTERPRET:  # the interpreter runs one small tile (no tuning)
-        cfg = {"BLOCK_N": 16, "OCC": 1, "num_warps": 4, "num_stages": 1}
-    elif kv.dtype == torch.float32:  # fp32 takes the FMA path with small tiles
-        cfg = {"BLOCK_N": 32, "OCC": 1, "num_warps": 4 if block_m < 64 else 8, "num_stages": 1}
+    fixed = config is not None or INTERPRET or kv.dtype == torch.float32 or not AUTOTUNE
+    if config is None and INTERPRET:  # the interpreter runs one small tile (no tuning)
+        cfg = {"BLOCK_N": 16, "OCC": 1, "num_warps": 4, "num_stages": 1, "V_SPLIT": cfg["V_SPLIT"]}
+    elif config is None and kv.dtype == torch.float32:  # fp32 takes the FMA path with small tiles
+        cfg = {"BLOCK_N": 32, "OCC": 1, "num_warps": 4 if block_m < 64 else 8, "num_stages": 1,
+               "V_SPLIT": cfg["V_SPLIT"]}
+    v_split = cfg["V_SPLIT"]  # (the tuned configs of one BLOCK_M share it)
+    if v_split not in (1, 2):
+        raise ValueError(f"V_SPLIT must be 1 or 2, got {v_split}")
+    col_blocks = row_blocks * v_split  # programs per slice
     n_sm = (sm_count(dev.index if dev.index is not None else torch.cuda.current_device()) if q.is_cuda else 8)
 
     def programs(occ: int) -> int:  # programs per row block
-        return num_splits if num_splits is not None else max(1, n_sm * occ // row_blocks)
+        return num_splits if num_splits is not None else max(1, n_sm * occ // col_blocks)
 
     p_max = programs(cfg["OCC"] if fixed else max(c.kwargs["OCC"] for c in _configs(block_m, paged)))
 
@@ -509,14 +563,14 @@ def mla_decode(
     fill = torch.full if INTERPRET else torch.empty
     nan = (float("nan"),) if INTERPRET else ()
     o_part = fill((2 * p_max, rows, C), *nan, dtype=torch.float32, device=dev)
-    l_part = fill((2 * p_max, rows), *nan, dtype=torch.float32, device=dev)
-    counts = _get_counters(B * row_blocks, dev)
+    l_part = fill((2 * p_max, v_split, rows), *nan, dtype=torch.float32, device=dev)
+    counts = _get_counters(B * col_blocks, dev)
 
     args = (
         q, kv, pe, seqlens, table, out, lse, o_part, l_part, counts,
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), pe.stride(0), table.stride(0) if paged else 0,
         *out.stride()[:3], lse.stride(0), lse.stride(2), lse.stride(1),
-        scale * _LOG2E, capacity, H, s_q, B, 1 if num_splits is not None else MIN_UNITS, max(2, MAX_PIECES),
+        scale * _LOG2E, capacity, H, s_q, B, 1 if num_splits is not None else min_units, max(2, MAX_PIECES),
         max(1, B * capacity).bit_length(),
     )
     meta = {"STRIDE_KVT": kv.stride(1), "STRIDE_PET": pe.stride(1), "C": C, "R": R, "BLOCK_C": block_c,
@@ -524,14 +578,14 @@ def mla_decode(
             "ONE_B_BLOCK": B <= MAX_BLOCK_B,
             "PAGE": page, "PAGED": paged, "CAUSAL": causal,
             "DOT_PRECISION": "ieee" if kv.dtype == torch.float32 else "tf32",
-            "UNIT": UNIT, "OVERHEAD": OVERHEAD, "CHUNK_C": min(block_c, 16384 // block_m),
+            "UNIT": UNIT, "OVERHEAD": OVERHEAD, "CHUNK_C": min(block_c // v_split, 16384 // block_m),
             "BLOCK_J": triton.next_power_of_2(max(2, MAX_PIECES))}
     if fixed:
-        _mla_decode_kernel[(row_blocks, programs(cfg["OCC"]))](*args, **meta, **cfg)
+        _mla_decode_kernel[(col_blocks, programs(cfg["OCC"]))](*args, **meta, **cfg)
     else:
         tuner = _TUNED[(block_m, paged)]
-        tuner[lambda m: (row_blocks, programs(m["OCC"]))](*args, **meta)
+        tuner[lambda m: (col_blocks, programs(m["OCC"]))](*args, **meta, V_SPLIT=v_split)
         c = tuner.best_config
-        cfg = {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
-    LAST_LAUNCH.update(block_m=block_m, cfg=cfg, row_blocks=row_blocks, programs=programs)  # references only
+        cfg = {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages, "V_SPLIT": v_split}
+    LAST_LAUNCH.update(block_m=block_m, cfg=cfg, row_blocks=col_blocks, programs=programs)  # references only
     return out, lse

@@ -69,7 +69,7 @@ def make_cache(lens: list[int], C: int, R: int, layout: str, gen: torch.Generato
     return pool.to(device), None, table.to(device), dense
 
 
-def check(lens, s_q, H, C, R, layout, num_splits=None, causal=True, seed=0, page_size=PAGE):
+def check(lens, s_q, H, C, R, layout, num_splits=None, causal=True, seed=0, page_size=PAGE, config=None):
     gen = torch.Generator().manual_seed(seed)
     kv, pe, table, dense = make_cache(lens, C, R, layout, gen, page_size)
     B = len(lens)
@@ -80,7 +80,8 @@ def check(lens, s_q, H, C, R, layout, num_splits=None, causal=True, seed=0, page
     out = (torch.full((B, s_q, H, C), float("nan"), dtype=dtype, device=device),  # NaN-poisoned outputs
            torch.full((B, H, s_q), float("nan"), dtype=torch.float32, device=device))
     got_o, got_lse = mla_decode(
-        q, kv, seqlens, C, scale, causal=causal, block_table=table, pe_cache=pe, num_splits=num_splits, out=out)
+        q, kv, seqlens, C, scale, causal=causal, block_table=table, pe_cache=pe, num_splits=num_splits, out=out,
+        config=config)
     assert got_o is out[0] and got_lse is out[1]
     assert not got_o.isnan().any() and not got_lse.isnan().any(), "unwritten or NaN-contaminated output"
     assert torch.equal(got_lse.isinf(), want_lse.isinf())  # the same queries see no token
@@ -222,3 +223,36 @@ def test_greedy_decoding_kernel_equals_reference():
     prompts = [[1, 2, 3, 4, 5], [7, 8]]
     want = generate(model, prompts, 4, mla_impl="absorbed")
     assert generate(model, prompts, 4, mla_impl="triton") == want
+
+
+# Fixed configs (mla_decode(config=...)), the paths bench/sweep_mla.py compares: V_SPLIT=2 (two programs per row
+# block, each writing half the output columns; 128-row blocks are H=128's default), 16-row blocks for 32 rows,
+# and the smallest slices (MIN_UNITS=1).
+_VARIANTS = {
+    "v_split": {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1, "OCC": 1, "V_SPLIT": 2},
+    "m128_v_split": {"BLOCK_M": 128, "BLOCK_N": 16, "num_warps": 8, "num_stages": 1, "OCC": 1, "V_SPLIT": 2},
+    "two_row_blocks": {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1, "OCC": 2},
+    "min_units_1": {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1, "OCC": 1, "MIN_UNITS": 1},
+}
+
+
+@pytest.mark.parametrize("variant", list(_VARIANTS))
+@pytest.mark.parametrize("layout,s_q", [("contiguous", 1), ("paged", 2)])
+def test_config_variants(variant, layout, s_q):
+    """Each variant on ragged lengths with an empty sequence (cut into pieces by the default schedule: 8
+    programs on the CPU), on fixed lengths, and with forced splits (the fused combine per column part)."""
+    cfg = _VARIANTS[variant]
+    H = 64 if cfg["BLOCK_M"] == 128 else 16  # 128 rows at s_q = 2 (64 at s_q = 1: one part-empty block)
+    check([0, 1, 65, 300], s_q, H=H, C=64, R=16, layout=layout, config=cfg)
+    check([128, 128], s_q, H=H, C=64, R=16, layout=layout, config=cfg, num_splits=3)
+
+
+def test_v_split_deterministic_and_counters_reset():
+    """The two column parts write disjoint columns and their own lse slots: bitwise repeatable, counters back to 0."""
+    from minids.kernels import mla_decode as mod
+
+    cfg = _VARIANTS["v_split"]
+    a = check([3, 700, 0, 257], 2, H=8, C=48, R=8, layout="contiguous", num_splits=16, config=cfg)
+    b = check([3, 700, 0, 257], 2, H=8, C=48, R=8, layout="contiguous", num_splits=16, config=cfg)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert all(int(c.abs().sum()) == 0 for bufs in mod._counters.values() for c in bufs)
