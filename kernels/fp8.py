@@ -40,7 +40,9 @@ accumulator (V3P 3.3.2's promotion every N_C = 128). Tails in M, N and K are mas
 Autotuning is keyed on (M bucket, N, K): the official kernel keys on (N, K) alone, so the first M it
 sees picks the tiles for every other M. Small M (<= 256) takes the tile shape and split-K of ``_gemm_plan``
 (M <= 128: 64-row tiles, 64 or 128 wide, split so that the grid fills the SMs); split-K partials are summed by
-a second kernel in a fixed order (deterministic).
+a second kernel in a fixed order (deterministic). Variants of the kernel (TMA loads, 64 x 128 and 128 x 256 tiles, a
+persistent grid, swapped operands at small M) are selectable by name (``GEMM_VARIANTS``); bench/sweep_fp8_gemm.py times
+them against bf16 cuBLAS and block-scaled torch._scaled_mm.
 """
 
 from __future__ import annotations
@@ -433,14 +435,132 @@ def weight_dequant(
 if HAVE_TRITON:
 
     @triton.jit
+    def _k_block(src, ptrs, row0, k0, mask_r, offs_k, K, TMA: tl.constexpr, EVEN_K: tl.constexpr):
+        """One (rows, BLOCK_K) FP8 tile at K offset k0: through a tensor descriptor (TMA: the copy engine, zeros past
+        the edges; ptrs unused) or through ptrs (the rows' pointers at K = 0; masked rows and the K tail read as 0)."""
+        if TMA:
+            x = src.load([row0, k0])
+        elif EVEN_K:
+            x = tl.load(ptrs + k0, mask=mask_r[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs + k0, mask=mask_r[:, None] & (k0 + offs_k < K)[None, :], other=0.0)
+        return x
+
+    @triton.jit
+    def _promote(acc, a, b, a_s, b_s, SCALAR_B: tl.constexpr, SWAP_AB: tl.constexpr):
+        """acc += (a . b^T) * a_s[m] * b_s[n] for one 128-K block: a fresh tensor-core product, scaled into the float32
+        accumulator (V3P 3.3.2's promotion). a (BM, BK), b (BN, BK); a_s (BM,); b_s a scalar (SCALAR_B: the tile lies
+        in one 128-wide weight block) or (BN,). SWAP_AB: acc is (BN, BM), C^T = B A^T, so that a small M is the tensor
+        cores' N dimension (16..256 in Triton) instead of their M (64 per warpgroup)."""
+        if SWAP_AB:
+            p = tl.dot(b, tl.trans(a))
+            if SCALAR_B:
+                acc += p * (a_s * b_s)[None, :]
+            else:
+                acc += p * (b_s[:, None] * a_s[None, :])
+        else:
+            p = tl.dot(a, tl.trans(b))
+            if SCALAR_B:
+                acc += p * (a_s * b_s)[:, None]
+            else:
+                acc += p * (a_s[:, None] * b_s[None, :])
+        return acc
+
+    @triton.jit
+    def _store_tile(c_ptr, acc, offs_m, offs_n, mask_m, N, stride_cm, SWAP_AB: tl.constexpr):
+        """Write an accumulator tile ((BM, BN); (BN, BM) with SWAP_AB) into C (M, N), cast to C's dtype, tails masked."""
+        if SWAP_AB:
+            ptrs = c_ptr + offs_m.to(tl.int64)[None, :] * stride_cm + offs_n[:, None]
+            mask = mask_m[None, :] & (offs_n < N)[:, None]
+        else:
+            ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+            mask = mask_m[:, None] & (offs_n < N)[None, :]
+        tl.store(ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _gemm_tile(
+        a_src, b_src, c_ptr, as_ptr, bs_ptr, M, N, K, tile, pid_k, stride_am, stride_bn, stride_cm, stride_asm,
+        stride_bsn, B_GROUP: tl.constexpr, SPLIT_K, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, N_SUB: tl.constexpr, TMA: tl.constexpr,
+        SWAP_AB: tl.constexpr,
+    ):
+        """Output tile number ``tile`` (grouped order), K split pid_k: see ``_fp8_gemm_kernel``."""
+        num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        # grouped order: GROUP_M row-tiles share each column tile while it is in L2
+        width = GROUP_M * num_n
+        first_m = (tile // width) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % width) % size_m
+        pid_n = (tile % width) // size_m
+        SUB: tl.constexpr = BLOCK_N // N_SUB  # columns per accumulator
+        SCALAR_B: tl.constexpr = B_GROUP >= SUB  # a sub-tile lies in one weight block: one b scale per K block
+        m0, n0 = pid_m * BLOCK_M, pid_n * BLOCK_N
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_n = n0 + tl.arange(0, SUB)  # the first sub-tile's columns
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_m, mask_n = offs_m < M, offs_n < N
+        nk = tl.cdiv(K, BLOCK_K)
+        per_split = tl.cdiv(nk, SPLIT_K)
+        k_lo = pid_k * per_split
+        k_hi = tl.minimum(nk, k_lo + per_split)
+
+        if TMA:
+            a_ptrs, b_ptrs = a_src, b_src  # not read: the descriptors carry the addresses
+        else:
+            a_ptrs = a_src + offs_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :]
+            b_ptrs = b_src + offs_n.to(tl.int64)[:, None] * stride_bn + offs_k[None, :]
+        as_ptrs = as_ptr + offs_m * stride_asm
+        if SCALAR_B:
+            bs_ptrs = bs_ptr + (n0 // B_GROUP) * stride_bsn
+        else:
+            bs_ptrs = bs_ptr + (offs_n // B_GROUP) * stride_bsn
+        acc = tl.zeros((SUB, BLOCK_M) if SWAP_AB else (BLOCK_M, SUB), dtype=tl.float32)
+        if N_SUB == 2:  # the second half of a 2 * SUB wide tile: its own accumulator, the same A tile
+            offs_n2, mask_n2 = offs_n + SUB, offs_n + SUB < N
+            if not TMA:
+                b_ptrs2 = b_ptrs + SUB * stride_bn
+            if SCALAR_B:
+                bs_ptrs2 = bs_ptr + ((n0 + SUB) // B_GROUP) * stride_bsn
+            else:
+                bs_ptrs2 = bs_ptrs + (SUB // B_GROUP) * stride_bsn
+            acc2 = tl.zeros((SUB, BLOCK_M) if SWAP_AB else (BLOCK_M, SUB), dtype=tl.float32)
+        for kb in range(k_lo, k_hi):
+            k0 = kb * BLOCK_K
+            a = _k_block(a_src, a_ptrs, m0, k0, mask_m, offs_k, K, TMA, EVEN_K)
+            b = _k_block(b_src, b_ptrs, n0, k0, mask_n, offs_k, K, TMA, EVEN_K)
+            a_s = tl.load(as_ptrs + kb, mask=mask_m, other=1.0)  # masked rows: a harmless scale (their a is 0)
+            if SCALAR_B:
+                b_s = tl.load(bs_ptrs + kb)
+            else:
+                b_s = tl.load(bs_ptrs + kb, mask=mask_n, other=1.0)
+            if N_SUB == 2:
+                if TMA:
+                    b2 = _k_block(b_src, b_src, n0 + SUB, k0, mask_n2, offs_k, K, TMA, EVEN_K)
+                else:
+                    b2 = _k_block(b_src, b_ptrs2, n0 + SUB, k0, mask_n2, offs_k, K, TMA, EVEN_K)
+                if SCALAR_B:  # past N's last weight block the scale is never used (its b rows read as 0)
+                    b_s2 = tl.load(bs_ptrs2 + kb, mask=n0 + SUB < N, other=1.0)
+                else:
+                    b_s2 = tl.load(bs_ptrs2 + kb, mask=mask_n2, other=1.0)
+            acc = _promote(acc, a, b, a_s, b_s, SCALAR_B, SWAP_AB)
+            if N_SUB == 2:
+                acc2 = _promote(acc2, a, b2, a_s, b_s2, SCALAR_B, SWAP_AB)
+        _store_tile(c_ptr, acc, offs_m, offs_n, mask_m, N, stride_cm, SWAP_AB)
+        if N_SUB == 2:
+            _store_tile(c_ptr, acc2, offs_m, offs_n2, mask_m, N, stride_cm, SWAP_AB)
+
+    @triton.jit
     def _fp8_gemm_kernel(
-        a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, M, N, K, M_BUCKET,
+        a_src, b_src, c_ptr, as_ptr, bs_ptr, M, N, K, M_BUCKET,
         stride_am, stride_bn, stride_cs, stride_cm, stride_asm, stride_bsn,
-        B_GROUP: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+        B_GROUP: tl.constexpr, SPLIT_K, EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        N_SUB: tl.constexpr = 1, TMA: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
+        PERSISTENT: tl.constexpr = False,
     ):
         """C[s, m, n] = sum over this split's K steps of (A[m, k-step] . B[n, k-step]) * a_s[m, step] * b_s[n', step]
-        with n' = n // B_GROUP (128: weight blocks; 1: per-row 1x128 scales). M_BUCKET only keys the autotuner.
+        with n' = n // B_GROUP (128: weight blocks; 1: per-row 1x128 scales). M_BUCKET only keys the autotuner;
+        SPLIT_K is a run-time value (Triton still specializes 1), so the split-K plans share one compiled kernel.
 
         Each 128-K step's partial product comes out of the tensor cores on its own and is scaled into the float32
         accumulator (acc += dot(a, b) * scale). Accumulating into acc inside the tensor cores and rescaling acc
@@ -449,58 +569,24 @@ if HAVE_TRITON:
         3.4e-3 to 1.3e-2 of max |C| (bench/results/kernels_notes.md), which is the promotion V3 exists to avoid.
         When a BLOCK_N tile lies inside one 128-wide weight block (B_GROUP >= BLOCK_N), b's scale is one scalar per
         step, and the per-element work is one multiply-add instead of an outer product and a multiply-add.
+
+        Variants (constexpr knobs; bench/sweep_fp8_gemm.py times them): N_SUB = 2 splits a BLOCK_N tile into two
+        halves with their own accumulators (128 x 256 tiles keep scalar b scales and load A once for both); TMA loads
+        A and B through tensor descriptors (a_src, b_src; else they are pointers); SWAP_AB computes C^T tiles;
+        PERSISTENT walks output tiles num_programs(0) apart in one program instead of one program per tile.
         """
-        pid, pid_k = tl.program_id(0), tl.program_id(1)
-        num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-        # grouped order: GROUP_M row-tiles share each column tile while it is in L2
-        width = GROUP_M * num_n
-        group = pid // width
-        first_m = group * GROUP_M
-        size_m = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % width) % size_m
-        pid_n = (pid % width) // size_m
-
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        mask_m, mask_n = offs_m < M, offs_n < N
-        nk = tl.cdiv(K, BLOCK_K)
-        per_split = tl.cdiv(nk, SPLIT_K)
-        k_lo = pid_k * per_split
-        k_hi = tl.minimum(nk, k_lo + per_split)
-
-        a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + (k_lo * BLOCK_K + offs_k)[None, :]
-        b_ptrs = b_ptr + offs_n.to(tl.int64)[:, None] * stride_bn + (k_lo * BLOCK_K + offs_k)[None, :]
-        as_ptrs = as_ptr + offs_m * stride_asm + k_lo
-        SCALAR_B: tl.constexpr = B_GROUP >= BLOCK_N
-        if SCALAR_B:
-            bs_ptrs = bs_ptr + ((pid_n * BLOCK_N) // B_GROUP) * stride_bsn + k_lo
+        pid_k = tl.program_id(1)
+        c_ptr += pid_k * stride_cs
+        if PERSISTENT:
+            num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+            for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+                _gemm_tile(a_src, b_src, c_ptr, as_ptr, bs_ptr, M, N, K, tile, pid_k, stride_am, stride_bn, stride_cm,
+                           stride_asm, stride_bsn, B_GROUP, SPLIT_K, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+                           N_SUB, TMA, SWAP_AB)
         else:
-            bs_ptrs = bs_ptr + (offs_n // B_GROUP) * stride_bsn + k_lo
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kb in range(k_lo, k_hi):
-            if EVEN_K:
-                a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
-                b = tl.load(b_ptrs, mask=mask_n[:, None], other=0.0)
-            else:
-                mask_k = kb * BLOCK_K + offs_k < K
-                a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-                b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-            a_s = tl.load(as_ptrs, mask=mask_m, other=1.0)  # masked rows: a harmless scale (their a is 0)
-            if SCALAR_B:
-                b_s = tl.load(bs_ptrs)
-            else:
-                b_s = tl.load(bs_ptrs, mask=mask_n, other=1.0)
-            if SCALAR_B:
-                acc += tl.dot(a, tl.trans(b)) * (a_s * b_s)[:, None]  # promote every 128 K (V3P 3.3.2)
-            else:
-                acc += tl.dot(a, tl.trans(b)) * (a_s[:, None] * b_s[None, :])
-            a_ptrs += BLOCK_K
-            b_ptrs += BLOCK_K
-            as_ptrs += 1
-            bs_ptrs += 1
-        c_ptrs = c_ptr + pid_k * stride_cs + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+            _gemm_tile(a_src, b_src, c_ptr, as_ptr, bs_ptr, M, N, K, tl.program_id(0), pid_k, stride_am, stride_bn,
+                       stride_cm, stride_asm, stride_bsn, B_GROUP, SPLIT_K, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+                       N_SUB, TMA, SWAP_AB)
 
     @triton.jit
     def _sum_splits_kernel(ws_ptr, c_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
@@ -531,7 +617,7 @@ if HAVE_TRITON:
         m = named_args["M_BUCKET"]
         if m <= 256:
             plan, _ = _gemm_plan(m, named_args["N"], triton.cdiv(named_args["K"], 128),
-                                 _sm_count(named_args["a_ptr"].device.index))
+                                 _sm_count(named_args["a_src"].device.index))
             return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) ==
                     (plan["BLOCK_M"], plan["BLOCK_N"])]
         kept = [c for c in configs if c.kwargs["BLOCK_M"] <= m]
@@ -550,6 +636,44 @@ _LARGE_M = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_w
 _INTERPRET_CFG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 128, "GROUP_M": 4}  # small tiles: fast to interpret
 _MAX_SPLIT = 8
 _MIN_STEPS_PER_SPLIT = 4  # 512 of K
+
+
+# Variants of the GEMM, by name: overrides of the planned config (``_gemm_plan``) for M > 256 and for M <= 256 (None: the
+# variant does not apply there and "base" runs). "base" is the planned config (autotuned warps and stages); the default
+# "auto" picks per shape from bench/sweep_fp8_gemm.py's H200 numbers (``_auto_variant``; MINIDS_FP8_GEMM, ``GEMM_VARIANT``
+# or fp8_gemm's ``variant`` pick another). Kernel knobs: TMA, N_SUB, SWAP_AB (``_fp8_gemm_kernel``); host knob PERSIST: programs per
+# SM of a persistent grid (0: one program per tile).
+# Why: the promotion (acc += partial * scale, one FMA per accumulator element and 128-K step) cannot overlap the same
+# warps' next tensor-core product (Triton waits for a dot whose result is used in the loop), so the tensor cores idle
+# during it unless another CTA on the SM has its own product in flight. Registers decide how many CTAs share an SM;
+# ptxas of Triton 3.6 for sm_90a (offline) gives: base 128 x 128, 8 warps: 190 registers (one CTA per SM); tma: 254;
+# 128 x 256 (n256, two accumulators): 255 and spills; 64 x 128 with 4 warps: 168 with TMA (m64: three CTAs per SM,
+# 74 KB of shared memory each), 204 with pointer loads and 218 persistent (two per SM). 64-row tiles read 1.5x the
+# bytes from L2 per FLOP of 128 x 128, 128 x 256 0.75x. Small M: TMA and swapping A and B change how the weights stream.
+GEMM_VARIANT = os.environ.get("MINIDS_FP8_GEMM", "auto")  # "auto": ``_auto_variant``
+GEMM_VARIANTS: dict[str, tuple[dict | None, dict | None]] = {
+    "base": ({}, {}),
+    "tma": ({"TMA": True}, {"TMA": True}),
+    "tma_s4": ({"TMA": True, "num_stages": 4}, {"TMA": True, "num_stages": 6}),
+    "m64": ({"BLOCK_M": 64, "num_warps": 4, "TMA": True, "num_stages": 3}, None),
+    "m64_ptr": ({"BLOCK_M": 64, "num_warps": 4, "num_stages": 3}, None),
+    "m64_s4": ({"BLOCK_M": 64, "num_warps": 4, "TMA": True, "num_stages": 4}, None),
+    "m64_pers": ({"BLOCK_M": 64, "num_warps": 4, "TMA": True, "num_stages": 3, "PERSIST": 2}, None),
+    "n256": ({"BLOCK_N": 256, "N_SUB": 2, "TMA": True, "num_stages": 3}, None),
+    "swap": (None, {"SWAP_AB": True}),
+    "swap_tma": (None, {"SWAP_AB": True, "TMA": True}),
+}
+
+
+def _auto_variant(M: int, K: int) -> str:
+    """The default variant, from bench/sweep_fp8_gemm.py on an H200 (results in bench/results/fp8_gemm_sweep.md):
+    at M > 256, 64-row TMA tiles where K <= 2048 (their short K loops leave a 128 x 128 CTA's promotion exposed:
+    849 / 625 / 877 TFLOP/s against base's 573 / 424 / 640 at K = 1536 / 512 / 2048), else 128 x 128 TMA tiles with
+    four stages (964 at 4096 x 7168 x 16384, base 746); at M <= 256 the planned config ("base"). The interpreter runs
+    "base" (small tiles); the tests cover every named variant."""
+    if INTERPRET or _m_bucket(M) <= 256:
+        return "base"
+    return "m64" if K <= 2048 else "tma_s4"
 
 
 def _m_bucket(M: int) -> int:
@@ -594,23 +718,58 @@ def _gemm_plan(m_bucket: int, N: int, nk: int, sms: int) -> tuple[dict, int]:
     return cfg, split
 
 
+def _variant_plan(variant: str, M: int, N: int, nk: int, sms: int) -> tuple[dict, int] | None:
+    """(config, split) of a named variant for this shape: the plan's with the variant's overrides; None where the
+    variant does not apply (its overrides for this M are None)."""
+    cfg, split = _gemm_plan(_m_bucket(M), N, nk, sms)
+    large, small = GEMM_VARIANTS[variant]
+    over = large if _m_bucket(M) > 256 else small
+    return None if over is None else ({**cfg, **over}, split)
+
+
+def _tma_ok(*ts: torch.Tensor) -> bool:
+    """Whether 2-D FP8 tensors can be read through TMA descriptors: 16-byte aligned base and row stride, on a GPU of
+    compute capability 9 or later (or the interpreter)."""
+    if any(t.data_ptr() % 16 or t.stride(0) % 16 for t in ts):
+        return False
+    return INTERPRET or torch.cuda.get_device_capability(ts[0].device)[0] >= 9
+
+
 def _gemm_run(a, a_s, b, b_s, res: torch.Tensor, b_group: int, cfg: dict, split: int, tuned: bool) -> torch.Tensor:
     """Launch the GEMM into res (M, N) with one config (or the autotuner, which keeps cfg's tile shape for small M)
-    and ``split`` K splits; split > 1 writes float32 partials that ``_sum_splits_kernel`` adds in a fixed order."""
+    and ``split`` K splits; split > 1 writes float32 partials that ``_sum_splits_kernel`` adds in a fixed order.
+    cfg: the kernel's meta-parameters with num_warps and num_stages, optionally the variant knobs TMA, N_SUB,
+    SWAP_AB, PERSIST and maxnreg (``GEMM_VARIANTS``); TMA falls back to pointer loads where ``_tma_ok`` says no."""
     M, K = a.shape
     N = b.shape[0]
     c = res[None] if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=a.device)
-    args = (a, b, c, a_s, b_s, M, N, K, _m_bucket(M), a.stride(0), b.stride(0), c.stride(0), c.stride(1),
-            a_s.stride(0), b_s.stride(0))
+    rest = (c, a_s, b_s, M, N, K, _m_bucket(M), a.stride(0), b.stride(0), c.stride(0), c.stride(1), a_s.stride(0),
+            b_s.stride(0))
     consts = {"B_GROUP": b_group, "SPLIT_K": split, "EVEN_K": K % 128 == 0}
     if tuned:
         def grid(meta):
             return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split)
 
-        _fp8_gemm_tuned[grid](*args, **consts)
+        _fp8_gemm_tuned[grid](a, b, *rest, **consts)
     else:
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
-        _fp8_gemm_kernel[grid](*args, **consts, **cfg)
+        cfg = dict(cfg)
+        per_sm = cfg.pop("PERSIST", 0)
+        a_src, b_src = a, b
+        if cfg.get("TMA"):
+            cfg["TMA"] = _tma_ok(a, b)
+        if cfg.get("TMA"):
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            a_src = TensorDescriptor.from_tensor(a, [cfg["BLOCK_M"], cfg["BLOCK_K"]])
+            b_src = TensorDescriptor.from_tensor(b, [cfg["BLOCK_N"] // cfg.get("N_SUB", 1), cfg["BLOCK_K"]])
+        tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+        if per_sm:
+            sms = 4 if INTERPRET else _sm_count(a.device.index)  # the interpreter: a few programs, several tiles each
+            grid = (min(tiles, per_sm * sms), split)
+            cfg["PERSISTENT"] = True
+        else:
+            grid = (tiles, split)
+        _fp8_gemm_kernel[grid](a_src, b_src, *rest, **consts, **cfg)
     if split > 1:
         _sum_splits_kernel[(triton.cdiv(M * N, 1024),)](c, res, M * N, SPLIT_K=split, BLOCK=1024, num_warps=4)
     return res
@@ -619,9 +778,10 @@ def _gemm_run(a, a_s, b, b_s, res: torch.Tensor, b_group: int, cfg: dict, split:
 def fp8_gemm(
     a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
     out_dtype: torch.dtype = torch.bfloat16, block: int = 128, out: torch.Tensor | None = None,
+    variant: str | None = None,
 ) -> torch.Tensor:
     """C (M, N) = (a a_s)(b b_s)^T with fp32 accumulation, as ``minids.fp8.fp8_gemm`` (same arguments; ``out``:
-    an optional preallocated (M, N) output).
+    an optional preallocated (M, N) output; ``variant``: a name in ``GEMM_VARIANTS``, default ``GEMM_VARIANT``).
 
     a: (M, K) FP8, a_s: (M, ceil(K/b)); b: (N, K) FP8 with b_s (ceil(N/b), ceil(K/b)) 128x128 block scales
     (weights) or (N, ceil(K/b)) 1x128 scales (Wgrad: both operands quantized along the token dim).
@@ -629,6 +789,11 @@ def fp8_gemm(
     M, N, K, b_group = _gemm_check(a, a_s, b, b_s, block)
     if block != 128:
         raise ValueError(f"block={block}: the Triton FP8 GEMM implements DeepSeek-V3's 128")
+    variant = GEMM_VARIANT if variant is None else variant
+    if variant == "auto":
+        variant = _auto_variant(M, K)
+    if variant not in GEMM_VARIANTS:
+        raise ValueError(f"unknown FP8 GEMM variant {variant!r}; one of {sorted(GEMM_VARIANTS)}")
     a = a if a.stride(-1) == 1 else a.contiguous()
     b = b if b.stride(-1) == 1 else b.contiguous()
     a_s, b_s = a_s.float().contiguous(), b_s.float().contiguous()
@@ -636,7 +801,11 @@ def fp8_gemm(
     res = _buf(None if out is None else (out,), 0, (M, N), out_dtype, a.device)
     if M == 0 or N == 0 or K == 0:
         return res.zero_()
-    if INTERPRET:  # no autotuning in the interpreter: small tiles, and a split to exercise that path
+    if INTERPRET and variant == "base":  # no autotuning in the interpreter: small tiles, and a split to exercise that
         return _gemm_run(a, a_s, b, b_s, res, b_group, _INTERPRET_CFG, 2 if nk >= 2 else 1, tuned=False)
-    cfg, split = _gemm_plan(_m_bucket(M), N, nk, _sm_count(a.device.index))
+    sms = 132 if INTERPRET else _sm_count(a.device.index)  # the interpreter: an H200's plan
+    plan = None if variant == "base" else _variant_plan(variant, M, N, nk, sms)
+    if plan is not None:
+        return _gemm_run(a, a_s, b, b_s, res, b_group, *plan, tuned=False)
+    cfg, split = _gemm_plan(_m_bucket(M), N, nk, sms)
     return _gemm_run(a, a_s, b, b_s, res, b_group, cfg, split, tuned=AUTOTUNE)

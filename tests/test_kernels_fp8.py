@@ -359,14 +359,24 @@ def test_gemm_plan(M):
 
 
 def test_autotuner_keeps_the_planned_tile_for_small_m(monkeypatch):
+    # the prune hook gets the kernel's arguments by name (a GPU-only path, the tests run without autotuning): they are
+    # built here from the kernel's own argument names, so a renamed argument fails on the CPU too
     monkeypatch.setattr(kfp8, "_sm_count", lambda index: 132)
+    names = kfp8._fp8_gemm_kernel.arg_names
+
+    def prune(m, N, K):
+        named = dict.fromkeys(names, 0)  # reading any other key raises KeyError
+        named[names[0]] = torch.empty(0)  # the A operand
+        named.update({k: v for k, v in {"M_BUCKET": m, "N": N, "K": K}.items() if k in named})
+        return kfp8._prune(kfp8._gemm_configs(), named)
+
     for m in (64, 128, 256):
         for N, K in DEEPGEMM_NK:
             cfg, _ = kfp8._gemm_plan(m, N, -(-K // 128), 132)
-            kept = kfp8._prune(kfp8._gemm_configs(), {"M_BUCKET": m, "N": N, "K": K, "a_ptr": torch.empty(0)})
+            kept = prune(m, N, K)
             assert kept and {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept} == \
                 {(cfg["BLOCK_M"], cfg["BLOCK_N"])}
-    kept = kfp8._prune(kfp8._gemm_configs(), {"M_BUCKET": 4096, "N": 4096, "K": 4096, "a_ptr": torch.empty(0)})
+    kept = prune(4096, 4096, 4096)
     assert kept and all(c.kwargs["BLOCK_M"] >= 128 for c in kept)
 
 
@@ -411,3 +421,46 @@ def test_fp8_linear_real_on_kernels_equals_simulation(M, K, N, exact, monkeypatc
     for name, got, want in zip(("y", "dx", "dw"), results[1], results[0]):
         err = (got - want).abs().max() / want.abs().max()
         assert err <= tol, f"{name}: {err:.2e}"
+
+
+# ------------------------------------------------------------------ the GEMM's variants (kfp8.GEMM_VARIANTS)
+@pytest.mark.parametrize("b_rows", [False, True], ids=["weight-128x128", "wgrad-1x128"])
+@pytest.mark.parametrize("knobs", [
+    {"TMA": True},
+    {"N_SUB": 2},
+    {"N_SUB": 2, "TMA": True},
+    {"SWAP_AB": True},
+    {"SWAP_AB": True, "TMA": True},
+    {"PERSIST": 1},
+    {"PERSIST": 1, "N_SUB": 2, "TMA": True},
+], ids=lambda k: "-".join(f"{n}={v}" for n, v in k.items()))
+def test_fp8_gemm_variant_knobs(knobs, b_rows):
+    """Each knob of the kernel on small tiles (16-row M tiles, 64-wide N tiles: two 32-wide halves with N_SUB=2): odd M,
+    N not a multiple of the tile, K a multiple of 128 and K with a 16-wide tail (TMA zero-fills it), with and without
+    split-K; a persistent grid walks several tiles per program."""
+    out_dtype = torch.float32 if DEV == "cpu" else torch.bfloat16
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 2, "num_warps": 4, "num_stages": 3, **knobs}
+    for M, N, K, split in [(37, 200, 384, 1), (37, 200, 272, 2)]:
+        a, a_s, b, b_s = gemm_operands(M, N, K, b_rows, seed=M + N + K)
+        cr = ref.fp8_gemm(a, a_s, b, b_s, torch.float32)
+        c = kfp8._gemm_run(a, a_s.float().contiguous(), b, b_s.float().contiguous(), poisoned((M, N), out_dtype),
+                           1 if b_rows else 128, cfg, split, tuned=False)
+        assert not c.isnan().any()
+        err = (c.float() - cr).abs().max() / cr.abs().max()
+        assert err <= TOL, f"K={K} split {split}: max error {err:.2e} of max |C|"
+
+
+@pytest.mark.parametrize("variant", sorted(kfp8.GEMM_VARIANTS) if HAVE_TRITON else [])
+def test_fp8_gemm_named_variants(variant):
+    """fp8_gemm(variant=...) with each named variant's own tiles, at a small M (the M <= 256 overrides) and a large one."""
+    out_dtype = torch.float32 if DEV == "cpu" else torch.bfloat16
+    for M, N, K in [(65, 200, 256), (300, 136, 384)]:
+        a, a_s, b, b_s = gemm_operands(M, N, K, False, seed=M + N)
+        cr = ref.fp8_gemm(a, a_s, b, b_s, torch.float32)
+        c = kfp8.fp8_gemm(a, a_s, b, b_s, out_dtype, out=poisoned((M, N), out_dtype), variant=variant)
+        assert not c.isnan().any()
+        err = (c.float() - cr).abs().max() / cr.abs().max()
+        assert err <= TOL, f"M={M}: max error {err:.2e} of max |C|"
+    with pytest.raises(ValueError, match="unknown FP8 GEMM variant"):
+        kfp8.fp8_gemm(a, a_s, b, b_s, variant="nope")
+
