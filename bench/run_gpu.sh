@@ -39,6 +39,15 @@ PY
   done
 fi
 
+if [[ $what == sweeps ]]; then
+  # each kernel's launch variants with fixed configs, every one checked against the reference (~1.5-2.5 min each);
+  # the kernels' defaults come from these tables
+  for s in ${SWEEPS:-rmsnorm moe mla fp8_gemm}; do
+    echo "== sweep_$s"
+    timeout ${BENCH_TIMEOUT:-240} python3 bench/sweep_$s.py --out "$OUT" 2>&1 | grep -v -i -e warn -e "^|" | tail -n ${BENCH_TAIL:-45} | cut -c1-220
+  done
+fi
+
 if [[ $what == kernels ]]; then
   # the kernel issues in one call: GPU parity tests, then each benchmark (QUICK=1 for the reduced sweeps);
   # every result file goes into one archive (the device tool returns at most 8 files)
