@@ -567,8 +567,9 @@ if HAVE_TRITON:
         instead (acc = dot(a, b, acc * prev_scale / scale)) saves a register tile but puts the whole running sum
         through the tensor cores' ~14-bit accumulation: measured on the H200, the error at K = 16384 grew from
         3.4e-3 to 1.3e-2 of max |C| (bench/results/kernels_notes.md), which is the promotion V3 exists to avoid.
-        When a BLOCK_N tile lies inside one 128-wide weight block (B_GROUP >= BLOCK_N), b's scale is one scalar per
-        step, and the per-element work is one multiply-add instead of an outer product and a multiply-add.
+        When an accumulator's columns lie inside one 128-wide weight block (B_GROUP >= BLOCK_N / N_SUB), b's scale
+        is one scalar per step, and the per-element work is one multiply-add instead of an outer product and a
+        multiply-add.
 
         Variants (constexpr knobs; bench/sweep_fp8_gemm.py times them): N_SUB = 2 splits a BLOCK_N tile into two
         halves with their own accumulators (128 x 256 tiles keep scalar b scales and load A once for both); TMA loads
@@ -670,7 +671,7 @@ def _auto_variant(M: int, K: int) -> str:
     at M > 256, 64-row TMA tiles where K <= 2048 (their short K loops leave a 128 x 128 CTA's promotion exposed:
     849 / 625 / 877 TFLOP/s against base's 573 / 424 / 640 at K = 1536 / 512 / 2048), else 128 x 128 TMA tiles with
     four stages (964 at 4096 x 7168 x 16384, base 746); at M <= 256 the planned config ("base"). The interpreter runs
-    "base" (small tiles); the tests cover every named variant."""
+    "base" (small tiles); the tests run every named variant there (on the GPU only through the benchmarks so far)."""
     if INTERPRET or _m_bucket(M) <= 256:
         return "base"
     return "m64" if K <= 2048 else "tma_s4"
@@ -808,4 +809,4 @@ def fp8_gemm(
     if plan is not None:
         return _gemm_run(a, a_s, b, b_s, res, b_group, *plan, tuned=False)
     cfg, split = _gemm_plan(_m_bucket(M), N, nk, sms)
-    return _gemm_run(a, a_s, b, b_s, res, b_group, cfg, split, tuned=AUTOTUNE)
+    return _gemm_run(a, a_s, b, b_s, res, b_group, cfg, split, tuned=AUTOTUNE and not INTERPRET)

@@ -537,9 +537,11 @@ def mla_decode(
     elif config is None and kv.dtype == torch.float32:  # fp32 takes the FMA path with small tiles
         cfg = {"BLOCK_N": 32, "OCC": 1, "num_warps": 4 if block_m < 64 else 8, "num_stages": 1,
                "V_SPLIT": cfg["V_SPLIT"]}
+    if config is None and block_c < 256:  # the split pays for a wide accumulator only (C = 512 measured)
+        cfg["V_SPLIT"] = 1
     v_split = cfg["V_SPLIT"]  # (the tuned configs of one BLOCK_M share it)
-    if v_split not in (1, 2):
-        raise ValueError(f"V_SPLIT must be 1 or 2, got {v_split}")
+    if v_split not in (1, 2) or block_c // v_split < 16:
+        raise ValueError(f"V_SPLIT must be 1, or 2 with a latent of at least 32 columns; got {v_split} for {C}")
     col_blocks = row_blocks * v_split  # programs per slice
     n_sm = (sm_count(dev.index if dev.index is not None else torch.cuda.current_device()) if q.is_cuda else 8)
 

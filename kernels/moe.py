@@ -17,10 +17,13 @@ Forward, three launches after the routing plumbing (``moe_align``: sort, pad, al
   3. combine: y_t = sum_k weights[t, k] * ys[t * K + k] in float32, one pass, no atomics, deterministic.
 Backward (dy: (N, D)):
   d weights[t, k] = <dy_t, ys[t * K + k]>                      (why ys is kept unweighted)
-  dh = (weights * dy[token]) W_down[e]  gathered on load, with the SwiGLU backward in the epilogue -> dg, du
+  dh = (weights * dy[token]) W_down[e]  with the SwiGLU backward in the epilogue -> dg, du
   dxs = dg W_gate[e] + du W_up[e]       two products into one accumulator, to each pair's row; dx = sum_k dxs
   dW_down[e] = (weights * dy[token])^T h,  dW_gate[e] = dg^T x[token],  dW_up[e] = du^T x[token]
-     (grouped "weight-gradient" GEMMs that reduce over each expert's rows, gathering x and dy on load)
+     (grouped "weight-gradient" GEMMs that reduce over each expert's rows; dW_gate and dW_up in one launch)
+  By default (WGRAD below) x[token] and (weights * dy[token]) are first gathered once into padded-row order, two
+  (P_pad, D) copies that the dh GEMM and the weight gradients read with plain strides; WGRAD = None gathers them on
+  load in every GEMM instead (less memory, slower).
 g and u are kept from the forward (2 * P_pad * I elements) instead of recomputing the gate/up GEMM: a third of the
 forward FLOPs saved in the backward for memory the torch._grouped_mm pipeline's autograd keeps as well.
 

@@ -184,9 +184,9 @@ _PREFETCH = True  # backward loads tile i + 1 while it computes tile i (unless t
 @functools.cache
 def _fwd_config(D: int) -> tuple[int, int, int, bool]:
     """(BLOCK_D, ROWS, num_warps, EVICT) of the forward: a non-persistent grid of (ROWS, BLOCK_D) tiles of 2048
-    elements or one row, 32 elements a thread up to BLOCK_D = 1024, 16 above (at most 8 warps). Small programs pack
-    many per SM; the many waves over 16384 rows need no persistent loop. EVICT (x and residual read with
-    evict_first) where a tile spans several rows. From launch-config sweeps on an H200 (``bench/sweep_rmsnorm.py``,
+    elements or one row, 32 elements a thread up to BLOCK_D = 1024, 16 up to 4096, 32 at 8192 (8 warps), then 16
+    warps (wider rows were not measured). Small programs pack many per SM; the many waves over 16384 rows need no
+    persistent loop. EVICT (x and residual read with evict_first) where a tile spans several rows. From launch-config sweeps on an H200 (``bench/sweep_rmsnorm.py``,
     16384 rows of bf16, kernel time as a fraction of the copy rate; the old 8K-element 16-warp tiles in brackets):
 
         D     BLOCK_D  ROWS  warps  EVICT  of copy
@@ -200,7 +200,7 @@ def _fwd_config(D: int) -> tuple[int, int, int, bool]:
     if block_d <= 1024:
         rows = 2048 // block_d
         return block_d, rows, max(1, rows * block_d // 1024), True
-    return block_d, 1, min(8, block_d // 512), False
+    return block_d, 1, min(8, block_d // 512) if block_d <= 8192 else 16, False
 
 
 @functools.cache
@@ -261,27 +261,35 @@ def _bwd_plan(device: torch.device, key: tuple, warmup_args: tuple, meta: dict) 
 
 
 _DW_BD, _DW_TILE = 64, 8192  # the dweight sum's column strip and tile (PB = 128 rows of partials a program)
-_counters: dict = {}  # device -> arrival counters of _dw_sum_kernel, zero between launches
+_counters: dict = {}  # (device, stream) -> arrival counters of _dw_sum_kernel, zero between launches
+
+
+def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """At least n zeroed int32 counters for a launch on the current stream of ``device``. Each last arriver resets
+    its own, so a stream reuses one buffer; launches on two streams never share one. A buffer first made inside a
+    CUDA-graph capture is not kept: its zeroing is captured (it runs at every replay) and never ran eagerly."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    bufs = _counters.setdefault((device, stream), [])
+    if bufs and bufs[-1].numel() >= n:
+        return bufs[-1]
+    buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        bufs.append(buf)  # a bigger one when needed; old ones kept, since a captured graph may still use them
+    return buf
 
 
 def _sum_rows(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(P, D) float32 partials -> (D,) in dtype: their column sums, in a fixed order (``_dw_sum_kernel``).
-
-    The counters are shared by the launches on a device (each last arriver resets its own, so graph captures reuse
-    them); two of these sums must not run at the same time on different streams of one device.
-    """
+    """(P, D) float32 partials -> (D,) in dtype: their column sums, in a fixed order (``_dw_sum_kernel``)."""
     P, D = part.shape
     if D == 0:
         return part.sum(0).to(dtype)
     bd = min(_DW_BD, triton.next_power_of_2(D))
     pb = _DW_TILE // bd
     n_strips, split = triton.cdiv(D, bd), triton.cdiv(P, pb)
-    bufs = _counters.setdefault(part.device, [])
-    if not bufs or bufs[-1].numel() < n_strips:  # a bigger one when needed; old ones kept for captured graphs
-        bufs.append(torch.zeros(max(n_strips, 1024), dtype=torch.int32, device=part.device))
+    counts = _arrival_counters(part.device, n_strips)
     stage = torch.empty(split, D, device=part.device, dtype=torch.float32)  # (SPLIT, D)
     dw = torch.empty(D, device=part.device, dtype=dtype)
-    _dw_sum_kernel[(n_strips, split)](part, stage, bufs[-1], dw, P, D, split, PB=pb, BD=bd,
+    _dw_sum_kernel[(n_strips, split)](part, stage, counts, dw, P, D, split, PB=pb, BD=bd,
                                       SPLIT_P2=triton.next_power_of_2(split), num_warps=8)
     return dw
 

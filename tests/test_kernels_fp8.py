@@ -464,3 +464,15 @@ def test_fp8_gemm_named_variants(variant):
     with pytest.raises(ValueError, match="unknown FP8 GEMM variant"):
         kfp8.fp8_gemm(a, a_s, b, b_s, variant="nope")
 
+
+
+@pytest.mark.skipif(DEV != "cpu", reason="the interpreter's own path")
+def test_variant_outside_its_range_runs_without_autotuning_in_the_interpreter(monkeypatch):
+    # a variant that does not apply at this M falls back to the plan; with autotuning on (MINIDS_AUTOTUNE unset) the
+    # interpreter must still not reach the autotuner, whose prune hook asks CUDA for the SM count
+    monkeypatch.setattr(kfp8, "AUTOTUNE", True)
+    a, a_s, b, b_s = gemm_operands(65, 200, 256, False, seed=3)
+    for variant in ("m64", "n256"):
+        c = kfp8.fp8_gemm(a, a_s, b, b_s, torch.float32, variant=variant)
+        cr = ref.fp8_gemm(a, a_s, b, b_s, torch.float32)
+        assert (c - cr).abs().max() / cr.abs().max() <= TOL

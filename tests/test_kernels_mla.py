@@ -247,6 +247,20 @@ def test_config_variants(variant, layout, s_q):
     check([128, 128], s_q, H=H, C=64, R=16, layout=layout, config=cfg, num_splits=3)
 
 
+def test_v_split_only_for_wide_latents():
+    """The default splits the output columns of 128-row blocks only for a wide latent (C >= 256): each half must
+    stay >= 16 columns (tl.dot's minimum K on the GPU) and narrow ones gain nothing. A config asking for a split of
+    a 16-column latent is one clear error."""
+    from minids.kernels import mla_decode as mod
+
+    check([5, 70], 1, H=128, C=64, R=16, layout="contiguous")
+    assert mod.LAST_LAUNCH["block_m"] == 128 and mod.LAST_LAUNCH["cfg"]["V_SPLIT"] == 1
+    check([5, 70], 1, H=128, C=256, R=16, layout="contiguous")
+    assert mod.LAST_LAUNCH["cfg"]["V_SPLIT"] == 2
+    with pytest.raises(ValueError, match="V_SPLIT"):
+        check([5], 1, H=16, C=16, R=16, layout="contiguous", config={**_VARIANTS["v_split"]})
+
+
 def test_v_split_deterministic_and_counters_reset():
     """The two column parts write disjoint columns and their own lse slots: bitwise repeatable, counters back to 0."""
     from minids.kernels import mla_decode as mod
