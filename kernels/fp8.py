@@ -40,9 +40,9 @@ accumulator (V3P 3.3.2's promotion every N_C = 128). Tails in M, N and K are mas
 Autotuning is keyed on (M bucket, N, K): the official kernel keys on (N, K) alone, so the first M it
 sees picks the tiles for every other M. Small M (<= 256) takes the tile shape and split-K of ``_gemm_plan``
 (M <= 128: 64-row tiles, 64 or 128 wide, split so that the grid fills the SMs); split-K partials are summed by
-a second kernel in a fixed order (deterministic). Variants of the kernel (TMA loads, 64 x 128 and 128 x 256 tiles, a
-persistent grid, swapped operands at small M) are selectable by name (``GEMM_VARIANTS``); bench/sweep_fp8_gemm.py times
-them against bf16 cuBLAS and block-scaled torch._scaled_mm.
+a second kernel in a fixed order (deterministic). Variants of the kernel (TMA loads, 64 x 128 tiles, swapped
+operands at small M) are selectable by name (``GEMM_VARIANTS``); bench/sweep_fp8_gemm.py times them against bf16
+cuBLAS and block-scaled torch._scaled_mm.
 """
 
 from __future__ import annotations
@@ -478,25 +478,41 @@ if HAVE_TRITON:
         tl.store(ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _gemm_tile(
-        a_src, b_src, c_ptr, as_ptr, bs_ptr, M, N, K, tile, pid_k, stride_am, stride_bn, stride_cm, stride_asm,
-        stride_bsn, B_GROUP: tl.constexpr, SPLIT_K, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, N_SUB: tl.constexpr, TMA: tl.constexpr,
-        SWAP_AB: tl.constexpr,
+    def _fp8_gemm_kernel(
+        a_src, b_src, c_ptr, as_ptr, bs_ptr, M, N, K, M_BUCKET,
+        stride_am, stride_bn, stride_cs, stride_cm, stride_asm, stride_bsn,
+        B_GROUP: tl.constexpr, SPLIT_K, EVEN_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        TMA: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
     ):
-        """Output tile number ``tile`` (grouped order), K split pid_k: see ``_fp8_gemm_kernel``."""
+        """C[s, m, n] = sum over this split's K steps of (A[m, k-step] . B[n, k-step]) * a_s[m, step] * b_s[n', step]
+        with n' = n // B_GROUP (128: weight blocks; 1: per-row 1x128 scales). M_BUCKET only keys the autotuner;
+        SPLIT_K is a run-time value (Triton still specializes 1), so the split-K plans share one compiled kernel.
+
+        Each 128-K step's partial product comes out of the tensor cores on its own and is scaled into the float32
+        accumulator (acc += dot(a, b) * scale). Accumulating into acc inside the tensor cores and rescaling acc
+        instead (acc = dot(a, b, acc * prev_scale / scale)) saves a register tile but puts the whole running sum
+        through the tensor cores' ~14-bit accumulation: measured on the H200, the error at K = 16384 grew from
+        3.4e-3 to 1.3e-2 of max |C| (bench/results/kernels_notes.md), which is the promotion V3 exists to avoid.
+        When a BLOCK_N tile lies inside one 128-wide weight block (B_GROUP >= BLOCK_N), b's scale is one scalar per
+        step, and the per-element work is one multiply-add instead of an outer product and a multiply-add.
+
+        Variants (constexpr knobs; bench/sweep_fp8_gemm.py times them): TMA loads A and B through tensor
+        descriptors (a_src, b_src; else they are pointers); SWAP_AB computes C^T tiles.
+        """
+        pid, pid_k = tl.program_id(0), tl.program_id(1)
+        c_ptr += pid_k * stride_cs
         num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
         # grouped order: GROUP_M row-tiles share each column tile while it is in L2
         width = GROUP_M * num_n
-        first_m = (tile // width) * GROUP_M
+        first_m = (pid // width) * GROUP_M
         size_m = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (tile % width) % size_m
-        pid_n = (tile % width) // size_m
-        SUB: tl.constexpr = BLOCK_N // N_SUB  # columns per accumulator
-        SCALAR_B: tl.constexpr = B_GROUP >= SUB  # a sub-tile lies in one weight block: one b scale per K block
+        pid_m = first_m + (pid % width) % size_m
+        pid_n = (pid % width) // size_m
+        SCALAR_B: tl.constexpr = B_GROUP >= BLOCK_N  # the tile lies in one weight block: one b scale per K block
         m0, n0 = pid_m * BLOCK_M, pid_n * BLOCK_N
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        offs_n = n0 + tl.arange(0, SUB)  # the first sub-tile's columns
+        offs_n = n0 + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         mask_m, mask_n = offs_m < M, offs_n < N
         nk = tl.cdiv(K, BLOCK_K)
@@ -514,16 +530,7 @@ if HAVE_TRITON:
             bs_ptrs = bs_ptr + (n0 // B_GROUP) * stride_bsn
         else:
             bs_ptrs = bs_ptr + (offs_n // B_GROUP) * stride_bsn
-        acc = tl.zeros((SUB, BLOCK_M) if SWAP_AB else (BLOCK_M, SUB), dtype=tl.float32)
-        if N_SUB == 2:  # the second half of a 2 * SUB wide tile: its own accumulator, the same A tile
-            offs_n2, mask_n2 = offs_n + SUB, offs_n + SUB < N
-            if not TMA:
-                b_ptrs2 = b_ptrs + SUB * stride_bn
-            if SCALAR_B:
-                bs_ptrs2 = bs_ptr + ((n0 + SUB) // B_GROUP) * stride_bsn
-            else:
-                bs_ptrs2 = bs_ptrs + (SUB // B_GROUP) * stride_bsn
-            acc2 = tl.zeros((SUB, BLOCK_M) if SWAP_AB else (BLOCK_M, SUB), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP_AB else (BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kb in range(k_lo, k_hi):
             k0 = kb * BLOCK_K
             a = _k_block(a_src, a_ptrs, m0, k0, mask_m, offs_k, K, TMA, EVEN_K)
@@ -533,61 +540,8 @@ if HAVE_TRITON:
                 b_s = tl.load(bs_ptrs + kb)
             else:
                 b_s = tl.load(bs_ptrs + kb, mask=mask_n, other=1.0)
-            if N_SUB == 2:
-                if TMA:
-                    b2 = _k_block(b_src, b_src, n0 + SUB, k0, mask_n2, offs_k, K, TMA, EVEN_K)
-                else:
-                    b2 = _k_block(b_src, b_ptrs2, n0 + SUB, k0, mask_n2, offs_k, K, TMA, EVEN_K)
-                if SCALAR_B:  # past N's last weight block the scale is never used (its b rows read as 0)
-                    b_s2 = tl.load(bs_ptrs2 + kb, mask=n0 + SUB < N, other=1.0)
-                else:
-                    b_s2 = tl.load(bs_ptrs2 + kb, mask=mask_n2, other=1.0)
             acc = _promote(acc, a, b, a_s, b_s, SCALAR_B, SWAP_AB)
-            if N_SUB == 2:
-                acc2 = _promote(acc2, a, b2, a_s, b_s2, SCALAR_B, SWAP_AB)
         _store_tile(c_ptr, acc, offs_m, offs_n, mask_m, N, stride_cm, SWAP_AB)
-        if N_SUB == 2:
-            _store_tile(c_ptr, acc2, offs_m, offs_n2, mask_m, N, stride_cm, SWAP_AB)
-
-    @triton.jit
-    def _fp8_gemm_kernel(
-        a_src, b_src, c_ptr, as_ptr, bs_ptr, M, N, K, M_BUCKET,
-        stride_am, stride_bn, stride_cs, stride_cm, stride_asm, stride_bsn,
-        B_GROUP: tl.constexpr, SPLIT_K, EVEN_K: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        N_SUB: tl.constexpr = 1, TMA: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
-        PERSISTENT: tl.constexpr = False,
-    ):
-        """C[s, m, n] = sum over this split's K steps of (A[m, k-step] . B[n, k-step]) * a_s[m, step] * b_s[n', step]
-        with n' = n // B_GROUP (128: weight blocks; 1: per-row 1x128 scales). M_BUCKET only keys the autotuner;
-        SPLIT_K is a run-time value (Triton still specializes 1), so the split-K plans share one compiled kernel.
-
-        Each 128-K step's partial product comes out of the tensor cores on its own and is scaled into the float32
-        accumulator (acc += dot(a, b) * scale). Accumulating into acc inside the tensor cores and rescaling acc
-        instead (acc = dot(a, b, acc * prev_scale / scale)) saves a register tile but puts the whole running sum
-        through the tensor cores' ~14-bit accumulation: measured on the H200, the error at K = 16384 grew from
-        3.4e-3 to 1.3e-2 of max |C| (bench/results/kernels_notes.md), which is the promotion V3 exists to avoid.
-        When an accumulator's columns lie inside one 128-wide weight block (B_GROUP >= BLOCK_N / N_SUB), b's scale
-        is one scalar per step, and the per-element work is one multiply-add instead of an outer product and a
-        multiply-add.
-
-        Variants (constexpr knobs; bench/sweep_fp8_gemm.py times them): N_SUB = 2 splits a BLOCK_N tile into two
-        halves with their own accumulators (128 x 256 tiles keep scalar b scales and load A once for both); TMA loads
-        A and B through tensor descriptors (a_src, b_src; else they are pointers); SWAP_AB computes C^T tiles;
-        PERSISTENT walks output tiles num_programs(0) apart in one program instead of one program per tile.
-        """
-        pid_k = tl.program_id(1)
-        c_ptr += pid_k * stride_cs
-        if PERSISTENT:
-            num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
-            for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
-                _gemm_tile(a_src, b_src, c_ptr, as_ptr, bs_ptr, M, N, K, tile, pid_k, stride_am, stride_bn, stride_cm,
-                           stride_asm, stride_bsn, B_GROUP, SPLIT_K, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
-                           N_SUB, TMA, SWAP_AB)
-        else:
-            _gemm_tile(a_src, b_src, c_ptr, as_ptr, bs_ptr, M, N, K, tl.program_id(0), pid_k, stride_am, stride_bn,
-                       stride_cm, stride_asm, stride_bsn, B_GROUP, SPLIT_K, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
-                       N_SUB, TMA, SWAP_AB)
 
     @triton.jit
     def _sum_splits_kernel(ws_ptr, c_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
@@ -641,28 +595,25 @@ _MIN_STEPS_PER_SPLIT = 4  # 512 of K
 
 # Variants of the GEMM, by name: overrides of the planned config (``_gemm_plan``) for M > 256 and for M <= 256 (None: the
 # variant does not apply there and "base" runs). "base" is the planned config (autotuned warps and stages); the default
-# "auto" picks per shape from bench/sweep_fp8_gemm.py's H200 numbers (``_auto_variant``; MINIDS_FP8_GEMM, ``GEMM_VARIANT``
-# or fp8_gemm's ``variant`` pick another). Kernel knobs: TMA, N_SUB, SWAP_AB (``_fp8_gemm_kernel``); host knob PERSIST: programs per
-# SM of a persistent grid (0: one program per tile).
+# "auto" picks per shape from bench/sweep_fp8_gemm.py's H200 numbers (``_auto_variant``; MINIDS_FP8_GEMM,
+# ``GEMM_VARIANT`` or fp8_gemm's ``variant`` pick another). Kernel knobs: TMA, SWAP_AB (``_fp8_gemm_kernel``).
 # Why: the promotion (acc += partial * scale, one FMA per accumulator element and 128-K step) cannot overlap the same
 # warps' next tensor-core product (Triton waits for a dot whose result is used in the loop), so the tensor cores idle
 # during it unless another CTA on the SM has its own product in flight. Registers decide how many CTAs share an SM;
 # ptxas of Triton 3.6 for sm_90a (offline) gives: base 128 x 128, 8 warps: 190 registers (one CTA per SM); tma: 254;
-# 128 x 256 (n256, two accumulators): 255 and spills; 64 x 128 with 4 warps: 168 with TMA (m64: three CTAs per SM,
-# 74 KB of shared memory each), 204 with pointer loads and 218 persistent (two per SM). 64-row tiles read 1.5x the
-# bytes from L2 per FLOP of 128 x 128, 128 x 256 0.75x. Small M: TMA and swapping A and B change how the weights stream.
+# 64 x 128 with 4 warps: 168 with TMA (m64: three CTAs per SM, 74 KB of shared memory each). 64-row tiles read 1.5x
+# the bytes from L2 per FLOP of 128 x 128. Small M: TMA and swapping A and B change how the weights stream.
+# Measured and dropped (bench/results/fp8_gemm_sweep.md, never the fastest on any shape): 64-row tiles through pointer
+# loads, a persistent grid of 64-row tiles, 128 x 256 tiles as two 128-wide accumulators (255 registers, spills),
+# swapped operands with TMA.
 GEMM_VARIANT = os.environ.get("MINIDS_FP8_GEMM", "auto")  # "auto": ``_auto_variant``
 GEMM_VARIANTS: dict[str, tuple[dict | None, dict | None]] = {
     "base": ({}, {}),
     "tma": ({"TMA": True}, {"TMA": True}),
     "tma_s4": ({"TMA": True, "num_stages": 4}, {"TMA": True, "num_stages": 6}),
     "m64": ({"BLOCK_M": 64, "num_warps": 4, "TMA": True, "num_stages": 3}, None),
-    "m64_ptr": ({"BLOCK_M": 64, "num_warps": 4, "num_stages": 3}, None),
     "m64_s4": ({"BLOCK_M": 64, "num_warps": 4, "TMA": True, "num_stages": 4}, None),
-    "m64_pers": ({"BLOCK_M": 64, "num_warps": 4, "TMA": True, "num_stages": 3, "PERSIST": 2}, None),
-    "n256": ({"BLOCK_N": 256, "N_SUB": 2, "TMA": True, "num_stages": 3}, None),
     "swap": (None, {"SWAP_AB": True}),
-    "swap_tma": (None, {"SWAP_AB": True, "TMA": True}),
 }
 
 
@@ -739,8 +690,8 @@ def _tma_ok(*ts: torch.Tensor) -> bool:
 def _gemm_run(a, a_s, b, b_s, res: torch.Tensor, b_group: int, cfg: dict, split: int, tuned: bool) -> torch.Tensor:
     """Launch the GEMM into res (M, N) with one config (or the autotuner, which keeps cfg's tile shape for small M)
     and ``split`` K splits; split > 1 writes float32 partials that ``_sum_splits_kernel`` adds in a fixed order.
-    cfg: the kernel's meta-parameters with num_warps and num_stages, optionally the variant knobs TMA, N_SUB,
-    SWAP_AB, PERSIST and maxnreg (``GEMM_VARIANTS``); TMA falls back to pointer loads where ``_tma_ok`` says no."""
+    cfg: the kernel's meta-parameters with num_warps and num_stages, optionally the variant knobs TMA and SWAP_AB
+    (``GEMM_VARIANTS``); TMA falls back to pointer loads where ``_tma_ok`` says no."""
     M, K = a.shape
     N = b.shape[0]
     c = res[None] if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=a.device)
@@ -754,7 +705,6 @@ def _gemm_run(a, a_s, b, b_s, res: torch.Tensor, b_group: int, cfg: dict, split:
         _fp8_gemm_tuned[grid](a, b, *rest, **consts)
     else:
         cfg = dict(cfg)
-        per_sm = cfg.pop("PERSIST", 0)
         a_src, b_src = a, b
         if cfg.get("TMA"):
             cfg["TMA"] = _tma_ok(a, b)
@@ -762,14 +712,8 @@ def _gemm_run(a, a_s, b, b_s, res: torch.Tensor, b_group: int, cfg: dict, split:
             from triton.tools.tensor_descriptor import TensorDescriptor
 
             a_src = TensorDescriptor.from_tensor(a, [cfg["BLOCK_M"], cfg["BLOCK_K"]])
-            b_src = TensorDescriptor.from_tensor(b, [cfg["BLOCK_N"] // cfg.get("N_SUB", 1), cfg["BLOCK_K"]])
-        tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
-        if per_sm:
-            sms = 4 if INTERPRET else _sm_count(a.device.index)  # the interpreter: a few programs, several tiles each
-            grid = (min(tiles, per_sm * sms), split)
-            cfg["PERSISTENT"] = True
-        else:
-            grid = (tiles, split)
+            b_src = TensorDescriptor.from_tensor(b, [cfg["BLOCK_N"], cfg["BLOCK_K"]])
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
         _fp8_gemm_kernel[grid](a_src, b_src, *rest, **consts, **cfg)
     if split > 1:
         _sum_splits_kernel[(triton.cdiv(M * N, 1024),)](c, res, M * N, SPLIT_K=split, BLOCK=1024, num_warps=4)

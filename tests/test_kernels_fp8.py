@@ -427,17 +427,12 @@ def test_fp8_linear_real_on_kernels_equals_simulation(M, K, N, exact, monkeypatc
 @pytest.mark.parametrize("b_rows", [False, True], ids=["weight-128x128", "wgrad-1x128"])
 @pytest.mark.parametrize("knobs", [
     {"TMA": True},
-    {"N_SUB": 2},
-    {"N_SUB": 2, "TMA": True},
     {"SWAP_AB": True},
     {"SWAP_AB": True, "TMA": True},
-    {"PERSIST": 1},
-    {"PERSIST": 1, "N_SUB": 2, "TMA": True},
 ], ids=lambda k: "-".join(f"{n}={v}" for n, v in k.items()))
 def test_fp8_gemm_variant_knobs(knobs, b_rows):
-    """Each knob of the kernel on small tiles (16-row M tiles, 64-wide N tiles: two 32-wide halves with N_SUB=2): odd M,
-    N not a multiple of the tile, K a multiple of 128 and K with a 16-wide tail (TMA zero-fills it), with and without
-    split-K; a persistent grid walks several tiles per program."""
+    """Each knob of the kernel on small tiles (16-row M tiles, 64-wide N tiles): odd M, N not a multiple of the tile,
+    K a multiple of 128 and K with a 16-wide tail (TMA zero-fills it), with and without split-K."""
     out_dtype = torch.float32 if DEV == "cpu" else torch.bfloat16
     cfg = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 2, "num_warps": 4, "num_stages": 3, **knobs}
     for M, N, K, split in [(37, 200, 384, 1), (37, 200, 272, 2)]:
@@ -472,7 +467,7 @@ def test_variant_outside_its_range_runs_without_autotuning_in_the_interpreter(mo
     # interpreter must still not reach the autotuner, whose prune hook asks CUDA for the SM count
     monkeypatch.setattr(kfp8, "AUTOTUNE", True)
     a, a_s, b, b_s = gemm_operands(65, 200, 256, False, seed=3)
-    for variant in ("m64", "n256"):
+    for variant in ("m64", "m64_s4"):
         c = kfp8.fp8_gemm(a, a_s, b, b_s, torch.float32, variant=variant)
         cr = ref.fp8_gemm(a, a_s, b, b_s, torch.float32)
         assert (c - cr).abs().max() / cr.abs().max() <= TOL
