@@ -6,9 +6,11 @@ timed on a representative subset of bench/mla_decode.py's shapes, each checked a
 
 Variants (config keys: BLOCK_M rows per program, BLOCK_N tokens per tile, warps, stages, OCC programs per SM,
 V_SPLIT column parts, MIN_UNITS smallest slice in 64-token units); "base" is the default path's config:
-- rows <= 16: base (M16 N32 s3, 2 per SM), N64 tiles, the smallest slices (mu1);
+- rows <= 16: base (M16 N32 s3, 2 per SM), N64 tiles, the smallest slices (mu1), and 1, 2 or 4 programs per
+  sequence (P1, P2, P4: num_splits = that times B) instead of filling the SMs;
 - rows = 32 (s_q = 2, H = 16): base (M32 N64 s3), the old default N32 s5, two row blocks of 16 (M16x2: each
-  tile read by two neighbouring programs, the second read from L2), one 64-row wgmma block (M64pad);
+  tile read by two neighbouring programs, the second read from L2), one 64-row wgmma block (M64pad), 2 programs
+  per sequence (P2);
 - rows > 32 (H=128): base (M128 V_SPLIT=2: a warpgroup per 64 rows, half of the 512 output columns per
   program, all scores computed by both), the old default M64 (8 warps, whole accumulator), M128 V_SPLIT=2
   with N16 tiles, M64 V_SPLIT=2 with one warpgroup and 2 programs per SM.
@@ -35,14 +37,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 TOL = 2e-2
 
 
-def _c(m, n, w, s, occ=1, v=1, mu=None):
+def _c(m, n, w, s, occ=1, v=1, mu=None, per_seq=None):
+    """A config; mu: MIN_UNITS; per_seq: programs per sequence and row block (num_splits = per_seq * B, instead of
+    the default schedule's SM-filling count: fewer, longer pieces and a cheaper combine for short caches)."""
     c = {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "OCC": occ, "V_SPLIT": v}
-    return c if mu is None else {**c, "MIN_UNITS": mu}
+    c = c if mu is None else {**c, "MIN_UNITS": mu}
+    return c if per_seq is None else {**c, "SPLITS_PER_SEQ": per_seq}
 
 
 VARIANTS = {  # rows class -> {name: config}; "base": what the default path runs (MINIDS_AUTOTUNE=0)
-    16: {"base": _c(16, 32, 4, 3, 2), "N64": _c(16, 64, 4, 3, 1), "mu1": _c(16, 32, 4, 3, 2, mu=1)},
-    32: {"base": _c(32, 64, 8, 3), "N32s5": _c(32, 32, 8, 5), "M16x2": _c(16, 32, 4, 3, 2), "M64pad": _c(64, 64, 8, 2)},
+    16: {"base": _c(16, 32, 4, 3, 2), "N64": _c(16, 64, 4, 3, 1), "mu1": _c(16, 32, 4, 3, 2, mu=1),
+         "P1": _c(16, 32, 4, 3, 2, per_seq=1), "P2": _c(16, 32, 4, 3, 2, per_seq=2),
+         "P4": _c(16, 32, 4, 3, 2, per_seq=4)},
+    32: {"base": _c(32, 64, 8, 3), "N32s5": _c(32, 32, 8, 5), "M16x2": _c(16, 32, 4, 3, 2), "M64pad": _c(64, 64, 8, 2),
+         "P2": _c(32, 64, 8, 3, per_seq=2)},
     64: {"base": _c(128, 32, 8, 2, v=2), "M64": _c(64, 64, 8, 2), "M128V2N16": _c(128, 16, 8, 4, v=2),
          "M64V2w4o2": _c(64, 32, 4, 2, 2, v=2)},
 }
@@ -104,11 +112,16 @@ def run_shape(shape, names, dev, gen, timer, n_check):
                     "GBps": n_bytes / ms / 1e6, "TFLOPs": 0.0})
     for name, cfg in names.items():
         row = {"shape": label, "variant": name, "config": cfg, "rows": s_q * H}
+        cfg = dict(cfg)
+        per_seq = cfg.pop("SPLITS_PER_SEQ", None)
         try:
-            got, _ = mla_decode(q[:nc], kv[:nc], seqlens[:nc], C, scale, config=cfg)
+            got, _ = mla_decode(q[:nc], kv[:nc], seqlens[:nc], C, scale, config=cfg,
+                                num_splits=None if per_seq is None else per_seq * nc)
             row["err"] = max_rel_err(got, want)
             if timer is not None:
-                fn = rotating(sets, lambda q_, kv_, c=cfg: mla_decode(q_, kv_, seqlens, C, scale, config=c))
+                ns = None if per_seq is None else per_seq * B
+                fn = rotating(sets, lambda q_, kv_, c=cfg, ns=ns: mla_decode(q_, kv_, seqlens, C, scale, config=c,
+                                                                            num_splits=ns))
                 for _ in range(len(sets)):
                     fn()
                 ms = timer(fn)
