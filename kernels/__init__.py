@@ -34,3 +34,26 @@ def sm_count(device_index: int | None) -> int:
 def runs_here(t: torch.Tensor) -> bool:
     """Whether a Triton kernel can take tensor ``t``: CUDA with Triton, or any device under the interpreter."""
     return HAVE_TRITON and (t.is_cuda or INTERPRET)
+
+
+# Arrival counters of the kernels that combine partial results in a fixed order inside one launch (the last program
+# to arrive does the final sum: MLA decoding's split sequences, RMSNorm's dweight sum). (owner, device) -> buffers,
+# the last one current. Each last arriver zeroes its own counter, so a buffer is zero between launches and every
+# call reuses it; launches of one owner must not overlap on two streams of a device.
+COUNTER_BUFFERS: dict[tuple[str, torch.device], list[torch.Tensor]] = {}
+
+
+def arrival_counters(owner: str, device: torch.device, n: int) -> torch.Tensor:
+    """At least n zeroed int32 counters for a launch of ``owner``'s kernel on ``device``.
+
+    A call that needs more gets a fresh zeroed buffer; old ones are kept, since a captured CUDA graph may still
+    use them. A buffer first made inside a graph capture is not kept: its zeroing is part of the graph (it runs at
+    each replay) and never ran eagerly, so a later eager call must not read it."""
+    bufs = COUNTER_BUFFERS.setdefault((owner, device), [])
+    if bufs and bufs[-1].numel() >= n:
+        return bufs[-1]
+    buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        bufs.append(buf)
+    return buf
+

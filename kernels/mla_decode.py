@@ -39,7 +39,7 @@ The design, and what each part is for:
   semaphore pattern). The program that arrives last for (sequence, row block) merges the pieces, always
   in piece order p_first..p_last, so the result is deterministic whatever the arrival order, and resets
   the counter to 0 for the next launch. Counters: one int32 per (sequence, row block), allocated once
-  per device, zero between launches. This replaces a second (combine) launch, which costs
+  per device (``minids.kernels.arrival_counters``), zero between launches. This replaces a second (combine) launch, which costs
   a few microseconds of a ~10-40 us decoding step.
 - Online softmax in base 2 (the scale is multiplied by log2 e once), with a guard for rows that have
   seen no token yet (their running max is -inf).
@@ -68,7 +68,7 @@ T cache capacity, M = s_q * H rows, N tokens per tile, P programs per row block.
 from __future__ import annotations
 
 import torch
-from minids.kernels import AUTOTUNE, HAVE_TRITON, INTERPRET, sm_count
+from minids.kernels import AUTOTUNE, HAVE_TRITON, INTERPRET, arrival_counters, sm_count
 
 __all__ = ["mla_decode", "pick_config", "schedule_ref"]
 
@@ -103,19 +103,6 @@ def schedule_ref(lens: list[int], programs: int, min_units: int = MIN_UNITS, max
             S = first + k
         work.append(pieces)
     return W, work
-
-
-_counters: dict = {}  # device -> list of counter buffers, the last one current
-
-
-def _get_counters(n: int, device: torch.device) -> torch.Tensor:
-    """Arrival counters of the fused combine, one buffer per device: zero between launches (each last arriver
-    resets its own), so every call reuses it, graph captures included. A call that needs more gets a fresh
-    zeroed buffer; the old ones are kept, since a captured graph may still use them."""
-    bufs = _counters.setdefault(device, [])
-    if not bufs or bufs[-1].numel() < n:
-        bufs.append(torch.zeros(max(n, 4096), dtype=torch.int32, device=device))
-    return bufs[-1]
 
 
 if HAVE_TRITON:
@@ -566,7 +553,7 @@ def mla_decode(
     nan = (float("nan"),) if INTERPRET else ()
     o_part = fill((2 * p_max, rows, C), *nan, dtype=torch.float32, device=dev)
     l_part = fill((2 * p_max, v_split, rows), *nan, dtype=torch.float32, device=dev)
-    counts = _get_counters(B * col_blocks, dev)
+    counts = arrival_counters("mla_decode", dev, B * col_blocks)
 
     args = (
         q, kv, pe, seqlens, table, out, lse, o_part, l_part, counts,

@@ -39,7 +39,7 @@ from __future__ import annotations
 import functools
 
 import torch
-from minids.kernels import HAVE_TRITON, runs_here, sm_count
+from minids.kernels import HAVE_TRITON, arrival_counters, runs_here, sm_count
 
 __all__ = ["add_rms_norm", "rms_norm"]
 
@@ -261,32 +261,20 @@ def _bwd_plan(device: torch.device, key: tuple, warmup_args: tuple, meta: dict) 
 
 
 _DW_BD, _DW_TILE = 64, 8192  # the dweight sum's column strip and tile (PB = 128 rows of partials a program)
-_counters: dict = {}  # (device, stream) -> arrival counters of _dw_sum_kernel, zero between launches
-
-
-def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
-    """At least n zeroed int32 counters for a launch on the current stream of ``device``. Each last arriver resets
-    its own, so a stream reuses one buffer; launches on two streams never share one. A buffer first made inside a
-    CUDA-graph capture is not kept: its zeroing is captured (it runs at every replay) and never ran eagerly."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    bufs = _counters.setdefault((device, stream), [])
-    if bufs and bufs[-1].numel() >= n:
-        return bufs[-1]
-    buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        bufs.append(buf)  # a bigger one when needed; old ones kept, since a captured graph may still use them
-    return buf
 
 
 def _sum_rows(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(P, D) float32 partials -> (D,) in dtype: their column sums, in a fixed order (``_dw_sum_kernel``)."""
+    """(P, D) float32 partials -> (D,) in dtype: their column sums, in a fixed order (``_dw_sum_kernel``).
+
+    Its arrival counters are the device's (``minids.kernels.arrival_counters``): two of these sums must not run at
+    the same time on two streams of one device."""
     P, D = part.shape
     if D == 0:
         return part.sum(0).to(dtype)
     bd = min(_DW_BD, triton.next_power_of_2(D))
     pb = _DW_TILE // bd
     n_strips, split = triton.cdiv(D, bd), triton.cdiv(P, pb)
-    counts = _arrival_counters(part.device, n_strips)
+    counts = arrival_counters("rmsnorm", part.device, n_strips)
     stage = torch.empty(split, D, device=part.device, dtype=torch.float32)  # (SPLIT, D)
     dw = torch.empty(D, device=part.device, dtype=dtype)
     _dw_sum_kernel[(n_strips, split)](part, stage, counts, dw, P, D, split, PB=pb, BD=bd,
