@@ -56,7 +56,7 @@ from __future__ import annotations
 import torch
 from minids.kernels import AUTOTUNE, HAVE_TRITON, INTERPRET, runs_here, sm_count
 
-from minids.moe import MoEAlignment, _compute_dtype, moe_align
+from minids.moe import MoEAlignment, _compute_dtype, check_experts_args, moe_align
 
 __all__ = ["block_m_for", "moe_experts"]
 
@@ -567,17 +567,8 @@ def moe_experts(
     if not runs_here(x):
         raise ValueError("minids.kernels.moe.moe_experts needs CUDA tensors, or TRITON_INTERPRET=1 on the CPU; use "
                          "minids.moe.moe_experts with impl 'grouped' or 'loop'")
-    if x.dim() != 2 or indices.shape != weights.shape or indices.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"moe_experts: x {tuple(x.shape)} must be (N, D), weights {tuple(weights.shape)} and indices "
-            f"{tuple(indices.shape)} (N, K)"
-        )
-    E, I, D = w_gate.shape
-    if w_up.shape != (E, I, D) or w_down.shape != (E, D, I) or x.shape[1] != D:
-        raise ValueError(
-            f"moe_experts: w_gate {tuple(w_gate.shape)} and w_up {tuple(w_up.shape)} must be (E, I, D), w_down "
-            f"{tuple(w_down.shape)} (E, D, I), with D = x.shape[1] = {x.shape[1]}"
-        )
+    check_experts_args(x, weights, indices, w_gate, w_up, w_down)
+    E = w_gate.shape[0]
     N, K = indices.shape
     dt = _compute_dtype(x)
     al = moe_align(indices, E, BLOCK_M or block_m_for(N * K, E))

@@ -195,6 +195,23 @@ def resolve_moe_impl(
     return "grouped" if ok else "loop"
 
 
+def check_experts_args(x, weights, indices, w_gate, w_up, w_down) -> None:
+    """One clear ValueError for shapes ``moe_experts`` (either implementation) cannot take."""
+    if x.dim() != 2 or indices.shape != weights.shape or indices.dim() != 2 or indices.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"moe_experts: x {tuple(x.shape)} must be (N, D), weights {tuple(weights.shape)} and indices "
+            f"{tuple(indices.shape)} (N, K)"
+        )
+    if w_gate.dim() != 3:
+        raise ValueError(f"moe_experts: w_gate {tuple(w_gate.shape)} must be (E, I, D)")
+    E, I, D = w_gate.shape
+    if w_up.shape != (E, I, D) or w_down.shape != (E, D, I) or x.shape[1] != D:
+        raise ValueError(
+            f"moe_experts: w_gate {tuple(w_gate.shape)} and w_up {tuple(w_up.shape)} must be (E, I, D), w_down "
+            f"{tuple(w_down.shape)} (E, D, I), with D = x.shape[1] = {x.shape[1]}"
+        )
+
+
 def moe_experts(
     x: torch.Tensor,
     weights: torch.Tensor,
@@ -215,6 +232,7 @@ def moe_experts(
     ``minids.fp8.fp8_linear`` on the per-expert loop: True or "sim" simulated, "real" FP8 GEMMs.
     Returns (y (N, D) in x.dtype, tokens per expert (E,) int64).
     """
+    check_experts_args(x, weights, indices, w_gate, w_up, w_down)
     dt = _compute_dtype(x)
     impl = resolve_moe_impl(impl, x.device, dt, x.shape[-1], w_gate.shape[1], fp8)
     if impl == "triton":

@@ -288,6 +288,15 @@ def test_bad_impl_is_refused():
         moe_experts(*make_case(3, 2, 4, 8, 4, seed=7), impl="fast")
 
 
+@pytest.mark.parametrize("impl", ["grouped", "loop"])
+def test_mismatched_shapes_are_one_line_errors(impl):
+    x, w, idx, wg, wu, wd = make_case(3, 2, 4, 8, 4, seed=7)
+    with pytest.raises(ValueError, match="w_down"):
+        moe_experts(x, w, idx, wg, wu, wd.transpose(1, 2), impl=impl)
+    with pytest.raises(ValueError, match="indices"):
+        moe_experts(x, w, idx[:2], wg, wu, wd, impl=impl)
+
+
 # ---------------------------------------------------------------------------------------------- the module
 def moe_cfg(**over) -> ModelConfig:
     return ModelConfig.from_dict({**ModelConfig.load("tiny-v3").to_dict(), "num_hidden_layers": 2,
