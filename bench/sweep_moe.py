@@ -46,7 +46,7 @@ TIERS = {  # name: (tokens, hidden D, experts E, expert width I, top-K); bench/m
 }
 # weight-gradient variants: name -> WGRAD (None: the default _wgrad_kernel launches); tile = (BMW, BNW, BK, warps, stages)
 T128 = (128, 128, 64, 8, 3)
-DEFAULTS = (km.WGRAD, km.DGRAD, km.BLOCK_M)  # the module's defaults, restored after each variant
+DEFAULTS = (km.WGRAD, km.DGRAD, km.BLOCK_M, km.DX_LOOPS)  # the module's defaults, restored after each variant
 WGRADS = {
     "default": km.WGRAD,
     "gather": None,  # the autotuned (first config without --autotune) _wgrad_kernel, gathering on load
@@ -60,7 +60,8 @@ WGRADS = {
 }
 # dgrad configs (BN, BK, warps, stages, GROUP_M) for both backward _grouped_kernel launches; c0 = the default's first
 DCFGS = {"c0": (128, 64, 8, 3, 8), "c1": (128, 64, 8, 4, 8), "c2": (256, 64, 8, 2, 8), "c3": (128, 128, 8, 2, 8),
-         "c4": (64, 64, 4, 3, 8), "c5": (128, 64, 4, 3, 8), "c6": (64, 128, 4, 3, 8), "c7": (128, 32, 8, 6, 8)}
+         "c4": (64, 64, 4, 3, 8), "c5": (128, 64, 4, 3, 8), "c6": (64, 128, 4, 3, 8), "c7": (128, 32, 8, 6, 8),
+         "c8": (128, 128, 8, 3, 8), "c9": (256, 64, 8, 3, 8), "c10": (128, 64, 4, 4, 8), "c11": (256, 64, 8, 4, 8)}
 if args.cpu_smoke:
     WGRADS = {k: v and {**v, "tile": (32, 32, 16, 1, 1), **({"programs": 2} if v.get("programs") else {})}
               for k, v in WGRADS.items()}  # DEFAULTS' tile is the interpreter's already
@@ -75,8 +76,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def knobs(wgrad=DEFAULTS[0], dgrad=DEFAULTS[1], block_m=DEFAULTS[2]) -> None:
-    km.WGRAD, km.DGRAD, km.BLOCK_M = wgrad, dgrad, block_m
+def knobs(wgrad=DEFAULTS[0], dgrad=DEFAULTS[1], block_m=DEFAULTS[2], dx_loops=DEFAULTS[3]) -> None:
+    km.WGRAD, km.DGRAD, km.BLOCK_M, km.DX_LOOPS = wgrad, dgrad, block_m, dx_loops
 
 
 def timed(fn, rep_ms: int = 100) -> float:
@@ -139,13 +140,20 @@ def pieces(tier: str, y: torch.Tensor, dy: torch.Tensor, ref_w: tuple, rows: lis
                                                                                    dtype=x.dtype)
     base_x = torch.empty_like(out_x)
     km._gemm(dg, wg, base_x, al, route_w, K, gather=False, epi=0, a2=du, b2=wu)
+    def dx_launch(c, loops):  # dx with its two products in one K loop (1) or in two loops (2)
+        km.DX_LOOPS = loops
+        try:
+            km._gemm(dg, wg, out_x, al, route_w, K, gather=False, epi=0, a2=du, b2=wu, cfg=c)
+        finally:
+            km.DX_LOOPS = DEFAULTS[3]
+
     launches = {  # piece: (launch with a config, its outputs, the default's outputs)
         "dh": (lambda c: km._gemm(dy, wd, out_g, al, route_w, K, gather=True, epi=1, g=g, u=u, out2=out_u, cfg=c),
                (out_g[:used], out_u[:used]), (dg[:used], du[:used])),
         "dh-sorted": (lambda c: km._gemm(dys, wd, out_g, al, route_w, K, gather=False, epi=1, g=g, u=u, out2=out_u,
                                          cfg=c), (out_g[:used], out_u[:used]), (dg[:used], du[:used])),
-        "dx": (lambda c: km._gemm(dg, wg, out_x, al, route_w, K, gather=False, epi=0, a2=du, b2=wu, cfg=c),
-               (out_x,), (base_x,)),
+        "dx": (lambda c: dx_launch(c, 1), (out_x,), (base_x,)),
+        "dx-seq": (lambda c: dx_launch(c, 2), (out_x,), (base_x,)),
     }
     dres = {}
     fl = 2 * 2 * N * K * D * I
@@ -208,20 +216,26 @@ def sweep_tier(tier: str, dev: str, dt: torch.dtype, g: torch.Generator) -> tupl
     # whole fwd+bwd per combination; "best" takes this tier's fastest measured pieces
     best_w = min((k for k in wres if k != "default"), key=wres.get, default="sorted-fused")
     dh_piece = "dh-sorted" if WGRADS[best_w] and WGRADS[best_w].get("sorted") else "dh"
-    best_d = {p: min(dres[k], key=dres[k].get) for p, k in (("dh", dh_piece), ("dx", "dx")) if dres.get(k)}
+    best_d = {p: min(dres[k], key=dres[k].get) for p, k in (("dh", dh_piece),) if dres.get(k)}
+    dx_best = min(((dres[k][c], k, c) for k in ("dx", "dx-seq") for c in dres.get(k, {})), default=None)
+    loops = DEFAULTS[3]
+    if dx_best:
+        best_d["dx"], loops = dx_best[2], 2 if dx_best[1] == "dx-seq" else 1
     dgrad = {p: DCFGS[c] for p, c in best_d.items()}
-    combos = {
+    combos = {  # name: (WGRAD, DGRAD, BLOCK_M, DX_LOOPS)
         "default": DEFAULTS,
         "w:gather": (None, *DEFAULTS[1:]),
-        f"w:{best_w}": (WGRADS[best_w], None, None),
-        f"w:{best_w}+d:{best_d.get('dh')}/{best_d.get('dx')}": (WGRADS[best_w], dgrad, None),
+        f"w:{best_w}": (WGRADS[best_w], None, None, DEFAULTS[3]),
+        f"w:{best_w}+d:{best_d.get('dh')}/{best_d.get('dx')}/loops{loops}": (WGRADS[best_w], dgrad, None, loops),
     }
     if bm != 128 and dev == "cuda":  # c0 fits BM = 128 (the best BM = 64 configs may not)
-        combos["w:same+d:c0/c0+BM128"] = (WGRADS[best_w], {"dh": DCFGS["c0"], "dx": DCFGS["c0"]}, 128)
+        combos["w:same+d:c0/c0+BM128"] = (WGRADS[best_w], {"dh": DCFGS["c0"], "dx": DCFGS["c0"]}, 128, DEFAULTS[3])
+    if bm != 64 and dev == "cuda":
+        combos["default+BM64"] = (*DEFAULTS[:2], 64, DEFAULTS[3])
     cells = []
-    for name, (w, d, b) in combos.items():
+    for name, (w, d, b, lp) in combos.items():
         try:
-            knobs(w, d, b)
+            knobs(w, d, b, lp)
             err = max(rel(a, r) for a, r in zip(fwd_bwd("triton"), ref))
             ms = timed(lambda: fwd_bwd("triton"), rep_ms=300)
         except Exception as e:  # noqa: BLE001
@@ -230,7 +244,7 @@ def sweep_tier(tier: str, dev: str, dt: torch.dtype, g: torch.Generator) -> tupl
             continue
         finally:
             knobs()
-        rows.append({"tier": tier, "piece": "fwd+bwd", "variant": name, "wgrad": w, "dgrad": d, "block_m": b,
+        rows.append({"tier": tier, "piece": "fwd+bwd", "variant": name, "wgrad": w, "dgrad": d, "block_m": b, "dx_loops": lp,
                      "ms": ms, "TFLOPs": flops / ms / 1e9, "err": err, "speedup_vs_grouped": grouped_ms / ms})
         cells.append(f"{name} {ms:.2f} ({grouped_ms / ms:.2f}x){fmt_err(err, FTOL)}")
     lines += wrap("  fwd+bwd   ms ", cells, 2)

@@ -73,6 +73,9 @@ WGRAD: dict | None = {"sorted": True, "fuse": True,
 # DGRAD: None (autotuned), or {"dh": cfg, "dx": cfg} with cfg = (BN, BK, warps, stages, GROUP_M) fixing the
 # _grouped_kernel launch of dh = (weights * dy) W_down (SwiGLU backward epilogue) or of dxs = dg W_gate + du W_up.
 DGRAD: dict | None = None
+# DX_LOOPS: how the dx GEMM (dg W_gate + du W_up) runs its two products: 1 in one K loop (both operand pairs per
+# pipeline stage), 2 in two loops one after the other (_grouped_kernel's TWO).
+DX_LOOPS: int = 2
 # BLOCK_M: None (block_m_for), or the row block every expert is padded to (64 or 128; 16 under the interpreter).
 BLOCK_M: int | None = None
 
@@ -153,6 +156,10 @@ if HAVE_TRITON:
     ):
         """C = A B[e] (+ A2 B2[e]) for one (BM, BN) tile of padded rows of expert e.
 
+        TWO 0: A B[e] only; 1: both products in each K step (one loop, both operand pairs in every pipeline stage);
+        2: A2 B2[e] in a second loop after the first (half the shared memory per stage, so more stages or wider
+        tiles fit; each loop drains its pipeline once). A2 has A's strides (and is never gathered).
+
         A (and A2): (P_pad, Kdim) padded rows, or with A_GATHER (N, Kdim) rows gathered by token and scaled by the
         pair's routing weight (rounded to A's dtype: the reference's (weights * dy)); B[e] (Kdim, Ndim) read through
         strides, so W (E, out, in) serves as W^T without a copy.
@@ -184,9 +191,15 @@ if HAVE_TRITON:
                 if A_GATHER:
                     a = (a.to(tl.float32) * scale[:, None]).to(A.dtype.element_ty)
                 acc = tl.dot(a, tl.load(B + b_off + k0 * stride_bk, mask=bmask, other=0.0), acc, input_precision=PREC)
-                if TWO:
+                if TWO == 1:
                     a2 = tl.load(A2 + a_off + k0, mask=amask, other=0.0)
                     b2 = tl.load(B2 + b_off + k0 * stride_bk, mask=bmask, other=0.0)
+                    acc = tl.dot(a2, b2, acc, input_precision=PREC)
+            if TWO == 2:  # the second product in its own pipelined loop: half the shared memory per stage
+                for k0 in range(0, Kdim, BK):
+                    kmask = k0 + ks < Kdim
+                    a2 = tl.load(A2 + a_off + k0, mask=valid[:, None] & kmask[None, :], other=0.0)
+                    b2 = tl.load(B2 + b_off + k0 * stride_bk, mask=kmask[:, None] & cmask[None, :], other=0.0)
                     acc = tl.dot(a2, b2, acc, input_precision=PREC)
             if EPI == 0:
                 out = pair[:, None].to(tl.int64) * Ndim + cols[None, :]  # (BM, BN): pair-major rows
@@ -394,7 +407,7 @@ def _gemm(a, b, out, al: MoEAlignment, route_w, top_k, *, gather, epi, a2=None, 
         a, a2 if a2 is not None else a, b, b2 if b2 is not None else b, out, out2 if out2 is not None else out,
         g if g is not None else out, u if u is not None else out, al.sorted_pair, al.block_expert, route_w,
         n_blocks, Ndim, Kdim, top_k, b.stride(0), b.stride(1), b.stride(2),
-        A_GATHER=gather, TWO=a2 is not None, EPI=epi, PREC=_prec(a.dtype), BM=bm, **meta,
+        A_GATHER=gather, TWO=0 if a2 is None else DX_LOOPS, EPI=epi, PREC=_prec(a.dtype), BM=bm, **meta,
     )
 
 

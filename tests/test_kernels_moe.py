@@ -202,13 +202,14 @@ def test_triton_under_autocast_on_gpu():
 
 
 # ------------------------------------------------------------------------------------------------ backward variants
-VARIANTS = {  # (WGRAD, DGRAD, BLOCK_M) of minids.kernels.moe, interpreter-sized tiles (the default is tested above)
-    "gather-autotuned": (None, None, None),
-    "tiles-gather": ({"tile": (32, 32, 16, 1, 1)}, None, None),
-    "sorted": ({"sorted": True, "tile": (32, 32, 16, 1, 1)}, None, None),
+VARIANTS = {  # (WGRAD, DGRAD, BLOCK_M, DX_LOOPS) of minids.kernels.moe, interpreter-sized tiles (the default is
+    # tested above; DX_LOOPS 1 and 2 both appear below whichever is the default)
+    "gather-autotuned": (None, None, None, 2),
+    "tiles-gather": ({"tile": (32, 32, 16, 1, 1)}, None, None, 1),
+    "sorted": ({"sorted": True, "tile": (32, 32, 16, 1, 1)}, None, None, 1),
     "sorted-fused-persistent": ({"sorted": True, "fuse": True, "programs": 3, "flat": True, "tile": (32, 16, 32, 1, 1)},
-                                {"dh": (16, 32, 1, 1, 4), "dx": (32, 16, 1, 1, 1)}, 32),
-    "gather-fused-persistent": ({"fuse": True, "programs": 2, "tile": (16, 32, 16, 1, 1)}, None, None),
+                                {"dh": (16, 32, 1, 1, 4), "dx": (32, 16, 1, 1, 1)}, 32, 2),
+    "gather-fused-persistent": ({"fuse": True, "programs": 2, "tile": (16, 32, 16, 1, 1)}, None, None, 1),
 }
 VARIANT_CASES = [CASES[0], CASES[3], CASES[4]]  # uneven rows; experts with zero rows; one expert with most rows
 
@@ -218,7 +219,8 @@ VARIANT_CASES = [CASES[0], CASES[3], CASES[4]]  # uneven rows; experts with zero
 def test_backward_variants_match_reference(case, variant, monkeypatch):
     from minids.kernels import moe as kmoe
 
-    wgrad, dgrad, block_m = VARIANTS[variant]
+    wgrad, dgrad, block_m, dx_loops = VARIANTS[variant]
+    monkeypatch.setattr(kmoe, "DX_LOOPS", dx_loops)
     monkeypatch.setattr(kmoe, "WGRAD", wgrad)
     monkeypatch.setattr(kmoe, "DGRAD", dgrad)
     monkeypatch.setattr(kmoe, "BLOCK_M", block_m)
