@@ -6,7 +6,8 @@ loop (both ``minids.moe.moe_experts``), forward and forward+backward, balanced a
     python3 bench/moe.py --out /tmp/r --tiers v2-lite --profile   # + the CUDA time of each kernel of one fwd+bwd
 
 What is timed: the routed experts for a given routing (weights, indices), plus the shared experts (a cuBLAS SwiGLU
-MLP, the same in every column), as the MoE layer computes them; the router's (N, E) GEMM and top-k are left out, so
+MLP, the same kernels in every column; beside the routed kernels on a side stream for triton, after them for the
+others), as the MoE layer computes them; the router's (N, E) GEMM and top-k are left out, so
 that the routing can be drawn balanced or skewed. bf16 activations and weights, float32 routing weights.
 forward+backward computes the gradients of x, the routing weights and every expert weight.
 
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import matmul_tflops, median_ms, metadata, write_results
 
-from minids.moe import moe_experts
+from minids.moe import moe_experts, shared_beside_routed
 
 TIERS = {  # name: (tokens, hidden D, experts E, expert width I, top-K, shared experts)
     "small": (16384, 1024, 16, 512, 4, 0),
@@ -40,7 +41,7 @@ TIERS = {  # name: (tokens, hidden D, experts E, expert width I, top-K, shared e
     "v3-4k": (4096, 7168, 256, 2048, 8, 1),
     "v3-16k": (16384, 7168, 256, 2048, 8, 1),
 }
-IMPLS = ["triton", "grouped", "loop"]
+IMPLS = ["triton", "triton-serial", "grouped", "loop"]
 NOTES = """Notes. triton (minids.kernels.moe): routing plumbing on device (sort, pad each expert to the row block, no host
 sync); the gate/up GEMM gathers token rows of x on load (no permuted copy of x) and applies SwiGLU in its epilogue
 (one write of h instead of g, u, silu(g) and the product); the down GEMM writes each pair's unweighted output to its
@@ -48,7 +49,10 @@ token-major row and one pass sums the K rows per token with the routing weights 
 atomics, no scatter-add). The backward gathers (weights * dy) on load, fuses the SwiGLU backward into the dh GEMM's
 epilogue, sums the gate and up products for dx in one accumulator, and reduces each expert's weight gradients over
 its rows in grouped GEMMs that gather x and dy on load. grouped: sort + index_select + torch._grouped_mm x3 +
-index_add (minids.moe.moe_experts impl="grouped"). loop: one GEMM triple per expert on contiguous slices."""
+index_add (minids.moe.moe_experts impl="grouped"). loop: one GEMM triple per expert on contiguous slices.
+Shared experts (V2-Lite 2, V3 1; none at the small tier): triton runs them on a side CUDA stream beside the routed
+kernels, as DeepSeekMoE does on CUDA (minids.moe.shared_beside_routed; autograd overlaps the backward the same way);
+triton-serial, grouped and loop run them after the routed experts on one stream."""
 
 
 def draw_routing(N: int, E: int, K: int, kind: str, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,11 +86,17 @@ def bench_tier(tier: str, ceiling: float, g: torch.Generator) -> list[dict]:
         top_share = torch.bincount(indices.flatten(), minlength=E).max().item() / (N * K)
 
         def layer(impl: str, weights: torch.Tensor = weights, indices: torch.Tensor = indices) -> torch.Tensor:
-            y, _ = moe_experts(x, weights, indices, wg, wu, wd, impl=impl)
-            if shared:
-                sg, su, sd = shared
-                y = y + F.linear(F.silu(F.linear(x, sg)) * F.linear(x, su), sd)
-            return y
+            def routed() -> torch.Tensor:
+                return moe_experts(x, weights, indices, wg, wu, wd, impl=impl.removesuffix("-serial"))[0]
+
+            if not shared:
+                return routed()
+            sg, su, sd = shared
+            # the shared experts beside the routed ones on a side stream (DeepSeekMoE's way) for minids' layer;
+            # one after the other for "triton-serial" and the torch peers
+            y, ys = shared_beside_routed(x, routed, lambda t: F.linear(F.silu(F.linear(t, sg)) * F.linear(t, su), sd),
+                                         overlap=impl == "triton")
+            return y + ys
 
         params = [x, weights, wg, wu, wd, *shared]
         ref = None
@@ -110,13 +120,14 @@ def bench_tier(tier: str, ceiling: float, g: torch.Generator) -> list[dict]:
                 "fwd_bwd_ms": fb_ms, "fwd_bwd_TFLOPs": fb_tf, "fwd_bwd_of_ceiling": fb_tf / ceiling,
                 "rel_err_vs_triton": err,
             })
-            print(f"{tier:8s} {kind:8s} {impl:8s} fwd {f_ms:8.3f} ms {f_tf:6.1f} TFLOP/s ({f_tf / ceiling:.0%})"
+            print(f"{tier:8s} {kind:8s} {impl:13s} fwd {f_ms:8.3f} ms {f_tf:6.1f} TFLOP/s ({f_tf / ceiling:.0%})"
                   f"   fwd+bwd {fb_ms:8.3f} ms {fb_tf:6.1f} TFLOP/s ({fb_tf / ceiling:.0%})   err {err:.1e}")
         base = {r["impl"]: r for r in rows if r["routing"] == kind}
-        if "triton" in base and "grouped" in base:
-            t, gr = base["triton"], base["grouped"]
-            t["fwd_speedup_vs_grouped"] = gr["fwd_ms"] / t["fwd_ms"]
-            t["fwd_bwd_speedup_vs_grouped"] = gr["fwd_bwd_ms"] / t["fwd_bwd_ms"]
+        for name in ("triton", "triton-serial"):
+            if name in base and "grouped" in base:
+                t, gr = base[name], base["grouped"]
+                t["fwd_speedup_vs_grouped"] = gr["fwd_ms"] / t["fwd_ms"]
+                t["fwd_bwd_speedup_vs_grouped"] = gr["fwd_bwd_ms"] / t["fwd_bwd_ms"]
     return rows
 
 

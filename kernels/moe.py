@@ -143,8 +143,10 @@ if HAVE_TRITON:
     @triton.autotune(  # H200 profile of V2-Lite fwd+bwd: these three launches are 38% of the kernel time
         # (128, 64, 4, 3): the fastest dh and dx at V3-4k in bench/sweep_moe.py (3.4 and 7.4 ms against 4.7 and 15.2
         # for the first config): weight-bound at 64 rows a block, the 4-warp tile keeps more loads in flight
+        # (256, 64, 8, 4): the fastest dx (two loops) at every tier and dh at V3-4k in the 2026-12-01 sweep (1.13 ms
+        # at V2-Lite against 1.28 for the best one-loop dx); it does not fit one loop's shared memory (skipped there)
         configs=_configs([(128, 64, 8, 3), (64, 64, 4, 4), (256, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2),
-                          (128, 64, 4, 3)], ("BN", "BK")),
+                          (128, 64, 4, 3), (256, 64, 8, 4), (128, 64, 4, 4)], ("BN", "BK")),
         key=["Ndim", "Kdim", "A_GATHER", "TWO", "EPI", "BM"],
     )
     @triton.jit

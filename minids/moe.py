@@ -42,7 +42,7 @@ from minids.mlp import MLP
 
 __all__ = [
     "DeepSeekMoE", "Experts", "MoEAlignment", "Router", "Routing", "grouped_mm_available", "moe_align", "moe_experts",
-    "route",
+    "overlap_available", "route", "shared_beside_routed",
 ]
 
 
@@ -195,6 +195,39 @@ def resolve_moe_impl(
     return "grouped" if ok else "loop"
 
 
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def overlap_available(x: torch.Tensor) -> bool:
+    """Whether ``shared_beside_routed`` may put the shared experts on a side stream for x: a CUDA tensor, outside a
+    CUDA-graph capture (the decode graphs keep one stream) and outside torch.compile (which orders streams itself)."""
+    return x.is_cuda and not torch.cuda.is_current_stream_capturing() and not torch.compiler.is_compiling()
+
+
+def shared_beside_routed(x: torch.Tensor, routed, shared, overlap: bool = True):
+    """(routed(), shared(x)): with overlap (and ``overlap_available``), shared(x) runs on a side CUDA stream while
+    routed() runs on the current one, so the cuBLAS GEMMs of the shared experts fill what the routed kernels leave
+    idle (wave tails, the routing sort, the combine). The math is unchanged: the same kernels on the same inputs.
+
+    routed: () -> any; shared: (N, D) -> (N, D). Autograd runs each backward op on its forward's stream, so the
+    backward overlaps the same way. The caller adds the two on the current stream, after the join here.
+    """
+    if not (overlap and overlap_available(x)):
+        return routed(), shared(x)
+    main = torch.cuda.current_stream(x.device)
+    side = _SIDE_STREAMS.get(x.device.index)
+    if side is None:
+        side = _SIDE_STREAMS[x.device.index] = torch.cuda.Stream(x.device)
+    side.wait_stream(main)  # x is ready
+    with torch.cuda.stream(side):
+        ys = shared(x)
+    out = routed()
+    main.wait_stream(side)  # join: ys is ready for the add
+    ys.record_stream(main)  # ys was allocated on the side stream and is read on the main one
+    x.record_stream(side)  # x is read on the side stream: not reused before that read finishes
+    return out, ys
+
+
 def check_experts_args(x, weights, indices, w_gate, w_up, w_down) -> None:
     """One clear ValueError for shapes ``moe_experts`` (either implementation) cannot take."""
     if x.dim() != 2 or indices.shape != weights.shape or indices.dim() != 2 or indices.shape[0] != x.shape[0]:
@@ -338,16 +371,24 @@ class DeepSeekMoE(nn.Module):
         self.shared_experts = MLP(cfg.hidden_size, cfg.shared_intermediate_size) if cfg.n_shared_experts else None
         self.impl = "auto"  # "grouped" | "loop" | "triton" | "auto"; set through Transformer.set_moe_impl
         self.fp8: bool | str = False  # routed expert GEMMs through FP8 ("sim" or "real"); set by enable_fp8
+        # on CUDA, the shared experts run on a side stream beside the routed ones (shared_beside_routed)
+        self.overlap_shared = True
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, D)
         weights, indices, scores = self.gate(x)
         e = self.experts
-        y, counts = moe_experts(x, weights, indices, e.gate_proj, e.up_proj, e.down_proj, self.impl, self.fp8)
+
+        def routed() -> tuple[torch.Tensor, torch.Tensor]:
+            return moe_experts(x, weights, indices, e.gate_proj, e.up_proj, e.down_proj, self.impl, self.fp8)
+
+        if self.shared_experts is not None:
+            (y, counts), ys = shared_beside_routed(x, routed, self.shared_experts, self.overlap_shared)
+            y = y + ys
+        else:
+            y, counts = routed()
         if self.training and self.gate.load_counts is not None:
             with torch.no_grad():
                 self.gate.load_counts.add_(counts)  # on device: no host sync
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
         return y.view(shape), Routing(counts, scores, indices, (shape[0], shape[1]) if len(shape) == 3 else (1, shape[0]))

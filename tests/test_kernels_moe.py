@@ -201,6 +201,42 @@ def test_triton_under_autocast_on_gpu():
         assert a.dtype == b.dtype and rel_err(a, b) < 1.5e-2
 
 
+@pytest.mark.skipif(device != "cuda", reason="the side stream exists on CUDA only (on the CPU the layer runs in order)")
+def test_shared_experts_on_a_side_stream_change_nothing():
+    # DeepSeekMoE on CUDA runs the shared experts on a side stream beside the routed kernels: the same kernels on
+    # the same inputs, so the output and every gradient must equal the one-stream order exactly
+    import torch.nn.functional as F
+
+    from minids.moe import shared_beside_routed
+
+    leaves, indices, dy = make(1000, 512, 192, 16, 6, "balanced", torch.bfloat16, seed=7)
+    g = torch.Generator(device=device).manual_seed(8)
+    shared = [(torch.randn(384, 512, device=device, generator=g) / 23).bfloat16().requires_grad_() for _ in range(2)]
+    shared.append((torch.randn(512, 384, device=device, generator=g) / 20).bfloat16().requires_grad_())
+    x, weights, wg, wu, wd = leaves
+
+    def layer(overlap: bool):
+        y, ys = shared_beside_routed(
+            x, lambda: moe_experts(x, weights, indices, wg, wu, wd, impl="triton")[0],
+            lambda t: F.linear(F.silu(F.linear(t, shared[0])) * F.linear(t, shared[1]), shared[2]), overlap=overlap)
+        out = y + ys
+        return (out, *torch.autograd.grad(out, [*leaves, *shared], dy))
+
+    serial, overlapped = layer(False), layer(True)
+    torch.cuda.synchronize()
+    for a, b in zip(overlapped, serial):
+        assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
+def test_shared_beside_routed_on_cpu_runs_in_order():
+    from minids.moe import overlap_available, shared_beside_routed
+
+    x = torch.randn(4, 8)
+    calls = []
+    out = shared_beside_routed(x, lambda: calls.append("routed") or 1, lambda t: calls.append("shared") or t * 2)
+    assert not overlap_available(x) and calls == ["routed", "shared"] and out[0] == 1 and torch.equal(out[1], x * 2)
+
+
 # ------------------------------------------------------------------------------------------------ backward variants
 VARIANTS = {  # (WGRAD, DGRAD, BLOCK_M, DX_LOOPS) of minids.kernels.moe, interpreter-sized tiles (the default is
     # tested above; DX_LOOPS 1 and 2 both appear below whichever is the default)
