@@ -140,7 +140,7 @@ def pieces(tier: str, y: torch.Tensor, dy: torch.Tensor, ref_w: tuple, rows: lis
                                                                                    dtype=x.dtype)
     base_x = torch.empty_like(out_x)
     km._gemm(dg, wg, base_x, al, route_w, K, gather=False, epi=0, a2=du, b2=wu)
-    def dx_launch(c, loops):  # dx with its two products in one K loop (1) or in two loops (2)
+    def dx_launch(c, loops):  # dx's two products in one K loop (1), two loops (2), one GEMM over the joined K (3)
         km.DX_LOOPS = loops
         try:
             km._gemm(dg, wg, out_x, al, route_w, K, gather=False, epi=0, a2=du, b2=wu, cfg=c)
@@ -154,6 +154,7 @@ def pieces(tier: str, y: torch.Tensor, dy: torch.Tensor, ref_w: tuple, rows: lis
                                          cfg=c), (out_g[:used], out_u[:used]), (dg[:used], du[:used])),
         "dx": (lambda c: dx_launch(c, 1), (out_x,), (base_x,)),
         "dx-seq": (lambda c: dx_launch(c, 2), (out_x,), (base_x,)),
+        "dx-cat": (lambda c: dx_launch(c, 3), (out_x,), (base_x,)),
     }
     dres = {}
     fl = 2 * 2 * N * K * D * I
@@ -217,10 +218,11 @@ def sweep_tier(tier: str, dev: str, dt: torch.dtype, g: torch.Generator) -> tupl
     best_w = min((k for k in wres if k != "default"), key=wres.get, default="sorted-fused")
     dh_piece = "dh-sorted" if WGRADS[best_w] and WGRADS[best_w].get("sorted") else "dh"
     best_d = {p: min(dres[k], key=dres[k].get) for p, k in (("dh", dh_piece),) if dres.get(k)}
-    dx_best = min(((dres[k][c], k, c) for k in ("dx", "dx-seq") for c in dres.get(k, {})), default=None)
+    dx_loops = {"dx": 1, "dx-seq": 2, "dx-cat": 3}
+    dx_best = min(((dres[k][c], k, c) for k in dx_loops for c in dres.get(k, {})), default=None)
     loops = DEFAULTS[3]
     if dx_best:
-        best_d["dx"], loops = dx_best[2], 2 if dx_best[1] == "dx-seq" else 1
+        best_d["dx"], loops = dx_best[2], dx_loops[dx_best[1]]
     dgrad = {p: DCFGS[c] for p, c in best_d.items()}
     combos = {  # name: (WGRAD, DGRAD, BLOCK_M, DX_LOOPS)
         "default": DEFAULTS,

@@ -207,7 +207,8 @@ def overlap_available(x: torch.Tensor) -> bool:
 def shared_beside_routed(x: torch.Tensor, routed, shared, overlap: bool = True):
     """(routed(), shared(x)): with overlap (and ``overlap_available``), shared(x) runs on a side CUDA stream while
     routed() runs on the current one, so the cuBLAS GEMMs of the shared experts fill what the routed kernels leave
-    idle (wave tails, the routing sort, the combine). The math is unchanged: the same kernels on the same inputs.
+    idle (wave tails, the routing sort, the combine). The same operations on the same inputs (cuBLAS may take another
+    kernel on the side stream's handle: results can differ by rounding, bf16 ulps on the H200).
 
     routed: () -> any; shared: (N, D) -> (N, D). Autograd runs each backward op on its forward's stream, so the
     backward overlaps the same way. The caller adds the two on the current stream, after the join here.

@@ -203,8 +203,9 @@ def test_triton_under_autocast_on_gpu():
 
 @pytest.mark.skipif(device != "cuda", reason="the side stream exists on CUDA only (on the CPU the layer runs in order)")
 def test_shared_experts_on_a_side_stream_change_nothing():
-    # DeepSeekMoE on CUDA runs the shared experts on a side stream beside the routed kernels: the same kernels on
-    # the same inputs, so the output and every gradient must equal the one-stream order exactly
+    # DeepSeekMoE on CUDA runs the shared experts on a side stream beside the routed kernels: the same operations
+    # on the same inputs. Not bit-equal (H200: one bf16 ulp here and there): cuBLAS may take another kernel on
+    # another stream's handle. A race (reading x or ys before it is written) would be far off, or NaN.
     import torch.nn.functional as F
 
     from minids.moe import shared_beside_routed
@@ -225,7 +226,7 @@ def test_shared_experts_on_a_side_stream_change_nothing():
     serial, overlapped = layer(False), layer(True)
     torch.cuda.synchronize()
     for a, b in zip(overlapped, serial):
-        assert torch.isfinite(a).all() and torch.equal(a, b)
+        assert rel_err(a.float(), b.float()) < 2e-3
 
 
 def test_shared_beside_routed_on_cpu_runs_in_order():
@@ -239,13 +240,14 @@ def test_shared_beside_routed_on_cpu_runs_in_order():
 
 # ------------------------------------------------------------------------------------------------ backward variants
 VARIANTS = {  # (WGRAD, DGRAD, BLOCK_M, DX_LOOPS) of minids.kernels.moe, interpreter-sized tiles (the default is
-    # tested above; DX_LOOPS 1 and 2 both appear below whichever is the default)
+    # tested above; DX_LOOPS 1, 2 and 3 all appear below whichever is the default)
     "gather-autotuned": (None, None, None, 2),
     "tiles-gather": ({"tile": (32, 32, 16, 1, 1)}, None, None, 1),
     "sorted": ({"sorted": True, "tile": (32, 32, 16, 1, 1)}, None, None, 1),
     "sorted-fused-persistent": ({"sorted": True, "fuse": True, "programs": 3, "flat": True, "tile": (32, 16, 32, 1, 1)},
                                 {"dh": (16, 32, 1, 1, 4), "dx": (32, 16, 1, 1, 1)}, 32, 2),
     "gather-fused-persistent": ({"fuse": True, "programs": 2, "tile": (16, 32, 16, 1, 1)}, None, None, 1),
+    "dx-one-gemm": (None, {"dh": (16, 32, 1, 1, 4), "dx": (16, 16, 1, 1, 4)}, None, 3),  # K = 1.5 blocks per half
 }
 VARIANT_CASES = [CASES[0], CASES[3], CASES[4]]  # uneven rows; experts with zero rows; one expert with most rows
 
