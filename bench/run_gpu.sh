@@ -44,7 +44,7 @@ if [[ $what == sweeps ]]; then
   # the kernels' defaults come from these tables
   for s in ${SWEEPS:-rmsnorm moe mla fp8_gemm}; do
     echo "== sweep_$s"
-    timeout ${BENCH_TIMEOUT:-240} python3 bench/sweep_$s.py --out "$OUT" 2>&1 | grep -v -i -e warn -e "^|" | tail -n ${BENCH_TAIL:-45} | cut -c1-220
+    timeout ${BENCH_TIMEOUT:-240} python3 bench/sweep_$s.py --out "$OUT" ${SWEEP_ARGS:-} 2>&1 | grep -v -i -e warn -e "^|" | tail -n ${BENCH_TAIL:-45} | cut -c1-220
   done
 fi
 

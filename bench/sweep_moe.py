@@ -47,6 +47,10 @@ TIERS = {  # name: (tokens, hidden D, experts E, expert width I, top-K); bench/m
 # weight-gradient variants: name -> WGRAD (None: the default _wgrad_kernel launches); tile = (BMW, BNW, BK, warps, stages)
 T128 = (128, 128, 64, 8, 3)
 DEFAULTS = (km.WGRAD, km.DGRAD, km.BLOCK_M, km.DX_LOOPS)  # the module's defaults, restored after each variant
+FWD_DEFAULTS = (km.X_ON_LOAD, km.GATE_UP)
+# gate/up GEMM configs (BN, BK, warps, stages, GROUP_M), each with x gathered on load and from a sorted copy
+GCFGS = {"g0": (64, 64, 4, 4, 8), "g1": (128, 64, 8, 3, 8), "g2": (128, 64, 8, 4, 8), "g3": (64, 64, 8, 4, 8),
+         "g4": (128, 32, 8, 5, 8)}
 WGRADS = {
     "default": km.WGRAD,
     "gather": None,  # the autotuned (first config without --autotune) _wgrad_kernel, gathering on load
@@ -66,6 +70,7 @@ if args.cpu_smoke:
     WGRADS = {k: v and {**v, "tile": (32, 32, 16, 1, 1), **({"programs": 2} if v.get("programs") else {})}
               for k, v in WGRADS.items()}  # DEFAULTS' tile is the interpreter's already
     DCFGS = {"c0": (32, 32, 1, 1, 8), "c1": (16, 16, 1, 1, 4)}
+    GCFGS = {"g0": (32, 32, 1, 1, 8), "g1": (16, 16, 1, 1, 4)}
 WTOL, FTOL = 1e-2, 2e-2  # max relative error of a dgrad launch vs the default's; of a result vs the reference
 
 
@@ -76,8 +81,10 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def knobs(wgrad=DEFAULTS[0], dgrad=DEFAULTS[1], block_m=DEFAULTS[2], dx_loops=DEFAULTS[3]) -> None:
+def knobs(wgrad=DEFAULTS[0], dgrad=DEFAULTS[1], block_m=DEFAULTS[2], dx_loops=DEFAULTS[3], x_on_load=FWD_DEFAULTS[0],
+          gate_up=FWD_DEFAULTS[1]) -> None:
     km.WGRAD, km.DGRAD, km.BLOCK_M, km.DX_LOOPS = wgrad, dgrad, block_m, dx_loops
+    km.X_ON_LOAD, km.GATE_UP = x_on_load, gate_up
 
 
 def timed(fn, rep_ms: int = 100) -> float:
@@ -140,7 +147,7 @@ def pieces(tier: str, y: torch.Tensor, dy: torch.Tensor, ref_w: tuple, rows: lis
                                                                                    dtype=x.dtype)
     base_x = torch.empty_like(out_x)
     km._gemm(dg, wg, base_x, al, route_w, K, gather=False, epi=0, a2=du, b2=wu)
-    def dx_launch(c, loops):  # dx's two products in one K loop (1), two loops (2), one GEMM over the joined K (3)
+    def dx_launch(c, loops):  # dx with its two products in one K loop (1) or in two loops (2)
         km.DX_LOOPS = loops
         try:
             km._gemm(dg, wg, out_x, al, route_w, K, gather=False, epi=0, a2=du, b2=wu, cfg=c)
@@ -154,7 +161,6 @@ def pieces(tier: str, y: torch.Tensor, dy: torch.Tensor, ref_w: tuple, rows: lis
                                          cfg=c), (out_g[:used], out_u[:used]), (dg[:used], du[:used])),
         "dx": (lambda c: dx_launch(c, 1), (out_x,), (base_x,)),
         "dx-seq": (lambda c: dx_launch(c, 2), (out_x,), (base_x,)),
-        "dx-cat": (lambda c: dx_launch(c, 3), (out_x,), (base_x,)),
     }
     dres = {}
     fl = 2 * 2 * N * K * D * I
@@ -204,13 +210,35 @@ def sweep_tier(tier: str, dev: str, dt: torch.dtype, g: torch.Generator) -> tupl
     grouped_ms = timed(lambda: fwd_bwd("grouped")) if dev == "cuda" else float("nan")
     rows.append({"tier": tier, "piece": "fwd+bwd", "variant": "grouped", "ms": grouped_ms,
                  "TFLOPs": flops / grouped_ms / 1e9})
+    # the forward (routing plumbing, gate/up, down, combine, keeping g and u for the backward) per gate/up variant
+    fwd_ms, cells = {}, []
+    for src in ("load", "sorted"):
+        for cname, c in GCFGS.items():
+            name = f"{src}-{cname}"
+            try:
+                knobs(x_on_load=src == "load", gate_up=c)
+                err = rel(moe_experts(x, weights, indices, wg, wu, wd, impl="triton")[0], ref[0])
+                ms = timed(lambda: moe_experts(x, weights, indices, wg, wu, wd, impl="triton"))
+            except Exception as e:  # noqa: BLE001
+                cells.append(f"{name} failed ({type(e).__name__})")
+                rows.append({"tier": tier, "piece": "fwd", "variant": name, "error": short(e)})
+                continue
+            finally:
+                knobs()
+            fwd_ms[name] = ms
+            fl = 2 * 3 * N * K * D * I
+            rows.append({"tier": tier, "piece": "fwd", "variant": name, "cfg": c, "ms": ms, "TFLOPs": fl / ms / 1e9,
+                         "err": err})
+            cells.append(f"{name} {ms:.3f} ({fl / ms / 1e9:.0f}T){fmt_err(err, FTOL)}")
+    fwd_lines = wrap("  fwd       ms ", cells, 5)
+
     knobs()
     y = moe_experts(x, weights, indices, wg, wu, wd, impl="triton")[0]
     bm = km.BLOCK_M or km.block_m_for(N * K, E)
     head = f"{tier}: N={N} D={D} E={E} I={I} K={K} BM={bm} rows/expert={N * K / E:.0f}"
     lines = [f"{head}   grouped fwd+bwd {grouped_ms:.2f} ms ({flops / grouped_ms / 1e9:.0f} TFLOP/s)"]
     more, wres, dres = pieces(tier, y, dy, ref[3:6], rows)
-    lines += more
+    lines += fwd_lines + more
     del y
     torch.cuda.empty_cache() if dev == "cuda" else None
 
@@ -218,26 +246,31 @@ def sweep_tier(tier: str, dev: str, dt: torch.dtype, g: torch.Generator) -> tupl
     best_w = min((k for k in wres if k != "default"), key=wres.get, default="sorted-fused")
     dh_piece = "dh-sorted" if WGRADS[best_w] and WGRADS[best_w].get("sorted") else "dh"
     best_d = {p: min(dres[k], key=dres[k].get) for p, k in (("dh", dh_piece),) if dres.get(k)}
-    dx_loops = {"dx": 1, "dx-seq": 2, "dx-cat": 3}
+    dx_loops = {"dx": 1, "dx-seq": 2}
     dx_best = min(((dres[k][c], k, c) for k in dx_loops for c in dres.get(k, {})), default=None)
     loops = DEFAULTS[3]
     if dx_best:
         best_d["dx"], loops = dx_best[2], dx_loops[dx_best[1]]
     dgrad = {p: DCFGS[c] for p, c in best_d.items()}
-    combos = {  # name: (WGRAD, DGRAD, BLOCK_M, DX_LOOPS)
-        "default": DEFAULTS,
-        "w:gather": (None, *DEFAULTS[1:]),
-        f"w:{best_w}": (WGRADS[best_w], None, None, DEFAULTS[3]),
-        f"w:{best_w}+d:{best_d.get('dh')}/{best_d.get('dx')}/loops{loops}": (WGRADS[best_w], dgrad, None, loops),
+    best_f = min(fwd_ms, key=fwd_ms.get, default=None)
+    fwd = (best_f.startswith("load"), GCFGS[best_f.split("-")[1]]) if best_f else FWD_DEFAULTS
+    combos = {  # name: (WGRAD, DGRAD, BLOCK_M, DX_LOOPS, X_ON_LOAD, GATE_UP)
+        "default": (*DEFAULTS, *FWD_DEFAULTS),
+        "w:gather": (None, *DEFAULTS[1:], *FWD_DEFAULTS),
+        f"w:{best_w}": (WGRADS[best_w], None, None, DEFAULTS[3], *FWD_DEFAULTS),
+        f"w:{best_w}+d:{best_d.get('dh')}/{best_d.get('dx')}/loops{loops}": (WGRADS[best_w], dgrad, None, loops,
+                                                                          *FWD_DEFAULTS),
+        f"same+f:{best_f}": (WGRADS[best_w], dgrad, None, loops, *fwd),
     }
     if bm != 128 and dev == "cuda":  # c0 fits BM = 128 (the best BM = 64 configs may not)
-        combos["w:same+d:c0/c0+BM128"] = (WGRADS[best_w], {"dh": DCFGS["c0"], "dx": DCFGS["c0"]}, 128, DEFAULTS[3])
+        combos["w:same+d:c0/c0+BM128"] = (WGRADS[best_w], {"dh": DCFGS["c0"], "dx": DCFGS["c0"]}, 128, DEFAULTS[3],
+                                          *FWD_DEFAULTS)
     if bm != 64 and dev == "cuda":
-        combos["default+BM64"] = (*DEFAULTS[:2], 64, DEFAULTS[3])
+        combos["default+BM64"] = (*DEFAULTS[:2], 64, DEFAULTS[3], *FWD_DEFAULTS)
     cells = []
-    for name, (w, d, b, lp) in combos.items():
+    for name, (w, d, b, lp, xl, gu) in combos.items():
         try:
-            knobs(w, d, b, lp)
+            knobs(w, d, b, lp, xl, gu)
             err = max(rel(a, r) for a, r in zip(fwd_bwd("triton"), ref))
             ms = timed(lambda: fwd_bwd("triton"), rep_ms=300)
         except Exception as e:  # noqa: BLE001
@@ -247,6 +280,7 @@ def sweep_tier(tier: str, dev: str, dt: torch.dtype, g: torch.Generator) -> tupl
         finally:
             knobs()
         rows.append({"tier": tier, "piece": "fwd+bwd", "variant": name, "wgrad": w, "dgrad": d, "block_m": b, "dx_loops": lp,
+                     "x_on_load": xl, "gate_up": gu,
                      "ms": ms, "TFLOPs": flops / ms / 1e9, "err": err, "speedup_vs_grouped": grouped_ms / ms})
         cells.append(f"{name} {ms:.2f} ({grouped_ms / ms:.2f}x){fmt_err(err, FTOL)}")
     lines += wrap("  fwd+bwd   ms ", cells, 2)

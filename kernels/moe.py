@@ -74,8 +74,15 @@ WGRAD: dict | None = {"sorted": True, "fuse": True,
 # _grouped_kernel launch of dh = (weights * dy) W_down (SwiGLU backward epilogue) or of dxs = dg W_gate + du W_up.
 DGRAD: dict | None = None
 # DX_LOOPS: how the dx GEMM (dg W_gate + du W_up) runs its two products: 1 in one K loop (both operand pairs per
-# pipeline stage), 2 in two loops one after the other, 3 as one GEMM over the concatenated K (_grouped_kernel's TWO).
+# pipeline stage), 2 in two loops one after the other (_grouped_kernel's TWO). Default 2: the best dx at V3-4k in
+# bench/sweep_moe.py (6.1 ms against 6.8 in one loop; V2-Lite 1.11 against 1.25). One GEMM over the joined K (the
+# second pair addressed by its offset from the first) measured no better (6.4 / 1.08 ms) and was dropped.
 DX_LOOPS: int = 2
+# X_ON_LOAD: the gate/up GEMM gathers x's token rows on load (True), or reads a copy of x gathered into padded-row
+# order first (False: one extra pass over P_pad * D elements, and plain strides in the GEMM's K loop).
+X_ON_LOAD: bool = True
+# GATE_UP: None (autotuned), or (BN, BK, warps, stages, GROUP_M) fixing the gate/up GEMM's launch.
+GATE_UP: tuple | None = None
 # BLOCK_M: None (block_m_for), or the row block every expert is padded to (64 or 128; 16 under the interpreter).
 BLOCK_M: int | None = None
 
@@ -99,19 +106,20 @@ if HAVE_TRITON:
         return first_m + (pid % width) % size_m, (pid % width) // size_m
 
     @triton.autotune(
-        configs=_configs([(64, 64, 4, 4), (128, 64, 8, 3)], ("BN", "BK")),
-        key=["Ndim", "Kdim", "STORE_GU", "BM"],
+        configs=_configs([(64, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 8, 4)], ("BN", "BK")),
+        key=["Ndim", "Kdim", "STORE_GU", "X_SORTED", "BM"],
     )
     @triton.jit
     def _gate_up_kernel(
         X, WG, WU, H, G, U, SORTED_PAIR, BLOCK_EXPERT,
         n_blocks, Ndim, Kdim, top_k,
-        STORE_GU: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-        GROUP_M: tl.constexpr = 8,
+        STORE_GU: tl.constexpr, X_SORTED: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+        BK: tl.constexpr, GROUP_M: tl.constexpr = 8,
     ):
         """h = silu(x W_gate[e]^T) * (x W_up[e]^T) for one (BM, BN) tile of padded rows.
 
-        X: (N, Kdim=D) gathered by token; WG, WU: (E, Ndim=I, D); H, G, U: (P_pad, I).
+        X: (N, Kdim=D) gathered by token on load, or with X_SORTED (P_pad, D) already in padded-row order;
+        WG, WU: (E, Ndim=I, D); H, G, U: (P_pad, I).
         """
         pid_m, pid_n = _swizzle(tl.program_id(0), n_blocks, tl.cdiv(Ndim, BN), GROUP_M)
         e = tl.load(BLOCK_EXPERT + pid_m).to(tl.int64)
@@ -119,7 +127,10 @@ if HAVE_TRITON:
             rows = pid_m * BM + tl.arange(0, BM)  # (BM,) padded rows
             pair = tl.load(SORTED_PAIR + rows)
             valid = pair >= 0
-            token = tl.where(valid, pair // top_k, 0).to(tl.int64)  # (BM,): gather on load, no permuted copy
+            if X_SORTED:
+                token = rows.to(tl.int64)  # (BM,) rows of the sorted copy
+            else:
+                token = tl.where(valid, pair // top_k, 0).to(tl.int64)  # (BM,): gather on load, no permuted copy
             cols = pid_n * BN + tl.arange(0, BN)  # (BN,) over I
             cmask = cols < Ndim
             ks = tl.arange(0, BK)
@@ -152,7 +163,7 @@ if HAVE_TRITON:
     @triton.jit
     def _grouped_kernel(
         A, A2, B, B2, C, C2, G, U, SORTED_PAIR, BLOCK_EXPERT, ROUTE_W,
-        n_blocks, Ndim, Kdim, top_k, stride_be, stride_bk, stride_bn, delta_a, delta_b,
+        n_blocks, Ndim, Kdim, top_k, stride_be, stride_bk, stride_bn,
         A_GATHER: tl.constexpr, TWO: tl.constexpr, EPI: tl.constexpr, PREC: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr = 8,
     ):
@@ -160,9 +171,7 @@ if HAVE_TRITON:
 
         TWO 0: A B[e] only; 1: both products in each K step (one loop, both operand pairs in every pipeline stage);
         2: A2 B2[e] in a second loop after the first (half the shared memory per stage, so more stages or wider
-        tiles fit; each loop drains its pipeline once); 3: one loop over the concatenated K = 2 * Kdim, the second
-        half reading A2 and B2 at A + delta_a and B + delta_b (their element offsets from A and B): one operand pair
-        per stage and no drain in the middle. A2 has A's strides (and is never gathered), B2 has B's.
+        tiles fit; each loop drains its pipeline once). A2 has A's strides (and is never gathered), B2 has B's.
 
         A (and A2): (P_pad, Kdim) padded rows, or with A_GATHER (N, Kdim) rows gathered by token and scaled by the
         pair's routing weight (rounded to A's dtype: the reference's (weights * dy)); B[e] (Kdim, Ndim) read through
@@ -187,31 +196,18 @@ if HAVE_TRITON:
             a_off = a_rows[:, None] * Kdim + ks[None, :]  # (BM, BK)
             b_off = e * stride_be + ks[:, None].to(tl.int64) * stride_bk + cols[None, :].to(tl.int64) * stride_bn
             acc = tl.zeros((BM, BN), dtype=tl.float32)
-            if TWO == 3:  # [A | A2] [B; B2] as one GEMM over 2 * Kdim
-                n_k = tl.cdiv(Kdim, BK)
-                for i in range(0, 2 * n_k):
-                    second = i >= n_k
-                    kk = (i - tl.where(second, n_k, 0)) * BK
-                    kmask = kk + ks < Kdim
-                    a = tl.load(A + a_off + kk + tl.where(second, delta_a, 0), mask=valid[:, None] & kmask[None, :],
-                                other=0.0)
-                    b = tl.load(B + b_off + kk * stride_bk + tl.where(second, delta_b, 0),
-                                mask=kmask[:, None] & cmask[None, :], other=0.0)
-                    acc = tl.dot(a, b, acc, input_precision=PREC)
-            else:
-                for k0 in range(0, Kdim, BK):
-                    kmask = k0 + ks < Kdim
-                    amask = valid[:, None] & kmask[None, :]
-                    bmask = kmask[:, None] & cmask[None, :]
-                    a = tl.load(A + a_off + k0, mask=amask, other=0.0)
-                    if A_GATHER:
-                        a = (a.to(tl.float32) * scale[:, None]).to(A.dtype.element_ty)
-                    acc = tl.dot(a, tl.load(B + b_off + k0 * stride_bk, mask=bmask, other=0.0), acc,
-                                 input_precision=PREC)
-                    if TWO == 1:
-                        a2 = tl.load(A2 + a_off + k0, mask=amask, other=0.0)
-                        b2 = tl.load(B2 + b_off + k0 * stride_bk, mask=bmask, other=0.0)
-                        acc = tl.dot(a2, b2, acc, input_precision=PREC)
+            for k0 in range(0, Kdim, BK):
+                kmask = k0 + ks < Kdim
+                amask = valid[:, None] & kmask[None, :]
+                bmask = kmask[:, None] & cmask[None, :]
+                a = tl.load(A + a_off + k0, mask=amask, other=0.0)
+                if A_GATHER:
+                    a = (a.to(tl.float32) * scale[:, None]).to(A.dtype.element_ty)
+                acc = tl.dot(a, tl.load(B + b_off + k0 * stride_bk, mask=bmask, other=0.0), acc, input_precision=PREC)
+                if TWO == 1:
+                    a2 = tl.load(A2 + a_off + k0, mask=amask, other=0.0)
+                    b2 = tl.load(B2 + b_off + k0 * stride_bk, mask=bmask, other=0.0)
+                    acc = tl.dot(a2, b2, acc, input_precision=PREC)
             if TWO == 2:  # the second product in its own pipelined loop: half the shared memory per stage
                 for k0 in range(0, Kdim, BK):
                     kmask = k0 + ks < Kdim
@@ -420,16 +416,11 @@ def _gemm(a, b, out, al: MoEAlignment, route_w, top_k, *, gather, epi, a2=None, 
         bn, bk, warps, stages, group_m = cfg
         kernel, meta = _grouped_kernel.fn, {"BN": bn, "BK": bk, "GROUP_M": group_m, "num_warps": warps, "num_stages": stages}
     grid = lambda m: (n_blocks * triton.cdiv(Ndim, m["BN"]),)
-    two = 0 if a2 is None else DX_LOOPS
-    deltas = (0, 0)
-    if two == 3:  # element offsets of the second operand pair from the first (same dtype, shapes and strides)
-        assert a2.stride() == a.stride() and b2.stride() == b.stride() and a2.dtype == a.dtype and b2.dtype == b.dtype
-        deltas = ((a2.data_ptr() - a.data_ptr()) // a.element_size(), (b2.data_ptr() - b.data_ptr()) // b.element_size())
     kernel[grid](
         a, a2 if a2 is not None else a, b, b2 if b2 is not None else b, out, out2 if out2 is not None else out,
         g if g is not None else out, u if u is not None else out, al.sorted_pair, al.block_expert, route_w,
-        n_blocks, Ndim, Kdim, top_k, b.stride(0), b.stride(1), b.stride(2), *deltas,
-        A_GATHER=gather, TWO=two, EPI=epi, PREC=_prec(a.dtype), BM=bm, **meta,
+        n_blocks, Ndim, Kdim, top_k, b.stride(0), b.stride(1), b.stride(2),
+        A_GATHER=gather, TWO=0 if a2 is None else DX_LOOPS, EPI=epi, PREC=_prec(a.dtype), BM=bm, **meta,
     )
 
 
@@ -508,9 +499,16 @@ class _MoEExpertsFn(torch.autograd.Function):
         g = torch.empty_like(h) if need_grad else h
         u = torch.empty_like(h) if need_grad else h
         grid = lambda meta: (n_blocks * triton.cdiv(I, meta["BN"]),)
-        _gate_up_kernel[grid](
-            x, wg, wu, h, g, u, al.sorted_pair, al.block_expert, n_blocks, I, D, top_k,
-            STORE_GU=need_grad, PREC=_prec(x.dtype), BM=P_pad // n_blocks,
+        sorted_x = X_ON_LOAD is False  # (P_pad, D) copy in padded-row order, freed after the launch
+        kernel, meta = _gate_up_kernel, {}
+        if GATE_UP is not None:
+            bn, bk, warps, stages, group_m = GATE_UP
+            kernel, meta = _gate_up_kernel.fn, {"BN": bn, "BK": bk, "GROUP_M": group_m, "num_warps": warps,
+                                                "num_stages": stages}
+        kernel[grid](
+            _gather_rows(x, al, None, top_k) if sorted_x else x, wg, wu, h, g, u, al.sorted_pair, al.block_expert,
+            n_blocks, I, D, top_k, STORE_GU=need_grad, X_SORTED=sorted_x, PREC=_prec(x.dtype), BM=P_pad // n_blocks,
+            **meta,
         )
         ys = torch.empty(N * top_k, D, device=x.device, dtype=x.dtype)  # (P, D), pair-major
         _gemm(h, wd.transpose(1, 2), ys, al, route_w, top_k, gather=False, epi=0)  # (E, I, D) view of W_down^T
