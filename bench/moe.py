@@ -94,7 +94,7 @@ def bench_tier(tier: str, ceiling: float, g: torch.Generator) -> list[dict]:
             sg, su, sd = shared
             # the shared experts beside the routed ones on a side stream (DeepSeekMoE's way) for minids' layer;
             # one after the other for "triton-serial" and the torch peers
-            y, ys = shared_beside_routed(x, routed, lambda t: F.linear(F.silu(F.linear(t, sg)) * F.linear(t, su), sd),
+            y, ys = shared_beside_routed(x, routed, lambda h: F.linear(F.silu(F.linear(h, sg)) * F.linear(h, su), sd),
                                          overlap=impl == "triton")
             return y + ys
 
