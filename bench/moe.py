@@ -4,6 +4,7 @@ loop (both ``minids.moe.moe_experts``), forward and forward+backward, balanced a
     python3 bench/moe.py --out bench/results          # all tiers (under 4 minutes on an H200)
     python3 bench/moe.py --out /tmp/r --quick         # the V2-Lite tier only
     python3 bench/moe.py --out /tmp/r --tiers v2-lite --profile   # + the CUDA time of each kernel of one fwd+bwd
+    python3 bench/moe.py --out /tmp/r --quick --rounds 5          # each impl 5 times, taking turns: the median
 
 What is timed: the routed experts for a given routing (weights, indices), plus the shared experts (a cuBLAS SwiGLU
 MLP, the same kernels in every column; beside the routed kernels on a side stream for triton, after them for the
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -65,8 +67,9 @@ def draw_routing(N: int, E: int, K: int, kind: str, g: torch.Generator) -> tuple
     return weights, indices
 
 
-def bench_tier(tier: str, ceiling: float, g: torch.Generator) -> list[dict]:
-    """Every impl, both routings, forward and forward+backward, at one tier; returns the table rows."""
+def bench_tier(tier: str, ceiling: float, g: torch.Generator, rounds: int = 1) -> list[dict]:
+    """Every impl, both routings, forward and forward+backward, at one tier; returns the table rows (the median of
+    rounds measurements, the impls taking turns)."""
     N, D, E, I, K, n_shared = TIERS[tier]
     Is = n_shared * I
     dt = torch.bfloat16
@@ -99,29 +102,41 @@ def bench_tier(tier: str, ceiling: float, g: torch.Generator) -> list[dict]:
             return y + ys
 
         params = [x, weights, wg, wu, wd, *shared]
-        ref = None
+        ref, errs, times = None, {}, {impl: ([], []) for impl in IMPLS}
+        for rnd in range(rounds):  # the impls take turns each round, so slow drifts (clocks, heat) hit them alike
+            for impl in IMPLS:
+                if impl in errs and errs[impl] is None:
+                    continue  # failed in an earlier round
+                try:
+                    with torch.no_grad():
+                        if rnd == 0:
+                            y = layer(impl)
+                            if ref is None:
+                                ref = y.float()
+                            errs[impl] = ((y.float() - ref).norm() / ref.norm()).item()
+                        times[impl][0].append(median_ms(lambda impl=impl: layer(impl)))
+                    times[impl][1].append(median_ms(lambda impl=impl, params=params: torch.autograd.grad(
+                        layer(impl), params, dy)))
+                except Exception as e:  # noqa: BLE001  a failing peer is one line, the sweep goes on
+                    print(f"{tier} {kind} {impl}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                    errs[impl] = None
         for impl in IMPLS:
-            try:
-                with torch.no_grad():
-                    y = layer(impl)
-                    if ref is None:
-                        ref = y.float()
-                    err = ((y.float() - ref).norm() / ref.norm()).item()
-                    f_ms = median_ms(lambda impl=impl: layer(impl))
-                fb_ms = median_ms(lambda impl=impl, params=params: torch.autograd.grad(layer(impl), params, dy))
-            except Exception as e:  # noqa: BLE001  a failing peer is one line, the sweep goes on
-                print(f"{tier} {kind} {impl}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            if errs.get(impl) is None:
                 continue
+            err = errs[impl]
+            f_ms, fb_ms = (statistics.median(t) for t in times[impl])
             f_tf, fb_tf = flops_fwd / f_ms / 1e9, 3 * flops_fwd / fb_ms / 1e9
             rows.append({
                 "tier": tier, "routing": kind, "top_expert_share": round(top_share, 3), "impl": impl,
                 "N": N, "D": D, "E": E, "I": I, "K": K, "shared": n_shared,
                 "fwd_ms": f_ms, "fwd_TFLOPs": f_tf, "fwd_of_ceiling": f_tf / ceiling,
                 "fwd_bwd_ms": fb_ms, "fwd_bwd_TFLOPs": fb_tf, "fwd_bwd_of_ceiling": fb_tf / ceiling,
-                "rel_err_vs_triton": err,
+                "rel_err_vs_triton": err, "rounds": len(times[impl][1]),
+                "fwd_bwd_ms_each_round": [round(t, 3) for t in times[impl][1]],
             })
             print(f"{tier:8s} {kind:8s} {impl:13s} fwd {f_ms:8.3f} ms {f_tf:6.1f} TFLOP/s ({f_tf / ceiling:.0%})"
-                  f"   fwd+bwd {fb_ms:8.3f} ms {fb_tf:6.1f} TFLOP/s ({fb_tf / ceiling:.0%})   err {err:.1e}")
+                  f"   fwd+bwd {fb_ms:8.3f} ms {fb_tf:6.1f} TFLOP/s ({fb_tf / ceiling:.0%})   err {err:.1e}"
+                  + (f"   rounds {' '.join(f'{t:.2f}' for t in times[impl][1])}" if rounds > 1 else ""))
         base = {r["impl"]: r for r in rows if r["routing"] == kind}
         for name in ("triton", "triton-serial"):
             if name in base and "grouped" in base:
@@ -174,6 +189,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="the V2-Lite tier only")
     ap.add_argument("--tiers", nargs="+", choices=list(TIERS), help="the tiers to run (default all)")
     ap.add_argument("--profile", action="store_true", help="also time each kernel of the Triton path per tier")
+    ap.add_argument("--rounds", type=int, default=1, help="measure each impl this many times, taking turns; report "
+                    "the median")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/moe.py needs a CUDA GPU")
@@ -185,11 +202,11 @@ def main() -> None:
     rows = []
     g = torch.Generator(device="cuda").manual_seed(0)
     for tier in tiers:
-        rows += bench_tier(tier, ceiling, g)
+        rows += bench_tier(tier, ceiling, g, args.rounds)
         torch.cuda.empty_cache()
     cols = ["tier", "routing", "top_expert_share", "impl", "fwd_ms", "fwd_TFLOPs", "fwd_of_ceiling", "fwd_bwd_ms",
             "fwd_bwd_TFLOPs", "fwd_bwd_of_ceiling", "fwd_speedup_vs_grouped", "fwd_bwd_speedup_vs_grouped",
-            "rel_err_vs_triton"]
+            "rel_err_vs_triton", "rounds"]
     print(write_results(args.out, "moe", meta, rows, cols, NOTES))
     if args.profile:
         prof = [r for tier in tiers for r in profile_tier(tier, g)]
