@@ -46,9 +46,8 @@ TIERS = {  # name: (tokens, hidden D, experts E, expert width I, top-K); bench/m
 }
 # weight-gradient variants: name -> WGRAD (None: the default _wgrad_kernel launches); tile = (BMW, BNW, BK, warps, stages)
 T128 = (128, 128, 64, 8, 3)
-DEFAULTS = (km.WGRAD, km.DGRAD, km.BLOCK_M, km.DX_LOOPS)  # the module's defaults, restored after each variant
-FWD_DEFAULTS = (km.X_ON_LOAD, km.GATE_UP)
-# gate/up GEMM configs (BN, BK, warps, stages, GROUP_M), each with x gathered on load and from a sorted copy
+DEFAULTS = (km.WGRAD, km.DGRAD, km.BLOCK_M, km.DX_LOOPS, km.GATE_UP)  # the module's defaults, restored after each variant
+# gate/up GEMM configs (BN, BK, warps, stages, GROUP_M)
 GCFGS = {"g0": (64, 64, 4, 4, 8), "g1": (128, 64, 8, 3, 8), "g2": (128, 64, 8, 4, 8), "g3": (64, 64, 8, 4, 8),
          "g4": (128, 32, 8, 5, 8)}
 WGRADS = {
@@ -81,10 +80,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def knobs(wgrad=DEFAULTS[0], dgrad=DEFAULTS[1], block_m=DEFAULTS[2], dx_loops=DEFAULTS[3], x_on_load=FWD_DEFAULTS[0],
-          gate_up=FWD_DEFAULTS[1]) -> None:
-    km.WGRAD, km.DGRAD, km.BLOCK_M, km.DX_LOOPS = wgrad, dgrad, block_m, dx_loops
-    km.X_ON_LOAD, km.GATE_UP = x_on_load, gate_up
+def knobs(wgrad=DEFAULTS[0], dgrad=DEFAULTS[1], block_m=DEFAULTS[2], dx_loops=DEFAULTS[3], gate_up=DEFAULTS[4]) -> None:
+    km.WGRAD, km.DGRAD, km.BLOCK_M, km.DX_LOOPS, km.GATE_UP = wgrad, dgrad, block_m, dx_loops, gate_up
 
 
 def timed(fn, rep_ms: int = 100) -> float:
@@ -212,24 +209,23 @@ def sweep_tier(tier: str, dev: str, dt: torch.dtype, g: torch.Generator) -> tupl
                  "TFLOPs": flops / grouped_ms / 1e9})
     # the forward (routing plumbing, gate/up, down, combine, keeping g and u for the backward) per gate/up variant
     fwd_ms, cells = {}, []
-    for src in ("load", "sorted"):
-        for cname, c in GCFGS.items():
-            name = f"{src}-{cname}"
-            try:
-                knobs(x_on_load=src == "load", gate_up=c)
-                err = rel(moe_experts(x, weights, indices, wg, wu, wd, impl="triton")[0], ref[0])
-                ms = timed(lambda: moe_experts(x, weights, indices, wg, wu, wd, impl="triton"))
-            except Exception as e:  # noqa: BLE001
-                cells.append(f"{name} failed ({type(e).__name__})")
-                rows.append({"tier": tier, "piece": "fwd", "variant": name, "error": short(e)})
-                continue
-            finally:
-                knobs()
-            fwd_ms[name] = ms
-            fl = 2 * 3 * N * K * D * I
-            rows.append({"tier": tier, "piece": "fwd", "variant": name, "cfg": c, "ms": ms, "TFLOPs": fl / ms / 1e9,
-                         "err": err})
-            cells.append(f"{name} {ms:.3f} ({fl / ms / 1e9:.0f}T){fmt_err(err, FTOL)}")
+    for cname, c in GCFGS.items():
+        name = cname
+        try:
+            knobs(gate_up=c)
+            err = rel(moe_experts(x, weights, indices, wg, wu, wd, impl="triton")[0], ref[0])
+            ms = timed(lambda: moe_experts(x, weights, indices, wg, wu, wd, impl="triton"))
+        except Exception as e:  # noqa: BLE001
+            cells.append(f"{name} failed ({type(e).__name__})")
+            rows.append({"tier": tier, "piece": "fwd", "variant": name, "error": short(e)})
+            continue
+        finally:
+            knobs()
+        fwd_ms[name] = ms
+        fl = 2 * 3 * N * K * D * I
+        rows.append({"tier": tier, "piece": "fwd", "variant": name, "cfg": c, "ms": ms, "TFLOPs": fl / ms / 1e9,
+                     "err": err})
+        cells.append(f"{name} {ms:.3f} ({fl / ms / 1e9:.0f}T){fmt_err(err, FTOL)}")
     fwd_lines = wrap("  fwd       ms ", cells, 5)
 
     knobs()
@@ -253,24 +249,22 @@ def sweep_tier(tier: str, dev: str, dt: torch.dtype, g: torch.Generator) -> tupl
         best_d["dx"], loops = dx_best[2], dx_loops[dx_best[1]]
     dgrad = {p: DCFGS[c] for p, c in best_d.items()}
     best_f = min(fwd_ms, key=fwd_ms.get, default=None)
-    fwd = (best_f.startswith("load"), GCFGS[best_f.split("-")[1]]) if best_f else FWD_DEFAULTS
-    combos = {  # name: (WGRAD, DGRAD, BLOCK_M, DX_LOOPS, X_ON_LOAD, GATE_UP)
-        "default": (*DEFAULTS, *FWD_DEFAULTS),
-        "w:gather": (None, *DEFAULTS[1:], *FWD_DEFAULTS),
-        f"w:{best_w}": (WGRADS[best_w], None, None, DEFAULTS[3], *FWD_DEFAULTS),
+    combos = {  # name: (WGRAD, DGRAD, BLOCK_M, DX_LOOPS, GATE_UP)
+        "default": DEFAULTS,
+        "w:gather": (None, *DEFAULTS[1:]),
+        f"w:{best_w}": (WGRADS[best_w], None, None, *DEFAULTS[3:]),
         f"w:{best_w}+d:{best_d.get('dh')}/{best_d.get('dx')}/loops{loops}": (WGRADS[best_w], dgrad, None, loops,
-                                                                          *FWD_DEFAULTS),
-        f"same+f:{best_f}": (WGRADS[best_w], dgrad, None, loops, *fwd),
+                                                                          DEFAULTS[4]),
+        f"same+f:{best_f}": (WGRADS[best_w], dgrad, None, loops, GCFGS[best_f] if best_f else DEFAULTS[4]),
     }
     if bm != 128 and dev == "cuda":  # c0 fits BM = 128 (the best BM = 64 configs may not)
-        combos["w:same+d:c0/c0+BM128"] = (WGRADS[best_w], {"dh": DCFGS["c0"], "dx": DCFGS["c0"]}, 128, DEFAULTS[3],
-                                          *FWD_DEFAULTS)
+        combos["w:same+d:c0/c0+BM128"] = (WGRADS[best_w], {"dh": DCFGS["c0"], "dx": DCFGS["c0"]}, 128, *DEFAULTS[3:])
     if bm != 64 and dev == "cuda":
-        combos["default+BM64"] = (*DEFAULTS[:2], 64, DEFAULTS[3], *FWD_DEFAULTS)
+        combos["default+BM64"] = (*DEFAULTS[:2], 64, *DEFAULTS[3:])
     cells = []
-    for name, (w, d, b, lp, xl, gu) in combos.items():
+    for name, (w, d, b, lp, gu) in combos.items():
         try:
-            knobs(w, d, b, lp, xl, gu)
+            knobs(w, d, b, lp, gu)
             err = max(rel(a, r) for a, r in zip(fwd_bwd("triton"), ref))
             ms = timed(lambda: fwd_bwd("triton"), rep_ms=300)
         except Exception as e:  # noqa: BLE001
@@ -280,7 +274,7 @@ def sweep_tier(tier: str, dev: str, dt: torch.dtype, g: torch.Generator) -> tupl
         finally:
             knobs()
         rows.append({"tier": tier, "piece": "fwd+bwd", "variant": name, "wgrad": w, "dgrad": d, "block_m": b, "dx_loops": lp,
-                     "x_on_load": xl, "gate_up": gu,
+                     "gate_up": gu,
                      "ms": ms, "TFLOPs": flops / ms / 1e9, "err": err, "speedup_vs_grouped": grouped_ms / ms})
         cells.append(f"{name} {ms:.2f} ({grouped_ms / ms:.2f}x){fmt_err(err, FTOL)}")
     lines += wrap("  fwd+bwd   ms ", cells, 2)

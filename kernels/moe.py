@@ -78,10 +78,9 @@ DGRAD: dict | None = None
 # bench/sweep_moe.py (6.1 ms against 6.8 in one loop; V2-Lite 1.11 against 1.25). One GEMM over the joined K (the
 # second pair addressed by its offset from the first) measured no better (6.4 / 1.08 ms) and was dropped.
 DX_LOOPS: int = 2
-# X_ON_LOAD: the gate/up GEMM gathers x's token rows on load (True), or reads a copy of x gathered into padded-row
-# order first (False: one extra pass over P_pad * D elements, and plain strides in the GEMM's K loop).
-X_ON_LOAD: bool = True
-# GATE_UP: None (autotuned), or (BN, BK, warps, stages, GROUP_M) fixing the gate/up GEMM's launch.
+# GATE_UP: None (autotuned), or (BN, BK, warps, stages, GROUP_M) fixing the gate/up GEMM's launch. Gathering x on
+# load costs nothing here: reading x from a copy sorted into padded-row order measured the same (2.00 against 2.01 ms
+# for the V2-Lite forward, 9.9 against 9.6 at V3-4k; bench/sweep_moe.py 2026-12-01), so no copy is made.
 GATE_UP: tuple | None = None
 # BLOCK_M: None (block_m_for), or the row block every expert is padded to (64 or 128; 16 under the interpreter).
 BLOCK_M: int | None = None
@@ -106,20 +105,21 @@ if HAVE_TRITON:
         return first_m + (pid % width) % size_m, (pid % width) // size_m
 
     @triton.autotune(
-        configs=_configs([(64, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 8, 4)], ("BN", "BK")),
-        key=["Ndim", "Kdim", "STORE_GU", "X_SORTED", "BM"],
+        # (128, 64, 8, 4) first: the fastest at V2-Lite and V3-4k in bench/sweep_moe.py (2.01 / 9.6 ms forward
+        # against 2.20 / 10.7 for (64, 64, 4, 4))
+        configs=_configs([(128, 64, 8, 4), (64, 64, 4, 4), (128, 64, 8, 3), (64, 64, 8, 4)], ("BN", "BK")),
+        key=["Ndim", "Kdim", "STORE_GU", "BM"],
     )
     @triton.jit
     def _gate_up_kernel(
         X, WG, WU, H, G, U, SORTED_PAIR, BLOCK_EXPERT,
         n_blocks, Ndim, Kdim, top_k,
-        STORE_GU: tl.constexpr, X_SORTED: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-        BK: tl.constexpr, GROUP_M: tl.constexpr = 8,
+        STORE_GU: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+        GROUP_M: tl.constexpr = 8,
     ):
         """h = silu(x W_gate[e]^T) * (x W_up[e]^T) for one (BM, BN) tile of padded rows.
 
-        X: (N, Kdim=D) gathered by token on load, or with X_SORTED (P_pad, D) already in padded-row order;
-        WG, WU: (E, Ndim=I, D); H, G, U: (P_pad, I).
+        X: (N, Kdim=D) gathered by token; WG, WU: (E, Ndim=I, D); H, G, U: (P_pad, I).
         """
         pid_m, pid_n = _swizzle(tl.program_id(0), n_blocks, tl.cdiv(Ndim, BN), GROUP_M)
         e = tl.load(BLOCK_EXPERT + pid_m).to(tl.int64)
@@ -127,10 +127,7 @@ if HAVE_TRITON:
             rows = pid_m * BM + tl.arange(0, BM)  # (BM,) padded rows
             pair = tl.load(SORTED_PAIR + rows)
             valid = pair >= 0
-            if X_SORTED:
-                token = rows.to(tl.int64)  # (BM,) rows of the sorted copy
-            else:
-                token = tl.where(valid, pair // top_k, 0).to(tl.int64)  # (BM,): gather on load, no permuted copy
+            token = tl.where(valid, pair // top_k, 0).to(tl.int64)  # (BM,): gather on load, no permuted copy
             cols = pid_n * BN + tl.arange(0, BN)  # (BN,) over I
             cmask = cols < Ndim
             ks = tl.arange(0, BK)
@@ -499,16 +496,14 @@ class _MoEExpertsFn(torch.autograd.Function):
         g = torch.empty_like(h) if need_grad else h
         u = torch.empty_like(h) if need_grad else h
         grid = lambda meta: (n_blocks * triton.cdiv(I, meta["BN"]),)
-        sorted_x = X_ON_LOAD is False  # (P_pad, D) copy in padded-row order, freed after the launch
         kernel, meta = _gate_up_kernel, {}
         if GATE_UP is not None:
             bn, bk, warps, stages, group_m = GATE_UP
             kernel, meta = _gate_up_kernel.fn, {"BN": bn, "BK": bk, "GROUP_M": group_m, "num_warps": warps,
                                                 "num_stages": stages}
         kernel[grid](
-            _gather_rows(x, al, None, top_k) if sorted_x else x, wg, wu, h, g, u, al.sorted_pair, al.block_expert,
-            n_blocks, I, D, top_k, STORE_GU=need_grad, X_SORTED=sorted_x, PREC=_prec(x.dtype), BM=P_pad // n_blocks,
-            **meta,
+            x, wg, wu, h, g, u, al.sorted_pair, al.block_expert, n_blocks, I, D, top_k,
+            STORE_GU=need_grad, PREC=_prec(x.dtype), BM=P_pad // n_blocks, **meta,
         )
         ys = torch.empty(N * top_k, D, device=x.device, dtype=x.dtype)  # (P, D), pair-major
         _gemm(h, wd.transpose(1, 2), ys, al, route_w, top_k, gather=False, epi=0)  # (E, I, D) view of W_down^T
