@@ -105,9 +105,10 @@ if HAVE_TRITON:
         return first_m + (pid % width) % size_m, (pid % width) // size_m
 
     @triton.autotune(
-        # (128, 64, 8, 4) first: the fastest at V2-Lite and V3-4k in bench/sweep_moe.py (2.01 / 9.6 ms forward
-        # against 2.20 / 10.7 for (64, 64, 4, 4))
-        configs=_configs([(128, 64, 8, 4), (64, 64, 4, 4), (128, 64, 8, 3), (64, 64, 8, 4)], ("BN", "BK")),
+        # (128, 64, 8, 4): the fastest bf16 forward at V2-Lite and V3-4k in bench/sweep_moe.py (2.01 / 9.6 ms against
+        # 2.20 / 10.7 for (64, 64, 4, 4)); not first, since without autotuning the first config must also fit float32
+        # operands in shared memory (it needs 240 KB there)
+        configs=_configs([(64, 64, 4, 4), (128, 64, 8, 4), (128, 64, 8, 3), (64, 64, 8, 4)], ("BN", "BK")),
         key=["Ndim", "Kdim", "STORE_GU", "BM"],
     )
     @triton.jit

@@ -204,8 +204,9 @@ def test_triton_under_autocast_on_gpu():
 @pytest.mark.skipif(device != "cuda", reason="the side stream exists on CUDA only (on the CPU the layer runs in order)")
 def test_shared_experts_on_a_side_stream_change_nothing():
     # DeepSeekMoE on CUDA runs the shared experts on a side stream beside the routed kernels: the same operations
-    # on the same inputs. Not bit-equal (H200: one bf16 ulp here and there): cuBLAS may take another kernel on
-    # another stream's handle. A race (reading x or ys before it is written) would be far off, or NaN.
+    # on the same inputs. Not bit-equal on the H200 (2.8e-3 relative, bf16 ulps): cuBLAS may take another kernel
+    # on another stream's handle. A race (reading NaN-poisoned ys before it is written, or a gradient contribution
+    # lost) would be NaN or off by tens of percent.
     import torch.nn.functional as F
 
     from minids.moe import shared_beside_routed
@@ -226,7 +227,7 @@ def test_shared_experts_on_a_side_stream_change_nothing():
     serial, overlapped = layer(False), layer(True)
     torch.cuda.synchronize()
     for a, b in zip(overlapped, serial):
-        assert rel_err(a.float(), b.float()) < 2e-3
+        assert rel_err(a.float(), b.float()) < 1e-2
 
 
 def test_shared_beside_routed_on_cpu_runs_in_order():
