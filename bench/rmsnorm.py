@@ -3,6 +3,7 @@ liger-kernel's RMSNorm, forward, backward and forward+backward, plus the fused r
 
     python3 bench/rmsnorm.py --out bench/results            # full sweep (under 4 minutes on an H200)
     python3 bench/rmsnorm.py --out /tmp/r --quick           # hidden 1024 and 7168 only
+    python3 bench/rmsnorm.py --out /tmp/r --hidden 512 7168 --rounds 5   # kernel time: median of 5, peers in turn
 
 bf16 activations and weight, 16384 rows (the issue's shapes). Bytes counted as the fewest a pass must move:
 forward reads x and writes y (2 * R * D * 2 bytes); backward reads x and dy and writes dx (3 * R * D * 2; rstd and
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -78,9 +80,9 @@ def fused_peers(w: torch.Tensor) -> dict[str, Callable]:
     }
 
 
-def time_three(fn: Callable, sets: list[tuple], params: tuple) -> tuple[float, float, float, float, float]:
-    """Median ms of forward, backward alone, and forward+backward of y = fn(*inputs), rotating over input sets,
-    then the GPU kernel time alone of the forward and of the backward (``device_ms``: no host overhead).
+def time_three(fn: Callable, sets: list[tuple], params: tuple) -> tuple[float, float, float]:
+    """Median wall ms (do_bench) of forward, backward alone, and forward+backward of y = fn(*inputs), rotating over
+    input sets.
 
     sets: ((inputs...), (output grads...)) pairs; params: the tensors besides the inputs that get gradients.
     """
@@ -98,7 +100,6 @@ def time_three(fn: Callable, sets: list[tuple], params: tuple) -> tuple[float, f
         torch.autograd.grad(outs, (*s[0], *params), s[1], retain_graph=True)
 
     b_ms = median_ms(bwd)
-    f_dev, b_dev = device_ms(lambda: fn(*next(cyc)[0])), device_ms(bwd)
     del graphs
 
     def fwd_bwd():
@@ -106,7 +107,19 @@ def time_three(fn: Callable, sets: list[tuple], params: tuple) -> tuple[float, f
         torch.autograd.grad(fwd_out(s), (*s[0], *params), s[1])
 
     fb_ms = median_ms(fwd_bwd)
-    return f_ms, b_ms, fb_ms, f_dev, b_dev
+    return f_ms, b_ms, fb_ms
+
+
+def kernel_times(fn: Callable, sets: list[tuple], params: tuple) -> tuple[float, float]:
+    """GPU kernel ms of the forward and of the backward alone (``device_ms``), rotating over input sets."""
+    cyc = itertools.cycle(sets)
+    graphs = itertools.cycle([((o if isinstance(o := fn(*s[0]), tuple) else (o,)), s) for s in sets])
+
+    def bwd():
+        outs, s = next(graphs)
+        torch.autograd.grad(outs, (*s[0], *params), s[1], retain_graph=True)
+
+    return device_ms(lambda: fn(*next(cyc)[0])), device_ms(bwd)
 
 
 def main() -> None:
@@ -114,6 +127,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     ap.add_argument("--quick", action="store_true", help="hidden 1024 and 7168 only")
     ap.add_argument("--rows", type=int, default=16384)
+    ap.add_argument("--hidden", type=int, nargs="+", help="hidden sizes (default 512 1024 2048 4096 7168)")
+    ap.add_argument("--rounds", type=int, default=1, help="kernel-time samples per peer, the peers taking turns; "
+                    "the *_kernel_* columns report the median")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/rmsnorm.py needs a CUDA GPU")
@@ -125,7 +141,7 @@ def main() -> None:
     print(f"{meta['device']}: copy {copy_gbs:.0f} GB/s, bf16 matmul {meta['matmul_bf16_TFLOPs']} TFLOP/s")
 
     R = args.rows
-    hidden = [1024, 7168] if args.quick else [512, 1024, 2048, 4096, 7168]
+    hidden = args.hidden or ([1024, 7168] if args.quick else [512, 1024, 2048, 4096, 7168])
     rows = []
     g = torch.Generator(device="cuda").manual_seed(0)
     for D in hidden:
@@ -139,12 +155,23 @@ def main() -> None:
         fused = [((rnd().requires_grad_(), rnd().requires_grad_()), (rnd(), rnd())) for _ in range(n_sets)]
         cases = [("rms_norm", name, fn, params, plain, 2, 3) for name, (fn, params) in peers(D, w).items()]
         cases += [("add_rms_norm", name, fn, (w,), fused, 4, 4) for name, fn in fused_peers(w).items()]
+        measured = {}
         for op, name, fn, params, sets, f_elems, b_elems in cases:
             try:
-                f_ms, b_ms, fb_ms, f_dev, b_dev = time_three(fn, sets, params)
+                measured[op, name] = (*time_three(fn, sets, params), [], [])
             except Exception as e:  # noqa: BLE001  a failing peer is one line, the sweep continues
                 print(f"{op} D={D} {name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        for _ in range(args.rounds):  # kernel time, the peers taking turns so that drifts hit them alike
+            for op, name, fn, params, sets, _f, _b in cases:
+                if (op, name) in measured:
+                    f_dev, b_dev = kernel_times(fn, sets, params)
+                    measured[op, name][3].append(f_dev)
+                    measured[op, name][4].append(b_dev)
+        for op, name, fn, params, sets, f_elems, b_elems in cases:
+            if (op, name) not in measured:
                 continue
+            f_ms, b_ms, fb_ms, f_devs, b_devs = measured[op, name]
+            f_dev, b_dev = statistics.median(f_devs), statistics.median(b_devs)
             unit = R * D * 2
             f_gbs, b_gbs = f_elems * unit / f_ms / 1e6, b_elems * unit / b_ms / 1e6
             fb_gbs = (f_elems + b_elems) * unit / fb_ms / 1e6
@@ -155,6 +182,8 @@ def main() -> None:
                 "fwd_bwd_ms": fb_ms, "fwd_bwd_TBps": fb_gbs / 1e3,
                 "fwd_kernel_ms": f_dev, "fwd_kernel_of_copy": f_elems * unit / f_dev / 1e6 / copy_gbs,
                 "bwd_kernel_ms": b_dev, "bwd_kernel_of_copy": b_elems * unit / b_dev / 1e6 / copy_gbs,
+                "fwd_kernel_ms_each_round": [round(t, 5) for t in f_devs],
+                "bwd_kernel_ms_each_round": [round(t, 5) for t in b_devs],
             })
             print(f"{op:12s} D={D:5d} {name:10s} fwd {f_ms:.3f} ms {f_gbs / 1e3:.2f} TB/s ({f_gbs / copy_gbs:.0%})"
                   f"  bwd {b_ms:.3f} ms {b_gbs / 1e3:.2f} TB/s ({b_gbs / copy_gbs:.0%})  fwd+bwd {fb_gbs / 1e3:.2f} TB/s"
