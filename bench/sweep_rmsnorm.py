@@ -4,6 +4,8 @@ torch.compile of the eager reference, at 16384 rows of bf16 (bench/rmsnorm.py's 
 ``_fwd_config`` / ``_bwd_config`` choose is marked "*"; the fastest config per shape is printed last.
 
     python3 bench/sweep_rmsnorm.py --out /tmp/r
+    python3 bench/sweep_rmsnorm.py --out /tmp/r --hidden 512 7168 --passes fwd compiled   # the forward only
+    python3 bench/sweep_rmsnorm.py --cpu-smoke               # forward variants under the interpreter: checks only
 
 Kernel time is ``device_ms`` (torch.profiler, the sum of the kernels' durations, inputs rotated past L2); the
 backward's time includes the (P, D) dweight partial sum, which is also reported alone (``sum_us``).
@@ -13,8 +15,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 from pathlib import Path
+
+if "--cpu-smoke" in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"  # read when minids.kernels is imported
 
 import torch
 
@@ -27,8 +33,10 @@ from minids.norm import rms_norm
 EPS = 1e-6
 
 
-def fwd_configs(D: int) -> list[tuple[int, int, bool]]:
-    """(ROWS, warps, EVICT) with tiles of 2K-32K elements and 8-64 elements a thread."""
+def fwd_configs(D: int) -> list[tuple[int, int, int, bool, bool, bool]]:
+    """(BLOCK_D, ROWS, warps, EVICT, LOOPED, EVEN): whole-row tiles of 2K-32K elements and 8-64 elements a thread,
+    each with and without EVICT and, where D is a power of two, mask-free (EVEN); then, for D >= 2048, the two-pass
+    loop over 512-4096-wide chunks of one row (8-32 elements a thread)."""
     bd = K.triton.next_power_of_2(D)
     out = []
     for tile in (1024, 2048, 4096, 8192, 16384):
@@ -37,7 +45,15 @@ def fwd_configs(D: int) -> list[tuple[int, int, bool]]:
             continue
         for warps in (1, 2, 4, 8, 16):
             if 16 <= tile // (32 * warps) <= 64:
-                out += [(rows, warps, False), (rows, warps, True)]
+                for ev in (False, True):
+                    out.append((bd, rows, warps, ev, False, False))
+                    if bd == D:
+                        out.append((bd, rows, warps, ev, False, True))
+    if D >= 2048:
+        for chunk in (512, 1024, 2048, 4096):
+            for warps in (1, 2, 4, 8):
+                if 8 <= chunk // (32 * warps) <= 32:
+                    out.append((chunk, 1, warps, False, True, False))
     return out
 
 
@@ -59,43 +75,55 @@ def bwd_configs(D: int, base_per_sm: int) -> list[tuple[int, int, int, bool, boo
     return out
 
 
-def sweep_hidden(D: int, R: int, copy: float, sms: int, g: torch.Generator) -> list[dict]:
-    """Every forward and backward config at hidden D, then torch.compile's kernels; prints 3 lines, returns rows."""
+def sweep_hidden(D: int, R: int, copy: float, sms: int, g: torch.Generator, passes: list[str],
+                 dev: str = "cuda") -> list[dict]:
+    """Every forward and backward config at hidden D, then torch.compile's kernels (each of passes: fwd, bwd,
+    compiled); prints a line per pass, returns rows. dev "cpu": the interpreter, forward only, no timing."""
     rows_out = []
-    n_sets = max(2, -(-(256 << 20) // (R * D * 2)))
-    w = (1 + 0.1 * torch.randn(D, device="cuda", generator=g)).to(torch.bfloat16)
-    xs = [torch.randn(R, D, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(n_sets)]
-    dys = [torch.randn(R, D, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(n_sets)]
+    n_sets = max(2, -(-(256 << 20) // (R * D * 2))) if dev == "cuda" else 1
+    dt = torch.bfloat16 if dev == "cuda" else torch.float32
+    w = (1 + 0.1 * torch.randn(D, device=dev, generator=g)).to(dt)
+    xs = [torch.randn(R, D, device=dev, generator=g, dtype=dt) for _ in range(n_sets)]
+    dys = [torch.randn(R, D, device=dev, generator=g, dtype=dt) for _ in range(n_sets)]
     y, dx = torch.empty_like(xs[0]), torch.empty_like(xs[0])
-    rstd = [torch.empty(R, device="cuda", dtype=torch.float32) for _ in range(n_sets)]
+    rstd = [torch.empty(R, device=dev, dtype=torch.float32) for _ in range(n_sets)]
+    timed = device_ms if dev == "cuda" else (lambda fn: float("nan"))
     ref = rms_norm(xs[0], w, EPS)
-    bd, base_rows, base_warps, base_ev = K._fwd_config(D)
+    base = K._fwd_config(D)
+    bd = base[0]
     unit = R * D * 2
     # forward
     f_res = []
-    for rows, warps, ev in fwd_configs(D):
+    for blk, rows, warps, ev, looped, even in fwd_configs(D) if "fwd" in passes else []:
         cyc = itertools.cycle(range(n_sets))
+        even = even and R % rows == 0
 
-        def run(rows=rows, warps=warps, ev=ev, cyc=cyc):
+        def run(blk=blk, rows=rows, warps=warps, ev=ev, looped=looped, even=even, cyc=cyc):
             i = next(cyc)
             K._rms_norm_fwd[(K.triton.cdiv(R, rows),)](
                 xs[i], xs[i], w, y, xs[i], rstd[i], R, D, EPS,
-                HAS_RES=False, ROWS=rows, BLOCK_D=bd, EVICT=ev, num_warps=warps)
+                HAS_RES=False, ROWS=rows, BLOCK_D=blk, EVICT=ev, LOOPED=looped, EVEN=even, num_warps=warps)
+        name = f"{'L' + str(blk) + '/' if looped else ''}{rows}r{warps}w{'E' if ev else ''}{'M0' if even else ''}"
         try:
             run()  # set 0
             err = (y.float() - ref.float()).abs().max().item()
-            ms = device_ms(run)
+            ms = timed(run)
         except Exception as e:  # noqa: BLE001
-            print(f"fwd D={D} rows={rows} w={warps} ev={ev}: failed {type(e).__name__}: {str(e)[:100]}")
+            print(f"fwd D={D} {name}: failed {type(e).__name__}: {str(e)[:100]}")
             continue
-        mark = "*" if (rows, warps, ev) == (base_rows, base_warps, base_ev) else ""
-        f_res.append((2 * unit / ms / 1e6 / copy, rows, warps, ev, mark, err, ms))
-        rows_out.append({"pass": "fwd", "D": D, "rows_per_prog": rows, "warps": warps, "evict": ev,
-                         "default": bool(mark), "kernel_ms": ms, "of_copy": f_res[-1][0], "max_err": err})
-    f_res.sort(reverse=True)
-    line = " ".join(f"{r[1]}r{r[2]}w{'E' if r[3] else ''}{r[4]}:{r[0]:.0%}" for r in f_res[:6])
-    dflt = [r for r in f_res if r[4]]
-    print(f"D={D} fwd  default {dflt[0][0]:.0%} | best {line} | max err {max(r[5] for r in f_res):.1e}")
+        mark = "*" if (blk, rows, warps, ev, looped) == base and not even else ""
+        f_res.append((2 * unit / ms / 1e6 / copy, name, mark, err, ms))
+        rows_out.append({"pass": "fwd", "D": D, "block_d": blk, "rows_per_prog": rows, "warps": warps, "evict": ev,
+                         "looped": looped, "even": even, "default": bool(mark), "kernel_ms": ms,
+                         "of_copy": f_res[-1][0], "max_err": err})
+    if f_res:
+        f_res.sort(key=lambda r: r[0] if r[0] == r[0] else 0.0, reverse=True)  # nan (no timing) last
+        line = " ".join(f"{r[1]}{r[2]}:{r[0]:.0%}" for r in f_res[:6])
+        dflt = [r for r in f_res if r[2]]
+        print(f"D={D} fwd  default {dflt[0][0] if dflt else float('nan'):.0%} | best {line} | max err "
+              f"{max(r[3] for r in f_res):.1e}")
+    if dev != "cuda" or "bwd" not in passes:
+        return rows_out + (compiled_row(D, unit, copy, w, xs, dys, n_sets) if "compiled" in passes else [])
     # backward: the default plan's programs per SM, then variations around it
     x0 = xs[0].detach().requires_grad_()
     (dref,) = torch.autograd.grad(K.rms_norm(x0, w, EPS), x0, dys[0])  # also compiles the default plan
@@ -103,9 +131,9 @@ def sweep_hidden(D: int, R: int, copy: float, sms: int, g: torch.Generator) -> l
     key = (0, D, torch.bfloat16, torch.bfloat16, torch.bfloat16, False, K._PREFETCH)
     base_per_sm = K._BWD_PLAN[key][0]
     for i in range(n_sets):  # rstd of every set
-        K._rms_norm_fwd[(K.triton.cdiv(R, base_rows),)](
-            xs[i], xs[i], w, y, xs[i], rstd[i], R, D, EPS, HAS_RES=False, ROWS=base_rows, BLOCK_D=bd,
-            num_warps=base_warps)
+        K._rms_norm_fwd[(K.triton.cdiv(R, base[1]),)](
+            xs[i], xs[i], w, y, xs[i], rstd[i], R, D, EPS, HAS_RES=False, ROWS=base[1], BLOCK_D=bd,
+            EVICT=base[3], LOOPED=base[4], num_warps=base[2])
     b_res = []
     for rows, warps, per_sm, pf, ev in bwd_configs(D, base_per_sm):
         n_prog = min(K.triton.cdiv(R, rows), per_sm * sms)
@@ -142,7 +170,11 @@ def sweep_hidden(D: int, R: int, copy: float, sms: int, g: torch.Generator) -> l
     dflt = [r for r in b_res if r[6]]
     print(f"D={D} bwd  default {dflt[0][0] if dflt else float('nan'):.0%} (sum {sum_us:.1f} us, torch's {torch_sum_us:.1f}) | best {line}"
           f" | max err {max(r[7] for r in b_res):.1e}")
-    # torch.compile of the eager reference, same inputs
+    return rows_out + (compiled_row(D, unit, copy, w, xs, dys, n_sets) if "compiled" in passes else [])
+
+
+def compiled_row(D: int, unit: int, copy: float, w, xs, dys, n_sets: int) -> list[dict]:
+    """torch.compile of the eager reference on the same inputs: kernel time forward and backward."""
     wc = w.detach().clone().requires_grad_()
     comp = torch.compile(lambda x: rms_norm(x, wc, EPS), dynamic=False)
     cyc = itertools.cycle(range(n_sets))
@@ -157,18 +189,24 @@ def sweep_hidden(D: int, R: int, copy: float, sms: int, g: torch.Generator) -> l
 
     b_ms = device_ms(cb)
     print(f"D={D} compiled fwd {2 * unit / f_ms / 1e6 / copy:.0%}  bwd {3 * unit / b_ms / 1e6 / copy:.0%}")
-    rows_out.append({"pass": "compiled", "D": D, "fwd_of_copy": 2 * unit / f_ms / 1e6 / copy,
-                     "bwd_of_copy": 3 * unit / b_ms / 1e6 / copy, "fwd_ms": f_ms, "bwd_ms": b_ms})
     torch.cuda.empty_cache()
-    return rows_out
+    return [{"pass": "compiled", "D": D, "fwd_of_copy": 2 * unit / f_ms / 1e6 / copy,
+             "bwd_of_copy": 3 * unit / b_ms / 1e6 / copy, "fwd_ms": f_ms, "bwd_ms": b_ms}]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("/tmp/sweep"))
     ap.add_argument("--rows", type=int, default=16384)
+    ap.add_argument("--cpu-smoke", action="store_true", help="forward variants under TRITON_INTERPRET=1, untimed")
     ap.add_argument("--hidden", type=int, nargs="+", default=[512, 1024, 2048, 4096, 7168])
+    ap.add_argument("--passes", nargs="+", default=["fwd", "bwd", "compiled"], choices=["fwd", "bwd", "compiled"])
     args = ap.parse_args()
+    if args.cpu_smoke:  # the forward variants under the interpreter, float32, checked, not timed
+        g = torch.Generator().manual_seed(0)
+        rows = [r for D in (64, 2048, 100) for r in sweep_hidden(D, 6, float("nan"), 1, g, ["fwd"], "cpu")]
+        bad = [r for r in rows if not r["max_err"] < 1e-4]
+        sys.exit(f"smoke: {len(bad)} of {len(rows)} forward variants off" if bad or not rows else 0)
     torch._dynamo.config.cache_size_limit = torch._dynamo.config.recompile_limit = 64
     meta = metadata()
     copy = copy_bandwidth_gbs()
@@ -179,10 +217,10 @@ def main() -> None:
     rows_out = []
     g = torch.Generator(device="cuda").manual_seed(0)
     for D in args.hidden:
-        rows_out += sweep_hidden(D, R, copy, sms, g)
+        rows_out += sweep_hidden(D, R, copy, sms, g, args.passes)
         torch.cuda.empty_cache()
-    cols = ["pass", "D", "rows_per_prog", "warps", "per_sm", "prefetch", "evict", "default", "kernel_ms", "of_copy",
-            "max_err", "fwd_of_copy", "bwd_of_copy"]
+    cols = ["pass", "D", "block_d", "rows_per_prog", "warps", "per_sm", "prefetch", "evict", "looped", "even",
+            "default", "kernel_ms", "of_copy", "max_err", "fwd_of_copy", "bwd_of_copy"]
     write_results(args.out, "sweep_rmsnorm", meta, rows_out, cols, "Launch-config sweep (bench/sweep_rmsnorm.py).")
 
 

@@ -62,28 +62,70 @@ if HAVE_TRITON:
         X, R, W, Y, S, RSTD,
         n_rows, D, eps,
         HAS_RES: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, EVICT: tl.constexpr = False,
+        LOOPED: tl.constexpr = False, EVEN: tl.constexpr = False,
     ):
         """One (ROWS, BLOCK_D) tile of rows. X, R, Y, S: (n_rows, D) contiguous; W: (D,); RSTD: (n_rows,) fp32.
 
         S (the sum, in result_type(x, residual); S is X itself without a residual) sets the rounding dtype.
         EVICT: stream x and residual through L2 with evict_first, so the weight (read by every program) stays.
+        LOOPED: BLOCK_D is a chunk, not the whole row: a first loop over the row's chunks sums the squares (x kept in
+        L2 with evict_last, s stored there when fused), a second reads them back (evict_first) and writes y; fewer
+        registers a program, so more programs per SM, for a second read that L2 serves.
+        EVEN (not LOOPED): D == BLOCK_D and ROWS divides n_rows, so x, the weight and y need no masks.
         """
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
-        cols = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
         rmask = rows < n_rows
-        cmask = cols < D
-        mask = rmask[:, None] & cmask[None, :]
-        offs = rows[:, None].to(tl.int64) * D + cols[None, :]  # (ROWS, BLOCK_D); int64: rows * D can pass 2^31
-        x = _load_rows(X, rows, cols, cmask, n_rows, D, EVICT)
-        if HAS_RES:
-            r = _load_rows(R, rows, cols, cmask, n_rows, D, EVICT)
-            x = (x.to(tl.float32) + r.to(tl.float32)).to(S.dtype.element_ty)  # s = x + residual, rounded as torch
-            tl.store(S + offs, x, mask=mask)
-        xf = x.to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=1) / D + eps)  # (ROWS,)
-        n = (xf * rstd[:, None]).to(S.dtype.element_ty).to(tl.float32)  # rounded to x.dtype like the reference
-        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
-        tl.store(Y + offs, (n * w[None, :]).to(Y.dtype.element_ty), mask=mask)
+        if not LOOPED:
+            cols = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+            cmask = cols < D
+            mask = rmask[:, None] & cmask[None, :]
+            offs = rows[:, None].to(tl.int64) * D + cols[None, :]  # (ROWS, BLOCK_D); int64: rows * D can pass 2^31
+            if EVEN and EVICT:
+                x = tl.load(X + offs, eviction_policy="evict_first")
+            elif EVEN:
+                x = tl.load(X + offs)
+            else:
+                x = _load_rows(X, rows, cols, cmask, n_rows, D, EVICT)
+            if HAS_RES:
+                r = _load_rows(R, rows, cols, cmask, n_rows, D, EVICT)
+                x = (x.to(tl.float32) + r.to(tl.float32)).to(S.dtype.element_ty)  # s = x + residual, as torch
+                tl.store(S + offs, x, mask=mask)
+            xf = x.to(tl.float32)
+            rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=1) / D + eps)  # (ROWS,)
+            n = (xf * rstd[:, None]).to(S.dtype.element_ty).to(tl.float32)  # rounded to x.dtype like the reference
+            if EVEN:
+                w = tl.load(W + cols).to(tl.float32)
+                tl.store(Y + offs, (n * w[None, :]).to(Y.dtype.element_ty))
+            else:
+                w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+                tl.store(Y + offs, (n * w[None, :]).to(Y.dtype.element_ty), mask=mask)
+        else:
+            base = rows[:, None].to(tl.int64) * D  # (ROWS, 1)
+            acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+            for c0 in range(0, D, BLOCK_D):  # pass 1: sum of squares (and s = x + residual, stored)
+                cols = c0 + tl.arange(0, BLOCK_D)
+                mask = rmask[:, None] & (cols < D)[None, :]
+                offs = base + cols[None, :]
+                x = tl.load(X + offs, mask=mask, other=0.0, eviction_policy="evict_last")
+                if HAS_RES:
+                    r = tl.load(R + offs, mask=mask, other=0.0, eviction_policy="evict_first")
+                    x = (x.to(tl.float32) + r.to(tl.float32)).to(S.dtype.element_ty)
+                    tl.store(S + offs, x, mask=mask)
+                xf = x.to(tl.float32)
+                acc += xf * xf
+            rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=1) / D + eps)  # (ROWS,)
+            for c0 in range(0, D, BLOCK_D):  # pass 2: read x (or s) again from L2, write y
+                cols = c0 + tl.arange(0, BLOCK_D)
+                cmask = cols < D
+                mask = rmask[:, None] & cmask[None, :]
+                offs = base + cols[None, :]
+                if HAS_RES:
+                    xf = tl.load(S + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                else:
+                    xf = tl.load(X + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                n = (xf * rstd[:, None]).to(S.dtype.element_ty).to(tl.float32)
+                w = tl.load(W + cols, mask=cmask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+                tl.store(Y + offs, (n * w[None, :]).to(Y.dtype.element_ty), mask=mask)
         tl.store(RSTD + rows, rstd, mask=rmask)
 
     @triton.jit
@@ -181,9 +223,14 @@ if HAVE_TRITON:
 _PREFETCH = True  # backward loads tile i + 1 while it computes tile i (unless that spills; tests also run it off)
 
 
+# The forward's mask-free path (_rms_norm_fwd's EVEN) where the shapes allow it: off until a sweep shows it pays.
+_FWD_EVEN = False
+
+
 @functools.cache
-def _fwd_config(D: int) -> tuple[int, int, int, bool]:
-    """(BLOCK_D, ROWS, num_warps, EVICT) of the forward: a non-persistent grid of (ROWS, BLOCK_D) tiles of 2048
+def _fwd_config(D: int) -> tuple[int, int, int, bool, bool]:
+    """(BLOCK_D, ROWS, num_warps, EVICT, LOOPED) of the forward (LOOPED, the two-pass chunked row, is not taken by
+    default; bench/sweep_rmsnorm.py times it): a non-persistent grid of (ROWS, BLOCK_D) tiles of 2048
     elements or one row, 32 elements a thread up to BLOCK_D = 1024, 16 up to 4096, 32 at 8192 (8 warps), then 16
     warps (wider rows were not measured). Small programs pack many per SM; the many waves over 16384 rows need no
     persistent loop. EVICT (x and residual read with evict_first) where a tile spans several rows. From launch-config sweeps on an H200 (``bench/sweep_rmsnorm.py``,
@@ -199,8 +246,8 @@ def _fwd_config(D: int) -> tuple[int, int, int, bool]:
     block_d = triton.next_power_of_2(D)
     if block_d <= 1024:
         rows = 2048 // block_d
-        return block_d, rows, max(1, rows * block_d // 1024), True
-    return block_d, 1, min(8, block_d // 512) if block_d <= 8192 else 16, False
+        return block_d, rows, max(1, rows * block_d // 1024), True, False
+    return block_d, 1, min(8, block_d // 512) if block_d <= 8192 else 16, False, False
 
 
 @functools.cache
@@ -307,11 +354,13 @@ class _RMSNormFn(torch.autograd.Function):
         y = torch.empty(n_rows, D, device=x.device, dtype=torch.promote_types(weight.dtype, s_dtype))  # (R, D)
         s = torch.empty(n_rows, D, device=x.device, dtype=s_dtype) if residual is not None else x2  # (R, D)
         rstd = torch.empty(n_rows, device=x.device, dtype=torch.float32)  # (R,)
-        block_d, rows, warps, evict = _fwd_config(D)
+        block_d, rows, warps, evict, looped = _fwd_config(D)
+        even = _FWD_EVEN and not looped and block_d == D and n_rows % rows == 0
         if n_rows > 0:
             _rms_norm_fwd[(triton.cdiv(n_rows, rows),)](
                 x2, r2 if r2 is not None else x2, weight, y, s, rstd, n_rows, D, eps,
-                HAS_RES=residual is not None, ROWS=rows, BLOCK_D=block_d, EVICT=evict, num_warps=warps,
+                HAS_RES=residual is not None, ROWS=rows, BLOCK_D=block_d, EVICT=evict, LOOPED=looped, EVEN=even,
+                num_warps=warps,
             )
         ctx.save_for_backward(s, weight, rstd)
         ctx.has_res = residual is not None

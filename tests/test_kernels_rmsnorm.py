@@ -107,6 +107,31 @@ def test_backward_many_tiles_per_program(prefetch, monkeypatch):
     close(dw, dw_ref, torch.float32)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("variant", ["looped", "even"])
+def test_forward_variants(variant, fused, monkeypatch):
+    # the sweep's forward variants: LOOPED (two passes over 32-wide chunks of a row, the last chunk partial; rows
+    # in pairs, the last pair half out of range) and EVEN (no masks; D == BLOCK_D and the row pairs divide n_rows)
+    import minids.kernels.rmsnorm as k
+
+    shape, cfg = {"looped": ((7, 100), (32, 2, 1, False, True)), "even": ((6, 64), (64, 2, 1, True, False))}[variant]
+    monkeypatch.setattr(k, "_fwd_config", lambda D: cfg)
+    monkeypatch.setattr(k, "_FWD_EVEN", variant == "even")
+    x, w, g = inputs(shape, torch.float32, torch.float32, 17)
+    dy = torch.randn(shape, generator=g).to(device)
+    if fused:
+        r = torch.randn(shape, generator=g).to(device).requires_grad_()
+        (y, s), (y_ref, s_ref) = k.add_rms_norm(x, r, w, EPS), add_rms_norm(x, r, w, EPS)
+        close(s, s_ref, torch.float32)
+        leaves = (x, r, w)
+    else:
+        y, y_ref = k.rms_norm(x, w, EPS), rms_norm(x, w, EPS)
+        leaves = (x, w)
+    close(y, y_ref, torch.float32)
+    for a, b in zip(torch.autograd.grad(y, leaves, dy), torch.autograd.grad(y_ref, leaves, dy)):
+        close(a, b, torch.float32)
+
+
 @pytest.mark.parametrize("P, D", [(300, 200), (1, 7), (129, 64), (2000, 1000)])
 def test_dweight_partial_sum(P, D):
     # the backward's (P, D) partials summed over P: column strips of 64, 128 partial rows a program, the last of a
