@@ -18,5 +18,5 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_sweep_variants_pass_on_the_cpu(sweep, tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     args = [sys.executable, str(ROOT / "bench" / f"sweep_{sweep}.py"), "--cpu-smoke"]
-    r = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(args, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-2000:]
