@@ -71,7 +71,8 @@ if HAVE_TRITON:
         LOOPED: BLOCK_D is a chunk, not the whole row: a first loop over the row's chunks sums the squares (x kept in
         L2 with evict_last, s stored there when fused), a second reads them back (evict_first) and writes y; fewer
         registers a program, so more programs per SM, for a second read that L2 serves.
-        EVEN (not LOOPED): D == BLOCK_D and ROWS divides n_rows, so x, the weight and y need no masks.
+        EVEN (not LOOPED): D == BLOCK_D and ROWS divides n_rows, so x, the weight and y need no masks (and the
+        weight, read by every program, is marked evict_last), as torch.compile's kernel at D = 512.
         """
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
         rmask = rows < n_rows
@@ -94,7 +95,7 @@ if HAVE_TRITON:
             rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=1) / D + eps)  # (ROWS,)
             n = (xf * rstd[:, None]).to(S.dtype.element_ty).to(tl.float32)  # rounded to x.dtype like the reference
             if EVEN:
-                w = tl.load(W + cols).to(tl.float32)
+                w = tl.load(W + cols, eviction_policy="evict_last").to(tl.float32)
                 tl.store(Y + offs, (n * w[None, :]).to(Y.dtype.element_ty))
             else:
                 w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
