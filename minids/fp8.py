@@ -268,8 +268,10 @@ class FP8LinearFunction(torch.autograd.Function):
         dyq, dys, dyt_q, dyt_s = ops.act_quant_both(dy2, b)  # 1x128 along N (Dgrad), 128x1 along M (Wgrad)
         dx = ops.fp8_gemm(dyq, dys, wqt, ws.t().contiguous(), ctx.x_dtype, b)  # (M, K) = dy W
         xt_q, xt_s = ops.act_quant_t(xq, b, in_scale=xs, in_block=b)  # cached FP8 x, re-quantized along M
-        dw = ops.fp8_gemm(dyt_q, dyt_s, xt_q, xt_s, torch.float32, b)  # (N, K) = dy^T x, 1x128 scales both sides
-        return dx.view(ctx.shape), dw.to(ctx.w_dtype), None, None, None
+        # (N, K) = dy^T x, 1x128 scales both sides, float32 accumulation written in the weight's dtype (one rounding,
+        # as a float32 result then cast, without a float32 (N, K) buffer and a cast pass)
+        dw = ops.fp8_gemm(dyt_q, dyt_s, xt_q, xt_s, ctx.w_dtype, b)
+        return dx.view(ctx.shape), dw, None, None, None
 
 
 def fp8_linear(

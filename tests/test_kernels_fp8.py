@@ -423,6 +423,25 @@ def test_fp8_linear_real_on_kernels_equals_simulation(M, K, N, exact, monkeypatc
         assert err <= tol, f"{name}: {err:.2e}"
 
 
+def test_fp8_linear_real_bf16_weight_gradient_is_the_rounded_float32_one():
+    """With bf16 master weights the Wgrad GEMM writes bf16 directly: the same float32 accumulation rounded once, so
+    on the GPU exactly the float32 weight's gradient (same kernel, same operands) cast to bf16."""
+    M, K, N = 130, 256, 128
+    x = rand(M, K, seed=3, spread=False).float()
+    w = rand(N, K, seed=4, spread=False).float() * 0.05
+    dy = rand(M, N, seed=5, spread=False).float()
+    grads = []
+    for wdt in (torch.float32, torch.bfloat16):
+        wl = w.bfloat16().to(wdt).requires_grad_()  # the same bf16-representable values in both dtypes
+        ref.fp8_linear(x, wl, real=True, use_kernels=True).backward(dy)
+        grads.append(wl.grad)
+    assert grads[1].dtype == torch.bfloat16
+    if DEV == "cuda":  # the GPU rounds float32 to bf16 to nearest, as torch's cast
+        assert torch.equal(grads[1], grads[0].to(torch.bfloat16))
+    else:  # the interpreter's bf16 stores truncate: one bf16 step (2^-7 relative) at most
+        assert ((grads[1].float() - grads[0]).abs() <= grads[0].abs() * 2.0**-7).all()
+
+
 # ------------------------------------------------------------------ the GEMM's variants (kfp8.GEMM_VARIANTS)
 @pytest.mark.parametrize("b_rows", [False, True], ids=["weight-128x128", "wgrad-1x128"])
 @pytest.mark.parametrize("knobs", [
