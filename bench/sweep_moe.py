@@ -73,6 +73,23 @@ if args.cpu_smoke:
 WTOL, FTOL = 1e-2, 2e-2  # max relative error of a dgrad launch vs the default's; of a result vs the reference
 
 
+def attempt(cells: list, rows: list, tier: str, piece: str, name: str, knob_args: dict, check, fn,
+            rep_ms: int = 100) -> tuple[float, float] | None:
+    """(error, ms) of fn under the knobs knob_args (restored after), checked by check(); a failure is one cell and
+    one row, and None."""
+    try:
+        knobs(**knob_args)
+        err = check()
+        ms = timed(fn, rep_ms)
+    except Exception as e:  # noqa: BLE001  one failing variant is one line
+        cells.append(f"{name} failed ({short(e)})")
+        rows.append({"tier": tier, "piece": piece, "variant": name, "error": short(e)})
+        return None
+    finally:
+        knobs()
+    return err, ms
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.float(), b.float()
     if not torch.isfinite(a).all():
@@ -209,18 +226,14 @@ def sweep_tier(tier: str, dev: str, dt: torch.dtype, g: torch.Generator) -> tupl
                  "TFLOPs": flops / grouped_ms / 1e9})
     # the forward (routing plumbing, gate/up, down, combine, keeping g and u for the backward) per gate/up variant
     fwd_ms, cells = {}, []
-    for cname, c in GCFGS.items():
-        name = cname
-        try:
-            knobs(gate_up=c)
-            err = rel(moe_experts(x, weights, indices, wg, wu, wd, impl="triton")[0], ref[0])
-            ms = timed(lambda: moe_experts(x, weights, indices, wg, wu, wd, impl="triton"))
-        except Exception as e:  # noqa: BLE001
-            cells.append(f"{name} failed ({type(e).__name__})")
-            rows.append({"tier": tier, "piece": "fwd", "variant": name, "error": short(e)})
+    def fwd():
+        return moe_experts(x, weights, indices, wg, wu, wd, impl="triton")
+
+    for name, c in GCFGS.items():
+        got = attempt(cells, rows, tier, "fwd", name, {"gate_up": c}, lambda: rel(fwd()[0], ref[0]), fwd)
+        if got is None:
             continue
-        finally:
-            knobs()
+        err, ms = got
         fwd_ms[name] = ms
         fl = 2 * 3 * N * K * D * I
         rows.append({"tier": tier, "piece": "fwd", "variant": name, "cfg": c, "ms": ms, "TFLOPs": fl / ms / 1e9,
@@ -263,16 +276,12 @@ def sweep_tier(tier: str, dev: str, dt: torch.dtype, g: torch.Generator) -> tupl
         combos["default+BM64"] = (*DEFAULTS[:2], 64, *DEFAULTS[3:])
     cells = []
     for name, (w, d, b, lp, gu) in combos.items():
-        try:
-            knobs(w, d, b, lp, gu)
-            err = max(rel(a, r) for a, r in zip(fwd_bwd("triton"), ref))
-            ms = timed(lambda: fwd_bwd("triton"), rep_ms=300)
-        except Exception as e:  # noqa: BLE001
-            cells.append(f"{name} failed ({short(e)})")
-            rows.append({"tier": tier, "piece": "fwd+bwd", "variant": name, "error": short(e)})
+        got = attempt(cells, rows, tier, "fwd+bwd", name, {"wgrad": w, "dgrad": d, "block_m": b, "dx_loops": lp,
+                                                           "gate_up": gu},
+                      lambda: max(rel(a, r) for a, r in zip(fwd_bwd("triton"), ref)), lambda: fwd_bwd("triton"), 300)
+        if got is None:
             continue
-        finally:
-            knobs()
+        err, ms = got
         rows.append({"tier": tier, "piece": "fwd+bwd", "variant": name, "wgrad": w, "dgrad": d, "block_m": b, "dx_loops": lp,
                      "gate_up": gu,
                      "ms": ms, "TFLOPs": flops / ms / 1e9, "err": err, "speedup_vs_grouped": grouped_ms / ms})

@@ -240,15 +240,16 @@ def test_shared_beside_routed_on_cpu_runs_in_order():
 
 
 # ------------------------------------------------------------------------------------------------ backward variants
-VARIANTS = {  # (WGRAD, DGRAD, BLOCK_M, DX_LOOPS) of minids.kernels.moe, interpreter-sized tiles (the default is
-    # tested above; DX_LOOPS 1 and 2 both appear below whichever is the default)
-    "gather-autotuned": (None, None, None, 2),
-    "tiles-gather": ({"tile": (32, 32, 16, 1, 1)}, None, None, 1),
-    "sorted": ({"sorted": True, "tile": (32, 32, 16, 1, 1)}, None, None, 1),
+VARIANTS = {  # (WGRAD, DGRAD, BLOCK_M, DX_LOOPS, GATE_UP) of minids.kernels.moe, interpreter-sized tiles (the
+    # default is tested above; DX_LOOPS 1 and 2 both appear below whichever is the default)
+    "gather-autotuned": (None, None, None, 2, None),
+    "tiles-gather": ({"tile": (32, 32, 16, 1, 1)}, None, None, 1, None),
+    "sorted": ({"sorted": True, "tile": (32, 32, 16, 1, 1)}, None, None, 1, None),
     "sorted-fused-persistent": ({"sorted": True, "fuse": True, "programs": 3, "flat": True, "tile": (32, 16, 32, 1, 1)},
-                                {"dh": (16, 32, 1, 1, 4), "dx": (32, 16, 1, 1, 1)}, 32, 2),
-    "gather-fused-persistent": ({"fuse": True, "programs": 2, "tile": (16, 32, 16, 1, 1)}, None, None, 1),
-    "dx-two-loops": (None, {"dh": (16, 32, 1, 1, 4), "dx": (16, 16, 1, 1, 4)}, None, 2),  # K = 1.5 blocks per loop
+                                {"dh": (16, 32, 1, 1, 4), "dx": (32, 16, 1, 1, 1)}, 32, 2, None),
+    "gather-fused-persistent": ({"fuse": True, "programs": 2, "tile": (16, 32, 16, 1, 1)}, None, None, 1, None),
+    # K = 1.5 blocks per loop in dx; a gate/up launch whose blocks divide neither D nor I
+    "dx-two-loops-fixed-gate-up": (None, {"dh": (16, 32, 1, 1, 4), "dx": (16, 16, 1, 1, 4)}, None, 2, (16, 16, 1, 1, 4)),
 }
 VARIANT_CASES = [CASES[0], CASES[3], CASES[4]]  # uneven rows; experts with zero rows; one expert with most rows
 
@@ -258,8 +259,9 @@ VARIANT_CASES = [CASES[0], CASES[3], CASES[4]]  # uneven rows; experts with zero
 def test_backward_variants_match_reference(case, variant, monkeypatch):
     from minids.kernels import moe as kmoe
 
-    wgrad, dgrad, block_m, dx_loops = VARIANTS[variant]
+    wgrad, dgrad, block_m, dx_loops, gate_up = VARIANTS[variant]
     monkeypatch.setattr(kmoe, "DX_LOOPS", dx_loops)
+    monkeypatch.setattr(kmoe, "GATE_UP", gate_up)
     monkeypatch.setattr(kmoe, "WGRAD", wgrad)
     monkeypatch.setattr(kmoe, "DGRAD", dgrad)
     monkeypatch.setattr(kmoe, "BLOCK_M", block_m)
@@ -271,20 +273,6 @@ def test_backward_variants_match_reference(case, variant, monkeypatch):
         assert rel_err(a, b) < 1e-5, name
     if case[5] == "zero":
         assert all((gr[case[3] // 2:] == 0).all() for gr in grads[2:]), "experts with no rows get zero gradients"
-
-
-@pytest.mark.parametrize("case", VARIANT_CASES, ids=[f"N{c[0]}-E{c[3]}-K{c[4]}-{c[5]}" for c in VARIANT_CASES])
-def test_gate_up_fixed_config_matches_reference(case, monkeypatch):
-    # the gate/up GEMM launched with a fixed config (GATE_UP) whose blocks divide neither D nor I
-    from minids.kernels import moe as kmoe
-
-    monkeypatch.setattr(kmoe, "GATE_UP", (16, 16, 1, 1, 4))
-    leaves, indices, dy = make(*case, torch.float32, seed=sum(case[:5]) + 2)
-    y, _, grads = run("triton", leaves, indices, dy)
-    y_ref, _, grads_ref = run("loop", leaves, indices, dy)
-    assert rel_err(y, y_ref) < 1e-5
-    for name, a, b in zip(["x", "weights", "w_gate", "w_up", "w_down"], grads, grads_ref):
-        assert rel_err(a, b) < 1e-5, name
 
 
 def test_gather_rows_pads_with_zeros():
