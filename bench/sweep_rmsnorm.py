@@ -89,6 +89,7 @@ def sweep_hidden(D: int, R: int, copy: float, sms: int, g: torch.Generator, pass
     rstd = [torch.empty(R, device=dev, dtype=torch.float32) for _ in range(n_sets)]
     timed = device_ms if dev == "cuda" else (lambda fn: float("nan"))
     ref = rms_norm(xs[0], w, EPS)
+    rstd_ref = torch.rsqrt(xs[0].float().pow(2).mean(-1) + EPS)  # (R,) float32
     base = K._fwd_config(D)
     bd = base[0]
     unit = R * D * 2
@@ -105,11 +106,19 @@ def sweep_hidden(D: int, R: int, copy: float, sms: int, g: torch.Generator, pass
                 HAS_RES=False, ROWS=rows, BLOCK_D=blk, EVICT=ev, LOOPED=looped, EVEN=even, num_warps=warps)
         name = f"{'L' + str(blk) + '/' if looped else ''}{rows}r{warps}w{'E' if ev else ''}{'M0' if even else ''}"
         try:
+            y.fill_(float("nan"))  # an element the variant leaves unwritten shows as NaN, not as the last one's value
+            rstd[0].fill_(float("nan"))
             run()  # set 0
-            err = (y.float() - ref.float()).abs().max().item()
+            err = max((y.float() - ref.float()).abs().max().item(),
+                      ((rstd[0] - rstd_ref).abs() / rstd_ref).max().item())
+            if not (y.isfinite().all() and rstd[0].isfinite().all()):
+                err = float("inf")
             ms = timed(run)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001  a failing variant is a row with infinite error
             print(f"fwd D={D} {name}: failed {type(e).__name__}: {str(e)[:100]}")
+            rows_out.append({"pass": "fwd", "D": D, "block_d": blk, "rows_per_prog": rows, "warps": warps,
+                             "evict": ev, "looped": looped, "even": even, "max_err": float("inf"),
+                             "error": f"{type(e).__name__}: {str(e)[:200]}"})
             continue
         mark = "*" if (blk, rows, warps, ev, looped) == base and not even else ""
         f_res.append((2 * unit / ms / 1e6 / copy, name, mark, err, ms))

@@ -201,7 +201,8 @@ _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 def overlap_available(x: torch.Tensor) -> bool:
     """Whether ``shared_beside_routed`` may put the shared experts on a side stream for x: a CUDA tensor, outside a
     CUDA-graph capture (the decode graphs keep one stream) and outside torch.compile (which orders streams itself)."""
-    return x.is_cuda and not torch.cuda.is_current_stream_capturing() and not torch.compiler.is_compiling()
+    # is_compiling first: dynamo folds it to a constant, and cannot trace the capture query (it returns a bool)
+    return x.is_cuda and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing()
 
 
 def shared_beside_routed(x: torch.Tensor, routed, shared, overlap: bool = True):

@@ -24,3 +24,26 @@ def nan_poison():
     yield
     torch.use_deterministic_algorithms(was)
     torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+@pytest.fixture
+def launch_spy(monkeypatch):
+    """spy(owner, name) replaces the Triton kernel ``owner.name`` for the test with a wrapper that launches the real
+    kernel unchanged and records the keyword arguments of each ``kernel[grid](...)`` launch; returns that list. It shows which variant a
+    launch took when the variants give the same values (a test of the values alone cannot)."""
+    def spy(owner, name: str) -> list[dict]:
+        kernel, calls = getattr(owner, name), []
+
+        class Spy:
+            def __getattr__(self, attr):  # everything but kernel[grid](...) goes to the kernel (an autotuner's run)
+                return getattr(kernel, attr)
+
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    calls.append(kwargs)
+                    return kernel[grid](*args, **kwargs)
+                return launch
+
+        monkeypatch.setattr(owner, name, Spy())
+        return calls
+    return spy

@@ -217,10 +217,16 @@ def test_shared_experts_on_a_side_stream_change_nothing():
     shared.append((torch.randn(512, 384, device=device, generator=g) / 20).bfloat16().requires_grad_())
     x, weights, wg, wu, wd = leaves
 
+    def shared_mlp(t):
+        torch.cuda._sleep(5_000_000)  # a few ms of spinning first: the side stream finishes long after the routed
+        return F.linear(F.silu(F.linear(t, shared[0])) * F.linear(t, shared[1]), shared[2])  # kernels (joins tested)
+
     def layer(overlap: bool):
+        torch.cuda._sleep(5_000_000)  # the main stream is busy when the layer starts: x below is not ready yet
+        xin = x * 1.0  # made on the main stream just before the call (the side stream must wait for it)
         y, ys = shared_beside_routed(
-            x, lambda: moe_experts(x, weights, indices, wg, wu, wd, impl="triton")[0],
-            lambda t: F.linear(F.silu(F.linear(t, shared[0])) * F.linear(t, shared[1]), shared[2]), overlap=overlap)
+            xin, lambda: moe_experts(xin, weights, indices, wg, wu, wd, impl="triton")[0], shared_mlp,
+            overlap=overlap)
         out = y + ys
         return (out, *torch.autograd.grad(out, [*leaves, *shared], dy))
 
@@ -256,12 +262,13 @@ VARIANT_CASES = [CASES[0], CASES[3], CASES[4]]  # uneven rows; experts with zero
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("case", VARIANT_CASES, ids=[f"N{c[0]}-E{c[3]}-K{c[4]}-{c[5]}" for c in VARIANT_CASES])
-def test_backward_variants_match_reference(case, variant, monkeypatch):
+def test_backward_variants_match_reference(case, variant, monkeypatch, launch_spy):
     from minids.kernels import moe as kmoe
 
     wgrad, dgrad, block_m, dx_loops, gate_up = VARIANTS[variant]
     monkeypatch.setattr(kmoe, "DX_LOOPS", dx_loops)
     monkeypatch.setattr(kmoe, "GATE_UP", gate_up)
+    fixed_gate_up = launch_spy(kmoe._gate_up_kernel, "fn")  # the fixed-config launch bypasses the autotuner
     monkeypatch.setattr(kmoe, "WGRAD", wgrad)
     monkeypatch.setattr(kmoe, "DGRAD", dgrad)
     monkeypatch.setattr(kmoe, "BLOCK_M", block_m)
@@ -273,6 +280,7 @@ def test_backward_variants_match_reference(case, variant, monkeypatch):
         assert rel_err(a, b) < 1e-5, name
     if case[5] == "zero":
         assert all((gr[case[3] // 2:] == 0).all() for gr in grads[2:]), "experts with no rows get zero gradients"
+    assert [c["BN"] for c in fixed_gate_up] == ([gate_up[0]] if gate_up else [])
 
 
 def test_gather_rows_pads_with_zeros():

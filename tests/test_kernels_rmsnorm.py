@@ -109,7 +109,7 @@ def test_backward_many_tiles_per_program(prefetch, monkeypatch):
 
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("variant", ["looped", "even"])
-def test_forward_variants(variant, fused, monkeypatch):
+def test_forward_variants(variant, fused, monkeypatch, launch_spy):
     # the sweep's forward variants: LOOPED (two passes over 32-wide chunks of a row, the last chunk partial; rows
     # in pairs, the last pair half out of range) and EVEN (no masks; D == BLOCK_D and the row pairs divide n_rows)
     import minids.kernels.rmsnorm as k
@@ -117,6 +117,7 @@ def test_forward_variants(variant, fused, monkeypatch):
     shape, cfg = {"looped": ((7, 100), (32, 2, 1, False, True)), "even": ((6, 64), (64, 2, 1, True, False))}[variant]
     monkeypatch.setattr(k, "_fwd_config", lambda D: cfg)
     monkeypatch.setattr(k, "_FWD_EVEN", variant == "even")
+    launches = launch_spy(k, "_rms_norm_fwd")
     x, w, g = inputs(shape, torch.float32, torch.float32, 17)
     dy = torch.randn(shape, generator=g).to(device)
     if fused:
@@ -130,6 +131,7 @@ def test_forward_variants(variant, fused, monkeypatch):
     close(y, y_ref, torch.float32)
     for a, b in zip(torch.autograd.grad(y, leaves, dy), torch.autograd.grad(y_ref, leaves, dy)):
         close(a, b, torch.float32)
+    assert [(c["LOOPED"], c["EVEN"]) for c in launches] == [(variant == "looped", variant == "even")]
 
 
 @pytest.mark.parametrize("P, D", [(300, 200), (1, 7), (129, 64), (2000, 1000)])
