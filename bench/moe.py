@@ -194,6 +194,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="measure each impl this many times, taking turns; report "
                     "the median")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error(f"--rounds {args.rounds}: at least 1")
     if not torch.cuda.is_available():
         sys.exit("bench/moe.py needs a CUDA GPU")
     meta = metadata()

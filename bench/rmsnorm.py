@@ -131,6 +131,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="kernel-time samples per peer, the peers taking turns; "
                     "the *_kernel_* columns report the median")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error(f"--rounds {args.rounds}: at least 1")
     if not torch.cuda.is_available():
         sys.exit("bench/rmsnorm.py needs a CUDA GPU")
     torch._dynamo.config.cache_size_limit = 64
