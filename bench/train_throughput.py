@@ -2,6 +2,7 @@
 
     python bench/train_throughput.py --device cuda      # the issue's GPU config (284M), B=16, S=1024, bf16
     python bench/train_throughput.py --device cpu       # the tiny CPU config, B=8, S=256, fp32, 2 threads
+    python bench/train_throughput.py --device cpu --rounds 5   # each variant 5 times, taking turns: the median
 
 Both models get identical weights (minids loads transformers' checkpoint), the same random batches
 and AdamW (beta2 0.95, weight decay 0.1, grad clip 1.0). Each step is forward + backward + clip +
@@ -103,7 +104,11 @@ def main() -> None:
     ap.add_argument("--variants", default=None, help="comma list: transformers,minids,minids-compile")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--profile", action="store_true", help="print the top kernels of 3 minids steps")
+    ap.add_argument("--rounds", type=int, default=1, help="time each variant this many times, taking turns; report "
+                    "the median")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error(f"--rounds {args.rounds}: at least 1")
     import transformers
 
     dev = args.device
@@ -133,8 +138,8 @@ def main() -> None:
     batches = [torch.randint(0, cfg_dict["vocab_size"], (B, S), generator=gen).to(dev) for _ in range(4)]
     ceiling = matmul_tflops(dev, dtype) if gpu else None
 
-    results = {}
-    for name in variants:
+    runs = {}
+    for name in variants:  # every model and optimizer first, so that the rounds below can take turns
         torch.manual_seed(0)
         if name == "transformers":
             model = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp, dtype=torch.float32).to(dev).train()
@@ -153,8 +158,14 @@ def main() -> None:
             if name == "minids-compile":
                 model = torch.compile(model)
         opt = adamw(model, fused=gpu)
-        step_fn = make_step(model, opt, batches, fwd, dev, dtype)
-        t = time_steps(step_fn, dev, warmup, steps)
+        runs[name] = make_step(model, opt, batches, fwd, dev, dtype)
+    per_round = {name: [] for name in variants}
+    for r in range(args.rounds):  # the variants take turns, so a slow spell of the machine hits them alike
+        for name, step_fn in runs.items():
+            per_round[name].append(time_steps(step_fn, dev, warmup if r == 0 else 1, steps))
+    results = {}
+    for name, step_fn in runs.items():
+        t = statistics.median(per_round[name])
         if args.profile and name == "minids":
             from torch.profiler import ProfilerActivity, profile
 
@@ -166,16 +177,18 @@ def main() -> None:
             key = "cuda_time_total" if gpu else "self_cpu_time_total"
             print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60), flush=True)
         tps = B * S / t
-        rec = {"step_s": t, "tokens_per_s": tps}
+        rec = {"step_s": t, "tokens_per_s": tps, "step_s_each_round": [round(x, 4) for x in per_round[name]]}
         if gpu:
             rec["model_tflops"] = train_flops_per_token * tps / 1e12
             rec["mfu"] = rec["model_tflops"] / ceiling
         results[name] = rec
         print(f"{name:>16}: {t * 1e3:8.1f} ms/step  {tps:10,.0f} tokens/s"
-              + (f"  {rec['model_tflops']:.0f} TFLOP/s  MFU {rec['mfu']:.1%}" if gpu else ""), flush=True)
-        del model, opt
-        if gpu:
-            torch.cuda.empty_cache()
+              + (f"  {rec['model_tflops']:.0f} TFLOP/s  MFU {rec['mfu']:.1%}" if gpu else "")
+              + (f"  (rounds: {' '.join(f'{x * 1e3:.0f}' for x in per_round[name])} ms)" if args.rounds > 1 else ""),
+              flush=True)
+    del runs
+    if gpu:
+        torch.cuda.empty_cache()
     base = results.get("transformers", {}).get("tokens_per_s")
     if base:
         for name, rec in results.items():
@@ -185,7 +198,7 @@ def main() -> None:
         "device_name": torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
         "minids": minids.__version__, "git_sha": _git_sha(), "config": cfg_dict, "parameters": n_params, "activated": counts.activated,
-        "batch": B, "seq_len": S, "dtype": str(dtype), "steps": steps, "warmup": warmup,
+        "batch": B, "seq_len": S, "dtype": str(dtype), "steps": steps, "warmup": warmup, "rounds": args.rounds,
         "train_flops_per_token": train_flops_per_token, "bf16_matmul_tflops": ceiling, "results": results,
     }
     Path(args.out).mkdir(parents=True, exist_ok=True)
