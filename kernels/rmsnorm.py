@@ -115,6 +115,8 @@ if HAVE_TRITON:
                 xf = x.to(tl.float32)
                 acc += xf * xf
             rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=1) / D + eps)  # (ROWS,)
+            if HAS_RES:
+                tl.debug_barrier()  # s is read back below, possibly by other threads of the CTA than stored it
             for c0 in range(0, D, BLOCK_D):  # pass 2: read x (or s) again from L2, write y
                 cols = c0 + tl.arange(0, BLOCK_D)
                 cmask = cols < D
