@@ -44,7 +44,7 @@ TIERS = {  # name: (tokens, hidden D, experts E, expert width I, top-K); bench/m
     "v3-4k": (4096, 7168, 256, 2048, 8),
     "smoke": (37, 40, 6, 24, 3),
 }
-# weight-gradient variants: name -> WGRAD (None: the default _wgrad_kernel launches); tile = (BMW, BNW, BK, warps, stages)
+# weight-gradient variants: name -> WGRAD; tile = (BMW, BNW, BK, warps, stages)
 T128 = (128, 128, 64, 8, 3)
 DEFAULTS = (km.WGRAD, km.DGRAD, km.BLOCK_M, km.DX_LOOPS, km.GATE_UP)  # the module's defaults, restored after each variant
 # gate/up GEMM configs (BN, BK, warps, stages, GROUP_M)
@@ -52,7 +52,6 @@ GCFGS = {"g0": (64, 64, 4, 4, 8), "g1": (128, 64, 8, 3, 8), "g2": (128, 64, 8, 4
          "g4": (128, 32, 8, 5, 8)}
 WGRADS = {
     "default": km.WGRAD,
-    "gather": None,  # the autotuned (first config without --autotune) _wgrad_kernel, gathering on load
     "tiles-gather": {"tile": T128},
     "sorted": {"sorted": True, "tile": T128},
     "sorted-fused": {"sorted": True, "fuse": True, "tile": T128},
@@ -66,7 +65,7 @@ DCFGS = {"c0": (128, 64, 8, 3, 8), "c1": (128, 64, 8, 4, 8), "c2": (256, 64, 8, 
          "c4": (64, 64, 4, 3, 8), "c5": (128, 64, 4, 3, 8), "c6": (64, 128, 4, 3, 8), "c7": (128, 32, 8, 6, 8),
          "c8": (128, 128, 8, 3, 8), "c9": (256, 64, 8, 3, 8), "c10": (128, 64, 4, 4, 8), "c11": (256, 64, 8, 4, 8)}
 if args.cpu_smoke:
-    WGRADS = {k: v and {**v, "tile": (32, 32, 16, 1, 1), **({"programs": 2} if v.get("programs") else {})}
+    WGRADS = {k: {**v, "tile": (32, 32, 16, 1, 1), **({"programs": 2} if v.get("programs") else {})}
               for k, v in WGRADS.items()}  # DEFAULTS' tile is the interpreter's already
     DCFGS = {"c0": (32, 32, 1, 1, 8), "c1": (16, 16, 1, 1, 4)}
     GCFGS = {"g0": (32, 32, 1, 1, 8), "g1": (16, 16, 1, 1, 4)}
@@ -135,7 +134,7 @@ def pieces(tier: str, y: torch.Tensor, dy: torch.Tensor, ref_w: tuple, rows: lis
     wflops = 3 * 2 * N * K * D * I  # the three weight gradients
     lines, wres, cells = [], {}, []
     for name, cfg in WGRADS.items():
-        srt = bool(cfg and cfg.get("sorted"))
+        srt = bool(cfg.get("sorted"))
 
         def wgrad(srt=srt):
             return km._weight_grads(x, dy, km._gather_rows(dy, al, route_w, K) if srt else None, h, dg, du, al,
@@ -253,7 +252,7 @@ def sweep_tier(tier: str, dev: str, dt: torch.dtype, g: torch.Generator) -> tupl
 
     # whole fwd+bwd per combination; "best" takes this tier's fastest measured pieces
     best_w = min((k for k in wres if k != "default"), key=wres.get, default="sorted-fused")
-    dh_piece = "dh-sorted" if WGRADS[best_w] and WGRADS[best_w].get("sorted") else "dh"
+    dh_piece = "dh-sorted" if WGRADS[best_w].get("sorted") else "dh"
     best_d = {p: min(dres[k], key=dres[k].get) for p, k in (("dh", dh_piece),) if dres.get(k)}
     dx_loops = {"dx": 1, "dx-seq": 2}
     dx_best = min(((dres[k][c], k, c) for k in dx_loops for c in dres.get(k, {})), default=None)
@@ -264,7 +263,6 @@ def sweep_tier(tier: str, dev: str, dt: torch.dtype, g: torch.Generator) -> tupl
     best_f = min(fwd_ms, key=fwd_ms.get, default=None)
     combos = {  # name: (WGRAD, DGRAD, BLOCK_M, DX_LOOPS, GATE_UP)
         "default": DEFAULTS,
-        "w:gather": (None, *DEFAULTS[1:]),
         f"w:{best_w}": (WGRADS[best_w], None, None, *DEFAULTS[3:]),
         f"w:{best_w}+d:{best_d.get('dh')}/{best_d.get('dx')}/loops{loops}": (WGRADS[best_w], dgrad, None, loops,
                                                                           DEFAULTS[4]),

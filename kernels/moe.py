@@ -22,8 +22,8 @@ Backward (dy: (N, D)):
   dW_down[e] = (weights * dy[token])^T h,  dW_gate[e] = dg^T x[token],  dW_up[e] = du^T x[token]
      (grouped "weight-gradient" GEMMs that reduce over each expert's rows; dW_gate and dW_up in one launch)
   By default (WGRAD below) x[token] and (weights * dy[token]) are first gathered once into padded-row order, two
-  (P_pad, D) copies that the dh GEMM and the weight gradients read with plain strides; WGRAD = None gathers them on
-  load in every GEMM instead (less memory, slower).
+  (P_pad, D) copies that the dh GEMM and the weight gradients read with plain strides; WGRAD without "sorted"
+  gathers them on load in every GEMM instead (less memory, slower).
 g and u are kept from the forward (2 * P_pad * I elements) instead of recomputing the gate/up GEMM: a third of the
 forward FLOPs saved in the backward for memory the torch._grouped_mm pipeline's autograd keeps as well.
 
@@ -31,8 +31,8 @@ Rounding follows the reference where it is cheap: GEMM operands in the compute d
 ys rounded to the compute dtype before the weighted float32 combine, (weights * dy) rounded before its GEMMs.
 SwiGLU is evaluated in float32 and rounded once (the reference rounds g, u, silu(g) and the product separately).
 
-Backward variants, chosen at run time by the module knobs WGRAD, DGRAD and BLOCK_M (bench/sweep_moe.py times each;
-None keeps the autotuned kernels above; WGRAD's default is sorted + fused): the weight gradients through
+Backward variants, chosen at run time by the module knobs WGRAD, DGRAD, DX_LOOPS and BLOCK_M (bench/sweep_moe.py
+times each; DGRAD None keeps the autotuned kernels; WGRAD's default is sorted + fused): the weight gradients through
 ``_wgrad_tiles_kernel`` with a fixed tile, optionally (sorted) from x and (weights * dy) gathered once into padded-row order by ``_gather_rows_kernel`` (no
 pair -> token -> address chain in the K loop; the dh GEMM then reads the same copy), (fuse) dW_gate and dW_up from one
 launch sharing each x tile, (programs) a persistent grid walking the (expert, m, n) tiles, (flat) with Triton's
@@ -40,8 +40,8 @@ loop flattening so one tile's store overlaps the next tile's loads; DGRAD fixes 
 BLOCK_M the row block.
 
 Tiles (H200: 227 KB shared memory, 255 registers a thread): BM is 64 or 128 (``block_m_for``, the routing pad);
-autotuning picks among a few (BN, BK, warps, stages) configurations per kernel (``_configs``, ``_wgrad_configs``),
-keyed on the widths (and, for the weight gradients, the mean rows per expert). Shared memory
+autotuning picks among a few (BN, BK, warps, stages) configurations per GEMM kernel (``_configs``), keyed on the
+widths; the weight gradients take WGRAD's fixed tile. Shared memory
 per pipeline stage is (BM + BN) * BK * 2 bytes per operand pair: the gate/up GEMM (two weight tiles) at BM = BN = 128
 with 3 stages takes 144 KB, the dx GEMM (two operand pairs) 192 KB; the two float32 accumulators of the gate/up GEMM
 hold 128 registers a thread at BM = BN = 128 with 8 warps.
@@ -61,14 +61,15 @@ from minids.moe import MoEAlignment, _compute_dtype, check_experts_args, moe_ali
 __all__ = ["block_m_for", "moe_experts"]
 
 # Run-time variants of the backward (bench/sweep_moe.py times and checks each).
-# WGRAD: None (the three autotuned _wgrad_kernel launches gathering on load), or a dict for _wgrad_tiles_kernel:
+# WGRAD: the weight gradients' _wgrad_tiles_kernel launches, a dict:
 #   sorted: gather x and (weights * dy) once into padded-row order (also the dh GEMM's operand) instead of on load;
 #   fuse: dW_gate and dW_up in one launch sharing the x tile; programs: 0 one program per output tile, else a
 #   persistent grid of that many programs per SM; flat: flatten the tile and row loops (Triton's loop fusion);
 #   tile: (BMW, BNW, BK, warps, stages).
 # Default sorted + fused: on the H200 (bench/sweep_moe.py, 2026-12-01, fixed configs) the three weight gradients took
-# 0.49 / 2.23 / 14.3 ms at the small / V2-Lite / V3-4k tiers against 0.70 / 3.15 / 18.4 for the gathering kernel.
-WGRAD: dict | None = {"sorted": True, "fuse": True,
+# 0.49 / 2.23 / 14.3 ms at the small / V2-Lite / V3-4k tiers against 0.70 / 3.15 / 18.4 for an autotuned kernel
+# gathering on load (since removed: a fixed-tile gathering launch is WGRAD without "sorted").
+WGRAD: dict = {"sorted": True, "fuse": True,
                       "tile": (32, 32, 16, 1, 1) if INTERPRET else (128, 128, 64, 8, 3)}
 # DGRAD: None (autotuned), or {"dh": cfg, "dx": cfg} with cfg = (BN, BK, warps, stages, GROUP_M) fixing the
 # _grouped_kernel launch of dh = (weights * dy) W_down (SwiGLU backward epilogue) or of dxs = dg W_gate + du W_up.
@@ -225,61 +226,6 @@ if HAVE_TRITON:
                 tl.store(C + out, dg.to(C.dtype.element_ty), mask=cmask[None, :])
                 tl.store(C2 + out, du.to(C2.dtype.element_ty), mask=cmask[None, :])
 
-    def _wgrad_configs() -> list[triton.Config]:
-        """(BMW, BNW, BK, warps, stages). An expert's K is its row count, often only 128-768 rows (V3 at 4096 tokens:
-        128), so a program runs a few K steps and its output tile dominates: smaller tiles and BK keep more programs
-        resident to overlap one program's stores with another's loads."""
-        if INTERPRET:
-            return [triton.Config({"BMW": 32, "BNW": 32, "BK": 16}, num_warps=1, num_stages=1)]
-        gpu = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 128, 32, 8, 4), (64, 128, 32, 4, 4),
-               (128, 64, 64, 4, 3), (64, 64, 64, 4, 3), (128, 256, 64, 8, 3)]
-        return [triton.Config({"BMW": m, "BNW": n, "BK": k}, num_warps=w, num_stages=st)
-                for m, n, k, w, st in (gpu if AUTOTUNE else gpu[:1])]
-
-    @triton.autotune(  # H200 profile: the three weight gradients are 42-49% of a fwd+bwd's kernel time
-        configs=_wgrad_configs(), key=["Mdim", "Ndim", "A_GATHER", "B_GATHER", "ROWS_BUCKET"],
-    )
-    @triton.jit
-    def _wgrad_kernel(
-        A, B, DW, SORTED_PAIR, EXPERT_START, ROUTE_W,
-        Mdim, Ndim, top_k, ROWS_BUCKET,
-        A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, PREC: tl.constexpr,
-        BMW: tl.constexpr, BNW: tl.constexpr, BK: tl.constexpr,
-    ):
-        """DW[e] = A_e^T B_e: (Mdim, Ndim), reducing over expert e's padded rows [EXPERT_START[e], EXPERT_START[e+1]).
-
-        A: (rows, Mdim), B: (rows, Ndim); a *_GATHER operand is (N, dim) read at each pair's token, and a gathered A
-        is scaled by the routing weight (the (weights * dy) of dW_down). An expert with no rows gets zeros.
-        ROWS_BUCKET (the mean padded rows per expert, a power of two) only keys the autotuner.
-        """
-        n_tiles_n = tl.cdiv(Ndim, BNW)
-        pid_m = tl.program_id(0) // n_tiles_n
-        pid_n = tl.program_id(0) % n_tiles_n
-        e = tl.program_id(1)
-        start = tl.load(EXPERT_START + e)
-        end = tl.load(EXPERT_START + e + 1)
-        ms = pid_m * BMW + tl.arange(0, BMW)
-        ns = pid_n * BNW + tl.arange(0, BNW)
-        mmask = ms < Mdim
-        nmask = ns < Ndim
-        ks = tl.arange(0, BK)
-        acc = tl.zeros((BMW, BNW), dtype=tl.float32)
-        for r0 in range(start, end, BK):
-            r = r0 + ks  # (BK,) padded rows
-            pair = tl.load(SORTED_PAIR + r, mask=r < end, other=-1)
-            valid = pair >= 0
-            token = tl.where(valid, pair // top_k, 0).to(tl.int64)
-            a_rows = token if A_GATHER else r.to(tl.int64)
-            b_rows = token if B_GATHER else r.to(tl.int64)
-            a = tl.load(A + a_rows[None, :] * Mdim + ms[:, None], mask=mmask[:, None] & valid[None, :], other=0.0)
-            if A_GATHER:
-                scale = tl.load(ROUTE_W + pair, mask=valid, other=0.0)
-                a = (a.to(tl.float32) * scale[None, :]).to(A.dtype.element_ty)
-            b = tl.load(B + b_rows[:, None] * Ndim + ns[None, :], mask=valid[:, None] & nmask[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=PREC)  # (BMW, BK) @ (BK, BNW)
-        out = e.to(tl.int64) * Mdim * Ndim + ms[:, None].to(tl.int64) * Ndim + ns[None, :]
-        tl.store(DW + out, acc.to(DW.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
-
     @triton.jit
     def _wgrad_tiles_kernel(
         A, A2, B, DW, DW2, SORTED_PAIR, EXPERT_START, ROUTE_W,
@@ -287,11 +233,13 @@ if HAVE_TRITON:
         A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, TWO: tl.constexpr, FLAT: tl.constexpr, PREC: tl.constexpr,
         BMW: tl.constexpr, BNW: tl.constexpr, BK: tl.constexpr,
     ):
-        """_wgrad_kernel's DW[e] = A_e^T B_e with an explicit config: programs walk the (expert, m, n) output tiles
+        """DW[e] = A_e^T B_e: (Mdim, Ndim), reducing over expert e's padded rows [EXPERT_START[e], EXPERT_START[e+1])
+        (an expert with no rows gets zeros), with an explicit config: programs walk the (expert, m, n) output tiles
         (tile = program id + i * programs), so a grid smaller than n_tiles makes them persistent; FLAT asks Triton to
         flatten the tile and row loops into one pipelined loop (the next tile's loads overlap this tile's store).
         TWO: DW2[e] = A2_e^T B_e in the same program from the same B tile (dW_gate and dW_up share x).
-        A, A2: (rows, Mdim); B: (rows, Ndim); DW, DW2: (E, Mdim, Ndim); *_GATHER as in _wgrad_kernel.
+        A, A2: (rows, Mdim); B: (rows, Ndim); DW, DW2: (E, Mdim, Ndim). A *_GATHER operand is (N, dim) read at each
+        pair's token, and a gathered A is scaled by the routing weight (the (weights * dy) of dW_down).
         """
         tiles_n = tl.cdiv(Ndim, BNW)
         per_e = tl.cdiv(Mdim, BMW) * tiles_n
@@ -422,21 +370,9 @@ def _gemm(a, b, out, al: MoEAlignment, route_w, top_k, *, gather, epi, a2=None, 
     )
 
 
-def _wgrad(a, b, al: MoEAlignment, route_w, top_k, n_experts, *, a_gather, b_gather):
-    """(E, Mdim, Ndim) = per expert, a_rows^T @ b_rows over its padded rows."""
-    Mdim, Ndim = a.shape[1], b.shape[1]
-    dw = torch.empty(n_experts, Mdim, Ndim, device=a.device, dtype=a.dtype)
-    rows_bucket = triton.next_power_of_2(max(1, al.sorted_pair.shape[0] // max(1, n_experts)))
-    grid = lambda meta: (triton.cdiv(Mdim, meta["BMW"]) * triton.cdiv(Ndim, meta["BNW"]), n_experts)
-    _wgrad_kernel[grid](
-        a, b, dw, al.sorted_pair, al.expert_start, route_w, Mdim, Ndim, top_k, rows_bucket,
-        A_GATHER=a_gather, B_GATHER=b_gather, PREC=_prec(a.dtype),
-    )
-    return dw
-
-
 def _wgrad_tiles(a, b, al: MoEAlignment, route_w, top_k, n_experts, cfg: dict, *, a_gather, b_gather, a2=None):
-    """_wgrad through _wgrad_tiles_kernel with the WGRAD config cfg: (E, Mdim, Ndim), and a2's too if given."""
+    """Per expert, a_rows^T @ b_rows over its padded rows through _wgrad_tiles_kernel with the WGRAD config cfg:
+    (E, Mdim, Ndim), and a2's too if given."""
     Mdim, Ndim = a.shape[1], b.shape[1]
     dw = torch.empty(n_experts, Mdim, Ndim, device=a.device, dtype=a.dtype)
     dw2 = torch.empty_like(dw) if a2 is not None else dw
@@ -530,7 +466,7 @@ class _MoEExpertsFn(torch.autograd.Function):
         dy_c = dy.to(x.dtype)  # (N, D): the GEMM operand; scaled by the routing weight on load
         wcfg, dcfg = WGRAD, DGRAD or {}
         # WGRAD sorted: (weights * dy) gathered once into padded-row order (P_pad, D), the dh GEMM's and dW_down's A
-        dys = _gather_rows(dy_c, al, route_w, top_k) if wcfg is not None and wcfg.get("sorted") else None
+        dys = _gather_rows(dy_c, al, route_w, top_k) if wcfg.get("sorted") else None
         dg, du = torch.empty_like(g), torch.empty_like(u)  # (P_pad, I)
         _gemm(dy_c if dys is None else dys, wd, dg, al, route_w, top_k, gather=dys is None, epi=1, g=g, u=u, out2=du,
               cfg=dcfg.get("dh"))  # W_down (E, D, I)
@@ -550,11 +486,6 @@ def _weight_grads(x, dy_c, dys, h, dg, du, al: MoEAlignment, route_w, top_k, E, 
     """
     need_g, need_u, need_d = needs
     cfg = WGRAD
-    if cfg is None:
-        dwg = _wgrad(dg, x, al, route_w, top_k, E, a_gather=False, b_gather=True) if need_g else None
-        dwu = _wgrad(du, x, al, route_w, top_k, E, a_gather=False, b_gather=True) if need_u else None
-        dwd = _wgrad(dy_c, h, al, route_w, top_k, E, a_gather=True, b_gather=False) if need_d else None
-        return dwg, dwu, dwd
     srt = dys is not None
     xb = _gather_rows(x, al, None, top_k) if srt and (need_g or need_u) else x  # (P_pad, D) or (N, D)
 

@@ -226,7 +226,7 @@ def shared_beside_routed(x: torch.Tensor, routed, shared, overlap: bool = True):
     out = routed()
     main.wait_stream(side)  # join: ys is ready for the add
     ys.record_stream(main)  # ys was allocated on the side stream and is read on the main one
-    x.record_stream(side)  # x is read on the side stream: not reused before that read finishes
+    # (x needs no record_stream: whatever reuses its memory on the main stream is queued after the join)
     return out, ys
 
 

@@ -248,14 +248,14 @@ def test_shared_beside_routed_on_cpu_runs_in_order():
 # ------------------------------------------------------------------------------------------------ backward variants
 VARIANTS = {  # (WGRAD, DGRAD, BLOCK_M, DX_LOOPS, GATE_UP) of minids.kernels.moe, interpreter-sized tiles (the
     # default is tested above; DX_LOOPS 1 and 2 both appear below whichever is the default)
-    "gather-autotuned": (None, None, None, 2, None),
     "tiles-gather": ({"tile": (32, 32, 16, 1, 1)}, None, None, 1, None),
     "sorted": ({"sorted": True, "tile": (32, 32, 16, 1, 1)}, None, None, 1, None),
     "sorted-fused-persistent": ({"sorted": True, "fuse": True, "programs": 3, "flat": True, "tile": (32, 16, 32, 1, 1)},
                                 {"dh": (16, 32, 1, 1, 4), "dx": (32, 16, 1, 1, 1)}, 32, 2, None),
     "gather-fused-persistent": ({"fuse": True, "programs": 2, "tile": (16, 32, 16, 1, 1)}, None, None, 1, None),
     # K = 1.5 blocks per loop in dx; a gate/up launch whose blocks divide neither D nor I
-    "dx-two-loops-fixed-gate-up": (None, {"dh": (16, 32, 1, 1, 4), "dx": (16, 16, 1, 1, 4)}, None, 2, (16, 16, 1, 1, 4)),
+    "dx-two-loops-fixed-gate-up": ({"fuse": True, "tile": (16, 16, 16, 1, 1)},
+                                   {"dh": (16, 32, 1, 1, 4), "dx": (16, 16, 1, 1, 4)}, None, 2, (16, 16, 1, 1, 4)),
 }
 VARIANT_CASES = [CASES[0], CASES[3], CASES[4]]  # uneven rows; experts with zero rows; one expert with most rows
 
