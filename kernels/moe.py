@@ -354,6 +354,8 @@ def _gemm(a, b, out, al: MoEAlignment, route_w, top_k, *, gather, epi, a2=None, 
 
     cfg: None (autotuned) or (BN, BK, warps, stages, GROUP_M) launched as given.
     """
+    if a2 is not None and DX_LOOPS not in (1, 2):  # any other value would drop the second product silently
+        raise ValueError(f"minids.kernels.moe.DX_LOOPS={DX_LOOPS!r}: 1 (one K loop) or 2 (two loops)")
     Kdim, Ndim = b.shape[1:]
     n_blocks = al.block_expert.shape[0]
     bm = al.sorted_pair.shape[0] // n_blocks

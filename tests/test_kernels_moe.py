@@ -283,6 +283,15 @@ def test_backward_variants_match_reference(case, variant, monkeypatch, launch_sp
     assert [c["BN"] for c in fixed_gate_up] == ([gate_up[0]] if gate_up else [])
 
 
+def test_bad_dx_loops_is_one_line(monkeypatch):
+    from minids.kernels import moe as kmoe
+
+    monkeypatch.setattr(kmoe, "DX_LOOPS", 3)
+    leaves, indices, dy = make(*CASES[0], torch.float32, seed=9)
+    with pytest.raises(ValueError, match="DX_LOOPS=3"):
+        run("triton", leaves, indices, dy)
+
+
 def test_gather_rows_pads_with_zeros():
     from minids.kernels.moe import _gather_rows
 
