@@ -36,6 +36,15 @@ def runs_here(t: torch.Tensor) -> bool:
     return HAVE_TRITON and (t.is_cuda or INTERPRET)
 
 
+def require_runs_here(t: torch.Tensor, what: str, instead: str) -> None:
+    """One clear line where a kernel wrapper is called where it cannot run (no Triton, or a CPU tensor without the
+    interpreter), naming the torch function to use instead."""
+    if not HAVE_TRITON:
+        raise ValueError(f"{what} needs Triton installed; use {instead}")
+    if not runs_here(t):
+        raise ValueError(f"{what} needs CUDA tensors, or TRITON_INTERPRET=1 on the CPU; use {instead}")
+
+
 # Arrival counters of the kernels that combine partial results in a fixed order inside one launch (the last program
 # to arrive does the final sum: MLA decoding's split sequences, RMSNorm's dweight sum). (owner, device) -> buffers,
 # the last one current. Each last arriver zeroes its own counter, so a buffer is zero between launches and every

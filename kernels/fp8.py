@@ -52,10 +52,12 @@ import math
 import os
 
 import torch
-from minids.kernels import AUTOTUNE, HAVE_TRITON, INTERPRET
+from minids.kernels import AUTOTUNE, HAVE_TRITON, INTERPRET, require_runs_here
 from minids.kernels import sm_count as _sm_count
 
-from minids.fp8 import _AMAX_FLOOR, _dequant_check, _fmt, _gemm_check
+from minids.fp8 import _AMAX_FLOOR, _FORMATS, _dequant_check, _fmt, _gemm_check
+
+_FP8_DTYPES = tuple(dtype for dtype, _ in _FORMATS.values())  # what the GEMM's operands may be
 
 __all__ = ["act_quant", "act_quant_both", "act_quant_t", "fp8_gemm", "weight_dequant", "weight_quant"]
 
@@ -257,6 +259,13 @@ if HAVE_TRITON:
 
 
 # ----------------------------------------------------------------------------------------------- wrappers
+def _check_call(t: torch.Tensor, block: int, name: str) -> None:
+    """One line where the wrapper ``name`` cannot run on ``t`` (no Triton, or a CPU tensor without the interpreter:
+    ``minids.fp8.<name>`` is the reference to use) or ``block`` is not a power of two >= 16."""
+    require_runs_here(t, f"minids.kernels.fp8.{name}", f"minids.fp8.{name}")
+    _check_block(block)
+
+
 def _check_block(block: int) -> None:
     if block != 128 and not (block >= 16 and block & (block - 1) == 0):
         raise ValueError(f"block={block}: the kernels take a power of two >= 16 (DeepSeek-V3 uses 128)")
@@ -302,7 +311,7 @@ def act_quant(
     Same contract as ``minids.fp8.act_quant``; ``out``: optional preallocated (q (M, K), s (M, nb)), M = x's rows
     (every kernel here takes one). ``exact``: bit-exact (True) or fast (False) rounding, see the module docstring;
     None: ``EXACT_QUANT`` (the same for every quantization function here)."""
-    _check_block(block)
+    _check_call(x, block, "act_quant")
     dtype = _fmt(fmt)[0]
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
@@ -329,7 +338,7 @@ def act_quant_t(
     Same contract as ``minids.fp8.act_quant_t``; with ``in_scale`` (M, ceil(K/in_block)), x is FP8 and is
     dequantized on load (``act_quant_t(act_dequant(x, in_scale))`` in one pass, for the cached activations).
     ``exact``: as ``act_quant``."""
-    _check_block(block)
+    _check_call(x, block, "act_quant_t")
     dtype = _fmt(fmt)[0]
     x = _tokens_by_features(x, "act_quant_t")
     M, K = x.shape
@@ -361,7 +370,7 @@ def act_quant_both(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``act_quant(x)`` and ``act_quant_t(x)`` from one read of x (M, K): (q (M, K), s (M, ceil(K/b)),
     qt (K, M), st (K, ceil(M/b))). ``exact``: as ``act_quant``."""
-    _check_block(block)
+    _check_call(x, block, "act_quant_both")
     dtype = _fmt(fmt)[0]
     x = _tokens_by_features(x, "act_quant_both")
     M, K = x.shape
@@ -387,7 +396,7 @@ def weight_quant(
     """Block x block tiles. w: (O, I) -> (fp8 (O, I), scale_inv (ceil(O/b), ceil(I/b)) float32), as
     ``minids.fp8.weight_quant``; with ``transposed=True`` also the FP8 w^T (I, O) from the same pass, returned
     third (its block scales are scale_inv.t()). ``exact``: as ``act_quant``."""
-    _check_block(block)
+    _check_call(w, block, "weight_quant")
     dtype = _fmt(fmt)[0]
     if w.dim() != 2:
         raise ValueError(f"weight_quant needs a 2-D weight, got shape {tuple(w.shape)}")
@@ -417,7 +426,7 @@ def weight_dequant(
     w: torch.Tensor, scale_inv: torch.Tensor, block: int = 128, dtype: torch.dtype = torch.bfloat16, out=None,
 ) -> torch.Tensor:
     """Block dequantization (the checkpoints' ``weight_scale_inv``), as ``minids.fp8.weight_dequant``."""
-    _check_block(block)
+    _check_call(w, block, "weight_dequant")
     _dequant_check(w, scale_inv, block)
     O, I = w.shape
     if w.stride(-1) != 1:
@@ -731,7 +740,11 @@ def fp8_gemm(
     a: (M, K) FP8, a_s: (M, ceil(K/b)); b: (N, K) FP8 with b_s (ceil(N/b), ceil(K/b)) 128x128 block scales
     (weights) or (N, ceil(K/b)) 1x128 scales (Wgrad: both operands quantized along the token dim).
     """
+    require_runs_here(a, "minids.kernels.fp8.fp8_gemm", "minids.fp8.fp8_gemm")
     M, N, K, b_group = _gemm_check(a, a_s, b, b_s, block)
+    if not (a.dtype in _FP8_DTYPES and b.dtype in _FP8_DTYPES):
+        raise ValueError(f"fp8_gemm (Triton) takes FP8 operands, got a {a.dtype} and b {b.dtype}: quantize them with "
+                         "act_quant / weight_quant first")
     if block != 128:
         raise ValueError(f"block={block}: the Triton FP8 GEMM implements DeepSeek-V3's 128")
     variant = GEMM_VARIANT if variant is None else variant

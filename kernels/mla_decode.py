@@ -68,7 +68,7 @@ T cache capacity, M = s_q * H rows, N tokens per tile, P programs per row block.
 from __future__ import annotations
 
 import torch
-from minids.kernels import AUTOTUNE, HAVE_TRITON, INTERPRET, arrival_counters, sm_count
+from minids.kernels import AUTOTUNE, HAVE_TRITON, INTERPRET, arrival_counters, require_runs_here, sm_count
 
 __all__ = ["mla_decode", "pick_config", "schedule_ref"]
 
@@ -491,8 +491,7 @@ def mla_decode(
     two programs per row block, each writing half of the C output columns) and MIN_UNITS (the smallest
     slice, in 64-token units; default MIN_UNITS).
     """
-    if not HAVE_TRITON:
-        raise ValueError("minids.kernels.mla_decode needs Triton: pip install triton, or use minids.mla_decode_ref")
+    require_runs_here(q, "minids.kernels.mla_decode", "minids.mla_decode_ref")
     B, s_q, H, C, R = _check(q, kv_cache, cache_seqlens, head_dim_v, block_table, pe_cache)
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be at least 1, got {num_splits}")

@@ -54,7 +54,7 @@ device. Runs on CUDA with Triton, or under TRITON_INTERPRET=1 (small blocks, one
 from __future__ import annotations
 
 import torch
-from minids.kernels import AUTOTUNE, HAVE_TRITON, INTERPRET, runs_here, sm_count
+from minids.kernels import AUTOTUNE, HAVE_TRITON, INTERPRET, require_runs_here, sm_count
 
 from minids.moe import MoEAlignment, _compute_dtype, check_experts_args, moe_align
 
@@ -524,11 +524,7 @@ def moe_experts(
         raise ValueError(f"minids.kernels.moe.moe_experts: impl={impl!r}; only 'triton' (the reference has the rest)")
     if fp8:
         raise ValueError("minids.kernels.moe.moe_experts: no FP8 path; use minids.moe.moe_experts(..., fp8=...)")
-    if not HAVE_TRITON:
-        raise ValueError("minids.kernels.moe.moe_experts needs Triton installed")
-    if not runs_here(x):
-        raise ValueError("minids.kernels.moe.moe_experts needs CUDA tensors, or TRITON_INTERPRET=1 on the CPU; use "
-                         "minids.moe.moe_experts with impl 'grouped' or 'loop'")
+    require_runs_here(x, "minids.kernels.moe.moe_experts", "minids.moe.moe_experts with impl 'grouped' or 'loop'")
     check_experts_args(x, weights, indices, w_gate, w_up, w_down)
     E = w_gate.shape[0]
     N, K = indices.shape

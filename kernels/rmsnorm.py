@@ -39,7 +39,7 @@ from __future__ import annotations
 import functools
 
 import torch
-from minids.kernels import HAVE_TRITON, arrival_counters, runs_here, sm_count
+from minids.kernels import HAVE_TRITON, arrival_counters, require_runs_here, sm_count
 
 __all__ = ["add_rms_norm", "rms_norm"]
 
@@ -341,8 +341,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None)
         raise ValueError(f"add_rms_norm: residual {tuple(residual.shape)} must have the shape of x {tuple(x.shape)}")
     if x.device != weight.device:
         raise ValueError(f"rms_norm: x on {x.device}, weight on {weight.device}")
-    if not runs_here(x):
-        raise ValueError("rms_norm (Triton) needs CUDA tensors, or TRITON_INTERPRET=1 on the CPU; use minids.rms_norm")
+    require_runs_here(x, "rms_norm (Triton)", "minids.rms_norm")
 
 
 class _RMSNormFn(torch.autograd.Function):
