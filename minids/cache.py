@@ -110,10 +110,10 @@ class KVCache:
 
     @property
     def step_seqlens(self) -> torch.Tensor:
-        """(B,) lengths + S: the cache slots the step's last query may see (the Triton MLA kernel's seqlens), shared by
-        every layer; after ``begin``."""
+        """(B,) int32 lengths + S: the cache slots the step's last query may see (the Triton MLA kernel's seqlens, in
+        the dtype it takes, so no layer casts them), shared by every layer; after ``begin``."""
         if self._seqlens is None:
-            self._seqlens = self.lengths + self._slots.shape[1]
+            self._seqlens = (self.lengths + self._slots.shape[1]).to(torch.int32)
         return self._seqlens
 
     def mask(self, S: int) -> torch.Tensor:
