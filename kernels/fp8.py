@@ -614,14 +614,12 @@ _MIN_STEPS_PER_SPLIT = 4  # 512 of K
 # the bytes from L2 per FLOP of 128 x 128. Small M: TMA and swapping A and B change how the weights stream.
 # Measured and dropped (bench/results/fp8_gemm_sweep.md, never the fastest on any shape): 64-row tiles through pointer
 # loads, a persistent grid of 64-row tiles, 128 x 256 tiles as two 128-wide accumulators (255 registers, spills),
-# swapped operands with TMA.
+# swapped operands with TMA, TMA with 3 stages at 128 x 128 ("tma"), 64-row TMA tiles with 4 stages ("m64_s4").
 GEMM_VARIANT = os.environ.get("MINIDS_FP8_GEMM", "auto")  # "auto": ``_auto_variant``
 GEMM_VARIANTS: dict[str, tuple[dict | None, dict | None]] = {
     "base": ({}, {}),
-    "tma": ({"TMA": True}, {"TMA": True}),
     "tma_s4": ({"TMA": True, "num_stages": 4}, {"TMA": True, "num_stages": 6}),
     "m64": ({"BLOCK_M": 64, "num_warps": 4, "TMA": True, "num_stages": 3}, None),
-    "m64_s4": ({"BLOCK_M": 64, "num_warps": 4, "TMA": True, "num_stages": 4}, None),
     "swap": (None, {"SWAP_AB": True}),
 }
 

@@ -486,7 +486,6 @@ def test_variant_outside_its_range_runs_without_autotuning_in_the_interpreter(mo
     # interpreter must still not reach the autotuner, whose prune hook asks CUDA for the SM count
     monkeypatch.setattr(kfp8, "AUTOTUNE", True)
     a, a_s, b, b_s = gemm_operands(65, 200, 256, False, seed=3)
-    for variant in ("m64", "m64_s4"):
-        c = kfp8.fp8_gemm(a, a_s, b, b_s, torch.float32, variant=variant)
-        cr = ref.fp8_gemm(a, a_s, b, b_s, torch.float32)
-        assert (c - cr).abs().max() / cr.abs().max() <= TOL
+    c = kfp8.fp8_gemm(a, a_s, b, b_s, torch.float32, variant="m64")
+    cr = ref.fp8_gemm(a, a_s, b, b_s, torch.float32)
+    assert (c - cr).abs().max() / cr.abs().max() <= TOL
