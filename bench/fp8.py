@@ -191,16 +191,24 @@ def bench_gemm(rows: list, bf16_peak: float, fp8_peak: float, quick: bool) -> No
             want = ref.fp8_gemm(a, a_s, b, b_s, torch.float32)
             row["max_rel_err"] = ((c.float() - want).abs().max() / want.abs().max()).item()
             row["minids_triton"] = flop / median_ms(lambda: kfp8.fp8_gemm(a, a_s, b, b_s)) / 1e9
-            best = kfp8._fp8_gemm_tuned.best_config if hasattr(kfp8._fp8_gemm_tuned, "best_config") else None
-            row["config"] = str(best.all_kwargs() if best is not None else "")[:120]
             row["triton_graph"] = flop / graph_ms(lambda: kfp8.fp8_gemm(a, a_s, b, b_s)) / 1e9
-            cfg, split = kfp8._gemm_plan(kfp8._m_bucket(M), N, math.ceil(K / 128), sms)
-            row["split_k"], row["plan"] = split, f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}/{split}"
-            tuned, kfp8.AUTOTUNE = kfp8.AUTOTUNE, False
-            try:  # the heuristic config alone (MINIDS_AUTOTUNE=0)
-                row["heuristic_graph"] = flop / graph_ms(lambda: kfp8.fp8_gemm(a, a_s, b, b_s)) / 1e9
-            finally:
-                kfp8.AUTOTUNE = tuned
+            # what ran: a named variant's fixed config, or (base) the plan's tile with autotuned warps and stages
+            variant = kfp8._auto_variant(M, K) if kfp8.GEMM_VARIANT == "auto" else kfp8.GEMM_VARIANT
+            fixed = None if variant == "base" else kfp8._variant_plan(variant, M, N, math.ceil(K / 128), sms)
+            cfg, split = fixed or kfp8._gemm_plan(kfp8._m_bucket(M), N, math.ceil(K / 128), sms)
+            row["variant"], row["split_k"] = variant, split
+            row["plan"] = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}/{split}"
+            if fixed is None:
+                best = getattr(kfp8._fp8_gemm_tuned, "best_config", None)
+                row["config"] = str(best.all_kwargs() if best is not None else "")[:120]
+                tuned, kfp8.AUTOTUNE = kfp8.AUTOTUNE, False
+                try:  # the heuristic config alone (MINIDS_AUTOTUNE=0)
+                    row["heuristic_graph"] = flop / graph_ms(lambda: kfp8.fp8_gemm(a, a_s, b, b_s)) / 1e9
+                finally:
+                    kfp8.AUTOTUNE = tuned
+            else:  # a fixed config: no autotuning, so no separate heuristic column
+                row["config"] = str(cfg)[:120]
+                row["heuristic_graph"] = ""
             fn, label = blockwise_scaled_mm(a, a_s, b, b_s)
             row["scaled_mm_form"] = label[:160]
             row["torch_scaled_mm"] = flop / median_ms(fn) / 1e9 if fn is not None else float("nan")
@@ -215,10 +223,11 @@ def bench_gemm(rows: list, bf16_peak: float, fp8_peak: float, quick: bool) -> No
             row["vs_bf16"] = row["minids_triton"] / row["bf16_cublas"]
             row["frac_fp8_peak"] = row["minids_triton"] / fp8_peak
             rows.append(row)
+            heur = f"{row['heuristic_graph']:7.1f}" if row["heuristic_graph"] != "" else "      -"
             print(f"M={M:5d} N={N:6d} K={K:6d}  triton {row['minids_triton']:7.1f} (graph {row['triton_graph']:7.1f}, "
-                  f"heuristic {row['heuristic_graph']:7.1f})  scaled_mm {row['torch_scaled_mm']:7.1f} (graph "
+                  f"heuristic {heur})  scaled_mm {row['torch_scaled_mm']:7.1f} (graph "
                   f"{row['scaled_mm_graph']:7.1f})  bf16 {row['bf16_cublas']:7.1f}  ref {row['reference']:6.1f}  "
-                  f"official {off or '-'}  err {row['max_rel_err']:.1e}  plan {row['plan']}  {row['config']}",
+                  f"official {off or '-'}  err {row['max_rel_err']:.1e}  {row['variant']} {row['plan']}  {row['config']}",
                   flush=True)
 
 
@@ -319,9 +328,10 @@ def main() -> None:
         write_results(args.out, f"fp8_gemm{suffix}", meta, rows,
                       ["M", "N", "K", "minids_triton", "triton_graph", "heuristic_graph", "torch_scaled_mm",
                        "scaled_mm_graph", "bf16_cublas", "reference", "official_issue", "vs_official", "vs_scaled_mm",
-                       "vs_bf16", "plan", "max_rel_err"],
+                       "vs_bf16", "variant", "plan", "max_rel_err"],
                       "TFLOP/s = 2MNK / median time. *_graph: replayed from a CUDA graph (no host launch overhead); "
-                      "heuristic: MINIDS_AUTOTUNE=0's config; plan: BLOCK_MxBLOCK_N/split-K of kfp8._gemm_plan. "
+                      "heuristic: MINIDS_AUTOTUNE=0's config (base variant only: the others run a fixed config); "
+                      "variant: what fp8_gemm ran (kfp8._auto_variant); plan: BLOCK_MxBLOCK_N/split-K it ran. "
                       "official_issue: the official DeepSeek-V3 fp8_gemm on this "
                       "project's H200 as quoted in the issue (autotuned per M in a fresh process).")
     if "plans" in only:
