@@ -45,13 +45,13 @@ def _c(m, n, w, s, occ=1, v=1, mu=None, per_seq=None):
     return c if per_seq is None else {**c, "SPLITS_PER_SEQ": per_seq}
 
 
-VARIANTS = {  # rows class -> {name: config}; "base": what the default path runs (MINIDS_AUTOTUNE=0)
-    16: {"base": _c(16, 32, 4, 3, 2), "N64": _c(16, 64, 4, 3, 1), "mu1": _c(16, 32, 4, 3, 2, mu=1),
+VARIANTS = {  # rows class -> {name: config}; variants_for adds "base", what the default path runs (MINIDS_AUTOTUNE=0)
+    16: {"N64": _c(16, 64, 4, 3, 1), "mu1": _c(16, 32, 4, 3, 2, mu=1),
          "P1": _c(16, 32, 4, 3, 2, per_seq=1), "P2": _c(16, 32, 4, 3, 2, per_seq=2),
          "P4": _c(16, 32, 4, 3, 2, per_seq=4)},
-    32: {"base": _c(32, 64, 8, 3), "N32s5": _c(32, 32, 8, 5), "M16x2": _c(16, 32, 4, 3, 2), "M64pad": _c(64, 64, 8, 2),
+    32: {"N32s5": _c(32, 32, 8, 5), "M16x2": _c(16, 32, 4, 3, 2), "M64pad": _c(64, 64, 8, 2),
          "P2": _c(32, 64, 8, 3, per_seq=2)},
-    64: {"base": _c(128, 32, 8, 2, v=2), "M64": _c(64, 64, 8, 2), "M128V2N16": _c(128, 16, 8, 4, v=2),
+    64: {"M64": _c(64, 64, 8, 2), "M128V2N16": _c(128, 16, 8, 4, v=2),
          "M64V2w4o2": _c(64, 32, 4, 2, 2, v=2)},
 }
 
@@ -69,7 +69,12 @@ SHAPES = [
 
 
 def variants_for(rows: int) -> dict:
-    return VARIANTS[16 if rows <= 16 else 32 if rows <= 32 else 64]
+    """{"base": the default path's config for s_q * H = rows (``pick_config``, so it cannot drift from it), then the
+    rows class's variants}."""
+    from minids.kernels.mla_decode import pick_config
+
+    block_m, cfg = pick_config(rows)
+    return {"base": {"BLOCK_M": block_m, **cfg}, **VARIANTS[16 if rows <= 16 else 32 if rows <= 32 else 64]}
 
 
 def max_rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -81,15 +86,12 @@ def max_rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 def run_shape(shape, names, dev, gen, timer, n_check):
     """Rows (one per variant) of one shape: err against the reference on n_check sequences, then the timing."""
     from minids.kernels.mla_decode import mla_decode
-    from mla_decode import make_inputs, rotating  # bench/mla_decode.py
+    from mla_decode import lengths, make_inputs, rotating  # bench/mla_decode.py
 
     from minids.attention import mla_decode_ref
 
     label, C, R, B, H, mean, var, s_q = shape
-    if var:
-        lens = torch.normal(float(mean), mean / 2, (B,), generator=gen).clamp(s_q, 2 * mean).round().to(torch.int32)
-    else:
-        lens = torch.full((B,), mean, dtype=torch.int32)
+    lens = lengths(B, mean, var, s_q, gen)
     T = -(-max(64, int(lens.max())) // 64) * 64
     dt = torch.bfloat16 if dev == "cuda" else torch.float32
     q = torch.randn(B, s_q, H, C + R, device=dev, dtype=dt)
@@ -183,7 +185,8 @@ def main() -> int:
     print(f"max err {worst:.1e} {'OK' if worst < TOL else 'FAILURES ABOVE'}; wall {meta['wall_s']} s")
     write_results(args.out, "sweep_mla", meta, rows, ["shape", "variant", "us", "GBps", "TFLOPs", "err"],
                   "bench/sweep_mla.py: fixed configs of minids.kernels.mla_decode; see the script's docstring.")
-    (args.out / "sweep_mla_configs.json").write_text(json.dumps(VARIANTS))
+    configs = {shape[0]: variants_for(shape[4] * shape[7]) for shape in SHAPES}
+    (args.out / "sweep_mla_configs.json").write_text(json.dumps(configs))
     return 0
 
 
