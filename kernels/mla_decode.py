@@ -430,7 +430,7 @@ def pick_config(rows: int, paged: bool = False) -> tuple[int, dict]:
     """(BLOCK_M, the default config's kwargs incl. num_warps / num_stages / V_SPLIT) for s_q * H = rows (16-bit
     caches)."""
     block_m = 16 if rows <= 16 else 32 if rows <= 32 else 128 if rows % 128 == 0 else 64
-    c = _configs(block_m, paged)[0]
+    c = _TUNED[(block_m, paged)].configs[0]
     return block_m, {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages,
                      "V_SPLIT": _V_SPLIT.get(block_m, 1)}
 
@@ -534,7 +534,8 @@ def mla_decode(
     def programs(occ: int) -> int:  # programs per row block
         return num_splits if num_splits is not None else max(1, n_sm * occ // col_blocks)
 
-    p_max = programs(cfg["OCC"] if fixed else max(c.kwargs["OCC"] for c in _configs(block_m, paged)))
+    # the autotuner's own list: _configs would rebuild the paged configs on every call
+    p_max = programs(cfg["OCC"] if fixed else max(c.kwargs["OCC"] for c in _TUNED[(block_m, paged)].configs))
 
     if out is None:
         out = torch.empty(B, s_q, H, C, dtype=q.dtype, device=dev)
