@@ -13,11 +13,23 @@ import os
 import torch
 
 try:
-    import triton  # noqa: F401
+    import triton
+    import triton.language as tl
 
     HAVE_TRITON = True
 except ImportError:  # Triton is optional: the references run everywhere
     HAVE_TRITON = False
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def grouped_order(pid, n_pid_m, n_pid_n, GROUP_M: tl.constexpr):
+        """(pid_m, pid_n) of a GEMM tile in grouped order: GROUP_M row tiles sweep the column tiles together, so the
+        operand tiles they share (a weight's columns, an expert's weights) stay in L2 between them."""
+        width = GROUP_M * n_pid_n
+        first_m = (pid // width) * GROUP_M
+        size_m = tl.minimum(n_pid_m - first_m, GROUP_M)
+        return first_m + (pid % width) % size_m, (pid % width) // size_m
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # MINIDS_AUTOTUNE=0: every kernel takes its heuristic (or first) config instead of autotuning per shape (the tests

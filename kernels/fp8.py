@@ -59,6 +59,9 @@ from minids.fp8 import _AMAX_FLOOR, _FORMATS, _dequant_check, _fmt, _gemm_check
 
 _FP8_DTYPES = tuple(dtype for dtype, _ in _FORMATS.values())  # what the GEMM's operands may be
 
+if HAVE_TRITON:
+    from minids.kernels import grouped_order
+
 __all__ = ["act_quant", "act_quant_both", "act_quant_t", "fp8_gemm", "weight_dequant", "weight_quant"]
 
 if HAVE_TRITON:
@@ -512,12 +515,7 @@ if HAVE_TRITON:
         pid, pid_k = tl.program_id(0), tl.program_id(1)
         c_ptr += pid_k * stride_cs
         num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-        # grouped order: GROUP_M row-tiles share each column tile while it is in L2
-        width = GROUP_M * num_n
-        first_m = (pid // width) * GROUP_M
-        size_m = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % width) % size_m
-        pid_n = (pid % width) // size_m
+        pid_m, pid_n = grouped_order(pid, num_m, num_n, GROUP_M)  # GROUP_M row tiles share each column tile in L2
         SCALAR_B: tl.constexpr = B_GROUP >= BLOCK_N  # the tile lies in one weight block: one b scale per K block
         m0, n0 = pid_m * BLOCK_M, pid_n * BLOCK_N
         offs_m = m0 + tl.arange(0, BLOCK_M)

@@ -56,6 +56,9 @@ from __future__ import annotations
 import torch
 from minids.kernels import AUTOTUNE, HAVE_TRITON, INTERPRET, require_runs_here, sm_count
 
+if HAVE_TRITON:
+    from minids.kernels import grouped_order
+
 from minids.moe import MoEAlignment, _compute_dtype, check_experts_args, moe_align
 
 __all__ = ["block_m_for", "moe_experts"]
@@ -97,14 +100,6 @@ if HAVE_TRITON:
         return [triton.Config({names[0]: a, names[1]: b}, num_warps=w, num_stages=s)
                 for a, b, w, s in (gpu if AUTOTUNE else gpu[:1])]
 
-    @triton.jit
-    def _swizzle(pid, n_pid_m, n_pid_n, GROUP_M: tl.constexpr):
-        """Row blocks in groups of GROUP_M sweep the column tiles together, so their expert's weights stay in L2."""
-        width = GROUP_M * n_pid_n
-        first_m = (pid // width) * GROUP_M
-        size_m = tl.minimum(n_pid_m - first_m, GROUP_M)
-        return first_m + (pid % width) % size_m, (pid % width) // size_m
-
     @triton.autotune(
         # (128, 64, 8, 4): the fastest bf16 forward at V2-Lite and V3-4k in bench/sweep_moe.py (2.01 / 9.6 ms against
         # 2.20 / 10.7 for (64, 64, 4, 4)); not first, since without autotuning the first config must also fit float32
@@ -123,7 +118,7 @@ if HAVE_TRITON:
 
         X: (N, Kdim=D) gathered by token; WG, WU: (E, Ndim=I, D); H, G, U: (P_pad, I).
         """
-        pid_m, pid_n = _swizzle(tl.program_id(0), n_blocks, tl.cdiv(Ndim, BN), GROUP_M)
+        pid_m, pid_n = grouped_order(tl.program_id(0), n_blocks, tl.cdiv(Ndim, BN), GROUP_M)
         e = tl.load(BLOCK_EXPERT + pid_m).to(tl.int64)
         if e >= 0:
             rows = pid_m * BM + tl.arange(0, BM)  # (BM,) padded rows
@@ -178,7 +173,7 @@ if HAVE_TRITON:
         EPI 0: store C (P, Ndim) at each pair's row t * K + k; padded rows are skipped.
         EPI 1: SwiGLU backward with G, U (P_pad, Ndim): C <- dg = acc * u * silu'(g), C2 <- du = acc * silu(g).
         """
-        pid_m, pid_n = _swizzle(tl.program_id(0), n_blocks, tl.cdiv(Ndim, BN), GROUP_M)
+        pid_m, pid_n = grouped_order(tl.program_id(0), n_blocks, tl.cdiv(Ndim, BN), GROUP_M)
         e = tl.load(BLOCK_EXPERT + pid_m).to(tl.int64)
         if e >= 0:
             rows = pid_m * BM + tl.arange(0, BM)  # (BM,)
