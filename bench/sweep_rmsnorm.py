@@ -33,10 +33,11 @@ from minids.norm import rms_norm
 EPS = 1e-6
 
 
-def fwd_configs(D: int) -> list[tuple[int, int, int, bool, bool, bool]]:
-    """(BLOCK_D, ROWS, warps, EVICT, LOOPED, EVEN): whole-row tiles of 2K-32K elements and 8-64 elements a thread,
+def fwd_configs(D: int, wide: bool) -> list[tuple[int, int, int, bool, bool, bool, bool]]:
+    """(BLOCK_D, ROWS, warps, EVICT, LOOPED, EVEN, WIDE): whole-row tiles of 2K-32K elements and 8-64 elements a thread,
     each with and without EVICT and, where D is a power of two, mask-free (EVEN); then, for D >= 2048, the two-pass
-    loop over 512-4096-wide chunks of one row (8-32 elements a thread)."""
+    loop over 512-8192-wide chunks of one or two rows (4-32 elements a thread). WIDE (int64 offsets) as the wrapper
+    sets it for these sizes, and the default config once more with int64 offsets."""
     bd = K.triton.next_power_of_2(D)
     out = []
     for tile in (1024, 2048, 4096, 8192, 16384):
@@ -46,14 +47,17 @@ def fwd_configs(D: int) -> list[tuple[int, int, int, bool, bool, bool]]:
         for warps in (1, 2, 4, 8, 16):
             if 16 <= tile // (32 * warps) <= 64:
                 for ev in (False, True):
-                    out.append((bd, rows, warps, ev, False, False))
+                    out.append((bd, rows, warps, ev, False, False, wide))
                     if bd == D:
-                        out.append((bd, rows, warps, ev, False, True))
+                        out.append((bd, rows, warps, ev, False, True, wide))
     if D >= 2048:
-        for chunk in (512, 1024, 2048, 4096):
-            for warps in (1, 2, 4, 8):
-                if 8 <= chunk // (32 * warps) <= 32:
-                    out.append((chunk, 1, warps, False, True, False))
+        for chunk in (512, 1024, 2048, 4096, 8192):
+            for rows in (1, 2):
+                for warps in (1, 2, 4, 8, 16):
+                    if chunk <= bd and 4 <= rows * chunk // (32 * warps) <= 32:
+                        out.append((chunk, rows, warps, False, True, False, wide))
+    if not wide:
+        out.append((*K._fwd_config(D), False, True))
     return out
 
 
@@ -95,16 +99,18 @@ def sweep_hidden(D: int, R: int, copy: float, sms: int, g: torch.Generator, pass
     unit = R * D * 2
     # forward
     f_res = []
-    for blk, rows, warps, ev, looped, even in fwd_configs(D) if "fwd" in passes else []:
+    for blk, rows, warps, ev, looped, even, wide in fwd_configs(D, K._wide(R + 64, D, bd)) if "fwd" in passes else []:
         cyc = itertools.cycle(range(n_sets))
         even = even and R % rows == 0
 
-        def run(blk=blk, rows=rows, warps=warps, ev=ev, looped=looped, even=even, cyc=cyc):
+        def run(blk=blk, rows=rows, warps=warps, ev=ev, looped=looped, even=even, wide=wide, cyc=cyc):
             i = next(cyc)
             K._rms_norm_fwd[(K.triton.cdiv(R, rows),)](
                 xs[i], xs[i], w, y, xs[i], rstd[i], R, D, EPS,
-                HAS_RES=False, ROWS=rows, BLOCK_D=blk, EVICT=ev, LOOPED=looped, EVEN=even, num_warps=warps)
-        name = f"{'L' + str(blk) + '/' if looped else ''}{rows}r{warps}w{'E' if ev else ''}{'M0' if even else ''}"
+                HAS_RES=False, ROWS=rows, BLOCK_D=blk, EVICT=ev, LOOPED=looped, EVEN=even, WIDE=wide,
+                num_warps=warps)
+        name = (f"{'L' + str(blk) + '/' if looped else ''}{rows}r{warps}w{'E' if ev else ''}{'M0' if even else ''}"
+                f"{'i64' if wide else ''}")
         try:
             y.fill_(float("nan"))  # an element the variant leaves unwritten shows as NaN, not as the last one's value
             rstd[0].fill_(float("nan"))
@@ -117,13 +123,13 @@ def sweep_hidden(D: int, R: int, copy: float, sms: int, g: torch.Generator, pass
         except Exception as e:  # noqa: BLE001  a failing variant is a row with infinite error
             print(f"fwd D={D} {name}: failed {type(e).__name__}: {str(e)[:100]}")
             rows_out.append({"pass": "fwd", "D": D, "block_d": blk, "rows_per_prog": rows, "warps": warps,
-                             "evict": ev, "looped": looped, "even": even, "max_err": float("inf"),
+                             "evict": ev, "looped": looped, "even": even, "wide": wide, "max_err": float("inf"),
                              "error": f"{type(e).__name__}: {str(e)[:200]}"})
             continue
-        mark = "*" if (blk, rows, warps, ev, looped) == base and not even else ""
+        mark = "*" if (blk, rows, warps, ev, looped) == base and not even and wide == K._wide(R + 64, D, bd) else ""
         f_res.append((2 * unit / ms / 1e6 / copy, name, mark, err, ms))
         rows_out.append({"pass": "fwd", "D": D, "block_d": blk, "rows_per_prog": rows, "warps": warps, "evict": ev,
-                         "looped": looped, "even": even, "default": bool(mark), "kernel_ms": ms,
+                         "looped": looped, "wide": wide, "even": even, "default": bool(mark), "kernel_ms": ms,
                          "of_copy": f_res[-1][0], "max_err": err})
     if f_res:
         f_res.sort(key=lambda r: r[0] if r[0] == r[0] else 0.0, reverse=True)  # nan (no timing) last

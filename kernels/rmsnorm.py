@@ -48,11 +48,19 @@ if HAVE_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _load_rows(P, rows, cols, cmask, n_rows, D, EVICT: tl.constexpr):
+    def _offsets(rows, cols, D, WIDE: tl.constexpr):
+        """(ROWS, BLOCK_D) element offsets rows * D + cols; int64 only where WIDE (they can pass 2^31): the int32
+        address arithmetic is lighter, as torch.compile's kernels use where the sizes allow."""
+        if WIDE:
+            return rows[:, None].to(tl.int64) * D + cols[None, :]
+        return rows[:, None] * D + cols[None, :]
+
+    @triton.jit
+    def _load_rows(P, rows, cols, cmask, n_rows, D, EVICT: tl.constexpr, WIDE: tl.constexpr = True):
         """The (ROWS, BLOCK_D) tile of rows `rows` of the (n_rows, D) matrix at P, in its own dtype (0 outside);
         EVICT: read once, marked evict_first in L2."""
         mask = (rows < n_rows)[:, None] & cmask[None, :]
-        ptrs = P + rows[:, None].to(tl.int64) * D + cols[None, :]
+        ptrs = P + _offsets(rows, cols, D, WIDE)
         if EVICT:
             return tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
         return tl.load(ptrs, mask=mask, other=0.0)
@@ -62,7 +70,7 @@ if HAVE_TRITON:
         X, R, W, Y, S, RSTD,
         n_rows, D, eps,
         HAS_RES: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, EVICT: tl.constexpr = False,
-        LOOPED: tl.constexpr = False, EVEN: tl.constexpr = False,
+        LOOPED: tl.constexpr = False, EVEN: tl.constexpr = False, WIDE: tl.constexpr = True,
     ):
         """One (ROWS, BLOCK_D) tile of rows. X, R, Y, S: (n_rows, D) contiguous; W: (D,); RSTD: (n_rows,) fp32.
 
@@ -73,6 +81,7 @@ if HAVE_TRITON:
         registers a program, so more programs per SM, for a second read that L2 serves.
         EVEN (not LOOPED): D == BLOCK_D and ROWS divides n_rows, so x, the weight and y need no masks (and the
         weight, read by every program, is marked evict_last), as torch.compile's kernel at D = 512.
+        WIDE: int64 offsets (needed once the padded rows times D can pass 2^31).
         """
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
         rmask = rows < n_rows
@@ -80,15 +89,15 @@ if HAVE_TRITON:
             cols = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
             cmask = cols < D
             mask = rmask[:, None] & cmask[None, :]
-            offs = rows[:, None].to(tl.int64) * D + cols[None, :]  # (ROWS, BLOCK_D); int64: rows * D can pass 2^31
+            offs = _offsets(rows, cols, D, WIDE)  # (ROWS, BLOCK_D)
             if EVEN and EVICT:
                 x = tl.load(X + offs, eviction_policy="evict_first")
             elif EVEN:
                 x = tl.load(X + offs)
             else:
-                x = _load_rows(X, rows, cols, cmask, n_rows, D, EVICT)
+                x = _load_rows(X, rows, cols, cmask, n_rows, D, EVICT, WIDE)
             if HAS_RES:
-                r = _load_rows(R, rows, cols, cmask, n_rows, D, EVICT)
+                r = _load_rows(R, rows, cols, cmask, n_rows, D, EVICT, WIDE)
                 x = (x.to(tl.float32) + r.to(tl.float32)).to(S.dtype.element_ty)  # s = x + residual, as torch
                 tl.store(S + offs, x, mask=mask)
             xf = x.to(tl.float32)
@@ -101,7 +110,7 @@ if HAVE_TRITON:
                 w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
                 tl.store(Y + offs, (n * w[None, :]).to(Y.dtype.element_ty), mask=mask)
         else:
-            base = rows[:, None].to(tl.int64) * D  # (ROWS, 1)
+            base = _offsets(rows, tl.zeros([1], dtype=tl.int32), D, WIDE)  # (ROWS, 1)
             acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
             for c0 in range(0, D, BLOCK_D):  # pass 1: sum of squares (and s = x + residual, stored)
                 cols = c0 + tl.arange(0, BLOCK_D)
@@ -136,7 +145,7 @@ if HAVE_TRITON:
         DY, X, W, RSTD, DS, DX, DW_PART,
         n_rows, D,
         HAS_DS: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PREFETCH: tl.constexpr,
-        EVICT: tl.constexpr = False,
+        EVICT: tl.constexpr = False, WIDE: tl.constexpr = True,
     ):
         """Persistent: program p takes row tiles p, p + P, ... and writes its dweight partial sum to DW_PART[p].
 
@@ -154,28 +163,28 @@ if HAVE_TRITON:
         dw = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
         if PREFETCH:  # this program's first tile
             rows = pid * ROWS + tl.arange(0, ROWS)
-            x_next = _load_rows(X, rows, cols, cmask, n_rows, D, EVICT)
-            dy_next = _load_rows(DY, rows, cols, cmask, n_rows, D, EVICT)
+            x_next = _load_rows(X, rows, cols, cmask, n_rows, D, EVICT, WIDE)
+            dy_next = _load_rows(DY, rows, cols, cmask, n_rows, D, EVICT, WIDE)
             rstd_next = tl.load(RSTD + rows, mask=rows < n_rows, other=0.0)
             if HAS_DS:
-                ds_next = _load_rows(DS, rows, cols, cmask, n_rows, D, EVICT)
+                ds_next = _load_rows(DS, rows, cols, cmask, n_rows, D, EVICT, WIDE)
         for start in range(pid * ROWS, n_rows, step):
             rows = start + tl.arange(0, ROWS)
             rmask = rows < n_rows
             if PREFETCH:  # take the tile loaded last iteration, start loading the next (masked past the end)
                 x, dy, rstd = x_next, dy_next, rstd_next
-                x_next = _load_rows(X, rows + step, cols, cmask, n_rows, D, EVICT)
-                dy_next = _load_rows(DY, rows + step, cols, cmask, n_rows, D, EVICT)
+                x_next = _load_rows(X, rows + step, cols, cmask, n_rows, D, EVICT, WIDE)
+                dy_next = _load_rows(DY, rows + step, cols, cmask, n_rows, D, EVICT, WIDE)
                 rstd_next = tl.load(RSTD + rows + step, mask=rows + step < n_rows, other=0.0)
                 if HAS_DS:
                     ds = ds_next
-                    ds_next = _load_rows(DS, rows + step, cols, cmask, n_rows, D, EVICT)
+                    ds_next = _load_rows(DS, rows + step, cols, cmask, n_rows, D, EVICT, WIDE)
             else:
-                x = _load_rows(X, rows, cols, cmask, n_rows, D, EVICT)
-                dy = _load_rows(DY, rows, cols, cmask, n_rows, D, EVICT)
+                x = _load_rows(X, rows, cols, cmask, n_rows, D, EVICT, WIDE)
+                dy = _load_rows(DY, rows, cols, cmask, n_rows, D, EVICT, WIDE)
                 rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
                 if HAS_DS:
-                    ds = _load_rows(DS, rows, cols, cmask, n_rows, D, EVICT)
+                    ds = _load_rows(DS, rows, cols, cmask, n_rows, D, EVICT, WIDE)
             xf = x.to(tl.float32)
             dyf = dy.to(tl.float32)
             xhat = xf * rstd[:, None]
@@ -185,7 +194,7 @@ if HAVE_TRITON:
             dx = rstd[:, None] * (dn - xhat * c[:, None])
             if HAS_DS:
                 dx += ds.to(tl.float32)
-            offs = rows[:, None].to(tl.int64) * D + cols[None, :]
+            offs = _offsets(rows, cols, D, WIDE)
             tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
         tl.store(DW_PART + pid.to(tl.int64) * D + cols, tl.sum(dw, axis=0), mask=cmask)
 
@@ -228,6 +237,11 @@ _PREFETCH = True  # backward loads tile i + 1 while it computes tile i (unless t
 
 # The forward's mask-free path (_rms_norm_fwd's EVEN) where the shapes allow it: off until a sweep shows it pays.
 _FWD_EVEN = False
+
+
+def _wide(padded_rows: int, D: int, block_d: int) -> bool:
+    """Whether a kernel over padded_rows rows of D elements (columns reaching block_d) needs int64 offsets."""
+    return padded_rows * D + max(D, block_d) >= 2**31
 
 
 @functools.cache
@@ -362,7 +376,7 @@ class _RMSNormFn(torch.autograd.Function):
             _rms_norm_fwd[(triton.cdiv(n_rows, rows),)](
                 x2, r2 if r2 is not None else x2, weight, y, s, rstd, n_rows, D, eps,
                 HAS_RES=residual is not None, ROWS=rows, BLOCK_D=block_d, EVICT=evict, LOOPED=looped, EVEN=even,
-                num_warps=warps,
+                WIDE=_wide(triton.cdiv(n_rows, rows) * rows, D, block_d), num_warps=warps,
             )
         ctx.save_for_backward(s, weight, rstd)
         ctx.has_res = residual is not None
