@@ -51,9 +51,10 @@ if HAVE_TRITON:
     def _offsets(rows, cols, D, WIDE: tl.constexpr):
         """(ROWS, BLOCK_D) element offsets rows * D + cols; int64 only where WIDE (they can pass 2^31): the int32
         address arithmetic is lighter, as torch.compile's kernels use where the sizes allow."""
-        if WIDE:
-            return rows[:, None].to(tl.int64) * D + cols[None, :]
-        return rows[:, None] * D + cols[None, :]
+        r = rows[:, None]
+        if WIDE:  # a constexpr branch: r is one type or the other, never both (two returns would be)
+            r = r.to(tl.int64)
+        return r * D + cols[None, :]
 
     @triton.jit
     def _load_rows(P, rows, cols, cmask, n_rows, D, EVICT: tl.constexpr, WIDE: tl.constexpr = True):
@@ -79,8 +80,8 @@ if HAVE_TRITON:
         LOOPED: BLOCK_D is a chunk, not the whole row: a first loop over the row's chunks sums the squares (x kept in
         L2 with evict_last, s stored there when fused), a second reads them back (evict_first) and writes y; fewer
         registers a program, so more programs per SM, for a second read that L2 serves.
-        EVEN (not LOOPED): D == BLOCK_D and ROWS divides n_rows, so x, the weight and y need no masks (and the
-        weight, read by every program, is marked evict_last), as torch.compile's kernel at D = 512.
+        EVEN: ROWS divides n_rows and D == BLOCK_D (LOOPED: BLOCK_D divides D), so x, the weight and y need no masks
+        (and the weight, read by every program, is marked evict_last), as torch.compile's kernel at D = 512.
         WIDE: int64 offsets (needed once the padded rows times D can pass 2^31).
         """
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
@@ -111,16 +112,19 @@ if HAVE_TRITON:
                 tl.store(Y + offs, (n * w[None, :]).to(Y.dtype.element_ty), mask=mask)
         else:
             base = _offsets(rows, tl.zeros([1], dtype=tl.int32), D, WIDE)  # (ROWS, 1)
+            # EVEN: BLOCK_D divides D and ROWS divides n_rows, so no load or store needs a mask
             acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
             for c0 in range(0, D, BLOCK_D):  # pass 1: sum of squares (and s = x + residual, stored)
                 cols = c0 + tl.arange(0, BLOCK_D)
-                mask = rmask[:, None] & (cols < D)[None, :]
+                m1, z1 = None, None  # per pass and iteration: a mask set before the loop would be loop-carried
+                if not EVEN:
+                    m1, z1 = rmask[:, None] & (cols < D)[None, :], 0.0
                 offs = base + cols[None, :]
-                x = tl.load(X + offs, mask=mask, other=0.0, eviction_policy="evict_last")
+                x = tl.load(X + offs, mask=m1, other=z1, eviction_policy="evict_last")
                 if HAS_RES:
-                    r = tl.load(R + offs, mask=mask, other=0.0, eviction_policy="evict_first")
+                    r = tl.load(R + offs, mask=m1, other=z1, eviction_policy="evict_first")
                     x = (x.to(tl.float32) + r.to(tl.float32)).to(S.dtype.element_ty)
-                    tl.store(S + offs, x, mask=mask)
+                    tl.store(S + offs, x, mask=m1)
                 xf = x.to(tl.float32)
                 acc += xf * xf
             rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=1) / D + eps)  # (ROWS,)
@@ -128,16 +132,18 @@ if HAVE_TRITON:
                 tl.debug_barrier()  # s is read back below, possibly by other threads of the CTA than stored it
             for c0 in range(0, D, BLOCK_D):  # pass 2: read x (or s) again from L2, write y
                 cols = c0 + tl.arange(0, BLOCK_D)
-                cmask = cols < D
-                mask = rmask[:, None] & cmask[None, :]
+                m2, c2, z2 = None, None, None
+                if not EVEN:
+                    c2, z2 = cols < D, 0.0
+                    m2 = rmask[:, None] & c2[None, :]
                 offs = base + cols[None, :]
                 if HAS_RES:
-                    xf = tl.load(S + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                    xf = tl.load(S + offs, mask=m2, other=z2, eviction_policy="evict_first").to(tl.float32)
                 else:
-                    xf = tl.load(X + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                    xf = tl.load(X + offs, mask=m2, other=z2, eviction_policy="evict_first").to(tl.float32)
                 n = (xf * rstd[:, None]).to(S.dtype.element_ty).to(tl.float32)
-                w = tl.load(W + cols, mask=cmask, other=0.0, eviction_policy="evict_last").to(tl.float32)
-                tl.store(Y + offs, (n * w[None, :]).to(Y.dtype.element_ty), mask=mask)
+                w = tl.load(W + cols, mask=c2, other=z2, eviction_policy="evict_last").to(tl.float32)
+                tl.store(Y + offs, (n * w[None, :]).to(Y.dtype.element_ty), mask=m2)
         tl.store(RSTD + rows, rstd, mask=rmask)
 
     @triton.jit
@@ -371,7 +377,7 @@ class _RMSNormFn(torch.autograd.Function):
         s = torch.empty(n_rows, D, device=x.device, dtype=s_dtype) if residual is not None else x2  # (R, D)
         rstd = torch.empty(n_rows, device=x.device, dtype=torch.float32)  # (R,)
         block_d, rows, warps, evict, looped = _fwd_config(D)
-        even = _FWD_EVEN and not looped and block_d == D and n_rows % rows == 0
+        even = _FWD_EVEN and n_rows % rows == 0 and (D % block_d == 0 if looped else D == block_d)
         if n_rows > 0:
             _rms_norm_fwd[(triton.cdiv(n_rows, rows),)](
                 x2, r2 if r2 is not None else x2, weight, y, s, rstd, n_rows, D, eps,

@@ -108,17 +108,18 @@ def test_backward_many_tiles_per_program(prefetch, monkeypatch):
 
 
 @pytest.mark.parametrize("fused", [False, True])
-@pytest.mark.parametrize("variant", ["looped", "even", "wide"])
+@pytest.mark.parametrize("variant", ["looped", "even", "looped_even", "wide"])
 def test_forward_variants(variant, fused, monkeypatch, launch_spy):
     # the sweep's forward variants: LOOPED (two passes over 32-wide chunks of a row, the last chunk partial; rows
-    # in pairs, the last pair half out of range), EVEN (no masks; D == BLOCK_D and the row pairs divide n_rows),
+    # in pairs, the last pair half out of range), EVEN (no masks; D == BLOCK_D, or a multiple of the LOOPED chunk,
+    # and the row pairs divide n_rows),
     # and the int64 offsets that only inputs past 2^31 elements take (WIDE), forced here on a small one
     import minids.kernels.rmsnorm as k
 
     shape, cfg = {"looped": ((7, 100), (32, 2, 1, False, True)), "even": ((6, 64), (64, 2, 1, True, False)),
-                  "wide": ((7, 100), (128, 2, 1, True, False))}[variant]
+                  "looped_even": ((6, 96), (32, 2, 1, False, True)), "wide": ((7, 100), (128, 2, 1, True, False))}[variant]
     monkeypatch.setattr(k, "_fwd_config", lambda D: cfg)
-    monkeypatch.setattr(k, "_FWD_EVEN", variant == "even")
+    monkeypatch.setattr(k, "_FWD_EVEN", "even" in variant)
     monkeypatch.setattr(k, "_wide", lambda *a: variant == "wide")
     launches = launch_spy(k, "_rms_norm_fwd")
     x, w, g = inputs(shape, torch.float32, torch.float32, 17)
@@ -135,7 +136,7 @@ def test_forward_variants(variant, fused, monkeypatch, launch_spy):
     for a, b in zip(torch.autograd.grad(y, leaves, dy), torch.autograd.grad(y_ref, leaves, dy)):
         close(a, b, torch.float32)
     assert [(c["LOOPED"], c["EVEN"], c["WIDE"]) for c in launches] == [
-        (variant == "looped", variant == "even", variant == "wide")]
+        ("looped" in variant, "even" in variant, variant == "wide")]
 
 
 @pytest.mark.parametrize("P, D", [(300, 200), (1, 7), (129, 64), (2000, 1000)])
