@@ -69,7 +69,7 @@ if HAVE_TRITON:
     @triton.jit
     def _rms_norm_fwd(
         X, R, W, Y, S, RSTD,
-        n_rows, D, eps,
+        n_rows, D: tl.constexpr, eps,
         HAS_RES: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, EVICT: tl.constexpr = False,
         LOOPED: tl.constexpr = False, EVEN: tl.constexpr = False, WIDE: tl.constexpr = True,
     ):
@@ -83,6 +83,8 @@ if HAVE_TRITON:
         EVEN: ROWS divides n_rows and D == BLOCK_D (LOOPED: BLOCK_D divides D), so x, the weight and y need no masks
         (and the weight, read by every program, is marked evict_last), as torch.compile's kernel at D = 512.
         WIDE: int64 offsets (needed once the padded rows times D can pass 2^31).
+        D is a compile-time constant (one compile per hidden size, as torch.compile specialises its kernels): the
+        column masks, the loop bounds and the division by D fold into constants.
         """
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
         rmask = rows < n_rows
