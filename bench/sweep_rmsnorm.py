@@ -97,7 +97,7 @@ def sweep_hidden(D: int, R: int, copy: float, sms: int, g: torch.Generator, pass
     ref = rms_norm(xs[0], w, EPS)
     rstd_ref = torch.rsqrt(xs[0].float().pow(2).mean(-1) + EPS)  # (R,) float32
     base = K._fwd_config(D)
-    bd = base[0]
+    bd = K.triton.next_power_of_2(D)  # the whole row's tile (the backward's)
     unit = R * D * 2
     # forward
     f_res = []
@@ -128,7 +128,8 @@ def sweep_hidden(D: int, R: int, copy: float, sms: int, g: torch.Generator, pass
                              "evict": ev, "looped": looped, "even": even, "wide": wide, "max_err": float("inf"),
                              "error": f"{type(e).__name__}: {str(e)[:200]}"})
             continue
-        mark = "*" if (blk, rows, warps, ev, looped) == base and not even and wide == K._wide(R + 64, D, bd) else ""
+        dflt = (blk, rows, warps, ev, looped) == base and even == K._fwd_even(D, R, blk, rows, looped)
+        mark = "*" if dflt and wide == K._wide(R + 64, D, bd) else ""
         f_res.append((2 * unit / ms / 1e6 / copy, name, mark, err, ms))
         rows_out.append({"pass": "fwd", "D": D, "block_d": blk, "rows_per_prog": rows, "warps": warps, "evict": ev,
                          "looped": looped, "wide": wide, "even": even, "default": bool(mark), "kernel_ms": ms,
@@ -149,7 +150,7 @@ def sweep_hidden(D: int, R: int, copy: float, sms: int, g: torch.Generator, pass
     base_per_sm = K._BWD_PLAN[key][0]
     for i in range(n_sets):  # rstd of every set
         K._rms_norm_fwd[(K.triton.cdiv(R, base[1]),)](
-            xs[i], xs[i], w, y, xs[i], rstd[i], R, D, EPS, HAS_RES=False, ROWS=base[1], BLOCK_D=bd,
+            xs[i], xs[i], w, y, xs[i], rstd[i], R, D, EPS, HAS_RES=False, ROWS=base[1], BLOCK_D=base[0],
             EVICT=base[3], LOOPED=base[4], num_warps=base[2])
     b_res = []
     for rows, warps, per_sm, pf, ev in bwd_configs(D, base_per_sm):

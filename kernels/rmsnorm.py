@@ -15,7 +15,9 @@ Layout and optimisations (both passes only stream memory; the aim is enough byte
 an H100/H200, with 128-bit accesses and no register spills):
 - Rows are independent: a forward program normalises one (ROWS, BLOCK_D) tile of at least 2K elements (4 KB of
   bf16), several rows at once when D is small (one row of D=1024 bf16 is only 2 KB, too little to hide memory
-  latency), with 2-8 warps: small programs, many per SM. ``_fwd_config`` has the numbers.
+  latency), with 2-16 warps: small programs, many per SM. From D = 2048 on it reads each row twice, once to sum the
+  squares and once (from L2) to write y, so no program holds a whole row in registers. D is a compile-time
+  constant, as in torch.compile's kernels. ``_fwd_config`` has the numbers.
 - The forward keeps rstd (4 bytes a row) so the backward needs no second reduction over x for it.
 - The backward runs one wave of persistent programs (as many as fit on the GPU at once, from the compiled kernel's
   register count) that stride over row tiles. Each keeps its dweight partial sums in fp32 registers, one per tile
@@ -243,8 +245,8 @@ if HAVE_TRITON:
 _PREFETCH = True  # backward loads tile i + 1 while it computes tile i (unless that spills; tests also run it off)
 
 
-# The forward's mask-free path (_rms_norm_fwd's EVEN) where the shapes allow it: off until a sweep shows it pays.
-_FWD_EVEN = False
+# The forward's mask-free path (_rms_norm_fwd's EVEN) where the shapes allow it.
+_FWD_EVEN = True
 
 
 def _wide(padded_rows: int, D: int, block_d: int) -> bool:
@@ -252,27 +254,41 @@ def _wide(padded_rows: int, D: int, block_d: int) -> bool:
     return padded_rows * D + max(D, block_d) >= 2**31
 
 
-@functools.cache
-def _fwd_config(D: int) -> tuple[int, int, int, bool, bool]:
-    """(BLOCK_D, ROWS, num_warps, EVICT, LOOPED) of the forward (LOOPED, the two-pass chunked row, is not taken by
-    default; bench/sweep_rmsnorm.py times it): a non-persistent grid of (ROWS, BLOCK_D) tiles of 2048
-    elements or one row, 32 elements a thread up to BLOCK_D = 1024, 16 up to 4096, 32 at 8192 (8 warps), then 16
-    warps (wider rows were not measured). Small programs pack many per SM; the many waves over 16384 rows need no
-    persistent loop. EVICT (x and residual read with evict_first) where a tile spans several rows. From launch-config sweeps on an H200 (``bench/sweep_rmsnorm.py``,
-    16384 rows of bf16, kernel time as a fraction of the copy rate; the old 8K-element 16-warp tiles in brackets):
+def _fwd_even(D: int, n_rows: int, block_d: int, rows: int, looped: bool) -> bool:
+    """Whether the forward runs mask-free (EVEN): row tiles divide n_rows, and the tile (LOOPED: the chunk) fits D."""
+    return _FWD_EVEN and n_rows % rows == 0 and (D % block_d == 0 if looped else D == block_d)
 
-        D     BLOCK_D  ROWS  warps  EVICT  of copy
-        512     512      4     2     yes    88%  (70%)
-        1024   1024      2     2     yes    94%  (78%)
-        2048   2048      1     4     no     93%  (85%)
-        4096   4096      1     8     no     94-96% (92%)
-        7168   8192      1     8     no     97%  (90%)
+
+@functools.cache
+def _fwd_config(D: int, fused: bool = False) -> tuple[int, int, int, bool, bool]:
+    """(BLOCK_D, ROWS, num_warps, EVICT, LOOPED) of the forward: a non-persistent grid of (ROWS, BLOCK_D) tiles.
+
+    Up to D = 1024, whole rows in tiles of 2048 elements (16-32 a thread), x read with evict_first (EVICT). From
+    D = 2048 on, the two-pass LOOPED form (x read in chunks of up to 4096 to sum the squares, kept in L2 with
+    evict_last, read again to write y), 16 elements a thread (8 at 7168), 8-16 warps. Mask-free (EVEN) where the
+    tile or chunk divides the shapes. Kernel time as a fraction of the copy rate, 16384 rows of bf16 on an H200
+    (``bench/sweep_rmsnorm.py``, results/sweep_rmsnorm.md; torch.compile of the eager reference in the same run, and
+    the whole-row one-pass tiles that were the default before D became a compile-time constant):
+
+        D     BLOCK_D  ROWS  warps  LOOPED  EVEN  of copy  compiled  one-pass before
+        512     512      4     2      no     yes    91%      92%      91%
+        1024   1024      2     4      no     yes    94%      91%      93%
+        2048   2048      2     8      yes    yes    95%      76%      93%
+        4096   4096      2    16      yes    yes    98%      81%      96%
+        7168   4096      1    16      yes    no    100%      98%      97%
+
+    The fused add (``fused``) keeps the one-pass tiles at every width (its LOOPED form, which stores s and reads it
+    back, was not measured): 32 elements a thread up to BLOCK_D = 1024, 16 up to 4096, 32 at 8192 (8 warps).
     """
     block_d = triton.next_power_of_2(D)
     if block_d <= 1024:
         rows = 2048 // block_d
-        return block_d, rows, max(1, rows * block_d // 1024), True, False
-    return block_d, 1, min(8, block_d // 512) if block_d <= 8192 else 16, False, False
+        warps = max(1, rows * block_d // 1024) if fused or block_d < 1024 else 4
+        return block_d, rows, warps, True, False
+    if fused:
+        return block_d, 1, min(8, block_d // 512) if block_d <= 8192 else 16, False, False
+    chunk = min(block_d, 4096)
+    return chunk, 2 if D <= 4096 else 1, 8 if D <= 2048 else 16, False, True
 
 
 @functools.cache
@@ -378,8 +394,8 @@ class _RMSNormFn(torch.autograd.Function):
         y = torch.empty(n_rows, D, device=x.device, dtype=torch.promote_types(weight.dtype, s_dtype))  # (R, D)
         s = torch.empty(n_rows, D, device=x.device, dtype=s_dtype) if residual is not None else x2  # (R, D)
         rstd = torch.empty(n_rows, device=x.device, dtype=torch.float32)  # (R,)
-        block_d, rows, warps, evict, looped = _fwd_config(D)
-        even = _FWD_EVEN and n_rows % rows == 0 and (D % block_d == 0 if looped else D == block_d)
+        block_d, rows, warps, evict, looped = _fwd_config(D, residual is not None)
+        even = _fwd_even(D, n_rows, block_d, rows, looped)
         if n_rows > 0:
             _rms_norm_fwd[(triton.cdiv(n_rows, rows),)](
                 x2, r2 if r2 is not None else x2, weight, y, s, rstd, n_rows, D, eps,

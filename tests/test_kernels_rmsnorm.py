@@ -21,7 +21,7 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 # which can flip the bf16 rounding of the normalised value or of dn by one bf16 ulp (2^-8 relative), so we
 # compare by relative norm with a bound of a few ulps' worth.
 DTYPES = [torch.float32] + ([torch.bfloat16] if device == "cuda" else [])
-SHAPES = [(1, 1), (7, 33), (3, 5, 1024), (2, 7168), (127, 100), (0, 64)]
+SHAPES = [(1, 1), (7, 33), (3, 5, 1024), (6, 2048), (3, 4096), (2, 7168), (127, 100), (0, 64)]
 EPS = 1e-6
 
 
@@ -118,7 +118,7 @@ def test_forward_variants(variant, fused, monkeypatch, launch_spy):
 
     shape, cfg = {"looped": ((7, 100), (32, 2, 1, False, True)), "even": ((6, 64), (64, 2, 1, True, False)),
                   "looped_even": ((6, 96), (32, 2, 1, False, True)), "wide": ((7, 100), (128, 2, 1, True, False))}[variant]
-    monkeypatch.setattr(k, "_fwd_config", lambda D: cfg)
+    monkeypatch.setattr(k, "_fwd_config", lambda D, fused=False: cfg)
     monkeypatch.setattr(k, "_FWD_EVEN", "even" in variant)
     monkeypatch.setattr(k, "_wide", lambda *a: variant == "wide")
     launches = launch_spy(k, "_rms_norm_fwd")
