@@ -33,11 +33,14 @@ from minids.kernels.rmsnorm import rms_norm as rms_norm_triton
 from minids.norm import add_rms_norm, rms_norm
 
 EPS = 1e-6
-NOTES = """Notes. minids: the forward normalises (rows x BLOCK_D) tiles of ~8K elements (several rows at small D) and
+NOTES = """Notes. minids: the forward normalises (rows x BLOCK_D) tiles of 2K-8K elements (several rows at small D,
+mask-free where the tile divides the shapes); from D=2048 it reads each row twice (sum of squares, then y, the second
+read served by L2), with D a compile-time constant as in torch.compile's kernels; it
 stores rstd so the backward does not reduce x twice; the backward runs one wave of persistent programs (as many as
 the compiled kernel's registers let each SM hold), small 4-warp tiles up to D=2048, each program loading its next
 tile while it computes the current one and keeping dweight partials in registers, then one (P, D) float32 buffer
-that torch sums (no atomics). The fused add writes s = x + residual and normalises it from registers. F.rms_norm
+that one deterministic kernel sums (no atomics on data). The fused add writes s = x + residual and normalises it
+from registers (one pass at every width). F.rms_norm
 does not round the normalised value to bf16 before the weight multiply (minids and transformers do); the bytes
 moved are the same. *_ms columns: do_bench wall time per call (host overhead included
 where it exceeds the kernels); *_kernel_* columns: the summed GPU kernel time per call (torch.profiler), which is
