@@ -5,6 +5,7 @@ torch.compile of the eager reference, at 16384 rows of bf16 (bench/rmsnorm.py's 
 
     python3 bench/sweep_rmsnorm.py --out /tmp/r
     python3 bench/sweep_rmsnorm.py --out /tmp/r --hidden 512 7168 --passes fwd compiled   # the forward only
+    python3 bench/sweep_rmsnorm.py --out /tmp/r --hidden 1024 --passes fused compiled     # the fused add's forward
     python3 bench/sweep_rmsnorm.py --cpu-smoke               # forward variants under the interpreter: checks only
 
 Kernel time is ``device_ms`` (torch.profiler, the sum of the kernels' durations, inputs rotated past L2); the
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import copy_bandwidth_gbs, device_ms, metadata, write_results
 from minids.kernels import rmsnorm as K
 
-from minids.norm import rms_norm
+from minids.norm import add_rms_norm, rms_norm
 
 EPS = 1e-6
 
@@ -94,54 +95,15 @@ def sweep_hidden(D: int, R: int, copy: float, sms: int, g: torch.Generator, pass
     y, dx = torch.empty_like(xs[0]), torch.empty_like(xs[0])
     rstd = [torch.empty(R, device=dev, dtype=torch.float32) for _ in range(n_sets)]
     timed = device_ms if dev == "cuda" else (lambda fn: float("nan"))
-    ref = rms_norm(xs[0], w, EPS)
-    rstd_ref = torch.rsqrt(xs[0].float().pow(2).mean(-1) + EPS)  # (R,) float32
     base = K._fwd_config(D)
     bd = K.triton.next_power_of_2(D)  # the whole row's tile (the backward's)
     unit = R * D * 2
-    # forward
-    f_res = []
-    for blk, rows, warps, ev, looped, even, wide in fwd_configs(D, K._wide(R + 64, D, bd)) if "fwd" in passes else []:
-        cyc = itertools.cycle(range(n_sets))
-        even = even and R % rows == 0
-
-        def run(blk=blk, rows=rows, warps=warps, ev=ev, looped=looped, even=even, wide=wide, cyc=cyc):
-            i = next(cyc)
-            K._rms_norm_fwd[(K.triton.cdiv(R, rows),)](
-                xs[i], xs[i], w, y, xs[i], rstd[i], R, D, EPS,
-                HAS_RES=False, ROWS=rows, BLOCK_D=blk, EVICT=ev, LOOPED=looped, EVEN=even, WIDE=wide,
-                num_warps=warps)
-        name = (f"{'L' + str(blk) + '/' if looped else ''}{rows}r{warps}w{'E' if ev else ''}{'M0' if even else ''}"
-                f"{'i64' if wide else ''}")
-        try:
-            y.fill_(float("nan"))  # an element the variant leaves unwritten shows as NaN, not as the last one's value
-            rstd[0].fill_(float("nan"))
-            run()  # set 0
-            err = max((y.float() - ref.float()).abs().max().item(),
-                      ((rstd[0] - rstd_ref).abs() / rstd_ref).max().item())
-            if not (y.isfinite().all() and rstd[0].isfinite().all()):
-                err = float("inf")
-            ms = timed(run)
-        except Exception as e:  # noqa: BLE001  a failing variant is a row with infinite error
-            print(f"fwd D={D} {name}: failed {type(e).__name__}: {str(e)[:100]}")
-            rows_out.append({"pass": "fwd", "D": D, "block_d": blk, "rows_per_prog": rows, "warps": warps,
-                             "evict": ev, "looped": looped, "even": even, "wide": wide, "max_err": float("inf"),
-                             "error": f"{type(e).__name__}: {str(e)[:200]}"})
-            continue
-        dflt = (blk, rows, warps, ev, looped) == base and even == K._fwd_even(D, R, blk, rows, looped)
-        mark = "*" if dflt and wide == K._wide(R + 64, D, bd) else ""
-        f_res.append((2 * unit / ms / 1e6 / copy, name, mark, err, ms))
-        rows_out.append({"pass": "fwd", "D": D, "block_d": blk, "rows_per_prog": rows, "warps": warps, "evict": ev,
-                         "looped": looped, "wide": wide, "even": even, "default": bool(mark), "kernel_ms": ms,
-                         "of_copy": f_res[-1][0], "max_err": err})
-    if f_res:
-        f_res.sort(key=lambda r: r[0] if r[0] == r[0] else 0.0, reverse=True)  # nan (no timing) last
-        line = " ".join(f"{r[1]}{r[2]}:{r[0]:.0%}" for r in f_res[:6])
-        dflt = [r for r in f_res if r[2]]
-        print(f"D={D} fwd  default {dflt[0][0] if dflt else float('nan'):.0%} | best {line} | max err "
-              f"{max(r[3] for r in f_res):.1e}")
+    # forward, then the fused add's forward (residual: the dy tensors; s written to dx)
+    for fused in [f for f, p in ((False, "fwd"), (True, "fused")) if p in passes]:
+        sweep_forward(D, R, copy, w, xs, dys, y, dx, rstd, n_sets, fused, rows_out, timed)
     if dev != "cuda" or "bwd" not in passes:
-        return rows_out + (compiled_row(D, unit, copy, w, xs, dys, n_sets) if "compiled" in passes else [])
+        return rows_out + (compiled_row(D, unit, copy, w, xs, dys, n_sets, "fused" in passes)
+                           if "compiled" in passes else [])
     # backward: the default plan's programs per SM, then variations around it
     x0 = xs[0].detach().requires_grad_()
     (dref,) = torch.autograd.grad(K.rms_norm(x0, w, EPS), x0, dys[0])  # also compiles the default plan
@@ -188,11 +150,70 @@ def sweep_hidden(D: int, R: int, copy: float, sms: int, g: torch.Generator, pass
     dflt = [r for r in b_res if r[6]]
     print(f"D={D} bwd  default {dflt[0][0] if dflt else float('nan'):.0%} (sum {sum_us:.1f} us, torch's {torch_sum_us:.1f}) | best {line}"
           f" | max err {max(r[7] for r in b_res):.1e}")
-    return rows_out + (compiled_row(D, unit, copy, w, xs, dys, n_sets) if "compiled" in passes else [])
+    return rows_out + (compiled_row(D, unit, copy, w, xs, dys, n_sets, "fused" in passes)
+                       if "compiled" in passes else [])
 
 
-def compiled_row(D: int, unit: int, copy: float, w, xs, dys, n_sets: int) -> list[dict]:
-    """torch.compile of the eager reference on the same inputs: kernel time forward and backward."""
+def sweep_forward(D: int, R: int, copy: float, w, xs, dys, y, s_out, rstd, n_sets: int, fused: bool,
+                  rows_out: list, timed) -> None:
+    """Every forward config at hidden D (fused: with the residual add, the residual from dys, s into s_out), each
+    checked against the reference and timed; appends a row each to rows_out and prints the best."""
+    if fused:
+        ref, s_ref = add_rms_norm(xs[0], dys[0], w, EPS)
+    else:
+        ref, s_ref = rms_norm(xs[0], w, EPS), xs[0]
+    rstd_ref = torch.rsqrt(s_ref.float().pow(2).mean(-1) + EPS)  # (R,) float32
+    base = K._fwd_config(D, fused)
+    bd = K.triton.next_power_of_2(D)
+    unit = R * D * 2 * (2 if fused else 1)  # read x (and the residual), write y (and s)
+    tag = "fused" if fused else "fwd"
+    f_res = []
+    for blk, rows, warps, ev, looped, even, wide in fwd_configs(D, K._wide(R + 64, D, bd)):
+        cyc = itertools.cycle(range(n_sets))
+        even = even and R % rows == 0
+
+        def run(blk=blk, rows=rows, warps=warps, ev=ev, looped=looped, even=even, wide=wide, cyc=cyc):
+            i = next(cyc)
+            K._rms_norm_fwd[(K.triton.cdiv(R, rows),)](
+                xs[i], dys[i], w, y, s_out if fused else xs[i], rstd[i], R, D, EPS,
+                HAS_RES=fused, ROWS=rows, BLOCK_D=blk, EVICT=ev, LOOPED=looped, EVEN=even, WIDE=wide,
+                num_warps=warps)
+        name = (f"{'L' + str(blk) + '/' if looped else ''}{rows}r{warps}w{'E' if ev else ''}{'M0' if even else ''}"
+                f"{'i64' if wide else ''}")
+        try:
+            y.fill_(float("nan"))
+            s_out.fill_(float("nan"))  # an element the variant leaves unwritten shows as NaN, not as the last one's value
+            rstd[0].fill_(float("nan"))
+            run()  # set 0
+            err = max((y.float() - ref.float()).abs().max().item(), (s_out.float() - s_ref.float()).abs().max().item()
+                      if fused else 0.0,
+                      ((rstd[0] - rstd_ref).abs() / rstd_ref).max().item())
+            if not (y.isfinite().all() and rstd[0].isfinite().all()):
+                err = float("inf")
+            ms = timed(run)
+        except Exception as e:  # noqa: BLE001  a failing variant is a row with infinite error
+            print(f"{tag} D={D} {name}: failed {type(e).__name__}: {str(e)[:100]}")
+            rows_out.append({"pass": tag, "D": D, "block_d": blk, "rows_per_prog": rows, "warps": warps,
+                             "evict": ev, "looped": looped, "even": even, "wide": wide, "max_err": float("inf"),
+                             "error": f"{type(e).__name__}: {str(e)[:200]}"})
+            continue
+        dflt = (blk, rows, warps, ev, looped) == base and even == K._fwd_even(D, R, blk, rows, looped)
+        mark = "*" if dflt and wide == K._wide(R + 64, D, bd) else ""
+        f_res.append((2 * unit / ms / 1e6 / copy, name, mark, err, ms))
+        rows_out.append({"pass": tag, "D": D, "block_d": blk, "rows_per_prog": rows, "warps": warps, "evict": ev,
+                         "looped": looped, "wide": wide, "even": even, "default": bool(mark), "kernel_ms": ms,
+                         "of_copy": f_res[-1][0], "max_err": err})
+    if f_res:
+        f_res.sort(key=lambda r: r[0] if r[0] == r[0] else 0.0, reverse=True)  # nan (no timing) last
+        line = " ".join(f"{r[1]}{r[2]}:{r[0]:.0%}" for r in f_res[:6])
+        dflt = [r for r in f_res if r[2]]
+        print(f"D={D} {tag}  default {dflt[0][0] if dflt else float('nan'):.0%} | best {line} | max err "
+              f"{max(r[3] for r in f_res):.1e}")
+
+
+def compiled_row(D: int, unit: int, copy: float, w, xs, dys, n_sets: int, fused: bool = False) -> list[dict]:
+    """torch.compile of the eager reference on the same inputs: kernel time forward and backward (and, with fused,
+    the forward of the residual add + RMSNorm, the residual from dys)."""
     wc = w.detach().clone().requires_grad_()
     comp = torch.compile(lambda x: rms_norm(x, wc, EPS), dynamic=False)
     cyc = itertools.cycle(range(n_sets))
@@ -207,9 +228,21 @@ def compiled_row(D: int, unit: int, copy: float, w, xs, dys, n_sets: int) -> lis
 
     b_ms = device_ms(cb)
     print(f"D={D} compiled fwd {2 * unit / f_ms / 1e6 / copy:.0%}  bwd {3 * unit / b_ms / 1e6 / copy:.0%}")
+    row = {"pass": "compiled", "D": D, "fwd_of_copy": 2 * unit / f_ms / 1e6 / copy,
+           "bwd_of_copy": 3 * unit / b_ms / 1e6 / copy, "fwd_ms": f_ms, "bwd_ms": b_ms}
+    if fused:
+        comp_add = torch.compile(lambda x, r: add_rms_norm(x, r, wc, EPS), dynamic=False)
+        cyc3 = itertools.cycle(range(n_sets))
+
+        def cf():
+            i = next(cyc3)
+            return comp_add(xs[i], dys[i])
+
+        row["fused_fwd_ms"] = device_ms(cf)
+        row["fused_fwd_of_copy"] = 4 * unit / row["fused_fwd_ms"] / 1e6 / copy
+        print(f"D={D} compiled fused fwd {row['fused_fwd_of_copy']:.0%}")
     torch.cuda.empty_cache()
-    return [{"pass": "compiled", "D": D, "fwd_of_copy": 2 * unit / f_ms / 1e6 / copy,
-             "bwd_of_copy": 3 * unit / b_ms / 1e6 / copy, "fwd_ms": f_ms, "bwd_ms": b_ms}]
+    return [row]
 
 
 def main() -> None:
@@ -218,11 +251,11 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=16384)
     ap.add_argument("--cpu-smoke", action="store_true", help="forward variants under TRITON_INTERPRET=1, untimed")
     ap.add_argument("--hidden", type=int, nargs="+", default=[512, 1024, 2048, 4096, 7168])
-    ap.add_argument("--passes", nargs="+", default=["fwd", "bwd", "compiled"], choices=["fwd", "bwd", "compiled"])
+    ap.add_argument("--passes", nargs="+", default=["fwd", "bwd", "compiled"], choices=["fwd", "fused", "bwd", "compiled"])
     args = ap.parse_args()
     if args.cpu_smoke:  # the forward variants under the interpreter, float32, checked, not timed
         g = torch.Generator().manual_seed(0)
-        rows = [r for D in (64, 2048, 100) for r in sweep_hidden(D, 6, float("nan"), 1, g, ["fwd"], "cpu")]
+        rows = [r for D in (64, 2048, 100) for r in sweep_hidden(D, 6, float("nan"), 1, g, ["fwd", "fused"], "cpu")]
         bad = [r for r in rows if not r["max_err"] < 1e-4]
         sys.exit(f"smoke: {len(bad)} of {len(rows)} forward variants off" if bad or not rows else 0)
     torch._dynamo.config.cache_size_limit = torch._dynamo.config.recompile_limit = 64
