@@ -21,7 +21,7 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 # which can flip the bf16 rounding of the normalised value or of dn by one bf16 ulp (2^-8 relative), so we
 # compare by relative norm with a bound of a few ulps' worth.
 DTYPES = [torch.float32] + ([torch.bfloat16] if device == "cuda" else [])
-SHAPES = [(1, 1), (7, 33), (3, 5, 1024), (6, 2048), (3, 4096), (2, 7168), (127, 100), (0, 64)]
+SHAPES = [(1, 1), (7, 33), (3, 5, 1024), (4, 1024), (6, 2048), (3, 4096), (2, 7168), (127, 100), (0, 64)]
 EPS = 1e-6
 
 
