@@ -36,8 +36,8 @@ EPS = 1e-6
 
 def fwd_configs(D: int, wide: bool) -> list[tuple[int, int, int, bool, bool, bool, bool]]:
     """(BLOCK_D, ROWS, warps, EVICT, LOOPED, EVEN, WIDE): whole-row tiles of 2K-32K elements and 8-64 elements a thread,
-    each with and without EVICT and, where D is a power of two, mask-free (EVEN); then, for D >= 2048, the two-pass
-    loop over 512-8192-wide chunks of one or two rows (4-32 elements a thread), also mask-free where they divide D. WIDE (int64 offsets) as the wrapper
+    each with and without EVICT and, where D is a power of two, mask-free (EVEN); then, for D >= 1024, the two-pass
+    loop over 512-8192-wide chunks of one, two or four rows (4-32 elements a thread), also mask-free where they divide D. WIDE (int64 offsets) as the wrapper
     sets it for these sizes, and the default config once more with int64 offsets."""
     bd = K.triton.next_power_of_2(D)
     out = []
@@ -51,9 +51,9 @@ def fwd_configs(D: int, wide: bool) -> list[tuple[int, int, int, bool, bool, boo
                     out.append((bd, rows, warps, ev, False, False, wide))
                     if bd == D:
                         out.append((bd, rows, warps, ev, False, True, wide))
-    if D >= 2048:
+    if D >= 1024:
         for chunk in (512, 1024, 2048, 4096, 8192):
-            for rows in (1, 2):
+            for rows in (1, 2, 4):
                 for warps in (1, 2, 4, 8, 16):
                     if chunk <= bd and 4 <= rows * chunk // (32 * warps) <= 32:
                         out.append((chunk, rows, warps, False, True, False, wide))
