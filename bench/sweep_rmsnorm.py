@@ -37,8 +37,8 @@ EPS = 1e-6
 def fwd_configs(D: int, wide: bool) -> list[tuple[int, int, int, bool, bool, bool, bool]]:
     """(BLOCK_D, ROWS, warps, EVICT, LOOPED, EVEN, WIDE): whole-row tiles of 2K-32K elements and 8-64 elements a thread,
     each with and without EVICT and, where D is a power of two, mask-free (EVEN); then, for D >= 1024, the two-pass
-    loop over 512-8192-wide chunks of one, two or four rows (4-32 elements a thread), also mask-free where they divide D. WIDE (int64 offsets) as the wrapper
-    sets it for these sizes, and the default config once more with int64 offsets."""
+    loop over 512-8192-wide chunks of one, two or four rows (4-32 elements a thread), also mask-free where they
+    divide D. WIDE (int64 offsets) as the wrapper sets it for these sizes, and the default once more with int64."""
     bd = K.triton.next_power_of_2(D)
     out = []
     for tile in (1024, 2048, 4096, 8192, 16384):
