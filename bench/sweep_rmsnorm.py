@@ -35,7 +35,7 @@ EPS = 1e-6
 
 
 def fwd_configs(D: int, wide: bool) -> list[tuple[int, int, int, bool, bool, bool, bool]]:
-    """(BLOCK_D, ROWS, warps, EVICT, LOOPED, EVEN, WIDE): whole-row tiles of 2K-32K elements and 8-64 elements a thread,
+    """(BLOCK_D, ROWS, warps, EVICT, LOOPED, EVEN, WIDE): whole-row tiles of 1K-16K elements and 4-64 elements a thread,
     each with and without EVICT and, where D is a power of two, mask-free (EVEN); then, for D >= 1024, the two-pass
     loop over 512-8192-wide chunks of one, two or four rows (4-32 elements a thread), also mask-free where they
     divide D. WIDE (int64 offsets) as the wrapper sets it for these sizes, and the default once more with int64."""
@@ -46,7 +46,7 @@ def fwd_configs(D: int, wide: bool) -> list[tuple[int, int, int, bool, bool, boo
         if rows < 1 or rows > 64:
             continue
         for warps in (1, 2, 4, 8, 16):
-            if 16 <= tile // (32 * warps) <= 64:
+            if 4 <= tile // (32 * warps) <= 64:
                 for ev in (False, True):
                     out.append((bd, rows, warps, ev, False, False, wide))
                     if bd == D:
