@@ -275,7 +275,7 @@ def _fwd_config(D: int, fused: bool = False) -> tuple[int, int, int, bool, bool]
     D = 2048 on, the two-pass LOOPED form (x read in chunks of up to 4096 to sum the squares, kept in L2 with
     evict_last, read again to write y), 16 elements a thread (8 at 7168), 8-16 warps. Mask-free (EVEN) where the
     tile or chunk divides the shapes. Kernel time as a fraction of the copy rate, 16384 rows of bf16 on an H200
-    (``bench/sweep_rmsnorm.py``, results/sweep_rmsnorm.md; torch.compile of the eager reference in the same run, and
+    (``bench/sweep_rmsnorm.py``, results/sweep_rmsnorm_fwd.md; torch.compile of the eager reference in the same run, and
     the whole-row one-pass tiles that were the default before D became a compile-time constant):
 
         D     BLOCK_D  ROWS  warps  LOOPED  EVEN  of copy  compiled  one-pass before
