@@ -25,6 +25,7 @@ import minids.kernels.rmsnorm as k
 def compile_one(fn, sig, consts, warps):
     names = fn.arg_names
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a, t in sig.items() if t.startswith("*")}
+    # outside the try: a Triton whose ahead-of-time API differs stops the script here (the test then skips)
     src = ASTSource(fn=fn, signature={**sig, **{c: "constexpr" for c in consts}}, constexprs=consts, attrs=attrs)
     try:
         triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
@@ -55,7 +56,8 @@ print(json.dumps(out))
 
 def test_rmsnorm_variants_compile_for_sm90():
     env = {key: v for key, v in os.environ.items() if key != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", SCRIPT], check=False, env=env, capture_output=True, text=True,
+                          timeout=600)
     if done.returncode != 0 and ("ASTSource" in done.stderr or "GPUTarget" in done.stderr):
         pytest.skip(f"this Triton's ahead-of-time compile API differs: {done.stderr.strip().splitlines()[-1]}")
     assert done.returncode == 0, done.stderr[-2000:]
