@@ -182,7 +182,7 @@ def sweep_forward(D: int, R: int, copy: float, w, xs, dys, y, s_out, rstd, n_set
                 f"{'i64' if wide else ''}")
         try:
             y.fill_(float("nan"))
-            s_out.fill_(float("nan"))  # an element the variant leaves unwritten shows as NaN, not as the last one's value
+            s_out.fill_(float("nan"))  # an element a variant leaves unwritten shows as NaN, not the last one's value
             rstd[0].fill_(float("nan"))
             run()  # set 0
             err = max((y.float() - ref.float()).abs().max().item(), (s_out.float() - s_ref.float()).abs().max().item()
@@ -251,7 +251,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=16384)
     ap.add_argument("--cpu-smoke", action="store_true", help="forward variants under TRITON_INTERPRET=1, untimed")
     ap.add_argument("--hidden", type=int, nargs="+", default=[512, 1024, 2048, 4096, 7168])
-    ap.add_argument("--passes", nargs="+", default=["fwd", "bwd", "compiled"], choices=["fwd", "fused", "bwd", "compiled"])
+    ap.add_argument("--passes", nargs="+", default=["fwd", "bwd", "compiled"],
+                    choices=["fwd", "fused", "bwd", "compiled"])
     args = ap.parse_args()
     if args.cpu_smoke:  # the forward variants under the interpreter, float32, checked, not timed
         g = torch.Generator().manual_seed(0)
