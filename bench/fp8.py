@@ -18,7 +18,8 @@ Measured in one process, side by side:
   H200 with torch 2.11, Triton 3.6) are listed for the ratio;
 - ``plans``: at M = 64 and 128, every (BLOCK_N, split-K) the small-M heuristic (kfp8._gemm_plan) chooses from, timed
   from CUDA graphs, against its choice;
-- the FP8 linear (``fp8: real``) forward + backward against bf16 F.linear and against the simulation (``sim``).
+- the FP8 linear (``fp8: real``) forward + backward against bf16 F.linear and against the simulation (``sim``);
+- ``linear_kernels``: that forward + backward's CUDA time per kernel, FP8 real beside bf16 (where the time goes).
 """
 
 from __future__ import annotations
@@ -295,11 +296,46 @@ def bench_linear(rows: list, quick: bool) -> None:
               f"({row['sim_overhead_vs_bf16']:.2f}x bf16's time)", flush=True)
 
 
+def bench_linear_kernels(rows: list, quick: bool) -> None:
+    """Where the FP8 linear's forward + backward spends its GPU time: each kernel's summed CUDA time per step
+    (torch.profiler), beside bf16 F.linear's kernels, one row per (shape, implementation, kernel name)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    M, reps = 4096, 10
+    for N, K in SHAPES_NK[:2] if quick else SHAPES_NK:
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        w = (torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02).requires_grad_()
+        dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+        for impl, fn in (("bf16", F.linear), ("fp8_real", lambda a, b: ref.fp8_linear(a, b, real=True))):
+            def run(fn=fn, x=x, w=w, dy=dy):
+                x.grad = w.grad = None
+                fn(x, w).backward(dy)
+
+            for _ in range(3):  # compile and autotune outside the profile
+                run()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(reps):
+                    run()
+                torch.cuda.synchronize()
+            per: dict[str, float] = {}
+            for ev in prof.events():
+                if ev.device_type == torch.autograd.DeviceType.CUDA:
+                    per[ev.name] = per.get(ev.name, 0.0) + ev.time_range.elapsed_us() / reps / 1e3
+            total = sum(per.values())
+            for name, ms in sorted(per.items(), key=lambda kv: -kv[1]):
+                rows.append({"M": M, "N": N, "K": K, "impl": impl, "kernel": name[:90], "ms": ms,
+                             "share": ms / total, "step_kernel_ms": total})
+            top = ", ".join(f"{n[:40]} {ms * 1e3:.0f} us" for n, ms in sorted(per.items(), key=lambda kv: -kv[1])[:4])
+            print(f"linear kernels N={N} K={K} {impl}: {total:.3f} ms of kernels per step; {top}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--only", default="quant,gemm,linear", help="any of quant,tiles,gemm,plans,linear")
+    p.add_argument("--only", default="quant,gemm,linear",
+                   help="any of quant,tiles,gemm,plans,linear,linear_kernels")
     args = p.parse_args()
     meta = metadata()
     copy_gbs, bf16_peak, fp8_peak = copy_bandwidth_gbs(), matmul_tflops(), fp8_scaled_mm_tflops()
@@ -350,6 +386,13 @@ def main() -> None:
                       "One linear layer, forward + backward (6MNK FLOP): bf16 F.linear vs FP8LinearFunction real "
                       "(Triton kernels: quantize x, W (+W^T), dy (both tilings), x^T; three block-scaled GEMMs) and "
                       "sim (quantize-dequantize, float32 matmuls).")
+    if "linear_kernels" in only:
+        rows = []
+        bench_linear_kernels(rows, args.quick)
+        write_results(args.out, f"fp8_linear_kernels{suffix}", meta, rows,
+                      ["M", "N", "K", "impl", "kernel", "ms", "share", "step_kernel_ms"],
+                      "One linear layer's forward + backward: the summed CUDA time of each kernel per step "
+                      "(torch.profiler, 10 steps after 3 warm-up steps), bf16 F.linear and FP8LinearFunction real.")
 
 
 if __name__ == "__main__":
