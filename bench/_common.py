@@ -38,10 +38,9 @@ def median_ms(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) 
     return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
-def device_ms(fn: Callable[[], object], reps: int = 30) -> float:
-    """Milliseconds of GPU kernel time per fn() call: the summed durations of the CUDA kernels it launched
-    (torch.profiler), over reps calls after a warm-up. Unlike ``median_ms`` this leaves out host time (Python,
-    autograd, launch gaps), so a short kernel's bandwidth is its own; compare both columns to see host overhead."""
+def kernel_ms(fn: Callable[[], object], reps: int = 30) -> dict[str, float]:
+    """Milliseconds of GPU time per fn() call of each CUDA kernel it launched, by kernel name (torch.profiler),
+    over reps calls after a warm-up."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(3):
@@ -51,8 +50,18 @@ def device_ms(fn: Callable[[], object], reps: int = 30) -> float:
         for _ in range(reps):
             fn()
         torch.cuda.synchronize()
-    us = sum(ev.time_range.elapsed_us() for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA)
-    return us / reps / 1e3
+    per: dict[str, float] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            per[ev.name] = per.get(ev.name, 0.0) + ev.time_range.elapsed_us() / reps / 1e3
+    return per
+
+
+def device_ms(fn: Callable[[], object], reps: int = 30) -> float:
+    """Milliseconds of GPU kernel time per fn() call: the summed durations of the CUDA kernels it launched
+    (torch.profiler), over reps calls after a warm-up. Unlike ``median_ms`` this leaves out host time (Python,
+    autograd, launch gaps), so a short kernel's bandwidth is its own; compare both columns to see host overhead."""
+    return sum(kernel_ms(fn, reps).values())
 
 
 def graph_ms(fn: Callable[[], object]) -> float:

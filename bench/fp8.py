@@ -33,7 +33,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import copy_bandwidth_gbs, graph_ms, matmul_tflops, median_ms, metadata, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    copy_bandwidth_gbs, graph_ms, kernel_ms, matmul_tflops, median_ms, metadata, write_results,
+)
 
 import minids.fp8 as ref  # noqa: E402
 from minids.kernels import fp8 as kfp8  # noqa: E402
@@ -299,9 +301,7 @@ def bench_linear(rows: list, quick: bool) -> None:
 def bench_linear_kernels(rows: list, quick: bool) -> None:
     """Where the FP8 linear's forward + backward spends its GPU time: each kernel's summed CUDA time per step
     (torch.profiler), beside bf16 F.linear's kernels, one row per (shape, implementation, kernel name)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    M, reps = 4096, 10
+    M = 4096
     for N, K in SHAPES_NK[:2] if quick else SHAPES_NK:
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         w = (torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02).requires_grad_()
@@ -311,17 +311,7 @@ def bench_linear_kernels(rows: list, quick: bool) -> None:
                 x.grad = w.grad = None
                 fn(x, w).backward(dy)
 
-            for _ in range(3):  # compile and autotune outside the profile
-                run()
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(reps):
-                    run()
-                torch.cuda.synchronize()
-            per: dict[str, float] = {}
-            for ev in prof.events():
-                if ev.device_type == torch.autograd.DeviceType.CUDA:
-                    per[ev.name] = per.get(ev.name, 0.0) + ev.time_range.elapsed_us() / reps / 1e3
+            per = kernel_ms(run, reps=10)  # its warm-up compiles and autotunes outside the profile
             total = sum(per.values())
             for name, ms in sorted(per.items(), key=lambda kv: -kv[1]):
                 rows.append({"M": M, "N": N, "K": K, "impl": impl, "kernel": name[:90], "ms": ms,

@@ -92,36 +92,23 @@ if HAVE_TRITON:
         rmask = rows < n_rows
         if not LOOPED:
             cols = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
-            cmask = cols < D
-            mask = rmask[:, None] & cmask[None, :]
             offs = _offsets(rows, cols, D, WIDE)  # (ROWS, BLOCK_D)
-            if EVEN and EVICT:
-                x = tl.load(X + offs, eviction_policy="evict_first")
-            elif EVEN:
-                x = tl.load(X + offs)
-            else:
-                x = _load_rows(X, rows, cols, cmask, n_rows, D, EVICT, WIDE)
+            mask, cmask, zero = None, None, None  # EVEN: no load or store needs a mask
+            if not EVEN:
+                cmask, zero = cols < D, 0.0
+                mask = rmask[:, None] & cmask[None, :]
+            ev: tl.constexpr = "evict_first" if EVICT else ""
+            x = tl.load(X + offs, mask=mask, other=zero, eviction_policy=ev)
             if HAS_RES:
-                if EVEN and EVICT:
-                    r = tl.load(R + offs, eviction_policy="evict_first")
-                elif EVEN:
-                    r = tl.load(R + offs)
-                else:
-                    r = _load_rows(R, rows, cols, cmask, n_rows, D, EVICT, WIDE)
+                r = tl.load(R + offs, mask=mask, other=zero, eviction_policy=ev)
                 x = (x.to(tl.float32) + r.to(tl.float32)).to(S.dtype.element_ty)  # s = x + residual, as torch
-                if EVEN:
-                    tl.store(S + offs, x)
-                else:
-                    tl.store(S + offs, x, mask=mask)
+                tl.store(S + offs, x, mask=mask)
             xf = x.to(tl.float32)
             rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=1) / D + eps)  # (ROWS,)
             n = (xf * rstd[:, None]).to(S.dtype.element_ty).to(tl.float32)  # rounded to x.dtype like the reference
-            if EVEN:
-                w = tl.load(W + cols, eviction_policy="evict_last").to(tl.float32)
-                tl.store(Y + offs, (n * w[None, :]).to(Y.dtype.element_ty))
-            else:
-                w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
-                tl.store(Y + offs, (n * w[None, :]).to(Y.dtype.element_ty), mask=mask)
+            w_ev: tl.constexpr = "evict_last" if EVEN else ""
+            w = tl.load(W + cols, mask=cmask, other=zero, eviction_policy=w_ev).to(tl.float32)
+            tl.store(Y + offs, (n * w[None, :]).to(Y.dtype.element_ty), mask=mask)
         else:
             base = _offsets(rows, tl.zeros([1], dtype=tl.int32), D, WIDE)  # (ROWS, 1)
             # EVEN: BLOCK_D divides D and ROWS divides n_rows, so no load or store needs a mask
