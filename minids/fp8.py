@@ -218,18 +218,24 @@ class FP8LinearFunction(torch.autograd.Function):
     real=True: the block-scaled FP8 GEMM ``fp8_gemm`` for Fprop, Dgrad and Wgrad (the Triton kernels on CUDA,
     the references elsewhere), quantizing W once per call into W and W^T and dy once into both tilings.
     Both give the same values up to the order of float32 additions.
+    dgrad_block=True (simulation only): the Dgrad GEMM's activation gradient dy quantized in 128x128 blocks, like
+    a weight, instead of 1x128 tiles: the variant the report found to diverge on a 16B MoE after ~300B tokens
+    (V3P App. B.2, REFERENCE.md 5.1), for studying that negative result.
     """
 
     @staticmethod
     def forward(
         ctx, x: torch.Tensor, weight: torch.Tensor, block: int = 128, real: bool = False,
-        use_kernels: bool | None = None,
+        use_kernels: bool | None = None, dgrad_block: bool = False,
     ) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (M, K)
         out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         ctx.block, ctx.shape, ctx.x_dtype, ctx.w_dtype, ctx.real = block, shape, x.dtype, weight.dtype, real
-        ctx.use_kernels = use_kernels
+        ctx.use_kernels, ctx.dgrad_block = use_kernels, dgrad_block
+        if real and dgrad_block:
+            raise ValueError("fp8_linear: dgrad_block (128x128 blocks of the activation gradient) is simulated only; "
+                             "use real=False")
         if real:
             ops = _ops(x2, use_kernels)
             xq, xs = ops.act_quant(x2, block)  # 1x128 tiles along K
@@ -251,13 +257,17 @@ class FP8LinearFunction(torch.autograd.Function):
         b = ctx.block
         dy2 = dy.reshape(-1, dy.shape[-1]).float()  # (M, N)
         w = weight_dequant(wq, ws, b, torch.float32)  # (N, K)
-        dyq, dys = act_quant(dy2, b)  # Dgrad: 1x128 tiles along N, the reduction dim here
-        dx = act_dequant(dyq, dys, b) @ w  # (M, K)
+        if ctx.dgrad_block:  # the report's negative result: 128x128 blocks over tokens and N
+            dyq, dys = weight_quant(dy2, b)
+            dx = weight_dequant(dyq, dys, b, torch.float32) @ w  # (M, K)
+        else:
+            dyq, dys = act_quant(dy2, b)  # Dgrad: 1x128 tiles along N, the reduction dim here
+            dx = act_dequant(dyq, dys, b) @ w  # (M, K)
         x = act_dequant(xq, xs, b)  # the cached FP8 activations, re-quantized along tokens for Wgrad
         dyt_q, dyt_s = act_quant_t(dy2, b)  # (N, M) in 128x1 tiles over M
         xt_q, xt_s = act_quant_t(x, b)  # (K, M)
         dw = act_dequant(dyt_q, dyt_s, b) @ act_dequant(xt_q, xt_s, b).t()  # (N, K)
-        return dx.to(ctx.x_dtype).view(ctx.shape), dw, None, None, None
+        return dx.to(ctx.x_dtype).view(ctx.shape), dw, None, None, None, None
 
     @staticmethod
     def _backward_real(ctx, dy: torch.Tensor):
@@ -271,15 +281,18 @@ class FP8LinearFunction(torch.autograd.Function):
         # (N, K) = dy^T x, 1x128 scales both sides, float32 accumulation written in the weight's dtype (one rounding,
         # as a float32 result then cast, without a float32 (N, K) buffer and a cast pass)
         dw = ops.fp8_gemm(dyt_q, dyt_s, xt_q, xt_s, ctx.w_dtype, b)
-        return dx.view(ctx.shape), dw, None, None, None
+        return dx.view(ctx.shape), dw, None, None, None, None
 
 
 def fp8_linear(
     x: torch.Tensor, weight: torch.Tensor, block: int = 128, real: bool = False, use_kernels: bool | None = None,
+    dgrad_block: bool = False,
 ) -> torch.Tensor:
     """F.linear(x, weight) through ``FP8LinearFunction`` (no bias: DeepSeek linears have none). real: FP8 GEMMs
-    (Triton kernels where they run, unless ``use_kernels`` says otherwise) instead of the simulation."""
-    return FP8LinearFunction.apply(x, weight, block, real, use_kernels)
+    (Triton kernels where they run, unless ``use_kernels`` says otherwise) instead of the simulation.
+    dgrad_block: the simulation with the activation gradient of Dgrad in 128x128 blocks (the report's negative
+    result, see ``FP8LinearFunction``)."""
+    return FP8LinearFunction.apply(x, weight, block, real, use_kernels, dgrad_block)
 
 
 class FP8Linear(nn.Linear):
@@ -289,12 +302,18 @@ class FP8Linear(nn.Linear):
     fp8_mode = "sim"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, real=self.fp8_mode == "real")
+        return fp8_linear(x, self.weight, real=self.fp8_mode == "real", dgrad_block=self.fp8_mode == BLOCK_DGRAD)
+
+
+# The fp8 mode of the report's negative result: the simulation with Dgrad's activation gradient in 128x128 blocks.
+BLOCK_DGRAD = "sim-block-dgrad"
+FP8_MODES = ("off", "sim", "real", BLOCK_DGRAD)
 
 
 def enable_fp8(model: nn.Module, mode: str = "sim") -> int:
     """Route every linear of attention and of the dense/shared-expert FFNs through FP8 ("sim": simulated;
-    "real": FP8 GEMMs, the Triton kernels on CUDA), or back ("off"). Embedding, output head, router, norms and MTP's eh_proj stay in high precision (V3P 3.3.1;
+    "real": FP8 GEMMs, the Triton kernels on CUDA; "sim-block-dgrad": simulated, with the activation gradient of
+    each Dgrad GEMM quantized in 128x128 blocks, the report's negative result), or back ("off"). Embedding, output head, router, norms and MTP's eh_proj stay in high precision (V3P 3.3.1;
     eh_proj is BF16 in the checkpoint, REFERENCE.md 5.2). Routed experts (stacked weights) take the
     FP8 path inside ``moe_experts`` through their module's ``fp8`` flag. Returns the layers switched.
     """
@@ -302,8 +321,8 @@ def enable_fp8(model: nn.Module, mode: str = "sim") -> int:
     from minids.mlp import MLP
     from minids.moe import DeepSeekMoE
 
-    if mode not in ("off", "sim", "real"):
-        raise ValueError(f"fp8={mode!r}: one of off, sim, real")
+    if mode not in FP8_MODES:
+        raise ValueError(f"fp8={mode!r}: one of {', '.join(FP8_MODES)}")
     n = 0
     for m in model.modules():
         if isinstance(m, (MLA, MHA, MLP)):

@@ -37,7 +37,7 @@ from torch import nn
 
 from minids._kernels import kernels_available, require_kernels
 from minids.config import ModelConfig
-from minids.fp8 import fp8_linear
+from minids.fp8 import BLOCK_DGRAD, fp8_linear
 from minids.mlp import MLP
 
 __all__ = [
@@ -264,7 +264,8 @@ def moe_experts(
     grouped GEMMs with fused SwiGLU and combine, its own backward) or "auto" (triton on CUDA where Triton is
     installed and not under torch.compile, else grouped where it runs, else loop).
     Under autocast the GEMMs run in autocast's dtype, as F.linear would. fp8: every expert GEMM through
-    ``minids.fp8.fp8_linear`` on the per-expert loop: True or "sim" simulated, "real" FP8 GEMMs.
+    ``minids.fp8.fp8_linear`` on the per-expert loop: True or "sim" simulated, "real" FP8 GEMMs,
+    "sim-block-dgrad" simulated with Dgrad's activation gradient in 128x128 blocks.
     Returns (y (N, D) in x.dtype, tokens per expert (E,) int64).
     """
     check_experts_args(x, weights, indices, w_gate, w_up, w_down)
@@ -296,7 +297,7 @@ def moe_experts(
         chunks = xs.split(counts.tolist())  # one host sync for all experts
         # unbind, not w[e]: indexing a stacked weight E times makes E full-size gradients in backward
         ws = zip(chunks, w_gate.unbind(0), w_up.unbind(0), w_down.unbind(0))
-        lin = partial(fp8_linear, real=fp8 == "real") if fp8 else F.linear
+        lin = partial(fp8_linear, real=fp8 == "real", dgrad_block=fp8 == BLOCK_DGRAD) if fp8 else F.linear
         ys = torch.cat([lin(F.silu(lin(c, g)) * lin(c, u), d) for c, g, u, d in ws])  # (P, D)
     ys = ys.float() * weights.reshape(-1)[order].unsqueeze(-1)  # (P, D) float32
     y = torch.zeros(N, x.shape[-1], dtype=torch.float32, device=x.device).index_add_(0, token, ys)  # (N, D)

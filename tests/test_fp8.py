@@ -358,6 +358,35 @@ def test_fp8_linear_wgrad_uses_the_cached_fp8_x():
     assert torch.equal(wa.grad, ref_fp8_linear(x, w, dy)[2])
 
 
+def test_fp8_linear_block_dgrad_quantizes_dy_in_blocks():
+    """dgrad_block (the report's negative result, V3P App. B.2): Dgrad's dy in 128x128 blocks, Fprop and Wgrad
+    unchanged. One token with a huge gradient (a token-correlated outlier) then sets the scale of the 127 other
+    tokens of its block, whose dx lose their precision; 1x128 tiles keep each token's own scale."""
+    M, N, K = 300, 130, 200  # three token blocks, the last partial
+    x = torch.randn(M, K, generator=gen(30))
+    w = torch.randn(N, K, generator=gen(31)) * K**-0.5
+    dy = torch.randn(M, N, generator=gen(32))
+    dy[5] *= 1e6  # the block's scale becomes ~1e6 / 448 times the others' values: they round to zero
+    grads = {}
+    for blocks in (False, True):
+        xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fp8_linear(xa, wa, dgrad_block=blocks)
+        y.backward(dy)
+        grads[blocks] = (y.detach(), xa.grad, wa.grad)
+    ry, rdx, rdw = ref_fp8_linear(x, w, dy)
+    assert torch.equal(grads[True][0], ry) and torch.equal(grads[True][2], rdw)  # Fprop and Wgrad as before
+    assert torch.equal(grads[False][1], rdx)
+    assert torch.equal(grads[True][1], ref_blocks(dy) @ ref_blocks(w))  # Dgrad: both operands in blocks
+    dx32 = dy @ w
+    others = torch.ones(M, dtype=torch.bool)
+    others[5] = False
+    err_tiles = rel_fro(grads[False][1][others], dx32[others])
+    err_blocks = rel_fro(grads[True][1][:128][others[:128]], dx32[:128][others[:128]])  # the outlier's block
+    assert err_tiles < 0.08 and err_blocks > 0.9, (err_tiles, err_blocks)
+    with pytest.raises(ValueError, match="simulated only"):
+        fp8_linear(x, w, real=True, dgrad_block=True)
+
+
 def test_fp8_linear_module_and_bf16():
     lin = torch.nn.Linear(200, 130, bias=False)
     torch.nn.init.normal_(lin.weight, std=0.05)
@@ -489,9 +518,11 @@ def write_corpus(root: Path) -> Path:
     return root
 
 
-@pytest.mark.parametrize("mode", ["sim", "real"])
+@pytest.mark.parametrize("mode", ["sim", "real", "sim-block-dgrad"])
 def test_fp8_training(tmp_path, mode):
-    """real: the FP8 GEMMs (on this CPU the Triton kernels under the interpreter, or the references)."""
+    """real: the FP8 GEMMs (on this CPU the Triton kernels under the interpreter, or the references);
+    sim-block-dgrad: the report's negative result (Dgrad's activation gradients in 128x128 blocks), which trains
+    at this scale (the report saw divergence after ~300B tokens)."""
     data = write_corpus(tmp_path / "corpus")
     assert 4_000 < sum(p.stat().st_size for p in data.iterdir()) < 20_000
     out = tmp_path / "run"
