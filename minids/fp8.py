@@ -313,9 +313,10 @@ FP8_MODES = ("off", "sim", "real", BLOCK_DGRAD)
 def enable_fp8(model: nn.Module, mode: str = "sim") -> int:
     """Route every linear of attention and of the dense/shared-expert FFNs through FP8 ("sim": simulated;
     "real": FP8 GEMMs, the Triton kernels on CUDA; "sim-block-dgrad": simulated, with the activation gradient of
-    each Dgrad GEMM quantized in 128x128 blocks, the report's negative result), or back ("off"). Embedding, output head, router, norms and MTP's eh_proj stay in high precision (V3P 3.3.1;
-    eh_proj is BF16 in the checkpoint, REFERENCE.md 5.2). Routed experts (stacked weights) take the
-    FP8 path inside ``moe_experts`` through their module's ``fp8`` flag. Returns the layers switched.
+    each Dgrad GEMM quantized in 128x128 blocks, the report's negative result), or back ("off"). Embedding,
+    output head, router, norms and MTP's eh_proj stay in high precision (V3P 3.3.1; eh_proj is BF16 in the
+    checkpoint, REFERENCE.md 5.2). Routed experts (stacked weights) take the FP8 path inside ``moe_experts``
+    through their module's ``fp8`` flag. Returns the layers switched.
     """
     from minids.attention import MHA, MLA
     from minids.mlp import MLP

@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--out", default="docs/fp8")
     ap.add_argument("--runs", default="runs/fp8_vs_bf16")
     ap.add_argument("--block-dgrad", action="store_true", help="also the 128x128-block Dgrad run (V3P App. B.2)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="no training: the table and plot again from the runs already under --runs")
     args = ap.parse_args()
     overrides = {"num_hidden_layers": args.layers} if args.layers else {}
     res, losses = {}, {}
@@ -48,10 +50,12 @@ def main() -> None:
             eval_interval=max(1, args.steps // 4), eval_tokens=32768, ckpt_interval=10**9, keep_checkpoints=1,
             out_dir=f"{args.runs}/{mode}", sample_tokens=0, plots=False,
         )
-        print(f"== fp8 {mode}", flush=True)
-        res[mode] = train(cfg)
+        if not args.report_only:
+            print(f"== fp8 {mode}", flush=True)
+            train(cfg)
         rows = [json.loads(x) for x in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()]
         losses[mode] = {r["step"]: r["loss"] for r in rows if "loss" in r}
+        res[mode] = {"val_loss": [r["val_loss"] for r in rows if "val_loss" in r][-1]}  # the final evaluation
     steps = sorted(set.intersection(*(set(losses[m]) for m in modes)))
     w = max(1, len(steps) // 10)
     diffs = {}  # per FP8 mode: relative loss difference to fp8 off, per step and smoothed
@@ -93,14 +97,15 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    ax[0].plot(steps, [losses["off"][s] for s in steps], label="fp8 off")
-    for m in modes[1:]:
-        ax[0].plot(steps, [losses[m][s] for s in steps], label=f"fp8 {m}", alpha=0.8)
+    color = {"off": "C0", "sim": "C1", "sim-block-dgrad": "C2"}  # one color per mode in both panels
+    for m in modes:
+        ax[0].plot(steps, [losses[m][s] for s in steps], label=f"fp8 {m}", color=color[m],
+                   alpha=1 if m == "off" else 0.8)
     ax[0].set_xlabel("step")
     ax[0].set_ylabel("training loss")
     ax[0].legend()
     for m, d in diffs.items():
-        ax[1].plot(steps, [100 * r for r in d["smooth"]], label=f"|{m} - off| / off, {w}-step average")
+        ax[1].plot(steps, [100 * r for r in d["smooth"]], label=f"|{m} - off| / off, {w}-step average", color=color[m])
     ax[1].axhline(0.25, color="gray", ls=":", label="V3 report's bound, 0.25%")
     ax[1].set_xlabel("step")
     ax[1].set_ylabel("relative loss difference (%)")
