@@ -34,7 +34,7 @@ from minids.norm import add_rms_norm, rms_norm
 EPS = 1e-6
 
 
-def fwd_configs(D: int, wide: bool) -> list[tuple[int, int, int, bool, bool, bool, bool]]:
+def fwd_configs(D: int, wide: bool, R: int, fused: bool = False) -> list[tuple[int, int, int, bool, bool, bool, bool]]:
     """(BLOCK_D, ROWS, warps, EVICT, LOOPED, EVEN, WIDE): whole-row tiles of 1K-16K elements and 4-64 elements a thread,
     each with and without EVICT and, where D is a power of two, mask-free (EVEN); then, for D >= 1024, the two-pass
     loop over 512-8192-wide chunks of one, two or four rows (4-32 elements a thread), also mask-free where they
@@ -60,7 +60,8 @@ def fwd_configs(D: int, wide: bool) -> list[tuple[int, int, int, bool, bool, boo
                         if D % chunk == 0:
                             out.append((chunk, rows, warps, False, True, True, wide))
     if not wide:
-        out.append((*K._fwd_config(D), False, True))
+        blk, rows, warps, ev, looped = K._fwd_config(D, fused)
+        out.append((blk, rows, warps, ev, looped, K._fwd_even(D, R, blk, rows, looped), True))
     return out
 
 
@@ -148,7 +149,8 @@ def sweep_hidden(D: int, R: int, copy: float, sms: int, g: torch.Generator, pass
     line = " ".join(f"{r[1]}r{r[2]}w{r[3]}p{'' if r[4] else 'N'}{'E' if r[5] else ''}{r[6]}:{r[0]:.0%}"
                     for r in b_res[:5])
     dflt = [r for r in b_res if r[6]]
-    print(f"D={D} bwd  default {dflt[0][0] if dflt else float('nan'):.0%} (sum {sum_us:.1f} us, torch's {torch_sum_us:.1f}) | best {line}"
+    print(f"D={D} bwd  default {dflt[0][0] if dflt else float('nan'):.0%} (sum {sum_us:.1f} us, torch's "
+          f"{torch_sum_us:.1f}) | best {line}"
           f" | max err {max(r[7] for r in b_res):.1e}")
     return rows_out + (compiled_row(D, unit, copy, w, xs, dys, n_sets, "fused" in passes)
                        if "compiled" in passes else [])
@@ -168,7 +170,7 @@ def sweep_forward(D: int, R: int, copy: float, w, xs, dys, y, s_out, rstd, n_set
     unit = R * D * 2 * (2 if fused else 1)  # read x (and the residual), write y (and s)
     tag = "fused" if fused else "fwd"
     f_res = []
-    for blk, rows, warps, ev, looped, even, wide in fwd_configs(D, K._wide(R + 64, D, bd)):
+    for blk, rows, warps, ev, looped, even, wide in fwd_configs(D, K._wide(R + 64, D, bd), R, fused):
         cyc = itertools.cycle(range(n_sets))
         even = even and R % rows == 0
 
@@ -188,7 +190,7 @@ def sweep_forward(D: int, R: int, copy: float, w, xs, dys, y, s_out, rstd, n_set
             err = max((y.float() - ref.float()).abs().max().item(), (s_out.float() - s_ref.float()).abs().max().item()
                       if fused else 0.0,
                       ((rstd[0] - rstd_ref).abs() / rstd_ref).max().item())
-            if not (y.isfinite().all() and rstd[0].isfinite().all()):
+            if not (y.isfinite().all() and rstd[0].isfinite().all() and (s_out.isfinite().all() or not fused)):
                 err = float("inf")
             ms = timed(run)
         except Exception as e:  # noqa: BLE001  a failing variant is a row with infinite error
@@ -271,8 +273,8 @@ def main() -> None:
     for D in args.hidden:
         rows_out += sweep_hidden(D, R, copy, sms, g, args.passes)
         torch.cuda.empty_cache()
-    cols = ["pass", "D", "block_d", "rows_per_prog", "warps", "per_sm", "prefetch", "evict", "looped", "even",
-            "default", "kernel_ms", "of_copy", "max_err", "fwd_of_copy", "bwd_of_copy"]
+    cols = ["pass", "D", "block_d", "rows_per_prog", "warps", "per_sm", "prefetch", "evict", "looped", "even", "wide",
+            "default", "kernel_ms", "of_copy", "max_err", "fwd_of_copy", "bwd_of_copy", "fused_fwd_of_copy"]
     write_results(args.out, "sweep_rmsnorm", meta, rows_out, cols, "Launch-config sweep (bench/sweep_rmsnorm.py).")
 
 

@@ -15,7 +15,7 @@ Layout and optimisations (both passes only stream memory; the aim is enough byte
 an H100/H200, with 128-bit accesses and no register spills):
 - Rows are independent: a forward program normalises one (ROWS, BLOCK_D) tile of at least 2K elements (4 KB of
   bf16), several rows at once when D is small (one row of D=1024 bf16 is only 2 KB, too little to hide memory
-  latency), with 2-16 warps: small programs, many per SM. From D = 2048 on it reads each row twice, once to sum the
+  latency), with 2-16 warps: small programs, many per SM. Above D = 1024 it reads each row twice, once to sum the
   squares and once (from L2) to write y, so no program holds a whole row in registers. D is a compile-time
   constant, as in torch.compile's kernels. ``_fwd_config`` has the numbers.
 - The forward keeps rstd (4 bytes a row) so the backward needs no second reduction over x for it.
@@ -59,11 +59,11 @@ if HAVE_TRITON:
         return r * D + cols[None, :]
 
     @triton.jit
-    def _load_rows(P, rows, cols, cmask, n_rows, D, EVICT: tl.constexpr, WIDE: tl.constexpr = True):
+    def _load_rows(P, rows, cols, cmask, n_rows, D, EVICT: tl.constexpr):
         """The (ROWS, BLOCK_D) tile of rows `rows` of the (n_rows, D) matrix at P, in its own dtype (0 outside);
-        EVICT: read once, marked evict_first in L2."""
+        EVICT: read once, marked evict_first in L2. int64 offsets (the backward's loads)."""
         mask = (rows < n_rows)[:, None] & cmask[None, :]
-        ptrs = P + _offsets(rows, cols, D, WIDE)
+        ptrs = P + _offsets(rows, cols, D, True)
         if EVICT:
             return tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
         return tl.load(ptrs, mask=mask, other=0.0)
@@ -150,7 +150,7 @@ if HAVE_TRITON:
         DY, X, W, RSTD, DS, DX, DW_PART,
         n_rows, D,
         HAS_DS: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PREFETCH: tl.constexpr,
-        EVICT: tl.constexpr = False, WIDE: tl.constexpr = True,
+        EVICT: tl.constexpr = False,
     ):
         """Persistent: program p takes row tiles p, p + P, ... and writes its dweight partial sum to DW_PART[p].
 
@@ -168,28 +168,28 @@ if HAVE_TRITON:
         dw = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
         if PREFETCH:  # this program's first tile
             rows = pid * ROWS + tl.arange(0, ROWS)
-            x_next = _load_rows(X, rows, cols, cmask, n_rows, D, EVICT, WIDE)
-            dy_next = _load_rows(DY, rows, cols, cmask, n_rows, D, EVICT, WIDE)
+            x_next = _load_rows(X, rows, cols, cmask, n_rows, D, EVICT)
+            dy_next = _load_rows(DY, rows, cols, cmask, n_rows, D, EVICT)
             rstd_next = tl.load(RSTD + rows, mask=rows < n_rows, other=0.0)
             if HAS_DS:
-                ds_next = _load_rows(DS, rows, cols, cmask, n_rows, D, EVICT, WIDE)
+                ds_next = _load_rows(DS, rows, cols, cmask, n_rows, D, EVICT)
         for start in range(pid * ROWS, n_rows, step):
             rows = start + tl.arange(0, ROWS)
             rmask = rows < n_rows
             if PREFETCH:  # take the tile loaded last iteration, start loading the next (masked past the end)
                 x, dy, rstd = x_next, dy_next, rstd_next
-                x_next = _load_rows(X, rows + step, cols, cmask, n_rows, D, EVICT, WIDE)
-                dy_next = _load_rows(DY, rows + step, cols, cmask, n_rows, D, EVICT, WIDE)
+                x_next = _load_rows(X, rows + step, cols, cmask, n_rows, D, EVICT)
+                dy_next = _load_rows(DY, rows + step, cols, cmask, n_rows, D, EVICT)
                 rstd_next = tl.load(RSTD + rows + step, mask=rows + step < n_rows, other=0.0)
                 if HAS_DS:
                     ds = ds_next
-                    ds_next = _load_rows(DS, rows + step, cols, cmask, n_rows, D, EVICT, WIDE)
+                    ds_next = _load_rows(DS, rows + step, cols, cmask, n_rows, D, EVICT)
             else:
-                x = _load_rows(X, rows, cols, cmask, n_rows, D, EVICT, WIDE)
-                dy = _load_rows(DY, rows, cols, cmask, n_rows, D, EVICT, WIDE)
+                x = _load_rows(X, rows, cols, cmask, n_rows, D, EVICT)
+                dy = _load_rows(DY, rows, cols, cmask, n_rows, D, EVICT)
                 rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
                 if HAS_DS:
-                    ds = _load_rows(DS, rows, cols, cmask, n_rows, D, EVICT, WIDE)
+                    ds = _load_rows(DS, rows, cols, cmask, n_rows, D, EVICT)
             xf = x.to(tl.float32)
             dyf = dy.to(tl.float32)
             xhat = xf * rstd[:, None]
@@ -199,7 +199,7 @@ if HAVE_TRITON:
             dx = rstd[:, None] * (dn - xhat * c[:, None])
             if HAS_DS:
                 dx += ds.to(tl.float32)
-            offs = _offsets(rows, cols, D, WIDE)
+            offs = _offsets(rows, cols, D, True)  # int64: the backward was measured so
             tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
         tl.store(DW_PART + pid.to(tl.int64) * D + cols, tl.sum(dw, axis=0), mask=cmask)
 
@@ -258,12 +258,13 @@ def _fwd_even(D: int, n_rows: int, block_d: int, rows: int, looped: bool) -> boo
 def _fwd_config(D: int, fused: bool = False) -> tuple[int, int, int, bool, bool]:
     """(BLOCK_D, ROWS, num_warps, EVICT, LOOPED) of the forward: a non-persistent grid of (ROWS, BLOCK_D) tiles.
 
-    Up to D = 1024, whole rows in tiles of 2048 elements (16-32 a thread), x read with evict_first (EVICT). From
-    D = 2048 on, the two-pass LOOPED form (x read in chunks of up to 4096 to sum the squares, kept in L2 with
+    Up to D = 1024, whole rows in tiles of 2048 elements (16-32 a thread), x read with evict_first (EVICT). Above
+    D = 1024, the two-pass LOOPED form (x read in chunks of up to 4096 to sum the squares, kept in L2 with
     evict_last, read again to write y), 16 elements a thread (8 at 7168), 8-16 warps. Mask-free (EVEN) where the
-    tile or chunk divides the shapes. Kernel time as a fraction of the copy rate, 16384 rows of bf16 on an H200
-    (``bench/sweep_rmsnorm.py``, results/sweep_rmsnorm_fwd.md; torch.compile of the eager reference in the same run, and
-    the whole-row one-pass tiles that were the default before D became a compile-time constant):
+    tile or chunk divides the shapes. Widths between the measured ones (1536, 5120) take the rule, unmeasured.
+    Kernel time as a fraction of the copy rate, 16384 rows of bf16 on an H200 (``bench/sweep_rmsnorm.py``,
+    results/sweep_rmsnorm_fwd.md; torch.compile of the eager reference in the same run, and the whole-row one-pass
+    tiles that were the default before D became a compile-time constant):
 
         D     BLOCK_D  ROWS  warps  LOOPED  EVEN  of copy  compiled  one-pass before
         512     512      4     2      no     yes    91%      92%      91%

@@ -485,6 +485,42 @@ def test_enable_fp8_bad_mode():
     assert not any(isinstance(m, FP8Linear) for m in model.modules())
 
 
+def test_block_dgrad_mode_reaches_every_fp8_gemm():
+    """fp8 "sim-block-dgrad" changes the Dgrad GEMMs only: in the routed experts (per-expert loop) the output and
+    the down projection's weight gradient (Wgrad, whose dy is the same) equal "sim"'s, while x's and the gate
+    projection's gradients (behind the down projection's Dgrad) differ; enable_fp8 sets the mode on every
+    FP8 linear and MoE layer, and an FP8Linear in that mode is fp8_linear(..., dgrad_block=True)."""
+    E, D, I, T, k = 4, 200, 136, 9, 2
+    g = gen(40)
+    x = torch.randn(T, D, generator=g)
+    ws = [torch.randn(E, I, D, generator=g) * 0.07, torch.randn(E, I, D, generator=g) * 0.07,
+          torch.randn(E, D, I, generator=g) * 0.08]
+    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    wts, dy = torch.rand(T, k, generator=g), torch.randn(T, D, generator=g)
+    out = {}
+    for mode in ("sim", "sim-block-dgrad"):
+        xa, wa = x.clone().requires_grad_(), [w.clone().requires_grad_() for w in ws]
+        y, _ = moe_experts(xa, wts, idx, *wa, "loop", fp8=mode)
+        y.backward(dy)
+        out[mode] = (y.detach(), xa.grad, wa[0].grad, wa[2].grad)
+    (y0, dx0, dg0, dd0), (y1, dx1, dg1, dd1) = out["sim"], out["sim-block-dgrad"]
+    assert torch.equal(y0, y1) and torch.equal(dd0, dd1)
+    assert not torch.equal(dx0, dx1) and not torch.equal(dg0, dg1)
+
+    model = tiny_v3()
+    enable_fp8(model, "sim-block-dgrad")
+    lins = [m for m in model.modules() if isinstance(m, FP8Linear)]
+    assert lins and all(m.fp8_mode == "sim-block-dgrad" for m in lins)
+    assert all(m.fp8 == "sim-block-dgrad" for m in model.modules() if isinstance(m, DeepSeekMoE))
+    lin = lins[0]
+    xin = torch.randn(5, lin.in_features, generator=g, requires_grad=True)
+    dout = torch.randn(5, lin.out_features, generator=g)
+    lin(xin).backward(dout)
+    xr = xin.detach().clone().requires_grad_()
+    fp8_linear(xr, lin.weight.detach(), dgrad_block=True).backward(dout)
+    assert torch.equal(xin.grad, xr.grad)
+
+
 def test_enable_fp8_training_gradients_flow():
     model = tiny_v3().train()
     enable_fp8(model, "sim")

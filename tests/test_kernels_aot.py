@@ -14,6 +14,9 @@ the GPU, and so does a tile config whose shared memory exceeds what an H100/H200
    a block's shared memory (a launch would fail on the GPU; the autotuner skips other configs that do not fit).
    The configs are compiled over the recorded launch's other constexprs, so for the MoE GEMMs with the
    interpreter's row-block size, not necessarily the GPU's.
+
+It compiles with the Triton installed here (CI installs the newest); the H200 this project measures on runs
+Triton 3.6, so a pass here does not prove a compile there, only that the code is valid Triton for this version.
 """
 
 from __future__ import annotations
@@ -38,11 +41,18 @@ _PTR = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", to
         torch.float8_e4m3fn: "fp8e4nv", torch.float8_e5m2: "fp8e5"}
 
 
-def _spec(fn, args: tuple, kwargs: dict) -> dict | None:
+def _spec(fn, args: tuple, kwargs: dict, jit_kwargs: dict) -> dict | None:
     """What the JIT would compile for this launch: {"module", "name", "signature", "constexprs", "attrs",
-    "options"}; None where an argument has a type this test does not translate (reported, not compiled)."""
+    "options"}; None where an argument has a type this test does not translate (reported, not compiled).
+    jit_kwargs: the kernel's ``triton.jit`` arguments (its do_not_specialize lists are honoured)."""
     params = inspect.signature(fn).parameters
     names = list(params)
+
+    def named(key: str) -> set:
+        return {names[v] if isinstance(v, int) else v for v in jit_kwargs.get(key) or ()}
+
+    no_spec = named("do_not_specialize")
+    no_align = no_spec | named("do_not_specialize_on_alignment")
     bound = dict(zip(names, args))
     options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "num_ctas", "maxnreg") if k in kwargs}
     bound.update(kwargs)
@@ -59,20 +69,20 @@ def _spec(fn, args: tuple, kwargs: dict) -> dict | None:
             if v.dtype not in _PTR:
                 return None
             sig[name] = "*" + _PTR[v.dtype]
-            if v.data_ptr() % 16 == 0:
+            if v.data_ptr() % 16 == 0 and name not in no_align:
                 attrs.append(i)
         elif isinstance(v, TensorDescriptor):  # a TMA descriptor: its element type and block shape
             if v.base.dtype not in _PTR:
                 return None
             sig[name] = f"tensordesc<{_PTR[v.base.dtype]}{list(v.block_shape)}>"
         elif isinstance(v, bool):
-            sig[name] = "i1"
+            sig[name] = "u1"
         elif isinstance(v, int):
-            if v == 1:  # the JIT specialises an int equal to 1 as a constant
+            if v == 1 and name not in no_spec:  # the JIT specialises an int equal to 1 as a constant
                 sig[name], consts[name] = "constexpr", 1
                 continue
             sig[name] = "i32" if -(2**31) <= v < 2**31 else "i64"
-            if v % 16 == 0:
+            if v % 16 == 0 and name not in no_align:
                 attrs.append(i)
         elif isinstance(v, float):
             sig[name] = "fp32"
@@ -89,7 +99,7 @@ def _record_launches(monkeypatch) -> tuple[list[dict], list[str]]:
     run = InterpretedFunction.run
 
     def recording_run(self, *args, grid, warmup, **kwargs):
-        spec = _spec(self.fn, args, dict(kwargs))
+        spec = _spec(self.fn, args, dict(kwargs), getattr(self, "kwargs", {}))
         if spec is None:
             untranslated.append(self.fn.__name__)
         elif spec not in specs:
@@ -110,12 +120,27 @@ def _call_every_kernel() -> None:
     def rnd(*shape, dtype=bf):
         return torch.randn(*shape, generator=g).to(dtype)
 
-    for D, rows in ((512, 4), (1000, 3), (2048, 2), (7168, 1)):
+    def norms(D: int, rows: int) -> None:
         x, r, w = rnd(rows, D).requires_grad_(), rnd(rows, D).requires_grad_(), rnd(D).requires_grad_()
         y = rmsnorm.rms_norm(x, w, 1e-6)
         y.backward(torch.ones_like(y))
         y, s = rmsnorm.add_rms_norm(x, r, w, 1e-6)
         (y.float().sum() + s.float().sum()).backward()
+
+    for D, rows in ((512, 4), (512, 32), (1000, 3), (2048, 2), (7168, 1)):  # 32: a 16-divisible row count
+        norms(D, rows)
+    # what only huge inputs, the sweep or a spilling backward take: int64 offsets (one-pass and LOOPED), the fused
+    # add in the LOOPED form, the backward without prefetch
+    saved = rmsnorm._wide, rmsnorm._fwd_config, rmsnorm._PREFETCH
+    try:
+        rmsnorm._wide = lambda *a: True
+        norms(512, 4)
+        norms(2048, 2)
+        rmsnorm._wide, rmsnorm._PREFETCH = saved[0], False
+        rmsnorm._fwd_config = lambda D, fused=False: (1024, 2, 4, False, True)
+        norms(2048, 2)
+    finally:
+        rmsnorm._wide, rmsnorm._fwd_config, rmsnorm._PREFETCH = saved
 
     N, D, E, inter, K = 12, 64, 4, 48, 2
     for dt in (bf, torch.float32):  # float32: the tiles' shared memory doubles
@@ -165,6 +190,13 @@ from triton.compiler import ASTSource
 from triton.runtime.autotuner import Autotuner
 
 SMEM = 232448  # bytes of shared memory one block may use on an H100 / H200 (227 KB)
+try:  # the ahead-of-time API this script speaks; another Triton's is a skip (exit 3), not a failure
+    import inspect
+    assert {"fn", "signature", "constexprs", "attrs"} <= set(inspect.signature(ASTSource).parameters)
+    TARGET = GPUTarget("cuda", 90, 32)
+except Exception as e:  # noqa: BLE001
+    print(f"this Triton's ahead-of-time compile API differs: {type(e).__name__} {e}", file=sys.stderr)
+    sys.exit(3)
 job = json.load(sys.stdin)
 specs, first_config_runs = job["specs"], set(job["first_config_runs"])
 
@@ -181,10 +213,9 @@ def compile_spec(spec, consts=None, options=None):
     fn = jit_of(getattr(importlib.import_module(spec["module"]), spec["name"]))
     sig = {k: ("constexpr" if k in consts else t) for k, t in spec["signature"].items()}
     attrs = {(i,): [["tt.divisibility", 16]] for i in spec["attrs"] if sig[fn.arg_names[i]] != "constexpr"}
-    # outside the try: a Triton whose ahead-of-time API differs stops the script here (the test then skips)
-    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     try:
-        ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={**spec["options"], **(options or {})})
+        src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+        ck = triton.compile(src, target=TARGET, options={**spec["options"], **(options or {})})
     except Exception as e:  # noqa: BLE001
         return f"{type(e).__name__}: {str(e)[-600:]}", None
     return None, ck.metadata.shared
@@ -232,8 +263,8 @@ def test_every_kernel_compiles_for_sm90(monkeypatch):
     job = {"specs": specs, "first_config_runs": FIRST_CONFIG_RUNS}
     done = subprocess.run([sys.executable, "-c", SCRIPT], input=json.dumps(job), check=False, env=env,
                           capture_output=True, text=True, timeout=1200)
-    if done.returncode != 0 and ("ASTSource" in done.stderr or "GPUTarget" in done.stderr):
-        pytest.skip(f"this Triton's ahead-of-time compile API differs: {done.stderr.strip().splitlines()[-1]}")
+    if done.returncode == 3:
+        pytest.skip(done.stderr.strip().splitlines()[-1])
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert not report["errors"], report["errors"]

@@ -108,7 +108,7 @@ def test_backward_many_tiles_per_program(prefetch, monkeypatch):
 
 
 @pytest.mark.parametrize("fused", [False, True])
-@pytest.mark.parametrize("variant", ["looped", "even", "looped_even", "wide"])
+@pytest.mark.parametrize("variant", ["looped", "even", "looped_even", "wide", "looped_wide"])
 def test_forward_variants(variant, fused, monkeypatch, launch_spy):
     # the sweep's forward variants: LOOPED (two passes over 32-wide chunks of a row, the last chunk partial; rows
     # in pairs, the last pair half out of range), EVEN (no masks; D == BLOCK_D, or a multiple of the LOOPED chunk,
@@ -117,10 +117,11 @@ def test_forward_variants(variant, fused, monkeypatch, launch_spy):
     import minids.kernels.rmsnorm as k
 
     shape, cfg = {"looped": ((7, 100), (32, 2, 1, False, True)), "even": ((6, 64), (64, 2, 1, True, False)),
-                  "looped_even": ((6, 96), (32, 2, 1, False, True)), "wide": ((7, 100), (128, 2, 1, True, False))}[variant]
+                  "looped_even": ((6, 96), (32, 2, 1, False, True)), "wide": ((7, 100), (128, 2, 1, True, False)),
+                  "looped_wide": ((7, 100), (32, 2, 1, False, True))}[variant]
     monkeypatch.setattr(k, "_fwd_config", lambda D, fused=False: cfg)
     monkeypatch.setattr(k, "_FWD_EVEN", "even" in variant)
-    monkeypatch.setattr(k, "_wide", lambda *a: variant == "wide")
+    monkeypatch.setattr(k, "_wide", lambda *a: "wide" in variant)
     launches = launch_spy(k, "_rms_norm_fwd")
     x, w, g = inputs(shape, torch.float32, torch.float32, 17)
     dy = torch.randn(shape, generator=g).to(device)
@@ -136,7 +137,17 @@ def test_forward_variants(variant, fused, monkeypatch, launch_spy):
     for a, b in zip(torch.autograd.grad(y, leaves, dy), torch.autograd.grad(y_ref, leaves, dy)):
         close(a, b, torch.float32)
     assert [(c["LOOPED"], c["EVEN"], c["WIDE"]) for c in launches] == [
-        ("looped" in variant, "even" in variant, variant == "wide")]
+        ("looped" in variant, "even" in variant, "wide" in variant)]
+
+
+def test_wide_offsets_from_2_31():
+    # int64 offsets once the last element's offset (padded rows times D, plus the widest column tile) reaches 2^31
+    import minids.kernels.rmsnorm as k
+
+    assert not k._wide(16384, 7168, 8192)  # the benches' largest: 117M elements
+    rows = (2**31 - 8192 - 1) // 7168  # the largest row count whose offsets stay below 2^31 with an 8192-wide tile
+    assert not k._wide(rows, 7168, 8192) and k._wide(rows + 1, 7168, 8192)
+    assert k._wide(2**31 // 512, 512, 512)
 
 
 @pytest.mark.parametrize("P, D", [(300, 200), (1, 7), (129, 64), (2000, 1000)])
