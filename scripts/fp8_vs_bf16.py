@@ -77,9 +77,11 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "fp8_vs_bf16.json").write_text(json.dumps({**summary, "steps": steps, "rel": rel}, indent=1) + "\n")
+    run = json.loads((Path(args.runs) / "off" / "train_config.json").read_text())  # what the runs were, not argv
+    layers = run["model_overrides"].get("num_hidden_layers")
     md = [
-        (f"{args.model}{f' ({args.layers} layers)' if args.layers else ''}, {args.steps} steps x {args.batch_size} x "
-         f"{args.seq_len} tokens, same seed and data; baseline = fp8 off."), "",
+        (f"{run['model']}{f' ({layers} layers)' if layers else ''}, {run['max_steps']} steps x {run['batch_size']} x "
+         f"{run['seq_len']} tokens, same seed and data; baseline = fp8 off."), "",
         "| | " + " | ".join(modes[1:]) + " |", "|---|" + "---|" * len(diffs),
         "| relative train-loss difference, mean over the second half | "
         + " | ".join(f"{d['mean_second_half']:.3%}" for d in diffs.values()) + " |",
