@@ -240,10 +240,6 @@ if HAVE_TRITON:
 _PREFETCH = True  # backward loads tile i + 1 while it computes tile i (unless that spills; tests also run it off)
 
 
-# The forward's mask-free path (_rms_norm_fwd's EVEN) where the shapes allow it.
-_FWD_EVEN = True
-
-
 def _wide(padded_rows: int, D: int, block_d: int) -> bool:
     """Whether a kernel over padded_rows rows of D elements (columns reaching block_d) needs int64 offsets."""
     return padded_rows * D + max(D, block_d) >= 2**31
@@ -251,7 +247,7 @@ def _wide(padded_rows: int, D: int, block_d: int) -> bool:
 
 def _fwd_even(D: int, n_rows: int, block_d: int, rows: int, looped: bool) -> bool:
     """Whether the forward runs mask-free (EVEN): row tiles divide n_rows, and the tile (LOOPED: the chunk) fits D."""
-    return _FWD_EVEN and n_rows % rows == 0 and (D % block_d == 0 if looped else D == block_d)
+    return n_rows % rows == 0 and (D % block_d == 0 if looped else D == block_d)
 
 
 @functools.cache

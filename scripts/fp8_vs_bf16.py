@@ -53,7 +53,10 @@ def main() -> None:
         if not args.report_only:
             print(f"== fp8 {mode}", flush=True)
             train(cfg)
-        rows = [json.loads(x) for x in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()]
+        metrics = Path(cfg.out_dir) / "metrics.jsonl"
+        if not metrics.is_file():  # --report-only before the runs exist
+            sys.exit(f"fp8_vs_bf16: no run at {metrics}; run without --report-only first (same --runs and modes)")
+        rows = [json.loads(x) for x in metrics.read_text().splitlines()]
         losses[mode] = {r["step"]: r["loss"] for r in rows if "loss" in r}
         res[mode] = {"val_loss": [r["val_loss"] for r in rows if "val_loss" in r][-1]}  # the final evaluation
     steps = sorted(set.intersection(*(set(losses[m]) for m in modes)))

@@ -263,8 +263,8 @@ def test_every_kernel_compiles_for_sm90(monkeypatch):
     job = {"specs": specs, "first_config_runs": FIRST_CONFIG_RUNS}
     done = subprocess.run([sys.executable, "-c", SCRIPT], input=json.dumps(job), check=False, env=env,
                           capture_output=True, text=True, timeout=1200)
-    if done.returncode == 3:
-        pytest.skip(done.stderr.strip().splitlines()[-1])
+    if done.returncode == 3:  # the script's API probe failed: another Triton's ahead-of-time interface
+        pytest.skip((done.stderr.strip().splitlines() or ["Triton's ahead-of-time compile API differs"])[-1])
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert not report["errors"], report["errors"]

@@ -120,7 +120,6 @@ def test_forward_variants(variant, fused, monkeypatch, launch_spy):
                   "looped_even": ((6, 96), (32, 2, 1, False, True)), "wide": ((7, 100), (128, 2, 1, True, False)),
                   "looped_wide": ((7, 100), (32, 2, 1, False, True))}[variant]
     monkeypatch.setattr(k, "_fwd_config", lambda D, fused=False: cfg)
-    monkeypatch.setattr(k, "_FWD_EVEN", "even" in variant)
     monkeypatch.setattr(k, "_wide", lambda *a: "wide" in variant)
     launches = launch_spy(k, "_rms_norm_fwd")
     x, w, g = inputs(shape, torch.float32, torch.float32, 17)
