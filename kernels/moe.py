@@ -343,21 +343,47 @@ def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _launcher(autotuned, cfg: tuple | None):
+    """(kernel, launch kwargs) for an autotuned GEMM kernel: itself when cfg is None, else its plain kernel with cfg
+    = (BN, BK, warps, stages, GROUP_M) as given (the GATE_UP / DGRAD knobs)."""
+    if cfg is None:
+        return autotuned, {}
+    bn, bk, warps, stages, group_m = cfg
+    return autotuned.fn, {"BN": bn, "BK": bk, "GROUP_M": group_m, "num_warps": warps, "num_stages": stages}
+
+
+def _check_knobs() -> None:
+    """The module knobs (set by bench/sweep_moe.py and tests), checked once per call: one clear line for a bad one
+    instead of a Triton error inside a launch (or, for DX_LOOPS, a silently dropped product)."""
+    def tile(v) -> bool:
+        return isinstance(v, tuple) and len(v) == 5 and all(isinstance(i, int) and i > 0 for i in v)
+
+    bad = None
+    if BLOCK_M not in (None, 16, 32, 64, 128):
+        bad = f"BLOCK_M={BLOCK_M!r}: None (automatic) or a row block of 16, 32, 64 or 128"
+    elif DX_LOOPS not in (1, 2):
+        bad = f"DX_LOOPS={DX_LOOPS!r}: 1 (one K loop) or 2 (two loops)"
+    elif GATE_UP is not None and not tile(GATE_UP):
+        bad = f"GATE_UP={GATE_UP!r}: None (autotuned) or (BN, BK, warps, stages, GROUP_M)"
+    elif DGRAD is not None and not (isinstance(DGRAD, dict) and set(DGRAD) <= {"dh", "dx"}
+                                    and all(v is None or tile(v) for v in DGRAD.values())):
+        bad = f"DGRAD={DGRAD!r}: None or {{'dh': cfg, 'dx': cfg}} with cfg (BN, BK, warps, stages, GROUP_M)"
+    elif not (isinstance(WGRAD, dict) and tile(WGRAD.get("tile"))):
+        bad = f"WGRAD={WGRAD!r}: a dict with 'tile': (BMW, BNW, BK, warps, stages)"
+    if bad:
+        raise ValueError(f"minids.kernels.moe.{bad}")
+
+
 def _gemm(a, b, out, al: MoEAlignment, route_w, top_k, *, gather, epi, a2=None, b2=None, g=None, u=None, out2=None,
           cfg=None):
     """Launch _grouped_kernel: out = a @ b[e] (+ a2 @ b2[e]); b (E, Kdim, Ndim) given as a strided view.
 
     cfg: None (autotuned) or (BN, BK, warps, stages, GROUP_M) launched as given.
     """
-    if a2 is not None and DX_LOOPS not in (1, 2):  # any other value would drop the second product silently
-        raise ValueError(f"minids.kernels.moe.DX_LOOPS={DX_LOOPS!r}: 1 (one K loop) or 2 (two loops)")
     Kdim, Ndim = b.shape[1:]
     n_blocks = al.block_expert.shape[0]
     bm = al.sorted_pair.shape[0] // n_blocks
-    kernel, meta = _grouped_kernel, {}
-    if cfg is not None:
-        bn, bk, warps, stages, group_m = cfg
-        kernel, meta = _grouped_kernel.fn, {"BN": bn, "BK": bk, "GROUP_M": group_m, "num_warps": warps, "num_stages": stages}
+    kernel, meta = _launcher(_grouped_kernel, cfg)
     grid = lambda m: (n_blocks * triton.cdiv(Ndim, m["BN"]),)
     kernel[grid](
         a, a2 if a2 is not None else a, b, b2 if b2 is not None else b, out, out2 if out2 is not None else out,
@@ -430,11 +456,7 @@ class _MoEExpertsFn(torch.autograd.Function):
         g = torch.empty_like(h) if need_grad else h
         u = torch.empty_like(h) if need_grad else h
         grid = lambda meta: (n_blocks * triton.cdiv(I, meta["BN"]),)
-        kernel, meta = _gate_up_kernel, {}
-        if GATE_UP is not None:
-            bn, bk, warps, stages, group_m = GATE_UP
-            kernel, meta = _gate_up_kernel.fn, {"BN": bn, "BK": bk, "GROUP_M": group_m, "num_warps": warps,
-                                                "num_stages": stages}
+        kernel, meta = _launcher(_gate_up_kernel, GATE_UP)
         kernel[grid](
             x, wg, wu, h, g, u, al.sorted_pair, al.block_expert, n_blocks, I, D, top_k,
             STORE_GU=need_grad, PREC=_prec(x.dtype), BM=P_pad // n_blocks, **meta,
@@ -521,6 +543,7 @@ def moe_experts(
         raise ValueError("minids.kernels.moe.moe_experts: no FP8 path; use minids.moe.moe_experts(..., fp8=...)")
     require_runs_here(x, "minids.kernels.moe.moe_experts", "minids.moe.moe_experts with impl 'grouped' or 'loop'")
     check_experts_args(x, weights, indices, w_gate, w_up, w_down)
+    _check_knobs()
     E = w_gate.shape[0]
     N, K = indices.shape
     dt = _compute_dtype(x)

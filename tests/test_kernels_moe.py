@@ -269,6 +269,9 @@ def test_backward_variants_match_reference(case, variant, monkeypatch, launch_sp
     monkeypatch.setattr(kmoe, "DX_LOOPS", dx_loops)
     monkeypatch.setattr(kmoe, "GATE_UP", gate_up)
     fixed_gate_up = launch_spy(kmoe._gate_up_kernel, "fn")  # the fixed-config launch bypasses the autotuner
+    fixed_grouped = launch_spy(kmoe._grouped_kernel, "fn")  # DGRAD's dh and dx launches
+    wgrad_launches = launch_spy(kmoe, "_wgrad_tiles_kernel")
+    gathers = launch_spy(kmoe, "_gather_rows_kernel")
     monkeypatch.setattr(kmoe, "WGRAD", wgrad)
     monkeypatch.setattr(kmoe, "DGRAD", dgrad)
     monkeypatch.setattr(kmoe, "BLOCK_M", block_m)
@@ -281,6 +284,13 @@ def test_backward_variants_match_reference(case, variant, monkeypatch, launch_sp
     if case[5] == "zero":
         assert all((gr[case[3] // 2:] == 0).all() for gr in grads[2:]), "experts with no rows get zero gradients"
     assert [c["BN"] for c in fixed_gate_up] == ([gate_up[0]] if gate_up else [])
+    # the variant's knobs reached the launches (the values above would agree whichever variant ran)
+    assert [c["BN"] for c in fixed_grouped] == ([dgrad["dh"][0], dgrad["dx"][0]] if dgrad else [])
+    fused, srt = bool(wgrad.get("fuse")), bool(wgrad.get("sorted"))
+    assert [c["TWO"] for c in wgrad_launches] == ([True, False] if fused else [False, False, False])
+    assert all(c["FLAT"] == bool(wgrad.get("flat")) for c in wgrad_launches)
+    assert wgrad_launches[-1]["A_GATHER"] == (not srt)  # dW_down's (weights * dy): gathered on load or pre-sorted
+    assert len(gathers) == (2 if srt else 0)  # (weights * dy) and x, once each into padded-row order
 
 
 def test_bad_dx_loops_is_one_line(monkeypatch):
@@ -289,6 +299,19 @@ def test_bad_dx_loops_is_one_line(monkeypatch):
     monkeypatch.setattr(kmoe, "DX_LOOPS", 3)
     leaves, indices, dy = make(*CASES[0], torch.float32, seed=9)
     with pytest.raises(ValueError, match="DX_LOOPS=3"):
+        run("triton", leaves, indices, dy)
+
+
+@pytest.mark.parametrize("knob, value, match", [
+    ("BLOCK_M", 24, "BLOCK_M=24"), ("GATE_UP", (16, 16), "GATE_UP="), ("DGRAD", {"dq": (16, 16, 1, 1, 4)}, "DGRAD="),
+    ("WGRAD", {"sorted": True}, "WGRAD="),
+])
+def test_bad_knobs_are_one_line(knob, value, match, monkeypatch):
+    from minids.kernels import moe as kmoe
+
+    monkeypatch.setattr(kmoe, knob, value)
+    leaves, indices, dy = make(*CASES[0], torch.float32, seed=9)
+    with pytest.raises(ValueError, match=match):
         run("triton", leaves, indices, dy)
 
 
