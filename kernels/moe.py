@@ -33,8 +33,9 @@ SwiGLU is evaluated in float32 and rounded once (the reference rounds g, u, silu
 
 Backward variants, chosen at run time by the module knobs WGRAD, DGRAD, DX_LOOPS and BLOCK_M (bench/sweep_moe.py
 times each; DGRAD None keeps the autotuned kernels; WGRAD's default is sorted + fused): the weight gradients through
-``_wgrad_tiles_kernel`` with a fixed tile, optionally (sorted) from x and (weights * dy) gathered once into padded-row order by ``_gather_rows_kernel`` (no
-pair -> token -> address chain in the K loop; the dh GEMM then reads the same copy), (fuse) dW_gate and dW_up from one
+``_wgrad_tiles_kernel`` with a fixed tile, optionally (sorted) from x and (weights * dy) gathered once into
+padded-row order by ``_gather_rows_kernel`` (no pair -> token -> address chain in the K loop; the dh GEMM then reads
+the same copy), (fuse) dW_gate and dW_up from one
 launch sharing each x tile, (programs) a persistent grid walking the (expert, m, n) tiles, (flat) with Triton's
 loop flattening so one tile's store overlaps the next tile's loads; DGRAD fixes the dh and dx launch configs;
 BLOCK_M the row block.
