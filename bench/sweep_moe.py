@@ -139,16 +139,12 @@ def pieces(tier: str, y: torch.Tensor, dy: torch.Tensor, ref_w: tuple, rows: lis
         def wgrad(srt=srt):
             return km._weight_grads(x, dy, km._gather_rows(dy, al, route_w, K) if srt else None, h, dg, du, al,
                                     route_w, K, E, need)
-        try:
-            knobs(cfg)
-            err = max(rel(a, b) for a, b in zip(wgrad(), ref_w))
-            ms = timed(wgrad)
-        except Exception as e:  # noqa: BLE001  one failing variant is one line
-            cells.append(f"{name} failed ({type(e).__name__})")
-            rows.append({"tier": tier, "piece": "wgrad", "variant": name, "error": short(e)})
+
+        res = attempt(cells, rows, tier, "wgrad", name, {"wgrad": cfg},
+                      lambda w=wgrad: max(rel(a, b) for a, b in zip(w(), ref_w)), wgrad)
+        if res is None:
             continue
-        finally:
-            knobs()
+        err, ms = res
         wres[name] = ms
         rows.append({"tier": tier, "piece": "wgrad", "variant": name, "wgrad": cfg, "ms": ms,
                      "TFLOPs": wflops / ms / 1e9, "err": err})
@@ -161,11 +157,11 @@ def pieces(tier: str, y: torch.Tensor, dy: torch.Tensor, ref_w: tuple, rows: lis
     base_x = torch.empty_like(out_x)
     km._gemm(dg, wg, base_x, al, route_w, K, gather=False, epi=0, a2=du, b2=wu)
     def dx_launch(c, loops):  # dx with its two products in one K loop (1) or in two loops (2)
-        km.DX_LOOPS = loops
+        knobs(dx_loops=loops)
         try:
             km._gemm(dg, wg, out_x, al, route_w, K, gather=False, epi=0, a2=du, b2=wu, cfg=c)
         finally:
-            km.DX_LOOPS = DEFAULTS[3]
+            knobs()
 
     launches = {  # piece: (launch with a config, its outputs, the default's outputs)
         "dh": (lambda c: km._gemm(dy, wd, out_g, al, route_w, K, gather=True, epi=1, g=g, u=u, out2=out_u, cfg=c),
