@@ -192,7 +192,7 @@ def main() -> int:
         row["bound"] = "memory" if H * s_q <= 32 else "compute"
         launch = mla_mod.LAST_LAUNCH  # the timed call's tile config and program count
         cfg = launch["cfg"]
-        row["programs"] = launch["row_blocks"] * launch["programs"](cfg["OCC"])
+        row["programs"] = launch["col_blocks"] * launch["programs"](cfg["OCC"])
         row["config"] = f"M{launch['block_m']} N{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}"
         if not sh["paged"]:
             for name, v in peer_times(sets, seqlens, B, s_q, H, C, R, scale, Dn, Dv).items():

@@ -30,6 +30,9 @@ import sys
 import time
 from pathlib import Path
 
+if "--cpu-smoke" in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"  # read when minids.kernels is imported
+
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -68,12 +71,12 @@ SHAPES = [
 ]
 
 
-def variants_for(rows: int) -> dict:
-    """{"base": the default path's config for s_q * H = rows (``pick_config``, so it cannot drift from it), then the
-    rows class's variants}."""
+def variants_for(rows: int, C: int) -> dict:
+    """{"base": the default path's config for s_q * H = rows and a latent of C columns (``pick_config``, so it
+    cannot drift from it), then the rows class's variants}."""
     from minids.kernels.mla_decode import pick_config
 
-    block_m, cfg = pick_config(rows)
+    block_m, cfg = pick_config(rows, C=C)
     return {"base": {"BLOCK_M": block_m, **cfg}, **VARIANTS[16 if rows <= 16 else 32 if rows <= 32 else 64]}
 
 
@@ -142,13 +145,10 @@ def main() -> int:
     args = ap.parse_args()
     gen = torch.Generator().manual_seed(0)
     if args.cpu_smoke:
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            print("--cpu-smoke needs TRITON_INTERPRET=1")
-            return 1
         bad = 0
         for H, s_q in ((16, 1), (16, 2), (64, 2)):
             shape = (f"tiny H{H} s{s_q}", 64, 16, 3, H, 100, True, s_q)
-            for r in run_shape(shape, variants_for(s_q * H), "cpu", gen, None, 3):
+            for r in run_shape(shape, variants_for(s_q * H, shape[1]), "cpu", gen, None, 3):
                 ok = "error" not in r and r["err"] < 1e-4
                 bad += not ok
                 print(f"{r['shape']:14s} {r['variant']:9s} err {r.get('err', float('nan')):.1e} {'' if ok else 'FAIL'}")
@@ -164,7 +164,7 @@ def main() -> int:
     meta["matmul_TFLOPs"] = mm = round(matmul_tflops(), 1)
     rows = []
     for shape in SHAPES:
-        rows += run_shape(shape, variants_for(shape[4] * shape[7]), "cuda", gen, graph_ms, 8)
+        rows += run_shape(shape, variants_for(shape[4] * shape[7], shape[1]), "cuda", gen, graph_ms, 8)
         torch.cuda.empty_cache()
     meta["wall_s"] = round(time.time() - t0, 1)
     print(f"{meta['device']} triton {meta['triton']} {meta['git_sha']}: copy {copy:.0f} GB/s, bf16 matmul {mm:.0f} "
@@ -185,7 +185,7 @@ def main() -> int:
     print(f"max err {worst:.1e} {'OK' if worst < TOL else 'FAILURES ABOVE'}; wall {meta['wall_s']} s")
     write_results(args.out, "sweep_mla", meta, rows, ["shape", "variant", "us", "GBps", "TFLOPs", "err"],
                   "bench/sweep_mla.py: fixed configs of minids.kernels.mla_decode; see the script's docstring.")
-    configs = {shape[0]: variants_for(shape[4] * shape[7]) for shape in SHAPES}
+    configs = {shape[0]: variants_for(shape[4] * shape[7], shape[1]) for shape in SHAPES}
     (args.out / "sweep_mla_configs.json").write_text(json.dumps(configs))
     return 0
 

@@ -423,16 +423,26 @@ if HAVE_TRITON:
               for m in _CONFIGS for paged in (False, True)}
 
 
-_V_SPLIT = {128: 2}  # column parts per BLOCK_M (1 where absent): a 128 x 512 fp32 accumulator would not fit
-
-
-def pick_config(rows: int, paged: bool = False) -> tuple[int, dict]:
+def pick_config(rows: int, paged: bool = False, C: int = 512) -> tuple[int, dict]:
     """(BLOCK_M, the default config's kwargs incl. num_warps / num_stages / V_SPLIT) for s_q * H = rows (16-bit
-    caches)."""
+    caches) and a latent of C columns. V_SPLIT 2 (two programs per row block, each with half the output columns)
+    for 128-row blocks of a wide latent only: a 128 x 512 fp32 accumulator would not fit one program, and the split
+    pays for wide accumulators only (C = 512 measured)."""
     block_m = 16 if rows <= 16 else 32 if rows <= 32 else 128 if rows % 128 == 0 else 64
     c = _TUNED[(block_m, paged)].configs[0]
-    return block_m, {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages,
-                     "V_SPLIT": _V_SPLIT.get(block_m, 1)}
+    v_split = 2 if block_m == 128 and max(16, triton.next_power_of_2(C)) >= 256 else 1
+    return block_m, {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages, "V_SPLIT": v_split}
+
+
+_CONFIG_KEYS = {"BLOCK_M", "BLOCK_N", "OCC", "num_warps", "num_stages"}  # a config= must name these
+
+
+def _check_config(config: dict) -> None:
+    missing = _CONFIG_KEYS - set(config)
+    bm = config.get("BLOCK_M")
+    if missing or not (isinstance(bm, int) and bm >= 16 and bm & (bm - 1) == 0):
+        raise ValueError(f"mla_decode: config={config!r} needs {sorted(_CONFIG_KEYS)} (missing {sorted(missing)}) "
+                         "with BLOCK_M a power of two >= 16; optional V_SPLIT (1 or 2) and MIN_UNITS")
 
 
 def _check(q, kv_cache, cache_seqlens, head_dim_v, block_table, pe_cache):
@@ -444,7 +454,8 @@ def _check(q, kv_cache, cache_seqlens, head_dim_v, block_table, pe_cache):
     if R < 0:
         raise ValueError(f"q's last dimension {D} is smaller than head_dim_v={C}")
     if kv_cache.dim() != 3:
-        raise ValueError(f"kv_cache must be (batch, tokens, width) or (pages, page_size, width), got {tuple(kv_cache.shape)}")
+        raise ValueError("kv_cache must be (batch, tokens, width) or (pages, page_size, width), got "
+                         f"{tuple(kv_cache.shape)}")
     want = C if pe_cache is not None else C + R
     if kv_cache.shape[-1] != want:
         raise ValueError(f"kv_cache's last dimension is {kv_cache.shape[-1]}, expected {want} (C={C}, R={R}"
@@ -471,7 +482,7 @@ def _check(q, kv_cache, cache_seqlens, head_dim_v, block_table, pe_cache):
     return B, s_q, H, C, R
 
 
-LAST_LAUNCH: dict = {}  # what the latest call ran (block_m, cfg, row_blocks, programs(OCC)): for benchmarks' reports
+LAST_LAUNCH: dict = {}  # what the latest call ran (block_m, cfg, col_blocks, programs(OCC)): for benchmarks' reports
 
 
 def mla_decode(
@@ -509,22 +520,21 @@ def mla_decode(
     rows = s_q * H
     min_units = MIN_UNITS
     if config is not None:
+        _check_config(config)
         cfg = {"V_SPLIT": 1, **config}
         block_m = cfg.pop("BLOCK_M")
         min_units = cfg.pop("MIN_UNITS", MIN_UNITS)
     else:
-        block_m, cfg = pick_config(rows, paged)
+        block_m, cfg = pick_config(rows, paged, C)
+        if INTERPRET:  # the interpreter runs one small tile (no tuning)
+            cfg = {"BLOCK_N": 16, "OCC": 1, "num_warps": 4, "num_stages": 1, "V_SPLIT": cfg["V_SPLIT"]}
+        elif kv.dtype == torch.float32:  # fp32 takes the FMA path with small tiles
+            cfg = {"BLOCK_N": 32, "OCC": 1, "num_warps": 4 if block_m < 64 else 8, "num_stages": 1,
+                   "V_SPLIT": cfg["V_SPLIT"]}
     row_blocks = triton.cdiv(rows, block_m)
     block_c = max(16, triton.next_power_of_2(C))
     block_r = max(16, triton.next_power_of_2(R))
     fixed = config is not None or INTERPRET or kv.dtype == torch.float32 or not AUTOTUNE
-    if config is None and INTERPRET:  # the interpreter runs one small tile (no tuning)
-        cfg = {"BLOCK_N": 16, "OCC": 1, "num_warps": 4, "num_stages": 1, "V_SPLIT": cfg["V_SPLIT"]}
-    elif config is None and kv.dtype == torch.float32:  # fp32 takes the FMA path with small tiles
-        cfg = {"BLOCK_N": 32, "OCC": 1, "num_warps": 4 if block_m < 64 else 8, "num_stages": 1,
-               "V_SPLIT": cfg["V_SPLIT"]}
-    if config is None and block_c < 256:  # the split pays for a wide accumulator only (C = 512 measured)
-        cfg["V_SPLIT"] = 1
     v_split = cfg["V_SPLIT"]  # (the tuned configs of one BLOCK_M share it)
     if v_split not in (1, 2) or block_c // v_split < 16:
         raise ValueError(f"V_SPLIT must be 1, or 2 with a latent of at least 32 columns; got {v_split} for {C}")
@@ -576,5 +586,5 @@ def mla_decode(
         tuner[lambda m: (col_blocks, programs(m["OCC"]))](*args, **meta, V_SPLIT=v_split)
         c = tuner.best_config
         cfg = {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages, "V_SPLIT": v_split}
-    LAST_LAUNCH.update(block_m=block_m, cfg=cfg, row_blocks=col_blocks, programs=programs)  # references only
+    LAST_LAUNCH.update(block_m=block_m, cfg=cfg, col_blocks=col_blocks, programs=programs)  # references only
     return out, lse

@@ -259,6 +259,21 @@ def test_v_split_only_for_wide_latents():
         check([5], 1, H=16, C=16, R=16, layout="contiguous", config={**_VARIANTS["v_split"]})
 
 
+@pytest.mark.parametrize("config", [{}, {"BLOCK_M": 16}, {"BLOCK_M": 24, "BLOCK_N": 32, "OCC": 1, "num_warps": 4,
+                                                           "num_stages": 1}])
+def test_bad_config_is_one_line(config):
+    with pytest.raises(ValueError, match="config=.*BLOCK_M a power of two"):
+        check([5], 1, H=16, C=64, R=16, layout="contiguous", config=config)
+
+
+def test_default_config_matches_pick_config():
+    """pick_config is the default path's choice (sweeps read it as their base): V_SPLIT 2 only for a wide latent."""
+    from minids.kernels.mla_decode import pick_config
+
+    assert pick_config(128, C=64)[1]["V_SPLIT"] == 1 and pick_config(128, C=512)[1]["V_SPLIT"] == 2
+    assert pick_config(16, C=512)[1]["V_SPLIT"] == 1
+
+
 def test_v_split_deterministic_and_counters_reset():
     """The two column parts write disjoint columns and their own lse slots: bitwise repeatable, counters back to 0."""
     cfg = _VARIANTS["v_split"]
