@@ -196,12 +196,10 @@ def bench_gemm(rows: list, bf16_peak: float, fp8_peak: float, quick: bool) -> No
             row["minids_triton"] = flop / median_ms(lambda: kfp8.fp8_gemm(a, a_s, b, b_s)) / 1e9
             row["triton_graph"] = flop / graph_ms(lambda: kfp8.fp8_gemm(a, a_s, b, b_s)) / 1e9
             # what ran: a named variant's fixed config, or (base) the plan's tile with autotuned warps and stages
-            variant = kfp8._auto_variant(M, K) if kfp8.GEMM_VARIANT == "auto" else kfp8.GEMM_VARIANT
-            fixed = None if variant == "base" else kfp8._variant_plan(variant, M, N, math.ceil(K / 128), sms)
-            cfg, split = fixed or kfp8._gemm_plan(kfp8._m_bucket(M), N, math.ceil(K / 128), sms)
+            variant, cfg, split, planned = kfp8._plan_for(M, N, K, kfp8.GEMM_VARIANT, sms)
             row["variant"], row["split_k"] = variant, split
             row["plan"] = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}/{split}"
-            if fixed is None:
+            if planned:
                 best = getattr(kfp8._fp8_gemm_tuned, "best_config", None)
                 row["config"] = str(best.all_kwargs() if best is not None else "")[:120]
                 tuned, kfp8.AUTOTUNE = kfp8.AUTOTUNE, False

@@ -64,7 +64,7 @@ def main() -> None:
         meta.update({"copy_GB/s": copy_bandwidth_gbs(), "bf16_matmul_TFLOPs": matmul_tflops(),
                      "fp8_scaled_mm_8192_TFLOPs": bench_fp8.fp8_scaled_mm_tflops()})
     shapes = [(M, N, K) for M in M_LIST for N, K in SHAPES_NK] if gpu else SMOKE_SHAPES
-    sms = kfp8._sm_count(0) if gpu else 132
+    sms = kfp8._sm_count(0) if gpu else kfp8._INTERPRET_SMS
     out_dtype = torch.bfloat16 if gpu else torch.float32  # the interpreter's bf16 stores do not round to nearest
 
     def timed(fn) -> float:

@@ -684,12 +684,33 @@ def _variant_plan(variant: str, M: int, N: int, nk: int, sms: int) -> tuple[dict
     return None if over is None else ({**cfg, **over}, split)
 
 
+_INTERPRET_SMS = 132  # the SM count the interpreter plans for (an H200's), so its plans are the GPU's
+
+
+def _plan_for(M: int, N: int, K: int, variant: str, sms: int) -> tuple[str, dict, int, bool]:
+    """What ``fp8_gemm`` runs (outside the interpreter's "base" shortcut): (variant, config, split, planned), variant
+    "auto" resolved: a named variant's fixed config where it applies (planned False), else the plan's (planned True:
+    the autotuner refines it unless MINIDS_AUTOTUNE=0)."""
+    if variant == "auto":
+        variant = _auto_variant(M, K)
+    nk = math.ceil(K / 128)
+    plan = None if variant == "base" else _variant_plan(variant, M, N, nk, sms)
+    if plan is not None:
+        return variant, *plan, False
+    return variant, *_gemm_plan(_m_bucket(M), N, nk, sms), True
+
+
+@functools.cache
+def _tma_device(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
 def _tma_ok(*ts: torch.Tensor) -> bool:
     """Whether 2-D FP8 tensors can be read through TMA descriptors: 16-byte aligned base and row stride, on a GPU of
     compute capability 9 or later (or the interpreter)."""
     if any(t.data_ptr() % 16 or t.stride(0) % 16 for t in ts):
         return False
-    return INTERPRET or torch.cuda.get_device_capability(ts[0].device)[0] >= 9
+    return INTERPRET or _tma_device(ts[0].device.index if ts[0].device.index is not None else 0)
 
 
 def _gemm_run(a, a_s, b, b_s, res: torch.Tensor, b_group: int, cfg: dict, split: int, tuned: bool) -> torch.Tensor:
@@ -744,9 +765,7 @@ def fp8_gemm(
     if block != 128:
         raise ValueError(f"block={block}: the Triton FP8 GEMM implements DeepSeek-V3's 128")
     variant = GEMM_VARIANT if variant is None else variant
-    if variant == "auto":
-        variant = _auto_variant(M, K)
-    if variant not in GEMM_VARIANTS:
+    if variant != "auto" and variant not in GEMM_VARIANTS:
         raise ValueError(f"unknown FP8 GEMM variant {variant!r}; one of {sorted(GEMM_VARIANTS)}")
     a = a if a.stride(-1) == 1 else a.contiguous()
     b = b if b.stride(-1) == 1 else b.contiguous()
@@ -755,11 +774,7 @@ def fp8_gemm(
     res = _buf(None if out is None else (out,), 0, (M, N), out_dtype, a.device)
     if M == 0 or N == 0 or K == 0:
         return res.zero_()
-    if INTERPRET and variant == "base":  # no autotuning in the interpreter: small tiles, and a split to exercise that
+    if INTERPRET and variant in ("base", "auto"):  # no autotuning in the interpreter: small tiles, and a split
         return _gemm_run(a, a_s, b, b_s, res, b_group, _INTERPRET_CFG, 2 if nk >= 2 else 1, tuned=False)
-    sms = 132 if INTERPRET else _sm_count(a.device.index)  # the interpreter: an H200's plan
-    plan = None if variant == "base" else _variant_plan(variant, M, N, nk, sms)
-    if plan is not None:
-        return _gemm_run(a, a_s, b, b_s, res, b_group, *plan, tuned=False)
-    cfg, split = _gemm_plan(_m_bucket(M), N, nk, sms)
-    return _gemm_run(a, a_s, b, b_s, res, b_group, cfg, split, tuned=AUTOTUNE and not INTERPRET)
+    _, cfg, split, planned = _plan_for(M, N, K, variant, _INTERPRET_SMS if INTERPRET else _sm_count(a.device.index))
+    return _gemm_run(a, a_s, b, b_s, res, b_group, cfg, split, tuned=planned and AUTOTUNE and not INTERPRET)
