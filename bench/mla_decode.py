@@ -41,6 +41,12 @@ PAGE = 64
 PEER_LIMIT = 12e9  # bytes of temporaries a peer may take before it is skipped
 
 
+def work(tokens: int, B: int, s_q: int, H: int, C: int, R: int, elem: int = 2) -> tuple[int, int]:
+    """(bytes, FLOPs) of one decode call as FlashMLA counts them: the cache read once plus queries and outputs;
+    2 s_q sum(len) H (d_qk + d_v) with d_qk = C + R and d_v = C."""
+    return (tokens * (C + R) + B * s_q * H * (2 * C + R)) * elem, 2 * s_q * tokens * H * (2 * C + R)
+
+
 def lengths(B: int, mean: int, var: bool, s_q: int, gen: torch.Generator) -> torch.Tensor:
     if not var:
         return torch.full((B,), mean, dtype=torch.int32)
@@ -184,8 +190,7 @@ def main() -> int:
             row["kernel_ms"] = f"failed: {type(e).__name__}"
             rows.append(row)
             continue
-        n_bytes = (tokens * (C + R) + B * s_q * H * (C + R) + B * s_q * H * C) * 2
-        flops = 2 * s_q * tokens * H * ((C + R) + C)
+        n_bytes, flops = work(tokens, B, s_q, H, C, R)
         row.update(kernel_ms=ms, GBps=n_bytes / ms / 1e6, TFLOPs=flops / ms / 1e9)
         row["frac_copy"] = row["GBps"] / copy_bw
         row["frac_matmul"] = row["TFLOPs"] / mm

@@ -89,7 +89,7 @@ def max_rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 def run_shape(shape, names, dev, gen, timer, n_check):
     """Rows (one per variant) of one shape: err against the reference on n_check sequences, then the timing."""
     from minids.kernels.mla_decode import mla_decode
-    from mla_decode import lengths, make_inputs, rotating  # bench/mla_decode.py
+    from mla_decode import lengths, make_inputs, rotating, work  # bench/mla_decode.py
 
     from minids.attention import mla_decode_ref
 
@@ -106,8 +106,7 @@ def run_shape(shape, names, dev, gen, timer, n_check):
     # timed inputs: copies rotated per call where one fits in L2 (as bench/mla_decode.py does)
     sets = [(q, kv)] + ([] if timer is None else [s[:2] for s in make_inputs(B, s_q, H, C, R, lens, False, gen)[1:]])
     tokens = int(lens.sum())
-    n_bytes = (tokens * (C + R) + B * s_q * H * (2 * C + R)) * kv.element_size()
-    flops = 2 * s_q * tokens * H * (2 * C + R)
+    n_bytes, flops = work(tokens, B, s_q, H, C, R, kv.element_size())
     out = []
     if timer is not None and s_q * H <= 32:  # a device copy moving the same bytes (read + written): this size's ceiling
         srcs = [kv_.view(-1)[: n_bytes // 4] for _, kv_ in sets]
