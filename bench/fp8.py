@@ -318,12 +318,126 @@ def bench_linear_kernels(rows: list, quick: bool) -> None:
             print(f"linear kernels N={N} K={K} {impl}: {total:.3f} ms of kernels per step; {top}", flush=True)
 
 
+def bench_linear_gemms(rows: list, quick: bool) -> None:
+    """The FP8 linear's three GEMMs one by one at M = 4096 tokens (Fprop x W^T, Dgrad dy W, Wgrad dy^T x with 1x128
+    scales on both operands along the tokens): minids' Triton GEMM (per call and from a CUDA graph), block-scaled
+    torch._scaled_mm in the first scale layout this torch accepts (checked against the reference), and bf16 cuBLAS
+    on the same dimensions."""
+    M = 4096
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for N, K in SHAPES_NK[:2] if quick else SHAPES_NK:
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+        dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+        xq, xs = kfp8.act_quant(x)
+        wq, ws, wqt = kfp8.weight_quant(w, transposed=True)
+        dyq, dys, dyt_q, dyt_s = kfp8.act_quant_both(dy)
+        xt_q, xt_s = kfp8.act_quant_t(xq, in_scale=xs)
+        gemms = {
+            "fprop": (xq, xs, wq, ws, x, w),
+            "dgrad": (dyq, dys, wqt, ws.t().contiguous(), dy, w.t().contiguous()),
+            "wgrad": (dyt_q, dyt_s, xt_q, xt_s, dy.t().contiguous(), x.t().contiguous()),
+        }
+        for name, (a, a_s, b, b_s, a16, b16) in gemms.items():
+            m, n, k = a.shape[0], b.shape[0], a.shape[1]
+            flop = 2 * m * n * k
+            variant, cfg, split, _ = kfp8._plan_for(m, n, k, kfp8.GEMM_VARIANT, sms)
+            row = {"N": N, "K": K, "gemm": name, "m": m, "n": n, "k": k,
+                   "plan": f"{variant} {cfg['BLOCK_M']}x{cfg['BLOCK_N']}/{split}"}
+
+            def ours(a=a, a_s=a_s, b=b, b_s=b_s):
+                return kfp8.fp8_gemm(a, a_s, b, b_s)
+            row["triton_TFLOPs"] = flop / median_ms(ours) / 1e9
+            row["triton_graph_TFLOPs"] = flop / graph_ms(ours) / 1e9
+            fn, label = blockwise_scaled_mm(a, a_s, b, b_s)
+            row["scaled_mm_layout"] = label
+            if fn is not None and not label.startswith("row-wise"):
+                row["scaled_mm_TFLOPs"] = flop / median_ms(fn) / 1e9
+            row["bf16_TFLOPs"] = flop / median_ms(lambda a16=a16, b16=b16: a16 @ b16.t()) / 1e9
+            rows.append(row)
+            print(f"linear gemm N={N} K={K} {name} ({m}x{n}x{k}, {row['plan']}): triton {row['triton_TFLOPs']:.0f} "
+                  f"(graph {row['triton_graph_TFLOPs']:.0f}), scaled_mm {row.get('scaled_mm_TFLOPs', 0):.0f} "
+                  f"[{label[:60]}], bf16 {row['bf16_TFLOPs']:.0f} TFLOP/s", flush=True)
+
+
+def _host_us(fn, n: int = 300) -> float:
+    """Host microseconds per fn() call: n calls back to back without a sync, on inputs small enough that the GPU
+    keeps up (a few microseconds of kernel each), so the clock measures the Python and launch path alone."""
+    import time
+
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return host / n * 1e6
+
+
+def bench_host(rows: list, out: Path) -> None:
+    """Host time per call of each wrapper and of the FP8 linear's forward + backward (small shapes: the host is the
+    bottleneck), with torch's own calls beside them, and a cProfile of the linear step (top functions by own time)."""
+    import cProfile
+    import io
+    import pstats
+
+    M, N, K = 256, 512, 1024
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+    xq, xs = kfp8.act_quant(x)
+    wq, ws = kfp8.weight_quant(w)
+    big_a = torch.randn(4096, K, device="cuda").to(torch.float8_e4m3fn)
+    big_s = torch.rand(4096, K // 128, device="cuda")
+    xl = x.clone().requires_grad_()
+    wl = (w * 0.02).requires_grad_()
+    dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+
+    def linear(fn):
+        def run():
+            xl.grad = wl.grad = None
+            fn(xl, wl).backward(dy)
+        return run
+
+    cases = {
+        "act_quant": lambda: kfp8.act_quant(x),
+        "act_quant_t": lambda: kfp8.act_quant_t(x),
+        "act_quant_t from fp8": lambda: kfp8.act_quant_t(xq, in_scale=xs),
+        "act_quant_both": lambda: kfp8.act_quant_both(x),
+        "weight_quant (+W^T)": lambda: kfp8.weight_quant(w, transposed=True),
+        "fp8_gemm M=256 (plan, split)": lambda: kfp8.fp8_gemm(xq, xs, wq, ws),
+        "fp8_gemm M=4096 (fixed variant)": lambda: kfp8.fp8_gemm(big_a, big_s, wq, ws),
+        "fp8 linear fwd+bwd (real)": linear(lambda a, b: ref.fp8_linear(a, b, real=True)),
+        "torch: x.abs().amax()": lambda: x.abs().amax(),
+        "torch: torch._scaled_mm per-tensor": lambda: torch._scaled_mm(
+            xq, wq.t(), scale_a=torch.ones((), device="cuda"), scale_b=torch.ones((), device="cuda"),
+            out_dtype=torch.bfloat16),
+        "torch: F.linear fwd+bwd (bf16)": linear(F.linear),
+    }
+    for name, fn in cases.items():
+        us = _host_us(fn)
+        rows.append({"call": name, "host_us": us})
+        print(f"host {name:40s} {us:7.1f} us per call", flush=True)
+    prof = cProfile.Profile()
+    run = cases["fp8 linear fwd+bwd (real)"]
+    prof.enable()
+    for _ in range(200):
+        run()
+    prof.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
+    (out / "fp8_host_profile.txt").write_text(buf.getvalue())
+    print("\n".join(buf.getvalue().splitlines()[:40]), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--quick", action="store_true")
     p.add_argument("--only", default="quant,gemm,linear",
-                   help="any of quant,tiles,gemm,plans,linear,linear_kernels")
+                   help="any of quant,tiles,gemm,plans,linear,linear_kernels,linear_gemms,host")
     args = p.parse_args()
     meta = metadata()
     copy_gbs, bf16_peak, fp8_peak = copy_bandwidth_gbs(), matmul_tflops(), fp8_scaled_mm_tflops()
@@ -381,6 +495,21 @@ def main() -> None:
                       ["M", "N", "K", "impl", "kernel", "ms", "share", "step_kernel_ms"],
                       "One linear layer's forward + backward: the summed CUDA time of each kernel per step "
                       "(torch.profiler, 10 steps after 3 warm-up steps), bf16 F.linear and FP8LinearFunction real.")
+    if "linear_gemms" in only:
+        rows = []
+        bench_linear_gemms(rows, args.quick)
+        write_results(args.out, f"fp8_linear_gemms{suffix}", meta, rows,
+                      ["N", "K", "gemm", "m", "n", "k", "plan", "triton_TFLOPs", "triton_graph_TFLOPs",
+                       "scaled_mm_TFLOPs", "scaled_mm_layout", "bf16_TFLOPs"],
+                      "The FP8 linear's three GEMMs at 4096 tokens (m x n x k of each), TFLOP/s = 2mnk / median time: "
+                      "minids' Triton GEMM (and replayed from a CUDA graph), block-scaled torch._scaled_mm where a "
+                      "layout works (checked against the reference), bf16 cuBLAS on the same dimensions.")
+    if "host" in only:
+        rows = []
+        bench_host(rows, args.out)
+        write_results(args.out, f"fp8_host{suffix}", meta, rows, ["call", "host_us"],
+                      "Host microseconds per call (Python, autograd and the launch path), small shapes so that the GPU "
+                      "keeps up; cProfile of the FP8 linear step in fp8_host_profile.txt.")
 
 
 if __name__ == "__main__":
