@@ -4,6 +4,11 @@ shape, and each result's error against the reference (minids.fp8.fp8_gemm).
 
     python3 bench/sweep_fp8_gemm.py --out bench/results     # the H200: under 150 s, Triton compilation included
     python3 bench/sweep_fp8_gemm.py --cpu-smoke             # here: every variant on two tiny shapes, interpreter
+    python3 bench/sweep_fp8_gemm.py --wgrad                 # the FP8 linear's Wgrad GEMM: 1x128 scales on both operands
+
+--wgrad times C (N, K) = dy^T x over 4096 tokens for each (N, K) of the shapes: both operands quantized 128x1 along the
+tokens by act_quant_t, their scales token-block-major as it writes them (--rowmajor-scales: copied row-major, the
+layout before; the kernel reads either).
 
 Each variant runs with its fixed config (no autotuning: "base" is the heuristic config, as with MINIDS_AUTOTUNE=0).
 Timing: median over CUDA events (_common.median_ms; L2 flushed before each call, so the host's launch overhead is
@@ -35,6 +40,8 @@ def main() -> None:
     p.add_argument("--variants", default="", help="comma-separated names (default: all of GEMM_VARIANTS)")
     p.add_argument("--budget", type=float, default=135.0, help="seconds; later timings are skipped past it")
     p.add_argument("--cpu-smoke", action="store_true", help="correctness only, tiny shapes, Triton's interpreter")
+    p.add_argument("--wgrad", action="store_true", help="the Wgrad form (1x128 scales on both operands, K = tokens)")
+    p.add_argument("--rowmajor-scales", action="store_true", help="--wgrad with the scales copied row-major")
     args = p.parse_args()
     if args.cpu_smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are defined: before minids.kernels is imported
@@ -63,7 +70,10 @@ def main() -> None:
     if gpu:
         meta.update({"copy_GB/s": copy_bandwidth_gbs(), "bf16_matmul_TFLOPs": matmul_tflops(),
                      "fp8_scaled_mm_8192_TFLOPs": bench_fp8.fp8_scaled_mm_tflops()})
-    shapes = [(M, N, K) for M in M_LIST for N, K in SHAPES_NK] if gpu else SMOKE_SHAPES
+    if args.wgrad:  # (M, N, K) = (out features, in features, tokens)
+        shapes = [(N, K, 4096) for N, K in SHAPES_NK] if gpu else [(200, 136, 384), (300, 64, 256)]
+    else:
+        shapes = [(M, N, K) for M in M_LIST for N, K in SHAPES_NK] if gpu else SMOKE_SHAPES
     sms = kfp8._sm_count(0) if gpu else kfp8._INTERPRET_SMS
     out_dtype = torch.bfloat16 if gpu else torch.float32  # the interpreter's bf16 stores do not round to nearest
 
@@ -80,7 +90,12 @@ def main() -> None:
         g = torch.Generator(device=dev).manual_seed(M + N + K)
         a_hp = torch.randn(M, K, device=dev, generator=g)
         b_hp = torch.randn(N, K, device=dev, generator=g) * 0.05
-        if gpu:
+        if args.wgrad:  # a^T (tokens, M) and b^T (tokens, N) quantized along the tokens: a (M, K), b (N, K)
+            a_hp, b_hp = (a_hp.bfloat16(), b_hp.bfloat16()) if gpu else (a_hp, b_hp)
+            (a, a_s), (b, b_s) = kfp8.act_quant_t(a_hp.t().contiguous()), kfp8.act_quant_t(b_hp.t().contiguous())
+            if args.rowmajor_scales:
+                a_s, b_s = a_s.contiguous(), b_s.contiguous()
+        elif gpu:
             a_hp, b_hp = a_hp.bfloat16(), b_hp.bfloat16()
             (a, a_s), (b, b_s) = kfp8.act_quant(a_hp), kfp8.weight_quant(b_hp)
         else:
@@ -160,7 +175,7 @@ def main() -> None:
         if "best" in r:
             wins.setdefault(r["best"], []).append(f"{r['M']}x{r['N']}x{r['K']}")
     print("best variant per shape, counts: " + ", ".join(f"{v} {len(s)}" for v, s in sorted(wins.items())))
-    if gpu:
+    if gpu and not args.wgrad:
         head_row = next((r for r in rows if (r["M"], r["N"], r["K"]) == (4096, 7168, 16384)), None)
         if head_row is not None and "best" in head_row:
             print(f"target >= 900 TFLOP/s at 4096x7168x16384: best {head_row['best_TFLOPs']:.0f} ({head_row['best']})")
@@ -179,7 +194,8 @@ def main() -> None:
     out = args.out or (Path(tempfile.mkdtemp()) if args.cpu_smoke else HERE / "results")
     columns = ["M", "N", "K", "bf16", "scaled_mm", *variants, "best", "best_TFLOPs", "best_vs_bf16",
                "best_vs_scaled_mm", "base_vs_best", "max_err"]
-    write_results(out, "fp8_gemm_sweep" + ("-cpu-smoke" if args.cpu_smoke else ""), meta, rows, columns,
+    name = "fp8_gemm_sweep" + ("-wgrad" if args.wgrad else "") + ("-rowmajor" if args.rowmajor_scales else "")
+    write_results(out, name + ("-cpu-smoke" if args.cpu_smoke else ""), meta, rows, columns,
                   "TFLOP/s = 2MNK / median ms (CUDA events, L2 flushed) of kfp8.fp8_gemm(variant=...) with each "
                   "variant's fixed config (kfp8.GEMM_VARIANTS; configs per row in the JSON); bf16: torch.matmul; "
                   "scaled_mm: block-wise torch._scaled_mm. A variant absent for a shape has no config for that M.")

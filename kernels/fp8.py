@@ -158,7 +158,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _act_quant_t_kernel(
-        x_ptr, xs_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_xsm, stride_qk, stride_sk,
+        x_ptr, xs_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_xsm, stride_qk, stride_sk, stride_sb,
         HAS_IN_SCALE: tl.constexpr, IN_BLOCK: tl.constexpr,
         FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, UE8M0: tl.constexpr,
         EXACT: tl.constexpr, SOFT_CVT: tl.constexpr,
@@ -186,11 +186,11 @@ if HAVE_TRITON:
         # transposed in registers (the compiler goes through shared memory), then stored along the tokens
         q_ptrs = q_ptr + cols64[:, None] * stride_qk + rows[None, :]  # (BLOCK_K, BLOCK)
         tl.store(q_ptrs, tl.trans(q).to(q_ptr.dtype.element_ty), mask=tl.trans(mask))
-        tl.store(s_ptr + cols64 * stride_sk + pid_m, s, mask=cols < K)
+        tl.store(s_ptr + cols64 * stride_sk + pid_m * stride_sb, s, mask=cols < K)
 
     @triton.jit
     def _act_quant_both_kernel(
-        x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_qtk, stride_stk,
+        x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_qtk, stride_stk, stride_stb,
         FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, UE8M0: tl.constexpr,
         EXACT: tl.constexpr, SOFT_CVT: tl.constexpr,
         BLOCK: tl.constexpr, G: tl.constexpr,
@@ -218,7 +218,7 @@ if HAVE_TRITON:
         # transposed pointers came out wrong on full tiles on the H200 (Triton 3.6)
         qt_ptrs = qt_ptr + cols64[:, :, None] * stride_qtk + rows[None, None, :]  # (G, BLOCK, BLOCK)
         tl.store(qt_ptrs, tl.permute(qt, (1, 2, 0)).to(qt_ptr.dtype.element_ty), mask=tl.permute(mask, (1, 2, 0)))
-        tl.store(st_ptr + cols64 * stride_stk + pid_m, st, mask=cols < K)
+        tl.store(st_ptr + cols64 * stride_stk + pid_m * stride_stb, st, mask=cols < K)
 
     @triton.jit
     def _weight_quant_kernel(
@@ -285,6 +285,16 @@ def _buf(out, i: int, shape, dtype: torch.dtype, device) -> torch.Tensor:
     return t
 
 
+def _scales_t(out, i: int, K: int, nb: int, device) -> torch.Tensor:
+    """The (K, nb) float32 scales of a 128x1 quantization: ``out[i]`` if given, else stored token-block-major (nb, K) and
+    returned as its transposed view. The Wgrad GEMM reads them per K step along its output tile's rows and columns,
+    and in this layout one step's scales of neighbouring rows are adjacent (coalesced loads instead of one load per
+    row, nb floats apart: on the H200 the Wgrad GEMM ran at 325-376 TFLOP/s with row-major scales)."""
+    if out is not None:
+        return _buf(out, i, (K, nb), torch.float32, device)
+    return torch.empty(nb, K, dtype=torch.float32, device=device).t()
+
+
 def _tokens_by_features(x: torch.Tensor, name: str) -> torch.Tensor:
     """x as a 2-D (tokens, features) tensor with unit stride along features, or a one-line error."""
     if x.dim() != 2:
@@ -347,7 +357,7 @@ def act_quant_t(
     M, K = x.shape
     nb = math.ceil(M / block)
     q = _buf(out, 0, (K, M), dtype, x.device)
-    s = _buf(out, 1, (K, nb), torch.float32, x.device)
+    s = _scales_t(out, 1, K, nb, x.device)
     if M and K:
         flags = _flags(fmt, ue8m0, exact)
         BLOCK_K, warps = _TILES["act_quant_t" if in_scale is None else "act_quant_t_fp8"][flags["EXACT"]]
@@ -361,7 +371,7 @@ def act_quant_t(
             in_scale = in_scale.float().contiguous()  # the kernel reads it row-major
         xs = in_scale if in_scale is not None else s
         _act_quant_t_kernel[grid](
-            x, xs, q, s, M, K, x.stride(0), xs.stride(0), q.stride(0), s.stride(0),
+            x, xs, q, s, M, K, x.stride(0), xs.stride(0), q.stride(0), *s.stride(),
             HAS_IN_SCALE=in_scale is not None, IN_BLOCK=in_block, **flags,
             BLOCK=block, BLOCK_K=BLOCK_K, num_warps=warps,
         )
@@ -380,13 +390,13 @@ def act_quant_both(
     q = _buf(out, 0, (M, K), dtype, x.device)
     s = _buf(out, 1, (M, math.ceil(K / block)), torch.float32, x.device)
     qt = _buf(out, 2, (K, M), dtype, x.device)
-    st = _buf(out, 3, (K, math.ceil(M / block)), torch.float32, x.device)
+    st = _scales_t(out, 3, K, math.ceil(M / block), x.device)
     if M and K:
         flags = _flags(fmt, ue8m0, exact)
         G, warps = _blocks_per_program("act_quant_both", flags, block)
         grid = (triton.cdiv(M, block), triton.cdiv(K, G * block))
         _act_quant_both_kernel[grid](
-            x, q, s, qt, st, M, K, x.stride(0), q.stride(0), s.stride(0), qt.stride(0), st.stride(0),
+            x, q, s, qt, st, M, K, x.stride(0), q.stride(0), s.stride(0), qt.stride(0), *st.stride(),
             **flags, BLOCK=block, G=G, num_warps=warps,
         )
     return q, s, qt, st
@@ -492,10 +502,10 @@ if HAVE_TRITON:
     @triton.jit
     def _fp8_gemm_kernel(
         a_src, b_src, c_ptr, as_ptr, bs_ptr, M, N, K, M_BUCKET,
-        stride_am, stride_bn, stride_cs, stride_cm, stride_asm, stride_bsn,
+        stride_am, stride_bn, stride_cs, stride_cm, stride_asm, stride_ask, stride_bsn, stride_bsk,
         B_GROUP: tl.constexpr, SPLIT_K, EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        TMA: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
+        TMA: tl.constexpr = False, SWAP_AB: tl.constexpr = False, SCALE_TMA: tl.constexpr = False,
     ):
         """C[s, m, n] = sum over this split's K steps of (A[m, k-step] . B[n, k-step]) * a_s[m, step] * b_s[n', step]
         with n' = n // B_GROUP (128: weight blocks; 1: per-row 1x128 scales). M_BUCKET only keys the autotuner;
@@ -510,7 +520,8 @@ if HAVE_TRITON:
         step, and the per-element work is one multiply-add instead of an outer product and a multiply-add.
 
         Variants (constexpr knobs; bench/sweep_fp8_gemm.py times them): TMA loads A and B through tensor
-        descriptors (a_src, b_src; else they are pointers); SWAP_AB computes C^T tiles.
+        descriptors (a_src, b_src; else they are pointers); SWAP_AB computes C^T tiles; SCALE_TMA (1x128 scales of b,
+        the Wgrad form) reads b's scales through a descriptor bs_ptr over the (ceil(K/128), N) transposed scales.
         """
         pid, pid_k = tl.program_id(0), tl.program_id(1)
         c_ptr += pid_k * stride_cs
@@ -532,9 +543,11 @@ if HAVE_TRITON:
         else:
             a_ptrs = a_src + offs_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :]
             b_ptrs = b_src + offs_n.to(tl.int64)[:, None] * stride_bn + offs_k[None, :]
-        as_ptrs = as_ptr + offs_m * stride_asm
+        as_ptrs = as_ptr + offs_m * stride_asm  # the scales' K-step stride is stride_ask / stride_bsk (1 when row-major)
         if SCALAR_B:
             bs_ptrs = bs_ptr + (n0 // B_GROUP) * stride_bsn
+        elif SCALE_TMA:
+            bs_ptrs = bs_ptr  # not read: the descriptor carries the address
         else:
             bs_ptrs = bs_ptr + (offs_n // B_GROUP) * stride_bsn
         acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP_AB else (BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -542,11 +555,13 @@ if HAVE_TRITON:
             k0 = kb * BLOCK_K
             a = _k_block(a_src, a_ptrs, m0, k0, mask_m, offs_k, K, TMA, EVEN_K)
             b = _k_block(b_src, b_ptrs, n0, k0, mask_n, offs_k, K, TMA, EVEN_K)
-            a_s = tl.load(as_ptrs + kb, mask=mask_m, other=1.0)  # masked rows: a harmless scale (their a is 0)
+            a_s = tl.load(as_ptrs + kb * stride_ask, mask=mask_m, other=1.0)  # masked rows: harmless (their a is 0)
             if SCALAR_B:
-                b_s = tl.load(bs_ptrs + kb)
+                b_s = tl.load(bs_ptrs + kb * stride_bsk)
+            elif SCALE_TMA:  # one step's BLOCK_N scales through the copy engine into shared memory, like a and b
+                b_s = tl.reshape(bs_ptr.load([kb, n0]), (BLOCK_N,))
             else:
-                b_s = tl.load(bs_ptrs + kb, mask=mask_n, other=1.0)
+                b_s = tl.load(bs_ptrs + kb * stride_bsk, mask=mask_n, other=1.0)
             acc = _promote(acc, a, b, a_s, b_s, SCALAR_B, SWAP_AB)
         _store_tile(c_ptr, acc, offs_m, offs_n, mask_m, N, stride_cm, SWAP_AB)
 
@@ -617,7 +632,10 @@ GEMM_VARIANT = os.environ.get("MINIDS_FP8_GEMM", "auto")  # "auto": ``_auto_vari
 GEMM_VARIANTS: dict[str, tuple[dict | None, dict | None]] = {
     "base": ({}, {}),
     "tma_s4": ({"TMA": True, "num_stages": 4}, {"TMA": True, "num_stages": 6}),
+    # 1x128 scales of b (the Wgrad form) through TMA into shared memory; elsewhere the same as without
+    "tma_s4_bst": ({"TMA": True, "num_stages": 4, "SCALE_TMA": True}, {"TMA": True, "num_stages": 6, "SCALE_TMA": True}),
     "m64": ({"BLOCK_M": 64, "num_warps": 4, "TMA": True, "num_stages": 3}, None),
+    "m64_bst": ({"BLOCK_M": 64, "num_warps": 4, "TMA": True, "num_stages": 3, "SCALE_TMA": True}, None),
     "swap": (None, {"SWAP_AB": True}),
 }
 
@@ -721,8 +739,8 @@ def _gemm_run(a, a_s, b, b_s, res: torch.Tensor, b_group: int, cfg: dict, split:
     M, K = a.shape
     N = b.shape[0]
     c = res[None] if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=a.device)
-    rest = (c, a_s, b_s, M, N, K, _m_bucket(M), a.stride(0), b.stride(0), c.stride(0), c.stride(1), a_s.stride(0),
-            b_s.stride(0))
+    rest = (c, a_s, b_s, M, N, K, _m_bucket(M), a.stride(0), b.stride(0), c.stride(0), c.stride(1), *a_s.stride(),
+            *b_s.stride())
     consts = {"B_GROUP": b_group, "SPLIT_K": split, "EVEN_K": K % 128 == 0}
     if tuned:
         def grid(meta):
@@ -734,11 +752,16 @@ def _gemm_run(a, a_s, b, b_s, res: torch.Tensor, b_group: int, cfg: dict, split:
         a_src, b_src = a, b
         if cfg.get("TMA"):
             cfg["TMA"] = _tma_ok(a, b)
+        if cfg.get("SCALE_TMA"):  # b's 1x128 scales token-block-major (as _scales_t makes them), 16-byte aligned rows
+            cfg["SCALE_TMA"] = (cfg["TMA"] and b_group == 1 and b_s.stride(0) == 1 and b_s.stride(1) % 4 == 0
+                                and b_s.data_ptr() % 16 == 0)
         if cfg.get("TMA"):
             from triton.tools.tensor_descriptor import TensorDescriptor
 
             a_src = TensorDescriptor.from_tensor(a, [cfg["BLOCK_M"], cfg["BLOCK_K"]])
             b_src = TensorDescriptor.from_tensor(b, [cfg["BLOCK_N"], cfg["BLOCK_K"]])
+            if cfg.get("SCALE_TMA"):
+                rest = (rest[0], rest[1], TensorDescriptor.from_tensor(b_s.t(), [1, cfg["BLOCK_N"]]), *rest[3:])
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
         _fp8_gemm_kernel[grid](a_src, b_src, *rest, **consts, **cfg)
     if split > 1:
@@ -769,7 +792,9 @@ def fp8_gemm(
         raise ValueError(f"unknown FP8 GEMM variant {variant!r}; one of {sorted(GEMM_VARIANTS)}")
     a = a if a.stride(-1) == 1 else a.contiguous()
     b = b if b.stride(-1) == 1 else b.contiguous()
-    a_s, b_s = a_s.float().contiguous(), b_s.float().contiguous()
+    # any strides: the kernel takes both of each scale tensor (the 128x1 scales of act_quant_t / act_quant_both come
+    # token-block-major, which the Wgrad GEMM wants; see _scales_t)
+    a_s, b_s = a_s.float(), b_s.float()
     nk = math.ceil(K / block)
     res = _buf(None if out is None else (out,), 0, (M, N), out_dtype, a.device)
     if M == 0 or N == 0 or K == 0:

@@ -276,7 +276,7 @@ class FP8LinearFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1])  # (M, N)
         ops = _ops(dy2, ctx.use_kernels)
         dyq, dys, dyt_q, dyt_s = ops.act_quant_both(dy2, b)  # 1x128 along N (Dgrad), 128x1 along M (Wgrad)
-        dx = ops.fp8_gemm(dyq, dys, wqt, ws.t().contiguous(), ctx.x_dtype, b)  # (M, K) = dy W
+        dx = ops.fp8_gemm(dyq, dys, wqt, ws.t(), ctx.x_dtype, b)  # (M, K) = dy W (W^T's block scales: a view)
         xt_q, xt_s = ops.act_quant_t(xq, b, in_scale=xs, in_block=b)  # cached FP8 x, re-quantized along M
         # (N, K) = dy^T x, 1x128 scales both sides, float32 accumulation written in the weight's dtype (one rounding,
         # as a float32 result then cast, without a float32 (N, K) buffer and a cast pass)

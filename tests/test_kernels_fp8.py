@@ -443,25 +443,69 @@ def test_fp8_linear_real_bf16_weight_gradient_is_the_rounded_float32_one():
 
 
 # ------------------------------------------------------------------ the GEMM's variants (kfp8.GEMM_VARIANTS)
+def token_block_major(s: torch.Tensor) -> torch.Tensor:
+    """The same (rows, K/128) scales stored (K/128, rows): the layout act_quant_t writes (kfp8._scales_t)."""
+    return s.float().t().contiguous().t()
+
+
 @pytest.mark.parametrize("b_rows", [False, True], ids=["weight-128x128", "wgrad-1x128"])
 @pytest.mark.parametrize("knobs", [
     {"TMA": True},
     {"SWAP_AB": True},
     {"SWAP_AB": True, "TMA": True},
+    {"TMA": True, "SCALE_TMA": True},
 ], ids=lambda k: "-".join(f"{n}={v}" for n, v in k.items()))
-def test_fp8_gemm_variant_knobs(knobs, b_rows):
+def test_fp8_gemm_variant_knobs(knobs, b_rows, launch_spy):
     """Each knob of the kernel on small tiles (16-row M tiles, 64-wide N tiles): odd M, N not a multiple of the tile,
     K a multiple of 128 and K with a 16-wide tail (TMA zero-fills it), with and without split-K."""
     out_dtype = torch.float32 if DEV == "cpu" else torch.bfloat16
     cfg = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 2, "num_warps": 4, "num_stages": 3, **knobs}
+    calls = launch_spy(kfp8, "_fp8_gemm_kernel")
     for M, N, K, split in [(37, 200, 384, 1), (37, 200, 272, 2)]:
         a, a_s, b, b_s = gemm_operands(M, N, K, b_rows, seed=M + N + K)
         cr = ref.fp8_gemm(a, a_s, b, b_s, torch.float32)
-        c = kfp8._gemm_run(a, a_s.float().contiguous(), b, b_s.float().contiguous(), poisoned((M, N), out_dtype),
+        # b's 1x128 scales token-block-major, as act_quant_t writes them (SCALE_TMA reads only that layout)
+        b_s = token_block_major(b_s) if b_rows else b_s.float().contiguous()
+        c = kfp8._gemm_run(a, a_s.float().contiguous(), b, b_s, poisoned((M, N), out_dtype),
                            1 if b_rows else 128, cfg, split, tuned=False)
         assert not c.isnan().any()
         err = (c.float() - cr).abs().max() / cr.abs().max()
         assert err <= TOL, f"K={K} split {split}: max error {err:.2e} of max |C|"
+    if knobs.get("SCALE_TMA"):  # taken for 1x128 scales of b (aligned here), dropped for weight blocks
+        assert {c["SCALE_TMA"] for c in calls} == {b_rows}
+
+
+@pytest.mark.parametrize("layout", ["row-major", "token-block-major"])
+@pytest.mark.parametrize("b_rows", [False, True], ids=["weight-128x128", "wgrad-1x128"])
+def test_fp8_gemm_reads_scales_of_any_layout(layout, b_rows):
+    """fp8_gemm reads a_s and b_s through both their strides: the transposed layouts (the 128x1 scales of
+    act_quant_t, the W^T block scales as a view) give the reference's result without a copy."""
+    M, N, K = 70, 200, 384
+    a, a_s, b, b_s = gemm_operands(M, N, K, b_rows, seed=11)
+    cr = ref.fp8_gemm(a, a_s, b, b_s, torch.float32)
+    if layout == "token-block-major":
+        a_s, b_s = token_block_major(a_s), token_block_major(b_s)
+        assert a_s.stride(0) == 1 and b_s.stride(0) == 1
+    out_dtype = torch.float32 if DEV == "cpu" else torch.bfloat16
+    for variant in ("base", "tma_s4_bst"):
+        c = kfp8.fp8_gemm(a, a_s, b, b_s, out_dtype, out=poisoned((M, N), out_dtype), variant=variant)
+        err = (c.float() - cr).abs().max() / cr.abs().max()
+        assert not c.isnan().any() and err <= TOL, f"{variant}: max error {err:.2e} of max |C|"
+
+
+def test_128x1_scales_come_token_block_major():
+    """act_quant_t and act_quant_both write the (K, ceil(M/128)) scales of their 128x1 tiles stored (ceil(M/128), K),
+    the layout the Wgrad GEMM reads fastest; with out= they go where the caller says (contiguous)."""
+    x = rand(300, 136, seed=5)
+    _, s = kfp8.act_quant_t(x)
+    *_, st = kfp8.act_quant_both(x)
+    for t in (s, st):
+        assert t.shape == (136, 3) and t.stride() == (1, 136)
+    _, s_ref = ref.act_quant_t(x)
+    assert torch.equal(s, s_ref) and torch.equal(st, s_ref)
+    out = (torch.empty(136, 300, dtype=torch.float8_e4m3fn, device=DEV), torch.empty(136, 3, device=DEV))
+    _, s_out = kfp8.act_quant_t(x, out=out)
+    assert s_out.data_ptr() == out[1].data_ptr() and torch.equal(s_out, s_ref)
 
 
 @pytest.mark.parametrize("variant", sorted(kfp8.GEMM_VARIANTS) if HAVE_TRITON else [])
