@@ -505,7 +505,7 @@ if HAVE_TRITON:
         stride_am, stride_bn, stride_cs, stride_cm, stride_asm, stride_ask, stride_bsn, stride_bsk,
         B_GROUP: tl.constexpr, SPLIT_K, EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        TMA: tl.constexpr = False, SWAP_AB: tl.constexpr = False, SCALE_TMA: tl.constexpr = False,
+        TMA: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
     ):
         """C[s, m, n] = sum over this split's K steps of (A[m, k-step] . B[n, k-step]) * a_s[m, step] * b_s[n', step]
         with n' = n // B_GROUP (128: weight blocks; 1: per-row 1x128 scales). M_BUCKET only keys the autotuner;
@@ -520,8 +520,7 @@ if HAVE_TRITON:
         step, and the per-element work is one multiply-add instead of an outer product and a multiply-add.
 
         Variants (constexpr knobs; bench/sweep_fp8_gemm.py times them): TMA loads A and B through tensor
-        descriptors (a_src, b_src; else they are pointers); SWAP_AB computes C^T tiles; SCALE_TMA (1x128 scales of b,
-        the Wgrad form) reads b's scales through a descriptor bs_ptr over the (ceil(K/128), N) transposed scales.
+        descriptors (a_src, b_src; else they are pointers); SWAP_AB computes C^T tiles.
         """
         pid, pid_k = tl.program_id(0), tl.program_id(1)
         c_ptr += pid_k * stride_cs
@@ -546,8 +545,6 @@ if HAVE_TRITON:
         as_ptrs = as_ptr + offs_m * stride_asm  # the scales' K-step stride is stride_ask / stride_bsk (1 when row-major)
         if SCALAR_B:
             bs_ptrs = bs_ptr + (n0 // B_GROUP) * stride_bsn
-        elif SCALE_TMA:
-            bs_ptrs = bs_ptr  # not read: the descriptor carries the address
         else:
             bs_ptrs = bs_ptr + (offs_n // B_GROUP) * stride_bsn
         acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP_AB else (BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -558,8 +555,6 @@ if HAVE_TRITON:
             a_s = tl.load(as_ptrs + kb * stride_ask, mask=mask_m, other=1.0)  # masked rows: harmless (their a is 0)
             if SCALAR_B:
                 b_s = tl.load(bs_ptrs + kb * stride_bsk)
-            elif SCALE_TMA:  # one step's BLOCK_N scales through the copy engine into shared memory, like a and b
-                b_s = tl.reshape(bs_ptr.load([kb, n0]), (BLOCK_N,))
             else:
                 b_s = tl.load(bs_ptrs + kb * stride_bsk, mask=mask_n, other=1.0)
             acc = _promote(acc, a, b, a_s, b_s, SCALAR_B, SWAP_AB)
@@ -627,28 +622,29 @@ _MIN_STEPS_PER_SPLIT = 4  # 512 of K
 # the bytes from L2 per FLOP of 128 x 128. Small M: TMA and swapping A and B change how the weights stream.
 # Measured and dropped (bench/results/fp8_gemm_sweep.md, never the fastest on any shape): 64-row tiles through pointer
 # loads, a persistent grid of 64-row tiles, 128 x 256 tiles as two 128-wide accumulators (255 registers, spills),
-# swapped operands with TMA, TMA with 3 stages at 128 x 128 ("tma"), 64-row TMA tiles with 4 stages ("m64_s4").
+# swapped operands with TMA, TMA with 3 stages at 128 x 128 ("tma"), 64-row TMA tiles with 4 stages ("m64_s4"); for the
+# Wgrad form, b's 1x128 scales loaded through TMA into shared memory with the tiles (383-499 TFLOP/s against 515-666
+# with plain loads of token-block-major scales, fp8_gemm_sweep-wgrad.md).
 GEMM_VARIANT = os.environ.get("MINIDS_FP8_GEMM", "auto")  # "auto": ``_auto_variant``
 GEMM_VARIANTS: dict[str, tuple[dict | None, dict | None]] = {
     "base": ({}, {}),
     "tma_s4": ({"TMA": True, "num_stages": 4}, {"TMA": True, "num_stages": 6}),
-    # 1x128 scales of b (the Wgrad form) through TMA into shared memory; elsewhere the same as without
-    "tma_s4_bst": ({"TMA": True, "num_stages": 4, "SCALE_TMA": True}, {"TMA": True, "num_stages": 6, "SCALE_TMA": True}),
     "m64": ({"BLOCK_M": 64, "num_warps": 4, "TMA": True, "num_stages": 3}, None),
-    "m64_bst": ({"BLOCK_M": 64, "num_warps": 4, "TMA": True, "num_stages": 3, "SCALE_TMA": True}, None),
     "swap": (None, {"SWAP_AB": True}),
 }
 
 
-def _auto_variant(M: int, K: int) -> str:
-    """The default variant, from bench/sweep_fp8_gemm.py on an H200 (results in bench/results/fp8_gemm_sweep.md):
+def _auto_variant(M: int, K: int, b_group: int = 128) -> str:
+    """The default variant, from bench/sweep_fp8_gemm.py on an H200 (results in bench/results/fp8_gemm_sweep*.md):
     at M > 256, 64-row TMA tiles where K <= 2048 (their short K loops leave a 128 x 128 CTA's promotion exposed:
     849 / 625 / 877 TFLOP/s against base's 573 / 424 / 640 at K = 1536 / 512 / 2048), else 128 x 128 TMA tiles with
-    four stages (964 at 4096 x 7168 x 16384, base 746); at M <= 256 the planned config ("base"). The interpreter runs
-    "base" (small tiles); the tests run every named variant there (on the GPU only through the benchmarks so far)."""
+    four stages (964 at 4096 x 7168 x 16384, base 746); the Wgrad form (b_group 1: a (BLOCK_N,) vector of b scales
+    per K step, a heavier promotion) takes the 64-row tiles at every K (750-829 TFLOP/s over 4096 tokens against
+    515-666 for tma_s4, fp8_gemm_sweep-wgrad.md); at M <= 256 the planned config ("base"). The interpreter runs
+    "base" (small tiles); the tests run every named variant there."""
     if INTERPRET or _m_bucket(M) <= 256:
         return "base"
-    return "m64" if K <= 2048 else "tma_s4"
+    return "m64" if K <= 2048 or b_group == 1 else "tma_s4"
 
 
 def _m_bucket(M: int) -> int:
@@ -705,12 +701,12 @@ def _variant_plan(variant: str, M: int, N: int, nk: int, sms: int) -> tuple[dict
 _INTERPRET_SMS = 132  # the SM count the interpreter plans for (an H200's), so its plans are the GPU's
 
 
-def _plan_for(M: int, N: int, K: int, variant: str, sms: int) -> tuple[str, dict, int, bool]:
+def _plan_for(M: int, N: int, K: int, variant: str, sms: int, b_group: int = 128) -> tuple[str, dict, int, bool]:
     """What ``fp8_gemm`` runs (outside the interpreter's "base" shortcut): (variant, config, split, planned), variant
     "auto" resolved: a named variant's fixed config where it applies (planned False), else the plan's (planned True:
     the autotuner refines it unless MINIDS_AUTOTUNE=0)."""
     if variant == "auto":
-        variant = _auto_variant(M, K)
+        variant = _auto_variant(M, K, b_group)
     nk = math.ceil(K / 128)
     plan = None if variant == "base" else _variant_plan(variant, M, N, nk, sms)
     if plan is not None:
@@ -752,16 +748,11 @@ def _gemm_run(a, a_s, b, b_s, res: torch.Tensor, b_group: int, cfg: dict, split:
         a_src, b_src = a, b
         if cfg.get("TMA"):
             cfg["TMA"] = _tma_ok(a, b)
-        if cfg.get("SCALE_TMA"):  # b's 1x128 scales token-block-major (as _scales_t makes them), 16-byte aligned rows
-            cfg["SCALE_TMA"] = (cfg["TMA"] and b_group == 1 and b_s.stride(0) == 1 and b_s.stride(1) % 4 == 0
-                                and b_s.data_ptr() % 16 == 0)
         if cfg.get("TMA"):
             from triton.tools.tensor_descriptor import TensorDescriptor
 
             a_src = TensorDescriptor.from_tensor(a, [cfg["BLOCK_M"], cfg["BLOCK_K"]])
             b_src = TensorDescriptor.from_tensor(b, [cfg["BLOCK_N"], cfg["BLOCK_K"]])
-            if cfg.get("SCALE_TMA"):
-                rest = (rest[0], rest[1], TensorDescriptor.from_tensor(b_s.t(), [1, cfg["BLOCK_N"]]), *rest[3:])
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
         _fp8_gemm_kernel[grid](a_src, b_src, *rest, **consts, **cfg)
     if split > 1:
@@ -801,5 +792,6 @@ def fp8_gemm(
         return res.zero_()
     if INTERPRET and variant in ("base", "auto"):  # no autotuning in the interpreter: small tiles, and a split
         return _gemm_run(a, a_s, b, b_s, res, b_group, _INTERPRET_CFG, 2 if nk >= 2 else 1, tuned=False)
-    _, cfg, split, planned = _plan_for(M, N, K, variant, _INTERPRET_SMS if INTERPRET else _sm_count(a.device.index))
+    _, cfg, split, planned = _plan_for(M, N, K, variant, _INTERPRET_SMS if INTERPRET else _sm_count(a.device.index),
+                                       b_group)
     return _gemm_run(a, a_s, b, b_s, res, b_group, cfg, split, tuned=planned and AUTOTUNE and not INTERPRET)
