@@ -139,7 +139,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _act_quant_kernel(
-        x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm,
+        x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_sk,
         FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, UE8M0: tl.constexpr,
         EXACT: tl.constexpr, SOFT_CVT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK: tl.constexpr,
@@ -154,11 +154,11 @@ if HAVE_TRITON:
         s = _scale_of(tl.max(tl.abs(x), axis=1), FMAX, UE8M0)  # (BLOCK_M,)
         q = _quantize(x, s[:, None], FMAX, MBITS, EMIN, UE8M0, EXACT, SOFT_CVT)
         tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
-        tl.store(s_ptr + rows64 * stride_sm + pid_k, s, mask=rows < M)
+        tl.store(s_ptr + rows64 * stride_sm + pid_k * stride_sk, s, mask=rows < M)
 
     @triton.jit
     def _act_quant_t_kernel(
-        x_ptr, xs_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_xsm, stride_qk, stride_sk, stride_sb,
+        x_ptr, xs_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_xsm, stride_xsk, stride_qk, stride_sk, stride_sb,
         HAS_IN_SCALE: tl.constexpr, IN_BLOCK: tl.constexpr,
         FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, UE8M0: tl.constexpr,
         EXACT: tl.constexpr, SOFT_CVT: tl.constexpr,
@@ -174,10 +174,11 @@ if HAVE_TRITON:
         x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_IN_SCALE:
             if IN_BLOCK % BLOCK_K == 0:  # the tile's columns share one input scale per row
-                xs = tl.load(xs_ptr + rows64 * stride_xsm + (pid_k * BLOCK_K) // IN_BLOCK, mask=rows < M, other=0.0)
+                xs = tl.load(xs_ptr + rows64 * stride_xsm + ((pid_k * BLOCK_K) // IN_BLOCK) * stride_xsk, mask=rows < M,
+                             other=0.0)
                 x = x * xs[:, None]
             else:
-                xs = tl.load(xs_ptr + rows64[:, None] * stride_xsm + (cols // IN_BLOCK)[None, :], mask=mask,
+                xs = tl.load(xs_ptr + rows64[:, None] * stride_xsm + (cols // IN_BLOCK)[None, :] * stride_xsk, mask=mask,
                              other=0.0)
                 x = x * xs
         s = _scale_of(tl.max(tl.abs(x), axis=0), FMAX, UE8M0)  # (BLOCK_K,): one per column over BLOCK tokens
@@ -190,7 +191,8 @@ if HAVE_TRITON:
 
     @triton.jit
     def _act_quant_both_kernel(
-        x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_qtk, stride_stk, stride_stb,
+        x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_sk, stride_qtk, stride_stk,
+        stride_stb,
         FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, UE8M0: tl.constexpr,
         EXACT: tl.constexpr, SOFT_CVT: tl.constexpr,
         BLOCK: tl.constexpr, G: tl.constexpr,
@@ -209,7 +211,7 @@ if HAVE_TRITON:
         q = _quantize(x, s[:, :, None], FMAX, MBITS, EMIN, UE8M0, EXACT, SOFT_CVT)
         tl.store(q_ptr + rows64[:, None, None] * stride_qm + cols[None, :, :], q.to(q_ptr.dtype.element_ty),
                  mask=mask)
-        tl.store(s_ptr + rows64[:, None] * stride_sm + groups[None, :], s,
+        tl.store(s_ptr + rows64[:, None] * stride_sm + groups[None, :] * stride_sk, s,
                  mask=(rows < M)[:, None] & (groups * BLOCK < K)[None, :])
         st = _scale_of(tl.max(tl.abs(x), axis=0), FMAX, UE8M0)  # (G, BLOCK): along tokens
         qt = _quantize(x, st[None, :, :], FMAX, MBITS, EMIN, UE8M0, EXACT, SOFT_CVT)
@@ -285,14 +287,16 @@ def _buf(out, i: int, shape, dtype: torch.dtype, device) -> torch.Tensor:
     return t
 
 
-def _scales_t(out, i: int, K: int, nb: int, device) -> torch.Tensor:
-    """The (K, nb) float32 scales of a 128x1 quantization: ``out[i]`` if given, else stored token-block-major (nb, K) and
-    returned as its transposed view. The Wgrad GEMM reads them per K step along its output tile's rows and columns,
-    and in this layout one step's scales of neighbouring rows are adjacent (coalesced loads instead of one load per
-    row, nb floats apart: on the H200 the Wgrad GEMM ran at 325-376 TFLOP/s with row-major scales)."""
+def _scales_t(out, i: int, rows: int, nb: int, device) -> torch.Tensor:
+    """The (rows, nb) float32 scales of an activation quantization (1x128 or 128x1 tiles, one per row and block):
+    ``out[i]`` if given, else stored block-major (nb, rows) and returned as its transposed view ("M-major", as
+    DeepGEMM and block-scaled cuBLAS take activation scales). A GEMM reads one K step's scales of all its tile's rows
+    or columns at once, and in this layout they are adjacent (coalesced loads instead of one load per row, nb floats
+    apart: on the H200 the Wgrad GEMM ran at 325-376 TFLOP/s with row-major scales, 515-829 with these); torch._scaled_mm
+    takes them without a copy."""
     if out is not None:
-        return _buf(out, i, (K, nb), torch.float32, device)
-    return torch.empty(nb, K, dtype=torch.float32, device=device).t()
+        return _buf(out, i, (rows, nb), torch.float32, device)
+    return torch.empty(nb, rows, dtype=torch.float32, device=device).t()
 
 
 def _tokens_by_features(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -332,12 +336,12 @@ def act_quant(
         x2 = x2.contiguous()
     M, nb = x2.shape[0], math.ceil(K / block)
     q = _buf(out, 0, (M, K), dtype, x.device)
-    s = _buf(out, 1, (M, nb), torch.float32, x.device)
+    s = _scales_t(out, 1, M, nb, x.device)
     if M and K:
         BLOCK_M = 16 if block <= 128 else 4
         grid = (triton.cdiv(M, BLOCK_M), nb)
         _act_quant_kernel[grid](
-            x2, q, s, M, K, x2.stride(0), q.stride(0), s.stride(0), **_flags(fmt, ue8m0, exact),
+            x2, q, s, M, K, x2.stride(0), q.stride(0), *s.stride(), **_flags(fmt, ue8m0, exact),
             BLOCK_M=BLOCK_M, BLOCK=block, num_warps=4,
         )
     return q.view(*x.shape), s.view(*x.shape[:-1], nb)
@@ -368,10 +372,10 @@ def act_quant_t(
             if tuple(in_scale.shape) != want:
                 raise ValueError(f"act_quant_t: in_scale has shape {tuple(in_scale.shape)}, expected {want} for x of "
                                  f"shape {(M, K)} in 1x{in_block} tiles")
-            in_scale = in_scale.float().contiguous()  # the kernel reads it row-major
+            in_scale = in_scale.float()  # read through both strides (act_quant writes them M-major)
         xs = in_scale if in_scale is not None else s
         _act_quant_t_kernel[grid](
-            x, xs, q, s, M, K, x.stride(0), xs.stride(0), q.stride(0), *s.stride(),
+            x, xs, q, s, M, K, x.stride(0), *xs.stride(), q.stride(0), *s.stride(),
             HAS_IN_SCALE=in_scale is not None, IN_BLOCK=in_block, **flags,
             BLOCK=block, BLOCK_K=BLOCK_K, num_warps=warps,
         )
@@ -388,7 +392,7 @@ def act_quant_both(
     x = _tokens_by_features(x, "act_quant_both")
     M, K = x.shape
     q = _buf(out, 0, (M, K), dtype, x.device)
-    s = _buf(out, 1, (M, math.ceil(K / block)), torch.float32, x.device)
+    s = _scales_t(out, 1, M, math.ceil(K / block), x.device)
     qt = _buf(out, 2, (K, M), dtype, x.device)
     st = _scales_t(out, 3, K, math.ceil(M / block), x.device)
     if M and K:
@@ -396,7 +400,7 @@ def act_quant_both(
         G, warps = _blocks_per_program("act_quant_both", flags, block)
         grid = (triton.cdiv(M, block), triton.cdiv(K, G * block))
         _act_quant_both_kernel[grid](
-            x, q, s, qt, st, M, K, x.stride(0), q.stride(0), s.stride(0), qt.stride(0), *st.stride(),
+            x, q, s, qt, st, M, K, x.stride(0), q.stride(0), *s.stride(), qt.stride(0), *st.stride(),
             **flags, BLOCK=block, G=G, num_warps=warps,
         )
     return q, s, qt, st
