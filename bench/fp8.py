@@ -393,6 +393,8 @@ def bench_host(rows: list, out: Path) -> None:
     xl = x.clone().requires_grad_()
     wl = (w * 0.02).requires_grad_()
     dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+    q_raw, s_raw = torch.empty_like(xq), torch.empty(K // 128, M, device="cuda")  # act_quant's outputs, M-major scales
+    flags = kfp8._flags("e4m3", False, None)
 
     def linear(fn):
         def run():
@@ -408,6 +410,8 @@ def bench_host(rows: list, out: Path) -> None:
         "weight_quant (+W^T)": lambda: kfp8.weight_quant(w, transposed=True),
         "fp8_gemm M=256 (plan, split)": lambda: kfp8.fp8_gemm(xq, xs, wq, ws),
         "fp8_gemm M=4096 (fixed variant)": lambda: kfp8.fp8_gemm(big_a, big_s, wq, ws),
+        "raw launch: _act_quant_kernel[grid](...)": lambda: kfp8._act_quant_kernel[(M // 16, K // 128)](
+            x, q_raw, s_raw, M, K, K, K, 1, M, **flags, BLOCK_M=16, BLOCK=128, num_warps=4),
         "fp8 linear fwd+bwd (real)": linear(lambda a, b: ref.fp8_linear(a, b, real=True)),
         "torch: x.abs().amax()": lambda: x.abs().amax(),
         "torch: torch._scaled_mm per-tensor": lambda: torch._scaled_mm(

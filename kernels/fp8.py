@@ -62,7 +62,7 @@ _FP8_DTYPES = tuple(dtype for dtype, _ in _FORMATS.values())  # what the GEMM's 
 if HAVE_TRITON:
     from minids.kernels import grouped_order
 
-__all__ = ["act_quant", "act_quant_both", "act_quant_t", "fp8_gemm", "weight_dequant", "weight_quant"]
+__all__ = ["act_quant", "act_quant_both", "act_quant_t", "cublas_fp8_gemm", "fp8_gemm", "weight_dequant", "weight_quant"]
 
 if HAVE_TRITON:
     import triton
@@ -306,13 +306,24 @@ def _tokens_by_features(x: torch.Tensor, name: str) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the host's grids (``triton.cdiv`` called from Python goes through the JIT's call path: a few
+    microseconds each, on every launch)."""
+    return -(-a // b)
+
+
 def _flags(fmt: str, ue8m0: bool, exact: bool | None) -> dict:
-    """The kernels' format and mode constants; ``exact=None`` takes the module's ``EXACT_QUANT``."""
+    """The kernels' format and mode constants (a fresh dict); ``exact=None`` takes the module's ``EXACT_QUANT``."""
+    return dict(_format_flags(fmt, bool(ue8m0), EXACT_QUANT if exact is None else bool(exact), INTERPRET))
+
+
+@functools.lru_cache(maxsize=64)
+def _format_flags(fmt: str, ue8m0: bool, exact: bool, soft_cvt: bool) -> tuple:
     dtype, fmax = _fmt(fmt)
     info = torch.finfo(dtype)  # mantissa bits and the smallest normal exponent, for the grid rounding
     mbits, emin = round(-math.log2(info.eps)), round(math.log2(info.smallest_normal))
-    return {"FMAX": fmax, "MBITS": mbits, "EMIN": emin, "UE8M0": bool(ue8m0),
-            "EXACT": EXACT_QUANT if exact is None else bool(exact), "SOFT_CVT": INTERPRET}
+    return (("FMAX", fmax), ("MBITS", mbits), ("EMIN", emin), ("UE8M0", ue8m0), ("EXACT", exact),
+            ("SOFT_CVT", soft_cvt))
 
 
 def _blocks_per_program(name: str, flags: dict, block: int) -> tuple[int, int]:
@@ -339,7 +350,7 @@ def act_quant(
     s = _scales_t(out, 1, M, nb, x.device)
     if M and K:
         BLOCK_M = 16 if block <= 128 else 4
-        grid = (triton.cdiv(M, BLOCK_M), nb)
+        grid = (_cdiv(M, BLOCK_M), nb)
         _act_quant_kernel[grid](
             x2, q, s, M, K, x2.stride(0), q.stride(0), *s.stride(), **_flags(fmt, ue8m0, exact),
             BLOCK_M=BLOCK_M, BLOCK=block, num_warps=4,
@@ -365,7 +376,7 @@ def act_quant_t(
     if M and K:
         flags = _flags(fmt, ue8m0, exact)
         BLOCK_K, warps = _TILES["act_quant_t" if in_scale is None else "act_quant_t_fp8"][flags["EXACT"]]
-        grid = (nb, triton.cdiv(K, BLOCK_K))
+        grid = (nb, _cdiv(K, BLOCK_K))
         if in_scale is not None:
             _check_block(in_block)
             want = (M, math.ceil(K / in_block))
@@ -398,7 +409,7 @@ def act_quant_both(
     if M and K:
         flags = _flags(fmt, ue8m0, exact)
         G, warps = _blocks_per_program("act_quant_both", flags, block)
-        grid = (triton.cdiv(M, block), triton.cdiv(K, G * block))
+        grid = (_cdiv(M, block), _cdiv(K, G * block))
         _act_quant_both_kernel[grid](
             x, q, s, qt, st, M, K, x.stride(0), q.stride(0), *s.stride(), qt.stride(0), *st.stride(),
             **flags, BLOCK=block, G=G, num_warps=warps,
@@ -432,7 +443,7 @@ def weight_quant(
         # in this kernel's layout. Cheap here: a few integer ops an element, no float64 quotient.
         flags["SOFT_CVT"] = True
         G, warps = _blocks_per_program("weight_quant", flags, block)
-        _weight_quant_kernel[(bo, triton.cdiv(bi, G))](
+        _weight_quant_kernel[(bo, _cdiv(bi, G))](
             w, q, qt, s, O, I, w.stride(0), q.stride(0), qt.stride(0), s.stride(0), WRITE_T=transposed,
             **flags, BLOCK=block, G=G, num_warps=warps,
         )
@@ -592,7 +603,7 @@ if HAVE_TRITON:
         stages are tuned. Larger M: tiles no taller than the M bucket, and from 1024 rows on 128 rows tall."""
         m = named_args["M_BUCKET"]
         if m <= 256:
-            plan, _ = _gemm_plan(m, named_args["N"], triton.cdiv(named_args["K"], 128),
+            plan, _ = _gemm_plan(m, named_args["N"], _cdiv(named_args["K"], 128),
                                  _sm_count(named_args["a_src"].device.index))
             return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) ==
                     (plan["BLOCK_M"], plan["BLOCK_N"])]
@@ -705,6 +716,7 @@ def _variant_plan(variant: str, M: int, N: int, nk: int, sms: int) -> tuple[dict
 _INTERPRET_SMS = 132  # the SM count the interpreter plans for (an H200's), so its plans are the GPU's
 
 
+@functools.lru_cache(maxsize=4096)  # pure in its arguments; the configs it returns are read, never changed
 def _plan_for(M: int, N: int, K: int, variant: str, sms: int, b_group: int = 128) -> tuple[str, dict, int, bool]:
     """What ``fp8_gemm`` runs (outside the interpreter's "base" shortcut): (variant, config, split, planned), variant
     "auto" resolved: a named variant's fixed config where it applies (planned False), else the plan's (planned True:
@@ -744,7 +756,7 @@ def _gemm_run(a, a_s, b, b_s, res: torch.Tensor, b_group: int, cfg: dict, split:
     consts = {"B_GROUP": b_group, "SPLIT_K": split, "EVEN_K": K % 128 == 0}
     if tuned:
         def grid(meta):
-            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split)
+            return (_cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"]), split)
 
         _fp8_gemm_tuned[grid](a, b, *rest, **consts)
     else:
@@ -757,10 +769,10 @@ def _gemm_run(a, a_s, b, b_s, res: torch.Tensor, b_group: int, cfg: dict, split:
 
             a_src = TensorDescriptor.from_tensor(a, [cfg["BLOCK_M"], cfg["BLOCK_K"]])
             b_src = TensorDescriptor.from_tensor(b, [cfg["BLOCK_N"], cfg["BLOCK_K"]])
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
+        grid = (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(N, cfg["BLOCK_N"]), split)
         _fp8_gemm_kernel[grid](a_src, b_src, *rest, **consts, **cfg)
     if split > 1:
-        _sum_splits_kernel[(triton.cdiv(M * N, 1024),)](c, res, M * N, SPLIT_K=split, BLOCK=1024, num_warps=4)
+        _sum_splits_kernel[(_cdiv(M * N, 1024),)](c, res, M * N, SPLIT_K=split, BLOCK=1024, num_warps=4)
     return res
 
 
@@ -799,3 +811,53 @@ def fp8_gemm(
     _, cfg, split, planned = _plan_for(M, N, K, variant, _INTERPRET_SMS if INTERPRET else _sm_count(a.device.index),
                                        b_group)
     return _gemm_run(a, a_s, b, b_s, res, b_group, cfg, split, tuned=planned and AUTOTUNE and not INTERPRET)
+
+
+# ----------------------------------------------------------------------------------------------- block-scaled cuBLAS
+@functools.cache
+def _cublas_blockwise_device(index: int) -> bool:
+    """Whether torch._scaled_mm takes DeepSeek's block-wise scales (1x128 for a, M-major; 128x128 for b) on CUDA device
+    ``index`` with this torch: one small product, checked against the reference (once per device and process)."""
+    from minids import fp8 as ref
+
+    dev = torch.device("cuda", index)
+    g = torch.Generator(device=dev).manual_seed(0)
+    a, a_s = act_quant(torch.randn(256, 256, device=dev, generator=g))
+    b, b_s = weight_quant(torch.randn(256, 256, device=dev, generator=g))
+    try:
+        c = torch._scaled_mm(a, b.t(), scale_a=a_s, scale_b=b_s.t(), out_dtype=torch.float32)
+    except (RuntimeError, ValueError, TypeError):  # no block-wise form in this torch / cuBLAS / GPU
+        return False
+    want = ref.fp8_gemm(a, a_s, b, b_s, torch.float32)
+    return bool(((c - want).abs().max() <= 2.0**-8 * want.abs().max()).item())
+
+
+_CUBLAS_REFUSED: set = set()  # (M, N, K) shapes torch._scaled_mm refused at run time; fp8_gemm runs those
+
+
+def cublas_fp8_gemm(
+    a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16, block: int = 128,
+) -> torch.Tensor | None:
+    """The weight form of ``fp8_gemm`` (1x128 scales of a, 128x128 block scales of b; same arguments, same result up to
+    the order of float32 additions) on block-scaled cuBLAS through torch._scaled_mm, or None where that cannot run:
+    no block-wise form in this torch or GPU (probed once per device), K not a multiple of 128 (measured refused at
+    K = 2112 with torch 2.11), N not a multiple of 16, 1x128 scales of b (the Wgrad form: "Invalid scaling
+    configuration" in torch 2.11), or a shape it refused before. On the H200 it ran the FP8 linear's Fprop and Dgrad at
+    1030-1205 TFLOP/s where the Triton GEMM ran 601-907 (bench/results/fp8_linear_gemms.md), so the FP8 linear takes it
+    first (``minids.fp8.LINEAR_GEMM``). a_s is read M-major as the quantization kernels write it (copied otherwise)."""
+    M, K = a.shape
+    N = b.shape[0]
+    if (block != 128 or K % 128 or N % 16 or a.dtype != torch.float8_e4m3fn or b.dtype != torch.float8_e4m3fn
+            or b_s.shape[0] != -(-N // 128) or b_s.shape[0] == N or (M, N, K) in _CUBLAS_REFUSED
+            or not _cublas_blockwise_device(a.device.index or 0)):
+        return None
+    if a_s.stride(0) != 1:
+        a_s = a_s.t().contiguous().t()
+    if not b_s.is_contiguous():
+        b_s = b_s.contiguous()
+    try:
+        return torch._scaled_mm(a, b.t(), scale_a=a_s, scale_b=b_s.t(), out_dtype=out_dtype)
+    except RuntimeError:
+        _CUBLAS_REFUSED.add((M, N, K))
+        return None

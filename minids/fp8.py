@@ -34,6 +34,7 @@ Shapes: M tokens, K reduction, N outputs, b block (128).
 from __future__ import annotations
 
 import math
+import os
 import sys
 
 import torch
@@ -211,12 +212,33 @@ def _ops(t: torch.Tensor, use_kernels: bool | None = None):
     return sys.modules[__name__]
 
 
+# Where the FP8 linear's Fprop and Dgrad GEMMs run on CUDA (the two with 128x128 weight blocks): "auto" takes block-scaled
+# cuBLAS (torch._scaled_mm, ``minids.kernels.fp8.cublas_fp8_gemm``) where this torch, the GPU and the shape allow it and
+# the Triton GEMM elsewhere; "triton" takes the Triton GEMM for all three. Wgrad (1x128 scales on both operands, which
+# torch 2.11's _scaled_mm refuses) always runs on the Triton GEMM. Set MINIDS_FP8_LINEAR_GEMM=triton to measure or
+# test the Triton kernels alone.
+LINEAR_GEMM = os.environ.get("MINIDS_FP8_LINEAR_GEMM", "auto")
+
+
+def _weight_gemm(ops, a, a_s, b, b_s, out_dtype, block):
+    """fp8_gemm of the weight form (Fprop, Dgrad) through ``ops``, on block-scaled cuBLAS first where ``LINEAR_GEMM``
+    is "auto" and ops are the kernels."""
+    if LINEAR_GEMM == "auto" and ops is not sys.modules[__name__] and a.is_cuda:
+        c = ops.cublas_fp8_gemm(a, a_s, b, b_s, out_dtype, block)
+        if c is not None:
+            return c
+    elif LINEAR_GEMM not in ("auto", "triton"):
+        raise ValueError(f"MINIDS_FP8_LINEAR_GEMM={LINEAR_GEMM!r}: one of auto, triton")
+    return ops.fp8_gemm(a, a_s, b, b_s, out_dtype, block)
+
+
 class FP8LinearFunction(torch.autograd.Function):
     """y = x W^T with FP8 operands in all three GEMMs.
 
     real=False (``sim``): quantize, dequantize, float32 matmul: runs anywhere, exactly the recipe's values.
-    real=True: the block-scaled FP8 GEMM ``fp8_gemm`` for Fprop, Dgrad and Wgrad (the Triton kernels on CUDA,
-    the references elsewhere), quantizing W once per call into W and W^T and dy once into both tilings.
+    real=True: the block-scaled FP8 GEMM ``fp8_gemm`` for Fprop, Dgrad and Wgrad (on CUDA the Triton kernels, with
+    Fprop and Dgrad on block-scaled cuBLAS where it runs, see ``LINEAR_GEMM``; the references elsewhere), quantizing
+    W once per call into W and W^T and dy once into both tilings (Triton kernels on CUDA).
     Both give the same values up to the order of float32 additions.
     dgrad_block=True (simulation only): the Dgrad GEMM's activation gradient dy quantized in 128x128 blocks, like
     a weight, instead of 1x128 tiles: the variant the report found to diverge on a 16B MoE after ~300B tokens
@@ -240,7 +262,7 @@ class FP8LinearFunction(torch.autograd.Function):
             ops = _ops(x2, use_kernels)
             xq, xs = ops.act_quant(x2, block)  # 1x128 tiles along K
             wq, ws, wqt = ops.weight_quant(weight, block, transposed=True)  # 128x128 blocks, W and W^T
-            y = ops.fp8_gemm(xq, xs, wq, ws, out_dtype, block)  # (M, N)
+            y = _weight_gemm(ops, xq, xs, wq, ws, out_dtype, block)  # (M, N)
             ctx.save_for_backward(xq, xs, wqt, ws)
             return y.view(*shape[:-1], weight.shape[0])
         xq, xs = act_quant(x2, block)  # 1x128 tiles along K
@@ -276,7 +298,7 @@ class FP8LinearFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1])  # (M, N)
         ops = _ops(dy2, ctx.use_kernels)
         dyq, dys, dyt_q, dyt_s = ops.act_quant_both(dy2, b)  # 1x128 along N (Dgrad), 128x1 along M (Wgrad)
-        dx = ops.fp8_gemm(dyq, dys, wqt, ws.t(), ctx.x_dtype, b)  # (M, K) = dy W (W^T's block scales: a view)
+        dx = _weight_gemm(ops, dyq, dys, wqt, ws.t(), ctx.x_dtype, b)  # (M, K) = dy W (W^T's block scales: a view)
         xt_q, xt_s = ops.act_quant_t(xq, b, in_scale=xs, in_block=b)  # cached FP8 x, re-quantized along M
         # (N, K) = dy^T x, 1x128 scales both sides, float32 accumulation written in the weight's dtype (one rounding,
         # as a float32 result then cast, without a float32 (N, K) buffer and a cast pass)
@@ -312,7 +334,7 @@ FP8_MODES = ("off", "sim", "real", BLOCK_DGRAD)
 
 def enable_fp8(model: nn.Module, mode: str = "sim") -> int:
     """Route every linear of attention and of the dense/shared-expert FFNs through FP8 ("sim": simulated;
-    "real": FP8 GEMMs, the Triton kernels on CUDA; "sim-block-dgrad": simulated, with the activation gradient of
+    "real": FP8 GEMMs, the Triton kernels and block-scaled cuBLAS on CUDA; "sim-block-dgrad": simulated, with the activation gradient of
     each Dgrad GEMM quantized in 128x128 blocks, the report's negative result), or back ("off"). Embedding,
     output head, router, norms and MTP's eh_proj stay in high precision (V3P 3.3.1; eh_proj is BF16 in the
     checkpoint, REFERENCE.md 5.2). Routed experts (stacked weights) take the FP8 path inside ``moe_experts``

@@ -423,6 +423,43 @@ def test_fp8_linear_real_on_kernels_equals_simulation(M, K, N, exact, monkeypatc
         assert err <= tol, f"{name}: {err:.2e}"
 
 
+@pytest.mark.skipif(DEV != "cuda", reason="block-scaled cuBLAS (torch._scaled_mm) runs on CUDA only")
+@pytest.mark.parametrize("M,N,K", [(1, 256, 128), (127, 2112, 512), (300, 384, 1024)])
+def test_cublas_fp8_gemm_matches_reference(M, N, K):
+    """The weight-form GEMM on block-scaled cuBLAS gives the reference's result (fresh inputs, M tails, a partial
+    128-row weight block at N = 2112) and declines, with None, the forms it cannot take."""
+    if not kfp8._cublas_blockwise_device(torch.cuda.current_device()):
+        pytest.skip("this torch / GPU has no block-wise torch._scaled_mm (the FP8 linear then runs the Triton GEMM)")
+    a, a_s, b, b_s = gemm_operands(M, N, K, False, seed=M + N + K)
+    c = kfp8.cublas_fp8_gemm(a, a_s, b, b_s, torch.bfloat16)
+    cr = ref.fp8_gemm(a, a_s, b, b_s, torch.float32)
+    assert c is not None and c.shape == (M, N) and c.dtype == torch.bfloat16
+    assert (c.float() - cr).abs().max() / cr.abs().max() <= TOL
+    a2, a2_s, b2, b2_s = gemm_operands(M, N, K + 16, False, seed=1)  # K not a multiple of 128
+    assert kfp8.cublas_fp8_gemm(a2, a2_s, b2, b2_s) is None
+    a3, a3_s, b3, b3_s = gemm_operands(M, N, K, True, seed=2)  # 1x128 scales of b (the Wgrad form)
+    assert kfp8.cublas_fp8_gemm(a3, a3_s, b3, b3_s) is None
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="block-scaled cuBLAS (torch._scaled_mm) runs on CUDA only")
+def test_fp8_linear_real_same_on_cublas_and_triton(monkeypatch):
+    """fp8 'real' with Fprop and Dgrad on block-scaled cuBLAS (LINEAR_GEMM "auto") gives the all-Triton values and
+    gradients up to the order of float32 additions; K = 2112 (not a multiple of 128) takes the Triton GEMM for Dgrad."""
+    for M, K, N in [(300, 512, 384), (256, 2112, 256)]:
+        x = rand(M, K, seed=M, spread=False).bfloat16().requires_grad_()
+        w = (rand(N, K, seed=K, spread=False) * 0.05).bfloat16().requires_grad_()
+        dy = rand(M, N, seed=N, spread=False).bfloat16()
+        results = []
+        for mode in ("triton", "auto"):
+            monkeypatch.setattr(ref, "LINEAR_GEMM", mode)
+            x.grad = w.grad = None
+            y = ref.fp8_linear(x, w, real=True)
+            y.backward(dy)
+            results.append((y.detach().float(), x.grad.float(), w.grad.float()))
+        for name, got, want in zip(("y", "dx", "dw"), results[1], results[0]):
+            assert (got - want).abs().max() / want.abs().max() <= TOL, name
+
+
 def test_fp8_linear_real_bf16_weight_gradient_is_the_rounded_float32_one():
     """With bf16 master weights the Wgrad GEMM writes bf16 directly: the same float32 accumulation rounded once, so
     on the GPU exactly the float32 weight's gradient (same kernel, same operands) cast to bf16."""
