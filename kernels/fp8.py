@@ -296,7 +296,7 @@ def _scales_t(out, i: int, rows: int, nb: int, device) -> torch.Tensor:
     takes them without a copy."""
     if out is not None:
         return _buf(out, i, (rows, nb), torch.float32, device)
-    return torch.empty(nb, rows, dtype=torch.float32, device=device).t()
+    return torch.empty_strided((rows, nb), (1, rows), dtype=torch.float32, device=device)
 
 
 def _tokens_by_features(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -342,7 +342,7 @@ def act_quant(
     _check_call(x, block, "act_quant")
     dtype = _fmt(fmt)[0]
     K = x.shape[-1]
-    x2 = x.reshape(-1, K)
+    x2 = x if x.dim() == 2 else x.reshape(-1, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M, nb = x2.shape[0], math.ceil(K / block)
@@ -355,6 +355,8 @@ def act_quant(
             x2, q, s, M, K, x2.stride(0), q.stride(0), *s.stride(), **_flags(fmt, ue8m0, exact),
             BLOCK_M=BLOCK_M, BLOCK=block, num_warps=4,
         )
+    if x.dim() == 2:
+        return q, s
     return q.view(*x.shape), s.view(*x.shape[:-1], nb)
 
 
@@ -801,7 +803,8 @@ def fp8_gemm(
     b = b if b.stride(-1) == 1 else b.contiguous()
     # any strides: the kernel takes both of each scale tensor (the 128x1 scales of act_quant_t / act_quant_both come
     # token-block-major, which the Wgrad GEMM wants; see _scales_t)
-    a_s, b_s = a_s.float(), b_s.float()
+    a_s = a_s if a_s.dtype == torch.float32 else a_s.float()
+    b_s = b_s if b_s.dtype == torch.float32 else b_s.float()
     nk = math.ceil(K / block)
     res = _buf(None if out is None else (out,), 0, (M, N), out_dtype, a.device)
     if M == 0 or N == 0 or K == 0:
@@ -825,7 +828,7 @@ def _cublas_blockwise_device(index: int) -> bool:
     a, a_s = act_quant(torch.randn(256, 256, device=dev, generator=g))
     b, b_s = weight_quant(torch.randn(256, 256, device=dev, generator=g))
     try:
-        c = torch._scaled_mm(a, b.t(), scale_a=a_s, scale_b=b_s.t(), out_dtype=torch.float32)
+        c = torch._scaled_mm(a, b.t(), scale_a=a_s, scale_b=b_s.t(), out_dtype=torch.bfloat16).float()
     except (RuntimeError, ValueError, TypeError):  # no block-wise form in this torch / cuBLAS / GPU
         return False
     want = ref.fp8_gemm(a, a_s, b, b_s, torch.float32)
@@ -843,12 +846,13 @@ def cublas_fp8_gemm(
     the order of float32 additions) on block-scaled cuBLAS through torch._scaled_mm, or None where that cannot run:
     no block-wise form in this torch or GPU (probed once per device), K not a multiple of 128 (measured refused at
     K = 2112 with torch 2.11), N not a multiple of 16, 1x128 scales of b (the Wgrad form: "Invalid scaling
-    configuration" in torch 2.11), or a shape it refused before. On the H200 it ran the FP8 linear's Fprop and Dgrad at
+    configuration" in torch 2.11), an output dtype other than bf16 (the one measured), or a shape it refused before. On the H200 it ran the FP8 linear's Fprop and Dgrad at
     1030-1205 TFLOP/s where the Triton GEMM ran 601-907 (bench/results/fp8_linear_gemms.md), so the FP8 linear takes it
     first (``minids.fp8.LINEAR_GEMM``). a_s is read M-major as the quantization kernels write it (copied otherwise)."""
     M, K = a.shape
     N = b.shape[0]
-    if (block != 128 or K % 128 or N % 16 or a.dtype != torch.float8_e4m3fn or b.dtype != torch.float8_e4m3fn
+    if (block != 128 or K % 128 or N % 16 or out_dtype != torch.bfloat16 or a.dtype != torch.float8_e4m3fn
+            or b.dtype != torch.float8_e4m3fn
             or b_s.shape[0] != -(-N // 128) or b_s.shape[0] == N or (M, N, K) in _CUBLAS_REFUSED
             or not _cublas_blockwise_device(a.device.index or 0)):
         return None

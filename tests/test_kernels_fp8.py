@@ -444,7 +444,13 @@ def test_cublas_fp8_gemm_matches_reference(M, N, K):
 @pytest.mark.skipif(DEV != "cuda", reason="block-scaled cuBLAS (torch._scaled_mm) runs on CUDA only")
 def test_fp8_linear_real_same_on_cublas_and_triton(monkeypatch):
     """fp8 'real' with Fprop and Dgrad on block-scaled cuBLAS (LINEAR_GEMM "auto") gives the all-Triton values and
-    gradients up to the order of float32 additions; K = 2112 (not a multiple of 128) takes the Triton GEMM for Dgrad."""
+    gradients up to the order of float32 additions; in_features = 2112 (not a multiple of 128) takes the Triton GEMM
+    for that layer's Fprop."""
+    if not kfp8._cublas_blockwise_device(torch.cuda.current_device()):
+        pytest.skip("this torch / GPU has no block-wise torch._scaled_mm (the FP8 linear then runs the Triton GEMM)")
+    ran = []
+    cublas = kfp8.cublas_fp8_gemm
+    monkeypatch.setattr(kfp8, "cublas_fp8_gemm", lambda *a: ran.append(cublas(*a)) or ran[-1])
     for M, K, N in [(300, 512, 384), (256, 2112, 256)]:
         x = rand(M, K, seed=M, spread=False).bfloat16().requires_grad_()
         w = (rand(N, K, seed=K, spread=False) * 0.05).bfloat16().requires_grad_()
@@ -458,6 +464,8 @@ def test_fp8_linear_real_same_on_cublas_and_triton(monkeypatch):
             results.append((y.detach().float(), x.grad.float(), w.grad.float()))
         for name, got, want in zip(("y", "dx", "dw"), results[1], results[0]):
             assert (got - want).abs().max() / want.abs().max() <= TOL, name
+    # cuBLAS ran Fprop and Dgrad of the first layer; of the second it declined Fprop (K = 2112) and ran Dgrad (K = 256)
+    assert [c is not None for c in ran] == [True, True, False, True]
 
 
 def test_fp8_linear_real_bf16_weight_gradient_is_the_rounded_float32_one():
