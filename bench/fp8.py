@@ -419,6 +419,8 @@ def bench_host(rows: list, out: Path) -> None:
             out_dtype=torch.bfloat16),
         "torch: F.linear fwd+bwd (bf16)": linear(F.linear),
     }
+    print(f"block-scaled cuBLAS for the FP8 linear: {kfp8._cublas_blockwise_device(0)} "
+          f"({kfp8.CUBLAS_PROBE.get(0)})", flush=True)
     for name, fn in cases.items():
         us = _host_us(fn)
         rows.append({"call": name, "host_us": us})

@@ -817,22 +817,29 @@ def fp8_gemm(
 
 
 # ----------------------------------------------------------------------------------------------- block-scaled cuBLAS
+CUBLAS_PROBE: dict[int, str] = {}  # device index -> what the probe found (printed by bench/fp8.py)
+
+
 @functools.cache
 def _cublas_blockwise_device(index: int) -> bool:
     """Whether torch._scaled_mm takes DeepSeek's block-wise scales (1x128 for a, M-major; 128x128 for b) on CUDA device
-    ``index`` with this torch: one small product, checked against the reference (once per device and process)."""
+    ``index`` with this torch: one small product checked against the reference, once per device and process; what it
+    found goes into ``CUBLAS_PROBE``."""
     from minids import fp8 as ref
 
     dev = torch.device("cuda", index)
     g = torch.Generator(device=dev).manual_seed(0)
-    a, a_s = act_quant(torch.randn(256, 256, device=dev, generator=g))
-    b, b_s = weight_quant(torch.randn(256, 256, device=dev, generator=g))
+    a, a_s = act_quant(torch.randn(256, 512, device=dev, generator=g).bfloat16())
+    b, b_s = weight_quant(torch.randn(384, 512, device=dev, generator=g).bfloat16())
     try:
         c = torch._scaled_mm(a, b.t(), scale_a=a_s, scale_b=b_s.t(), out_dtype=torch.bfloat16).float()
-    except (RuntimeError, ValueError, TypeError):  # no block-wise form in this torch / cuBLAS / GPU
+    except (RuntimeError, ValueError, TypeError) as e:  # no block-wise form in this torch / cuBLAS / GPU
+        CUBLAS_PROBE[index] = f"refused: {type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
         return False
     want = ref.fp8_gemm(a, a_s, b, b_s, torch.float32)
-    return bool(((c - want).abs().max() <= 2.0**-8 * want.abs().max()).item())
+    err = ((c - want).abs().max() / want.abs().max()).item()
+    CUBLAS_PROBE[index] = f"max error {err:.2e} of max |C| (bound 2^-8)"
+    return err <= 2.0**-8
 
 
 _CUBLAS_REFUSED: set = set()  # (M, N, K) shapes torch._scaled_mm refused at run time; fp8_gemm runs those
