@@ -838,8 +838,8 @@ def _cublas_blockwise_device(index: int) -> bool:
         return False
     want = ref.fp8_gemm(a, a_s, b, b_s, torch.float32)
     err = ((c - want).abs().max() / want.abs().max()).item()
-    CUBLAS_PROBE[index] = f"max error {err:.2e} of max |C| (bound 2^-8)"
-    return err <= 2.0**-8
+    CUBLAS_PROBE[index] = f"max error {err:.2e} of max |C| (bound 2^-7: a wrong layout gives errors near 1)"
+    return err <= 2.0**-7
 
 
 _CUBLAS_REFUSED: set = set()  # (M, N, K) shapes torch._scaled_mm refused at run time; fp8_gemm runs those
