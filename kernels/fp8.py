@@ -842,7 +842,7 @@ def _cublas_blockwise_device(index: int) -> bool:
     return err <= 2.0**-7
 
 
-_CUBLAS_REFUSED: set = set()  # (M, N, K) shapes torch._scaled_mm refused at run time; fp8_gemm runs those
+_CUBLAS_CHECKED: dict = {}  # (M bucket, N, K) -> whether cuBLAS gave fp8_gemm's result there (checked on first use)
 
 
 def cublas_fp8_gemm(
@@ -850,25 +850,39 @@ def cublas_fp8_gemm(
     out_dtype: torch.dtype = torch.bfloat16, block: int = 128,
 ) -> torch.Tensor | None:
     """The weight form of ``fp8_gemm`` (1x128 scales of a, 128x128 block scales of b; same arguments, same result up to
-    the order of float32 additions) on block-scaled cuBLAS through torch._scaled_mm, or None where that cannot run:
-    no block-wise form in this torch or GPU (probed once per device), K not a multiple of 128 (measured refused at
-    K = 2112 with torch 2.11), N not a multiple of 16, 1x128 scales of b (the Wgrad form: "Invalid scaling
-    configuration" in torch 2.11), an output dtype other than bf16 (the one measured), or a shape it refused before. On the H200 it ran the FP8 linear's Fprop and Dgrad at
-    1030-1205 TFLOP/s where the Triton GEMM ran 601-907 (bench/results/fp8_linear_gemms.md), so the FP8 linear takes it
-    first (``minids.fp8.LINEAR_GEMM``). a_s is read M-major as the quantization kernels write it (copied otherwise)."""
+    the order of float32 additions) on block-scaled cuBLAS through torch._scaled_mm, or None where that does not run
+    or is not right.
+
+    None without trying where there is no block-wise form in this torch or GPU (probed once per device), K is not a
+    multiple of 128 or N of 16, the output is not bf16 (the one measured), or b has 1x128 scales (the Wgrad form:
+    "Invalid scaling configuration" in torch 2.11). The first call of each (M bucket, N, K) also runs the Triton GEMM
+    and compares: torch 2.11 refused some shapes (CUBLAS_STATUS_NOT_SUPPORTED at M = 1 and 127) and, worse, gave
+    wrong products without an error at others (on the H200, wherever ceil(N/128) >= K/128 among the shapes tried:
+    4e3 times max |C| off at 64 x 256 x 256), so a shape where the two differ by more than 2^-7 of max |C| stays on
+    the Triton GEMM (that call returns the Triton result). Where it is right it ran the FP8 linear's GEMMs at
+    1030-1205 TFLOP/s where the Triton GEMM ran 601-907 (bench/results/fp8_linear_gemms.md), so the FP8 linear
+    takes it first (``minids.fp8.LINEAR_GEMM``). a_s is read M-major as the quantization kernels write it (copied
+    otherwise)."""
     M, K = a.shape
     N = b.shape[0]
     if (block != 128 or K % 128 or N % 16 or out_dtype != torch.bfloat16 or a.dtype != torch.float8_e4m3fn
-            or b.dtype != torch.float8_e4m3fn
-            or b_s.shape[0] != -(-N // 128) or b_s.shape[0] == N or (M, N, K) in _CUBLAS_REFUSED
+            or b.dtype != torch.float8_e4m3fn or b_s.shape[0] != -(-N // 128) or b_s.shape[0] == N
             or not _cublas_blockwise_device(a.device.index or 0)):
         return None
-    if a_s.stride(0) != 1:
-        a_s = a_s.t().contiguous().t()
-    if not b_s.is_contiguous():
-        b_s = b_s.contiguous()
-    try:
-        return torch._scaled_mm(a, b.t(), scale_a=a_s, scale_b=b_s.t(), out_dtype=out_dtype)
-    except RuntimeError:
-        _CUBLAS_REFUSED.add((M, N, K))
+    key = (_m_bucket(M), N, K)
+    if _CUBLAS_CHECKED.get(key) is False:
         return None
+    sa = a_s if a_s.stride(0) == 1 else a_s.t().contiguous().t()
+    sb = b_s if b_s.is_contiguous() else b_s.contiguous()
+    try:
+        c = torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb.t(), out_dtype=out_dtype)
+    except RuntimeError:
+        _CUBLAS_CHECKED[key] = False
+        return None
+    if key not in _CUBLAS_CHECKED:
+        want = fp8_gemm(a, a_s, b, b_s, out_dtype, block)
+        ok = ((c.float() - want.float()).abs().max() <= 2.0**-7 * want.float().abs().max()).item()
+        _CUBLAS_CHECKED[key] = ok
+        if not ok:
+            return want
+    return c
