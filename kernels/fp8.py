@@ -288,12 +288,13 @@ def _buf(out, i: int, shape, dtype: torch.dtype, device) -> torch.Tensor:
 
 
 def _scales_t(out, i: int, rows: int, nb: int, device) -> torch.Tensor:
-    """The (rows, nb) float32 scales of an activation quantization (1x128 or 128x1 tiles, one per row and block):
-    ``out[i]`` if given, else stored block-major (nb, rows) and returned as its transposed view ("M-major", as
-    DeepGEMM and block-scaled cuBLAS take activation scales). A GEMM reads one K step's scales of all its tile's rows
-    or columns at once, and in this layout they are adjacent (coalesced loads instead of one load per row, nb floats
-    apart: on the H200 the Wgrad GEMM ran at 325-376 TFLOP/s with row-major scales, 515-829 with these); torch._scaled_mm
-    takes them without a copy."""
+    """The (rows, nb) float32 scales of a 128x1 quantization (act_quant_t, act_quant_both's second): ``out[i]`` if
+    given, else stored block-major (nb, rows) and returned as its transposed view ("M-major"). The Wgrad GEMM reads
+    one K step's scales of all its tile's rows and columns at once (32 columns a thread), and in this layout they are
+    adjacent: on the H200 it ran at 515-829 TFLOP/s with these against 325-376 with row-major scales. The 1x128 scales
+    of act_quant stay row-major: the Fprop / Dgrad GEMM reads two rows a thread, and row-major keeps a row's
+    successive K steps in one cache line (4096 x 7168 x 16384: 889-907 TFLOP/s against 812-825 M-major, H200);
+    block-scaled cuBLAS, which wants them M-major, gets a copy (``cublas_fp8_gemm``)."""
     if out is not None:
         return _buf(out, i, (rows, nb), torch.float32, device)
     return torch.empty_strided((rows, nb), (1, rows), dtype=torch.float32, device=device)
@@ -347,7 +348,7 @@ def act_quant(
         x2 = x2.contiguous()
     M, nb = x2.shape[0], math.ceil(K / block)
     q = _buf(out, 0, (M, K), dtype, x.device)
-    s = _scales_t(out, 1, M, nb, x.device)
+    s = _buf(out, 1, (M, nb), torch.float32, x.device)  # row-major: see _scales_t
     if M and K:
         BLOCK_M = 16 if block <= 128 else 4
         grid = (_cdiv(M, BLOCK_M), nb)
@@ -355,8 +356,6 @@ def act_quant(
             x2, q, s, M, K, x2.stride(0), q.stride(0), *s.stride(), **_flags(fmt, ue8m0, exact),
             BLOCK_M=BLOCK_M, BLOCK=block, num_warps=4,
         )
-    if x.dim() == 2:
-        return q, s
     return q.view(*x.shape), s.view(*x.shape[:-1], nb)
 
 
@@ -405,7 +404,7 @@ def act_quant_both(
     x = _tokens_by_features(x, "act_quant_both")
     M, K = x.shape
     q = _buf(out, 0, (M, K), dtype, x.device)
-    s = _scales_t(out, 1, M, math.ceil(K / block), x.device)
+    s = _buf(out, 1, (M, math.ceil(K / block)), torch.float32, x.device)  # row-major: see _scales_t
     qt = _buf(out, 2, (K, M), dtype, x.device)
     st = _scales_t(out, 3, K, math.ceil(M / block), x.device)
     if M and K:
@@ -861,8 +860,8 @@ def cublas_fp8_gemm(
     4e3 times max |C| off at 64 x 256 x 256), so a shape where the two differ by more than 2^-7 of max |C| stays on
     the Triton GEMM (that call returns the Triton result). Where it is right it ran the FP8 linear's GEMMs at
     1030-1205 TFLOP/s where the Triton GEMM ran 601-907 (bench/results/fp8_linear_gemms.md), so the FP8 linear
-    takes it first (``minids.fp8.LINEAR_GEMM``). a_s is read M-major as the quantization kernels write it (copied
-    otherwise)."""
+    takes it first (``minids.fp8.LINEAR_GEMM``). cuBLAS reads a_s M-major: act_quant's row-major scales are copied
+    (a (M, K/128) float32 copy; the Triton GEMM reads them faster row-major, see ``_scales_t``)."""
     M, K = a.shape
     N = b.shape[0]
     if (block != 128 or K % 128 or N % 16 or out_dtype != torch.bfloat16 or a.dtype != torch.float8_e4m3fn
