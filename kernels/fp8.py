@@ -830,8 +830,9 @@ def _cublas_blockwise_device(index: int) -> bool:
     g = torch.Generator(device=dev).manual_seed(0)
     a, a_s = act_quant(torch.randn(256, 512, device=dev, generator=g).bfloat16())
     b, b_s = weight_quant(torch.randn(384, 512, device=dev, generator=g).bfloat16())
-    try:
-        c = torch._scaled_mm(a, b.t(), scale_a=a_s, scale_b=b_s.t(), out_dtype=torch.bfloat16).float()
+    try:  # a_s M-major, as cublas_fp8_gemm passes it
+        c = torch._scaled_mm(a, b.t(), scale_a=a_s.t().contiguous().t(), scale_b=b_s.t(),
+                             out_dtype=torch.bfloat16).float()
     except (RuntimeError, ValueError, TypeError) as e:  # no block-wise form in this torch / cuBLAS / GPU
         CUBLAS_PROBE[index] = f"refused: {type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
         return False
