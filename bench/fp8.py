@@ -19,7 +19,11 @@ Measured in one process, side by side:
 - ``plans``: at M = 64 and 128, every (BLOCK_N, split-K) the small-M heuristic (kfp8._gemm_plan) chooses from, timed
   from CUDA graphs, against its choice;
 - the FP8 linear (``fp8: real``) forward + backward against bf16 F.linear and against the simulation (``sim``);
-- ``linear_kernels``: that forward + backward's CUDA time per kernel, FP8 real beside bf16 (where the time goes).
+- ``linear_kernels``: that forward + backward's CUDA time per kernel, FP8 real beside bf16 (where the time goes);
+- ``linear_gemms``: its three GEMMs one by one (Fprop, Dgrad, Wgrad): the Triton GEMM, block-scaled torch._scaled_mm
+  where a layout works, bf16 cuBLAS on the same dimensions;
+- ``host``: host microseconds per call of each wrapper and of the FP8 linear step (small shapes, so the host is the
+  bottleneck), a bare Triton launch and torch's own calls beside them, and a cProfile of the linear step.
 """
 
 from __future__ import annotations
