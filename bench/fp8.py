@@ -397,7 +397,7 @@ def bench_host(rows: list, out: Path) -> None:
     xl = x.clone().requires_grad_()
     wl = (w * 0.02).requires_grad_()
     dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
-    q_raw, s_raw = torch.empty_like(xq), torch.empty(K // 128, M, device="cuda")  # act_quant's outputs, M-major scales
+    q_raw, s_raw = torch.empty_like(xq), torch.empty(M, K // 128, device="cuda")  # act_quant's outputs
     flags = kfp8._flags("e4m3", False, None)
 
     def linear(fn):
@@ -415,7 +415,7 @@ def bench_host(rows: list, out: Path) -> None:
         "fp8_gemm M=256 (plan, split)": lambda: kfp8.fp8_gemm(xq, xs, wq, ws),
         "fp8_gemm M=4096 (fixed variant)": lambda: kfp8.fp8_gemm(big_a, big_s, wq, ws),
         "raw launch: _act_quant_kernel[grid](...)": lambda: kfp8._act_quant_kernel[(M // 16, K // 128)](
-            x, q_raw, s_raw, M, K, K, K, 1, M, **flags, BLOCK_M=16, BLOCK=128, num_warps=4),
+            x, q_raw, s_raw, M, K, K, K, K // 128, 1, **flags, BLOCK_M=16, BLOCK=128, num_warps=4),
         "fp8 linear fwd+bwd (real)": linear(lambda a, b: ref.fp8_linear(a, b, real=True)),
         "torch: x.abs().amax()": lambda: x.abs().amax(),
         "torch: torch._scaled_mm per-tensor": lambda: torch._scaled_mm(
@@ -423,7 +423,7 @@ def bench_host(rows: list, out: Path) -> None:
             out_dtype=torch.bfloat16),
         "torch: F.linear fwd+bwd (bf16)": linear(F.linear),
     }
-    print(f"block-scaled cuBLAS for the FP8 linear: {kfp8._cublas_blockwise_device(0)} "
+    print(f"block-scaled cuBLAS for the FP8 linear: {kfp8._cublas_device_ok(0)} "
           f"({kfp8.CUBLAS_PROBE.get(0)})", flush=True)
     for name, fn in cases.items():
         us = _host_us(fn)

@@ -43,6 +43,8 @@ def main() -> None:
     p.add_argument("--wgrad", action="store_true", help="the Wgrad form (1x128 scales on both operands, K = tokens)")
     p.add_argument("--rowmajor-scales", action="store_true", help="--wgrad with the scales copied row-major")
     args = p.parse_args()
+    if args.rowmajor_scales and not args.wgrad:
+        p.error("--rowmajor-scales applies to --wgrad only")
     if args.cpu_smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are defined: before minids.kernels is imported
     t_start = time.time()
@@ -198,7 +200,8 @@ def main() -> None:
     write_results(out, name + ("-cpu-smoke" if args.cpu_smoke else ""), meta, rows, columns,
                   "TFLOP/s = 2MNK / median ms (CUDA events, L2 flushed) of kfp8.fp8_gemm(variant=...) with each "
                   "variant's fixed config (kfp8.GEMM_VARIANTS; configs per row in the JSON); bf16: torch.matmul; "
-                  "scaled_mm: block-wise torch._scaled_mm. A variant absent for a shape has no config for that M.")
+                  "scaled_mm: block-wise torch._scaled_mm (row-wise where this torch has no block-wise form for these scales: "
+                  "scaled_mm_form in the JSON). A variant absent for a shape has no config for that M.")
     print(f"wrote {out}/fp8_gemm_sweep*.json; {time.time() - t_start:.0f} s in all")
     if failed or broken:
         sys.exit(1)

@@ -289,12 +289,16 @@ def _buf(out, i: int, shape, dtype: torch.dtype, device) -> torch.Tensor:
 
 def _scales_t(out, i: int, rows: int, nb: int, device) -> torch.Tensor:
     """The (rows, nb) float32 scales of a 128x1 quantization (act_quant_t, act_quant_both's second): ``out[i]`` if
-    given, else stored block-major (nb, rows) and returned as its transposed view ("M-major"). The Wgrad GEMM reads
-    one K step's scales of all its tile's rows and columns at once (32 columns a thread), and in this layout they are
-    adjacent: on the H200 it ran at 515-829 TFLOP/s with these against 325-376 with row-major scales. The 1x128 scales
+    given (contiguous, or M-major itself: strides (1, rows)), else stored block-major (nb, rows) and returned as its
+    transposed view ("M-major"). The Wgrad GEMM reads one K step's scales of all its tile's rows and columns at once
+    (32 columns a thread), and in this layout they are adjacent: on the H200 (fp8_gemm_sweep-wgrad*.md, 4096 tokens)
+    tma_s4 ran at 515-666 TFLOP/s with these against 337-383 with row-major scales, m64 at 750-829 against
+    584-641. The 1x128 scales
     of act_quant stay row-major: the Fprop / Dgrad GEMM reads two rows a thread, and row-major keeps a row's
     successive K steps in one cache line (4096 x 7168 x 16384: 889-907 TFLOP/s against 812-825 M-major, H200);
     block-scaled cuBLAS, which wants them M-major, gets a copy (``cublas_fp8_gemm``)."""
+    if out is not None and out[i].stride() == (1, rows) and out[i].shape == (rows, nb) and out[i].dtype == torch.float32:
+        return out[i]
     if out is not None:
         return _buf(out, i, (rows, nb), torch.float32, device)
     return torch.empty_strided((rows, nb), (1, rows), dtype=torch.float32, device=device)
@@ -384,7 +388,7 @@ def act_quant_t(
             if tuple(in_scale.shape) != want:
                 raise ValueError(f"act_quant_t: in_scale has shape {tuple(in_scale.shape)}, expected {want} for x of "
                                  f"shape {(M, K)} in 1x{in_block} tiles")
-            in_scale = in_scale.float()  # read through both strides (act_quant writes them M-major)
+            in_scale = in_scale.float()  # read through both strides (row-major from act_quant, or any other)
         xs = in_scale if in_scale is not None else s
         _act_quant_t_kernel[grid](
             x, xs, q, s, M, K, x.stride(0), *xs.stride(), q.stride(0), *s.stride(),
@@ -656,7 +660,7 @@ def _auto_variant(M: int, K: int, b_group: int = 128) -> str:
     849 / 625 / 877 TFLOP/s against base's 573 / 424 / 640 at K = 1536 / 512 / 2048), else 128 x 128 TMA tiles with
     four stages (964 at 4096 x 7168 x 16384, base 746); the Wgrad form (b_group 1: a (BLOCK_N,) vector of b scales
     per K step, a heavier promotion) takes the 64-row tiles at every K (750-829 TFLOP/s over 4096 tokens against
-    515-666 for tma_s4, fp8_gemm_sweep-wgrad.md); at M <= 256 the planned config ("base"). The interpreter runs
+    515-666 for tma_s4, fp8_gemm_sweep-wgrad.md; measured at K = 4096 tokens only); at M <= 256 the planned config ("base"). The interpreter runs
     "base" (small tiles); the tests run every named variant there."""
     if INTERPRET or _m_bucket(M) <= 256:
         return "base"
@@ -817,32 +821,49 @@ def fp8_gemm(
 
 # ----------------------------------------------------------------------------------------------- block-scaled cuBLAS
 CUBLAS_PROBE: dict[int, str] = {}  # device index -> what the probe found (printed by bench/fp8.py)
+_CUBLAS_DEVICE: dict[int, bool] = {}  # device index -> whether block-wise _scaled_mm runs right there (the probe's answer)
+_CUBLAS_CHECKED: dict = {}  # (device, M bucket, N, K) -> whether cuBLAS gave the Triton GEMM's product there
+_CUBLAS_REFUSED: set = set()  # (device, M, N, K) that torch._scaled_mm refused with an error
 
 
-@functools.cache
-def _cublas_blockwise_device(index: int) -> bool:
-    """Whether torch._scaled_mm takes DeepSeek's block-wise scales (1x128 for a, M-major; 128x128 for b) on CUDA device
-    ``index`` with this torch: one small product checked against the reference, once per device and process; what it
-    found goes into ``CUBLAS_PROBE``."""
+def _m_major(s: torch.Tensor) -> torch.Tensor:
+    """(rows, blocks) scales with strides (1, rows), as block-scaled cuBLAS reads activation scales (a copy if not)."""
+    return s if s.stride() == (1, s.shape[0]) else s.t().contiguous().t()
+
+
+def _scaled_mm_blockwise(a, a_s, b, b_s, out_dtype):
+    """torch._scaled_mm with 1x128 scales of a and 128x128 block scales of b, in the one layout torch 2.11 takes (a_s
+    M-major, b_s the transposed view of a contiguous (ceil(N/128), K/128) tensor)."""
+    sb = b_s if b_s.is_contiguous() else b_s.contiguous()
+    return torch._scaled_mm(a, b.t(), scale_a=_m_major(a_s), scale_b=sb.t(), out_dtype=out_dtype)
+
+
+def _cublas_device_ok(index: int) -> bool:
+    """Whether torch._scaled_mm takes DeepSeek's block-wise scales on CUDA device ``index`` with this torch: one
+    product (256 x 384 x 512) through ``_scaled_mm_blockwise`` checked against the reference, once per device and
+    process; what it found goes into ``CUBLAS_PROBE``."""
+    ok = _CUBLAS_DEVICE.get(index)
+    if ok is not None:
+        return ok
     from minids import fp8 as ref
 
     dev = torch.device("cuda", index)
     g = torch.Generator(device=dev).manual_seed(0)
-    a, a_s = act_quant(torch.randn(256, 512, device=dev, generator=g).bfloat16())
-    b, b_s = weight_quant(torch.randn(384, 512, device=dev, generator=g).bfloat16())
-    try:  # a_s M-major, as cublas_fp8_gemm passes it
-        c = torch._scaled_mm(a, b.t(), scale_a=a_s.t().contiguous().t(), scale_b=b_s.t(),
-                             out_dtype=torch.bfloat16).float()
-    except (RuntimeError, ValueError, TypeError) as e:  # no block-wise form in this torch / cuBLAS / GPU
-        CUBLAS_PROBE[index] = f"refused: {type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
-        return False
-    want = ref.fp8_gemm(a, a_s, b, b_s, torch.float32)
-    err = ((c - want).abs().max() / want.abs().max()).item()
-    CUBLAS_PROBE[index] = f"max error {err:.2e} of max |C| (bound 2^-7: a wrong layout gives errors near 1)"
-    return err <= 2.0**-7
-
-
-_CUBLAS_CHECKED: dict = {}  # (M bucket, N, K) -> whether cuBLAS gave fp8_gemm's result there (checked on first use)
+    with torch.autocast("cuda", enabled=False):  # the reference's float32 matmuls, not autocast's bf16 ones
+        a, a_s = act_quant(torch.randn(256, 512, device=dev, generator=g).bfloat16())
+        b, b_s = weight_quant(torch.randn(384, 512, device=dev, generator=g).bfloat16())
+        try:
+            c = _scaled_mm_blockwise(a, a_s, b, b_s, torch.bfloat16).float()
+        except (RuntimeError, ValueError, TypeError) as e:  # no block-wise form in this torch / cuBLAS / GPU
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            CUBLAS_PROBE[index], ok = f"refused: {type(e).__name__}: {first}", False
+        else:
+            want = ref.fp8_gemm(a, a_s, b, b_s, torch.float32)
+            err = ((c - want).abs().max() / want.abs().max()).item()
+            CUBLAS_PROBE[index] = f"max error {err:.2e} of max |C| (bound 2^-7: a wrong layout gives errors near 1)"
+            ok = err <= 2.0**-7
+    _CUBLAS_DEVICE[index] = ok
+    return ok
 
 
 def cublas_fp8_gemm(
@@ -851,38 +872,52 @@ def cublas_fp8_gemm(
 ) -> torch.Tensor | None:
     """The weight form of ``fp8_gemm`` (1x128 scales of a, 128x128 block scales of b; same arguments, same result up to
     the order of float32 additions) on block-scaled cuBLAS through torch._scaled_mm, or None where that does not run
-    or is not right.
+    or is not right; the FP8 linear takes it first for Fprop and Dgrad (``minids.fp8.LINEAR_GEMM``). Where it is
+    right it ran those GEMMs at 1030-1205 TFLOP/s where the Triton GEMM ran 601-907 (H200,
+    bench/results/fp8_linear_gemms.md, timed there without the a_s copy below).
 
-    None without trying where there is no block-wise form in this torch or GPU (probed once per device), K is not a
-    multiple of 128 or N of 16, the output is not bf16 (the one measured), or b has 1x128 scales (the Wgrad form:
-    "Invalid scaling configuration" in torch 2.11). The first call of each (M bucket, N, K) also runs the Triton GEMM
-    and compares: torch 2.11 refused some shapes (CUBLAS_STATUS_NOT_SUPPORTED at M = 1 and 127) and, worse, gave
-    wrong products without an error at others (on the H200, wherever ceil(N/128) >= K/128 among the shapes tried:
-    4e3 times max |C| off at 64 x 256 x 256), so a shape where the two differ by more than 2^-7 of max |C| stays on
-    the Triton GEMM (that call returns the Triton result). Where it is right it ran the FP8 linear's GEMMs at
-    1030-1205 TFLOP/s where the Triton GEMM ran 601-907 (bench/results/fp8_linear_gemms.md), so the FP8 linear
-    takes it first (``minids.fp8.LINEAR_GEMM``). cuBLAS reads a_s M-major: act_quant's row-major scales are copied
-    (a (M, K/128) float32 copy; the Triton GEMM reads them faster row-major, see ``_scales_t``)."""
+    None without trying: no CUDA tensors, no block-wise form in this torch or GPU (probed once per device), an output
+    dtype other than bf16 (the one measured: a float32 Dgrad output, fp32 activations under autocast, stays on
+    Triton), M = 0 or not a multiple of 4 (torch 2.11 refused M = 1 and 127 with CUBLAS_STATUS_NOT_SUPPORTED), K not a
+    multiple of 512 (four 128-wide K blocks: torch 2.11 passes cuBLAS a block-scale tensor it requires padded to a
+    multiple of four blocks and gave wrong products without an error otherwise, 4e3 to 2e22 times max |C| off at
+    64 x 256 x 256, 300 x 512 x 384, 300 x 384 x 128, 256 x 256 x 2112 on the H200; the cause reported in
+    pytorch/pytorch PR 166752), N not a multiple of 16, or 1x128 scales of b (the Wgrad form: refused with row-major
+    scales; with M-major ones the sweep's _scaled_mm column ran it at 880-942 TFLOP/s, fp8_gemm_sweep-wgrad.md, but
+    it is not wired here yet). A shape torch refused before stays refused.
+
+    The first call of each (device, M bucket, N, K) also runs the Triton GEMM and compares (one extra GEMM and one
+    synchronization); where they differ by more than 2^-7 of max |C| that call returns the Triton product and the
+    shape stays on Triton (a first product of zeros decides nothing). Inside a CUDA-graph capture or torch.compile a
+    device or shape not yet decided takes the Triton GEMM (None): deciding synchronizes. a_s is read M-major:
+    act_quant's row-major scales are copied (a (M, K/128) float32 copy; the Triton GEMM reads them faster row-major,
+    see ``_scales_t``)."""
+    if not a.is_cuda:
+        return None
     M, K = a.shape
     N = b.shape[0]
-    if (block != 128 or K % 128 or N % 16 or out_dtype != torch.bfloat16 or a.dtype != torch.float8_e4m3fn
-            or b.dtype != torch.float8_e4m3fn or b_s.shape[0] != -(-N // 128) or b_s.shape[0] == N
-            or not _cublas_blockwise_device(a.device.index or 0)):
+    if (block != 128 or M == 0 or M % 4 or K % 512 or N % 16 or out_dtype != torch.bfloat16
+            or a.dtype != torch.float8_e4m3fn or b.dtype != torch.float8_e4m3fn
+            or b_s.shape[0] != _cdiv(N, 128) or b_s.shape[0] == N):
         return None
-    key = (_m_bucket(M), N, K)
-    if _CUBLAS_CHECKED.get(key) is False:
+    index = a.device.index or 0
+    key = (index, _m_bucket(M), N, K)
+    decided = index in _CUBLAS_DEVICE and key in _CUBLAS_CHECKED
+    if not decided and (torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()):
         return None
-    sa = a_s if a_s.stride(0) == 1 else a_s.t().contiguous().t()
-    sb = b_s if b_s.is_contiguous() else b_s.contiguous()
+    if not _cublas_device_ok(index) or _CUBLAS_CHECKED.get(key) is False or (index, M, N, K) in _CUBLAS_REFUSED:
+        return None
     try:
-        c = torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb.t(), out_dtype=out_dtype)
+        c = _scaled_mm_blockwise(a, a_s, b, b_s, out_dtype)
     except RuntimeError:
-        _CUBLAS_CHECKED[key] = False
+        _CUBLAS_REFUSED.add((index, M, N, K))
         return None
     if key not in _CUBLAS_CHECKED:
         want = fp8_gemm(a, a_s, b, b_s, out_dtype, block)
-        ok = ((c.float() - want.float()).abs().max() <= 2.0**-7 * want.float().abs().max()).item()
-        _CUBLAS_CHECKED[key] = ok
+        top = want.float().abs().max()
+        ok = ((c.float() - want.float()).abs().max() <= 2.0**-7 * top).item()
+        if top.item() > 0:
+            _CUBLAS_CHECKED[key] = ok
         if not ok:
             return want
     return c

@@ -175,6 +175,10 @@ def _call_every_kernel() -> None:
     for variant in fp8.GEMM_VARIANTS:
         fp8.fp8_gemm(q8, s8, w8, ws, variant=variant)
     fp8.fp8_gemm(q8[:7], s8[:7], q8, s8)  # Wgrad form: both operands 1 x 128-scaled
+    # the Wgrad form as the FP8 linear runs it: 128 x 1 scales of both operands M-major, the 64-row tiles (M > 256)
+    dyt, dyt_s = fp8.act_quant_t(rnd(256, 384))
+    xt, xt_s = fp8.act_quant_t(rnd(256, 136))
+    fp8.fp8_gemm(dyt, dyt_s, xt, xt_s, variant="m64")
 
 
 # modules whose autotuners, with autotuning off, run their first config (the others then take a fixed config

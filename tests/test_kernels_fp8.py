@@ -423,43 +423,66 @@ def test_fp8_linear_real_on_kernels_equals_simulation(M, K, N, exact, monkeypatc
         assert err <= tol, f"{name}: {err:.2e}"
 
 
-@pytest.mark.skipif(DEV != "cuda", reason="block-scaled cuBLAS (torch._scaled_mm) runs on CUDA only")
-@pytest.mark.parametrize("M,N,K", [(1, 256, 128), (127, 2112, 512), (300, 384, 1024), (64, 256, 256),
-                                   (512, 2112, 7168), (256, 7168, 2048)])
-def test_cublas_fp8_gemm_matches_reference(M, N, K, monkeypatch):
-    """The weight-form GEMM on block-scaled cuBLAS gives the reference's result wherever it runs (fresh inputs, M tails,
-    a partial 128-row weight block at N = 2112), including shapes where torch 2.11's cuBLAS refuses (M = 1, 127) or
-    computes a wrong product (64 x 256 x 256: the first-call check catches it), and runs at the shapes it gets right;
-    it declines, with None, the forms it cannot take."""
-    if not kfp8._cublas_blockwise_device(torch.cuda.current_device()):
+def cublas_or_skip():
+    if not kfp8._cublas_device_ok(torch.cuda.current_device()):
         pytest.skip("this torch / GPU has no block-wise torch._scaled_mm (the FP8 linear then runs the Triton GEMM)")
+
+
+# (M, N, K) and whether cuBLAS takes the shape: M a multiple of 4 and K of 512 (torch 2.11 refused M = 1 and 127 and
+# computed wrong products at K = 256, 384, 128, 2112 on the H200)
+CUBLAS_SHAPES = [(1, 256, 512, False), (127, 2112, 512, False), (64, 256, 256, False), (300, 384, 1024, True),
+                 (512, 2112, 7168, True), (256, 7168, 2048, True)]
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="block-scaled cuBLAS (torch._scaled_mm) runs on CUDA only")
+@pytest.mark.parametrize("M,N,K,runs", CUBLAS_SHAPES)
+def test_cublas_fp8_gemm_matches_reference(M, N, K, runs, monkeypatch):
+    """The weight-form GEMM on block-scaled cuBLAS gives the reference's result (fresh inputs, M tails, a partial
+    128-row weight block at N = 2112) on the shapes it takes, for the first M of a bucket (checked against the Triton
+    GEMM) and another one; it declines, with None, the shapes and forms it cannot take."""
+    cublas_or_skip()
     monkeypatch.setattr(kfp8, "_CUBLAS_CHECKED", {})
-    for seed in (0, 1):  # the first call checks against the Triton GEMM; the second runs on what it decided
-        a, a_s, b, b_s = gemm_operands(M, N, K, False, seed=M + N + K + seed)
+    for m in (M, M - 4 if M > 4 else M):  # the first call decides the (M bucket, N, K); the second runs on it
+        a, a_s, b, b_s = gemm_operands(m, N, K, False, seed=m + N + K)
         c = kfp8.cublas_fp8_gemm(a, a_s, b, b_s, torch.bfloat16)
-        cr = ref.fp8_gemm(a, a_s, b, b_s, torch.float32)
-        if c is not None:
-            assert c.shape == (M, N) and c.dtype == torch.bfloat16
+        assert (c is not None) == runs
+        if runs:
+            cr = ref.fp8_gemm(a, a_s, b, b_s, torch.float32)
+            assert c.shape == (m, N) and c.dtype == torch.bfloat16
             assert (c.float() - cr).abs().max() / cr.abs().max() <= TOL
-    if (M, N, K) in [(300, 384, 1024), (512, 2112, 7168)]:  # measured right with torch 2.11 on the H200
-        assert kfp8._CUBLAS_CHECKED[(kfp8._m_bucket(M), N, K)] is True
+    if runs:
+        assert kfp8._CUBLAS_CHECKED[(torch.cuda.current_device(), kfp8._m_bucket(M), N, K)] is True
     a2, a2_s, b2, b2_s = gemm_operands(M, N, K + 16, False, seed=1)  # K not a multiple of 128
     assert kfp8.cublas_fp8_gemm(a2, a2_s, b2, b2_s) is None
     a3, a3_s, b3, b3_s = gemm_operands(M, N, K, True, seed=2)  # 1x128 scales of b (the Wgrad form)
     assert kfp8.cublas_fp8_gemm(a3, a3_s, b3, b3_s) is None
+    assert kfp8.cublas_fp8_gemm(a[:0], a_s[:0], b, b_s) is None  # no rows
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="block-scaled cuBLAS (torch._scaled_mm) runs on CUDA only")
+def test_cublas_fp8_gemm_zero_first_product_decides_nothing(monkeypatch):
+    """A first product of zeros (it would match any product) does not settle the shape: the next call checks again."""
+    cublas_or_skip()
+    monkeypatch.setattr(kfp8, "_CUBLAS_CHECKED", {})
+    M, N, K = 256, 384, 1024
+    a, a_s, b, b_s = gemm_operands(M, N, K, False, seed=3)
+    zero = torch.zeros_like(a)
+    c = kfp8.cublas_fp8_gemm(zero, a_s, b, b_s)
+    assert c is not None and not c.any() and not kfp8._CUBLAS_CHECKED
+    kfp8.cublas_fp8_gemm(a, a_s, b, b_s)
+    assert kfp8._CUBLAS_CHECKED == {(torch.cuda.current_device(), kfp8._m_bucket(M), N, K): True}
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="block-scaled cuBLAS (torch._scaled_mm) runs on CUDA only")
 def test_fp8_linear_real_same_on_cublas_and_triton(monkeypatch):
-    """fp8 'real' with Fprop and Dgrad on block-scaled cuBLAS where it is right (LINEAR_GEMM "auto") gives the
-    all-Triton values and gradients up to the order of float32 additions; in_features = 2112 (not a multiple of 128)
-    takes the Triton GEMM for that layer's Fprop."""
-    if not kfp8._cublas_blockwise_device(torch.cuda.current_device()):
-        pytest.skip("this torch / GPU has no block-wise torch._scaled_mm (the FP8 linear then runs the Triton GEMM)")
+    """fp8 'real' with Fprop and Dgrad on block-scaled cuBLAS where it runs (LINEAR_GEMM "auto") gives the all-Triton
+    values and gradients up to the order of float32 additions; in_features = 2112 and out_features = 256 (K of Fprop
+    and of Dgrad not multiples of 512) keep that layer on the Triton GEMM."""
+    cublas_or_skip()
     ran = []
     cublas = kfp8.cublas_fp8_gemm
     monkeypatch.setattr(kfp8, "cublas_fp8_gemm", lambda *a: ran.append(cublas(*a)) or ran[-1])
-    for M, K, N in [(512, 1024, 256), (256, 2112, 256)]:
+    for M, K, N in [(512, 1024, 512), (256, 2112, 256)]:
         x = rand(M, K, seed=M, spread=False).bfloat16().requires_grad_()
         w = (rand(N, K, seed=K, spread=False) * 0.05).bfloat16().requires_grad_()
         dy = rand(M, N, seed=N, spread=False).bfloat16()
@@ -472,7 +495,16 @@ def test_fp8_linear_real_same_on_cublas_and_triton(monkeypatch):
             results.append((y.detach().float(), x.grad.float(), w.grad.float()))
         for name, got, want in zip(("y", "dx", "dw"), results[1], results[0]):
             assert (got - want).abs().max() / want.abs().max() <= TOL, name
-    assert len(ran) == 4 and ran[0] is not None and ran[2] is None  # Fprop 512 x 256 x 1024 on cuBLAS; K = 2112 not
+    assert [c is not None for c in ran] == [True, True, False, False]  # Fprop and Dgrad of the first layer
+
+
+def test_wgrad_form_takes_64_row_tiles_on_the_gpu(monkeypatch):
+    """The default variant rule outside the interpreter: the Wgrad form (1x128 scales of b) takes the 64-row tiles at
+    every K above 256 rows, the weight form only where K <= 2048 (bench/results/fp8_gemm_sweep*.md)."""
+    monkeypatch.setattr(kfp8, "INTERPRET", False)
+    assert kfp8._auto_variant(4096, 4096, 1) == "m64" and kfp8._auto_variant(4096, 16384, 1) == "m64"
+    assert kfp8._auto_variant(4096, 4096, 128) == "tma_s4" and kfp8._auto_variant(4096, 2048, 128) == "m64"
+    assert kfp8._auto_variant(128, 4096, 1) == "base"
 
 
 def test_fp8_linear_real_bf16_weight_gradient_is_the_rounded_float32_one():
@@ -558,9 +590,10 @@ def test_activation_scales_layouts():
     assert s3.shape == (3, 100, 2) and torch.equal(s3.reshape(300, 2), s_ref)
     _, xt_s = kfp8.act_quant_t(q, in_scale=token_block_major(s))  # an M-major in_scale read through its strides
     assert torch.equal(xt_s, ref.act_quant_t(q, in_scale=s_ref)[1])
-    out = (torch.empty(136, 300, dtype=torch.float8_e4m3fn, device=DEV), torch.empty(136, 3, device=DEV))
-    _, s_out = kfp8.act_quant_t(x, out=out)
-    assert s_out.data_ptr() == out[1].data_ptr() and torch.equal(s_out, st_ref)
+    for s_buf in (torch.empty(136, 3, device=DEV), torch.empty(3, 136, device=DEV).t()):  # row-major or M-major
+        out = (torch.empty(136, 300, dtype=torch.float8_e4m3fn, device=DEV), s_buf)
+        _, s_out = kfp8.act_quant_t(x, out=out)
+        assert s_out.data_ptr() == s_buf.data_ptr() and torch.equal(s_out, st_ref)
 
 
 @pytest.mark.parametrize("variant", sorted(kfp8.GEMM_VARIANTS) if HAVE_TRITON else [])
