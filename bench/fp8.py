@@ -269,6 +269,14 @@ def bench_plans(rows: list) -> None:
                   flush=True)
 
 
+def _linear_step(fn, x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor):
+    """A closure running one forward + backward of fn(x, w) with output gradient dy, the gradients reset first."""
+    def run():
+        x.grad = w.grad = None
+        fn(x, w).backward(dy)
+    return run
+
+
 def bench_linear(rows: list, quick: bool) -> None:
     """Forward + backward of one linear layer (x (M, K) bf16 -> (M, N)) in bf16, fp8 real and fp8 sim."""
     M = 4096
@@ -277,17 +285,10 @@ def bench_linear(rows: list, quick: bool) -> None:
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         w = (torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02).requires_grad_()
         dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
-
-        def step(fn):
-            def run():
-                x.grad = w.grad = None
-                fn(x, w).backward(dy)
-            return run
-
         times = {
-            "bf16": median_ms(step(F.linear)),
-            "fp8_real": median_ms(step(lambda a, b: ref.fp8_linear(a, b, real=True))),
-            "fp8_sim": median_ms(step(lambda a, b: ref.fp8_linear(a, b))),
+            "bf16": median_ms(_linear_step(F.linear, x, w, dy)),
+            "fp8_real": median_ms(_linear_step(lambda a, b: ref.fp8_linear(a, b, real=True), x, w, dy)),
+            "fp8_sim": median_ms(_linear_step(lambda a, b: ref.fp8_linear(a, b), x, w, dy)),
         }
         flop = 6 * M * N * K
         row = {"M": M, "N": N, "K": K, **{f"{k}_ms": v for k, v in times.items()},
@@ -309,11 +310,7 @@ def bench_linear_kernels(rows: list, quick: bool) -> None:
         w = (torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02).requires_grad_()
         dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
         for impl, fn in (("bf16", F.linear), ("fp8_real", lambda a, b: ref.fp8_linear(a, b, real=True))):
-            def run(fn=fn, x=x, w=w, dy=dy):
-                x.grad = w.grad = None
-                fn(x, w).backward(dy)
-
-            per = kernel_ms(run, reps=10)  # its warm-up compiles and autotunes outside the profile
+            per = kernel_ms(_linear_step(fn, x, w, dy), reps=10)  # its warm-up compiles and autotunes outside the profile
             total = sum(per.values())
             for name, ms in sorted(per.items(), key=lambda kv: -kv[1]):
                 rows.append({"M": M, "N": N, "K": K, "impl": impl, "kernel": name[:90], "ms": ms,
@@ -401,10 +398,7 @@ def bench_host(rows: list, out: Path) -> None:
     flags = kfp8._flags("e4m3", False, None)
 
     def linear(fn):
-        def run():
-            xl.grad = wl.grad = None
-            fn(xl, wl).backward(dy)
-        return run
+        return _linear_step(fn, xl, wl, dy)
 
     cases = {
         "act_quant": lambda: kfp8.act_quant(x),
