@@ -652,3 +652,15 @@ def test_limited_acc_bad_promotion():
     with pytest.raises(ValueError, match="chunk"):
         matmul_limited_acc(a, b, promote_every=48, chunk=32)
     matmul_limited_acc(a, b, promote_every=128)  # a multiple of the chunk: fine
+
+
+def test_fp8_linear_gemm_choice_is_checked(monkeypatch):
+    """MINIDS_FP8_LINEAR_GEMM takes "auto" or "triton"; anything else is one clear error when a real FP8 linear runs."""
+    import minids.fp8 as fp8_module
+
+    monkeypatch.setattr(fp8_module, "LINEAR_GEMM", "cublas-only")
+    x, w = torch.randn(4, 256), torch.randn(128, 256)
+    with pytest.raises(ValueError, match="MINIDS_FP8_LINEAR_GEMM='cublas-only': one of auto, triton"):
+        fp8_linear(x, w, real=True)
+    monkeypatch.setattr(fp8_module, "LINEAR_GEMM", "triton")
+    assert fp8_linear(x, w, real=True).shape == (4, 128)
