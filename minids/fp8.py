@@ -214,9 +214,10 @@ def _ops(t: torch.Tensor, use_kernels: bool | None = None):
 
 # Where the FP8 linear's Fprop and Dgrad GEMMs run on CUDA (the two with 128x128 weight blocks): "auto" takes block-scaled
 # cuBLAS (torch._scaled_mm, ``minids.kernels.fp8.cublas_fp8_gemm``) where this torch, the GPU and the shape allow it and
-# the Triton GEMM elsewhere; "triton" takes the Triton GEMM for all three. Wgrad (1x128 scales on both operands, which
-# torch 2.11's _scaled_mm refuses) always runs on the Triton GEMM. Set MINIDS_FP8_LINEAR_GEMM=triton to measure or
-# test the Triton kernels alone.
+# the Triton GEMM elsewhere; "triton" takes the Triton GEMM for all three. Wgrad (1x128 scales on both operands) runs on
+# the Triton GEMM: torch 2.11's _scaled_mm refuses that form with row-major scales and takes it with M-major ones (880-942
+# TFLOP/s in bench/results/fp8_gemm_sweep-wgrad.md), not yet wired here. Set MINIDS_FP8_LINEAR_GEMM=triton to measure
+# or test the Triton kernels alone.
 LINEAR_GEMM = os.environ.get("MINIDS_FP8_LINEAR_GEMM", "auto")
 
 
