@@ -436,85 +436,83 @@ def bench_host(rows: list, out: Path) -> None:
     print("\n".join(buf.getvalue().splitlines()[:40]), flush=True)
 
 
+SECTIONS = ("quant", "tiles", "gemm", "plans", "linear", "linear_kernels", "linear_gemms", "host")  # --only, in order
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--quick", action="store_true")
     p.add_argument("--only", default="quant,gemm,linear",
-                   help="any of quant,tiles,gemm,plans,linear,linear_kernels,linear_gemms,host")
+                   help="any of " + ",".join(SECTIONS))
     args = p.parse_args()
+    only = args.only.split(",")
+    unknown = set(only) - set(SECTIONS)
+    if unknown:
+        p.error(f"--only: unknown {sorted(unknown)}; any of {','.join(SECTIONS)}")
     meta = metadata()
     copy_gbs, bf16_peak, fp8_peak = copy_bandwidth_gbs(), matmul_tflops(), fp8_scaled_mm_tflops()
     meta.update({"copy_GB/s": copy_gbs, "bf16_matmul_TFLOPs": bf16_peak, "fp8_scaled_mm_8192_TFLOPs": fp8_peak})
     print(f"{meta['device']}: copy {copy_gbs:.0f} GB/s, bf16 matmul {bf16_peak:.0f} TFLOP/s, "
           f"fp8 per-tensor scaled_mm {fp8_peak:.0f} TFLOP/s", flush=True)
-    only = args.only.split(",")
     suffix = "-quick" if args.quick else ""
-    if "quant" in only:
-        rows: list = []
-        bench_quant(rows, copy_gbs, args.quick)
-        write_results(args.out, f"fp8_quant{suffix}", meta, rows,
-                      ["kernel", "shape", "ms", "GB/s", "frac_copy", "exact_GB/s", "fast_differs", "ref_GB/s"],
-                      "Effective GB/s = bytes read + bytes written (FP8 values and float32 scales) / median time. "
-                      "GB/s: the fast mode (exact=False, the default); exact_GB/s: exact=True (bit-exact); "
-                      "fast_differs: fraction of FP8 values where the two differ (by one FP8 step).")
-    if "tiles" in only:
-        rows = []
-        bench_tiles(rows, copy_gbs)
-        write_results(args.out, f"fp8_tiles{suffix}", meta, rows,
-                      ["kernel", "features", "num_warps", "GB/s", "frac_copy", "default"],
-                      "Fast mode, 8192x7168 bf16 (weights 7168x7168): a program quantizes 128 tokens x `features`.")
-    if "gemm" in only:
-        rows = []
-        bench_gemm(rows, bf16_peak, fp8_peak, args.quick)
-        write_results(args.out, f"fp8_gemm{suffix}", meta, rows,
-                      ["M", "N", "K", "minids_triton", "triton_graph", "heuristic_graph", "torch_scaled_mm",
-                       "scaled_mm_graph", "bf16_cublas", "reference", "official_issue", "vs_official", "vs_scaled_mm",
-                       "vs_bf16", "variant", "plan", "max_rel_err"],
-                      "TFLOP/s = 2MNK / median time. *_graph: replayed from a CUDA graph (no host launch overhead); "
-                      "heuristic: MINIDS_AUTOTUNE=0's config (base variant only: the others run a fixed config); "
-                      "variant: what fp8_gemm ran (kfp8._auto_variant); plan: BLOCK_MxBLOCK_N/split-K it ran. "
-                      "official_issue: the official DeepSeek-V3 fp8_gemm on this "
-                      "project's H200 as quoted in the issue (autotuned per M in a fresh process).")
-    if "plans" in only:
-        rows = []
-        bench_plans(rows)
-        write_results(args.out, f"fp8_gemm_plans{suffix}", meta, rows,
-                      ["M", "N", "K", "plan", "plan_TFLOPs", "best", "best_TFLOPs", "plan_vs_best", "all"],
-                      "Small-M GEMM, BLOCK_N/split-K: the heuristic's choice against every candidate it weighs "
-                      "(64-row tiles, default warps and stages), TFLOP/s from CUDA-graph replays.")
-    if "linear" in only:
-        rows = []
-        bench_linear(rows, args.quick)
-        write_results(args.out, f"fp8_linear{suffix}", meta, rows,
-                      ["M", "N", "K", "bf16_ms", "fp8_real_ms", "fp8_sim_ms", "real_speedup_vs_bf16",
-                       "sim_overhead_vs_bf16"],
-                      "One linear layer, forward + backward (6MNK FLOP): bf16 F.linear vs FP8LinearFunction real "
-                      "(Triton kernels: quantize x, W (+W^T), dy (both tilings), x^T; three block-scaled GEMMs) and "
-                      "sim (quantize-dequantize, float32 matmuls).")
-    if "linear_kernels" in only:
-        rows = []
-        bench_linear_kernels(rows, args.quick)
-        write_results(args.out, f"fp8_linear_kernels{suffix}", meta, rows,
-                      ["M", "N", "K", "impl", "kernel", "ms", "share", "step_kernel_ms"],
-                      "One linear layer's forward + backward: the summed CUDA time of each kernel per step "
-                      "(torch.profiler, 10 steps after 3 warm-up steps), bf16 F.linear and FP8LinearFunction real.")
-    if "linear_gemms" in only:
-        rows = []
-        bench_linear_gemms(rows, args.quick)
-        write_results(args.out, f"fp8_linear_gemms{suffix}", meta, rows,
-                      ["N", "K", "gemm", "m", "n", "k", "plan", "triton_TFLOPs", "triton_graph_TFLOPs",
-                       "scaled_mm_TFLOPs", "scaled_mm_layout", "bf16_TFLOPs"],
-                      "The FP8 linear's three GEMMs at 4096 tokens (m x n x k of each), TFLOP/s = 2mnk / median time: "
-                      "minids' Triton GEMM (and replayed from a CUDA graph), block-scaled torch._scaled_mm where a "
-                      "layout works (checked against the reference), bf16 cuBLAS on the same dimensions.")
-    if "host" in only:
-        rows = []
-        bench_host(rows, args.out)
-        write_results(args.out, f"fp8_host{suffix}", meta, rows, ["call", "host_us"],
-                      "Host microseconds per call (Python, autograd and the launch path), small shapes so that the GPU "
-                      "keeps up; cProfile of the FP8 linear step in fp8_host_profile.txt.")
-
+    # --only name: (run it, filling rows; results file; columns; notes)
+    sections = {
+        "quant": (
+            lambda rows_: bench_quant(rows_, copy_gbs, args.quick), "fp8_quant",
+            ["kernel", "shape", "ms", "GB/s", "frac_copy", "exact_GB/s", "fast_differs", "ref_GB/s"],
+            ("Effective GB/s = bytes read + bytes written (FP8 values and float32 scales) / median time. "
+             "GB/s: the fast mode (exact=False, the default); exact_GB/s: exact=True (bit-exact); "
+             "fast_differs: fraction of FP8 values where the two differ (by one FP8 step).")),
+        "tiles": (
+            lambda rows_: bench_tiles(rows_, copy_gbs), "fp8_tiles",
+            ["kernel", "features", "num_warps", "GB/s", "frac_copy", "default"],
+            ("Fast mode, 8192x7168 bf16 (weights 7168x7168): a program quantizes 128 tokens x `features`.")),
+        "gemm": (
+            lambda rows_: bench_gemm(rows_, bf16_peak, fp8_peak, args.quick), "fp8_gemm",
+            ["M", "N", "K", "minids_triton", "triton_graph", "heuristic_graph", "torch_scaled_mm",
+             "scaled_mm_graph", "bf16_cublas", "reference", "official_issue", "vs_official", "vs_scaled_mm",
+             "vs_bf16", "variant", "plan", "max_rel_err"],
+            ("TFLOP/s = 2MNK / median time. *_graph: replayed from a CUDA graph (no host launch overhead); "
+             "heuristic: MINIDS_AUTOTUNE=0's config (base variant only: the others run a fixed config); "
+             "variant: what fp8_gemm ran (kfp8._auto_variant); plan: BLOCK_MxBLOCK_N/split-K it ran. "
+             "official_issue: the official DeepSeek-V3 fp8_gemm on this "
+             "project's H200 as quoted in the issue (autotuned per M in a fresh process).")),
+        "plans": (
+            lambda rows_: bench_plans(rows_), "fp8_gemm_plans",
+            ["M", "N", "K", "plan", "plan_TFLOPs", "best", "best_TFLOPs", "plan_vs_best", "all"],
+            ("Small-M GEMM, BLOCK_N/split-K: the heuristic's choice against every candidate it weighs "
+             "(64-row tiles, default warps and stages), TFLOP/s from CUDA-graph replays.")),
+        "linear": (
+            lambda rows_: bench_linear(rows_, args.quick), "fp8_linear",
+            ["M", "N", "K", "bf16_ms", "fp8_real_ms", "fp8_sim_ms", "real_speedup_vs_bf16", "sim_overhead_vs_bf16"],
+            ("One linear layer, forward + backward (6MNK FLOP): bf16 F.linear vs FP8LinearFunction real "
+             "(Triton kernels: quantize x, W (+W^T), dy (both tilings), x^T; three block-scaled GEMMs) and "
+             "sim (quantize-dequantize, float32 matmuls).")),
+        "linear_kernels": (
+            lambda rows_: bench_linear_kernels(rows_, args.quick), "fp8_linear_kernels",
+            ["M", "N", "K", "impl", "kernel", "ms", "share", "step_kernel_ms"],
+            ("One linear layer's forward + backward: the summed CUDA time of each kernel per step "
+             "(torch.profiler, 10 steps after 3 warm-up steps), bf16 F.linear and FP8LinearFunction real.")),
+        "linear_gemms": (
+            lambda rows_: bench_linear_gemms(rows_, args.quick), "fp8_linear_gemms",
+            ["N", "K", "gemm", "m", "n", "k", "plan", "triton_TFLOPs", "triton_graph_TFLOPs", "scaled_mm_TFLOPs",
+             "scaled_mm_layout", "bf16_TFLOPs"],
+            ("The FP8 linear's three GEMMs at 4096 tokens (m x n x k of each), TFLOP/s = 2mnk / median time: "
+             "minids' Triton GEMM (and replayed from a CUDA graph), block-scaled torch._scaled_mm where a "
+             "layout works (checked against the reference), bf16 cuBLAS on the same dimensions.")),
+        "host": (
+            lambda rows_: bench_host(rows_, args.out), "fp8_host",
+            ["call", "host_us"],
+            ("Host microseconds per call (Python, autograd and the launch path), small shapes so that the GPU "
+             "keeps up; cProfile of the FP8 linear step in fp8_host_profile.txt.")),
+    }
+    assert tuple(sections) == SECTIONS
+    for key, (run, stem, columns, notes) in sections.items():
+        if key in only:
+            rows: list = []
+            run(rows)
+            write_results(args.out, f"{stem}{suffix}", meta, rows, columns, notes)
 
 if __name__ == "__main__":
     main()
