@@ -20,6 +20,7 @@ Measured in one process, side by side:
   from CUDA graphs, against its choice;
 - the FP8 linear (``fp8: real``) forward + backward against bf16 F.linear and against the simulation (``sim``);
 - ``linear_kernels``: that forward + backward's CUDA time per kernel, FP8 real beside bf16 (where the time goes);
+- ``scales``: the weight-form GEMM reading a's 1x128 scales row-major against M-major;
 - ``linear_gemms``: its three GEMMs one by one (Fprop, Dgrad, Wgrad): the Triton GEMM, block-scaled torch._scaled_mm
   where a layout works, bf16 cuBLAS on the same dimensions;
 - ``host``: host microseconds per call of each wrapper and of the FP8 linear step (small shapes, so the host is the
@@ -319,6 +320,19 @@ def bench_linear_kernels(rows: list, quick: bool) -> None:
             print(f"linear kernels N={N} K={K} {impl}: {total:.3f} ms of kernels per step; {top}", flush=True)
 
 
+def bench_scales(rows: list) -> None:
+    """The weight-form GEMM (the default variant) with act_quant's 1x128 scales row-major and M-major, two rounds each:
+    which layout the Fprop / Dgrad GEMM reads faster (kfp8._scales_t explains the choice)."""
+    for M, N, K in [(4096, 7168, 16384), (4096, 2112, 7168), (4096, 4096, 7168), (4096, 24576, 1536)]:
+        a, a_s = kfp8.act_quant(torch.randn(M, K, device="cuda").bfloat16())
+        b, b_s = kfp8.weight_quant(torch.randn(N, K, device="cuda").bfloat16())
+        for layout, s in (("row-major", a_s.contiguous()), ("M-major", a_s.t().contiguous().t())):
+            for rnd in range(2):
+                ms = median_ms(lambda a=a, s=s, b=b, b_s=b_s: kfp8.fp8_gemm(a, s, b, b_s))
+                rows.append({"M": M, "N": N, "K": K, "a_s": layout, "round": rnd, "TFLOPs": 2 * M * N * K / ms / 1e9})
+                print(f"{M}x{N}x{K} a_s {layout:9s} round {rnd}: {rows[-1]['TFLOPs']:6.0f} TFLOP/s", flush=True)
+
+
 def bench_linear_gemms(rows: list, quick: bool) -> None:
     """The FP8 linear's three GEMMs one by one at M = 4096 tokens (Fprop x W^T, Dgrad dy W, Wgrad dy^T x with 1x128
     scales on both operands along the tokens): minids' Triton GEMM (per call and from a CUDA graph), block-scaled
@@ -436,7 +450,7 @@ def bench_host(rows: list, out: Path) -> None:
     print("\n".join(buf.getvalue().splitlines()[:40]), flush=True)
 
 
-SECTIONS = ("quant", "tiles", "gemm", "plans", "linear", "linear_kernels", "linear_gemms", "host")  # --only, in order
+SECTIONS = ("quant", "tiles", "gemm", "plans", "scales", "linear", "linear_kernels", "linear_gemms", "host")  # --only, in order
 
 
 def main() -> None:
@@ -483,6 +497,11 @@ def main() -> None:
             ["M", "N", "K", "plan", "plan_TFLOPs", "best", "best_TFLOPs", "plan_vs_best", "all"],
             ("Small-M GEMM, BLOCK_N/split-K: the heuristic's choice against every candidate it weighs "
              "(64-row tiles, default warps and stages), TFLOP/s from CUDA-graph replays.")),
+        "scales": (
+            lambda rows_: bench_scales(rows_), "fp8_gemm_scales",
+            ["M", "N", "K", "a_s", "round", "TFLOPs"],
+            ("The weight-form FP8 GEMM (default variant) with a's 1x128 scales row-major or M-major (stored "
+             "(K/128, M)), TFLOP/s = 2MNK / median time, two rounds each.")),
         "linear": (
             lambda rows_: bench_linear(rows_, args.quick), "fp8_linear",
             ["M", "N", "K", "bf16_ms", "fp8_real_ms", "fp8_sim_ms", "real_speedup_vs_bf16", "sim_overhead_vs_bf16"],
