@@ -556,20 +556,28 @@ def test_fp8_gemm_variant_knobs(knobs, b_rows):
 
 @pytest.mark.parametrize("layout", ["row-major", "token-block-major"])
 @pytest.mark.parametrize("b_rows", [False, True], ids=["weight-128x128", "wgrad-1x128"])
-def test_fp8_gemm_reads_scales_of_any_layout(layout, b_rows):
+def test_fp8_gemm_reads_scales_of_any_layout(layout, b_rows, monkeypatch):
     """fp8_gemm reads a_s and b_s through both their strides: the transposed layouts (the 128x1 scales of
-    act_quant_t, the W^T block scales as a view) give the reference's result without a copy."""
-    M, N, K = 70, 200, 384
-    a, a_s, b, b_s = gemm_operands(M, N, K, b_rows, seed=11)
-    cr = ref.fp8_gemm(a, a_s, b, b_s, torch.float32)
-    if layout == "token-block-major":
-        a_s, b_s = token_block_major(a_s), token_block_major(b_s)
-        assert a_s.stride(0) == 1 and b_s.stride(0) == 1
-    out_dtype = torch.float32 if DEV == "cpu" else torch.bfloat16
-    for variant in ("base", "tma_s4", "m64"):
-        c = kfp8.fp8_gemm(a, a_s, b, b_s, out_dtype, out=poisoned((M, N), out_dtype), variant=variant)
-        err = (c.float() - cr).abs().max() / cr.abs().max()
-        assert not c.isnan().any() and err <= TOL, f"{variant}: max error {err:.2e} of max |C|"
+    act_quant_t, the W^T block scales as a view) give the reference's result without a copy (the launch gets the
+    caller's scale tensors), at a small M and a large one (the variants' own tiles)."""
+    seen = []
+    gemm_run = kfp8._gemm_run
+    monkeypatch.setattr(kfp8, "_gemm_run", lambda a, a_s, b, b_s, *rest, **kw: (
+        seen.append((a_s.data_ptr(), b_s.data_ptr())) or gemm_run(a, a_s, b, b_s, *rest, **kw)))
+    for M, N, K in [(70, 200, 384), (300, 136, 256)]:
+        a, a_s, b, b_s = gemm_operands(M, N, K, b_rows, seed=11 + M)
+        cr = ref.fp8_gemm(a, a_s, b, b_s, torch.float32)
+        a_s, b_s = a_s.float(), b_s.float()
+        if layout == "token-block-major":
+            a_s, b_s = token_block_major(a_s), token_block_major(b_s)
+            assert a_s.stride(0) == 1 and b_s.stride(0) == 1
+        out_dtype = torch.float32 if DEV == "cpu" else torch.bfloat16
+        for variant in ("base", "tma_s4", "m64"):
+            seen.clear()
+            c = kfp8.fp8_gemm(a, a_s, b, b_s, out_dtype, out=poisoned((M, N), out_dtype), variant=variant)
+            err = (c.float() - cr).abs().max() / cr.abs().max()
+            assert not c.isnan().any() and err <= TOL, f"{variant}: max error {err:.2e} of max |C|"
+            assert seen == [(a_s.data_ptr(), b_s.data_ptr())], f"{variant}: the scales were copied"
 
 
 def test_activation_scales_layouts():
