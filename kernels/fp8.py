@@ -721,7 +721,7 @@ def _variant_plan(variant: str, M: int, N: int, nk: int, sms: int) -> tuple[dict
 _INTERPRET_SMS = 132  # the SM count the interpreter plans for (an H200's), so its plans are the GPU's
 
 
-@functools.lru_cache(maxsize=4096)  # pure in its arguments; the configs it returns are read, never changed
+@functools.lru_cache(maxsize=4096)  # its arguments and the fixed tables decide it; the configs it returns are only read
 def _plan_for(M: int, N: int, K: int, variant: str, sms: int, b_group: int = 128) -> tuple[str, dict, int, bool]:
     """What ``fp8_gemm`` runs (outside the interpreter's "base" shortcut): (variant, config, split, planned), variant
     "auto" resolved: a named variant's fixed config where it applies (planned False), else the plan's (planned True:
