@@ -9,7 +9,8 @@ Measured in one process, side by side:
   its transpose, weight_dequant) in both modes, exact (bit-exact) and fast (exact=False: native FP8 conversion),
   against the torch reference in minids.fp8: effective GB/s = bytes read + written; plus the fraction of FP8 values
   where fast and exact differ (one FP8 step each, expected ~1e-3 or less; 0 with UE8M0);
-- ``tiles``: the fast mode's tile per program of the three transposing kernels (kfp8._TILES) swept, to pick defaults;
+- ``tiles``: the fast mode's tile per program of the transposing kernels (kfp8._TILES: features, warps, and whether
+  the transposed copy moves as 8-bit codes) swept, each checked bit for bit against the default, to pick defaults;
 - the GEMM on DeepGEMM's shapes (M in 64, 128, 4096): minids' Triton kernel (autotuned, timed per call with CUDA
   events as everything else, and replayed from a CUDA graph, which leaves out the host's launch overhead that
   dominates at small M; and the heuristic config alone, as with MINIDS_AUTOTUNE=0), torch._scaled_mm with block-wise
@@ -150,16 +151,25 @@ def bench_quant(rows: list, copy_gbs: float, quick: bool) -> None:
     print(f"{'weight_dequant -> bf16':40s} {rows[-1]['shape']:12s} {rows[-1]['GB/s']:6.0f} GB/s", flush=True)
 
 
-TILE_SWEEP = {  # kfp8._TILES key: the fast mode's (features per program, num_warps) to try
-    "act_quant_t": [(64, 4), (64, 8), (128, 4), (128, 8), (128, 16), (256, 8), (256, 16)],
-    "act_quant_t_fp8": [(64, 4), (128, 4), (128, 8), (128, 16), (256, 8), (256, 16)],
-    "act_quant_both": [(128, 4), (128, 8), (128, 16), (256, 8), (256, 16)],
-    "weight_quant": [(128, 4), (128, 8), (128, 16), (256, 8), (256, 16)],
+TILE_SWEEP = {  # kfp8._TILES key: the fast mode's (features per program, num_warps, u8 transpose) to try
+    "act_quant_t": [(64, 4, False), (64, 4, True), (64, 2, True), (64, 8, True), (128, 4, True), (128, 8, True),
+                    (256, 8, True)],
+    "act_quant_t_fp8": [(64, 4, False), (64, 4, True), (32, 4, True), (128, 4, True), (128, 8, True)],
+    "act_quant_both": [(128, 4, False), (128, 4, True), (128, 8, True), (256, 8, True)],
+    "weight_quant": [(128, 8, False), (128, 8, True), (128, 4, True), (256, 8, True)],
 }
 
 
+def _same_outputs(a: tuple, b: tuple) -> bool:
+    """Whether two results (tuples of outputs) are bit-identical (FP8 values compared as bytes)."""
+    def bits(t):
+        return t.view(torch.uint8) if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else t
+    return all(torch.equal(bits(u), bits(v)) for u, v in zip(a, b))
+
+
 def bench_tiles(rows: list, copy_gbs: float) -> None:
-    """The fast mode's tiles of the transposing kernels, one at a time (the default is restored after)."""
+    """The fast mode's tiles of the transposing kernels, one at a time (the default is restored after); each tile's
+    outputs are compared bit for bit with the default's."""
     M, K = 8192, 7168
     x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
     w = torch.randn(7168, 7168, dtype=torch.bfloat16, device="cuda")
@@ -169,15 +179,19 @@ def bench_tiles(rows: list, copy_gbs: float) -> None:
             "act_quant_both": "act_quant_both", "weight_quant": "weight_quant 128x128 (+transpose)"}
     for key, tiles in TILE_SWEEP.items():
         default = kfp8._TILES[key][False]
+        kernel, nbytes = cases[uses[key]]
+        want = tuple(t.clone() for t in kernel(False))
         try:
             for tile in tiles:
                 kfp8._TILES[key][False] = tile
-                kernel, nbytes = cases[uses[key]]
+                same = _same_outputs(kernel(False), want)
                 gbs = nbytes / median_ms(lambda: kernel(False)) / 1e6
-                rows.append({"kernel": uses[key], "features": tile[0], "num_warps": tile[1], "GB/s": gbs,
-                             "frac_copy": gbs / copy_gbs, "default": tile == default})
-                print(f"{uses[key]:40s} {tile[0]:4d} features {tile[1]:3d} warps  {gbs:6.0f} GB/s"
-                      f"{'  (default)' if tile == default else ''}", flush=True)
+                rows.append({"kernel": uses[key], "features": tile[0], "num_warps": tile[1], "u8": tile[2],
+                             "GB/s": gbs, "frac_copy": gbs / copy_gbs, "same_as_default": same,
+                             "default": tile == default})
+                print(f"{uses[key]:40s} {tile[0]:4d} features {tile[1]:3d} warps u8 {tile[2]!s:5s} {gbs:6.0f} GB/s "
+                      f"({gbs / copy_gbs:.0%} of copy) same bits {same}{'  (default)' if tile == default else ''}",
+                      flush=True)
         finally:
             kfp8._TILES[key][False] = default
 
@@ -291,14 +305,24 @@ def bench_linear(rows: list, quick: bool) -> None:
             "fp8_real": median_ms(_linear_step(lambda a, b: ref.fp8_linear(a, b, real=True), x, w, dy)),
             "fp8_sim": median_ms(_linear_step(lambda a, b: ref.fp8_linear(a, b), x, w, dy)),
         }
+        graphs = {}  # the same steps replayed from a CUDA graph: GPU time without this host's launch overhead
+        for name, fn in (("bf16", F.linear), ("fp8_real", lambda a, b: ref.fp8_linear(a, b, real=True))):
+            try:
+                graphs[name] = graph_ms(_linear_step(fn, x, w, dy))
+            except RuntimeError as e:  # a capture this torch refuses: recorded, not fatal
+                graphs[name] = float("nan")
+                print(f"graph capture of {name} failed: {str(e).splitlines()[0][:160]}", flush=True)
         flop = 6 * M * N * K
         row = {"M": M, "N": N, "K": K, **{f"{k}_ms": v for k, v in times.items()},
                **{f"{k}_TFLOPs": flop / v / 1e9 for k, v in times.items()},
+               **{f"{k}_graph_ms": v for k, v in graphs.items()},
                "real_speedup_vs_bf16": times["bf16"] / times["fp8_real"],
+               "real_speedup_vs_bf16_graph": graphs["bf16"] / graphs["fp8_real"],
                "sim_overhead_vs_bf16": times["fp8_sim"] / times["bf16"]}
         rows.append(row)
         print(f"linear fwd+bwd M={M} N={N} K={K}: bf16 {times['bf16']:.3f} ms, fp8 real {times['fp8_real']:.3f} ms "
-              f"({row['real_speedup_vs_bf16']:.2f}x), sim {times['fp8_sim']:.3f} ms "
+              f"({row['real_speedup_vs_bf16']:.2f}x; graphs {graphs['bf16']:.3f} / {graphs['fp8_real']:.3f} ms, "
+              f"{row['real_speedup_vs_bf16_graph']:.2f}x), sim {times['fp8_sim']:.3f} ms "
               f"({row['sim_overhead_vs_bf16']:.2f}x bf16's time)", flush=True)
 
 
@@ -431,8 +455,9 @@ def bench_host(rows: list, out: Path) -> None:
             out_dtype=torch.bfloat16),
         "torch: F.linear fwd+bwd (bf16)": linear(F.linear),
     }
-    print(f"block-scaled cuBLAS for the FP8 linear: {kfp8._cublas_device_ok(0)} "
-          f"({kfp8.CUBLAS_PROBE.get(0)})", flush=True)
+    for form in ("weight", "act"):
+        print(f"block-scaled cuBLAS for the FP8 linear, {form} form: {kfp8._cublas_device_ok(0, form)} "
+              f"({kfp8.CUBLAS_PROBE.get((0, form, torch.bfloat16))})", flush=True)
     for name, fn in cases.items():
         us = _host_us(fn)
         rows.append({"call": name, "host_us": us})
@@ -480,8 +505,10 @@ def main() -> None:
              "fast_differs: fraction of FP8 values where the two differ (by one FP8 step).")),
         "tiles": (
             lambda rows_: bench_tiles(rows_, copy_gbs), "fp8_tiles",
-            ["kernel", "features", "num_warps", "GB/s", "frac_copy", "default"],
-            ("Fast mode, 8192x7168 bf16 (weights 7168x7168): a program quantizes 128 tokens x `features`.")),
+            ["kernel", "features", "num_warps", "u8", "GB/s", "frac_copy", "same_as_default", "default"],
+            ("Fast mode, 8192x7168 bf16 (weights 7168x7168): a program quantizes 128 tokens x `features`; u8: the "
+             "transposed copy moved as 8-bit codes (else as float32 values); same_as_default: outputs bit-identical "
+             "to the default tile's.")),
         "gemm": (
             lambda rows_: bench_gemm(rows_, bf16_peak, fp8_peak, args.quick), "fp8_gemm",
             ["M", "N", "K", "minids_triton", "triton_graph", "heuristic_graph", "torch_scaled_mm",
@@ -504,10 +531,13 @@ def main() -> None:
              "(K/128, M)), TFLOP/s = 2MNK / median time, two rounds each.")),
         "linear": (
             lambda rows_: bench_linear(rows_, args.quick), "fp8_linear",
-            ["M", "N", "K", "bf16_ms", "fp8_real_ms", "fp8_sim_ms", "real_speedup_vs_bf16", "sim_overhead_vs_bf16"],
+            ["M", "N", "K", "bf16_ms", "fp8_real_ms", "fp8_sim_ms", "real_speedup_vs_bf16", "bf16_graph_ms",
+             "fp8_real_graph_ms", "real_speedup_vs_bf16_graph", "sim_overhead_vs_bf16"],
             ("One linear layer, forward + backward (6MNK FLOP): bf16 F.linear vs FP8LinearFunction real "
-             "(Triton kernels: quantize x, W (+W^T), dy (both tilings), x^T; three block-scaled GEMMs) and "
-             "sim (quantize-dequantize, float32 matmuls).")),
+             "(Triton kernels: quantize x, W (+W^T), dy (both tilings), x^T; three block-scaled GEMMs, on "
+             "block-scaled cuBLAS where it runs) and sim (quantize-dequantize, float32 matmuls). *_ms: median wall "
+             "time per step (host launch overhead included); *_graph_ms: the same step replayed from a CUDA graph. "
+             "Speedups are bf16 time / fp8 time.")),
         "linear_kernels": (
             lambda rows_: bench_linear_kernels(rows_, args.quick), "fp8_linear_kernels",
             ["M", "N", "K", "impl", "kernel", "ms", "share", "step_kernel_ms"],

@@ -74,17 +74,19 @@ if HAVE_TRITON:
 # The quantization mode of calls that do not pass ``exact`` (the FP8 linear's among them): fast unless asked.
 EXACT_QUANT = os.environ.get("MINIDS_FP8_EXACT", "0") == "1"
 
-# Tiles of the kernels that write a transposed copy, by mode (exact?): (features per program, num_warps); a program is
-# always one quantization block (128) of tokens tall. They are memory-bound; the fast mode's were picked by the H200
+# Tiles of the kernels that write a transposed copy, by mode (exact?): (features per program, num_warps, u8) where u8
+# says whether the tile is transposed as its 8-bit codes (converted to FP8 first, then moved) rather than as float32
+# values (moved, then converted): a quarter of the bytes through shared memory. A program is always one quantization
+# block (128) of tokens tall. They are memory-bound; the fast mode's were picked by the H200
 # sweep of bench/fp8.py --only tiles (bench/results/fp8_tiles.md), the exact mode's float64 quotients need registers and
 # keep the tiles measured in kernels_notes.md.
 _TILES = {
     # fast-mode tiles from the H200 sweep (bench/results/fp8_tiles.md): 128 tokens x 64 features, 4 warps, ran
     # act_quant_t at 2582 GB/s against 1072 for 128 x 128 with 8 warps, and the FP8 requantization at 1388 against 1281
-    "act_quant_t": {True: (64, 4), False: (64, 4)},
-    "act_quant_t_fp8": {True: (64, 4), False: (64, 4)},  # FP8 input with in_scale (the Wgrad requantization)
-    "act_quant_both": {True: (128, 8), False: (128, 4)},  # features in whole blocks (1x128 groups of q)
-    "weight_quant": {True: (128, 8), False: (128, 8)},  # whole 128x128 blocks
+    "act_quant_t": {True: (64, 4, False), False: (64, 4, False)},
+    "act_quant_t_fp8": {True: (64, 4, False), False: (64, 4, False)},  # FP8 input with in_scale (Wgrad's requantization)
+    "act_quant_both": {True: (128, 8, False), False: (128, 4, False)},  # features in whole blocks (1x128 groups of q)
+    "weight_quant": {True: (128, 8, False), False: (128, 8, False)},  # whole 128x128 blocks
 }
 
 
@@ -138,6 +140,14 @@ if HAVE_TRITON:
         return y
 
     @triton.jit
+    def _to_fp8_moved(q, dst_ty: tl.constexpr, PERM: tl.constexpr, U8: tl.constexpr):
+        """The float32 tile q converted to the FP8 type dst_ty and permuted (PERM: (1, 0) or a 3-D order): as 8-bit
+        codes (U8: converted in q's layout, the bytes moved) or as float32 values (moved, then converted)."""
+        if U8:
+            return tl.permute(q.to(dst_ty).to(tl.uint8, bitcast=True), PERM).to(dst_ty, bitcast=True)
+        return tl.permute(q, PERM).to(dst_ty)
+
+    @triton.jit
     def _act_quant_kernel(
         x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_sk,
         FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, UE8M0: tl.constexpr,
@@ -162,7 +172,7 @@ if HAVE_TRITON:
         HAS_IN_SCALE: tl.constexpr, IN_BLOCK: tl.constexpr,
         FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, UE8M0: tl.constexpr,
         EXACT: tl.constexpr, SOFT_CVT: tl.constexpr,
-        BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, U8: tl.constexpr,
     ):
         """x (M, K) -> q (K, M) in BLOCK x 1 tiles along M: one program reads (BLOCK tokens x BLOCK_K) and writes
         it transposed. With HAS_IN_SCALE, x is FP8 with 1 x IN_BLOCK scales xs and is dequantized on load."""
@@ -186,7 +196,8 @@ if HAVE_TRITON:
         cols64 = cols.to(tl.int64)
         # transposed in registers (the compiler goes through shared memory), then stored along the tokens
         q_ptrs = q_ptr + cols64[:, None] * stride_qk + rows[None, :]  # (BLOCK_K, BLOCK)
-        tl.store(q_ptrs, tl.trans(q).to(q_ptr.dtype.element_ty), mask=tl.trans(mask))
+        tl.store(q_ptrs, _to_fp8_moved(q, q_ptr.dtype.element_ty, (1, 0), U8),
+                 mask=(cols < K)[:, None] & (rows < M)[None, :])
         tl.store(s_ptr + cols64 * stride_sk + pid_m * stride_sb, s, mask=cols < K)
 
     @triton.jit
@@ -195,7 +206,7 @@ if HAVE_TRITON:
         stride_stb,
         FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, UE8M0: tl.constexpr,
         EXACT: tl.constexpr, SOFT_CVT: tl.constexpr,
-        BLOCK: tl.constexpr, G: tl.constexpr,
+        BLOCK: tl.constexpr, G: tl.constexpr, U8: tl.constexpr,
     ):
         """One read of a (BLOCK tokens x G*BLOCK features) tile of x (M, K), held as (BLOCK, G, BLOCK); writes its
         1 x BLOCK quantization into q (M, K) and its BLOCK x 1 quantization, transposed, into qt (K, M)."""
@@ -219,7 +230,8 @@ if HAVE_TRITON:
         # last dim (tokens, contiguous in qt) like every other store; storing the (tokens, G, features) tile through
         # transposed pointers came out wrong on full tiles on the H200 (Triton 3.6)
         qt_ptrs = qt_ptr + cols64[:, :, None] * stride_qtk + rows[None, None, :]  # (G, BLOCK, BLOCK)
-        tl.store(qt_ptrs, tl.permute(qt, (1, 2, 0)).to(qt_ptr.dtype.element_ty), mask=tl.permute(mask, (1, 2, 0)))
+        tl.store(qt_ptrs, _to_fp8_moved(qt, qt_ptr.dtype.element_ty, (1, 2, 0), U8),
+                 mask=(cols < K)[:, :, None] & (rows < M)[None, None, :])
         tl.store(st_ptr + cols64 * stride_stk + pid_m * stride_stb, st, mask=cols < K)
 
     @triton.jit
@@ -228,7 +240,7 @@ if HAVE_TRITON:
         WRITE_T: tl.constexpr,
         FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, UE8M0: tl.constexpr,
         EXACT: tl.constexpr, SOFT_CVT: tl.constexpr,
-        BLOCK: tl.constexpr, G: tl.constexpr,
+        BLOCK: tl.constexpr, G: tl.constexpr, U8: tl.constexpr,
     ):
         """G (BLOCK x BLOCK) blocks of w (O, I) side by side, held as (BLOCK, G, BLOCK): their scales, their FP8
         values, and optionally the transposed copy."""
@@ -246,7 +258,8 @@ if HAVE_TRITON:
         if WRITE_T:  # the float32 values permuted to (G, features, rows), then converted, as in _act_quant_both_kernel
             # (permuting the FP8 tile instead gave a transposed copy unequal to q on full tiles, H200, Triton 3.6)
             qt_ptrs = qt_ptr + cols64[:, :, None] * stride_qti + rows[None, None, :]  # (G, BLOCK, BLOCK)
-            tl.store(qt_ptrs, tl.permute(q, (1, 2, 0)).to(qt_ptr.dtype.element_ty), mask=tl.permute(mask, (1, 2, 0)))
+            tl.store(qt_ptrs, _to_fp8_moved(q, qt_ptr.dtype.element_ty, (1, 2, 0), U8),
+                     mask=(cols < I)[:, :, None] & (rows < O)[None, None, :])
         tl.store(s_ptr + pid_o * stride_so + groups, s, mask=groups * BLOCK < I)
 
     @triton.jit
@@ -331,10 +344,10 @@ def _format_flags(fmt: str, ue8m0: bool, exact: bool, soft_cvt: bool) -> tuple:
             ("SOFT_CVT", soft_cvt))
 
 
-def _blocks_per_program(name: str, flags: dict, block: int) -> tuple[int, int]:
-    """(block-wide feature groups per program, num_warps) of a 3-D-tiled kernel, from ``_TILES``."""
-    feats, warps = _TILES[name][flags["EXACT"]]
-    return max(1, feats // block), warps
+def _blocks_per_program(name: str, flags: dict, block: int) -> tuple[int, int, bool]:
+    """(block-wide feature groups per program, num_warps, u8) of a 3-D-tiled kernel, from ``_TILES``."""
+    feats, warps, u8 = _TILES[name][flags["EXACT"]]
+    return max(1, feats // block), warps, u8
 
 
 def act_quant(
@@ -380,7 +393,7 @@ def act_quant_t(
     s = _scales_t(out, 1, K, nb, x.device)
     if M and K:
         flags = _flags(fmt, ue8m0, exact)
-        BLOCK_K, warps = _TILES["act_quant_t" if in_scale is None else "act_quant_t_fp8"][flags["EXACT"]]
+        BLOCK_K, warps, u8 = _TILES["act_quant_t" if in_scale is None else "act_quant_t_fp8"][flags["EXACT"]]
         grid = (nb, _cdiv(K, BLOCK_K))
         if in_scale is not None:
             _check_block(in_block)
@@ -393,7 +406,7 @@ def act_quant_t(
         _act_quant_t_kernel[grid](
             x, xs, q, s, M, K, x.stride(0), *xs.stride(), q.stride(0), *s.stride(),
             HAS_IN_SCALE=in_scale is not None, IN_BLOCK=in_block, **flags,
-            BLOCK=block, BLOCK_K=BLOCK_K, num_warps=warps,
+            BLOCK=block, BLOCK_K=BLOCK_K, U8=u8, num_warps=warps,
         )
     return q, s
 
@@ -413,11 +426,11 @@ def act_quant_both(
     st = _scales_t(out, 3, K, math.ceil(M / block), x.device)
     if M and K:
         flags = _flags(fmt, ue8m0, exact)
-        G, warps = _blocks_per_program("act_quant_both", flags, block)
+        G, warps, u8 = _blocks_per_program("act_quant_both", flags, block)
         grid = (_cdiv(M, block), _cdiv(K, G * block))
         _act_quant_both_kernel[grid](
             x, q, s, qt, st, M, K, x.stride(0), q.stride(0), *s.stride(), qt.stride(0), *st.stride(),
-            **flags, BLOCK=block, G=G, num_warps=warps,
+            **flags, BLOCK=block, G=G, U8=u8, num_warps=warps,
         )
     return q, s, qt, st
 
@@ -447,10 +460,10 @@ def weight_quant(
         # copy together) where the grid-rounded exact path was bit-exact, so the hardware conversion is not trusted
         # in this kernel's layout. Cheap here: a few integer ops an element, no float64 quotient.
         flags["SOFT_CVT"] = True
-        G, warps = _blocks_per_program("weight_quant", flags, block)
+        G, warps, u8 = _blocks_per_program("weight_quant", flags, block)
         _weight_quant_kernel[(bo, _cdiv(bi, G))](
             w, q, qt, s, O, I, w.stride(0), q.stride(0), qt.stride(0), s.stride(0), WRITE_T=transposed,
-            **flags, BLOCK=block, G=G, num_warps=warps,
+            **flags, BLOCK=block, G=G, U8=u8, num_warps=warps,
         )
     return (q, s, qt) if transposed else (q, s)
 
@@ -820,10 +833,12 @@ def fp8_gemm(
 
 
 # ----------------------------------------------------------------------------------------------- block-scaled cuBLAS
-CUBLAS_PROBE: dict[int, str] = {}  # device index -> what the probe found (printed by bench/fp8.py)
-_CUBLAS_DEVICE: dict[int, bool] = {}  # device index -> whether block-wise _scaled_mm runs right there (the probe's answer)
-_CUBLAS_CHECKED: dict = {}  # (device, M bucket, N, K) -> whether cuBLAS gave the Triton GEMM's product there
-_CUBLAS_REFUSED: set = set()  # (device, M, N, K) that torch._scaled_mm refused with an error
+# Keys: the device index, the form ("weight": 128x128 block scales of b, Fprop and Dgrad; "act": 1x128 scales of b,
+# Wgrad) and the output dtype.
+CUBLAS_PROBE: dict[tuple, str] = {}  # key -> what the probe found (printed by bench/fp8.py)
+_CUBLAS_DEVICE: dict[tuple, bool] = {}  # key -> whether block-wise _scaled_mm runs right there (the probe's answer)
+_CUBLAS_CHECKED: dict = {}  # key + (M bucket, N, K) -> whether cuBLAS gave the Triton GEMM's product there
+_CUBLAS_REFUSED: set = set()  # key + (M, N, K) that torch._scaled_mm refused with an error
 
 
 def _m_major(s: torch.Tensor) -> torch.Tensor:
@@ -831,18 +846,22 @@ def _m_major(s: torch.Tensor) -> torch.Tensor:
     return s if s.stride() == (1, s.shape[0]) else s.t().contiguous().t()
 
 
-def _scaled_mm_blockwise(a, a_s, b, b_s, out_dtype):
-    """torch._scaled_mm with 1x128 scales of a and 128x128 block scales of b, in the one layout torch 2.11 takes (a_s
-    M-major, b_s the transposed view of a contiguous (ceil(N/128), K/128) tensor)."""
+def _scaled_mm_blockwise(a, a_s, b, b_s, out_dtype, form: str = "weight"):
+    """torch._scaled_mm with DeepSeek's block-wise scales, in the one layout torch 2.11 takes: a_s M-major and, in the
+    weight form, b_s the transposed view of a contiguous (ceil(N/128), K/128) tensor; in the act form (1x128 scales
+    of b, the Wgrad GEMM) b_s M-major too, passed transposed."""
+    if form == "act":
+        return torch._scaled_mm(a, b.t(), scale_a=_m_major(a_s), scale_b=_m_major(b_s).t(), out_dtype=out_dtype)
     sb = b_s if b_s.is_contiguous() else b_s.contiguous()
     return torch._scaled_mm(a, b.t(), scale_a=_m_major(a_s), scale_b=sb.t(), out_dtype=out_dtype)
 
 
-def _cublas_device_ok(index: int) -> bool:
-    """Whether torch._scaled_mm takes DeepSeek's block-wise scales on CUDA device ``index`` with this torch: one
-    product (256 x 384 x 512) through ``_scaled_mm_blockwise`` checked against the reference, once per device and
-    process; what it found goes into ``CUBLAS_PROBE``."""
-    ok = _CUBLAS_DEVICE.get(index)
+def _cublas_device_ok(index: int, form: str = "weight", out_dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether torch._scaled_mm takes DeepSeek's block-wise scales of ``form`` with ``out_dtype`` on CUDA device
+    ``index`` with this torch: one product (256 x 384 x 512) through ``_scaled_mm_blockwise`` checked against the
+    reference, once per key and process; what it found goes into ``CUBLAS_PROBE``."""
+    key = (index, form, out_dtype)
+    ok = _CUBLAS_DEVICE.get(key)
     if ok is not None:
         return ok
     from minids import fp8 as ref
@@ -850,19 +869,23 @@ def _cublas_device_ok(index: int) -> bool:
     dev = torch.device("cuda", index)
     g = torch.Generator(device=dev).manual_seed(0)
     with torch.autocast("cuda", enabled=False):  # the reference's float32 matmuls, not autocast's bf16 ones
-        a, a_s = act_quant(torch.randn(256, 512, device=dev, generator=g).bfloat16())
-        b, b_s = weight_quant(torch.randn(384, 512, device=dev, generator=g).bfloat16())
+        if form == "act":  # as the Wgrad GEMM gets them: 128x1 quantizations along the 512 tokens, M-major scales
+            a, a_s = act_quant_t(torch.randn(512, 256, device=dev, generator=g).bfloat16())
+            b, b_s = act_quant_t(torch.randn(512, 384, device=dev, generator=g).bfloat16())
+        else:
+            a, a_s = act_quant(torch.randn(256, 512, device=dev, generator=g).bfloat16())
+            b, b_s = weight_quant(torch.randn(384, 512, device=dev, generator=g).bfloat16())
         try:
-            c = _scaled_mm_blockwise(a, a_s, b, b_s, torch.bfloat16).float()
+            c = _scaled_mm_blockwise(a, a_s, b, b_s, out_dtype, form).float()
         except (RuntimeError, ValueError, TypeError) as e:  # no block-wise form in this torch / cuBLAS / GPU
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-            CUBLAS_PROBE[index], ok = f"refused: {type(e).__name__}: {first}", False
+            CUBLAS_PROBE[key], ok = f"refused: {type(e).__name__}: {first}", False
         else:
             want = ref.fp8_gemm(a, a_s, b, b_s, torch.float32)
             err = ((c - want).abs().max() / want.abs().max()).item()
-            CUBLAS_PROBE[index] = f"max error {err:.2e} of max |C| (bound 2^-7: a wrong layout gives errors near 1)"
+            CUBLAS_PROBE[key] = f"max error {err:.2e} of max |C| (bound 2^-7: a wrong layout gives errors near 1)"
             ok = err <= 2.0**-7
-    _CUBLAS_DEVICE[index] = ok
+    _CUBLAS_DEVICE[key] = ok
     return ok
 
 
@@ -870,47 +893,48 @@ def cublas_fp8_gemm(
     a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
     out_dtype: torch.dtype = torch.bfloat16, block: int = 128,
 ) -> torch.Tensor | None:
-    """The weight form of ``fp8_gemm`` (1x128 scales of a, 128x128 block scales of b; same arguments, same result up to
-    the order of float32 additions) on block-scaled cuBLAS through torch._scaled_mm, or None where that does not run
-    or is not right; the FP8 linear takes it first for Fprop and Dgrad (``minids.fp8.LINEAR_GEMM``). Where it is
-    right it ran those GEMMs at 1030-1205 TFLOP/s where the Triton GEMM ran 601-907 (H200,
-    bench/results/fp8_linear_gemms.md, timed there without the a_s copy below).
+    """``fp8_gemm`` (same arguments, same result up to the order of float32 additions) on block-scaled cuBLAS through
+    torch._scaled_mm, or None where that does not run or is not right. Both forms: 128x128 block scales of b (the
+    weight form: the FP8 linear's Fprop and Dgrad) and 1x128 scales of b (the act form: its Wgrad); the FP8 linear
+    takes it first for all three (``minids.fp8.LINEAR_GEMM``). Where it is right it ran Fprop and Dgrad at 1030-1205
+    TFLOP/s where the Triton GEMM ran 601-907 (H200, bench/results/fp8_linear_gemms.md, timed there without the a_s
+    copy below), and the Wgrad form at 880-942 against the Triton GEMM's 750-829 (fp8_gemm_sweep-wgrad.md).
 
-    None without trying: no CUDA tensors, no block-wise form in this torch or GPU (probed once per device), an output
-    dtype other than bf16 (the one measured: a float32 Dgrad output, fp32 activations under autocast, stays on
-    Triton), M = 0 or not a multiple of 4 (torch 2.11 refused M = 1 and 127 with CUBLAS_STATUS_NOT_SUPPORTED), K not a
-    multiple of 512 (four 128-wide K blocks: torch 2.11 passes cuBLAS a block-scale tensor it requires padded to a
-    multiple of four blocks and gave wrong products without an error otherwise, 4e3 to 2e22 times max |C| off at
-    64 x 256 x 256, 300 x 512 x 384, 300 x 384 x 128, 256 x 256 x 2112 on the H200; the cause reported in
-    pytorch/pytorch PR 166752), N not a multiple of 16, or 1x128 scales of b (the Wgrad form: refused with row-major
-    scales; with M-major ones the sweep's _scaled_mm column ran it at 880-942 TFLOP/s, fp8_gemm_sweep-wgrad.md, but
-    it is not wired here yet). A shape torch refused before stays refused.
+    None without trying: no CUDA tensors, a form or output dtype this torch and GPU do not compute right (probed once
+    per device, form and dtype), M = 0 or not a multiple of 4 (torch 2.11 refused M = 1 and 127 with
+    CUBLAS_STATUS_NOT_SUPPORTED), K not a multiple of 512 (four 128-wide K blocks: torch 2.11 passes cuBLAS a
+    block-scale tensor it requires padded to a multiple of four blocks and gave wrong products without an error
+    otherwise, 4e3 to 2e22 times max |C| off at 64 x 256 x 256, 300 x 512 x 384, 300 x 384 x 128, 256 x 256 x 2112 on
+    the H200; the cause reported in pytorch/pytorch PR 166752), N not a multiple of 16. A shape torch refused before
+    stays refused.
 
-    The first call of each (device, M bucket, N, K) also runs the Triton GEMM and compares (one extra GEMM and one
-    synchronization); where they differ by more than 2^-7 of max |C| that call returns the Triton product and the
-    shape stays on Triton (a first product of zeros decides nothing). Inside a CUDA-graph capture or torch.compile a
-    device or shape not yet decided takes the Triton GEMM (None): deciding synchronizes. a_s is read M-major:
-    act_quant's row-major scales are copied (a (M, K/128) float32 copy; the Triton GEMM reads them faster row-major,
-    see ``_scales_t``)."""
+    The first call of each (device, form, dtype, M bucket, N, K) also runs the Triton GEMM and compares (one extra
+    GEMM and one synchronization); where they differ by more than 2^-7 of max |C| that call returns the Triton product
+    and the shape stays on Triton (a first product of zeros decides nothing). Inside a CUDA-graph capture or
+    torch.compile a device or shape not yet decided takes the Triton GEMM (None): deciding synchronizes. Scales of
+    activations are read M-major: act_quant's row-major scales are copied (a (M, K/128) float32 copy; the Triton GEMM
+    reads them faster row-major, see ``_scales_t``); act_quant_t's are M-major already."""
     if not a.is_cuda:
         return None
     M, K = a.shape
     N = b.shape[0]
-    if (block != 128 or M == 0 or M % 4 or K % 512 or N % 16 or out_dtype != torch.bfloat16
-            or a.dtype != torch.float8_e4m3fn or b.dtype != torch.float8_e4m3fn
-            or b_s.shape[0] != _cdiv(N, 128) or b_s.shape[0] == N):
+    nk = _cdiv(K, 128)
+    form = "act" if tuple(b_s.shape) == (N, nk) else "weight" if tuple(b_s.shape) == (_cdiv(N, 128), nk) else None
+    if (form is None or block != 128 or M == 0 or M % 4 or K % 512 or N % 16
+            or out_dtype not in (torch.bfloat16, torch.float32)
+            or a.dtype != torch.float8_e4m3fn or b.dtype != torch.float8_e4m3fn):
         return None
-    index = a.device.index or 0
-    key = (index, _m_bucket(M), N, K)
-    decided = index in _CUBLAS_DEVICE and key in _CUBLAS_CHECKED
+    probe = (a.device.index or 0, form, out_dtype)
+    key = probe + (_m_bucket(M), N, K)
+    decided = probe in _CUBLAS_DEVICE and key in _CUBLAS_CHECKED
     if not decided and (torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()):
         return None
-    if not _cublas_device_ok(index) or _CUBLAS_CHECKED.get(key) is False or (index, M, N, K) in _CUBLAS_REFUSED:
+    if not _cublas_device_ok(*probe) or _CUBLAS_CHECKED.get(key) is False or probe + (M, N, K) in _CUBLAS_REFUSED:
         return None
     try:
-        c = _scaled_mm_blockwise(a, a_s, b, b_s, out_dtype)
+        c = _scaled_mm_blockwise(a, a_s, b, b_s, out_dtype, form)
     except RuntimeError:
-        _CUBLAS_REFUSED.add((index, M, N, K))
+        _CUBLAS_REFUSED.add(probe + (M, N, K))
         return None
     if key not in _CUBLAS_CHECKED:
         want = fp8_gemm(a, a_s, b, b_s, out_dtype, block)

@@ -212,18 +212,16 @@ def _ops(t: torch.Tensor, use_kernels: bool | None = None):
     return sys.modules[__name__]
 
 
-# Where the FP8 linear's Fprop and Dgrad GEMMs run on CUDA (the two with 128x128 weight blocks): "auto" takes block-scaled
-# cuBLAS (torch._scaled_mm, ``minids.kernels.fp8.cublas_fp8_gemm``) where this torch, the GPU and the shape allow it and
-# the Triton GEMM elsewhere; "triton" takes the Triton GEMM for all three. Wgrad (1x128 scales on both operands) runs on
-# the Triton GEMM: torch 2.11's _scaled_mm refuses that form with row-major scales and takes it with M-major ones (880-942
-# TFLOP/s in bench/results/fp8_gemm_sweep-wgrad.md), not yet wired here. Set MINIDS_FP8_LINEAR_GEMM=triton to measure
-# or test the Triton kernels alone.
+# Where the FP8 linear's three GEMMs run on CUDA: "auto" takes block-scaled cuBLAS (torch._scaled_mm,
+# ``minids.kernels.fp8.cublas_fp8_gemm``: Fprop and Dgrad with 128x128 weight blocks, Wgrad with 1x128 scales on both
+# operands) where this torch, the GPU and the shape allow it and the Triton GEMM elsewhere; "triton" takes the Triton
+# GEMM for all three (to measure or test the Triton kernels alone).
 LINEAR_GEMM = os.environ.get("MINIDS_FP8_LINEAR_GEMM", "auto")
 
 
-def _weight_gemm(ops, a, a_s, b, b_s, out_dtype, block):
-    """fp8_gemm of the weight form (Fprop, Dgrad) through ``ops``, on block-scaled cuBLAS first where ``LINEAR_GEMM``
-    is "auto" and ops are the kernels."""
+def _linear_gemm(ops, a, a_s, b, b_s, out_dtype, block):
+    """fp8_gemm through ``ops``, on block-scaled cuBLAS first where ``LINEAR_GEMM`` is "auto" and ops are the
+    kernels."""
     if LINEAR_GEMM == "auto" and ops is not sys.modules[__name__] and a.is_cuda:
         c = ops.cublas_fp8_gemm(a, a_s, b, b_s, out_dtype, block)
         if c is not None:
@@ -237,8 +235,8 @@ class FP8LinearFunction(torch.autograd.Function):
     """y = x W^T with FP8 operands in all three GEMMs.
 
     real=False (``sim``): quantize, dequantize, float32 matmul: runs anywhere, exactly the recipe's values.
-    real=True: the block-scaled FP8 GEMM ``fp8_gemm`` for Fprop, Dgrad and Wgrad (on CUDA the Triton kernels, with
-    Fprop and Dgrad on block-scaled cuBLAS where it runs, see ``LINEAR_GEMM``; the references elsewhere), quantizing
+    real=True: the block-scaled FP8 GEMM ``fp8_gemm`` for Fprop, Dgrad and Wgrad (on CUDA the Triton kernels, or
+    block-scaled cuBLAS where it runs, see ``LINEAR_GEMM``; the references elsewhere), quantizing
     W once per call into W and W^T and dy once into both tilings (Triton kernels on CUDA).
     Both give the same values up to the order of float32 additions.
     dgrad_block=True (simulation only): the Dgrad GEMM's activation gradient dy quantized in 128x128 blocks, like
@@ -263,7 +261,7 @@ class FP8LinearFunction(torch.autograd.Function):
             ops = _ops(x2, use_kernels)
             xq, xs = ops.act_quant(x2, block)  # 1x128 tiles along K
             wq, ws, wqt = ops.weight_quant(weight, block, transposed=True)  # 128x128 blocks, W and W^T
-            y = _weight_gemm(ops, xq, xs, wq, ws, out_dtype, block)  # (M, N)
+            y = _linear_gemm(ops, xq, xs, wq, ws, out_dtype, block)  # (M, N)
             ctx.save_for_backward(xq, xs, wqt, ws)
             return y.view(*shape[:-1], weight.shape[0])
         xq, xs = act_quant(x2, block)  # 1x128 tiles along K
@@ -299,11 +297,11 @@ class FP8LinearFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1])  # (M, N)
         ops = _ops(dy2, ctx.use_kernels)
         dyq, dys, dyt_q, dyt_s = ops.act_quant_both(dy2, b)  # 1x128 along N (Dgrad), 128x1 along M (Wgrad)
-        dx = _weight_gemm(ops, dyq, dys, wqt, ws.t(), ctx.x_dtype, b)  # (M, K) = dy W (W^T's block scales: a view)
+        dx = _linear_gemm(ops, dyq, dys, wqt, ws.t(), ctx.x_dtype, b)  # (M, K) = dy W (W^T's block scales: a view)
         xt_q, xt_s = ops.act_quant_t(xq, b, in_scale=xs, in_block=b)  # cached FP8 x, re-quantized along M
         # (N, K) = dy^T x, 1x128 scales both sides, float32 accumulation written in the weight's dtype (one rounding,
         # as a float32 result then cast, without a float32 (N, K) buffer and a cast pass)
-        dw = ops.fp8_gemm(dyt_q, dyt_s, xt_q, xt_s, ctx.w_dtype, b)
+        dw = _linear_gemm(ops, dyt_q, dyt_s, xt_q, xt_s, ctx.w_dtype, b)
         return dx.view(ctx.shape), dw, None, None, None, None
 
 

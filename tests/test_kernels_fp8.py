@@ -237,12 +237,14 @@ def test_weight_quant_fast(O, I, fmt, ue8m0):
     assert torch.equal(s2, sr) and same_bits(q2, q)
 
 
+@pytest.mark.parametrize("tile", [(256, 8, False), (256, 8, True), (128, 4, True)], ids=["256", "256-u8", "128-u8"])
 @pytest.mark.parametrize("exact", [True, False], ids=["exact", "fast"])
-def test_wide_tiles(exact, monkeypatch):
-    """Tiles of 256 features per program (bench/fp8.py --only tiles tries them; act_quant_both and weight_quant then
-    hold two 128-wide groups as a 3-D tile), with tails in both dims."""
+def test_other_tiles(exact, tile, monkeypatch):
+    """Tiles other than the defaults (bench/fp8.py --only tiles tries them): 256 features per program (act_quant_both
+    and weight_quant then hold two 128-wide groups as a 3-D tile), and transposes of the 8-bit codes (u8), with tails
+    in both dims."""
     for key in ("act_quant_t", "act_quant_t_fp8", "act_quant_both", "weight_quant"):
-        monkeypatch.setitem(kfp8._TILES, key, {True: (256, 8), False: (256, 8)})
+        monkeypatch.setitem(kfp8._TILES, key, {True: tile, False: tile})
     x = rand_bf16(130, 520, seed=13)
 
     def check(q, qr):
@@ -423,9 +425,15 @@ def test_fp8_linear_real_on_kernels_equals_simulation(M, K, N, exact, monkeypatc
         assert err <= tol, f"{name}: {err:.2e}"
 
 
-def cublas_or_skip():
-    if not kfp8._cublas_device_ok(torch.cuda.current_device()):
-        pytest.skip("this torch / GPU has no block-wise torch._scaled_mm (the FP8 linear then runs the Triton GEMM)")
+def cublas_or_skip(form: str = "weight", out_dtype: torch.dtype = torch.bfloat16):
+    if not kfp8._cublas_device_ok(torch.cuda.current_device(), form, out_dtype):
+        pytest.skip(f"this torch / GPU has no block-wise torch._scaled_mm of the {form} form with {out_dtype} output "
+                    f"(the FP8 linear then runs the Triton GEMM): "
+                    f"{kfp8.CUBLAS_PROBE[(torch.cuda.current_device(), form, out_dtype)]}")
+
+
+def cublas_key(form: str, out_dtype: torch.dtype, M: int, N: int, K: int) -> tuple:
+    return (torch.cuda.current_device(), form, out_dtype, kfp8._m_bucket(M), N, K)
 
 
 # (M, N, K) and whether cuBLAS takes the shape: M a multiple of 4 and K of 512 (torch 2.11 refused M = 1 and 127 and
@@ -434,29 +442,42 @@ CUBLAS_SHAPES = [(1, 256, 512, False), (127, 2112, 512, False), (64, 256, 256, F
                  (512, 2112, 7168, True), (256, 7168, 2048, True)]
 
 
+def cublas_operands(M: int, N: int, K: int, form: str, seed: int):
+    """The weight form as Fprop gets it (act_quant's row-major scales, 128x128 blocks of b); the act form as Wgrad gets
+    it (both operands quantized along their K by act_quant_t, M-major scales)."""
+    if form == "weight":
+        a, a_s = kfp8.act_quant(rand(M, K, seed=seed, spread=False).bfloat16())
+        b, b_s = kfp8.weight_quant((rand(N, K, seed=seed + 1, spread=False) * 0.05).bfloat16())
+    else:
+        a, a_s = kfp8.act_quant_t(rand(K, M, seed=seed, spread=False).bfloat16())
+        b, b_s = kfp8.act_quant_t((rand(K, N, seed=seed + 1, spread=False) * 0.05).bfloat16())
+    return a, a_s, b, b_s
+
+
 @pytest.mark.skipif(DEV != "cuda", reason="block-scaled cuBLAS (torch._scaled_mm) runs on CUDA only")
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("form", ["weight", "act"])
 @pytest.mark.parametrize("M,N,K,runs", CUBLAS_SHAPES)
-def test_cublas_fp8_gemm_matches_reference(M, N, K, runs, monkeypatch):
-    """The weight-form GEMM on block-scaled cuBLAS gives the reference's result (fresh inputs, M tails, a partial
-    128-row weight block at N = 2112) on the shapes it takes, for the first M of a bucket (checked against the Triton
-    GEMM) and another one; it declines, with None, the shapes and forms it cannot take."""
-    cublas_or_skip()
+def test_cublas_fp8_gemm_matches_reference(M, N, K, runs, form, out_dtype, monkeypatch):
+    """Both forms of the GEMM on block-scaled cuBLAS give the reference's result (fresh inputs, M tails, a partial
+    128-row weight block at N = 2112) on the shapes they take, for the first M of a bucket (checked against the Triton
+    GEMM) and another one; they decline, with None, the shapes they cannot take."""
+    cublas_or_skip(form, out_dtype)
     monkeypatch.setattr(kfp8, "_CUBLAS_CHECKED", {})
     for m in (M, M - 4 if M > 4 else M):  # the first call decides the (M bucket, N, K); the second runs on it
-        a, a_s, b, b_s = gemm_operands(m, N, K, False, seed=m + N + K)
-        c = kfp8.cublas_fp8_gemm(a, a_s, b, b_s, torch.bfloat16)
+        a, a_s, b, b_s = cublas_operands(m, N, K, form, seed=m + N + K)
+        c = kfp8.cublas_fp8_gemm(a, a_s, b, b_s, out_dtype)
         assert (c is not None) == runs
         if runs:
             cr = ref.fp8_gemm(a, a_s, b, b_s, torch.float32)
-            assert c.shape == (m, N) and c.dtype == torch.bfloat16
+            assert c.shape == (m, N) and c.dtype == out_dtype
             assert (c.float() - cr).abs().max() / cr.abs().max() <= TOL
     if runs:
-        assert kfp8._CUBLAS_CHECKED[(torch.cuda.current_device(), kfp8._m_bucket(M), N, K)] is True
-    a2, a2_s, b2, b2_s = gemm_operands(M, N, K + 16, False, seed=1)  # K not a multiple of 128
-    assert kfp8.cublas_fp8_gemm(a2, a2_s, b2, b2_s) is None
-    a3, a3_s, b3, b3_s = gemm_operands(M, N, K, True, seed=2)  # 1x128 scales of b (the Wgrad form)
-    assert kfp8.cublas_fp8_gemm(a3, a3_s, b3, b3_s) is None
-    assert kfp8.cublas_fp8_gemm(a[:0], a_s[:0], b, b_s) is None  # no rows
+        assert kfp8._CUBLAS_CHECKED[cublas_key(form, out_dtype, M, N, K)] is True
+    a2, a2_s, b2, b2_s = cublas_operands(M, N, K + 16, form, seed=1)  # K not a multiple of 128
+    assert kfp8.cublas_fp8_gemm(a2, a2_s, b2, b2_s, out_dtype) is None
+    assert kfp8.cublas_fp8_gemm(a[:0], a_s[:0], b, b_s, out_dtype) is None  # no rows
+    assert kfp8.cublas_fp8_gemm(a, a_s, b, b_s, torch.float16) is None  # an output dtype it does not take
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="block-scaled cuBLAS (torch._scaled_mm) runs on CUDA only")
@@ -470,15 +491,16 @@ def test_cublas_fp8_gemm_zero_first_product_decides_nothing(monkeypatch):
     c = kfp8.cublas_fp8_gemm(zero, a_s, b, b_s)
     assert c is not None and not c.any() and not kfp8._CUBLAS_CHECKED
     kfp8.cublas_fp8_gemm(a, a_s, b, b_s)
-    assert kfp8._CUBLAS_CHECKED == {(torch.cuda.current_device(), kfp8._m_bucket(M), N, K): True}
+    assert kfp8._CUBLAS_CHECKED == {cublas_key("weight", torch.bfloat16, M, N, K): True}
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="block-scaled cuBLAS (torch._scaled_mm) runs on CUDA only")
 def test_fp8_linear_real_same_on_cublas_and_triton(monkeypatch):
-    """fp8 'real' with Fprop and Dgrad on block-scaled cuBLAS where it runs (LINEAR_GEMM "auto") gives the all-Triton
-    values and gradients up to the order of float32 additions; in_features = 2112 and out_features = 256 (K of Fprop
-    and of Dgrad not multiples of 512) keep that layer on the Triton GEMM."""
+    """fp8 'real' with its GEMMs on block-scaled cuBLAS where it runs (LINEAR_GEMM "auto") gives the all-Triton values
+    and gradients up to the order of float32 additions; in_features = 2112, out_features = 256 and 256 tokens (the K
+    of Fprop, Dgrad and Wgrad not multiples of 512) keep the second layer on the Triton GEMM."""
     cublas_or_skip()
+    cublas_or_skip("act")
     ran = []
     cublas = kfp8.cublas_fp8_gemm
     monkeypatch.setattr(kfp8, "cublas_fp8_gemm", lambda *a: ran.append(cublas(*a)) or ran[-1])
@@ -495,7 +517,7 @@ def test_fp8_linear_real_same_on_cublas_and_triton(monkeypatch):
             results.append((y.detach().float(), x.grad.float(), w.grad.float()))
         for name, got, want in zip(("y", "dx", "dw"), results[1], results[0]):
             assert (got - want).abs().max() / want.abs().max() <= TOL, name
-    assert [c is not None for c in ran] == [True, True, False, False]  # Fprop and Dgrad of the first layer
+    assert [c is not None for c in ran] == [True, True, True, False, False, False]  # Fprop, Dgrad, Wgrad of the first
 
 
 def test_wgrad_form_takes_64_row_tiles_on_the_gpu(monkeypatch):
