@@ -8,7 +8,6 @@ each kernel once, after a warm-up call that compiles it, between cudaProfilerSta
 from __future__ import annotations
 
 import torch
-
 from minids.kernels import fp8 as kfp8
 
 
