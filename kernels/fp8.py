@@ -74,15 +74,21 @@ if HAVE_TRITON:
 # The quantization mode of calls that do not pass ``exact`` (the FP8 linear's among them): fast unless asked.
 EXACT_QUANT = os.environ.get("MINIDS_FP8_EXACT", "0") == "1"
 
-# Tiles of the kernels that write a transposed copy, by mode (exact?): (features per program, num_warps, tokens per
-# step). A program owns one quantization block (128) of tokens and walks it in steps (see the kernels); act_quant_both
-# and weight_quant take one block of features. They are memory-bound; the fast mode's were picked by the H200 sweep of
-# bench/fp8.py --only tiles (bench/results/fp8_tiles.md).
+# Tiles of the kernels that write a transposed copy, by mode (exact?): (features per program, num_warps); a program is
+# always one quantization block (128) of tokens tall. They are memory-bound; the fast mode's were picked by the H200
+# sweep of bench/fp8.py --only tiles (bench/results/fp8_tiles.md), the exact mode's float64 quotients need registers and
+# keep the tiles measured in kernels_notes.md. weight_quant's fast mode went to 4 warps in the 2026-12-01 sweep
+# (2853 GB/s against 2505 with 8, fp8_tiles-u8.md). Tried there and dropped, no faster: transposing the 8-bit codes
+# instead of the float32 values (same GB/s to 1%), and walking the 128-token block in steps twice (amax, then
+# quantize from L2) to cut the 123-203 registers a thread that ncu showed (ncu_quant.txt): 1.1-2.7x slower
+# (fp8_tiles-steps.md), the loads of a step no longer overlapping.
 _TILES = {
-    "act_quant_t": {True: (64, 4, 32), False: (64, 4, 32)},
-    "act_quant_t_fp8": {True: (64, 4, 32), False: (64, 4, 32)},  # FP8 input with in_scale (Wgrad's requantization)
-    "act_quant_both": {True: (128, 4, 32), False: (128, 4, 32)},
-    "weight_quant": {True: (128, 4, 32), False: (128, 4, 32)},
+    # fast-mode tiles from the H200 sweep (bench/results/fp8_tiles.md): 128 tokens x 64 features, 4 warps, ran
+    # act_quant_t at 2582 GB/s against 1072 for 128 x 128 with 8 warps, and the FP8 requantization at 1388 against 1281
+    "act_quant_t": {True: (64, 4), False: (64, 4)},
+    "act_quant_t_fp8": {True: (64, 4), False: (64, 4)},  # FP8 input with in_scale (the Wgrad requantization)
+    "act_quant_both": {True: (128, 8), False: (128, 4)},  # features in whole blocks (1x128 groups of q)
+    "weight_quant": {True: (128, 8), False: (128, 4)},  # whole 128x128 blocks
 }
 
 
@@ -155,57 +161,36 @@ if HAVE_TRITON:
         tl.store(s_ptr + rows64 * stride_sm + pid_k * stride_sk, s, mask=rows < M)
 
     @triton.jit
-    def _load_tokens(x_ptr, xs_ptr, rows, cols, M, K, stride_xm, stride_xsm, stride_xsk, k0,
-                     HAS_IN_SCALE: tl.constexpr, IN_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
-        """x[rows, cols] in float32 (0 outside M x K); with HAS_IN_SCALE, x is FP8 with 1 x IN_BLOCK scales xs and is
-        dequantized (k0: the first column, a multiple of BLOCK_K)."""
-        mask = (rows < M)[:, None] & (cols < K)[None, :]
-        rows64 = rows.to(tl.int64)
-        x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        if HAS_IN_SCALE:
-            if IN_BLOCK % BLOCK_K == 0:  # the tile's columns share one input scale per row
-                xs = tl.load(xs_ptr + rows64 * stride_xsm + (k0 // IN_BLOCK) * stride_xsk, mask=rows < M, other=0.0)
-                x = x * xs[:, None]
-            else:
-                xs = tl.load(xs_ptr + rows64[:, None] * stride_xsm + (cols // IN_BLOCK)[None, :] * stride_xsk,
-                             mask=mask, other=0.0)
-                x = x * xs
-        return x
-
-    # The kernels below write a transposed copy (128x1 groups along the tokens). Each program owns one BLOCK-token
-    # block and walks it in CHUNK-token steps twice: once for the amax of each group, then again (from L2) to quantize
-    # and store. Holding the whole block in registers instead (CHUNK = BLOCK) took 123-203 registers a thread, 12-25%
-    # occupancy and 39-55% of the DRAM bandwidth on the H200 (ncu, bench/results/ncu_quant.txt).
-
-    @triton.jit
     def _act_quant_t_kernel(
         x_ptr, xs_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_xsm, stride_xsk, stride_qk, stride_sk, stride_sb,
         HAS_IN_SCALE: tl.constexpr, IN_BLOCK: tl.constexpr,
         FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, UE8M0: tl.constexpr,
         EXACT: tl.constexpr, SOFT_CVT: tl.constexpr,
-        BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
+        BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        """x (M, K) -> q (K, M) in BLOCK x 1 tiles along M: one program quantizes BLOCK tokens x BLOCK_K features
-        and writes them transposed. With HAS_IN_SCALE, x is FP8 with 1 x IN_BLOCK scales xs, dequantized on load."""
+        """x (M, K) -> q (K, M) in BLOCK x 1 tiles along M: one program reads (BLOCK tokens x BLOCK_K) and writes
+        it transposed. With HAS_IN_SCALE, x is FP8 with 1 x IN_BLOCK scales xs and is dequantized on load."""
         pid_m, pid_k = tl.program_id(0), tl.program_id(1)
-        k0 = pid_k * BLOCK_K
-        cols = k0 + tl.arange(0, BLOCK_K)
-        amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for t in range(0, BLOCK, CHUNK):
-            rows = pid_m * BLOCK + t + tl.arange(0, CHUNK)
-            x = _load_tokens(x_ptr, xs_ptr, rows, cols, M, K, stride_xm, stride_xsm, stride_xsk, k0,
-                             HAS_IN_SCALE, IN_BLOCK, BLOCK_K)
-            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=0))
-        s = _scale_of(amax, FMAX, UE8M0)  # (BLOCK_K,): one per column over BLOCK tokens
+        rows = pid_m * BLOCK + tl.arange(0, BLOCK)  # tokens
+        cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask = (rows < M)[:, None] & (cols < K)[None, :]
+        rows64 = rows.to(tl.int64)
+        x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_IN_SCALE:
+            if IN_BLOCK % BLOCK_K == 0:  # the tile's columns share one input scale per row
+                xs = tl.load(xs_ptr + rows64 * stride_xsm + ((pid_k * BLOCK_K) // IN_BLOCK) * stride_xsk, mask=rows < M,
+                             other=0.0)
+                x = x * xs[:, None]
+            else:
+                xs = tl.load(xs_ptr + rows64[:, None] * stride_xsm + (cols // IN_BLOCK)[None, :] * stride_xsk, mask=mask,
+                             other=0.0)
+                x = x * xs
+        s = _scale_of(tl.max(tl.abs(x), axis=0), FMAX, UE8M0)  # (BLOCK_K,): one per column over BLOCK tokens
+        q = _quantize(x, s[None, :], FMAX, MBITS, EMIN, UE8M0, EXACT, SOFT_CVT)
         cols64 = cols.to(tl.int64)
-        for t in range(0, BLOCK, CHUNK):
-            rows = pid_m * BLOCK + t + tl.arange(0, CHUNK)
-            x = _load_tokens(x_ptr, xs_ptr, rows, cols, M, K, stride_xm, stride_xsm, stride_xsk, k0,
-                             HAS_IN_SCALE, IN_BLOCK, BLOCK_K)
-            q = _quantize(x, s[None, :], FMAX, MBITS, EMIN, UE8M0, EXACT, SOFT_CVT)
-            # transposed in registers (the compiler goes through shared memory), then stored along the tokens
-            tl.store(q_ptr + cols64[:, None] * stride_qk + rows[None, :], tl.trans(q).to(q_ptr.dtype.element_ty),
-                     mask=(cols < K)[:, None] & (rows < M)[None, :])
+        # transposed in registers (the compiler goes through shared memory), then stored along the tokens
+        q_ptrs = q_ptr + cols64[:, None] * stride_qk + rows[None, :]  # (BLOCK_K, BLOCK)
+        tl.store(q_ptrs, tl.trans(q).to(q_ptr.dtype.element_ty), mask=tl.trans(mask))
         tl.store(s_ptr + cols64 * stride_sk + pid_m * stride_sb, s, mask=cols < K)
 
     @triton.jit
@@ -214,33 +199,31 @@ if HAVE_TRITON:
         stride_stb,
         FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, UE8M0: tl.constexpr,
         EXACT: tl.constexpr, SOFT_CVT: tl.constexpr,
-        BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+        BLOCK: tl.constexpr, G: tl.constexpr,
     ):
-        """A (BLOCK tokens x BLOCK features) tile of x (M, K): its 1 x BLOCK quantization into q (M, K) in the first
-        pass (a row's group is whole in every step), its BLOCK x 1 quantization, transposed, into qt (K, M) in the
-        second."""
+        """One read of a (BLOCK tokens x G*BLOCK features) tile of x (M, K), held as (BLOCK, G, BLOCK); writes its
+        1 x BLOCK quantization into q (M, K) and its BLOCK x 1 quantization, transposed, into qt (K, M)."""
         pid_m, pid_k = tl.program_id(0), tl.program_id(1)
-        cols = pid_k * BLOCK + tl.arange(0, BLOCK)
-        amax = tl.zeros((BLOCK,), dtype=tl.float32)
-        for t in range(0, BLOCK, CHUNK):
-            rows = pid_m * BLOCK + t + tl.arange(0, CHUNK)
-            x = _load_tokens(x_ptr, x_ptr, rows, cols, M, K, stride_xm, 0, 0, 0, False, BLOCK, BLOCK)
-            ax = tl.abs(x)
-            s = _scale_of(tl.max(ax, axis=1), FMAX, UE8M0)  # (CHUNK,): along features
-            q = _quantize(x, s[:, None], FMAX, MBITS, EMIN, UE8M0, EXACT, SOFT_CVT)
-            rows64 = rows.to(tl.int64)
-            tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], q.to(q_ptr.dtype.element_ty),
-                     mask=(rows < M)[:, None] & (cols < K)[None, :])
-            tl.store(s_ptr + rows64 * stride_sm + pid_k * stride_sk, s, mask=rows < M)
-            amax = tl.maximum(amax, tl.max(ax, axis=0))
-        st = _scale_of(amax, FMAX, UE8M0)  # (BLOCK,): along tokens
-        cols64 = cols.to(tl.int64)
-        for t in range(0, BLOCK, CHUNK):
-            rows = pid_m * BLOCK + t + tl.arange(0, CHUNK)
-            x = _load_tokens(x_ptr, x_ptr, rows, cols, M, K, stride_xm, 0, 0, 0, False, BLOCK, BLOCK)
-            qt = _quantize(x, st[None, :], FMAX, MBITS, EMIN, UE8M0, EXACT, SOFT_CVT)
-            tl.store(qt_ptr + cols64[:, None] * stride_qtk + rows[None, :], tl.trans(qt).to(qt_ptr.dtype.element_ty),
-                     mask=(cols < K)[:, None] & (rows < M)[None, :])
+        rows = pid_m * BLOCK + tl.arange(0, BLOCK)
+        groups = pid_k * G + tl.arange(0, G)  # BLOCK-wide feature groups
+        cols = groups[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # (G, BLOCK)
+        mask = (rows < M)[:, None, None] & (cols < K)[None, :, :]
+        rows64, cols64 = rows.to(tl.int64), cols.to(tl.int64)
+        x = tl.load(x_ptr + rows64[:, None, None] * stride_xm + cols[None, :, :], mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        s = _scale_of(tl.max(tl.abs(x), axis=2), FMAX, UE8M0)  # (BLOCK, G): along features
+        q = _quantize(x, s[:, :, None], FMAX, MBITS, EMIN, UE8M0, EXACT, SOFT_CVT)
+        tl.store(q_ptr + rows64[:, None, None] * stride_qm + cols[None, :, :], q.to(q_ptr.dtype.element_ty),
+                 mask=mask)
+        tl.store(s_ptr + rows64[:, None] * stride_sm + groups[None, :] * stride_sk, s,
+                 mask=(rows < M)[:, None] & (groups * BLOCK < K)[None, :])
+        st = _scale_of(tl.max(tl.abs(x), axis=0), FMAX, UE8M0)  # (G, BLOCK): along tokens
+        qt = _quantize(x, st[None, :, :], FMAX, MBITS, EMIN, UE8M0, EXACT, SOFT_CVT)
+        # the transposed copy is permuted to (G, features, tokens) in registers first, so the store runs along its
+        # last dim (tokens, contiguous in qt) like every other store; storing the (tokens, G, features) tile through
+        # transposed pointers came out wrong on full tiles on the H200 (Triton 3.6)
+        qt_ptrs = qt_ptr + cols64[:, :, None] * stride_qtk + rows[None, None, :]  # (G, BLOCK, BLOCK)
+        tl.store(qt_ptrs, tl.permute(qt, (1, 2, 0)).to(qt_ptr.dtype.element_ty), mask=tl.permute(mask, (1, 2, 0)))
         tl.store(st_ptr + cols64 * stride_stk + pid_m * stride_stb, st, mask=cols < K)
 
     @triton.jit
@@ -249,31 +232,26 @@ if HAVE_TRITON:
         WRITE_T: tl.constexpr,
         FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, UE8M0: tl.constexpr,
         EXACT: tl.constexpr, SOFT_CVT: tl.constexpr,
-        BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+        BLOCK: tl.constexpr, G: tl.constexpr,
     ):
-        """One (BLOCK x BLOCK) block of w (O, I): its scale (first pass), its FP8 values and optionally the transposed
-        copy (second pass)."""
+        """G (BLOCK x BLOCK) blocks of w (O, I) side by side, held as (BLOCK, G, BLOCK): their scales, their FP8
+        values, and optionally the transposed copy."""
         pid_o, pid_i = tl.program_id(0), tl.program_id(1)
-        cols = pid_i * BLOCK + tl.arange(0, BLOCK)
-        amax = tl.zeros((BLOCK,), dtype=tl.float32)
-        for t in range(0, BLOCK, CHUNK):
-            rows = pid_o * BLOCK + t + tl.arange(0, CHUNK)
-            w = _load_tokens(w_ptr, w_ptr, rows, cols, O, I, stride_wo, 0, 0, 0, False, BLOCK, BLOCK)
-            amax = tl.maximum(amax, tl.max(tl.abs(w), axis=0))
-        s = _scale_of(tl.max(amax, axis=0), FMAX, UE8M0)  # one per block
-        cols64 = cols.to(tl.int64)
-        for t in range(0, BLOCK, CHUNK):
-            rows = pid_o * BLOCK + t + tl.arange(0, CHUNK)
-            w = _load_tokens(w_ptr, w_ptr, rows, cols, O, I, stride_wo, 0, 0, 0, False, BLOCK, BLOCK)
-            q = _quantize(w, s, FMAX, MBITS, EMIN, UE8M0, EXACT, SOFT_CVT)  # float32 until each store
-            mask = (rows < O)[:, None] & (cols < I)[None, :]
-            tl.store(q_ptr + rows.to(tl.int64)[:, None] * stride_qo + cols[None, :], q.to(q_ptr.dtype.element_ty),
-                     mask=mask)
-            if WRITE_T:  # the float32 values transposed, then converted (transposing the FP8 tile instead gave a
-                # transposed copy unequal to q on full tiles, H200, Triton 3.6)
-                tl.store(qt_ptr + cols64[:, None] * stride_qti + rows[None, :], tl.trans(q).to(qt_ptr.dtype.element_ty),
-                         mask=(cols < I)[:, None] & (rows < O)[None, :])
-        tl.store(s_ptr + pid_o * stride_so + pid_i, s)
+        rows = pid_o * BLOCK + tl.arange(0, BLOCK)
+        groups = pid_i * G + tl.arange(0, G)
+        cols = groups[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # (G, BLOCK)
+        mask = (rows < O)[:, None, None] & (cols < I)[None, :, :]
+        rows64, cols64 = rows.to(tl.int64), cols.to(tl.int64)
+        w = tl.load(w_ptr + rows64[:, None, None] * stride_wo + cols[None, :, :], mask=mask, other=0.0)
+        w = w.to(tl.float32)
+        s = _scale_of(tl.max(tl.max(tl.abs(w), axis=2), axis=0), FMAX, UE8M0)  # (G,): one per block
+        q = _quantize(w, s[None, :, None], FMAX, MBITS, EMIN, UE8M0, EXACT, SOFT_CVT)  # float32 until each store
+        tl.store(q_ptr + rows64[:, None, None] * stride_qo + cols[None, :, :], q.to(q_ptr.dtype.element_ty), mask=mask)
+        if WRITE_T:  # the float32 values permuted to (G, features, rows), then converted, as in _act_quant_both_kernel
+            # (permuting the FP8 tile instead gave a transposed copy unequal to q on full tiles, H200, Triton 3.6)
+            qt_ptrs = qt_ptr + cols64[:, :, None] * stride_qti + rows[None, None, :]  # (G, BLOCK, BLOCK)
+            tl.store(qt_ptrs, tl.permute(q, (1, 2, 0)).to(qt_ptr.dtype.element_ty), mask=tl.permute(mask, (1, 2, 0)))
+        tl.store(s_ptr + pid_o * stride_so + groups, s, mask=groups * BLOCK < I)
 
     @triton.jit
     def _weight_dequant_kernel(
@@ -357,11 +335,10 @@ def _format_flags(fmt: str, ue8m0: bool, exact: bool, soft_cvt: bool) -> tuple:
             ("SOFT_CVT", soft_cvt))
 
 
-def _tile(name: str, flags: dict, block: int) -> tuple[int, int, int]:
-    """(features per program, num_warps, tokens per step) of a transposing kernel from ``_TILES``, fitted to
-    ``block``: the steps at most a block, act_quant_both and weight_quant one block of features."""
-    feats, warps, chunk = _TILES[name][flags["EXACT"]]
-    return (feats if name.startswith("act_quant_t") else block), warps, min(chunk, block)
+def _blocks_per_program(name: str, flags: dict, block: int) -> tuple[int, int]:
+    """(block-wide feature groups per program, num_warps) of a 3-D-tiled kernel, from ``_TILES``."""
+    feats, warps = _TILES[name][flags["EXACT"]]
+    return max(1, feats // block), warps
 
 
 def act_quant(
@@ -407,7 +384,7 @@ def act_quant_t(
     s = _scales_t(out, 1, K, nb, x.device)
     if M and K:
         flags = _flags(fmt, ue8m0, exact)
-        BLOCK_K, warps, chunk = _tile("act_quant_t" if in_scale is None else "act_quant_t_fp8", flags, block)
+        BLOCK_K, warps = _TILES["act_quant_t" if in_scale is None else "act_quant_t_fp8"][flags["EXACT"]]
         grid = (nb, _cdiv(K, BLOCK_K))
         if in_scale is not None:
             _check_block(in_block)
@@ -420,7 +397,7 @@ def act_quant_t(
         _act_quant_t_kernel[grid](
             x, xs, q, s, M, K, x.stride(0), *xs.stride(), q.stride(0), *s.stride(),
             HAS_IN_SCALE=in_scale is not None, IN_BLOCK=in_block, **flags,
-            BLOCK=block, BLOCK_K=BLOCK_K, CHUNK=chunk, num_warps=warps,
+            BLOCK=block, BLOCK_K=BLOCK_K, num_warps=warps,
         )
     return q, s
 
@@ -440,11 +417,11 @@ def act_quant_both(
     st = _scales_t(out, 3, K, math.ceil(M / block), x.device)
     if M and K:
         flags = _flags(fmt, ue8m0, exact)
-        _, warps, chunk = _tile("act_quant_both", flags, block)
-        grid = (_cdiv(M, block), _cdiv(K, block))
+        G, warps = _blocks_per_program("act_quant_both", flags, block)
+        grid = (_cdiv(M, block), _cdiv(K, G * block))
         _act_quant_both_kernel[grid](
             x, q, s, qt, st, M, K, x.stride(0), q.stride(0), *s.stride(), qt.stride(0), *st.stride(),
-            **flags, BLOCK=block, CHUNK=chunk, num_warps=warps,
+            **flags, BLOCK=block, G=G, num_warps=warps,
         )
     return q, s, qt, st
 
@@ -474,10 +451,10 @@ def weight_quant(
         # copy together) where the grid-rounded exact path was bit-exact, so the hardware conversion is not trusted
         # in this kernel's layout. Cheap here: a few integer ops an element, no float64 quotient.
         flags["SOFT_CVT"] = True
-        _, warps, chunk = _tile("weight_quant", flags, block)
-        _weight_quant_kernel[(bo, bi)](
+        G, warps = _blocks_per_program("weight_quant", flags, block)
+        _weight_quant_kernel[(bo, _cdiv(bi, G))](
             w, q, qt, s, O, I, w.stride(0), q.stride(0), qt.stride(0), s.stride(0), WRITE_T=transposed,
-            **flags, BLOCK=block, CHUNK=chunk, num_warps=warps,
+            **flags, BLOCK=block, G=G, num_warps=warps,
         )
     return (q, s, qt) if transposed else (q, s)
 
