@@ -847,6 +847,29 @@ def _scaled_mm_blockwise(a, a_s, b, b_s, out_dtype, form: str = "weight"):
     return torch._scaled_mm(a, b.t(), scale_a=_m_major(a_s), scale_b=sb.t(), out_dtype=out_dtype)
 
 
+def _pad_k(a, a_s, b, b_s, form: str) -> tuple:
+    """The operands zero-padded along K to a multiple of 512 (four 128-wide K blocks, see ``cublas_fp8_gemm``), their
+    scales padded with ones (the padding contributes zero products); activation scales come back M-major."""
+    K, nk = a.shape[1], a_s.shape[1]
+    kp = _cdiv(K, 512) * 512
+
+    def values(t):
+        out = torch.zeros(t.shape[0], kp, dtype=t.dtype, device=t.device)
+        out[:, :K] = t
+        return out
+
+    def m_major(s):
+        out = torch.ones(kp // 128, s.shape[0], device=s.device).t()
+        out[:, :nk] = s
+        return out
+
+    if form == "act":
+        return values(a), m_major(a_s), values(b), m_major(b_s)
+    bs = torch.ones(b_s.shape[0], kp // 128, device=b_s.device)
+    bs[:, :nk] = b_s
+    return values(a), m_major(a_s), values(b), bs
+
+
 def _cublas_device_ok(index: int, form: str = "weight", out_dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether torch._scaled_mm takes DeepSeek's block-wise scales of ``form`` with ``out_dtype`` on CUDA device
     ``index`` with this torch: one product (256 x 384 x 512) through ``_scaled_mm_blockwise`` checked against the
@@ -893,11 +916,11 @@ def cublas_fp8_gemm(
 
     None without trying: no CUDA tensors, a form or output dtype this torch and GPU do not compute right (probed once
     per device, form and dtype), M = 0 or not a multiple of 4 (torch 2.11 refused M = 1 and 127 with
-    CUBLAS_STATUS_NOT_SUPPORTED), K not a multiple of 512 (four 128-wide K blocks: torch 2.11 passes cuBLAS a
-    block-scale tensor it requires padded to a multiple of four blocks and gave wrong products without an error
-    otherwise, 4e3 to 2e22 times max |C| off at 64 x 256 x 256, 300 x 512 x 384, 300 x 384 x 128, 256 x 256 x 2112 on
-    the H200; the cause reported in pytorch/pytorch PR 166752), N not a multiple of 16. A shape torch refused before
-    stays refused.
+    CUBLAS_STATUS_NOT_SUPPORTED), N not a multiple of 16. A shape torch refused before stays refused. K not a multiple
+    of 512 is zero-padded to one, both operands and their scales copied (``_pad_k``): torch 2.11 passes cuBLAS a
+    block-scale tensor that cuBLAS requires padded to a multiple of four K blocks, and gave wrong products without an
+    error otherwise (4e3 to 2e22 times max |C| off at 64 x 256 x 256, 300 x 512 x 384, 300 x 384 x 128, 256 x 256 x
+    2112 on the H200; the cause reported in pytorch/pytorch PR 166752) or refused K = 2112.
 
     The first call of each (device, form, dtype, M bucket, N, K) also runs the Triton GEMM and compares (one extra
     GEMM and one synchronization); where they differ by more than 2^-7 of max |C| that call returns the Triton product
@@ -911,7 +934,7 @@ def cublas_fp8_gemm(
     N = b.shape[0]
     nk = _cdiv(K, 128)
     form = "act" if tuple(b_s.shape) == (N, nk) else "weight" if tuple(b_s.shape) == (_cdiv(N, 128), nk) else None
-    if (form is None or block != 128 or M == 0 or M % 4 or K % 512 or N % 16
+    if (form is None or block != 128 or M == 0 or M % 4 or N % 16
             or out_dtype not in (torch.bfloat16, torch.float32)
             or a.dtype != torch.float8_e4m3fn or b.dtype != torch.float8_e4m3fn):
         return None
@@ -923,7 +946,7 @@ def cublas_fp8_gemm(
     if not _cublas_device_ok(*probe) or _CUBLAS_CHECKED.get(key) is False or probe + (M, N, K) in _CUBLAS_REFUSED:
         return None
     try:
-        c = _scaled_mm_blockwise(a, a_s, b, b_s, out_dtype, form)
+        c = _scaled_mm_blockwise(*(_pad_k(a, a_s, b, b_s, form) if K % 512 else (a, a_s, b, b_s)), out_dtype, form)
     except RuntimeError:
         _CUBLAS_REFUSED.add(probe + (M, N, K))
         return None
