@@ -453,6 +453,23 @@ def cublas_operands(M: int, N: int, K: int, form: str, seed: int):
     return a, a_s, b, b_s
 
 
+@pytest.mark.parametrize("K", [256, 2112, 520, 1030])
+@pytest.mark.parametrize("form", ["weight", "act"])
+def test_cublas_padding_keeps_the_product(form, K):
+    """The zero padding along K that cuBLAS gets (``_pad_k``: K to a multiple of 512, scales padded with ones, activation
+    scales M-major) leaves the block-scaled product as it was: the reference gives the same result on both."""
+    M, N = 64, 160
+    g = torch.Generator().manual_seed(K)
+    x, y = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
+    if form == "weight":
+        (a, a_s), (b, b_s) = ref.act_quant(x), ref.weight_quant(y)
+    else:
+        (a, a_s), (b, b_s) = ref.act_quant_t(x.t().contiguous()), ref.act_quant_t(y.t().contiguous())
+    ap, aps, bp, bps = kfp8._pad_k(a, a_s, b, b_s, form)
+    assert ap.shape[1] % 512 == 0 and aps.stride() == (1, M) and same_bits(ap[:, :K], a) and not ap[:, K:].float().any()
+    assert torch.equal(ref.fp8_gemm(ap, aps, bp, bps, torch.float32), ref.fp8_gemm(a, a_s, b, b_s, torch.float32))
+
+
 @pytest.mark.skipif(DEV != "cuda", reason="block-scaled cuBLAS (torch._scaled_mm) runs on CUDA only")
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("form", ["weight", "act"])
