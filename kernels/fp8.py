@@ -513,15 +513,6 @@ if HAVE_TRITON:
         return acc
 
     @triton.jit
-    def _promote_lagged(acc, p, a_s, b_s, SCALAR_B: tl.constexpr):
-        """acc += p * a_s[m] * b_s[n] for a product p computed in the previous step (LAG; not with SWAP_AB)."""
-        if SCALAR_B:
-            acc += p * (a_s * b_s)[:, None]
-        else:
-            acc += p * (a_s[:, None] * b_s[None, :])
-        return acc
-
-    @triton.jit
     def _store_tile(c_ptr, acc, offs_m, offs_n, mask_m, N, stride_cm, SWAP_AB: tl.constexpr):
         """Write an accumulator tile ((BM, BN); (BN, BM) with SWAP_AB) into C (M, N), cast to C's dtype, tails masked."""
         if SWAP_AB:
@@ -538,7 +529,7 @@ if HAVE_TRITON:
         stride_am, stride_bn, stride_cs, stride_cm, stride_asm, stride_ask, stride_bsn, stride_bsk,
         B_GROUP: tl.constexpr, SPLIT_K, EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        TMA: tl.constexpr = False, SWAP_AB: tl.constexpr = False, LAG: tl.constexpr = False,
+        TMA: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
     ):
         """C[s, m, n] = sum over this split's K steps of (A[m, k-step] . B[n, k-step]) * a_s[m, step] * b_s[n', step]
         with n' = n // B_GROUP (128: weight blocks; 1: per-row 1x128 scales). M_BUCKET only keys the autotuner;
@@ -553,9 +544,7 @@ if HAVE_TRITON:
         step, and the per-element work is one multiply-add instead of an outer product and a multiply-add.
 
         Variants (constexpr knobs; bench/sweep_fp8_gemm.py times them): TMA loads A and B through tensor
-        descriptors (a_src, b_src; else they are pointers); SWAP_AB computes C^T tiles; LAG promotes each step's
-        product one step late, after the next product is issued, so that the scaling could overlap the tensor cores'
-        work within one CTA (two product tiles live; not with SWAP_AB).
+        descriptors (a_src, b_src; else they are pointers); SWAP_AB computes C^T tiles.
         """
         pid, pid_k = tl.program_id(0), tl.program_id(1)
         c_ptr += pid_k * stride_cs
@@ -583,13 +572,6 @@ if HAVE_TRITON:
         else:
             bs_ptrs = bs_ptr + (offs_n // B_GROUP) * stride_bsn
         acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP_AB else (BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if LAG:  # the previous step's product and scales (zeros before the first step: they add nothing)
-            p_prev = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            as_prev = tl.zeros((BLOCK_M,), dtype=tl.float32)
-            if SCALAR_B:
-                bs_prev = tl.max(tl.zeros((16,), dtype=tl.float32), axis=0)
-            else:
-                bs_prev = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for kb in range(k_lo, k_hi):
             k0 = kb * BLOCK_K
             a = _k_block(a_src, a_ptrs, m0, k0, mask_m, offs_k, K, TMA, EVEN_K)
@@ -599,14 +581,7 @@ if HAVE_TRITON:
                 b_s = tl.load(bs_ptrs + kb * stride_bsk)
             else:
                 b_s = tl.load(bs_ptrs + kb * stride_bsk, mask=mask_n, other=1.0)
-            if LAG:
-                p = tl.dot(a, tl.trans(b))
-                acc = _promote_lagged(acc, p_prev, as_prev, bs_prev, SCALAR_B)
-                p_prev, as_prev, bs_prev = p, a_s, b_s
-            else:
-                acc = _promote(acc, a, b, a_s, b_s, SCALAR_B, SWAP_AB)
-        if LAG:
-            acc = _promote_lagged(acc, p_prev, as_prev, bs_prev, SCALAR_B)
+            acc = _promote(acc, a, b, a_s, b_s, SCALAR_B, SWAP_AB)
         _store_tile(c_ptr, acc, offs_m, offs_n, mask_m, N, stride_cm, SWAP_AB)
 
     @triton.jit
@@ -682,9 +657,6 @@ GEMM_VARIANTS: dict[str, tuple[dict | None, dict | None]] = {
     "tma_s4": ({"TMA": True, "num_stages": 4}, {"TMA": True, "num_stages": 6}),
     "m64": ({"BLOCK_M": 64, "num_warps": 4, "TMA": True, "num_stages": 3}, None),
     "swap": (None, {"SWAP_AB": True}),
-    # tried in the eighth session's sweep (fp8_gemm_sweep-lag.md): the promotion one step late (LAG)
-    "tma_s4_lag": ({"TMA": True, "num_stages": 4, "LAG": True}, None),
-    "m64_lag": ({"BLOCK_M": 64, "num_warps": 4, "TMA": True, "num_stages": 3, "LAG": True}, None),
 }
 
 

@@ -579,8 +579,6 @@ def token_block_major(s: torch.Tensor) -> torch.Tensor:
     {"TMA": True},
     {"SWAP_AB": True},
     {"SWAP_AB": True, "TMA": True},
-    {"LAG": True},
-    {"LAG": True, "TMA": True},
 ], ids=lambda k: "-".join(f"{n}={v}" for n, v in k.items()))
 def test_fp8_gemm_variant_knobs(knobs, b_rows):
     """Each knob of the kernel on small tiles (16-row M tiles, 64-wide N tiles): odd M, N not a multiple of the tile,
