@@ -649,7 +649,7 @@ _MIN_STEPS_PER_SPLIT = 4  # 512 of K
 # swapped operands with TMA, TMA with 3 stages at 128 x 128 ("tma"), 64-row TMA tiles with 4 stages ("m64_s4"); for the
 # Wgrad form, b's 1x128 scales loaded through TMA into shared memory with the tiles (383-499 TFLOP/s against 515-666
 # with plain loads of token-block-major scales, fp8_gemm_sweep-wgrad.md); the promotion one step late, after the next
-# product is issued, to overlap it with the tensor cores inside one CTA ("LAG", two product tiles live): 7-27% slower
+# product is issued, to overlap it with the tensor cores inside one CTA ("LAG", two product tiles live): 8-16% slower
 # with tma_s4 and slower with m64 on four of six shapes, never the fastest (fp8_gemm_sweep-lag.md, 8th session).
 GEMM_VARIANT = os.environ.get("MINIDS_FP8_GEMM", "auto")  # "auto": ``_auto_variant``
 GEMM_VARIANTS: dict[str, tuple[dict | None, dict | None]] = {
