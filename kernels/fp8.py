@@ -74,9 +74,8 @@ if HAVE_TRITON:
 # The quantization mode of calls that do not pass ``exact`` (the FP8 linear's among them): fast unless asked.
 EXACT_QUANT = os.environ.get("MINIDS_FP8_EXACT", "0") == "1"
 
-# Tiles of the kernels that write a transposed copy, by mode (exact?): (features per program, num_warps, tma); a program
-# is always one quantization block (128) of tokens tall; tma: its tiles move through tensor descriptors (the copy
-# engine) where the tensors allow (``_tma_rows_ok``), else through pointers. They are memory-bound; the fast mode's were picked by the H200
+# Tiles of the kernels that write a transposed copy, by mode (exact?): (features per program, num_warps); a program is
+# always one quantization block (128) of tokens tall. They are memory-bound; the fast mode's were picked by the H200
 # sweep of bench/fp8.py --only tiles (bench/results/fp8_tiles.md), the exact mode's float64 quotients need registers and
 # keep the tiles measured in kernels_notes.md. weight_quant's fast mode went to 4 warps in the 2026-12-01 sweep
 # (2853 GB/s against 2505 with 8, fp8_tiles-u8.md). Tried there and dropped, no faster: transposing the 8-bit codes
@@ -86,10 +85,10 @@ EXACT_QUANT = os.environ.get("MINIDS_FP8_EXACT", "0") == "1"
 _TILES = {
     # fast-mode tiles from the H200 sweep (bench/results/fp8_tiles.md): 128 tokens x 64 features, 4 warps, ran
     # act_quant_t at 2582 GB/s against 1072 for 128 x 128 with 8 warps, and the FP8 requantization at 1388 against 1281
-    "act_quant_t": {True: (64, 4, False), False: (64, 4, False)},
-    "act_quant_t_fp8": {True: (64, 4, False), False: (64, 4, False)},  # FP8 input with in_scale (Wgrad's requantization)
-    "act_quant_both": {True: (128, 8, False), False: (128, 4, False)},  # features in whole blocks (1x128 groups of q)
-    "weight_quant": {True: (128, 8, False), False: (128, 4, False)},  # whole 128x128 blocks
+    "act_quant_t": {True: (64, 4), False: (64, 4)},
+    "act_quant_t_fp8": {True: (64, 4), False: (64, 4)},  # FP8 input with in_scale (the Wgrad requantization)
+    "act_quant_both": {True: (128, 8), False: (128, 4)},  # features in whole blocks (1x128 groups of q)
+    "weight_quant": {True: (128, 8), False: (128, 4)},  # whole 128x128 blocks
 }
 
 
@@ -167,21 +166,16 @@ if HAVE_TRITON:
         HAS_IN_SCALE: tl.constexpr, IN_BLOCK: tl.constexpr,
         FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, UE8M0: tl.constexpr,
         EXACT: tl.constexpr, SOFT_CVT: tl.constexpr,
-        BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr = False,
+        BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """x (M, K) -> q (K, M) in BLOCK x 1 tiles along M: one program reads (BLOCK tokens x BLOCK_K) and writes
-        it transposed. With HAS_IN_SCALE, x is FP8 with 1 x IN_BLOCK scales xs and is dequantized on load. TMA: x_ptr
-        and q_ptr are tensor descriptors (the copy engine moves the tiles; zeros read and nothing written past the
-        edges), else pointers."""
+        it transposed. With HAS_IN_SCALE, x is FP8 with 1 x IN_BLOCK scales xs and is dequantized on load."""
         pid_m, pid_k = tl.program_id(0), tl.program_id(1)
         rows = pid_m * BLOCK + tl.arange(0, BLOCK)  # tokens
         cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         mask = (rows < M)[:, None] & (cols < K)[None, :]
         rows64 = rows.to(tl.int64)
-        if TMA:
-            x = x_ptr.load([pid_m * BLOCK, pid_k * BLOCK_K]).to(tl.float32)
-        else:
-            x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_IN_SCALE:
             if IN_BLOCK % BLOCK_K == 0:  # the tile's columns share one input scale per row
                 xs = tl.load(xs_ptr + rows64 * stride_xsm + ((pid_k * BLOCK_K) // IN_BLOCK) * stride_xsk, mask=rows < M,
@@ -195,11 +189,8 @@ if HAVE_TRITON:
         q = _quantize(x, s[None, :], FMAX, MBITS, EMIN, UE8M0, EXACT, SOFT_CVT)
         cols64 = cols.to(tl.int64)
         # transposed in registers (the compiler goes through shared memory), then stored along the tokens
-        if TMA:
-            q_ptr.store([pid_k * BLOCK_K, pid_m * BLOCK], tl.trans(q).to(q_ptr.dtype))
-        else:
-            q_ptrs = q_ptr + cols64[:, None] * stride_qk + rows[None, :]  # (BLOCK_K, BLOCK)
-            tl.store(q_ptrs, tl.trans(q).to(q_ptr.dtype.element_ty), mask=tl.trans(mask))
+        q_ptrs = q_ptr + cols64[:, None] * stride_qk + rows[None, :]  # (BLOCK_K, BLOCK)
+        tl.store(q_ptrs, tl.trans(q).to(q_ptr.dtype.element_ty), mask=tl.trans(mask))
         tl.store(s_ptr + cols64 * stride_sk + pid_m * stride_sb, s, mask=cols < K)
 
     @triton.jit
@@ -208,29 +199,22 @@ if HAVE_TRITON:
         stride_stb,
         FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, UE8M0: tl.constexpr,
         EXACT: tl.constexpr, SOFT_CVT: tl.constexpr,
-        BLOCK: tl.constexpr, G: tl.constexpr, TMA: tl.constexpr = False,
+        BLOCK: tl.constexpr, G: tl.constexpr,
     ):
         """One read of a (BLOCK tokens x G*BLOCK features) tile of x (M, K), held as (BLOCK, G, BLOCK); writes its
-        1 x BLOCK quantization into q (M, K) and its BLOCK x 1 quantization, transposed, into qt (K, M). TMA: x_ptr,
-        q_ptr and qt_ptr are tensor descriptors (see _act_quant_t_kernel)."""
+        1 x BLOCK quantization into q (M, K) and its BLOCK x 1 quantization, transposed, into qt (K, M)."""
         pid_m, pid_k = tl.program_id(0), tl.program_id(1)
         rows = pid_m * BLOCK + tl.arange(0, BLOCK)
         groups = pid_k * G + tl.arange(0, G)  # BLOCK-wide feature groups
         cols = groups[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # (G, BLOCK)
         mask = (rows < M)[:, None, None] & (cols < K)[None, :, :]
         rows64, cols64 = rows.to(tl.int64), cols.to(tl.int64)
-        if TMA:
-            x = tl.reshape(x_ptr.load([pid_m * BLOCK, pid_k * G * BLOCK]), (BLOCK, G, BLOCK))
-        else:
-            x = tl.load(x_ptr + rows64[:, None, None] * stride_xm + cols[None, :, :], mask=mask, other=0.0)
+        x = tl.load(x_ptr + rows64[:, None, None] * stride_xm + cols[None, :, :], mask=mask, other=0.0)
         x = x.to(tl.float32)
         s = _scale_of(tl.max(tl.abs(x), axis=2), FMAX, UE8M0)  # (BLOCK, G): along features
         q = _quantize(x, s[:, :, None], FMAX, MBITS, EMIN, UE8M0, EXACT, SOFT_CVT)
-        if TMA:
-            q_ptr.store([pid_m * BLOCK, pid_k * G * BLOCK], tl.reshape(q, (BLOCK, G * BLOCK)).to(q_ptr.dtype))
-        else:
-            tl.store(q_ptr + rows64[:, None, None] * stride_qm + cols[None, :, :], q.to(q_ptr.dtype.element_ty),
-                     mask=mask)
+        tl.store(q_ptr + rows64[:, None, None] * stride_qm + cols[None, :, :], q.to(q_ptr.dtype.element_ty),
+                 mask=mask)
         tl.store(s_ptr + rows64[:, None] * stride_sm + groups[None, :] * stride_sk, s,
                  mask=(rows < M)[:, None] & (groups * BLOCK < K)[None, :])
         st = _scale_of(tl.max(tl.abs(x), axis=0), FMAX, UE8M0)  # (G, BLOCK): along tokens
@@ -238,13 +222,8 @@ if HAVE_TRITON:
         # the transposed copy is permuted to (G, features, tokens) in registers first, so the store runs along its
         # last dim (tokens, contiguous in qt) like every other store; storing the (tokens, G, features) tile through
         # transposed pointers came out wrong on full tiles on the H200 (Triton 3.6)
-        if TMA:
-            qt_ptr.store([pid_k * G * BLOCK, pid_m * BLOCK],
-                         tl.reshape(tl.permute(qt, (1, 2, 0)), (G * BLOCK, BLOCK)).to(qt_ptr.dtype))
-        else:
-            qt_ptrs = qt_ptr + cols64[:, :, None] * stride_qtk + rows[None, None, :]  # (G, BLOCK, BLOCK)
-            tl.store(qt_ptrs, tl.permute(qt, (1, 2, 0)).to(qt_ptr.dtype.element_ty),
-                     mask=tl.permute(mask, (1, 2, 0)))
+        qt_ptrs = qt_ptr + cols64[:, :, None] * stride_qtk + rows[None, None, :]  # (G, BLOCK, BLOCK)
+        tl.store(qt_ptrs, tl.permute(qt, (1, 2, 0)).to(qt_ptr.dtype.element_ty), mask=tl.permute(mask, (1, 2, 0)))
         tl.store(st_ptr + cols64 * stride_stk + pid_m * stride_stb, st, mask=cols < K)
 
     @triton.jit
@@ -253,33 +232,22 @@ if HAVE_TRITON:
         WRITE_T: tl.constexpr,
         FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, UE8M0: tl.constexpr,
         EXACT: tl.constexpr, SOFT_CVT: tl.constexpr,
-        BLOCK: tl.constexpr, G: tl.constexpr, TMA: tl.constexpr = False,
+        BLOCK: tl.constexpr, G: tl.constexpr,
     ):
         """G (BLOCK x BLOCK) blocks of w (O, I) side by side, held as (BLOCK, G, BLOCK): their scales, their FP8
-        values, and optionally the transposed copy. TMA: w_ptr, q_ptr and qt_ptr are tensor descriptors (see
-        _act_quant_t_kernel)."""
+        values, and optionally the transposed copy."""
         pid_o, pid_i = tl.program_id(0), tl.program_id(1)
         rows = pid_o * BLOCK + tl.arange(0, BLOCK)
         groups = pid_i * G + tl.arange(0, G)
         cols = groups[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # (G, BLOCK)
         mask = (rows < O)[:, None, None] & (cols < I)[None, :, :]
         rows64, cols64 = rows.to(tl.int64), cols.to(tl.int64)
-        if TMA:
-            w = tl.reshape(w_ptr.load([pid_o * BLOCK, pid_i * G * BLOCK]), (BLOCK, G, BLOCK))
-        else:
-            w = tl.load(w_ptr + rows64[:, None, None] * stride_wo + cols[None, :, :], mask=mask, other=0.0)
+        w = tl.load(w_ptr + rows64[:, None, None] * stride_wo + cols[None, :, :], mask=mask, other=0.0)
         w = w.to(tl.float32)
         s = _scale_of(tl.max(tl.max(tl.abs(w), axis=2), axis=0), FMAX, UE8M0)  # (G,): one per block
         q = _quantize(w, s[None, :, None], FMAX, MBITS, EMIN, UE8M0, EXACT, SOFT_CVT)  # float32 until each store
-        if TMA:
-            q_ptr.store([pid_o * BLOCK, pid_i * G * BLOCK], tl.reshape(q, (BLOCK, G * BLOCK)).to(q_ptr.dtype))
-        else:
-            tl.store(q_ptr + rows64[:, None, None] * stride_qo + cols[None, :, :], q.to(q_ptr.dtype.element_ty),
-                     mask=mask)
-        if WRITE_T and TMA:
-            qt_ptr.store([pid_i * G * BLOCK, pid_o * BLOCK],
-                         tl.reshape(tl.permute(q, (1, 2, 0)), (G * BLOCK, BLOCK)).to(qt_ptr.dtype))
-        elif WRITE_T:  # the float32 values permuted to (G, features, rows), then converted, as in _act_quant_both_kernel
+        tl.store(q_ptr + rows64[:, None, None] * stride_qo + cols[None, :, :], q.to(q_ptr.dtype.element_ty), mask=mask)
+        if WRITE_T:  # the float32 values permuted to (G, features, rows), then converted, as in _act_quant_both_kernel
             # (permuting the FP8 tile instead gave a transposed copy unequal to q on full tiles, H200, Triton 3.6)
             qt_ptrs = qt_ptr + cols64[:, :, None] * stride_qti + rows[None, None, :]  # (G, BLOCK, BLOCK)
             tl.store(qt_ptrs, tl.permute(q, (1, 2, 0)).to(qt_ptr.dtype.element_ty), mask=tl.permute(mask, (1, 2, 0)))
@@ -367,28 +335,10 @@ def _format_flags(fmt: str, ue8m0: bool, exact: bool, soft_cvt: bool) -> tuple:
             ("SOFT_CVT", soft_cvt))
 
 
-def _blocks_per_program(name: str, flags: dict, block: int) -> tuple[int, int, bool]:
-    """(block-wide feature groups per program, num_warps, tma) of a 3-D-tiled kernel, from ``_TILES``."""
-    feats, warps, tma = _TILES[name][flags["EXACT"]]
-    return max(1, feats // block), warps, tma
-
-
-def _tma_rows_ok(*ts: torch.Tensor) -> bool:
-    """Whether 2-D row-major tensors can be moved through TMA descriptors: 16-byte aligned base and row stride in
-    bytes, on a GPU of compute capability 9 or later (or the interpreter)."""
-    if any(t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16 or t.stride(1) != 1 for t in ts):
-        return False
-    return INTERPRET or _tma_device(ts[0].device.index if ts[0].device.index is not None else 0)
-
-
-def _descs(tma: bool, *pairs) -> tuple[list, bool]:
-    """(tensor, block shape) pairs as TMA descriptors where ``tma`` and ``_tma_rows_ok`` allow, else the tensors; and
-    whether they are descriptors."""
-    if not (tma and _tma_rows_ok(*(t for t, _ in pairs))):
-        return [t for t, _ in pairs], False
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    return [TensorDescriptor.from_tensor(t, list(shape)) for t, shape in pairs], True
+def _blocks_per_program(name: str, flags: dict, block: int) -> tuple[int, int]:
+    """(block-wide feature groups per program, num_warps) of a 3-D-tiled kernel, from ``_TILES``."""
+    feats, warps = _TILES[name][flags["EXACT"]]
+    return max(1, feats // block), warps
 
 
 def act_quant(
@@ -434,7 +384,7 @@ def act_quant_t(
     s = _scales_t(out, 1, K, nb, x.device)
     if M and K:
         flags = _flags(fmt, ue8m0, exact)
-        BLOCK_K, warps, tma = _TILES["act_quant_t" if in_scale is None else "act_quant_t_fp8"][flags["EXACT"]]
+        BLOCK_K, warps = _TILES["act_quant_t" if in_scale is None else "act_quant_t_fp8"][flags["EXACT"]]
         grid = (nb, _cdiv(K, BLOCK_K))
         if in_scale is not None:
             _check_block(in_block)
@@ -444,11 +394,10 @@ def act_quant_t(
                                  f"shape {(M, K)} in 1x{in_block} tiles")
             in_scale = in_scale.float()  # read through both strides (row-major from act_quant, or any other)
         xs = in_scale if in_scale is not None else s
-        (xd, qd), tma = _descs(tma, (x, (block, BLOCK_K)), (q, (BLOCK_K, block)))
         _act_quant_t_kernel[grid](
-            xd, xs, qd, s, M, K, x.stride(0), *xs.stride(), q.stride(0), *s.stride(),
+            x, xs, q, s, M, K, x.stride(0), *xs.stride(), q.stride(0), *s.stride(),
             HAS_IN_SCALE=in_scale is not None, IN_BLOCK=in_block, **flags,
-            BLOCK=block, BLOCK_K=BLOCK_K, TMA=tma, num_warps=warps,
+            BLOCK=block, BLOCK_K=BLOCK_K, num_warps=warps,
         )
     return q, s
 
@@ -468,12 +417,11 @@ def act_quant_both(
     st = _scales_t(out, 3, K, math.ceil(M / block), x.device)
     if M and K:
         flags = _flags(fmt, ue8m0, exact)
-        G, warps, tma = _blocks_per_program("act_quant_both", flags, block)
+        G, warps = _blocks_per_program("act_quant_both", flags, block)
         grid = (_cdiv(M, block), _cdiv(K, G * block))
-        (xd, qd, qtd), tma = _descs(tma, (x, (block, G * block)), (q, (block, G * block)), (qt, (G * block, block)))
         _act_quant_both_kernel[grid](
-            xd, qd, s, qtd, st, M, K, x.stride(0), q.stride(0), *s.stride(), qt.stride(0), *st.stride(),
-            **flags, BLOCK=block, G=G, TMA=tma, num_warps=warps,
+            x, q, s, qt, st, M, K, x.stride(0), q.stride(0), *s.stride(), qt.stride(0), *st.stride(),
+            **flags, BLOCK=block, G=G, num_warps=warps,
         )
     return q, s, qt, st
 
@@ -503,11 +451,10 @@ def weight_quant(
         # copy together) where the grid-rounded exact path was bit-exact, so the hardware conversion is not trusted
         # in this kernel's layout. Cheap here: a few integer ops an element, no float64 quotient.
         flags["SOFT_CVT"] = True
-        G, warps, tma = _blocks_per_program("weight_quant", flags, block)
-        (wd, qd, qtd), tma = _descs(tma, (w, (block, G * block)), (q, (block, G * block)), (qt, (G * block, block)))
+        G, warps = _blocks_per_program("weight_quant", flags, block)
         _weight_quant_kernel[(bo, _cdiv(bi, G))](
-            wd, qd, qtd, s, O, I, w.stride(0), q.stride(0), qt.stride(0), s.stride(0), WRITE_T=transposed,
-            **flags, BLOCK=block, G=G, TMA=tma, num_warps=warps,
+            w, q, qt, s, O, I, w.stride(0), q.stride(0), qt.stride(0), s.stride(0), WRITE_T=transposed,
+            **flags, BLOCK=block, G=G, num_warps=warps,
         )
     return (q, s, qt) if transposed else (q, s)
 
