@@ -82,7 +82,7 @@ EXACT_QUANT = os.environ.get("MINIDS_FP8_EXACT", "0") == "1"
 # instead of the float32 values (same GB/s to 1%), and walking the 128-token block in steps twice (amax, then
 # quantize from L2) to cut the 123-203 registers a thread that ncu showed (ncu_quant.txt): 1.1-2.7x slower
 # (fp8_tiles-steps.md), the loads of a step no longer overlapping; moving the tiles through TMA descriptors (fewer
-# registers for addresses): 1.3-2x slower for three of the four kernels, within the run-to-run spread for the FP8
+# registers for addresses): 1.6-1.8x slower for three of the four kernels, within the run-to-run spread for the FP8
 # requantization (fp8_tiles-tma.md).
 _TILES = {
     # fast-mode tiles from the H200 sweep (bench/results/fp8_tiles.md): 128 tokens x 64 features, 4 warps, ran
