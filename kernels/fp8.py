@@ -113,10 +113,13 @@ if HAVE_TRITON:
 
     @triton.jit
     def _scale_of(amax, FMAX: tl.constexpr, UE8M0: tl.constexpr):
-        """amax / FMAX (amax floored at 1e-4), optionally the exact power of two at or above it. The quotient is
-        taken in float64 and rounded once to float32: the correctly rounded float32 quotient on every device (one
-        division per 128 elements, in both modes; the reference computes it the same way)."""
-        s = (tl.maximum(amax, AMAX_FLOOR).to(tl.float64) / FMAX).to(tl.float32)
+        """amax / FMAX (amax floored at 1e-4), optionally the exact power of two at or above it: the correctly
+        rounded float32 quotient (div.rn), which for FMAX = 448 and 57344 (7 times a power of two) equals the
+        reference's float64 quotient rounded to float32 for every float32 amax >= 1e-4 (all 1,185,827,049 of them
+        checked, 2026-12-01: a quotient by 7 never lands on a float32 rounding tie, so the double rounding never
+        differs). A float64 division took 66 of the ~1400 instructions of act_quant_t's tile (sm_90 SASS)."""
+        a = tl.maximum(amax, AMAX_FLOOR)
+        s = tl.math.div_rn(a, tl.full(a.shape, FMAX, tl.float32))
         if UE8M0:
             bits = s.to(tl.uint32, bitcast=True)
             up = (bits & 0x7FFFFF) != 0
@@ -128,7 +131,8 @@ if HAVE_TRITON:
                   EXACT: tl.constexpr, SOFT_CVT: tl.constexpr):
         """x / s for the FP8 store, in float32. s is broadcast against x (one value per quantization group), so its
         reciprocal is taken once per group. Exact: the correctly rounded quotient, rounded to the FP8 grid here.
-        Fast: x * (1/s), clamped; the conversion at the store rounds (SOFT_CVT: rounded here, for the interpreter)."""
+        Fast: x * (1/s); the conversion at the store rounds and saturates (SOFT_CVT: clamped and rounded here, for
+        the interpreter)."""
         if EXACT:
             # float64 quotient rounded once to float32 (H200: div_rn differed from it in about 1 of 2000 quotients)
             y = (x.to(tl.float64) / s.to(tl.float64)).to(tl.float32)
@@ -138,9 +142,11 @@ if HAVE_TRITON:
             else:
                 inv = tl.math.div_rn(1.0, s)
             y = x * inv
-        y = tl.minimum(tl.maximum(y, -FMAX), FMAX)
         if EXACT or SOFT_CVT:
+            y = tl.minimum(tl.maximum(y, -FMAX), FMAX)
             y = _round_to_grid(y, MBITS, EMIN)  # exactly representable: the FP8 conversion after it is exact
+        # else the conversion at the store clamps (cvt.rn.satfinite on sm_90): |y| exceeds FMAX only by the
+        # rounding of 1/s (relative 2^-23 or so), where round-to-nearest gives FMAX with or without a clamp
         return y
 
     @triton.jit
