@@ -80,8 +80,8 @@ EXACT_QUANT = os.environ.get("MINIDS_FP8_EXACT", "0") == "1"
 # keep the tiles measured in kernels_notes.md. weight_quant's fast mode went to 4 warps in the 2026-12-01 sweep
 # (2853 GB/s against 2505 with 8, fp8_tiles-u8.md). Tried there and dropped, no faster: transposing the 8-bit codes
 # instead of the float32 values (same GB/s to 1%), and walking the 128-token block in steps twice (amax, then
-# quantize from L2) to cut the 123-203 registers a thread that ncu showed (ncu_quant.txt): 1.1-2.7x slower
-# (fp8_tiles-steps.md), the loads of a step no longer overlapping; moving the tiles through TMA descriptors (fewer
+# quantize from L2) to cut the 123-203 registers a thread that ncu showed (ncu_quant.txt): 1.2-1.9x slower at
+# 32-token steps (fp8_tiles-steps.md), the loads of a step no longer overlapping; moving the tiles through TMA descriptors (fewer
 # registers for addresses): 1.6-1.8x slower for three of the four kernels, within the run-to-run spread for the FP8
 # requantization (fp8_tiles-tma.md).
 _TILES = {
