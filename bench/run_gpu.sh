@@ -39,6 +39,14 @@ PY
   done
 fi
 
+if [[ $what == ncu ]]; then
+  # hardware counters of the FP8 quantization kernels (Nsight Compute; clocks left as they are)
+  ncu --clock-control none --profile-from-start off --section SpeedOfLight --section LaunchStats --section Occupancy \
+    --section WarpStateStats --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
+    python3 bench/profile_fp8_quant.py > "$OUT/ncu_quant.txt" 2>&1
+  grep -E "^  _|Duration|DRAM Throughput|Registers Per Thread|Achieved Occupancy" "$OUT/ncu_quant.txt"
+fi
+
 if [[ $what == sweeps ]]; then
   # each kernel's launch variants with fixed configs, every one checked against the reference (~1.5-2.5 min each);
   # the kernels' defaults come from these tables
