@@ -62,7 +62,8 @@ _FP8_DTYPES = tuple(dtype for dtype, _ in _FORMATS.values())  # what the GEMM's 
 if HAVE_TRITON:
     from minids.kernels import grouped_order
 
-__all__ = ["act_quant", "act_quant_both", "act_quant_t", "cublas_fp8_gemm", "fp8_gemm", "weight_dequant", "weight_quant"]
+__all__ = ["act_quant", "act_quant_both", "act_quant_t", "cublas_fp8_gemm", "fp8_gemm", "weight_dequant",
+           "weight_quant"]
 
 if HAVE_TRITON:
     import triton
@@ -79,9 +80,9 @@ EXACT_QUANT = os.environ.get("MINIDS_FP8_EXACT", "0") == "1"
 # sweep of bench/fp8.py --only tiles (bench/results/fp8_tiles.md), the exact mode's float64 quotients need registers and
 # keep the tiles measured in kernels_notes.md. weight_quant's fast mode went to 4 warps in the 2026-12-01 sweep
 # (2853 GB/s against 2505 with 8, fp8_tiles-u8.md). Tried there and dropped, no faster: transposing the 8-bit codes
-# instead of the float32 values (same GB/s to 1%), and walking the 128-token block in steps twice (amax, then
-# quantize from L2) to cut the 123-203 registers a thread that ncu showed (ncu_quant.txt): 1.2-1.9x slower at
-# 32-token steps (fp8_tiles-steps.md), the loads of a step no longer overlapping; moving the tiles through TMA descriptors (fewer
+# instead of the float32 values (same GB/s to 1%); walking the 128-token block in steps twice (amax, then quantize
+# from L2) to cut the 123-203 registers a thread that ncu showed (ncu_quant.txt): 1.2-1.9x slower at 32-token steps
+# (fp8_tiles-steps.md), the loads of a step no longer overlapping; moving the tiles through TMA descriptors (fewer
 # registers for addresses): 1.6-1.8x slower for three of the four kernels, within the run-to-run spread for the FP8
 # requantization (fp8_tiles-tma.md).
 _TILES = {
@@ -190,8 +191,8 @@ if HAVE_TRITON:
                              other=0.0)
                 x = x * xs[:, None]
             else:
-                xs = tl.load(xs_ptr + rows64[:, None] * stride_xsm + (cols // IN_BLOCK)[None, :] * stride_xsk, mask=mask,
-                             other=0.0)
+                xs = tl.load(xs_ptr + rows64[:, None] * stride_xsm + (cols // IN_BLOCK)[None, :] * stride_xsk,
+                             mask=mask, other=0.0)
                 x = x * xs
         s = _scale_of(tl.max(tl.abs(x), axis=0), FMAX, UE8M0)  # (BLOCK_K,): one per column over BLOCK tokens
         q = _quantize(x, s[None, :], FMAX, MBITS, EMIN, UE8M0, EXACT, SOFT_CVT)
@@ -305,12 +306,12 @@ def _scales_t(out, i: int, rows: int, nb: int, device) -> torch.Tensor:
     transposed view ("M-major"). The Wgrad GEMM reads one K step's scales of all its tile's rows and columns at once
     (32 columns a thread), and in this layout they are adjacent: on the H200 (fp8_gemm_sweep-wgrad*.md, 4096 tokens)
     tma_s4 ran at 515-666 TFLOP/s with these against 337-383 with row-major scales, m64 at 750-829 against
-    584-641. The 1x128 scales
-    of act_quant stay row-major: the Fprop / Dgrad GEMM reads two rows a thread, and row-major keeps a row's
-    successive K steps in one cache line (4096 x 7168 x 16384: 889-907 TFLOP/s against 812-825 M-major, H200);
-    block-scaled cuBLAS, which wants them M-major, gets a copy (``cublas_fp8_gemm``)."""
-    if out is not None and out[i].stride() == (1, rows) and out[i].shape == (rows, nb) and out[i].dtype == torch.float32:
-        return out[i]
+    584-641. The 1x128 scales of act_quant stay row-major: the Fprop / Dgrad GEMM reads two rows a thread, and
+    row-major keeps a row's successive K steps in one cache line (4096 x 7168 x 16384: 889-907 TFLOP/s against
+    812-825 M-major, H200); block-scaled cuBLAS, which wants them M-major, gets a copy (``cublas_fp8_gemm``)."""
+    t = None if out is None else out[i]
+    if t is not None and t.stride() == (1, rows) and t.shape == (rows, nb) and t.dtype == torch.float32:
+        return t
     if out is not None:
         return _buf(out, i, (rows, nb), torch.float32, device)
     return torch.empty_strided((rows, nb), (1, rows), dtype=torch.float32, device=device)
@@ -362,7 +363,7 @@ def act_quant(
     x2 = x if x.dim() == 2 else x.reshape(-1, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    M, nb = x2.shape[0], math.ceil(K / block)
+    M, nb = x2.shape[0], _cdiv(K, block)
     q = _buf(out, 0, (M, K), dtype, x.device)
     s = _buf(out, 1, (M, nb), torch.float32, x.device)  # row-major: see _scales_t
     if M and K:
@@ -387,7 +388,7 @@ def act_quant_t(
     dtype = _fmt(fmt)[0]
     x = _tokens_by_features(x, "act_quant_t")
     M, K = x.shape
-    nb = math.ceil(M / block)
+    nb = _cdiv(M, block)
     q = _buf(out, 0, (K, M), dtype, x.device)
     s = _scales_t(out, 1, K, nb, x.device)
     if M and K:
@@ -396,7 +397,7 @@ def act_quant_t(
         grid = (nb, _cdiv(K, BLOCK_K))
         if in_scale is not None:
             _check_block(in_block)
-            want = (M, math.ceil(K / in_block))
+            want = (M, _cdiv(K, in_block))
             if tuple(in_scale.shape) != want:
                 raise ValueError(f"act_quant_t: in_scale has shape {tuple(in_scale.shape)}, expected {want} for x of "
                                  f"shape {(M, K)} in 1x{in_block} tiles")
@@ -420,9 +421,9 @@ def act_quant_both(
     x = _tokens_by_features(x, "act_quant_both")
     M, K = x.shape
     q = _buf(out, 0, (M, K), dtype, x.device)
-    s = _buf(out, 1, (M, math.ceil(K / block)), torch.float32, x.device)  # row-major: see _scales_t
+    s = _buf(out, 1, (M, _cdiv(K, block)), torch.float32, x.device)  # row-major: see _scales_t
     qt = _buf(out, 2, (K, M), dtype, x.device)
-    st = _scales_t(out, 3, K, math.ceil(M / block), x.device)
+    st = _scales_t(out, 3, K, _cdiv(M, block), x.device)
     if M and K:
         flags = _flags(fmt, ue8m0, exact)
         G, warps = _blocks_per_program("act_quant_both", flags, block)
@@ -448,7 +449,7 @@ def weight_quant(
     if w.stride(-1) != 1:
         w = w.contiguous()
     O, I = w.shape
-    bo, bi = math.ceil(O / block), math.ceil(I / block)
+    bo, bi = _cdiv(O, block), _cdiv(I, block)
     q = _buf(out, 0, (O, I), dtype, w.device)
     s = _buf(out, 1, (bo, bi), torch.float32, w.device)
     qt = _buf(out, 2, (I, O), dtype, w.device) if transposed else q
@@ -479,7 +480,7 @@ def weight_dequant(
     scale_inv = scale_inv.float().contiguous()
     res = _buf(None if out is None else (out,), 0, (O, I), dtype, w.device)
     if O and I:
-        grid = (math.ceil(O / block), math.ceil(I / block))
+        grid = (_cdiv(O, block), _cdiv(I, block))
         _weight_dequant_kernel[grid](w, scale_inv, res, O, I, w.stride(0), scale_inv.stride(0), res.stride(0),
                                      BLOCK=block, num_warps=8)
     return res
@@ -574,7 +575,7 @@ if HAVE_TRITON:
         else:
             a_ptrs = a_src + offs_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :]
             b_ptrs = b_src + offs_n.to(tl.int64)[:, None] * stride_bn + offs_k[None, :]
-        as_ptrs = as_ptr + offs_m * stride_asm  # the scales' K-step stride is stride_ask / stride_bsk (1 when row-major)
+        as_ptrs = as_ptr + offs_m * stride_asm  # the scales' K-step strides: stride_ask / stride_bsk (1 row-major)
         if SCALAR_B:
             bs_ptrs = bs_ptr + (n0 // B_GROUP) * stride_bsn
         else:
@@ -674,8 +675,8 @@ def _auto_variant(M: int, K: int, b_group: int = 128) -> str:
     849 / 625 / 877 TFLOP/s against base's 573 / 424 / 640 at K = 1536 / 512 / 2048), else 128 x 128 TMA tiles with
     four stages (964 at 4096 x 7168 x 16384, base 746); the Wgrad form (b_group 1: a (BLOCK_N,) vector of b scales
     per K step, a heavier promotion) takes the 64-row tiles at every K (750-829 TFLOP/s over 4096 tokens against
-    515-666 for tma_s4, fp8_gemm_sweep-wgrad.md; measured at K = 4096 tokens only); at M <= 256 the planned config ("base"). The interpreter runs
-    "base" (small tiles); the tests run every named variant there."""
+    515-666 for tma_s4, fp8_gemm_sweep-wgrad.md; measured at K = 4096 tokens only); at M <= 256 the planned config
+    ("base"). The interpreter runs "base" (small tiles); the tests run every named variant there."""
     if INTERPRET or _m_bucket(M) <= 256:
         return "base"
     return "m64" if K <= 2048 or b_group == 1 else "tma_s4"
@@ -701,17 +702,17 @@ def _gemm_plan(m_bucket: int, N: int, nk: int, sms: int) -> tuple[dict, int]:
     if m_bucket > 256:
         return _LARGE_M, 1
     bm = 64 if m_bucket <= 128 else 128
-    m_tiles = math.ceil(m_bucket / bm)
+    m_tiles = _cdiv(m_bucket, bm)
     best = None
     for bn in (128, 64) if bm == 64 else (128,):
-        tiles = m_tiles * math.ceil(N / bn)
+        tiles = m_tiles * _cdiv(N, bn)
         for split in range(1, _MAX_SPLIT + 1):
-            per = math.ceil(nk / split)  # K steps per split, as the kernel divides them
+            per = _cdiv(nk, split)  # K steps per split, as the kernel divides them
             if split > 1 and per < _MIN_STEPS_PER_SPLIT:
                 break
-            if math.ceil(nk / per) != split:  # the last split would be empty
+            if _cdiv(nk, per) != split:  # the last split would be empty
                 continue
-            waves = math.ceil(tiles * split / (2 * sms))
+            waves = _cdiv(tiles * split, 2 * sms)
             cost = waves * per * (1.0 if bn == 128 else 0.7)
             if split > 1:
                 cost += 4 + split * m_bucket * N / 2**18
@@ -742,7 +743,7 @@ def _plan_for(M: int, N: int, K: int, variant: str, sms: int, b_group: int = 128
     the autotuner refines it unless MINIDS_AUTOTUNE=0)."""
     if variant == "auto":
         variant = _auto_variant(M, K, b_group)
-    nk = math.ceil(K / 128)
+    nk = _cdiv(K, 128)
     plan = None if variant == "base" else _variant_plan(variant, M, N, nk, sms)
     if plan is not None:
         return variant, *plan, False
@@ -822,7 +823,7 @@ def fp8_gemm(
     # token-block-major, which the Wgrad GEMM wants; see _scales_t)
     a_s = a_s if a_s.dtype == torch.float32 else a_s.float()
     b_s = b_s if b_s.dtype == torch.float32 else b_s.float()
-    nk = math.ceil(K / block)
+    nk = _cdiv(K, block)
     res = _buf(None if out is None else (out,), 0, (M, N), out_dtype, a.device)
     if M == 0 or N == 0 or K == 0:
         return res.zero_()
@@ -873,16 +874,13 @@ def _pad_k(a, a_s, b, b_s, form: str) -> tuple:
         out.view(torch.uint8)[:, :K].view(words).copy_(t.contiguous().view(torch.uint8).view(words))
         return out
 
-    def m_major(s):
-        out = torch.ones(kp // 128, s.shape[0], device=s.device).t()
+    def scales(s, m_major: bool):  # (rows, kp/128) ones, M-major (stored (kp/128, rows)) or row-major; s written in
+        rows, nkp = s.shape[0], kp // 128
+        out = torch.ones(nkp, rows, device=s.device).t() if m_major else torch.ones(rows, nkp, device=s.device)
         out[:, :nk] = s
         return out
 
-    if form == "act":
-        return values(a), m_major(a_s), values(b), m_major(b_s)
-    bs = torch.ones(b_s.shape[0], kp // 128, device=b_s.device)
-    bs[:, :nk] = b_s
-    return values(a), m_major(a_s), values(b), bs
+    return values(a), scales(a_s, True), values(b), scales(b_s, form == "act")
 
 
 def _cublas_device_ok(index: int, form: str = "weight", out_dtype: torch.dtype = torch.bfloat16) -> bool:
