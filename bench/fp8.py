@@ -9,8 +9,8 @@ Measured in one process, side by side:
   its transpose, weight_dequant) in both modes, exact (bit-exact) and fast (exact=False: native FP8 conversion),
   against the torch reference in minids.fp8: effective GB/s = bytes read + written; plus the fraction of FP8 values
   where fast and exact differ (one FP8 step each, expected ~1e-3 or less; 0 with UE8M0);
-- ``tiles``: the fast mode's tile per program of the transposing kernels (kfp8._TILES: features, warps) swept, each
-  checked bit for bit against the default, to pick defaults;
+- ``tiles``: the fast mode's tile per program of the transposing kernels (kfp8._TILES: features, warps, packed
+  stores) swept, each checked bit for bit against the default, to pick defaults;
 - the GEMM on DeepGEMM's shapes (M in 64, 128, 4096): minids' Triton kernel (autotuned, timed per call with CUDA
   events as everything else, and replayed from a CUDA graph, which leaves out the host's launch overhead that
   dominates at small M; and the heuristic config alone, as with MINIDS_AUTOTUNE=0), torch._scaled_mm with block-wise
@@ -151,11 +151,11 @@ def bench_quant(rows: list, copy_gbs: float, quick: bool) -> None:
     print(f"{'weight_dequant -> bf16':40s} {rows[-1]['shape']:12s} {rows[-1]['GB/s']:6.0f} GB/s", flush=True)
 
 
-TILE_SWEEP = {  # kfp8._TILES key: the fast mode's (features per program, num_warps) to try
-    "act_quant_t": [(64, 4), (64, 2), (64, 8), (128, 4), (128, 8), (256, 8)],
-    "act_quant_t_fp8": [(64, 4), (128, 4), (128, 8), (256, 8)],
-    "act_quant_both": [(128, 4), (128, 8), (256, 8)],
-    "weight_quant": [(128, 4), (128, 8), (256, 8)],
+TILE_SWEEP = {  # kfp8._TILES key: the fast mode's (features per program, num_warps, pack) to try
+    "act_quant_t": [(64, 4, False), (64, 4, True), (64, 8, True), (128, 4, True), (128, 8, True), (32, 4, True)],
+    "act_quant_t_fp8": [(64, 4, False), (64, 4, True), (128, 4, True), (128, 8, True), (64, 2, True)],
+    "act_quant_both": [(128, 4, False), (128, 4, True), (128, 8, True), (128, 8, False), (256, 8, True)],
+    "weight_quant": [(128, 4, False), (128, 4, True), (128, 8, True), (256, 8, True)],
 }
 
 
@@ -185,10 +185,10 @@ def bench_tiles(rows: list, copy_gbs: float) -> None:
                 kfp8._TILES[key][False] = tile
                 same = _same_outputs(kernel(False), want)
                 gbs = nbytes / median_ms(lambda: kernel(False)) / 1e6
-                rows.append({"kernel": uses[key], "features": tile[0], "num_warps": tile[1],
+                rows.append({"kernel": uses[key], "features": tile[0], "num_warps": tile[1], "pack": tile[2],
                              "GB/s": gbs, "frac_copy": gbs / copy_gbs, "same_as_default": same,
                              "default": tile == default})
-                print(f"{uses[key]:40s} {tile[0]:4d} features {tile[1]:3d} warps {gbs:6.0f} GB/s "
+                print(f"{uses[key]:40s} {tile[0]:4d} features {tile[1]:3d} warps pack {tile[2]!s:5} {gbs:6.0f} GB/s "
                       f"({gbs / copy_gbs:.0%} of copy) same bits {same}{'  (default)' if tile == default else ''}",
                       flush=True)
         finally:
@@ -504,8 +504,9 @@ def main() -> None:
              "fast_differs: fraction of FP8 values where the two differ (by one FP8 step).")),
         "tiles": (
             lambda rows_: bench_tiles(rows_, copy_gbs), "fp8_tiles",
-            ["kernel", "features", "num_warps", "GB/s", "frac_copy", "same_as_default", "default"],
+            ["kernel", "features", "num_warps", "pack", "GB/s", "frac_copy", "same_as_default", "default"],
             ("Fast mode, 8192x7168 bf16 (weights 7168x7168): a program quantizes 128 tokens x `features`; "
+             "pack: the transposed copy stored as 8-token words (kfp8._pack_words); "
              "same_as_default: outputs bit-identical to the default tile's.")),
         "gemm": (
             lambda rows_: bench_gemm(rows_, bf16_peak, fp8_peak, args.quick), "fp8_gemm",

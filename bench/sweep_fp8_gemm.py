@@ -12,7 +12,8 @@ layout before; the kernel reads either).
 
 Each variant runs with its fixed config (no autotuning: "base" is the heuristic config, as with MINIDS_AUTOTUNE=0).
 Timing: median over CUDA events (_common.median_ms; L2 flushed before each call, so the host's launch overhead is
-hidden behind the flush). A variant that fails to compile or run prints one line and shows ERR; one whose error
+hidden behind the flush) at M > 256; at M <= 256, where the GEMM takes less time than the host's launch path, every
+column is replayed from a CUDA graph (_common.graph_ms). A variant that fails to compile or run prints one line and shows ERR; one whose error
 exceeds 2^-8 of max |C| (the GPU tests' bound) shows its TFLOP/s with a '!' and is never the best.
 """
 
@@ -52,7 +53,7 @@ def main() -> None:
     import torch
 
     sys.path.insert(0, str(HERE))
-    from _common import copy_bandwidth_gbs, matmul_tflops, median_ms, metadata, write_results
+    from _common import copy_bandwidth_gbs, graph_ms, matmul_tflops, median_ms, metadata, write_results
     from minids.kernels import fp8 as kfp8
 
     import minids.fp8 as ref
@@ -79,10 +80,11 @@ def main() -> None:
     sms = kfp8._sm_count(0) if gpu else kfp8._INTERPRET_SMS
     out_dtype = torch.bfloat16 if gpu else torch.float32  # the interpreter's bf16 stores do not round to nearest
 
-    def timed(fn) -> float:
-        """Milliseconds of one call: the CUDA-event median on the GPU (short runs: many variants), wall time here."""
+    def timed(fn, graph: bool = False) -> float:
+        """Milliseconds of one call: the CUDA-event median on the GPU (short runs: many variants), replayed from a
+        CUDA graph where ``graph`` (M <= 256: per-call times there are the host's launch overhead); wall time here."""
         if gpu:
-            return median_ms(fn, warmup_ms=10, rep_ms=40)
+            return graph_ms(fn) if graph else median_ms(fn, warmup_ms=10, rep_ms=40)
         t = time.perf_counter()
         fn()
         return (time.perf_counter() - t) * 1e3
@@ -105,12 +107,13 @@ def main() -> None:
         want = ref.fp8_gemm(a, a_s, b, b_s, torch.float32)
         want_max = want.abs().max().item()
         flop = 2 * M * N * K
+        small = M <= 256 and not args.wgrad  # timed from CUDA graphs (see timed)
         row = {"M": M, "N": N, "K": K, "errors": {}, "configs": {}}
-        row["bf16"] = flop / timed(lambda a_hp=a_hp, b_hp=b_hp: a_hp @ b_hp.t()) / 1e9
+        row["bf16"] = flop / timed(lambda a_hp=a_hp, b_hp=b_hp: a_hp @ b_hp.t(), small) / 1e9
         if gpu:
             fn, label = bench_fp8.blockwise_scaled_mm(a, a_s, b, b_s)
             row["scaled_mm_form"] = label[:160]
-            row["scaled_mm"] = flop / timed(fn) / 1e9 if fn is not None else float("nan")
+            row["scaled_mm"] = flop / timed(fn, small) / 1e9 if fn is not None else float("nan")
         else:
             row["scaled_mm"] = float("nan")
         for v in variants:
@@ -134,7 +137,7 @@ def main() -> None:
                 row[f"{v}_err"] = err
                 if not err <= TOL:  # NaN fails too
                     failed.append(f"{v}@{M}x{N}x{K}:{err:.1e}")
-                row[v] = flop / timed(call) / 1e9
+                row[v] = flop / timed(call, small) / 1e9
             except Exception as e:  # noqa: BLE001  one variant that does not compile must not end the sweep
                 broken[v] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:110] if str(e).strip() else ''}"
                 print(f"!! {v} at {M}x{N}x{K} failed: {broken[v]}", flush=True)
@@ -198,7 +201,8 @@ def main() -> None:
                "best_vs_scaled_mm", "base_vs_best", "max_err"]
     name = "fp8_gemm_sweep" + ("-wgrad" if args.wgrad else "") + ("-rowmajor" if args.rowmajor_scales else "")
     write_results(out, name + ("-cpu-smoke" if args.cpu_smoke else ""), meta, rows, columns,
-                  "TFLOP/s = 2MNK / median ms (CUDA events, L2 flushed) of kfp8.fp8_gemm(variant=...) with each "
+                  "TFLOP/s = 2MNK / median ms (CUDA events, L2 flushed; M <= 256: replayed from CUDA graphs, "
+                  "every column) of kfp8.fp8_gemm(variant=...) with each "
                   "variant's fixed config (kfp8.GEMM_VARIANTS; configs per row in the JSON); bf16: torch.matmul; "
                   "scaled_mm: block-wise torch._scaled_mm (row-wise where this torch has no block-wise form for these scales: "
                   "scaled_mm_form in the JSON). A variant absent for a shape has no config for that M.")

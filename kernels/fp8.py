@@ -87,11 +87,13 @@ EXACT_QUANT = os.environ.get("MINIDS_FP8_EXACT", "0") == "1"
 # requantization (fp8_tiles-tma.md).
 _TILES = {
     # fast-mode tiles from the H200 sweep (bench/results/fp8_tiles.md): 128 tokens x 64 features, 4 warps, ran
-    # act_quant_t at 2582 GB/s against 1072 for 128 x 128 with 8 warps, and the FP8 requantization at 1388 against 1281
-    "act_quant_t": {True: (64, 4), False: (64, 4)},
-    "act_quant_t_fp8": {True: (64, 4), False: (64, 4)},  # FP8 input with in_scale (the Wgrad requantization)
-    "act_quant_both": {True: (128, 8), False: (128, 4)},  # features in whole blocks (1x128 groups of q)
-    "weight_quant": {True: (128, 8), False: (128, 4)},  # whole 128x128 blocks
+    # act_quant_t at 2582 GB/s against 1072 for 128 x 128 with 8 warps, and the FP8 requantization at 1388 against 1281.
+    # (features per program, num_warps, pack): pack stores the transposed copy as 8-byte words of 8 tokens (see
+    # _pack_words) where the token count is a multiple of 8
+    "act_quant_t": {True: (64, 4, False), False: (64, 4, False)},
+    "act_quant_t_fp8": {True: (64, 4, False), False: (64, 4, False)},  # FP8 input with in_scale (Wgrad requantization)
+    "act_quant_both": {True: (128, 8, False), False: (128, 4, False)},  # features in whole blocks (1x128 groups of q)
+    "weight_quant": {True: (128, 8, False), False: (128, 4, False)},  # whole 128x128 blocks
 }
 
 
@@ -151,6 +153,40 @@ if HAVE_TRITON:
         return y
 
     @triton.jit
+    def _token_order(BLOCK: tl.constexpr, PACK: tl.constexpr):
+        """The tokens (0..BLOCK-1, within the block) that a transposing kernel's tile rows hold: in order, or with PACK
+        row j * W + w holding token 8 w + j (W = BLOCK // 8 words). A thread of the load layout holds rows 16 (or 8)
+        apart, so with PACK it holds the 8 tokens of each of its words and ``_pack_words`` needs no data movement
+        between threads."""
+        i = tl.arange(0, BLOCK)
+        if PACK:
+            return (i % (BLOCK // 8)) * 8 + i // (BLOCK // 8)
+        return i
+
+    @triton.jit
+    def _pack_words(q, BLOCK: tl.constexpr, F: tl.constexpr):
+        """q (BLOCK, F) FP8 codes in ``_token_order(BLOCK, True)`` -> (F, BLOCK // 8) int64 words, word [f, w] holding
+        tokens 8 w .. 8 w + 7 of column f little-endian, i.e. the bytes of q^T's row f from token 8 w on. The
+        transposed copy is then stored 8 bytes at a time instead of byte by byte."""
+        W: tl.constexpr = BLOCK // 8
+        t = tl.permute(tl.reshape(q.to(tl.uint8, bitcast=True).to(tl.uint64), (8, W, F)), (1, 2, 0))  # (W, F, 8 j)
+        lo, hi = tl.split(tl.reshape(t, (W, F, 4, 2)))  # byte j = 2 p + (0, 1)
+        t = lo | (hi << 8)
+        lo, hi = tl.split(tl.reshape(t, (W, F, 2, 2)))
+        t = lo | (hi << 16)
+        lo, hi = tl.split(t)
+        return tl.trans(lo | (hi << 32)).to(tl.int64, bitcast=True)
+
+    @triton.jit
+    def _store_words(qw_ptr, words, cols64, K, M, stride_qk, pid_m, BLOCK: tl.constexpr):
+        """Store ``_pack_words``' (F, BLOCK // 8) words of token block pid_m into q^T (K, M) through its int64 view
+        (M a multiple of 8: whole words; stride_qk in bytes)."""
+        W: tl.constexpr = BLOCK // 8
+        wi = pid_m * W + tl.arange(0, W)
+        mask = (cols64 < K)[:, None] & (wi * 8 < M)[None, :]
+        tl.store(qw_ptr + cols64[:, None] * (stride_qk // 8) + wi[None, :], words, mask=mask)
+
+    @triton.jit
     def _act_quant_kernel(
         x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_sk,
         FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, UE8M0: tl.constexpr,
@@ -171,16 +207,17 @@ if HAVE_TRITON:
 
     @triton.jit
     def _act_quant_t_kernel(
-        x_ptr, xs_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_xsm, stride_xsk, stride_qk, stride_sk, stride_sb,
+        x_ptr, xs_ptr, q_ptr, qw_ptr, s_ptr, M, K, stride_xm, stride_xsm, stride_xsk, stride_qk, stride_sk, stride_sb,
         HAS_IN_SCALE: tl.constexpr, IN_BLOCK: tl.constexpr,
         FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, UE8M0: tl.constexpr,
         EXACT: tl.constexpr, SOFT_CVT: tl.constexpr,
-        BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PACK: tl.constexpr,
     ):
         """x (M, K) -> q (K, M) in BLOCK x 1 tiles along M: one program reads (BLOCK tokens x BLOCK_K) and writes
-        it transposed. With HAS_IN_SCALE, x is FP8 with 1 x IN_BLOCK scales xs and is dequantized on load."""
+        it transposed. With HAS_IN_SCALE, x is FP8 with 1 x IN_BLOCK scales xs and is dequantized on load. PACK: the
+        transposed store goes through q's int64 view qw in 8-token words (``_pack_words``)."""
         pid_m, pid_k = tl.program_id(0), tl.program_id(1)
-        rows = pid_m * BLOCK + tl.arange(0, BLOCK)  # tokens
+        rows = pid_m * BLOCK + _token_order(BLOCK, PACK)  # tokens
         cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         mask = (rows < M)[:, None] & (cols < K)[None, :]
         rows64 = rows.to(tl.int64)
@@ -197,23 +234,28 @@ if HAVE_TRITON:
         s = _scale_of(tl.max(tl.abs(x), axis=0), FMAX, UE8M0)  # (BLOCK_K,): one per column over BLOCK tokens
         q = _quantize(x, s[None, :], FMAX, MBITS, EMIN, UE8M0, EXACT, SOFT_CVT)
         cols64 = cols.to(tl.int64)
-        # transposed in registers (the compiler goes through shared memory), then stored along the tokens
-        q_ptrs = q_ptr + cols64[:, None] * stride_qk + rows[None, :]  # (BLOCK_K, BLOCK)
-        tl.store(q_ptrs, tl.trans(q).to(q_ptr.dtype.element_ty), mask=tl.trans(mask))
+        if PACK:
+            _store_words(qw_ptr, _pack_words(q.to(q_ptr.dtype.element_ty), BLOCK, BLOCK_K), cols64, K, M, stride_qk,
+                         pid_m, BLOCK)
+        else:
+            # transposed in registers (the compiler goes through shared memory), then stored along the tokens
+            q_ptrs = q_ptr + cols64[:, None] * stride_qk + rows[None, :]  # (BLOCK_K, BLOCK)
+            tl.store(q_ptrs, tl.trans(q).to(q_ptr.dtype.element_ty), mask=tl.trans(mask))
         tl.store(s_ptr + cols64 * stride_sk + pid_m * stride_sb, s, mask=cols < K)
 
     @triton.jit
     def _act_quant_both_kernel(
-        x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_sk, stride_qtk, stride_stk,
-        stride_stb,
+        x_ptr, q_ptr, s_ptr, qt_ptr, qtw_ptr, st_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_sk, stride_qtk,
+        stride_stk, stride_stb,
         FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, UE8M0: tl.constexpr,
         EXACT: tl.constexpr, SOFT_CVT: tl.constexpr,
-        BLOCK: tl.constexpr, G: tl.constexpr,
+        BLOCK: tl.constexpr, G: tl.constexpr, PACK: tl.constexpr,
     ):
         """One read of a (BLOCK tokens x G*BLOCK features) tile of x (M, K), held as (BLOCK, G, BLOCK); writes its
-        1 x BLOCK quantization into q (M, K) and its BLOCK x 1 quantization, transposed, into qt (K, M)."""
+        1 x BLOCK quantization into q (M, K) and its BLOCK x 1 quantization, transposed, into qt (K, M) (PACK:
+        through qt's int64 view qtw, as in ``_act_quant_t_kernel``)."""
         pid_m, pid_k = tl.program_id(0), tl.program_id(1)
-        rows = pid_m * BLOCK + tl.arange(0, BLOCK)
+        rows = pid_m * BLOCK + _token_order(BLOCK, PACK)
         groups = pid_k * G + tl.arange(0, G)  # BLOCK-wide feature groups
         cols = groups[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # (G, BLOCK)
         mask = (rows < M)[:, None, None] & (cols < K)[None, :, :]
@@ -228,25 +270,31 @@ if HAVE_TRITON:
                  mask=(rows < M)[:, None] & (groups * BLOCK < K)[None, :])
         st = _scale_of(tl.max(tl.abs(x), axis=0), FMAX, UE8M0)  # (G, BLOCK): along tokens
         qt = _quantize(x, st[None, :, :], FMAX, MBITS, EMIN, UE8M0, EXACT, SOFT_CVT)
-        # the transposed copy is permuted to (G, features, tokens) in registers first, so the store runs along its
-        # last dim (tokens, contiguous in qt) like every other store; storing the (tokens, G, features) tile through
-        # transposed pointers came out wrong on full tiles on the H200 (Triton 3.6)
-        qt_ptrs = qt_ptr + cols64[:, :, None] * stride_qtk + rows[None, None, :]  # (G, BLOCK, BLOCK)
-        tl.store(qt_ptrs, tl.permute(qt, (1, 2, 0)).to(qt_ptr.dtype.element_ty), mask=tl.permute(mask, (1, 2, 0)))
+        if PACK:
+            words = _pack_words(tl.reshape(qt.to(qt_ptr.dtype.element_ty), (BLOCK, G * BLOCK)), BLOCK, G * BLOCK)
+            _store_words(qtw_ptr, words, tl.reshape(cols64, (G * BLOCK,)), K, M, stride_qtk, pid_m, BLOCK)
+        else:
+            # the transposed copy is permuted to (G, features, tokens) in registers first, so the store runs along its
+            # last dim (tokens, contiguous in qt) like every other store; storing the (tokens, G, features) tile
+            # through transposed pointers came out wrong on full tiles on the H200 (Triton 3.6)
+            qt_ptrs = qt_ptr + cols64[:, :, None] * stride_qtk + rows[None, None, :]  # (G, BLOCK, BLOCK)
+            tl.store(qt_ptrs, tl.permute(qt, (1, 2, 0)).to(qt_ptr.dtype.element_ty),
+                     mask=tl.permute(mask, (1, 2, 0)))
         tl.store(st_ptr + cols64 * stride_stk + pid_m * stride_stb, st, mask=cols < K)
 
     @triton.jit
     def _weight_quant_kernel(
-        w_ptr, q_ptr, qt_ptr, s_ptr, O, I, stride_wo, stride_qo, stride_qti, stride_so,
+        w_ptr, q_ptr, qt_ptr, qtw_ptr, s_ptr, O, I, stride_wo, stride_qo, stride_qti, stride_so,
         WRITE_T: tl.constexpr,
         FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, UE8M0: tl.constexpr,
         EXACT: tl.constexpr, SOFT_CVT: tl.constexpr,
-        BLOCK: tl.constexpr, G: tl.constexpr,
+        BLOCK: tl.constexpr, G: tl.constexpr, PACK: tl.constexpr,
     ):
         """G (BLOCK x BLOCK) blocks of w (O, I) side by side, held as (BLOCK, G, BLOCK): their scales, their FP8
-        values, and optionally the transposed copy."""
+        values, and optionally the transposed copy (PACK: through qt's int64 view qtw, as in ``_act_quant_t_kernel``;
+        rows play the tokens)."""
         pid_o, pid_i = tl.program_id(0), tl.program_id(1)
-        rows = pid_o * BLOCK + tl.arange(0, BLOCK)
+        rows = pid_o * BLOCK + _token_order(BLOCK, PACK and WRITE_T)
         groups = pid_i * G + tl.arange(0, G)
         cols = groups[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # (G, BLOCK)
         mask = (rows < O)[:, None, None] & (cols < I)[None, :, :]
@@ -256,7 +304,10 @@ if HAVE_TRITON:
         s = _scale_of(tl.max(tl.max(tl.abs(w), axis=2), axis=0), FMAX, UE8M0)  # (G,): one per block
         q = _quantize(w, s[None, :, None], FMAX, MBITS, EMIN, UE8M0, EXACT, SOFT_CVT)  # float32 until each store
         tl.store(q_ptr + rows64[:, None, None] * stride_qo + cols[None, :, :], q.to(q_ptr.dtype.element_ty), mask=mask)
-        if WRITE_T:  # the float32 values permuted to (G, features, rows), then converted, as in _act_quant_both_kernel
+        if WRITE_T and PACK:
+            words = _pack_words(tl.reshape(q.to(qt_ptr.dtype.element_ty), (BLOCK, G * BLOCK)), BLOCK, G * BLOCK)
+            _store_words(qtw_ptr, words, tl.reshape(cols64, (G * BLOCK,)), I, O, stride_qti, pid_o, BLOCK)
+        elif WRITE_T:  # the float32 values permuted to (G, features, rows), then converted, as in _act_quant_both_kernel
             # (permuting the FP8 tile instead gave a transposed copy unequal to q on full tiles, H200, Triton 3.6)
             qt_ptrs = qt_ptr + cols64[:, :, None] * stride_qti + rows[None, None, :]  # (G, BLOCK, BLOCK)
             tl.store(qt_ptrs, tl.permute(q, (1, 2, 0)).to(qt_ptr.dtype.element_ty), mask=tl.permute(mask, (1, 2, 0)))
@@ -344,10 +395,16 @@ def _format_flags(fmt: str, ue8m0: bool, exact: bool, soft_cvt: bool) -> tuple:
             ("SOFT_CVT", soft_cvt))
 
 
-def _blocks_per_program(name: str, flags: dict, block: int) -> tuple[int, int]:
-    """(block-wide feature groups per program, num_warps) of a 3-D-tiled kernel, from ``_TILES``."""
-    feats, warps = _TILES[name][flags["EXACT"]]
-    return max(1, feats // block), warps
+def _blocks_per_program(name: str, flags: dict, block: int) -> tuple[int, int, bool]:
+    """(block-wide feature groups per program, num_warps, pack) of a 3-D-tiled kernel, from ``_TILES``."""
+    feats, warps, pack = _TILES[name][flags["EXACT"]]
+    return max(1, feats // block), warps, pack
+
+
+def _words(t: torch.Tensor, pack: bool) -> torch.Tensor:
+    """The int64 view of a contiguous FP8 (rows, M) output (M a multiple of 8) for the packed transposed stores, or t
+    itself where the kernel does not pack (the argument is then unused)."""
+    return t.view(torch.int64) if pack else t
 
 
 def act_quant(
@@ -393,7 +450,8 @@ def act_quant_t(
     s = _scales_t(out, 1, K, nb, x.device)
     if M and K:
         flags = _flags(fmt, ue8m0, exact)
-        BLOCK_K, warps = _TILES["act_quant_t" if in_scale is None else "act_quant_t_fp8"][flags["EXACT"]]
+        BLOCK_K, warps, pack = _TILES["act_quant_t" if in_scale is None else "act_quant_t_fp8"][flags["EXACT"]]
+        pack = pack and M % 8 == 0 and block >= 16
         grid = (nb, _cdiv(K, BLOCK_K))
         if in_scale is not None:
             _check_block(in_block)
@@ -404,9 +462,9 @@ def act_quant_t(
             in_scale = in_scale.float()  # read through both strides (row-major from act_quant, or any other)
         xs = in_scale if in_scale is not None else s
         _act_quant_t_kernel[grid](
-            x, xs, q, s, M, K, x.stride(0), *xs.stride(), q.stride(0), *s.stride(),
+            x, xs, q, _words(q, pack), s, M, K, x.stride(0), *xs.stride(), q.stride(0), *s.stride(),
             HAS_IN_SCALE=in_scale is not None, IN_BLOCK=in_block, **flags,
-            BLOCK=block, BLOCK_K=BLOCK_K, num_warps=warps,
+            BLOCK=block, BLOCK_K=BLOCK_K, PACK=pack, num_warps=warps,
         )
     return q, s
 
@@ -426,11 +484,12 @@ def act_quant_both(
     st = _scales_t(out, 3, K, _cdiv(M, block), x.device)
     if M and K:
         flags = _flags(fmt, ue8m0, exact)
-        G, warps = _blocks_per_program("act_quant_both", flags, block)
+        G, warps, pack = _blocks_per_program("act_quant_both", flags, block)
+        pack = pack and M % 8 == 0
         grid = (_cdiv(M, block), _cdiv(K, G * block))
         _act_quant_both_kernel[grid](
-            x, q, s, qt, st, M, K, x.stride(0), q.stride(0), *s.stride(), qt.stride(0), *st.stride(),
-            **flags, BLOCK=block, G=G, num_warps=warps,
+            x, q, s, qt, _words(qt, pack), st, M, K, x.stride(0), q.stride(0), *s.stride(), qt.stride(0), *st.stride(),
+            **flags, BLOCK=block, G=G, PACK=pack, num_warps=warps,
         )
     return q, s, qt, st
 
@@ -460,10 +519,11 @@ def weight_quant(
         # copy together) where the grid-rounded exact path was bit-exact, so the hardware conversion is not trusted
         # in this kernel's layout. Cheap here: a few integer ops an element, no float64 quotient.
         flags["SOFT_CVT"] = True
-        G, warps = _blocks_per_program("weight_quant", flags, block)
+        G, warps, pack = _blocks_per_program("weight_quant", flags, block)
+        pack = pack and transposed and O % 8 == 0
         _weight_quant_kernel[(bo, _cdiv(bi, G))](
-            w, q, qt, s, O, I, w.stride(0), q.stride(0), qt.stride(0), s.stride(0), WRITE_T=transposed,
-            **flags, BLOCK=block, G=G, num_warps=warps,
+            w, q, qt, _words(qt, pack), s, O, I, w.stride(0), q.stride(0), qt.stride(0), s.stride(0),
+            WRITE_T=transposed, **flags, BLOCK=block, G=G, PACK=pack, num_warps=warps,
         )
     return (q, s, qt) if transposed else (q, s)
 
@@ -538,7 +598,7 @@ if HAVE_TRITON:
         stride_am, stride_bn, stride_cs, stride_cm, stride_asm, stride_ask, stride_bsn, stride_bsk,
         B_GROUP: tl.constexpr, SPLIT_K, EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        TMA: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
+        TMA: tl.constexpr = False, SWAP_AB: tl.constexpr = False, WS: tl.constexpr = False,
     ):
         """C[s, m, n] = sum over this split's K steps of (A[m, k-step] . B[n, k-step]) * a_s[m, step] * b_s[n', step]
         with n' = n // B_GROUP (128: weight blocks; 1: per-row 1x128 scales). M_BUCKET only keys the autotuner;
@@ -553,7 +613,8 @@ if HAVE_TRITON:
         step, and the per-element work is one multiply-add instead of an outer product and a multiply-add.
 
         Variants (constexpr knobs; bench/sweep_fp8_gemm.py times them): TMA loads A and B through tensor
-        descriptors (a_src, b_src; else they are pointers); SWAP_AB computes C^T tiles.
+        descriptors (a_src, b_src; else they are pointers); SWAP_AB computes C^T tiles; WS asks Triton to warp-
+        specialize the K loop.
         """
         pid, pid_k = tl.program_id(0), tl.program_id(1)
         c_ptr += pid_k * stride_cs
@@ -581,7 +642,7 @@ if HAVE_TRITON:
         else:
             bs_ptrs = bs_ptr + (offs_n // B_GROUP) * stride_bsn
         acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP_AB else (BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kb in range(k_lo, k_hi):
+        for kb in tl.range(k_lo, k_hi, warp_specialize=WS):
             k0 = kb * BLOCK_K
             a = _k_block(a_src, a_ptrs, m0, k0, mask_m, offs_k, K, TMA, EVEN_K)
             b = _k_block(b_src, b_ptrs, n0, k0, mask_n, offs_k, K, TMA, EVEN_K)
@@ -666,6 +727,14 @@ GEMM_VARIANTS: dict[str, tuple[dict | None, dict | None]] = {
     "tma_s4": ({"TMA": True, "num_stages": 4}, {"TMA": True, "num_stages": 6}),
     "m64": ({"BLOCK_M": 64, "num_warps": 4, "TMA": True, "num_stages": 3}, None),
     "swap": (None, {"SWAP_AB": True}),
+    # experiments of the ninth session (bench/sweep_fp8_gemm.py): Triton's automatic warp specialization of the K loop
+    # (a load partition feeding the tensor-core and promotion warps through shared-memory barriers), which Triton
+    # applies on sm_90 to the 64 x 128 tiles of 4 warps (12 warps then); 128-row tiles at M <= 128 (one pass over B)
+    "m64_ws": ({"BLOCK_M": 64, "num_warps": 4, "TMA": True, "num_stages": 3, "WS": True},
+               {"TMA": True, "WS": True, "num_stages": 4}),
+    "m64_ws4": ({"BLOCK_M": 64, "num_warps": 4, "TMA": True, "num_stages": 4, "WS": True}, None),
+    "m128": (None, {"BLOCK_M": 128, "num_warps": 8, "num_stages": 3}),
+    "m128_tma": (None, {"BLOCK_M": 128, "num_warps": 8, "num_stages": 4, "TMA": True}),
 }
 
 

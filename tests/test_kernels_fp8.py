@@ -242,7 +242,7 @@ def test_wide_tiles(exact, monkeypatch):
     """Tiles of 256 features per program (bench/fp8.py --only tiles tries them; act_quant_both and weight_quant then
     hold two 128-wide groups as a 3-D tile), with tails in both dims."""
     for key in ("act_quant_t", "act_quant_t_fp8", "act_quant_both", "weight_quant"):
-        monkeypatch.setitem(kfp8._TILES, key, {True: (256, 8), False: (256, 8)})
+        monkeypatch.setitem(kfp8._TILES, key, {True: (256, 8, False), False: (256, 8, False)})
     x = rand_bf16(130, 520, seed=13)
 
     def check(q, qr):
@@ -269,6 +269,31 @@ def test_wide_tiles(exact, monkeypatch):
     w, ws, wt = kfp8.weight_quant(x, transposed=True, exact=exact)
     assert torch.equal(ws, wsr) and same_bits(wt, w.t().contiguous())
     check(w, wr)
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "fast"])
+@pytest.mark.parametrize("feats", [64, 128, 256])
+def test_packed_transposes_equal_the_plain_ones(feats, exact, monkeypatch):
+    """The transposed copies stored as 8-token words (``_pack_words``: the tile's rows loaded in a permuted token
+    order, packed into int64 words) are bit for bit the byte-wise transposes' (and the references' in exact mode), for
+    the four transposing kernels, with tails in both dims: 136 tokens (a partial word-aligned block), 200 features.
+    Token counts not a multiple of 8 (130) take the byte-wise store."""
+    def outputs(pack: bool, x, xq, xs):
+        for key in ("act_quant_t", "act_quant_t_fp8", "act_quant_both", "weight_quant"):
+            warps = kfp8._TILES[key][exact][1]
+            monkeypatch.setitem(kfp8._TILES, key, {exact: (feats, warps, pack), not exact: (feats, warps, pack)})
+        return (*kfp8.act_quant_t(x, exact=exact), *kfp8.act_quant_t(xq, in_scale=xs, exact=exact),
+                *kfp8.act_quant_both(x, exact=exact), *kfp8.weight_quant(x, transposed=True, exact=exact))
+
+    for M in (136, 130):
+        x = rand_bf16(M, 200, seed=M)
+        xq, xs = ref.act_quant(x)
+        got, want = outputs(True, x, xq, xs), outputs(False, x, xq, xs)
+        assert all(same_bits(g, w) if g.dtype in FP8.values() else torch.equal(g, w) for g, w in zip(got, want))
+        if exact:
+            assert same_bits(got[0], ref.act_quant_t(x)[0]) and same_bits(got[2], ref.act_quant_t(xq, in_scale=xs)[0])
+            assert same_bits(got[6], ref.act_quant_t(x)[0])
+        assert same_bits(got[10], got[8].t().contiguous())  # weight_quant's transposed copy is its q transposed
 
 
 @pytest.mark.parametrize("fmax", [448.0, 57344.0], ids=["e4m3", "e5m2"])
