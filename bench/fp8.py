@@ -262,23 +262,30 @@ def bench_plans(rows: list) -> None:
             plan, plan_split = kfp8._gemm_plan(kfp8._m_bucket(M), N, nk, sms)
             res = torch.empty(M, N, dtype=torch.bfloat16, device="cuda")
             times = {}
-            for bn in (128, 64):
-                for split in range(1, kfp8._MAX_SPLIT + 1):
-                    per = math.ceil(nk / split)
-                    if (split > 1 and per < kfp8._MIN_STEPS_PER_SPLIT) or math.ceil(nk / per) != split:
-                        continue
-                    cfg = {**plan, "BLOCK_N": bn}
-                    times[bn, split] = graph_ms(
-                        lambda cfg=cfg, split=split: kfp8._gemm_run(a, a_s, b, b_s, res, 128, cfg, split, tuned=False))
+            # tile heights: the plan's, and at M = 128 also one 128-row tile (8 warps) through pointers and through TMA
+            tiles = [(plan["BLOCK_M"], plan.get("TMA", False))] + ([(128, False), (128, True)] if M == 128 else [])
+            tiles = list(dict.fromkeys(tiles))
+            for bm, tma in tiles:
+                for bn in (128, 64):
+                    for split in range(1, kfp8._MAX_SPLIT + 1):
+                        per = math.ceil(nk / split)
+                        if (split > 1 and per < kfp8._MIN_STEPS_PER_SPLIT) or math.ceil(nk / per) != split:
+                            continue
+                        cfg = {**plan, "BLOCK_N": bn}
+                        if (bm, tma) != (plan["BLOCK_M"], plan.get("TMA", False)):
+                            cfg.update(BLOCK_M=bm, num_warps=8 if bm == 128 else 4, num_stages=4 if tma else 3, TMA=tma)
+                        times[f"{bm}{'t' if tma else ''}x{bn}/{split}"] = graph_ms(
+                            lambda cfg=cfg, split=split: kfp8._gemm_run(a, a_s, b, b_s, res, 128, cfg, split,
+                                                                       tuned=False))
             best = min(times, key=times.get)
             flop = 2 * M * N * K
-            row = {"M": M, "N": N, "K": K, "plan": f"{plan['BLOCK_N']}/{plan_split}",
-                   "plan_TFLOPs": flop / times[plan["BLOCK_N"], plan_split] / 1e9,
-                   "best": f"{best[0]}/{best[1]}", "best_TFLOPs": flop / times[best] / 1e9,
-                   "all": {f"{bn}/{s}": round(flop / t / 1e9, 1) for (bn, s), t in times.items()}}
+            planned = f"{plan['BLOCK_M']}{'t' if plan.get('TMA') else ''}x{plan['BLOCK_N']}/{plan_split}"
+            row = {"M": M, "N": N, "K": K, "plan": planned, "plan_TFLOPs": flop / times[planned] / 1e9,
+                   "best": best, "best_TFLOPs": flop / times[best] / 1e9,
+                   "all": {k: round(flop / t / 1e9, 1) for k, t in times.items()}}
             row["plan_vs_best"] = row["plan_TFLOPs"] / row["best_TFLOPs"]
             rows.append(row)
-            print(f"M={M:4d} N={N:6d} K={K:6d}  plan BLOCK_N/split {row['plan']} {row['plan_TFLOPs']:6.1f} TFLOP/s, "
+            print(f"M={M:4d} N={N:6d} K={K:6d}  plan BLOCK_MxBLOCK_N/split {row['plan']} {row['plan_TFLOPs']:6.1f} TFLOP/s, "
                   f"best {row['best']} {row['best_TFLOPs']:6.1f}  ({row['plan_vs_best']:.2f})  all {row['all']}",
                   flush=True)
 
@@ -521,8 +528,9 @@ def main() -> None:
         "plans": (
             lambda rows_: bench_plans(rows_), "fp8_gemm_plans",
             ["M", "N", "K", "plan", "plan_TFLOPs", "best", "best_TFLOPs", "plan_vs_best", "all"],
-            ("Small-M GEMM, BLOCK_N/split-K: the heuristic's choice against every candidate it weighs "
-             "(64-row tiles, default warps and stages), TFLOP/s from CUDA-graph replays.")),
+            ("Small-M GEMM, BLOCK_MxBLOCK_N/split-K ('t': TMA loads): the heuristic's choice against every "
+             "candidate it weighs (its tile height, default warps and stages; at M = 128 also 128-row tiles of "
+             "8 warps, through pointers with 3 stages and through TMA with 4), TFLOP/s from CUDA-graph replays.")),
         "scales": (
             lambda rows_: bench_scales(rows_), "fp8_gemm_scales",
             ["M", "N", "K", "a_s", "round", "TFLOPs"],

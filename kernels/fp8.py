@@ -89,11 +89,14 @@ _TILES = {
     # fast-mode tiles from the H200 sweep (bench/results/fp8_tiles.md): 128 tokens x 64 features, 4 warps, ran
     # act_quant_t at 2582 GB/s against 1072 for 128 x 128 with 8 warps, and the FP8 requantization at 1388 against 1281.
     # (features per program, num_warps, pack): pack stores the transposed copy as 8-byte words of 8 tokens (see
-    # _pack_words) where the token count is a multiple of 8
-    "act_quant_t": {True: (64, 4, False), False: (64, 4, False)},
+    # _pack_words) where the token count is a multiple of 8. Packed, fast mode (fp8_tiles-pack.md, ninth session, GB/s
+    # against the byte-wise default of the same run): act_quant_t 128 features 3111 (64 features packed 2426,
+    # byte-wise 2995), act_quant_both 2602 (2502), weight_quant 2875 (2587); the FP8 requantization 1725 (1724): its
+    # FP8 loads put 4 rows in a thread, half a word, so it stays byte-wise. The exact mode's packing is untimed.
+    "act_quant_t": {True: (64, 4, False), False: (128, 4, True)},
     "act_quant_t_fp8": {True: (64, 4, False), False: (64, 4, False)},  # FP8 input with in_scale (Wgrad requantization)
-    "act_quant_both": {True: (128, 8, False), False: (128, 4, False)},  # features in whole blocks (1x128 groups of q)
-    "weight_quant": {True: (128, 8, False), False: (128, 4, False)},  # whole 128x128 blocks
+    "act_quant_both": {True: (128, 8, False), False: (128, 4, True)},  # features in whole blocks (1x128 groups of q)
+    "weight_quant": {True: (128, 8, False), False: (128, 4, True)},  # whole 128x128 blocks
 }
 
 
@@ -598,7 +601,7 @@ if HAVE_TRITON:
         stride_am, stride_bn, stride_cs, stride_cm, stride_asm, stride_ask, stride_bsn, stride_bsk,
         B_GROUP: tl.constexpr, SPLIT_K, EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        TMA: tl.constexpr = False, SWAP_AB: tl.constexpr = False, WS: tl.constexpr = False,
+        TMA: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
     ):
         """C[s, m, n] = sum over this split's K steps of (A[m, k-step] . B[n, k-step]) * a_s[m, step] * b_s[n', step]
         with n' = n // B_GROUP (128: weight blocks; 1: per-row 1x128 scales). M_BUCKET only keys the autotuner;
@@ -613,8 +616,7 @@ if HAVE_TRITON:
         step, and the per-element work is one multiply-add instead of an outer product and a multiply-add.
 
         Variants (constexpr knobs; bench/sweep_fp8_gemm.py times them): TMA loads A and B through tensor
-        descriptors (a_src, b_src; else they are pointers); SWAP_AB computes C^T tiles; WS asks Triton to warp-
-        specialize the K loop.
+        descriptors (a_src, b_src; else they are pointers); SWAP_AB computes C^T tiles.
         """
         pid, pid_k = tl.program_id(0), tl.program_id(1)
         c_ptr += pid_k * stride_cs
@@ -642,7 +644,7 @@ if HAVE_TRITON:
         else:
             bs_ptrs = bs_ptr + (offs_n // B_GROUP) * stride_bsn
         acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP_AB else (BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kb in tl.range(k_lo, k_hi, warp_specialize=WS):
+        for kb in range(k_lo, k_hi):
             k0 = kb * BLOCK_K
             a = _k_block(a_src, a_ptrs, m0, k0, mask_m, offs_k, K, TMA, EVEN_K)
             b = _k_block(b_src, b_ptrs, n0, k0, mask_n, offs_k, K, TMA, EVEN_K)
@@ -720,19 +722,17 @@ _MIN_STEPS_PER_SPLIT = 4  # 512 of K
 # Wgrad form, b's 1x128 scales loaded through TMA into shared memory with the tiles (383-499 TFLOP/s against 515-666
 # with plain loads of token-block-major scales, fp8_gemm_sweep-wgrad.md); the promotion one step late, after the next
 # product is issued, to overlap it with the tensor cores inside one CTA ("LAG", two product tiles live): 8-16% slower
-# with tma_s4 and slower with m64 on four of six shapes, never the fastest (fp8_gemm_sweep-lag.md, 8th session).
+# with tma_s4 and slower with m64 on four of six shapes, never the fastest (fp8_gemm_sweep-lag.md, 8th session);
+# Triton's automatic warp specialization of the K loop (tl.range(..., warp_specialize=True), which Triton 3.6 applies
+# on sm_90 only to the 64 x 128 tiles of 4 warps: a load partition and 12 warps in all): 35-63% slower than m64 at
+# M = 4096 and slower than base at every M <= 128 (fp8_gemm_sweep-ws.md, 9th session).
 GEMM_VARIANT = os.environ.get("MINIDS_FP8_GEMM", "auto")  # "auto": ``_auto_variant``
 GEMM_VARIANTS: dict[str, tuple[dict | None, dict | None]] = {
     "base": ({}, {}),
     "tma_s4": ({"TMA": True, "num_stages": 4}, {"TMA": True, "num_stages": 6}),
     "m64": ({"BLOCK_M": 64, "num_warps": 4, "TMA": True, "num_stages": 3}, None),
     "swap": (None, {"SWAP_AB": True}),
-    # experiments of the ninth session (bench/sweep_fp8_gemm.py): Triton's automatic warp specialization of the K loop
-    # (a load partition feeding the tensor-core and promotion warps through shared-memory barriers), which Triton
-    # applies on sm_90 to the 64 x 128 tiles of 4 warps (12 warps then); 128-row tiles at M <= 128 (one pass over B)
-    "m64_ws": ({"BLOCK_M": 64, "num_warps": 4, "TMA": True, "num_stages": 3, "WS": True},
-               {"TMA": True, "WS": True, "num_stages": 4}),
-    "m64_ws4": ({"BLOCK_M": 64, "num_warps": 4, "TMA": True, "num_stages": 4, "WS": True}, None),
+    # 128-row tiles at M <= 128 (ninth session): one pass over B instead of two
     "m128": (None, {"BLOCK_M": 128, "num_warps": 8, "num_stages": 3}),
     "m128_tma": (None, {"BLOCK_M": 128, "num_warps": 8, "num_stages": 4, "TMA": True}),
 }
