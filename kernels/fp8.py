@@ -39,10 +39,10 @@ step on the tensor cores, multiplies that partial product by a_s[m] * b_s[n] and
 accumulator (V3P 3.3.2's promotion every N_C = 128). Tails in M, N and K are masked, never wrapped.
 Autotuning is keyed on (M bucket, N, K): the official kernel keys on (N, K) alone, so the first M it
 sees picks the tiles for every other M. Small M (<= 256) takes the tile shape and split-K of ``_gemm_plan``
-(M <= 128: 64-row tiles, 64 or 128 wide, split so that the grid fills the SMs); split-K partials are summed by
-a second kernel in a fixed order (deterministic). Variants of the kernel (TMA loads, 64 x 128 tiles, swapped
-operands at small M) are selectable by name (``GEMM_VARIANTS``); bench/sweep_fp8_gemm.py times them against bf16
-cuBLAS and block-scaled torch._scaled_mm.
+(M <= 64: 64-row tiles, 64 or 128 wide; 65..128: one 128-row tile; split so that the grid fills the SMs); split-K
+partials are summed by a second kernel in a fixed order (deterministic). Variants of the kernel (TMA loads, 64 x 128
+tiles, swapped operands at small M) are selectable by name (``GEMM_VARIANTS``); bench/sweep_fp8_gemm.py times them
+against bf16 cuBLAS and block-scaled torch._scaled_mm.
 """
 
 from __future__ import annotations
@@ -672,7 +672,7 @@ if HAVE_TRITON:
             # large M. Shared memory per stage is (BM + BN) * 128 bytes; 96 KB or less lets two CTAs share an SM,
             # so one CTA's scaling arithmetic overlaps the other's tensor-core work.
             (128, 128, 8, 4), (128, 128, 8, 3), (128, 128, 4, 3), (128, 64, 4, 4), (128, 256, 8, 3),
-            # M <= 128: one or two 64-row tiles (the wgmma minimum) in M, 64 or 128 wide in N, split K (_gemm_plan)
+            # M <= 64: one 64-row tile (the wgmma minimum) in M, 64 or 128 wide in N, split K (_gemm_plan)
             (64, 128, 4, 4), (64, 128, 4, 3), (64, 128, 4, 5), (64, 64, 4, 4), (64, 64, 4, 6), (64, 64, 4, 3),
         ]:
             cfg.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": 8},
@@ -732,9 +732,6 @@ GEMM_VARIANTS: dict[str, tuple[dict | None, dict | None]] = {
     "tma_s4": ({"TMA": True, "num_stages": 4}, {"TMA": True, "num_stages": 6}),
     "m64": ({"BLOCK_M": 64, "num_warps": 4, "TMA": True, "num_stages": 3}, None),
     "swap": (None, {"SWAP_AB": True}),
-    # 128-row tiles at M <= 128 (ninth session): one pass over B instead of two
-    "m128": (None, {"BLOCK_M": 128, "num_warps": 8, "num_stages": 3}),
-    "m128_tma": (None, {"BLOCK_M": 128, "num_warps": 8, "num_stages": 4, "TMA": True}),
 }
 
 
@@ -760,20 +757,26 @@ def _m_bucket(M: int) -> int:
 def _gemm_plan(m_bucket: int, N: int, nk: int, sms: int) -> tuple[dict, int]:
     """The heuristic's config and split-K for M (its bucket), N, nk = ceil(K/128) on ``sms`` SMs: (config, split).
 
-    M > 256: 128 x 128 tiles fill the GPU without a split. M <= 128: tiles 64 rows tall (the wgmma minimum), 128 or
-    64 wide; 129..256: 128 x 128. Then the (BLOCK_N, split) of least estimated time in a crude model,
-        waves x K steps per CTA x step cost (a 64 x 128 or 128 x 128 tile: 1; 64 x 64: 0.7)
+    M > 256: 128 x 128 tiles fill the GPU without a split. M <= 64: tiles 64 rows tall (the wgmma minimum), 128 or
+    64 wide; 65..128: one tile 128 rows tall (8 warps; B is read once instead of twice), 128 wide through TMA with 4
+    stages or 64 wide through pointers with 3; 129..256: 128 x 128. Then the (BLOCK_N, split) of least estimated time
+    in a crude model,
+        waves x K steps per CTA x step cost (a 64 x 128 or 128 x 128 tile: 1; 64 x 64 or 128 x 64: 0.7)
         + for split > 1, the reduction pass (about 4 steps, plus one per MiB of float32 partials),
-    with waves counted at two CTAs per SM (shared memory and registers let two of these configs share one), every
-    split at least 512 of K (4 steps), at most 8 splits and none empty. Grids come out at one to two waves of 132 SMs
-    (the very wide N of 24576 or 32768 at M = 128: about three). bench/fp8.py --only plans times the alternatives.
+    with waves counted at two CTAs per SM (shared memory and registers let two of these configs share one; one for
+    the 128-row tiles of M <= 128), every split at least 512 of K (4 steps), at most 8 splits and none empty. Grids
+    come out at one to two waves of 132 SMs (the very wide N of 24576 or 32768: about three).
+    bench/fp8.py --only plans times the alternatives: at M = 128 this model's picks ran within 5% of the best of all
+    (64 and 128 rows, 64 and 128 wide, TMA or not, 1-8 splits) on DeepGEMM's six shapes, 1.01-1.16x the 64-row
+    tiles planned before (374-618 TFLOP/s against 355-550, fp8_gemm_plans.md, ninth session).
     """
     if m_bucket > 256:
         return _LARGE_M, 1
-    bm = 64 if m_bucket <= 128 else 128
+    bm = 64 if m_bucket <= 64 else 128
     m_tiles = _cdiv(m_bucket, bm)
+    per_sm = 1 if m_bucket == 128 else 2
     best = None
-    for bn in (128, 64) if bm == 64 else (128,):
+    for bn in (128, 64) if m_bucket <= 128 else (128,):
         tiles = m_tiles * _cdiv(N, bn)
         for split in range(1, _MAX_SPLIT + 1):
             per = _cdiv(nk, split)  # K steps per split, as the kernel divides them
@@ -781,7 +784,7 @@ def _gemm_plan(m_bucket: int, N: int, nk: int, sms: int) -> tuple[dict, int]:
                 break
             if _cdiv(nk, per) != split:  # the last split would be empty
                 continue
-            waves = _cdiv(tiles * split, 2 * sms)
+            waves = _cdiv(tiles * split, per_sm * sms)
             cost = waves * per * (1.0 if bn == 128 else 0.7)
             if split > 1:
                 cost += 4 + split * m_bucket * N / 2**18
@@ -790,6 +793,8 @@ def _gemm_plan(m_bucket: int, N: int, nk: int, sms: int) -> tuple[dict, int]:
     _, bn, split = best
     cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4 if bm == 64 else 8,
            "num_stages": 4 if bm == 64 else 3}
+    if m_bucket == 128:  # a fixed config (not autotuned: the tuner's configs have no TMA), as measured
+        cfg.update(TMA=bn == 128, num_stages=4 if bn == 128 else 3)
     return cfg, split
 
 
@@ -816,7 +821,8 @@ def _plan_for(M: int, N: int, K: int, variant: str, sms: int, b_group: int = 128
     plan = None if variant == "base" else _variant_plan(variant, M, N, nk, sms)
     if plan is not None:
         return variant, *plan, False
-    return variant, *_gemm_plan(_m_bucket(M), N, nk, sms), True
+    cfg, split = _gemm_plan(_m_bucket(M), N, nk, sms)
+    return variant, cfg, split, "TMA" not in cfg  # the M bucket 128's plan is fixed (see _gemm_plan)
 
 
 @functools.cache

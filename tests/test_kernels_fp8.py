@@ -381,21 +381,38 @@ def test_m_buckets_separate_64_and_128():
 
 @pytest.mark.parametrize("M", [1, 64, 100, 128, 200, 4096])
 def test_gemm_plan(M):
-    """M <= 128: 64-row tiles; a split keeps >= 512 of K per CTA, none empty, and never grows the grid past two waves of
-    132 SMs; the chosen tile shape, warps and stages are among the autotuner's configs."""
+    """M <= 64: 64-row tiles; 65..128: one 128-row tile, a fixed config (TMA for 128-wide tiles); a split keeps >= 512
+    of K per CTA, none empty, and never grows the grid past two waves of 132 SMs (one for the 128-row tiles of M <=
+    128); the autotuned plans' tile shape, warps and stages are among the autotuner's configs."""
     tuned = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kfp8._gemm_configs()}
     for N, K in DEEPGEMM_NK:
         nk = -(-K // 128)
         cfg, split = kfp8._gemm_plan(kfp8._m_bucket(M), N, nk, 132)
-        assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"]) in tuned
-        assert cfg["BLOCK_M"] == (64 if M <= 128 else 128)
+        fixed = 64 < M <= 128
+        assert ("TMA" in cfg) == fixed
+        if fixed:
+            assert (cfg["BLOCK_M"], cfg["num_warps"]) == (128, 8)
+            assert cfg["TMA"] == (cfg["BLOCK_N"] == 128) and cfg["num_stages"] == (4 if cfg["TMA"] else 3)
+        else:
+            assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"]) in tuned
+            assert cfg["BLOCK_M"] == (64 if M <= 64 else 128)
         assert 1 <= split <= 8
         if split > 1:
             per = -(-nk // split)
             assert per >= 4 and -(-nk // per) == split
-            assert -(-M // cfg["BLOCK_M"]) * -(-N // cfg["BLOCK_N"]) * split <= 2 * 132
+            assert -(-M // cfg["BLOCK_M"]) * -(-N // cfg["BLOCK_N"]) * split <= (1 if fixed else 2) * 132
         if M > 256:
             assert split == 1
+
+
+def test_gemm_plan_at_m128_picks_what_ran_fastest():
+    """At M = 128 the plan picks, on DeepGEMM's shapes, the configs that ran within 5% of the fastest of all tried on
+    the H200 (bench/results/fp8_gemm_plans.md, ninth session: 64/128 rows, 64/128 wide, TMA or not, 1-8 splits)."""
+    measured = {(2112, 7168): (64, 4), (24576, 1536): (128, 1), (32768, 512): (128, 1), (7168, 16384): (128, 2),
+                (4096, 7168): (128, 4), (7168, 2048): (64, 1)}  # (BLOCK_N, split)
+    for (N, K), want in measured.items():
+        cfg, split = kfp8._gemm_plan(128, N, -(-K // 128), 132)
+        assert (cfg["BLOCK_N"], split) == want, (N, K)
 
 
 def test_autotuner_keeps_the_planned_tile_for_small_m(monkeypatch):
@@ -422,13 +439,17 @@ def test_autotuner_keeps_the_planned_tile_for_small_m(monkeypatch):
 
 @pytest.mark.parametrize("b_rows", [False, True], ids=["weight-128x128", "wgrad-1x128"])
 @pytest.mark.parametrize("BLOCK_N", [64, 128])
-def test_fp8_gemm_small_m_tiles_and_splits(BLOCK_N, b_rows):
-    """The small-M configs (64-row tiles) with split-K, M and K tails included (K = 1000: 8 steps split 3, 3, 2)."""
+@pytest.mark.parametrize("rows", [64, 128])
+def test_fp8_gemm_small_m_tiles_and_splits(rows, BLOCK_N, b_rows):
+    """The small-M configs (64-row tiles; one 128-row tile of 8 warps as planned for M in 65..128, through TMA where
+    128 wide) with split-K, M and K tails included (K = 1000: 8 steps split 3, 3, 2)."""
     M, N, K = 100, 200, 1000
     a, a_s, b, b_s = gemm_operands(M, N, K, b_rows, seed=N + BLOCK_N)
     cr = ref.fp8_gemm(a, a_s, b, b_s, torch.float32)
     out_dtype = torch.float32 if DEV == "cpu" else torch.bfloat16
     cfg = {"BLOCK_M": 64, "BLOCK_N": BLOCK_N, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
+    if rows == 128:
+        cfg.update(BLOCK_M=128, num_warps=8, TMA=BLOCK_N == 128, num_stages=4 if BLOCK_N == 128 else 3)
     for split in (1, 3):
         c = kfp8._gemm_run(a, a_s.float().contiguous(), b, b_s.float().contiguous(), poisoned((M, N), out_dtype),
                            1 if b_rows else 128, cfg, split, tuned=False)
