@@ -723,9 +723,10 @@ _MIN_STEPS_PER_SPLIT = 4  # 512 of K
 # with plain loads of token-block-major scales, fp8_gemm_sweep-wgrad.md); the promotion one step late, after the next
 # product is issued, to overlap it with the tensor cores inside one CTA ("LAG", two product tiles live): 8-16% slower
 # with tma_s4 and slower with m64 on four of six shapes, never the fastest (fp8_gemm_sweep-lag.md, 8th session);
-# Triton's automatic warp specialization of the K loop (tl.range(..., warp_specialize=True), which Triton 3.6 applies
-# on sm_90 only to the 64 x 128 tiles of 4 warps: a load partition and 12 warps in all): 35-63% slower than m64 at
-# M = 4096 and slower than base at every M <= 128 (fp8_gemm_sweep-ws.md, 9th session).
+# Triton's automatic warp specialization of the K loop (tl.range(..., warp_specialize=True); compiled offline for sm_90
+# with Triton 3.9 it applied only to the 64 x 128 tiles of 4 warps: a load partition, 12 warps in all), timed on the
+# H200 with those tiles: 34-62% slower than m64 at M = 4096 and slower than base at every M <= 128
+# (fp8_gemm_sweep-ws.md, 9th session).
 GEMM_VARIANT = os.environ.get("MINIDS_FP8_GEMM", "auto")  # "auto": ``_auto_variant``
 GEMM_VARIANTS: dict[str, tuple[dict | None, dict | None]] = {
     "base": ({}, {}),
