@@ -11,8 +11,6 @@ V_SPLIT column parts, MIN_UNITS smallest slice in 64-token units); "base" is the
 - rows = 32 (s_q = 2, H = 16): base (M32 N64 s3), the old default N32 s5, two row blocks of 16 (M16x2: each
   tile read by two neighbouring programs, the second read from L2), one 64-row wgmma block (M64pad), 2 programs
   per sequence (P2);
-- SW* (rows <= 32): the transposed products (``SWAP``: tokens and latent columns as the tensor cores' M, the rows
-  as their N), N64 or N32 tiles, 4 or 8 warps, one or two programs per SM;
 - rows > 32 (H=128): base (M128 V_SPLIT=2: a warpgroup per 64 rows, half of the 512 output columns per
   program, all scores computed by both), the old default M64 (8 warps, whole accumulator), M128 V_SPLIT=2
   with N16 tiles, M64 V_SPLIT=2 with one warpgroup and 2 programs per SM.
@@ -42,12 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 TOL = 2e-2
 
 
-def _c(m, n, w, s, occ=1, v=1, mu=None, per_seq=None, swap=False):
+def _c(m, n, w, s, occ=1, v=1, mu=None, per_seq=None):
     """A config; mu: MIN_UNITS; per_seq: programs per sequence and row block (num_splits = per_seq * B, instead of
-    the default schedule's SM-filling count: fewer, longer pieces and a cheaper combine for short caches); swap:
-    the transposed products (SWAP)."""
+    the default schedule's SM-filling count: fewer, longer pieces and a cheaper combine for short caches)."""
     c = {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "OCC": occ, "V_SPLIT": v}
-    c = {**c, "SWAP": True} if swap else c
     c = c if mu is None else {**c, "MIN_UNITS": mu}
     return c if per_seq is None else {**c, "SPLITS_PER_SEQ": per_seq}
 
@@ -55,11 +51,9 @@ def _c(m, n, w, s, occ=1, v=1, mu=None, per_seq=None, swap=False):
 VARIANTS = {  # rows class -> {name: config}; variants_for adds "base", what the default path runs (MINIDS_AUTOTUNE=0)
     16: {"N64": _c(16, 64, 4, 3, 1), "mu1": _c(16, 32, 4, 3, 2, mu=1),
          "P1": _c(16, 32, 4, 3, 2, per_seq=1), "P2": _c(16, 32, 4, 3, 2, per_seq=2),
-         "P4": _c(16, 32, 4, 3, 2, per_seq=4), "SW64": _c(16, 64, 4, 3, 1, swap=True),
-         "SW64o2": _c(16, 64, 4, 2, 2, swap=True), "SW32o2": _c(16, 32, 4, 3, 2, swap=True)},
+         "P4": _c(16, 32, 4, 3, 2, per_seq=4)},
     32: {"N32s5": _c(32, 32, 8, 5), "M16x2": _c(16, 32, 4, 3, 2), "M64pad": _c(64, 64, 8, 2),
-         "P2": _c(32, 64, 8, 3, per_seq=2), "SW": _c(32, 64, 8, 3, swap=True), "SWw4": _c(32, 64, 4, 3, swap=True),
-         "SWw4o2": _c(32, 64, 4, 2, 2, swap=True)},
+         "P2": _c(32, 64, 8, 3, per_seq=2)},
     64: {"M64": _c(64, 64, 8, 2), "M128V2N16": _c(128, 16, 8, 4, v=2),
          "M64V2w4o2": _c(64, 32, 4, 2, 2, v=2)},
 }

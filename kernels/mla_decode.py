@@ -148,15 +148,12 @@ if HAVE_TRITON:
         stride_kvp, stride_kvt: tl.constexpr, stride_pep, stride_pet: tl.constexpr, qk_scale,
         C: tl.constexpr, R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_R: tl.constexpr, V_SPLIT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, UNIT: tl.constexpr, SWAP: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, UNIT: tl.constexpr,
     ):
         """Online softmax of rows q over cache tokens [t0, t1) of one sequence -> (acc (M, BLOCK_V) fp32, m, l).
 
         q_v (M, BLOCK_V): the query's latent columns [v0, v0 + BLOCK_V), the program's output columns; with
-        V_SPLIT = 2, q_o holds the other half (scores need all C columns; unused when V_SPLIT = 1).
-        SWAP: both products transposed, scores^T (N, M) = kv q^T and acc^T (BLOCK_V, M) += kv^T p^T, so that the
-        tokens (and the latent columns) are the tensor cores' M dimension and the few rows of a small head count
-        their N (8..256): the 64-row minimum of sm_90's wgmma is then not padded from 16 or 32 rows."""
+        V_SPLIT = 2, q_o holds the other half (scores need all C columns; unused when V_SPLIT = 1)."""
         cols_v = v0 + tl.arange(0, BLOCK_V)
         cols_o = (BLOCK_V - v0) + tl.arange(0, BLOCK_V)  # the other half (V_SPLIT = 2: v0 is 0 or BLOCK_V)
         offs_r = tl.arange(0, BLOCK_R)
@@ -165,7 +162,7 @@ if HAVE_TRITON:
         r_ok = offs_r < R
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max, log2 units
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of 2^(s - m)
-        acc = tl.zeros([BLOCK_V, BLOCK_M] if SWAP else [BLOCK_M, BLOCK_V], dtype=tl.float32)  # sum of p c_kv[:, cols_v]
+        acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)  # running sum of p * c_kv[:, cols_v]
         tl.static_assert(UNIT % BLOCK_N == 0)  # tiles never straddle a piece's end (a multiple of UNIT or the length)
         limit = tl.minimum(limit, t1)  # (M,) tokens a row sees in this piece: t < limit
         for n0 in range(t0, t1, BLOCK_N):
@@ -187,38 +184,23 @@ if HAVE_TRITON:
             kv = tl.load(kv_ptr[:, None] + cols_v[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0)
             pe = tl.load(pe_ptr[:, None] + offs_r[None, :], mask=t_ok[:, None] & r_ok[None, :], other=0.0)
 
-            if SWAP:  # (N, M); V_SPLIT is 1 (checked by the wrapper)
-                s = tl.dot(kv, tl.trans(q_v), input_precision=DOT_PRECISION)
-                s = tl.dot(pe, tl.trans(q_r), s, input_precision=DOT_PRECISION)
-                s = tl.where(toks[:, None] < limit[None, :], s * qk_scale, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 0))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m_i - m_safe)
-                p = tl.exp2(s - m_safe[None, :])  # (N, M)
-                l_i = l_i * alpha + tl.sum(p, 0)
-                acc = tl.dot(tl.trans(kv), p.to(kv.dtype), acc * alpha[None, :], input_precision=DOT_PRECISION)
-            else:
-                s = tl.dot(q_v, tl.trans(kv), input_precision=DOT_PRECISION)  # (M, N)
-                if V_SPLIT == 2:  # the other half of the key (its second read of the tile comes from L2)
-                    kv_o = tl.load(kv_ptr[:, None] + cols_o[None, :], mask=t_ok[:, None] & o_ok[None, :], other=0.0)
-                    s = tl.dot(q_o, tl.trans(kv_o), s, input_precision=DOT_PRECISION)
-                s = tl.dot(q_r, tl.trans(pe), s, input_precision=DOT_PRECISION)
-                s = s * qk_scale
-                s = tl.where(toks[None, :] < limit[:, None], s, float("-inf"))
+            s = tl.dot(q_v, tl.trans(kv), input_precision=DOT_PRECISION)  # (M, N)
+            if V_SPLIT == 2:  # the other half of the key (its second read of the tile comes from L2)
+                kv_o = tl.load(kv_ptr[:, None] + cols_o[None, :], mask=t_ok[:, None] & o_ok[None, :], other=0.0)
+                s = tl.dot(q_o, tl.trans(kv_o), s, input_precision=DOT_PRECISION)
+            s = tl.dot(q_r, tl.trans(pe), s, input_precision=DOT_PRECISION)
+            s = s * qk_scale
+            s = tl.where(toks[None, :] < limit[:, None], s, float("-inf"))
 
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing: keep p = 0
-                alpha = tl.exp2(m_i - m_safe)
-                p = tl.exp2(s - m_safe[:, None])  # (M, N)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None]
-                acc = tl.dot(p.to(kv.dtype), kv, acc, input_precision=DOT_PRECISION)  # (M, BLOCK_V): the value is c_kv
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing: keep p = 0
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])  # (M, N)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(kv.dtype), kv, acc, input_precision=DOT_PRECISION)  # (M, BLOCK_V): the value is c_kv
             m_i = m_new
-        if SWAP:  # one return (Triton rejects returns of different types from a constexpr branch)
-            res = tl.trans(acc)
-        else:
-            res = acc
-        return res, m_i, l_i
+        return acc, m_i, l_i
 
     @triton.jit
     def _combine(
@@ -270,7 +252,7 @@ if HAVE_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, ONE_B_BLOCK: tl.constexpr,
         PAGE: tl.constexpr, PAGED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
         UNIT: tl.constexpr, OVERHEAD: tl.constexpr, CHUNK_C: tl.constexpr, BLOCK_J: tl.constexpr, OCC: tl.constexpr,
-        V_SPLIT: tl.constexpr, SWAP: tl.constexpr = False,
+        V_SPLIT: tl.constexpr,
     ):
         """Program (row block x column part, p): rows [BLOCK_M * row block, +BLOCK_M) of every sequence piece in
         slice p, output columns [v0, v0 + C / V_SPLIT) (column part = program_id(0) % V_SPLIT; every part
@@ -357,7 +339,7 @@ if HAVE_TRITON:
                     KV + b64 * stride_kvp, PE + b64 * stride_pep, BLOCK_TABLE + b64 * stride_btb,
                     KV, PE, lo * UNIT, tl.minimum(hi * UNIT, seqlen),
                     stride_kvp, STRIDE_KVT, stride_pep, STRIDE_PET, qk_scale,
-                    C, R, BLOCK_V, BLOCK_R, V_SPLIT, BLOCK_M, BLOCK_N, PAGE, PAGED, DOT_PRECISION, UNIT, SWAP)
+                    C, R, BLOCK_V, BLOCK_R, V_SPLIT, BLOCK_M, BLOCK_N, PAGE, PAGED, DOT_PRECISION, UNIT)
 
                 cols = v0 + offs_v + tl.minimum(n, 0) * BLOCK_C
                 mask = row_ok[:, None] & (cols < C)[None, :]
@@ -460,9 +442,7 @@ def _check_config(config: dict) -> None:
     bm = config.get("BLOCK_M")
     if missing or not (isinstance(bm, int) and bm >= 16 and bm & (bm - 1) == 0):
         raise ValueError(f"mla_decode: config={config!r} needs {sorted(_CONFIG_KEYS)} (missing {sorted(missing)}) "
-                         "with BLOCK_M a power of two >= 16; optional V_SPLIT (1 or 2), SWAP and MIN_UNITS")
-    if config.get("SWAP") and config.get("V_SPLIT", 1) != 1:
-        raise ValueError(f"mla_decode: config={config!r}: SWAP takes V_SPLIT 1")
+                         "with BLOCK_M a power of two >= 16; optional V_SPLIT (1 or 2) and MIN_UNITS")
 
 
 def _check(q, kv_cache, cache_seqlens, head_dim_v, block_table, pe_cache):
@@ -519,8 +499,8 @@ def mla_decode(
     the tile config. It changes the summation order, not the result beyond rounding.
     config: run this tile config instead of the default / autotuned one (sweeps and tests): BLOCK_M (rows
     per program, any power of two >= 16), BLOCK_N, OCC, num_warps, num_stages, and optionally V_SPLIT (1; 2:
-    two programs per row block, each writing half of the C output columns), SWAP (the transposed products, see
-    ``_attend``) and MIN_UNITS (the smallest slice, in 64-token units; default MIN_UNITS).
+    two programs per row block, each writing half of the C output columns) and MIN_UNITS (the smallest
+    slice, in 64-token units; default MIN_UNITS).
     """
     require_runs_here(q, "minids.kernels.mla_decode", "minids.mla_decode_ref")
     B, s_q, H, C, R = _check(q, kv_cache, cache_seqlens, head_dim_v, block_table, pe_cache)

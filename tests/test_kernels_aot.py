@@ -162,10 +162,6 @@ def _call_every_kernel() -> None:
             mla_decode.mla_decode(q, cache, lens, C, 0.1, block_table=table)
         else:
             mla_decode.mla_decode(q, rnd(B, L, C + R), lens, C, 0.1)
-    for rows, s_q, warps in ((16, 1, 4), (32, 2, 8)):  # the transposed products (SWAP) of 16 and 32 rows
-        mla_decode.mla_decode(rnd(2, s_q, 16, 576), rnd(2, 70, 576), torch.tensor([70, 5], dtype=torch.int32), 512,
-                              0.1, config={"BLOCK_M": rows, "BLOCK_N": 64, "num_warps": warps, "num_stages": 3,
-                                           "OCC": 1, "SWAP": True})
 
     x = rnd(130, 256)
     for exact in (False, True):

@@ -225,14 +225,12 @@ def test_greedy_decoding_kernel_equals_reference():
 
 # Fixed configs (mla_decode(config=...)), the paths bench/sweep_mla.py compares: V_SPLIT=2 (two programs per row
 # block, each writing half the output columns; 128-row blocks are H=128's default), 16-row blocks for 32 rows,
-# the smallest slices (MIN_UNITS=1), and the transposed products (SWAP) for 16 and 32 rows.
+# and the smallest slices (MIN_UNITS=1).
 _VARIANTS = {
     "v_split": {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1, "OCC": 1, "V_SPLIT": 2},
     "m128_v_split": {"BLOCK_M": 128, "BLOCK_N": 16, "num_warps": 8, "num_stages": 1, "OCC": 1, "V_SPLIT": 2},
     "two_row_blocks": {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1, "OCC": 2},
     "min_units_1": {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1, "OCC": 1, "MIN_UNITS": 1},
-    "swap_m16": {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1, "OCC": 1, "SWAP": True},
-    "swap_m32": {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 1, "OCC": 1, "SWAP": True},
 }
 
 
@@ -259,8 +257,6 @@ def test_v_split_only_for_wide_latents():
     assert mod.LAST_LAUNCH["cfg"]["V_SPLIT"] == 2
     with pytest.raises(ValueError, match="V_SPLIT"):
         check([5], 1, H=16, C=16, R=16, layout="contiguous", config={**_VARIANTS["v_split"]})
-    with pytest.raises(ValueError, match="SWAP takes V_SPLIT 1"):
-        check([5], 1, H=16, C=64, R=16, layout="contiguous", config={**_VARIANTS["v_split"], "SWAP": True})
 
 
 @pytest.mark.parametrize("config", [{}, {"BLOCK_M": 16}, {"BLOCK_M": 24, "BLOCK_N": 32, "OCC": 1, "num_warps": 4,
