@@ -404,10 +404,11 @@ def _blocks_per_program(name: str, flags: dict, block: int) -> tuple[int, int, b
     return max(1, feats // block), warps, pack
 
 
-def _words(t: torch.Tensor, pack: bool) -> torch.Tensor:
-    """The int64 view of a contiguous FP8 (rows, M) output (M a multiple of 8) for the packed transposed stores, or t
-    itself where the kernel does not pack (the argument is then unused)."""
-    return t.view(torch.int64) if pack else t
+def _pack_view(t: torch.Tensor, pack: bool) -> torch.Tensor | None:
+    """The int64 view of a contiguous FP8 (rows, M) transposed output for the packed stores (``_store_words``), where
+    ``pack`` asks for them and t's rows are whole aligned 8-byte words (M a multiple of 8, t 8-byte aligned, as any
+    fresh tensor is); else None: the kernel stores byte by byte."""
+    return t.view(torch.int64) if pack and t.shape[-1] % 8 == 0 and t.data_ptr() % 8 == 0 else None
 
 
 def act_quant(
@@ -454,7 +455,7 @@ def act_quant_t(
     if M and K:
         flags = _flags(fmt, ue8m0, exact)
         BLOCK_K, warps, pack = _TILES["act_quant_t" if in_scale is None else "act_quant_t_fp8"][flags["EXACT"]]
-        pack = pack and M % 8 == 0 and block >= 16
+        qw = _pack_view(q, pack)
         grid = (nb, _cdiv(K, BLOCK_K))
         if in_scale is not None:
             _check_block(in_block)
@@ -465,9 +466,9 @@ def act_quant_t(
             in_scale = in_scale.float()  # read through both strides (row-major from act_quant, or any other)
         xs = in_scale if in_scale is not None else s
         _act_quant_t_kernel[grid](
-            x, xs, q, _words(q, pack), s, M, K, x.stride(0), *xs.stride(), q.stride(0), *s.stride(),
+            x, xs, q, q if qw is None else qw, s, M, K, x.stride(0), *xs.stride(), q.stride(0), *s.stride(),
             HAS_IN_SCALE=in_scale is not None, IN_BLOCK=in_block, **flags,
-            BLOCK=block, BLOCK_K=BLOCK_K, PACK=pack, num_warps=warps,
+            BLOCK=block, BLOCK_K=BLOCK_K, PACK=qw is not None, num_warps=warps,
         )
     return q, s
 
@@ -488,11 +489,11 @@ def act_quant_both(
     if M and K:
         flags = _flags(fmt, ue8m0, exact)
         G, warps, pack = _blocks_per_program("act_quant_both", flags, block)
-        pack = pack and M % 8 == 0
+        qtw = _pack_view(qt, pack)
         grid = (_cdiv(M, block), _cdiv(K, G * block))
         _act_quant_both_kernel[grid](
-            x, q, s, qt, _words(qt, pack), st, M, K, x.stride(0), q.stride(0), *s.stride(), qt.stride(0), *st.stride(),
-            **flags, BLOCK=block, G=G, PACK=pack, num_warps=warps,
+            x, q, s, qt, qt if qtw is None else qtw, st, M, K, x.stride(0), q.stride(0), *s.stride(), qt.stride(0),
+            *st.stride(), **flags, BLOCK=block, G=G, PACK=qtw is not None, num_warps=warps,
         )
     return q, s, qt, st
 
@@ -523,10 +524,10 @@ def weight_quant(
         # in this kernel's layout. Cheap here: a few integer ops an element, no float64 quotient.
         flags["SOFT_CVT"] = True
         G, warps, pack = _blocks_per_program("weight_quant", flags, block)
-        pack = pack and transposed and O % 8 == 0
+        qtw = _pack_view(qt, pack and transposed)
         _weight_quant_kernel[(bo, _cdiv(bi, G))](
-            w, q, qt, _words(qt, pack), s, O, I, w.stride(0), q.stride(0), qt.stride(0), s.stride(0),
-            WRITE_T=transposed, **flags, BLOCK=block, G=G, PACK=pack, num_warps=warps,
+            w, q, qt, qt if qtw is None else qtw, s, O, I, w.stride(0), q.stride(0), qt.stride(0), s.stride(0),
+            WRITE_T=transposed, **flags, BLOCK=block, G=G, PACK=qtw is not None, num_warps=warps,
         )
     return (q, s, qt) if transposed else (q, s)
 

@@ -294,6 +294,11 @@ def test_packed_transposes_equal_the_plain_ones(feats, exact, monkeypatch):
             assert same_bits(got[0], ref.act_quant_t(x)[0]) and same_bits(got[2], ref.act_quant_t(xq, in_scale=xs)[0])
             assert same_bits(got[6], ref.act_quant_t(x)[0])
         assert same_bits(got[10], got[8].t().contiguous())  # weight_quant's transposed copy is its q transposed
+    # an output that does not start on an 8-byte boundary (a slice of a larger buffer) takes the byte-wise store
+    x = rand_bf16(136, 200, seed=7)
+    q_off = torch.empty(200 * 136 + 1, dtype=FP8["e4m3"], device=DEV)[1:].view(200, 136)
+    q, s = kfp8.act_quant_t(x, exact=exact, out=(q_off, torch.empty(200, 2, device=DEV)))
+    assert q.data_ptr() == q_off.data_ptr() and same_bits(q, outputs(True, x, *ref.act_quant(x))[0])
 
 
 @pytest.mark.parametrize("fmax", [448.0, 57344.0], ids=["e4m3", "e5m2"])
