@@ -13,8 +13,9 @@ layout before; the kernel reads either).
 Each variant runs with its fixed config (no autotuning: "base" is the heuristic config, as with MINIDS_AUTOTUNE=0).
 Timing: median over CUDA events (_common.median_ms; L2 flushed before each call, so the host's launch overhead is
 hidden behind the flush) at M > 256; at M <= 256, where the GEMM takes less time than the host's launch path, every
-column is replayed from a CUDA graph (_common.graph_ms). A variant that fails to compile or run prints one line and shows ERR; one whose error
-exceeds 2^-8 of max |C| (the GPU tests' bound) shows its TFLOP/s with a '!' and is never the best.
+column is replayed from a CUDA graph (_common.graph_ms). A variant that fails to compile or run prints one line and
+shows ERR; one whose error exceeds 2^-8 of max |C| (the GPU tests' bound) shows its TFLOP/s with a '!' and is never
+the best.
 """
 
 from __future__ import annotations

@@ -181,13 +181,16 @@ if HAVE_TRITON:
         return tl.trans(lo | (hi << 32)).to(tl.int64, bitcast=True)
 
     @triton.jit
-    def _store_words(qw_ptr, words, cols64, K, M, stride_qk, pid_m, BLOCK: tl.constexpr):
-        """Store ``_pack_words``' (F, BLOCK // 8) words of token block pid_m into q^T (K, M) through its int64 view
-        (M a multiple of 8: whole words; stride_qk in bytes)."""
+    def _store_words(qw_ptr, q, cols64, K, M, stride_qk, pid_m, BLOCK: tl.constexpr, F: tl.constexpr):
+        """Store token block pid_m's FP8 codes q (BLOCK tokens in ``_token_order(BLOCK, True)``, then F features in
+        any shape; cols64 their feature indices, same shape) transposed into q^T (K, M) through its int64 view, as
+        ``_pack_words``' words (M a multiple of 8: whole words; stride_qk in bytes)."""
         W: tl.constexpr = BLOCK // 8
+        words = _pack_words(tl.reshape(q, (BLOCK, F)), BLOCK, F)  # (F, W)
+        cols = tl.reshape(cols64, (F,))
         wi = pid_m * W + tl.arange(0, W)
-        mask = (cols64 < K)[:, None] & (wi * 8 < M)[None, :]
-        tl.store(qw_ptr + cols64[:, None] * (stride_qk // 8) + wi[None, :], words, mask=mask)
+        mask = (cols < K)[:, None] & (wi * 8 < M)[None, :]
+        tl.store(qw_ptr + cols[:, None] * (stride_qk // 8) + wi[None, :], words, mask=mask)
 
     @triton.jit
     def _act_quant_kernel(
@@ -238,8 +241,7 @@ if HAVE_TRITON:
         q = _quantize(x, s[None, :], FMAX, MBITS, EMIN, UE8M0, EXACT, SOFT_CVT)
         cols64 = cols.to(tl.int64)
         if PACK:
-            _store_words(qw_ptr, _pack_words(q.to(q_ptr.dtype.element_ty), BLOCK, BLOCK_K), cols64, K, M, stride_qk,
-                         pid_m, BLOCK)
+            _store_words(qw_ptr, q.to(q_ptr.dtype.element_ty), cols64, K, M, stride_qk, pid_m, BLOCK, BLOCK_K)
         else:
             # transposed in registers (the compiler goes through shared memory), then stored along the tokens
             q_ptrs = q_ptr + cols64[:, None] * stride_qk + rows[None, :]  # (BLOCK_K, BLOCK)
@@ -274,8 +276,7 @@ if HAVE_TRITON:
         st = _scale_of(tl.max(tl.abs(x), axis=0), FMAX, UE8M0)  # (G, BLOCK): along tokens
         qt = _quantize(x, st[None, :, :], FMAX, MBITS, EMIN, UE8M0, EXACT, SOFT_CVT)
         if PACK:
-            words = _pack_words(tl.reshape(qt.to(qt_ptr.dtype.element_ty), (BLOCK, G * BLOCK)), BLOCK, G * BLOCK)
-            _store_words(qtw_ptr, words, tl.reshape(cols64, (G * BLOCK,)), K, M, stride_qtk, pid_m, BLOCK)
+            _store_words(qtw_ptr, qt.to(qt_ptr.dtype.element_ty), cols64, K, M, stride_qtk, pid_m, BLOCK, G * BLOCK)
         else:
             # the transposed copy is permuted to (G, features, tokens) in registers first, so the store runs along its
             # last dim (tokens, contiguous in qt) like every other store; storing the (tokens, G, features) tile
@@ -294,10 +295,10 @@ if HAVE_TRITON:
         BLOCK: tl.constexpr, G: tl.constexpr, PACK: tl.constexpr,
     ):
         """G (BLOCK x BLOCK) blocks of w (O, I) side by side, held as (BLOCK, G, BLOCK): their scales, their FP8
-        values, and optionally the transposed copy (PACK: through qt's int64 view qtw, as in ``_act_quant_t_kernel``;
-        rows play the tokens)."""
+        values, and optionally the transposed copy (PACK, which the wrapper sets only with WRITE_T: through qt's int64
+        view qtw, as in ``_act_quant_t_kernel``; rows play the tokens)."""
         pid_o, pid_i = tl.program_id(0), tl.program_id(1)
-        rows = pid_o * BLOCK + _token_order(BLOCK, PACK and WRITE_T)
+        rows = pid_o * BLOCK + _token_order(BLOCK, PACK)
         groups = pid_i * G + tl.arange(0, G)
         cols = groups[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # (G, BLOCK)
         mask = (rows < O)[:, None, None] & (cols < I)[None, :, :]
@@ -307,11 +308,11 @@ if HAVE_TRITON:
         s = _scale_of(tl.max(tl.max(tl.abs(w), axis=2), axis=0), FMAX, UE8M0)  # (G,): one per block
         q = _quantize(w, s[None, :, None], FMAX, MBITS, EMIN, UE8M0, EXACT, SOFT_CVT)  # float32 until each store
         tl.store(q_ptr + rows64[:, None, None] * stride_qo + cols[None, :, :], q.to(q_ptr.dtype.element_ty), mask=mask)
-        if WRITE_T and PACK:
-            words = _pack_words(tl.reshape(q.to(qt_ptr.dtype.element_ty), (BLOCK, G * BLOCK)), BLOCK, G * BLOCK)
-            _store_words(qtw_ptr, words, tl.reshape(cols64, (G * BLOCK,)), I, O, stride_qti, pid_o, BLOCK)
-        elif WRITE_T:  # the float32 values permuted to (G, features, rows), then converted, as in _act_quant_both_kernel
-            # (permuting the FP8 tile instead gave a transposed copy unequal to q on full tiles, H200, Triton 3.6)
+        if PACK:
+            _store_words(qtw_ptr, q.to(qt_ptr.dtype.element_ty), cols64, I, O, stride_qti, pid_o, BLOCK, G * BLOCK)
+        elif WRITE_T:  # the float32 values permuted to (G, features, rows), then converted, as in
+            # _act_quant_both_kernel (permuting the FP8 tile instead gave a transposed copy unequal to q on full tiles,
+            # H200, Triton 3.6)
             qt_ptrs = qt_ptr + cols64[:, :, None] * stride_qti + rows[None, None, :]  # (G, BLOCK, BLOCK)
             tl.store(qt_ptrs, tl.permute(q, (1, 2, 0)).to(qt_ptr.dtype.element_ty), mask=tl.permute(mask, (1, 2, 0)))
         tl.store(s_ptr + pid_o * stride_so + groups, s, mask=groups * BLOCK < I)
@@ -404,11 +405,13 @@ def _blocks_per_program(name: str, flags: dict, block: int) -> tuple[int, int, b
     return max(1, feats // block), warps, pack
 
 
-def _pack_view(t: torch.Tensor, pack: bool) -> torch.Tensor | None:
-    """The int64 view of a contiguous FP8 (rows, M) transposed output for the packed stores (``_store_words``), where
-    ``pack`` asks for them and t's rows are whole aligned 8-byte words (M a multiple of 8, t 8-byte aligned, as any
-    fresh tensor is); else None: the kernel stores byte by byte."""
-    return t.view(torch.int64) if pack and t.shape[-1] % 8 == 0 and t.data_ptr() % 8 == 0 else None
+def _pack_view(t: torch.Tensor, pack: bool) -> tuple[torch.Tensor, bool]:
+    """(the int64 view of a contiguous FP8 (rows, M) transposed output, True) for the packed stores
+    (``_store_words``) where ``pack`` asks for them and t's rows are whole aligned 8-byte words (M a multiple of 8, t
+    8-byte aligned, as any fresh tensor is); else (t, False): the kernel stores byte by byte."""
+    if pack and t.shape[-1] % 8 == 0 and t.data_ptr() % 8 == 0:
+        return t.view(torch.int64), True
+    return t, False
 
 
 def act_quant(
@@ -455,7 +458,7 @@ def act_quant_t(
     if M and K:
         flags = _flags(fmt, ue8m0, exact)
         BLOCK_K, warps, pack = _TILES["act_quant_t" if in_scale is None else "act_quant_t_fp8"][flags["EXACT"]]
-        qw = _pack_view(q, pack)
+        qw, pack = _pack_view(q, pack)
         grid = (nb, _cdiv(K, BLOCK_K))
         if in_scale is not None:
             _check_block(in_block)
@@ -466,9 +469,9 @@ def act_quant_t(
             in_scale = in_scale.float()  # read through both strides (row-major from act_quant, or any other)
         xs = in_scale if in_scale is not None else s
         _act_quant_t_kernel[grid](
-            x, xs, q, q if qw is None else qw, s, M, K, x.stride(0), *xs.stride(), q.stride(0), *s.stride(),
+            x, xs, q, qw, s, M, K, x.stride(0), *xs.stride(), q.stride(0), *s.stride(),
             HAS_IN_SCALE=in_scale is not None, IN_BLOCK=in_block, **flags,
-            BLOCK=block, BLOCK_K=BLOCK_K, PACK=qw is not None, num_warps=warps,
+            BLOCK=block, BLOCK_K=BLOCK_K, PACK=pack, num_warps=warps,
         )
     return q, s
 
@@ -489,11 +492,11 @@ def act_quant_both(
     if M and K:
         flags = _flags(fmt, ue8m0, exact)
         G, warps, pack = _blocks_per_program("act_quant_both", flags, block)
-        qtw = _pack_view(qt, pack)
+        qtw, pack = _pack_view(qt, pack)
         grid = (_cdiv(M, block), _cdiv(K, G * block))
         _act_quant_both_kernel[grid](
-            x, q, s, qt, qt if qtw is None else qtw, st, M, K, x.stride(0), q.stride(0), *s.stride(), qt.stride(0),
-            *st.stride(), **flags, BLOCK=block, G=G, PACK=qtw is not None, num_warps=warps,
+            x, q, s, qt, qtw, st, M, K, x.stride(0), q.stride(0), *s.stride(), qt.stride(0), *st.stride(),
+            **flags, BLOCK=block, G=G, PACK=pack, num_warps=warps,
         )
     return q, s, qt, st
 
@@ -524,10 +527,10 @@ def weight_quant(
         # in this kernel's layout. Cheap here: a few integer ops an element, no float64 quotient.
         flags["SOFT_CVT"] = True
         G, warps, pack = _blocks_per_program("weight_quant", flags, block)
-        qtw = _pack_view(qt, pack and transposed)
+        qtw, pack = _pack_view(qt, pack and transposed)
         _weight_quant_kernel[(bo, _cdiv(bi, G))](
-            w, q, qt, qt if qtw is None else qtw, s, O, I, w.stride(0), q.stride(0), qt.stride(0), s.stride(0),
-            WRITE_T=transposed, **flags, BLOCK=block, G=G, PACK=qtw is not None, num_warps=warps,
+            w, q, qt, qtw, s, O, I, w.stride(0), q.stride(0), qt.stride(0), s.stride(0), WRITE_T=transposed,
+            **flags, BLOCK=block, G=G, PACK=pack, num_warps=warps,
         )
     return (q, s, qt) if transposed else (q, s)
 
@@ -824,7 +827,8 @@ def _plan_for(M: int, N: int, K: int, variant: str, sms: int, b_group: int = 128
     if plan is not None:
         return variant, *plan, False
     cfg, split = _gemm_plan(_m_bucket(M), N, nk, sms)
-    return variant, cfg, split, "TMA" not in cfg  # the M bucket 128's plan is fixed (see _gemm_plan)
+    # autotuned unless the plan names a knob the tuner's configs lack (TMA: the M bucket 128's fixed plan)
+    return variant, cfg, split, "TMA" not in cfg
 
 
 @functools.cache

@@ -390,7 +390,8 @@ if HAVE_TRITON:
     #   Tried for M=16 and 32 and dropped (ninth session, bench/results/sweep_mla-swap.md): both products transposed
     #     (scores^T = kv q^T, acc^T += kv^T p^T: the tokens and latent columns as the tensor cores' M, the rows as
     #     their N, so no padding to wgmma's 64 rows). With N64 tiles 3 stages need 236-256 KB of shared memory
-    #     (over the 227 KB limit); 2 stages, or N32, ran at 0.18-0.56 of copy against the default's 0.26-0.65, never faster.
+    #     (over the 227 KB limit); 2 stages, or N32, ran at 0.18-0.56 of copy against the default's 0.26-0.65,
+    #     never faster.
     # M=32: N64 s3 first (the sweep: 0.44 / 0.67 of copy at B=32 4K / B=128 16K s_q=2 against N32 s5's 0.32 /
     # 0.40; the autotuner picked it in every bench row). The inner loops of M=16 and 32 do not spill (the spills are in the per-sequence epilogue). Paged caches:
     # the table lookup takes pipeline stages of its own, so the same buffers need more stages (_paged). The

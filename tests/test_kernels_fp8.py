@@ -297,7 +297,7 @@ def test_packed_transposes_equal_the_plain_ones(feats, exact, monkeypatch):
     # an output that does not start on an 8-byte boundary (a slice of a larger buffer) takes the byte-wise store
     x = rand_bf16(136, 200, seed=7)
     q_off = torch.empty(200 * 136 + 1, dtype=FP8["e4m3"], device=DEV)[1:].view(200, 136)
-    q, s = kfp8.act_quant_t(x, exact=exact, out=(q_off, torch.empty(200, 2, device=DEV)))
+    q, _ = kfp8.act_quant_t(x, exact=exact, out=(q_off, torch.empty(200, 2, device=DEV)))
     assert q.data_ptr() == q_off.data_ptr() and same_bits(q, outputs(True, x, *ref.act_quant(x))[0])
 
 
@@ -444,11 +444,12 @@ def test_autotuner_keeps_the_planned_tile_for_small_m(monkeypatch):
 
 @pytest.mark.parametrize("b_rows", [False, True], ids=["weight-128x128", "wgrad-1x128"])
 @pytest.mark.parametrize("BLOCK_N", [64, 128])
-@pytest.mark.parametrize("rows", [64, 128])
-def test_fp8_gemm_small_m_tiles_and_splits(rows, BLOCK_N, b_rows):
+@pytest.mark.parametrize("rows,K", [(64, 1000), (128, 1000), (128, 1024)])
+def test_fp8_gemm_small_m_tiles_and_splits(rows, K, BLOCK_N, b_rows):
     """The small-M configs (64-row tiles; one 128-row tile of 8 warps as planned for M in 65..128, through TMA where
-    128 wide) with split-K, M and K tails included (K = 1000: 8 steps split 3, 3, 2)."""
-    M, N, K = 100, 200, 1000
+    128 wide: K = 1024 gives the 16-byte-aligned rows TMA needs, K = 1000 takes the pointer fallback) with split-K, M
+    and K tails included (K = 1000: 8 steps split 3, 3, 2)."""
+    M, N = 100, 200
     a, a_s, b, b_s = gemm_operands(M, N, K, b_rows, seed=N + BLOCK_N)
     cr = ref.fp8_gemm(a, a_s, b, b_s, torch.float32)
     out_dtype = torch.float32 if DEV == "cpu" else torch.bfloat16
