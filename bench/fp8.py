@@ -213,11 +213,16 @@ def bench_gemm(rows: list, bf16_peak: float, fp8_peak: float, quick: bool) -> No
             row["max_rel_err"] = ((c.float() - want).abs().max() / want.abs().max()).item()
             row["minids_triton"] = flop / median_ms(lambda: kfp8.fp8_gemm(a, a_s, b, b_s)) / 1e9
             row["triton_graph"] = flop / graph_ms(lambda: kfp8.fp8_gemm(a, a_s, b, b_s)) / 1e9
-            # what ran: a named variant's fixed config, or (base) the plan's tile with autotuned warps and stages
+            # what ran: the Gluon kernel (kernels/fp8_ws.py), a named variant's fixed config, or (base) the plan's tile
+            # with autotuned warps and stages
             variant, cfg, split, planned = kfp8._plan_for(M, N, K, kfp8.GEMM_VARIANT, sms)
-            row["variant"], row["split_k"] = variant, split
-            row["plan"] = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}/{split}"
-            if planned:
+            ws = kfp8._use_ws(a, b, 128, c, kfp8.GEMM_VARIANT)
+            row["variant"], row["split_k"] = ("ws", 1) if ws else (variant, split)
+            row["plan"] = "128x256 persistent" if ws else f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}/{split}"
+            if ws:
+                row["config"] = "kernels/fp8_ws.py"
+                row["heuristic_graph"] = ""
+            elif planned:
                 best = getattr(kfp8._fp8_gemm_tuned, "best_config", None)
                 row["config"] = str(best.all_kwargs() if best is not None else "")[:120]
                 tuned, kfp8.AUTOTUNE = kfp8.AUTOTUNE, False

@@ -42,7 +42,9 @@ sees picks the tiles for every other M. Small M (<= 256) takes the tile shape an
 (M <= 64: 64-row tiles, 64 or 128 wide; 65..128: one 128-row tile; split so that the grid fills the SMs); split-K
 partials are summed by a second kernel in a fixed order (deterministic). Variants of the kernel (TMA loads, 64 x 128
 tiles, swapped operands at small M) are selectable by name (``GEMM_VARIANTS``); bench/sweep_fp8_gemm.py times them
-against bf16 cuBLAS and block-scaled torch._scaled_mm.
+against bf16 cuBLAS and block-scaled torch._scaled_mm. On an sm_90 GPU the weight form goes to the warp-specialized
+Gluon kernel of ``kernels/fp8_ws.py`` where it wins (``_use_ws``: every M > 256, and M <= 256 where its 128 x 256
+tiles fill half the SMs): it keeps the tensor cores busy during the promotion, which this kernel cannot.
 """
 
 from __future__ import annotations
@@ -740,6 +742,31 @@ GEMM_VARIANTS: dict[str, tuple[dict | None, dict | None]] = {
 }
 
 
+WS_VARIANT = "ws"  # the Gluon kernel (kernels/fp8_ws.py): a variant name of its own, outside GEMM_VARIANTS' Triton configs
+
+
+def _use_ws(a: torch.Tensor, b: torch.Tensor, b_group: int, c: torch.Tensor, variant: str) -> bool:
+    """Whether fp8_gemm runs the warp-specialized Gluon kernel: asked for by name ("ws"), or by "auto" where it
+    measured faster on the H200 (bench/results/fp8_gemm_ws-sweep.md: 882-1107 TFLOP/s at M = 4096 against this
+    kernel's 603-929; at M = 128, 706 / 528 against 515 / 409 where N = 24576 / 32768, slower where its tiles leave
+    most SMs idle). It runs the weight form on sm_90 only, with TMA-aligned operands (``fp8_ws.usable``)."""
+    if variant not in (WS_VARIANT, "auto"):
+        return False
+    from minids.kernels import fp8_ws
+
+    if INTERPRET or not fp8_ws.usable(a, b, b_group, c):  # (Gluon has no interpreter)
+        if variant == WS_VARIANT:
+            raise ValueError("fp8_gemm variant 'ws' needs an sm_90 GPU, Triton with Gluon, 128x128 weight scales and "
+                             "16-byte aligned rows of a, b and C; use variant='auto' elsewhere")
+        return False
+    if variant == WS_VARIANT:
+        return True
+    M, N = a.shape[0], b.shape[0]
+    if _m_bucket(M) > 256:
+        return True
+    return M > 64 and _cdiv(M, 128) * _cdiv(N, 256) * 2 >= _sm_count(a.device.index)
+
+
 def _auto_variant(M: int, K: int, b_group: int = 128) -> str:
     """The default variant, from bench/sweep_fp8_gemm.py on an H200 (results in bench/results/fp8_gemm_sweep*.md):
     at M > 256, 64-row TMA tiles where K <= 2048 (their short K loops leave a 128 x 128 CTA's promotion exposed:
@@ -896,8 +923,8 @@ def fp8_gemm(
     if block != 128:
         raise ValueError(f"block={block}: the Triton FP8 GEMM implements DeepSeek-V3's 128")
     variant = GEMM_VARIANT if variant is None else variant
-    if variant != "auto" and variant not in GEMM_VARIANTS:
-        raise ValueError(f"unknown FP8 GEMM variant {variant!r}; one of {sorted(GEMM_VARIANTS)}")
+    if variant not in ("auto", WS_VARIANT) and variant not in GEMM_VARIANTS:
+        raise ValueError(f"unknown FP8 GEMM variant {variant!r}; one of {sorted([*GEMM_VARIANTS, WS_VARIANT])}")
     a = a if a.stride(-1) == 1 else a.contiguous()
     b = b if b.stride(-1) == 1 else b.contiguous()
     # any strides: the kernel takes both of each scale tensor (the 128x1 scales of act_quant_t / act_quant_both come
@@ -908,6 +935,10 @@ def fp8_gemm(
     res = _buf(None if out is None else (out,), 0, (M, N), out_dtype, a.device)
     if M == 0 or N == 0 or K == 0:
         return res.zero_()
+    if _use_ws(a, b, b_group, res, variant):
+        from minids.kernels import fp8_ws
+
+        return fp8_ws.fp8_gemm_ws(a, a_s, b, b_s, out=res)
     if INTERPRET and variant in ("base", "auto"):  # no autotuning in the interpreter: small tiles, and a split
         return _gemm_run(a, a_s, b, b_s, res, b_group, _INTERPRET_CFG, 2 if nk >= 2 else 1, tuned=False)
     _, cfg, split, planned = _plan_for(M, N, K, variant, _INTERPRET_SMS if INTERPRET else _sm_count(a.device.index),

@@ -355,6 +355,78 @@ def test_fp8_gemm_matches_reference(M, N, K, b_rows):
     assert err <= TOL, f"max error {err:.2e} of max |C|"
 
 
+def _ws_here() -> bool:
+    if DEV != "cuda" or not HAVE_TRITON or torch.cuda.get_device_capability()[0] != 9:
+        return False
+    from minids.kernels import fp8_ws
+
+    return fp8_ws.HAVE_GLUON
+
+
+WS_SKIP = "the warp-specialized Gluon GEMM runs on sm_90 GPUs only (Gluon has no interpreter mode)"
+
+
+@pytest.mark.skipif(not _ws_here(), reason=WS_SKIP)
+@pytest.mark.parametrize("block_n,persistent", [(256, True), (256, False), (128, True)])
+@pytest.mark.parametrize("M,N,K", [(1, 256, 128), (7, 2112, 384), (127, 136, 256), (129, 640, 1024),
+                                   (4097, 384, 512), (300, 2112, 7168)])
+def test_ws_gemm_matches_reference(M, N, K, block_n, persistent):
+    """kernels/fp8_ws.py against the reference: M tails (TMA clips them), N = 2112 (eight 256-wide tiles and a
+    64-wide remainder launch), N = 384 (a 128-wide remainder), 136 (one partial 256-wide tile), K tails of 128."""
+    from minids.kernels import fp8_ws
+
+    a, a_s, b, b_s = gemm_operands(M, N, K, False, seed=M + N + K + block_n)
+    c = fp8_ws.fp8_gemm_ws(a, a_s, b, b_s, out=poisoned((M, N), torch.bfloat16), block_n=block_n,
+                           persistent=persistent)
+    cr = ref.fp8_gemm(a, a_s, b, b_s, torch.float32)
+    assert not c.isnan().any()  # every element written, none past the edges read as garbage
+    err = (c.float() - cr).abs().max() / cr.abs().max()
+    assert err <= TOL, f"max error {err:.2e} of max |C|"
+
+
+@pytest.mark.skipif(not _ws_here(), reason=WS_SKIP)
+def test_ws_gemm_float32_output_and_per_k_scales():
+    """Two K blocks and two 128-column weight blocks with very different scales, float32 C: each product is scaled
+    by its own a_s[m, k] * b_s[n // 128, k]."""
+    from minids.kernels import fp8_ws
+
+    M, N, K = 130, 256, 256
+    a = torch.ones(M, K, device=DEV).to(torch.float8_e4m3fn)
+    b = torch.ones(N, K, device=DEV).to(torch.float8_e4m3fn)
+    a_s = torch.tensor([[1.0, 1000.0]], device=DEV).expand(M, 2).contiguous()
+    b_s = torch.tensor([[2.0, 0.5], [4.0, 0.25]], device=DEV)
+    c = fp8_ws.fp8_gemm_ws(a, a_s, b, b_s, torch.float32)
+    want = torch.empty(M, N, device=DEV)
+    want[:, :128] = 128 * 2.0 + 128 * 1000.0 * 0.5
+    want[:, 128:] = 128 * 4.0 + 128 * 1000.0 * 0.25
+    assert torch.equal(c, want)
+
+
+@pytest.mark.skipif(not _ws_here(), reason=WS_SKIP)
+def test_fp8_gemm_routes_to_ws_where_it_wins():
+    """fp8_gemm's "auto" takes the Gluon kernel at M > 256 and where its 128 x 256 tiles fill half the SMs, the
+    Triton kernel elsewhere (M <= 64, few tiles, the Wgrad form); variant="ws" where it cannot run is an error."""
+    def route(M, N, b_rows=False, variant="auto"):
+        a, _, b, _ = gemm_operands(M, N, 256, b_rows, seed=3)
+        return kfp8._use_ws(a, b, 1 if b_rows else 128, torch.empty(M, N, device=DEV, dtype=torch.bfloat16),
+                            variant)
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert route(4096, 2112) and route(257, 256)
+    assert route(128, 256 * sms) and not route(128, 2112) and not route(64, 256 * sms)
+    assert not route(4096, 2112, b_rows=True)
+    with pytest.raises(ValueError, match="sm_90"):
+        route(4096, 2112, b_rows=True, variant="ws")
+
+
+def test_fp8_gemm_ws_variant_off_gpu_is_a_clear_error():
+    if _ws_here():
+        pytest.skip("this GPU runs the Gluon kernel")
+    a, a_s, b, b_s = gemm_operands(8, 64, 256, False, seed=1)
+    with pytest.raises(ValueError, match="variant 'ws' needs an sm_90 GPU"):
+        kfp8.fp8_gemm(a, a_s, b, b_s, torch.float32, variant="ws")
+
+
 def test_fp8_gemm_scales_are_applied_per_k_block():
     """Two K blocks with very different scales: a kernel that applied one scale per row (or per tile) would be
     off by the ratio; the result must equal the sum of the two separately scaled partial products."""
