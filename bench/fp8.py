@@ -527,7 +527,7 @@ def main() -> None:
              "vs_bf16", "variant", "plan", "max_rel_err"],
             ("TFLOP/s = 2MNK / median time. *_graph: replayed from a CUDA graph (no host launch overhead); "
              "heuristic: MINIDS_AUTOTUNE=0's config (base variant only: the others run a fixed config); "
-             "variant: what fp8_gemm ran (kfp8._auto_variant); plan: BLOCK_MxBLOCK_N/split-K it ran. "
+             "variant: what fp8_gemm ran (kfp8._auto_variant, or ws: the Gluon kernel of kernels/fp8_ws.py); plan: BLOCK_MxBLOCK_N/split-K it ran. "
              "official_issue: the official DeepSeek-V3 fp8_gemm on this "
              "project's H200 as quoted in the issue (autotuned per M in a fresh process).")),
         "plans": (
