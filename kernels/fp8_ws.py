@@ -225,6 +225,8 @@ def fp8_gemm_ws(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.
     block_n 256: 128 x 256 tiles (3 stages) over the columns up to the last multiple of 256, and where fewer than
     129 columns remain, a second launch of 128 x 128 tiles (4 stages) for them: a 256-wide tile mostly past N would
     cost a whole tile (N = 2112: 8 wide tiles + one 64-wide remainder). block_n 128: 128 x 128 tiles throughout.
+    A float32 C takes 128-wide tiles: its staging buffers for 256 columns and three stages would not fit in shared
+    memory (272 KB).
     persistent: one program per SM, looping over tiles (else one per tile)."""
     M, K = a.shape
     N = b.shape[0]
@@ -238,6 +240,8 @@ def fp8_gemm_ws(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.
     ab_layout = gl.NVMMASharedLayout.get_default_for([BLOCK, BLOCK], gl_fp8)
     a_desc = TensorDescriptor.from_tensor(a, [BLOCK, BLOCK], ab_layout)
     c_desc = TensorDescriptor.from_tensor(c, [HALF, BLOCK], gl.NVMMASharedLayout.get_default_for([HALF, BLOCK], gl_out))
+    if c.element_size() == 4:
+        block_n = 128
     sms = _sm_count(a.device.index if a.device.index is not None else torch.cuda.current_device())
     num_m = triton.cdiv(M, BLOCK)
     wide = N - N % 256 if block_n == 256 and 0 < N % 256 <= 128 else N if block_n == 256 else 0
