@@ -20,6 +20,8 @@ Layout of a program (one 128 x 128 output tile; DeepGEMM's structure for this re
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 try:
@@ -210,8 +212,17 @@ if HAVE_GLUON:
         ], [4, 1], [240, 24])
 
 
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.cache
+def _smem_layout(rows: int, cols: int, dtype: torch.dtype):
+    """The NVMMA (swizzled) shared-memory layout of a (rows, cols) TMA block: built once per shape (host time)."""
+    gl_dtype = {torch.float8_e4m3fn: gl.float8e4nv, torch.float8_e5m2: gl.float8e5, torch.bfloat16: gl.bfloat16,
+                torch.float16: gl.float16, torch.float32: gl.float32}[dtype]
+    return gl.NVMMASharedLayout.get_default_for([rows, cols], gl_dtype)
 
 
 def fp8_gemm_ws(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
@@ -233,13 +244,10 @@ def fp8_gemm_ws(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.
     c = out if out is not None else torch.empty(M, N, dtype=out_dtype, device=a.device)
     if M == 0 or N == 0:
         return c
-    gl_fp8 = gl.float8e4nv if a.dtype == torch.float8_e4m3fn else gl.float8e5
-    gl_out = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}[c.dtype]
     a_s = a_s if a_s.dtype == torch.float32 else a_s.float()
     b_s = b_s if b_s.dtype == torch.float32 else b_s.float()
-    ab_layout = gl.NVMMASharedLayout.get_default_for([BLOCK, BLOCK], gl_fp8)
-    a_desc = TensorDescriptor.from_tensor(a, [BLOCK, BLOCK], ab_layout)
-    c_desc = TensorDescriptor.from_tensor(c, [HALF, BLOCK], gl.NVMMASharedLayout.get_default_for([HALF, BLOCK], gl_out))
+    a_desc = TensorDescriptor.from_tensor(a, [BLOCK, BLOCK], _smem_layout(BLOCK, BLOCK, a.dtype))
+    c_desc = TensorDescriptor.from_tensor(c, [HALF, BLOCK], _smem_layout(HALF, BLOCK, c.dtype))
     if c.element_size() == 4:
         block_n = 128
     sms = _sm_count(a.device.index if a.device.index is not None else torch.cuda.current_device())
@@ -248,7 +256,7 @@ def fp8_gemm_ws(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.
     for n0, n1, bn in ((0, wide, 256), (wide, N, 128)):
         if n1 <= n0:
             continue
-        b_desc = TensorDescriptor.from_tensor(b, [bn, BLOCK], gl.NVMMASharedLayout.get_default_for([bn, BLOCK], gl_fp8))
+        b_desc = TensorDescriptor.from_tensor(b, [bn, BLOCK], _smem_layout(bn, BLOCK, b.dtype))
         num_n = triton.cdiv(n1 - n0, bn)
         tiles = num_m * num_n
         grid = (min(tiles, sms) if persistent else tiles,)
