@@ -37,7 +37,9 @@ try:
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    HAVE_GLUON = True
+    # Gluon is experimental and its API moves: this kernel is written against Triton 3.6's (measured there); later
+    # releases renamed the TMA copies (tma.async_load / async_store), so there fp8_gemm keeps the Triton kernel
+    HAVE_GLUON = not hasattr(tma, "async_load")
 except ImportError:  # an older Triton, or none
     HAVE_GLUON = False
 
