@@ -747,9 +747,10 @@ WS_VARIANT = "ws"  # the Gluon kernel (kernels/fp8_ws.py): a variant name of its
 
 def _use_ws(a: torch.Tensor, b: torch.Tensor, b_group: int, c: torch.Tensor, variant: str) -> bool:
     """Whether fp8_gemm runs the warp-specialized Gluon kernel: asked for by name ("ws"), or by "auto" where it
-    measured faster on the H200 (bench/results/fp8_gemm_ws-sweep.md: 882-1107 TFLOP/s at M = 4096 against this
-    kernel's 603-929; at M = 128, 706 / 528 against 515 / 409 where N = 24576 / 32768, slower where its tiles leave
-    most SMs idle). It runs the weight form on sm_90 only, with TMA-aligned operands (``fp8_ws.usable``)."""
+    measured faster on the H200 (bench/results/fp8_gemm.md, tenth session, replayed from CUDA graphs: 821-1071
+    TFLOP/s at M = 4096 on DeepGEMM's six shapes against this kernel's 589-854; at M = 128, 702 / 529 against 509 /
+    405 where N = 24576 / 32768; slower where its 128 x 256 tiles leave most SMs idle, fp8_gemm_ws-sweep.md). It
+    runs the weight form on sm_90 only, with TMA-aligned operands (``fp8_ws.usable``)."""
     if variant not in (WS_VARIANT, "auto"):
         return False
     from minids.kernels import fp8_ws
