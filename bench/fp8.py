@@ -11,6 +11,8 @@ Measured in one process, side by side:
   where fast and exact differ (one FP8 step each, expected ~1e-3 or less; 0 with UE8M0);
 - ``tiles``: the fast mode's tile per program of the transposing kernels (kfp8._TILES: features, warps, packed
   stores) swept, each checked bit for bit against the default, to pick defaults;
+- ``tma_quant``: the TMA-pipelined Gluon quantization that the transposing kernels run on sm_90
+  (kernels/fp8_tma_quant.py), its configs swept against the Triton kernels, outputs compared bit for bit;
 - the GEMM on DeepGEMM's shapes (M in 64, 128, 4096): minids' Triton kernel (autotuned, timed per call with CUDA
   events as everything else, and replayed from a CUDA graph, which leaves out the host's launch overhead that
   dominates at small M; and the heuristic config alone, as with MINIDS_AUTOTUNE=0), torch._scaled_mm with block-wise
@@ -125,24 +127,41 @@ def _fp8_differ(a: tuple, b: tuple) -> float:
     return d / n
 
 
+def _tma_path(x: torch.Tensor) -> bool:
+    """Whether the transposing quantizations of x run on the TMA-pipelined Gluon kernel (kernels/fp8_tma_quant.py)."""
+    M, K = x.shape
+    outs = (torch.empty(K, M, dtype=torch.float8_e4m3fn, device=x.device),)
+    return kfp8._tma_quant(x, 128, kfp8._flags("e4m3", False, False), outs)
+
+
 def bench_quant(rows: list, copy_gbs: float, quick: bool) -> None:
     M, K = 8192, 7168
     x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
     w = torch.randn(7168, 16384 if not quick else 7168, dtype=torch.bfloat16, device="cuda")
     xq, xs = kfp8.act_quant(x)
     wq, ws = kfp8.weight_quant(w)
+    tma = _tma_path(x)
     for name, kernel, slow, nbytes in _quant_cases(x, w, xq, xs):
         shape = f"{M}x{K}" if "weight" not in name else f"{w.shape[0]}x{w.shape[1]}"
         ms_exact, ms_fast = median_ms(lambda: kernel(True)), median_ms(lambda: kernel(False))
+        transposing = "act_quant_t" in name or "both" in name
+        ms_triton = ms_fast
+        if tma and transposing:  # the Triton kernel of the same call, for the side-by-side
+            kfp8.TMA_QUANT = False
+            try:
+                ms_triton = median_ms(lambda: kernel(False))
+            finally:
+                kfp8.TMA_QUANT = True
         ms_ref = median_ms(slow)
         row = {"kernel": name, "shape": shape, "ms": ms_fast, "GB/s": nbytes / ms_fast / 1e6,
-               "frac_copy": nbytes / ms_fast / 1e6 / copy_gbs, "exact_ms": ms_exact,
+               "frac_copy": nbytes / ms_fast / 1e6 / copy_gbs, "path": "gluon-tma" if tma and transposing else
+               "triton", "triton_GB/s": nbytes / ms_triton / 1e6, "exact_ms": ms_exact,
                "exact_GB/s": nbytes / ms_exact / 1e6, "fast_differs": _fp8_differ(kernel(False), kernel(True)),
                "ref_ms": ms_ref, "ref_GB/s": nbytes / ms_ref / 1e6}
         rows.append(row)
-        print(f"{name:40s} {shape:12s} fast {row['GB/s']:6.0f} GB/s ({row['frac_copy']:.0%} of copy)  exact "
-              f"{row['exact_GB/s']:6.0f}  fast != exact {row['fast_differs']:.1e}  "
-              f"reference {row['ref_GB/s']:6.0f} GB/s", flush=True)
+        print(f"{name:40s} {shape:12s} fast {row['GB/s']:6.0f} GB/s ({row['frac_copy']:.0%} of copy, {row['path']}; "
+              f"triton {row['triton_GB/s']:6.0f})  exact {row['exact_GB/s']:6.0f}  fast != exact "
+              f"{row['fast_differs']:.1e}  reference {row['ref_GB/s']:6.0f} GB/s", flush=True)
     nbytes = 3 * w.numel()
     ms, ms_ref = median_ms(lambda: kfp8.weight_dequant(wq, ws)), median_ms(lambda: ref.weight_dequant(wq, ws))
     rows.append({"kernel": "weight_dequant -> bf16", "shape": f"{w.shape[0]}x{w.shape[1]}", "ms": ms,
@@ -176,6 +195,14 @@ def bench_tiles(rows: list, copy_gbs: float) -> None:
     cases = {name: (kernel, nbytes) for name, kernel, _, nbytes in _quant_cases(x, w, xq, xs)}
     uses = {"act_quant_t": "act_quant_t 128x1", "act_quant_t_fp8": "act_quant_t from fp8 (Wgrad requant)",
             "act_quant_both": "act_quant_both", "weight_quant": "weight_quant 128x128 (+transpose)"}
+    kfp8.TMA_QUANT = False  # the Triton kernels' tiles (the Gluon kernel has its own sweep, tma_quant)
+    try:
+        _sweep_tiles(rows, copy_gbs, cases, uses)
+    finally:
+        kfp8.TMA_QUANT = True
+
+
+def _sweep_tiles(rows: list, copy_gbs: float, cases: dict, uses: dict) -> None:
     for key, tiles in TILE_SWEEP.items():
         default = kfp8._TILES[key][False]
         kernel, nbytes = cases[uses[key]]
@@ -193,6 +220,54 @@ def bench_tiles(rows: list, copy_gbs: float) -> None:
                       flush=True)
         finally:
             kfp8._TILES[key][False] = default
+
+
+TMA_QUANT_SWEEP = [(3, 8, 1, False), (3, 8, 1, True), (2, 8, 1, True), (2, 4, 2, False), (2, 4, 2, True),
+                   (3, 4, 2, True), (2, 8, 2, True), (2, 4, 1, True)]
+
+
+def bench_tma_quant(rows: list, copy_gbs: float) -> None:
+    """The TMA-pipelined Gluon quantization (kernels/fp8_tma_quant.py): its configs (stages, warps, programs per SM)
+    swept for act_quant_both, act_quant_t and the FP8 requantization, against the Triton kernels of the same call;
+    each output compared bit for bit with the Triton kernel's."""
+    from minids.kernels import fp8_tma_quant
+
+    for M, K in [(8192, 7168), (4096, 32768)]:
+        x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
+        xq, xs = kfp8.act_quant(x)
+        if not _tma_path(x):
+            print("tma_quant: the Gluon kernel cannot run here (needs sm_90 and Triton's 3.6-era Gluon)", flush=True)
+            return
+        cases = {name: (kernel, nbytes) for name, kernel, _, nbytes in _quant_cases(x, x, xq, xs)}
+        for name in ("act_quant_both", "act_quant_t 128x1", "act_quant_t from fp8 (Wgrad requant)"):
+            kernel, nbytes = cases[name]
+            elsize = 1 if "fp8" in name else 2
+            kfp8.TMA_QUANT = False
+            try:
+                want = tuple(t.clone() for t in kernel(False))
+                gbs = nbytes / median_ms(lambda: kernel(False)) / 1e6
+            finally:
+                kfp8.TMA_QUANT = True
+            rows.append({"kernel": name, "shape": f"{M}x{K}", "config": "triton", "GB/s": gbs,
+                         "frac_copy": gbs / copy_gbs, "same_as_triton": True, "default": False})
+            print(f"{name:40s} {M}x{K} triton {gbs:6.0f} GB/s ({gbs / copy_gbs:.0%} of copy)", flush=True)
+            default = fp8_tma_quant.CONFIG[elsize]
+            try:
+                for cfg in TMA_QUANT_SWEEP:
+                    fp8_tma_quant.CONFIG[elsize] = cfg
+                    try:
+                        same = _same_outputs(kernel(False), want)
+                        gbs = nbytes / median_ms(lambda: kernel(False)) / 1e6
+                    except Exception as e:  # noqa: BLE001 - a config that does not fit is a result too
+                        print(f"{name:40s} {cfg}: {str(e).splitlines()[0][:100]}", flush=True)
+                        continue
+                    rows.append({"kernel": name, "shape": f"{M}x{K}", "config": "stages %d warps %d per-SM %d convert %d" % cfg,
+                                 "GB/s": gbs, "frac_copy": gbs / copy_gbs, "same_as_triton": same,
+                                 "default": cfg == default})
+                    print(f"{name:40s} {M}x{K} {cfg} {gbs:6.0f} GB/s ({gbs / copy_gbs:.0%} of copy) same bits {same}"
+                          f"{'  (default)' if cfg == default else ''}", flush=True)
+            finally:
+                fp8_tma_quant.CONFIG[elsize] = default
 
 
 def bench_gemm(rows: list, bf16_peak: float, fp8_peak: float, quick: bool) -> None:
@@ -218,7 +293,12 @@ def bench_gemm(rows: list, bf16_peak: float, fp8_peak: float, quick: bool) -> No
             variant, cfg, split, planned = kfp8._plan_for(M, N, K, kfp8.GEMM_VARIANT, sms)
             ws = kfp8._use_ws(a, b, 128, c, kfp8.GEMM_VARIANT)
             row["variant"], row["split_k"] = ("ws", 1) if ws else (variant, split)
-            row["plan"] = "128x256 persistent" if ws else f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}/{split}"
+            if ws:
+                from minids.kernels import fp8_ws
+
+                row["plan"] = f"128x{fp8_ws.pick_block_n(M, N, sms)} persistent"
+            else:
+                row["plan"] = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}/{split}"
             if ws:
                 row["config"] = "kernels/fp8_ws.py"
                 row["heuristic_graph"] = ""
@@ -486,7 +566,7 @@ def bench_host(rows: list, out: Path) -> None:
     print("\n".join(buf.getvalue().splitlines()[:40]), flush=True)
 
 
-SECTIONS = ("quant", "tiles", "gemm", "plans", "scales", "linear", "linear_kernels", "linear_gemms", "host")  # --only, in order
+SECTIONS = ("quant", "tiles", "tma_quant", "gemm", "plans", "scales", "linear", "linear_kernels", "linear_gemms", "host")  # --only, in order
 
 
 def main() -> None:
@@ -510,9 +590,12 @@ def main() -> None:
     sections = {
         "quant": (
             lambda rows_: bench_quant(rows_, copy_gbs, args.quick), "fp8_quant",
-            ["kernel", "shape", "ms", "GB/s", "frac_copy", "exact_GB/s", "fast_differs", "ref_GB/s"],
+            ["kernel", "shape", "ms", "GB/s", "frac_copy", "path", "triton_GB/s", "exact_GB/s", "fast_differs",
+             "ref_GB/s"],
             ("Effective GB/s = bytes read + bytes written (FP8 values and float32 scales) / median time. "
-             "GB/s: the fast mode (exact=False, the default); exact_GB/s: exact=True (bit-exact); "
+             "GB/s: the fast mode (exact=False, the default); path: the kernel that ran it (gluon-tma: "
+             "kernels/fp8_tma_quant.py on sm_90); triton_GB/s: the Triton kernel of the same call (kfp8.TMA_QUANT "
+             "off); exact_GB/s: exact=True (bit-exact, always the Triton kernel); "
              "fast_differs: fraction of FP8 values where the two differ (by one FP8 step).")),
         "tiles": (
             lambda rows_: bench_tiles(rows_, copy_gbs), "fp8_tiles",
@@ -520,6 +603,13 @@ def main() -> None:
             ("Fast mode, 8192x7168 bf16 (weights 7168x7168): a program quantizes 128 tokens x `features`; "
              "pack: the transposed copy stored as 8-token words (kfp8._pack_words); "
              "same_as_default: outputs bit-identical to the default tile's.")),
+        "tma_quant": (
+            lambda rows_: bench_tma_quant(rows_, copy_gbs), "fp8_tma_quant",
+            ["kernel", "shape", "config", "GB/s", "frac_copy", "same_as_triton", "default"],
+            ("Fast mode, bf16 x (M x K as listed; the requantization reads act_quant's FP8 x and 1x128 scales): the "
+             "Triton kernel, then the TMA-pipelined Gluon kernel of kernels/fp8_tma_quant.py per config (stages of "
+             "x tiles in flight, warps, programs per SM, FP8 tiles converted to store-friendly layouts first); same_as_triton: outputs bit-identical to the Triton "
+             "kernel's. Effective GB/s as in fp8_quant.")),
         "gemm": (
             lambda rows_: bench_gemm(rows_, bf16_peak, fp8_peak, args.quick), "fp8_gemm",
             ["M", "N", "K", "minids_triton", "triton_graph", "heuristic_graph", "torch_scaled_mm",

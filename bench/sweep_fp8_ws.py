@@ -20,7 +20,10 @@ from minids.kernels import fp8_ws
 
 import minids.fp8 as ref
 
-VARIANTS = [("ws256p", 256, True), ("ws256", 256, False), ("ws128p", 128, True)]  # name, block_n, persistent
+# name, block_n, persistent, split, stages (None: the kernel's default)
+VARIANTS = [("ws256p", 256, True, 1, None), ("ws128p", 128, True, 1, None), ("ws192p", 192, True, 1, None),
+            ("ws192p-s3", 192, True, 1, 3), ("ws128p-k2", 128, True, 2, None), ("ws128p-k2s5", 128, True, 2, 5),
+            ("ws128p-k3s5", 128, True, 3, 5), ("ws256p-k2", 256, True, 2, None)]
 SHAPES_NK = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
 
 
@@ -28,6 +31,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None)
     p.add_argument("--m", default="128,4096")
+    p.add_argument("--stem", default="fp8_gemm_ws-sweep", help="results file name (without extension)")
     args = p.parse_args()
     dev = "cuda"
     torch.manual_seed(0)
@@ -36,8 +40,8 @@ def main() -> None:
         b, b_s = kfp8.weight_quant(torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.05)
         want = ref.fp8_gemm(a, a_s, b, b_s, torch.float32)
         scale = want.abs().max().item()
-        for name, bn, pers in VARIANTS:
-            got = fp8_ws.fp8_gemm_ws(a, a_s, b, b_s, block_n=bn, persistent=pers).float()
+        for name, bn, pers, split, stages in VARIANTS:
+            got = fp8_ws.fp8_gemm_ws(a, a_s, b, b_s, block_n=bn, persistent=pers, split=split, stages=stages).float()
             err = ((got - want).abs().max() / scale).item()
             print(f"check {M}x{N}x{K} {name}: max err {err:.2e} of max |C|  {'OK' if err <= 2**-8 else 'FAIL'}",
                   flush=True)
@@ -56,12 +60,13 @@ def main() -> None:
             fn, _ = bench_fp8.blockwise_scaled_mm(a, a_s, b, b_s)
             row["scaled_mm"] = flop / timed(fn) / 1e9 if fn is not None else float("nan")
             want = kfp8.fp8_gemm(a, a_s, b, b_s, variant=triton_v).float()
-            for name, bn, pers in VARIANTS:
+            for name, bn, pers, split, stages in VARIANTS:
+                kw = {"block_n": bn, "persistent": pers, "split": split, "stages": stages}
                 try:
-                    got = fp8_ws.fp8_gemm_ws(a, a_s, b, b_s, block_n=bn, persistent=pers).float()
+                    got = fp8_ws.fp8_gemm_ws(a, a_s, b, b_s, **kw).float()
                     row[f"{name}_err"] = ((got - want).abs().max() / want.abs().max()).item()
-                    row[name] = flop / timed(lambda a=a, a_s=a_s, b=b, b_s=b_s, bn=bn, pers=pers: fp8_ws.fp8_gemm_ws(
-                        a, a_s, b, b_s, block_n=bn, persistent=pers)) / 1e9
+                    row[name] = flop / timed(lambda a=a, a_s=a_s, b=b, b_s=b_s, kw=kw: fp8_ws.fp8_gemm_ws(
+                        a, a_s, b, b_s, **kw)) / 1e9
                 except Exception as e:  # noqa: BLE001 - a probe: report and go on
                     print(f"{name} at {M}x{N}x{K}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
                     row[name] = float("nan")
@@ -69,9 +74,9 @@ def main() -> None:
             rows.append(row)
     if args.out:
         cols = ["M", "N", "K", "triton_auto", "scaled_mm"] + [v[0] for v in VARIANTS] + [f"{v[0]}_err" for v in VARIANTS]
-        write_results(Path(args.out), "fp8_gemm_ws-sweep", metadata(), rows, cols,
+        write_results(Path(args.out), args.stem, metadata(), rows, cols,
                       "TFLOP/s = 2MNK / median time (M <= 256: CUDA-graph replay; else CUDA events, L2 flushed). "
-                      "ws256p / ws256 / ws128p: kernels/fp8_ws.py, 256-wide tiles persistent / one program per tile, 128-wide persistent; *_err: max |ws - triton| / max |triton|; triton_auto: the Triton kernel's own variant (kfp8._auto_variant).")
+                      "ws<width>p[-k<split>][s<stages>]: kernels/fp8_ws.py, persistent, tiles <width> columns wide (192: three 64-wide column blocks), K split in <split> ranges (float32 partials summed by a second kernel), <stages> stages (else the default); *_err: max |ws - triton| / max |triton|; triton_auto: the Triton kernel's own variant (kfp8._auto_variant).")
 
 
 if __name__ == "__main__":

@@ -127,7 +127,7 @@ if HAVE_TRITON:
         checked, 2026-12-01: a quotient by 7 never lands on a float32 rounding tie, so the double rounding never
         differs). A float64 division took 66 of the ~1400 instructions of act_quant_t's tile (sm_90 SASS)."""
         a = tl.maximum(amax, AMAX_FLOOR)
-        s = tl.math.div_rn(a, tl.full(a.shape, FMAX, tl.float32))
+        s = tl.math.div_rn(a, FMAX)
         if UE8M0:
             bits = s.to(tl.uint32, bitcast=True)
             up = (bits & 0x7FFFFF) != 0
@@ -407,6 +407,21 @@ def _blocks_per_program(name: str, flags: dict, block: int) -> tuple[int, int, b
     return max(1, feats // block), warps, pack
 
 
+# The transposing quantizations (act_quant_both, act_quant_t) go to the TMA-pipelined Gluon kernel of
+# kernels/fp8_tma_quant.py on sm_90 in the fast mode where it can take the call (``_tma_quant``); False keeps the
+# Triton kernels everywhere (the bench sets it to time both).
+TMA_QUANT = True
+
+
+def _tma_quant(x: torch.Tensor, block: int, flags: dict, outs, in_block: int = 128) -> bool:
+    """Whether this call goes to ``fp8_tma_quant.quant_tiles`` (same result, bit for bit: the GPU tests check)."""
+    if not TMA_QUANT or INTERPRET or flags["EXACT"] or in_block != 128 or not x.is_cuda:
+        return False
+    from minids.kernels import fp8_tma_quant
+
+    return fp8_tma_quant.usable(x, block, flags["EXACT"], outs)
+
+
 def _pack_view(t: torch.Tensor, pack: bool) -> tuple[torch.Tensor, bool]:
     """(the int64 view of a contiguous FP8 (rows, M) transposed output, True) for the packed stores
     (``_store_words``) where ``pack`` asks for them and t's rows are whole aligned 8-byte words (M a multiple of 8, t
@@ -459,9 +474,6 @@ def act_quant_t(
     s = _scales_t(out, 1, K, nb, x.device)
     if M and K:
         flags = _flags(fmt, ue8m0, exact)
-        BLOCK_K, warps, pack = _TILES["act_quant_t" if in_scale is None else "act_quant_t_fp8"][flags["EXACT"]]
-        qw, pack = _pack_view(q, pack)
-        grid = (nb, _cdiv(K, BLOCK_K))
         if in_scale is not None:
             _check_block(in_block)
             want = (M, _cdiv(K, in_block))
@@ -469,6 +481,14 @@ def act_quant_t(
                 raise ValueError(f"act_quant_t: in_scale has shape {tuple(in_scale.shape)}, expected {want} for x of "
                                  f"shape {(M, K)} in 1x{in_block} tiles")
             in_scale = in_scale.float()  # read through both strides (row-major from act_quant, or any other)
+        if _tma_quant(x, block, flags, (q,), in_block):
+            from minids.kernels import fp8_tma_quant
+
+            fp8_tma_quant.quant_tiles(x, q, s, in_scale=in_scale, flags=flags)
+            return q, s
+        BLOCK_K, warps, pack = _TILES["act_quant_t" if in_scale is None else "act_quant_t_fp8"][flags["EXACT"]]
+        qw, pack = _pack_view(q, pack)
+        grid = (nb, _cdiv(K, BLOCK_K))
         xs = in_scale if in_scale is not None else s
         _act_quant_t_kernel[grid](
             x, xs, q, qw, s, M, K, x.stride(0), *xs.stride(), q.stride(0), *s.stride(),
@@ -493,6 +513,11 @@ def act_quant_both(
     st = _scales_t(out, 3, K, _cdiv(M, block), x.device)
     if M and K:
         flags = _flags(fmt, ue8m0, exact)
+        if _tma_quant(x, block, flags, (q, qt)):
+            from minids.kernels import fp8_tma_quant
+
+            fp8_tma_quant.quant_tiles(x, qt, st, q, s, flags=flags)
+            return q, s, qt, st
         G, warps, pack = _blocks_per_program("act_quant_both", flags, block)
         qtw, pack = _pack_view(qt, pack)
         grid = (_cdiv(M, block), _cdiv(K, G * block))
@@ -663,13 +688,14 @@ if HAVE_TRITON:
         _store_tile(c_ptr, acc, offs_m, offs_n, mask_m, N, stride_cm, SWAP_AB)
 
     @triton.jit
-    def _sum_splits_kernel(ws_ptr, c_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
-        """c = sum over the split-K partials ws (SPLIT_K, M*N) float32, cast to c's dtype: one pass."""
+    def _sum_splits_kernel(ws_ptr, c_ptr, MN, stride_split, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+        """c = sum over the split-K partials ws (SPLIT_K, M*N) float32 (split i's at i * stride_split), cast to c's
+        dtype: one pass."""
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < MN
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         for i in tl.static_range(SPLIT_K):
-            acc += tl.load(ws_ptr + i * MN + offs, mask=mask, other=0.0)
+            acc += tl.load(ws_ptr + i * stride_split + offs, mask=mask, other=0.0)
         tl.store(c_ptr + offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
     def _gemm_configs():
@@ -766,6 +792,22 @@ def _use_ws(a: torch.Tensor, b: torch.Tensor, b_group: int, c: torch.Tensor, var
     if _m_bucket(M) > 256:
         return True
     return M > 64 and _cdiv(M, 128) * _cdiv(N, 256) * 2 >= _sm_count(a.device.index)
+
+
+def fp8_gemm_if_ws(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
+                   out_dtype: torch.dtype = torch.bfloat16, block: int = 128) -> torch.Tensor | None:
+    """The FP8 linear's weight-form GEMM on the Gluon kernel where it beats block-scaled cuBLAS, else None (the
+    caller goes on to cuBLAS): K <= 512 at M > 256 (H200, fp8_gemm_ws-sweep2.md, M = 4096, N = 32768, K = 512: 794-804
+    TFLOP/s against cuBLAS's 656; on DeepGEMM's other shapes cuBLAS ran 1-11% ahead)."""
+    if not a.is_cuda or INTERPRET or a.shape[1] > 512 or a.shape[0] <= 256 or block != 128:
+        return None
+    M, N, _, b_group = _gemm_check(a, a_s, b, b_s, block)
+    c = torch.empty(M, N, dtype=out_dtype, device=a.device)
+    if not (a.dtype in _FP8_DTYPES and b.dtype in _FP8_DTYPES) or not _use_ws(a, b, b_group, c, "auto"):
+        return None
+    from minids.kernels import fp8_ws
+
+    return fp8_ws.fp8_gemm_ws(a, a_s, b, b_s, out=c)
 
 
 def _auto_variant(M: int, K: int, b_group: int = 128) -> str:
@@ -901,7 +943,7 @@ def _gemm_run(a, a_s, b, b_s, res: torch.Tensor, b_group: int, cfg: dict, split:
         grid = (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(N, cfg["BLOCK_N"]), split)
         _fp8_gemm_kernel[grid](a_src, b_src, *rest, **consts, **cfg)
     if split > 1:
-        _sum_splits_kernel[(_cdiv(M * N, 1024),)](c, res, M * N, SPLIT_K=split, BLOCK=1024, num_warps=4)
+        _sum_splits_kernel[(_cdiv(M * N, 1024),)](c, res, M * N, M * N, SPLIT_K=split, BLOCK=1024, num_warps=4)
     return res
 
 

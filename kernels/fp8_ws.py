@@ -50,33 +50,41 @@ HALF = 64  # rows per consumer warpgroup
 if HAVE_GLUON:
 
     @gluon.jit
-    def _tile(t, num_m, num_n, n0, GROUP_M: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr):
-        """(off_m, off_n) of tile t in grouped order: GROUP_M row tiles share each column tile while it is in L2."""
+    def _unit(u, num_m, num_n, n0, k_steps, split, GROUP_M: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr):
+        """(off_m, off_n, first K step, end K step, split index) of work unit u: tile u // split in grouped order
+        (GROUP_M row tiles share each column tile while it is in L2), K steps [sp * per, (sp + 1) * per) of it, sp =
+        u % split (the splits of a tile run side by side and share its A tiles in L2)."""
+        t = u // split
+        sp = u % split
+        per = gl.cdiv(k_steps, split)
         per_group = GROUP_M * num_n
         first_m = (t // per_group) * GROUP_M
         group_m = gl.minimum(num_m - first_m, GROUP_M)
         pid_m = first_m + (t % per_group) % group_m
         pid_n = (t % per_group) // group_m
-        return pid_m * BM, n0 + pid_n * BN
+        return pid_m * BM, n0 + pid_n * BN, sp * per, gl.minimum(sp * per + per, k_steps), sp
 
     @gluon.jit
-    def _producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, num_m, num_n, n0, k_steps,
-                  STAGES: gl.constexpr, GROUP_M: gl.constexpr):
+    def _producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, num_m, num_n, n0, k_steps, split,
+                  STAGES: gl.constexpr, NSUB: gl.constexpr, GROUP_M: gl.constexpr):
         """One warp: every K tile of every tile of this program, in order, into buffer it % STAGES once both
         consumers have released it (the first pass waits on parity 1, which a fresh barrier reports complete). It
         runs ahead into the next tile while the consumers finish one."""
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BK: gl.constexpr = a_desc.block_type.shape[1]
-        BN: gl.constexpr = b_desc.block_type.shape[0]
+        SUBN: gl.constexpr = b_desc.block_type.shape[0]
+        BN: gl.constexpr = SUBN * NSUB
         it = 0
-        for t in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
-            off_m, off_n = _tile(t, num_m, num_n, n0, GROUP_M, BM, BN)
-            for i in range(k_steps):
+        for u in range(gl.program_id(0), num_m * num_n * split, gl.num_programs(0)):
+            off_m, off_n, k0, k1, _ = _unit(u, num_m, num_n, n0, k_steps, split, GROUP_M, BM, BN)
+            for i in range(k0, k1):
                 s = it % STAGES
                 mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
-                mbarrier.expect(ready.index(s), a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+                mbarrier.expect(ready.index(s), a_desc.block_type.nbytes + NSUB * b_desc.block_type.nbytes)
                 tma.async_copy_global_to_shared(a_desc, [off_m, i * BK], ready.index(s), a_bufs.index(s))
-                tma.async_copy_global_to_shared(b_desc, [off_n, i * BK], ready.index(s), b_bufs.index(s))
+                for j in gl.static_range(NSUB):  # B in column blocks (shared-memory shapes are powers of two)
+                    tma.async_copy_global_to_shared(b_desc, [off_n + j * SUBN, i * BK], ready.index(s),
+                                                    b_bufs.index(s * NSUB + j))
                 it += 1
 
     @gluon.jit
@@ -89,115 +97,141 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _consumer(a_bufs, b_bufs, ready, empty, c_desc, c_bufs, as_ptr, bs_ptr, M, N, num_m, num_n, n0, k_steps,
-                  stride_asm, stride_ask, stride_bsn, stride_bsk,
+                  split, m_pad, stride_asm, stride_ask, stride_bsn, stride_bsk,
                   PART: gl.constexpr, STAGES: gl.constexpr, NSUB: gl.constexpr, GROUP_M: gl.constexpr):
-        """One warpgroup, rows [off_m + 64 PART, +64) of each of the program's 128 x (128 NSUB) tiles: acc_j +=
-        (A_i B_ij^T) a_s[:, i] b_s[j, i] for every K step i and 128-wide column block j.
+        """One warpgroup, rows [off_m + 64 PART, +64) of each of the program's 128 x (SUBN NSUB) tiles: acc_j +=
+        (A_i B_ij^T) a_s[:, i] b_s[j, i] for every K step i of the unit and SUBN-wide column block j (SUBN = C's
+        block width, 128 or 64; a column block lies in one 128-wide weight block either way, so one b scale each).
         NSUB = 1: step i's product is in flight while step i - 1's is promoted (two product tiles live).
-        NSUB = 2: the two column blocks' products one after the other (a 64 x 256 accumulator and one product tile:
-        192 registers), the other warpgroup's products covering the promotions.
+        NSUB = 2 or 3: the column blocks' products one after the other (a 64 x 256 or 64 x 192 accumulator and one
+        product tile), the other warpgroup's products covering the promotions.
         The tile's C goes out through TMA (clipped at the M and N edges) while the next tile runs; its staging
-        buffer is reused once that store has read it."""
+        buffer is reused once that store has read it. With split > 1, C is the float32 partials (split * m_pad, N):
+        split sp's rows start at sp * m_pad."""
         HM: gl.constexpr = c_desc.block_type.shape[0]
-        BN: gl.constexpr = c_desc.block_type.shape[1]
+        SUBN: gl.constexpr = c_desc.block_type.shape[1]
+        BN: gl.constexpr = SUBN * NSUB
         BM: gl.constexpr = 2 * HM
         layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, BN, 32])
+                                                         instr_shape=[16, SUBN, 32])
         rows0 = PART * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, layout))
         # product tiles are issued with use_acc=False into the registers of a finished one (p): passing a zero tile
         # instead keeps 64 registers of zeros live through the loop and copies them in every step
-        p = gl.zeros([HM, BN], gl.float32, layout)
+        p = gl.zeros([HM, SUBN], gl.float32, layout)
         it = 0
-        for t in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
-            off_m, off_n = _tile(t, num_m, num_n, n0, GROUP_M, BM, BN * NSUB)
+        for u in range(gl.program_id(0), num_m * num_n * split, gl.num_programs(0)):
+            off_m, off_n, k0, k1, sp = _unit(u, num_m, num_n, n0, k_steps, split, GROUP_M, BM, BN)
             rows = off_m + rows0
             row_ok = rows < M
             as_ptrs = as_ptr + rows * stride_asm
-            bs_row = bs_ptr + (off_n // 128) * stride_bsn  # each 128-wide column block lies in one weight block
-            acc0 = gl.zeros([HM, BN], gl.float32, layout)
+            bs0 = bs_ptr + (off_n // 128) * stride_bsn
+            acc0 = gl.zeros([HM, SUBN], gl.float32, layout)
             if NSUB == 1:
                 s = it % STAGES
                 mbarrier.wait(ready.index(s), (it // STAGES) & 1)
                 tok = warpgroup_mma(a_bufs.index(s).slice(PART * HM, HM), b_bufs.index(s).permute((1, 0)), p,
                                     use_acc=False, is_async=True)
-                sa = gl.load(as_ptrs, mask=row_ok, other=1.0)
-                sb = gl.load(bs_row)
-                for i in range(1, k_steps):
-                    s = (it + i) % STAGES
+                sa = gl.load(as_ptrs + k0 * stride_ask, mask=row_ok, other=1.0)
+                sb = gl.load(bs0 + k0 * stride_bsk)
+                for i in range(k0 + 1, k1):
+                    n = it + i - k0
+                    s = n % STAGES
                     sa_next = gl.load(as_ptrs + i * stride_ask, mask=row_ok, other=1.0)
-                    sb_next = gl.load(bs_row + i * stride_bsk)
-                    mbarrier.wait(ready.index(s), ((it + i) // STAGES) & 1)
+                    sb_next = gl.load(bs0 + i * stride_bsk)
+                    mbarrier.wait(ready.index(s), (n // STAGES) & 1)
                     tok_next = warpgroup_mma(a_bufs.index(s).slice(PART * HM, HM), b_bufs.index(s).permute((1, 0)),
                                              p, use_acc=False, is_async=True)
                     prev = warpgroup_mma_wait(num_outstanding=1, deps=(tok,))
-                    mbarrier.arrive(empty.index((it + i - 1) % STAGES))
+                    mbarrier.arrive(empty.index((n - 1) % STAGES))
                     acc0 += prev * gl.expand_dims(sa * sb, 1)
                     p = prev
                     tok = tok_next
                     sa = sa_next
                     sb = sb_next
                 p = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
-                mbarrier.arrive(empty.index((it + k_steps - 1) % STAGES))
+                mbarrier.arrive(empty.index((it + k1 - k0 - 1) % STAGES))
                 acc0 += p * gl.expand_dims(sa * sb, 1)
             else:
-                acc1 = gl.zeros([HM, BN], gl.float32, layout)
-                hi_ok = off_n + BN < N  # the second column block exists (else its scale is not read)
-                sa = gl.load(as_ptrs, mask=row_ok, other=1.0)
-                sb0 = gl.load(bs_row)
-                sb1 = gl.load(bs_row + stride_bsn, mask=hi_ok, other=0.0)
-                for i in range(k_steps):
-                    s = (it + i) % STAGES
-                    j = gl.minimum(i + 1, k_steps - 1)  # the next step's scales, loaded a step ahead
+                acc1 = gl.zeros([HM, SUBN], gl.float32, layout)
+                bs1 = bs_ptr + ((off_n + SUBN) // 128) * stride_bsn
+                ok1 = off_n + SUBN < N  # the second column block exists (else its scale is not read)
+                sa = gl.load(as_ptrs + k0 * stride_ask, mask=row_ok, other=1.0)
+                sb0 = gl.load(bs0 + k0 * stride_bsk)
+                sb1 = gl.load(bs1 + k0 * stride_bsk, mask=ok1, other=0.0)
+                if NSUB == 3:
+                    acc2 = gl.zeros([HM, SUBN], gl.float32, layout)
+                    bs2 = bs_ptr + ((off_n + 2 * SUBN) // 128) * stride_bsn
+                    ok2 = off_n + 2 * SUBN < N
+                    sb2 = gl.load(bs2 + k0 * stride_bsk, mask=ok2, other=0.0)
+                for i in range(k0, k1):
+                    n = it + i - k0
+                    s = n % STAGES
+                    j = gl.minimum(i + 1, k1 - 1)  # the next step's scales, loaded a step ahead
                     sa_next = gl.load(as_ptrs + j * stride_ask, mask=row_ok, other=1.0)
-                    sb0_next = gl.load(bs_row + j * stride_bsk)
-                    sb1_next = gl.load(bs_row + stride_bsn + j * stride_bsk, mask=hi_ok, other=0.0)
-                    mbarrier.wait(ready.index(s), ((it + i) // STAGES) & 1)
+                    sb0_next = gl.load(bs0 + j * stride_bsk)
+                    sb1_next = gl.load(bs1 + j * stride_bsk, mask=ok1, other=0.0)
+                    if NSUB == 3:
+                        sb2_next = gl.load(bs2 + j * stride_bsk, mask=ok2, other=0.0)
+                    mbarrier.wait(ready.index(s), (n // STAGES) & 1)
                     a_half = a_bufs.index(s).slice(PART * HM, HM)
-                    b_buf = b_bufs.index(s)
-                    p = warpgroup_mma(a_half, b_buf.slice(0, BN).permute((1, 0)), p, use_acc=False, is_async=True)
-                    p = warpgroup_mma_wait(num_outstanding=0, deps=(p,))
-                    acc0 += p * gl.expand_dims(sa * sb0, 1)
-                    p = warpgroup_mma(a_half, b_buf.slice(BN, BN).permute((1, 0)), _after(p, acc0), use_acc=False,
+                    p = warpgroup_mma(a_half, b_bufs.index(s * NSUB).permute((1, 0)), p, use_acc=False,
                                       is_async=True)
                     p = warpgroup_mma_wait(num_outstanding=0, deps=(p,))
-                    mbarrier.arrive(empty.index(s))
+                    acc0 += p * gl.expand_dims(sa * sb0, 1)
+                    p = warpgroup_mma(a_half, b_bufs.index(s * NSUB + 1).permute((1, 0)), _after(p, acc0),
+                                      use_acc=False, is_async=True)
+                    p = warpgroup_mma_wait(num_outstanding=0, deps=(p,))
+                    if NSUB == 2:
+                        mbarrier.arrive(empty.index(s))
                     acc1 += p * gl.expand_dims(sa * sb1, 1)
+                    if NSUB == 3:
+                        p = warpgroup_mma(a_half, b_bufs.index(s * NSUB + 2).permute((1, 0)), _after(p, acc1),
+                                          use_acc=False, is_async=True)
+                        p = warpgroup_mma_wait(num_outstanding=0, deps=(p,))
+                        mbarrier.arrive(empty.index(s))
+                        acc2 += p * gl.expand_dims(sa * sb2, 1)
+                        sb2 = sb2_next
                     sa = sa_next
                     sb0 = sb0_next
                     sb1 = sb1_next
-            it += k_steps
+            it += k1 - k0
 
+            row_c = sp * m_pad + off_m + PART * HM
             tma.store_wait(pendings=0)  # the previous tile's C has left the staging buffers
             c0 = c_bufs.index(NSUB * PART)
             c0.store(acc0.to(c_desc.dtype))
-            if NSUB == 2:
-                c_bufs.index(2 * PART + 1).store(acc1.to(c_desc.dtype))
+            if NSUB >= 2:
+                c_bufs.index(NSUB * PART + 1).store(acc1.to(c_desc.dtype))
+            if NSUB == 3:
+                c_bufs.index(NSUB * PART + 2).store(acc2.to(c_desc.dtype))
             fence_async_shared()
-            tma.async_copy_shared_to_global(c_desc, [off_m + PART * HM, off_n], c0)
-            if NSUB == 2:  # noqa: SIM102 - a compile-time test, then a run-time one
-                if off_n + BN < N:
-                    tma.async_copy_shared_to_global(c_desc, [off_m + PART * HM, off_n + BN],
-                                                    c_bufs.index(2 * PART + 1))
+            tma.async_copy_shared_to_global(c_desc, [row_c, off_n], c0)
+            if NSUB >= 2:  # noqa: SIM102 - a compile-time test, then a run-time one
+                if off_n + SUBN < N:
+                    tma.async_copy_shared_to_global(c_desc, [row_c, off_n + SUBN], c_bufs.index(NSUB * PART + 1))
+            if NSUB == 3:  # noqa: SIM102
+                if off_n + 2 * SUBN < N:
+                    tma.async_copy_shared_to_global(c_desc, [row_c, off_n + 2 * SUBN],
+                                                    c_bufs.index(NSUB * PART + 2))
         tma.store_wait(pendings=0)
 
     @gluon.jit
-    def _fp8_gemm_ws_kernel(a_desc, b_desc, c_desc, as_ptr, bs_ptr, M, N, K, n0, num_n,
+    def _fp8_gemm_ws_kernel(a_desc, b_desc, c_desc, as_ptr, bs_ptr, M, N, K, n0, num_n, split, m_pad,
                             stride_asm, stride_ask, stride_bsn, stride_bsk,
-                            STAGES: gl.constexpr, GROUP_M: gl.constexpr):
-        """Tiles of 128 rows x BN = b_desc's block rows (128 or 256) columns of C, over columns [n0, n0 + num_n BN)
-        (a launch may cover part of N: see fp8_gemm_ws); program p takes tiles p, p + P, ... (persistent when the
-        grid is smaller than the tile count)."""
+                            STAGES: gl.constexpr, NSUB: gl.constexpr, GROUP_M: gl.constexpr):
+        """Tiles of 128 rows x BN = NSUB column blocks of b_desc's block rows (128 or 64) columns of C, over columns [n0, n0 + num_n
+        BN) (a launch may cover part of N: see fp8_gemm_ws), each in ``split`` K ranges; program p takes work units
+        p, p + P, ... (persistent when the grid is smaller than the unit count)."""
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BK: gl.constexpr = a_desc.block_type.shape[1]
-        BN: gl.constexpr = b_desc.block_type.shape[0]
+        SUBN: gl.constexpr = b_desc.block_type.shape[0]
         HM: gl.constexpr = c_desc.block_type.shape[0]
-        NSUB: gl.constexpr = BN // c_desc.block_type.shape[1]  # 128-wide column blocks per tile (1 or 2)
         num_m = gl.cdiv(M, BM)
         k_steps = gl.cdiv(K, BK)
 
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
-        b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BN, BK], b_desc.layout)
-        c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2 * NSUB, HM, BN // NSUB], c_desc.layout)
+        b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES * NSUB, SUBN, BK], b_desc.layout)
+        c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2 * NSUB, HM, SUBN], c_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for s in gl.static_range(STAGES):
@@ -207,11 +241,18 @@ if HAVE_GLUON:
 
         gl.warp_specialize([
             (_consumer, (a_bufs, b_bufs, ready, empty, c_desc, c_bufs, as_ptr, bs_ptr, M, N, num_m, num_n, n0,
-                         k_steps, stride_asm, stride_ask, stride_bsn, stride_bsk, 0, STAGES, NSUB, GROUP_M)),
+                         k_steps, split, m_pad, stride_asm, stride_ask, stride_bsn, stride_bsk, 0, STAGES, NSUB,
+                         GROUP_M)),
             (_consumer, (a_bufs, b_bufs, ready, empty, c_desc, c_bufs, as_ptr, bs_ptr, M, N, num_m, num_n, n0,
-                         k_steps, stride_asm, stride_ask, stride_bsn, stride_bsk, 1, STAGES, NSUB, GROUP_M)),
-            (_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, num_m, num_n, n0, k_steps, STAGES, GROUP_M)),
+                         k_steps, split, m_pad, stride_asm, stride_ask, stride_bsn, stride_bsk, 1, STAGES, NSUB,
+                         GROUP_M)),
+            (_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, num_m, num_n, n0, k_steps, split, STAGES,
+                         NSUB, GROUP_M)),
         ], [4, 1], [240, 24])
+
+
+# default stages by (tile width, C's element size): as many as shared memory holds (227 KB) with C's staging buffers
+_STAGES = {(256, 2): 3, (192, 2): 4, (128, 2): 4, (192, 4): 3, (128, 4): 4}
 
 
 @functools.cache
@@ -227,19 +268,38 @@ def _smem_layout(rows: int, cols: int, dtype: torch.dtype):
     return gl.NVMMASharedLayout.get_default_for([rows, cols], gl_dtype)
 
 
+def pick_block_n(M: int, N: int, sms: int) -> int:
+    """256 or 192, the tile width of the call: whichever needs fewer waves of tiles times their width (the work of the
+    busiest SM, in columns), 256 unless 192 saves more than 5% (a 256-wide tile runs ~7% more TFLOP/s when both fill
+    the GPU). H200 (fp8_gemm_ws-sweep2.md): 192 at M = 4096, N = 2112 (11 tiles a row, one launch: 1001 TFLOP/s against
+    876 for eight 256-wide tiles and a 64-wide remainder) and at M = 128, N = 24576 (128 tiles on 132 SMs: 823 against
+    714 for 96); 256 elsewhere among DeepGEMM's shapes."""
+    num_m = triton.cdiv(M, BLOCK)
+
+    def cost(launches):
+        return sum(triton.cdiv(num_m * triton.cdiv(cols, w), sms) * w for cols, w in launches if cols > 0)
+
+    rem = N % 256
+    wide = cost([(N - rem, 256), (rem, 128)]) if 0 < rem <= 128 else cost([(N, 256)])
+    return 192 if cost([(N, 192)]) * 1.05 < wide else 256
+
+
 def fp8_gemm_ws(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
                 out_dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None, *,
-                block_n: int = 256, stages: int | None = None, group_m: int = 8,
-                persistent: bool = True) -> torch.Tensor:
+                block_n: int | None = None, stages: int | None = None, group_m: int = 8,
+                persistent: bool = True, split: int = 1) -> torch.Tensor:
     """C = (a a_s)(b b_s)^T on an sm_90 GPU (see the module docstring); a_s (M, ceil(K/128)) with any strides, b_s
     (ceil(N/128), ceil(K/128)) 128x128 block scales. a and b K-contiguous FP8 with 16-byte aligned rows, C with
     16-byte aligned rows (TMA). ``usable`` says whether a call qualifies.
 
-    block_n 256: 128 x 256 tiles (3 stages) over the columns up to the last multiple of 256, and where fewer than
+    block_n None: ``pick_block_n``'s choice of 256 or 192. 256: 128 x 256 tiles (3 stages) over the columns up to the last multiple of 256, and where fewer than
     129 columns remain, a second launch of 128 x 128 tiles (4 stages) for them: a 256-wide tile mostly past N would
-    cost a whole tile (N = 2112: 8 wide tiles + one 64-wide remainder). block_n 128: 128 x 128 tiles throughout.
-    A float32 C takes 128-wide tiles: its staging buffers for 256 columns and three stages would not fit in shared
-    memory (272 KB).
+    cost a whole tile (N = 2112: 8 wide tiles + one 64-wide remainder). block_n 192: 128 x 192 tiles in three
+    64-wide column blocks (4 stages; N = 24576 is 128 of them, one per SM at M = 128). block_n 128: 128 x 128 tiles
+    throughout. A float32 C takes 128-wide tiles where 256 are asked: its staging buffers for 256 columns and three
+    stages would not fit in shared memory (272 KB).
+    split: each tile's K steps in ``split`` ranges run by different programs, their float32 partials summed in a
+    fixed order by a second kernel (for small M, where the tiles alone leave SMs idle).
     persistent: one program per SM, looping over tiles (else one per tile)."""
     M, K = a.shape
     N = b.shape[0]
@@ -248,22 +308,38 @@ def fp8_gemm_ws(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.
         return c
     a_s = a_s if a_s.dtype == torch.float32 else a_s.float()
     b_s = b_s if b_s.dtype == torch.float32 else b_s.float()
-    a_desc = TensorDescriptor.from_tensor(a, [BLOCK, BLOCK], _smem_layout(BLOCK, BLOCK, a.dtype))
-    c_desc = TensorDescriptor.from_tensor(c, [HALF, BLOCK], _smem_layout(HALF, BLOCK, c.dtype))
-    if c.element_size() == 4:
-        block_n = 128
     sms = _sm_count(a.device.index if a.device.index is not None else torch.cuda.current_device())
+    block_n = block_n or pick_block_n(M, N, sms)
+    k_steps = triton.cdiv(K, BLOCK)
+    per = triton.cdiv(k_steps, max(1, min(split, k_steps)))
+    split = triton.cdiv(k_steps, per)  # every split has at least one K step
     num_m = triton.cdiv(M, BLOCK)
-    wide = N - N % 256 if block_n == 256 and 0 < N % 256 <= 128 else N if block_n == 256 else 0
-    for n0, n1, bn in ((0, wide, 256), (wide, N, 128)):
+    m_pad = num_m * BLOCK
+    # split > 1: float32 partials (split, m_pad, N), each split's rows padded to whole tiles so TMA's row clipping
+    # never runs into the next split
+    dst = c if split == 1 else torch.empty(split * m_pad, N, dtype=torch.float32, device=a.device)
+    if dst.element_size() == 4 and block_n == 256:
+        block_n = 128
+    sub = 64 if block_n == 192 else BLOCK
+    a_desc = TensorDescriptor.from_tensor(a, [BLOCK, BLOCK], _smem_layout(BLOCK, BLOCK, a.dtype))
+    c_desc = TensorDescriptor.from_tensor(dst, [HALF, sub], _smem_layout(HALF, sub, dst.dtype))
+    wide = N - N % 256 if block_n == 256 and 0 < N % 256 <= 128 else N if block_n != 128 else 0
+    for n0, n1, bn in ((0, wide, block_n), (wide, N, 128)):
         if n1 <= n0:
             continue
-        b_desc = TensorDescriptor.from_tensor(b, [bn, BLOCK], _smem_layout(bn, BLOCK, b.dtype))
+        bsub = sub if bn != 128 else BLOCK
+        b_desc = TensorDescriptor.from_tensor(b, [bsub, BLOCK], _smem_layout(bsub, BLOCK, b.dtype))
         num_n = triton.cdiv(n1 - n0, bn)
-        tiles = num_m * num_n
-        grid = (min(tiles, sms) if persistent else tiles,)
-        _fp8_gemm_ws_kernel[grid](a_desc, b_desc, c_desc, a_s, b_s, M, N, K, n0, num_n, *a_s.stride(), *b_s.stride(),
-                                  STAGES=stages or (3 if bn == 256 else 4), GROUP_M=group_m, num_warps=4)
+        units = num_m * num_n * split
+        grid = (min(units, sms) if persistent else units,)
+        _fp8_gemm_ws_kernel[grid](a_desc, b_desc, c_desc, a_s, b_s, M, N, K, n0, num_n, split, m_pad, *a_s.stride(),
+                                  *b_s.stride(), STAGES=stages or _STAGES[bn, dst.element_size()], NSUB=bn // bsub,
+                                  GROUP_M=group_m, num_warps=4)
+    if split > 1:
+        from minids.kernels.fp8 import _sum_splits_kernel
+
+        _sum_splits_kernel[(triton.cdiv(M * N, 1024),)](dst, c, M * N, m_pad * N, SPLIT_K=split, BLOCK=1024,
+                                                        num_warps=4)
     return c
 
 

@@ -212,10 +212,11 @@ def _ops(t: torch.Tensor, use_kernels: bool | None = None):
     return sys.modules[__name__]
 
 
-# Where the FP8 linear's three GEMMs run on CUDA: "auto" takes block-scaled cuBLAS (torch._scaled_mm,
-# ``minids.kernels.fp8.cublas_fp8_gemm``: Fprop and Dgrad with 128x128 weight blocks, Wgrad with 1x128 scales on both
-# operands) where this torch, the GPU and the shape allow it and the Triton GEMM elsewhere; "triton" takes the Triton
-# GEMM for all three (to measure or test the Triton kernels alone).
+# Where the FP8 linear's three GEMMs run on CUDA: "auto" takes the Gluon GEMM where it beats cuBLAS
+# (``minids.kernels.fp8.fp8_gemm_if_ws``: the weight form at K <= 512 on sm_90), then block-scaled cuBLAS
+# (torch._scaled_mm, ``minids.kernels.fp8.cublas_fp8_gemm``: Fprop and Dgrad with 128x128 weight blocks, Wgrad with
+# 1x128 scales on both operands) where this torch, the GPU and the shape allow it, and the Triton GEMM elsewhere;
+# "triton" takes minids' own GEMMs for all three (to measure or test them alone).
 LINEAR_GEMM = os.environ.get("MINIDS_FP8_LINEAR_GEMM", "auto")
 
 
@@ -223,7 +224,9 @@ def _linear_gemm(ops, a, a_s, b, b_s, out_dtype, block):
     """fp8_gemm through ``ops``, on block-scaled cuBLAS first where ``LINEAR_GEMM`` is "auto" and ops are the
     kernels."""
     if LINEAR_GEMM == "auto" and ops is not sys.modules[__name__] and a.is_cuda:
-        c = ops.cublas_fp8_gemm(a, a_s, b, b_s, out_dtype, block)
+        c = ops.fp8_gemm_if_ws(a, a_s, b, b_s, out_dtype, block)  # the Gluon kernel, where it beats cuBLAS
+        if c is None:
+            c = ops.cublas_fp8_gemm(a, a_s, b, b_s, out_dtype, block)
         if c is not None:
             return c
     elif LINEAR_GEMM not in ("auto", "triton"):

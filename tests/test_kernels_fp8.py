@@ -367,17 +367,19 @@ WS_SKIP = "the warp-specialized Gluon GEMM runs on sm_90 GPUs only (Gluon has no
 
 
 @pytest.mark.skipif(not _ws_here(), reason=WS_SKIP)
-@pytest.mark.parametrize("block_n,persistent", [(256, True), (256, False), (128, True)])
+@pytest.mark.parametrize("block_n,persistent,split", [(256, True, 1), (256, False, 1), (128, True, 1), (192, True, 1),
+                                                      (128, True, 2), (192, True, 3), (256, False, 4)])
 @pytest.mark.parametrize("M,N,K", [(1, 256, 128), (7, 2112, 384), (127, 136, 256), (129, 640, 1024),
                                    (4097, 384, 512), (300, 2112, 7168)])
-def test_ws_gemm_matches_reference(M, N, K, block_n, persistent):
+def test_ws_gemm_matches_reference(M, N, K, block_n, persistent, split):
     """kernels/fp8_ws.py against the reference: M tails (TMA clips them), N = 2112 (eight 256-wide tiles and a
-    64-wide remainder launch), N = 384 (a 128-wide remainder), 136 (one partial 256-wide tile), K tails of 128."""
+    64-wide remainder launch; eleven 192-wide tiles), N = 384 (a 128-wide remainder), 136 (one partial tile), K
+    tails of 128; split K ranges (K = 128: one step, so one range; K = 384 in 4: three ranges of one step)."""
     from minids.kernels import fp8_ws
 
     a, a_s, b, b_s = gemm_operands(M, N, K, False, seed=M + N + K + block_n)
     c = fp8_ws.fp8_gemm_ws(a, a_s, b, b_s, out=poisoned((M, N), torch.bfloat16), block_n=block_n,
-                           persistent=persistent)
+                           persistent=persistent, split=split)
     cr = ref.fp8_gemm(a, a_s, b, b_s, torch.float32)
     assert not c.isnan().any()  # every element written, none past the edges read as garbage
     err = (c.float() - cr).abs().max() / cr.abs().max()
@@ -417,6 +419,91 @@ def test_fp8_gemm_routes_to_ws_where_it_wins():
     assert not route(4096, 2112, b_rows=True)
     with pytest.raises(ValueError, match="sm_90"):
         route(4096, 2112, b_rows=True, variant="ws")
+
+
+@pytest.mark.skipif(not _ws_here(), reason=WS_SKIP)
+def test_fp8_linear_takes_ws_where_it_beats_cublas():
+    """fp8_gemm_if_ws (the FP8 linear's first choice): the Gluon kernel's result at K <= 512 and M > 256, None
+    (cuBLAS next) at larger K, at M <= 256, and for the Wgrad form."""
+    a, a_s, b, b_s = gemm_operands(512, 384, 512, False, seed=5)
+    c = kfp8.fp8_gemm_if_ws(a, a_s, b, b_s)
+    assert c is not None and torch.equal(c, kfp8.fp8_gemm(a, a_s, b, b_s, variant="ws"))
+    assert kfp8.fp8_gemm_if_ws(*gemm_operands(512, 384, 640, False, seed=5)) is None
+    assert kfp8.fp8_gemm_if_ws(*gemm_operands(256, 384, 512, False, seed=5)) is None
+    assert kfp8.fp8_gemm_if_ws(*gemm_operands(512, 384, 512, True, seed=5)) is None
+
+
+def _tma_quant_here() -> bool:
+    if DEV != "cuda" or not HAVE_TRITON or torch.cuda.get_device_capability()[0] != 9:
+        return False
+    from minids.kernels import fp8_tma_quant
+
+    return fp8_tma_quant.HAVE_GLUON
+
+
+TMA_QUANT_SKIP = "the TMA-pipelined Gluon quantization runs on sm_90 GPUs only (Gluon has no interpreter mode)"
+
+
+def _triton_and_tma(fn, monkeypatch):
+    """fn()'s outputs from the Triton kernels (kfp8.TMA_QUANT off), then from the Gluon kernel (on)."""
+    monkeypatch.setattr(kfp8, "TMA_QUANT", False)
+    want = fn()
+    monkeypatch.setattr(kfp8, "TMA_QUANT", True)
+    return want, fn()
+
+
+@pytest.mark.skipif(not _tma_quant_here(), reason=TMA_QUANT_SKIP)
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("ue8m0", [False, True])
+@pytest.mark.parametrize("M,K", [(16, 128), (128, 128), (144, 208), (4112, 528), (256, 1024)])
+def test_tma_quant_equals_the_triton_kernels(M, K, fmt, ue8m0, monkeypatch):
+    """kernels/fp8_tma_quant.py gives the Triton kernels' outputs bit for bit (same arithmetic: the fast mode's
+    _scale_of and _quantize), for act_quant_both, act_quant_t from bf16 and float32, and the FP8 requantization:
+    partial tiles in both dims (M = 144, 4112; K = 208, 528: TMA's zero fill and clipped stores), into NaN-poisoned
+    outputs; and the call did go to the Gluon kernel."""
+    from minids.kernels import fp8_tma_quant
+
+    x = rand_bf16(M, K, seed=M + K + ue8m0)
+    x32 = x.float()
+    xq, xs = ref.act_quant(x, fmt=fmt)
+    nbm, nbk = -(-M // 128), -(-K // 128)
+
+    def outs():
+        return (poisoned((M, K), FP8[fmt]), poisoned((M, nbk), torch.float32), poisoned((K, M), FP8[fmt]),
+                poisoned((K, nbm), torch.float32))
+
+    calls = []
+    real = fp8_tma_quant.quant_tiles
+    monkeypatch.setattr(fp8_tma_quant, "quant_tiles", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    kw = {"fmt": fmt, "ue8m0": ue8m0, "exact": False}
+    for fn in (lambda: kfp8.act_quant_both(x, out=outs(), **kw),
+               lambda: kfp8.act_quant_t(x, out=outs()[2:], **kw),
+               lambda: kfp8.act_quant_t(x32, out=outs()[2:], **kw),
+               lambda: kfp8.act_quant_t(xq, in_scale=xs, out=outs()[2:], **kw)):
+        want, got = _triton_and_tma(fn, monkeypatch)
+        for w, g in zip(want, got):
+            assert (same_bits(g, w) if g.dtype in FP8.values() else torch.equal(g, w))
+    assert len(calls) == 4  # each call above ran the Gluon kernel once
+
+
+@pytest.mark.skipif(not _tma_quant_here(), reason=TMA_QUANT_SKIP)
+def test_tma_quant_takes_only_calls_it_can(monkeypatch):
+    """The Triton kernels keep the exact mode, unaligned rows (TMA: 16-byte rows of x and of both FP8 outputs),
+    input scales in blocks other than 128, and other block sizes; every config of the sweep gives the same bits."""
+    from minids.kernels import fp8_tma_quant
+
+    fast, exact = kfp8._flags("e4m3", False, False), kfp8._flags("e4m3", False, True)
+    x = rand_bf16(256, 256, seed=1)
+    qt = torch.empty(256, 256, dtype=torch.float8_e4m3fn, device=DEV)
+    assert kfp8._tma_quant(x, 128, fast, (qt,)) and not kfp8._tma_quant(x, 128, exact, (qt,))
+    assert not kfp8._tma_quant(x, 64, fast, (qt,)) and not kfp8._tma_quant(x, 128, fast, (qt,), in_block=32)
+    x2 = rand_bf16(136, 256, seed=2)  # 136 tokens: qt's rows are 136 bytes
+    assert not kfp8._tma_quant(x2, 128, fast, (torch.empty(256, 136, dtype=torch.float8_e4m3fn, device=DEV),))
+    want = kfp8.act_quant_both(x, exact=False)
+    for cfg in [(2, 4, 1, False), (4, 8, 1, True), (2, 8, 2, True)]:
+        monkeypatch.setitem(fp8_tma_quant.CONFIG, 2, cfg)
+        got = kfp8.act_quant_both(x, exact=False)
+        assert all(same_bits(g, w) if g.dtype in FP8.values() else torch.equal(g, w) for g, w in zip(got, want))
 
 
 def test_fp8_gemm_ws_variant_off_gpu_is_a_clear_error():
