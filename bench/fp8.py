@@ -151,7 +151,7 @@ def bench_quant(rows: list, copy_gbs: float, quick: bool) -> None:
             try:
                 ms_triton = median_ms(lambda: kernel(False))
             finally:
-                kfp8.TMA_QUANT = True
+                kfp8.TMA_QUANT = tma
         ms_ref = median_ms(slow)
         row = {"kernel": name, "shape": shape, "ms": ms_fast, "GB/s": nbytes / ms_fast / 1e6,
                "frac_copy": nbytes / ms_fast / 1e6 / copy_gbs, "path": "gluon-tma" if tma and transposing else
@@ -195,11 +195,11 @@ def bench_tiles(rows: list, copy_gbs: float) -> None:
     cases = {name: (kernel, nbytes) for name, kernel, _, nbytes in _quant_cases(x, w, xq, xs)}
     uses = {"act_quant_t": "act_quant_t 128x1", "act_quant_t_fp8": "act_quant_t from fp8 (Wgrad requant)",
             "act_quant_both": "act_quant_both", "weight_quant": "weight_quant 128x128 (+transpose)"}
-    kfp8.TMA_QUANT = False  # the Triton kernels' tiles (the Gluon kernel has its own sweep, tma_quant)
+    tma, kfp8.TMA_QUANT = kfp8.TMA_QUANT, False  # the Triton kernels' tiles (the Gluon kernel: section tma_quant)
     try:
         _sweep_tiles(rows, copy_gbs, cases, uses)
     finally:
-        kfp8.TMA_QUANT = True
+        kfp8.TMA_QUANT = tma
 
 
 def _sweep_tiles(rows: list, copy_gbs: float, cases: dict, uses: dict) -> None:
@@ -232,6 +232,14 @@ def bench_tma_quant(rows: list, copy_gbs: float) -> None:
     each output compared bit for bit with the Triton kernel's."""
     from minids.kernels import fp8_tma_quant
 
+    default_on, kfp8.TMA_QUANT = kfp8.TMA_QUANT, True  # on for this sweep whatever the default
+    try:
+        _sweep_tma_quant(rows, copy_gbs, fp8_tma_quant)
+    finally:
+        kfp8.TMA_QUANT = default_on
+
+
+def _sweep_tma_quant(rows: list, copy_gbs: float, fp8_tma_quant) -> None:
     for M, K in [(8192, 7168), (4096, 32768)]:
         x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
         xq, xs = kfp8.act_quant(x)
@@ -403,6 +411,15 @@ def bench_linear(rows: list, quick: bool) -> None:
             except RuntimeError as e:  # a capture this torch refuses: recorded, not fatal
                 graphs[name] = float("nan")
                 print(f"graph capture of {name} failed: {str(e).splitlines()[0][:160]}", flush=True)
+        if K <= 512:  # where the Gluon GEMM takes the linear's weight-form GEMMs (kfp8.fp8_gemm_if_ws): without it
+            if_ws, kfp8.fp8_gemm_if_ws = kfp8.fp8_gemm_if_ws, lambda *a: None
+            try:
+                graphs["fp8_real_no_ws"] = graph_ms(_linear_step(lambda a, b: ref.fp8_linear(a, b, real=True), x, w,
+                                                                 dy))
+            finally:
+                kfp8.fp8_gemm_if_ws = if_ws
+            print(f"linear fwd+bwd M={M} N={N} K={K}: fp8 real graph without the Gluon GEMM "
+                  f"{graphs['fp8_real_no_ws']:.3f} ms", flush=True)
         flop = 6 * M * N * K
         row = {"M": M, "N": N, "K": K, **{f"{k}_ms": v for k, v in times.items()},
                **{f"{k}_TFLOPs": flop / v / 1e9 for k, v in times.items()},
@@ -634,12 +651,13 @@ def main() -> None:
         "linear": (
             lambda rows_: bench_linear(rows_, args.quick), "fp8_linear",
             ["M", "N", "K", "bf16_ms", "fp8_real_ms", "fp8_sim_ms", "real_speedup_vs_bf16", "bf16_graph_ms",
-             "fp8_real_graph_ms", "real_speedup_vs_bf16_graph", "sim_overhead_vs_bf16"],
+             "fp8_real_graph_ms", "fp8_real_no_ws_graph_ms", "real_speedup_vs_bf16_graph", "sim_overhead_vs_bf16"],
             ("One linear layer, forward + backward (6MNK FLOP): bf16 F.linear vs FP8LinearFunction real "
              "(Triton kernels: quantize x, W (+W^T), dy (both tilings), x^T; three block-scaled GEMMs, on "
-             "block-scaled cuBLAS where it runs) and sim (quantize-dequantize, float32 matmuls). *_ms: median wall "
-             "time per step (host launch overhead included); *_graph_ms: the same step replayed from a CUDA graph. "
-             "Speedups are bf16 time / fp8 time.")),
+             "the Gluon GEMM at K <= 512 (kfp8.fp8_gemm_if_ws), else block-scaled cuBLAS where it runs) and sim "
+             "(quantize-dequantize, float32 matmuls). *_ms: median wall time per step (host launch overhead "
+             "included); *_graph_ms: the same step replayed from a CUDA graph; fp8_real_no_ws: the same without the "
+             "Gluon GEMM (cuBLAS or Triton instead). Speedups are bf16 time / fp8 time.")),
         "linear_kernels": (
             lambda rows_: bench_linear_kernels(rows_, args.quick), "fp8_linear_kernels",
             ["M", "N", "K", "impl", "kernel", "ms", "share", "step_kernel_ms"],

@@ -407,10 +407,11 @@ def _blocks_per_program(name: str, flags: dict, block: int) -> tuple[int, int, b
     return max(1, feats // block), warps, pack
 
 
-# The transposing quantizations (act_quant_both, act_quant_t) go to the TMA-pipelined Gluon kernel of
-# kernels/fp8_tma_quant.py on sm_90 in the fast mode where it can take the call (``_tma_quant``); False keeps the
-# Triton kernels everywhere (the bench sets it to time both).
-TMA_QUANT = True
+# True sends the transposing quantizations (act_quant_both, act_quant_t) to the TMA-pipelined Gluon kernel of
+# kernels/fp8_tma_quant.py on sm_90 in the fast mode where it can take the call (``_tma_quant``). Off: on the H200 it
+# ran slower than these Triton kernels (act_quant_both 2.1-2.2 against 2.6-2.8 TB/s; act_quant_t and the FP8
+# requantization ahead on one shape, behind on the other: bench/results/fp8_tma_quant.md).
+TMA_QUANT = False
 
 
 def _tma_quant(x: torch.Tensor, block: int, flags: dict, outs, in_block: int = 128) -> bool:

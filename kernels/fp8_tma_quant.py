@@ -20,6 +20,10 @@ functions), so the outputs are theirs bit for bit; the GPU tests check that. Wha
 
 Why this exists: the Triton ``act_quant_both`` ran at 2.58 TB/s effective on the H200 (61% of the copy rate), the FP8
 requantization at 1.71, and dy's ``act_quant_both`` is 30% of the FP8 linear's kernel time at (N, K) = (32768, 512).
+What it measured (bench/results/fp8_tma_quant.md, H200): slower than the Triton kernels for act_quant_both (2.1-2.2
+TB/s in its best config) and, depending on the shape, ahead of or behind them for act_quant_t (3.6 against 3.4 TB/s at
+4096 x 32768, 2.9 against 3.1 at 8192 x 7168) and the requantization; so it is off by default
+(``kernels.fp8.TMA_QUANT``), kept tested, as the starting point of the next attempt.
 """
 
 from __future__ import annotations
