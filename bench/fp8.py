@@ -269,7 +269,7 @@ def _sweep_tma_quant(rows: list, copy_gbs: float, fp8_tma_quant) -> None:
                     except Exception as e:  # noqa: BLE001 - a config that does not fit is a result too
                         print(f"{name:40s} {cfg}: {str(e).splitlines()[0][:100]}", flush=True)
                         continue
-                    rows.append({"kernel": name, "shape": f"{M}x{K}", "config": "stages %d warps %d per-SM %d convert %d" % cfg,
+                    rows.append({"kernel": name, "shape": f"{M}x{K}", "config": "stages {} warps {} per-SM {} convert {:d}".format(*cfg),
                                  "GB/s": gbs, "frac_copy": gbs / copy_gbs, "same_as_triton": same,
                                  "default": cfg == default})
                     print(f"{name:40s} {M}x{K} {cfg} {gbs:6.0f} GB/s ({gbs / copy_gbs:.0%} of copy) same bits {same}"

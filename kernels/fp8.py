@@ -798,8 +798,8 @@ def _use_ws(a: torch.Tensor, b: torch.Tensor, b_group: int, c: torch.Tensor, var
 def fp8_gemm_if_ws(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
                    out_dtype: torch.dtype = torch.bfloat16, block: int = 128) -> torch.Tensor | None:
     """The FP8 linear's weight-form GEMM on the Gluon kernel where it beats block-scaled cuBLAS, else None (the
-    caller goes on to cuBLAS): K <= 512 at M > 256 (H200, fp8_gemm_ws-sweep2.md, M = 4096, N = 32768, K = 512: 794-804
-    TFLOP/s against cuBLAS's 656; on DeepGEMM's other shapes cuBLAS ran 1-11% ahead)."""
+    caller goes on to cuBLAS): K <= 512 at M > 256 (H200, fp8_gemm_ws-sweep2.md, M = 4096, N = 32768, K = 512: 850
+    TFLOP/s against block-scaled cuBLAS's 820; on DeepGEMM's other shapes cuBLAS ran 1-14% ahead)."""
     if not a.is_cuda or INTERPRET or a.shape[1] > 512 or a.shape[0] <= 256 or block != 128:
         return None
     M, N, _, b_group = _gemm_check(a, a_s, b, b_s, block)

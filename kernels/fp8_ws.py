@@ -219,8 +219,8 @@ if HAVE_GLUON:
     def _fp8_gemm_ws_kernel(a_desc, b_desc, c_desc, as_ptr, bs_ptr, M, N, K, n0, num_n, split, m_pad,
                             stride_asm, stride_ask, stride_bsn, stride_bsk,
                             STAGES: gl.constexpr, NSUB: gl.constexpr, GROUP_M: gl.constexpr):
-        """Tiles of 128 rows x BN = NSUB column blocks of b_desc's block rows (128 or 64) columns of C, over columns [n0, n0 + num_n
-        BN) (a launch may cover part of N: see fp8_gemm_ws), each in ``split`` K ranges; program p takes work units
+        """Tiles of 128 rows x BN = NSUB column blocks of b_desc's block rows (128 or 64) columns of C, over columns
+        [n0, n0 + num_n BN) (a launch may cover part of N: see fp8_gemm_ws), each in ``split`` K ranges; program p takes work units
         p, p + P, ... (persistent when the grid is smaller than the unit count)."""
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BK: gl.constexpr = a_desc.block_type.shape[1]
@@ -271,9 +271,9 @@ def _smem_layout(rows: int, cols: int, dtype: torch.dtype):
 def pick_block_n(M: int, N: int, sms: int) -> int:
     """256 or 192, the tile width of the call: whichever needs fewer waves of tiles times their width (the work of the
     busiest SM, in columns), 256 unless 192 saves more than 5% (a 256-wide tile runs ~7% more TFLOP/s when both fill
-    the GPU). H200 (fp8_gemm_ws-sweep2.md): 192 at M = 4096, N = 2112 (11 tiles a row, one launch: 1001 TFLOP/s against
-    876 for eight 256-wide tiles and a 64-wide remainder) and at M = 128, N = 24576 (128 tiles on 132 SMs: 823 against
-    714 for 96); 256 elsewhere among DeepGEMM's shapes."""
+    the GPU). H200 (fp8_gemm_ws-sweep2.md): 192 at M = 4096, N = 2112 (11 tiles a row, one launch: 1007 TFLOP/s against
+    879 for eight 256-wide tiles and a 64-wide remainder) and at M = 128, N = 24576 (128 tiles on 132 SMs: 816 against
+    701 for 96); 256 elsewhere among DeepGEMM's shapes."""
     num_m = triton.cdiv(M, BLOCK)
 
     def cost(launches):
@@ -292,10 +292,10 @@ def fp8_gemm_ws(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.
     (ceil(N/128), ceil(K/128)) 128x128 block scales. a and b K-contiguous FP8 with 16-byte aligned rows, C with
     16-byte aligned rows (TMA). ``usable`` says whether a call qualifies.
 
-    block_n None: ``pick_block_n``'s choice of 256 or 192. 256: 128 x 256 tiles (3 stages) over the columns up to the last multiple of 256, and where fewer than
-    129 columns remain, a second launch of 128 x 128 tiles (4 stages) for them: a 256-wide tile mostly past N would
-    cost a whole tile (N = 2112: 8 wide tiles + one 64-wide remainder). block_n 192: 128 x 192 tiles in three
-    64-wide column blocks (4 stages; N = 24576 is 128 of them, one per SM at M = 128). block_n 128: 128 x 128 tiles
+    block_n None: ``pick_block_n``'s choice of 256 or 192. 256: 128 x 256 tiles (3 stages) over the columns up to
+    the last multiple of 256, and where fewer than 129 columns remain, a second launch of 128 x 128 tiles (4 stages)
+    for them: a 256-wide tile mostly past N would cost a whole tile (N = 2112: 8 wide tiles + one 64-wide
+    remainder). block_n 192: 128 x 192 tiles in three 64-wide column blocks (4 stages; N = 24576 is 128 of them, one per SM at M = 128). block_n 128: 128 x 128 tiles
     throughout. A float32 C takes 128-wide tiles where 256 are asked: its staging buffers for 256 columns and three
     stages would not fit in shared memory (272 KB).
     split: each tile's K steps in ``split`` ranges run by different programs, their float32 partials summed in a
