@@ -11,6 +11,11 @@ report's bound: relative loss error below 0.25% (V3P 3.3, App. B.1).
 
     python scripts/fp8_vs_bf16.py --block-dgrad   # also fp8: sim-block-dgrad (the report's negative result)
 
+On a GPU with FP8 tensor cores (sm_89 on, with Triton) a third run takes ``fp8: real``: the same recipe through
+FP8 GEMMs (minids.kernels.fp8 and block-scaled cuBLAS), whose values differ from ``sim`` only by the order of
+float32 additions (``--real no`` leaves it out, ``--real yes`` asks for it anywhere: off CUDA it runs the
+references).
+
 ``--block-dgrad`` adds a third run whose Dgrad GEMMs quantize the activation gradient in 128x128 blocks instead
 of 1x128 tiles: the variant the report saw diverge on a 16B MoE after ~300B tokens (V3P App. B.2).
 """
@@ -18,12 +23,22 @@ of 1x128 tiles: the variant the report saw diverge on a 16B MoE after ~300B toke
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from minids.train import TrainConfig, train  # noqa: E402
+
+
+def real_fp8_here() -> bool:
+    """A CUDA GPU with FP8 tensor cores (compute capability 8.9 on) and the Triton kernels importable."""
+    import torch
+
+    from minids._kernels import kernels_available
+
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9) and kernels_available()
 
 
 def main() -> None:
@@ -37,12 +52,20 @@ def main() -> None:
     ap.add_argument("--out", default="docs/fp8")
     ap.add_argument("--runs", default="runs/fp8_vs_bf16")
     ap.add_argument("--block-dgrad", action="store_true", help="also the 128x128-block Dgrad run (V3P App. B.2)")
+    ap.add_argument("--real", choices=("auto", "yes", "no"), default="auto",
+                    help="also fp8: real (FP8 GEMMs); auto: where CUDA has FP8 tensor cores and Triton is present")
+    ap.add_argument("--train-only", default=None, metavar="MODE",
+                    help="train this one mode and stop (runs in parallel processes; then --report-only)")
     ap.add_argument("--report-only", action="store_true",
                     help="no training: the table and plot again from the runs already under --runs")
     args = ap.parse_args()
     overrides = {"num_hidden_layers": args.layers} if args.layers else {}
     res, losses = {}, {}
     modes = ("off", "sim", "sim-block-dgrad") if args.block_dgrad else ("off", "sim")
+    if args.real == "yes" or (args.real == "auto" and real_fp8_here()):
+        modes += ("real",)
+    if args.train_only is not None and args.train_only not in modes:
+        sys.exit(f"fp8_vs_bf16: --train-only {args.train_only}: one of {', '.join(modes)} (with these flags)")
     for mode in modes:
         cfg = TrainConfig(
             model=args.model, model_overrides=overrides, fp8=mode, seq_len=args.seq_len, batch_size=args.batch_size,
@@ -50,6 +73,10 @@ def main() -> None:
             eval_interval=max(1, args.steps // 4), eval_tokens=32768, ckpt_interval=10**9, keep_checkpoints=1,
             out_dir=f"{args.runs}/{mode}", sample_tokens=0, plots=False,
         )
+        if args.train_only is not None:
+            if mode == args.train_only:
+                train(cfg)
+            continue
         if not args.report_only:
             print(f"== fp8 {mode}", flush=True)
             train(cfg)
@@ -59,6 +86,8 @@ def main() -> None:
         rows = [json.loads(x) for x in metrics.read_text().splitlines()]
         losses[mode] = {r["step"]: r["loss"] for r in rows if "loss" in r}
         res[mode] = {"val_loss": [r["val_loss"] for r in rows if "val_loss" in r][-1]}  # the final evaluation
+    if args.train_only is not None:
+        return
     steps = sorted(set.intersection(*(set(losses[m]) for m in modes)))
     w = max(1, len(steps) // 10)
     diffs = {}  # per FP8 mode: relative loss difference to fp8 off, per step and smoothed
@@ -82,9 +111,13 @@ def main() -> None:
     (out / "fp8_vs_bf16.json").write_text(json.dumps({**summary, "steps": steps, "rel": rel}, indent=1) + "\n")
     run = json.loads((Path(args.runs) / "off" / "train_config.json").read_text())  # what the runs were, not argv
     layers = run["model_overrides"].get("num_hidden_layers")
+    info = json.loads((Path(args.runs) / "off" / "run_info.json").read_text())
+    base = {"fp32": "float32", "bf16": "bf16 autocast"}.get(info["precision"], info["precision"])
+    where = (f"{info['gpu'] or info['device']}, torch {info['torch']}, minids {(info['git_sha'] or info['minids'])[:12]}, "
+             f"{datetime.date.today()}.")
     md = [
         (f"{run['model']}{f' ({layers} layers)' if layers else ''}, {run['max_steps']} steps x {run['batch_size']} x "
-         f"{run['seq_len']} tokens, same seed and data; baseline = fp8 off."), "",
+         f"{run['seq_len']} tokens, same seed and data; baseline = fp8 off ({base}). {where}"), "",
         "| | " + " | ".join(modes[1:]) + " |", "|---|" + "---|" * len(diffs),
         "| relative train-loss difference, mean over the second half | "
         + " | ".join(f"{d['mean_second_half']:.3%}" for d in diffs.values()) + " |",
@@ -102,7 +135,7 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    color = {"off": "C0", "sim": "C1", "sim-block-dgrad": "C2"}  # one color per mode in both panels
+    color = {"off": "C0", "sim": "C1", "sim-block-dgrad": "C2", "real": "C3"}  # one color per mode in both panels
     for m in modes:
         ax[0].plot(steps, [losses[m][s] for s in steps], label=f"fp8 {m}", color=color[m],
                    alpha=1 if m == "off" else 0.8)
