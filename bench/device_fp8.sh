@@ -3,7 +3,8 @@
 #   probe:  the GPU tests of the Gluon paths, the TMA quantization sweep, the Gluon GEMM sweep (M = 128, 4096)
 #   gemm:   the linear's routing tests, then bench/fp8.py's quant and gemm sections
 #   linear: bench/fp8.py's linear and linear_kernels sections
-#   train:  scripts/fp8_vs_bf16.py on small-v3, fp8 off / sim / real trained in three parallel processes
+#   train:  scripts/fp8_layer_check.py (sim vs real per FP8 GEMM, fresh and trained model), then scripts/fp8_vs_bf16.py
+#           on small-v3: fp8 off / sim / real and a second off run trained in four parallel processes (one tarball)
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 [[ -e minids/kernels ]] || ln -s ../kernels minids/kernels
@@ -23,15 +24,28 @@ case "${1:-probe}" in
     python3 bench/fp8.py --only linear,linear_kernels --out "$OUT" 2>&1 | tee "$OUT/fp8_linear.log" | grep -v "^check" | tail -60
     ;;
   train)
-    R=/tmp/fp8_runs; A=(--model small-v3 --steps "${STEPS:-200}" --batch-size 16 --seq-len 512 --runs "$R" --real yes)
-    for m in off sim real; do
-      ( t=$SECONDS; timeout "${TRAIN_S:-480}" python3 scripts/fp8_vs_bf16.py "${A[@]}" --train-only $m 2>&1 \
-        | tr '\r' '\n' | grep -v -e "it/s" -e "s/it" > "$OUT/fp8_vs_bf16_$m.log"
-        echo "$m: $((SECONDS - t)) s" >> "$OUT/fp8_vs_bf16_$m.log" ) &
+    # everything into $O, returned as one tarball (the device returns at most 8 files)
+    O=/tmp/fp8_out; R=/tmp/fp8_runs; mkdir -p "$O"
+    A=(--model "${MODEL:-small-v3}" --steps "${STEPS:-200}" --batch-size 16 --seq-len 512 --real yes)
+    MINIDS_AUTOTUNE=0 python3 scripts/fp8_layer_check.py --model "${MODEL:-small-v3}" --out "$O/layers_init" > "$O/layers_init.log" 2>&1
+    tail -n 2 "$O/layers_init.log"
+    # off twice (the second in its own runs folder): the spread of two bf16 runs with the same seed and data
+    for job in off:$R sim:$R real:$R off:/tmp/fp8_rep; do
+      m=${job%%:*} r=${job#*:}
+      ( t=$SECONDS; timeout "${TRAIN_S:-420}" python3 scripts/fp8_vs_bf16.py "${A[@]}" --runs "$r" --train-only "$m" 2>&1 \
+        | tr '\r' '\n' | grep -v -e "it/s" -e "s/it" > "$O/train_${m}_$(basename "$r").log"
+        echo "$m: $((SECONDS - t)) s" >> "$O/train_${m}_$(basename "$r").log" ) &
     done
     wait
-    tail -n 4 "$OUT"/fp8_vs_bf16_*.log
-    for m in off sim real; do mkdir -p "$OUT/runs/$m"; cp "$R/$m/"{metrics.jsonl,run_info.json,train_config.json} "$OUT/runs/$m/"; done
-    python3 scripts/fp8_vs_bf16.py "${A[@]}" --report-only --out "$OUT/h200"
+    tail -n 3 "$O"/train_*.log
+    for r in $R/off $R/sim $R/real /tmp/fp8_rep/off; do
+      d="$O/runs/$(basename "$(dirname "$r")")_$(basename "$r")"; mkdir -p "$d"
+      cp "$r/"{metrics.jsonl,run_info.json,train_config.json} "$d/"
+    done
+    python3 scripts/fp8_vs_bf16.py "${A[@]}" --runs "$R" --report-only --out "$O/h200"
+    ck=$(ls -d $R/sim/checkpoints/step-* 2>/dev/null | tail -n 1)
+    [[ -n "$ck" ]] && MINIDS_AUTOTUNE=0 python3 scripts/fp8_layer_check.py --checkpoint "$ck" --out "$O/layers_trained" > "$O/layers_trained.log" 2>&1
+    tail -n 2 "$O/layers_trained.log"
+    tar czf "$OUT/fp8_train.tgz" -C "$O" .
     ;;
 esac

@@ -85,9 +85,17 @@ def main() -> None:
             sys.exit(f"fp8_vs_bf16: no run at {metrics}; run without --report-only first (same --runs and modes)")
         rows = [json.loads(x) for x in metrics.read_text().splitlines()]
         losses[mode] = {r["step"]: r["loss"] for r in rows if "loss" in r}
-        res[mode] = {"val_loss": [r["val_loss"] for r in rows if "val_loss" in r][-1]}  # the final evaluation
+        evals = [r for r in rows if "val_loss" in r]
+        if not evals:
+            sys.exit(f"fp8_vs_bf16: the {mode} run at {metrics} has no evaluation yet; let it finish")
+        res[mode] = {"val_loss": evals[-1]["val_loss"], "val_step": evals[-1]["step"]}  # the final evaluation
     if args.train_only is not None:
         return
+    unfinished = [f"{m} (last evaluated at step {res[m]['val_step']})" for m in modes
+                  if res[m]["val_step"] != res["off"]["val_step"]]
+    if unfinished:  # a run stopped early (a time limit): its validation loss is from another step than off's
+        sys.exit(f"fp8_vs_bf16: off was last evaluated at step {res['off']['val_step']} but "
+                 f"{', '.join(unfinished)}: rerun those so every mode reaches the same step")
     steps = sorted(set.intersection(*(set(losses[m]) for m in modes)))
     w = max(1, len(steps) // 10)
     diffs = {}  # per FP8 mode: relative loss difference to fp8 off, per step and smoothed
