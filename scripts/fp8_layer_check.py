@@ -29,7 +29,7 @@ from minids.config import ModelConfig  # noqa: E402
 from minids.model import Transformer  # noqa: E402
 
 
-def record_calls(model: torch.nn.Module, ids: torch.Tensor, autocast: bool) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+def record_calls(model: torch.nn.Module, ids: torch.Tensor, autocast: bool) -> list[tuple]:
     """(name, x, weight) of every fp8_linear call in one forward (model already switched to fp8 sim)."""
     calls, names = [], {}
     for n, p in model.named_parameters():
@@ -65,7 +65,8 @@ def compare(x: torch.Tensor, w: torch.Tensor, autocast: bool, seed: int) -> dict
             dy = torch.randn(y.shape, generator=g, device=y.device).to(y.dtype)
         y.backward(dy)
         out[real] = (y.detach().float(), xi.grad.float(), wi.grad.float())
-    rel = {k: ((a - b).norm() / b.norm().clamp_min(1e-30)).item() for k, a, b in zip(("y", "dx", "dw"), out[True], out[False])}
+    rel = {k: ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+           for k, a, b in zip(("y", "dx", "dw"), out[True], out[False])}
     return {**rel, "M": x.numel() // x.shape[-1], "K": x.shape[-1], "N": w.shape[0]}
 
 
@@ -115,7 +116,8 @@ def main() -> None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "fp8_layer_check.md").write_text("\n".join(md) + "\n")
-        (out / "fp8_layer_check.json").write_text(json.dumps({"head": head, "rows": rows, "worst": worst}, indent=1) + "\n")
+        record = {"head": head, "rows": rows, "worst": worst}
+        (out / "fp8_layer_check.json").write_text(json.dumps(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":
