@@ -4,7 +4,7 @@
 #   gemm:   the linear's routing tests, then bench/fp8.py's quant and gemm sections
 #   linear: bench/fp8.py's linear and linear_kernels sections
 #   train:  scripts/fp8_layer_check.py (sim vs real per FP8 GEMM, fresh and trained model), then scripts/fp8_vs_bf16.py
-#           on small-v3: fp8 off / sim / real and a second off run trained in four parallel processes (one tarball)
+#           on small-v3: fp8 off / sim / real and off again (--noise-floor), four parallel processes (one tarball)
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 [[ -e minids/kernels ]] || ln -s ../kernels minids/kernels
@@ -26,23 +26,19 @@ case "${1:-probe}" in
   train)
     # everything into $O, returned as one tarball (the device returns at most 8 files)
     O=/tmp/fp8_out; R=/tmp/fp8_runs; mkdir -p "$O"
-    A=(--model "${MODEL:-small-v3}" --steps "${STEPS:-200}" --batch-size 16 --seq-len 512 --real yes)
+    A=(--model "${MODEL:-small-v3}" --steps "${STEPS:-200}" --batch-size 16 --seq-len 512 --real yes --noise-floor --runs "$R")
     MINIDS_AUTOTUNE=0 python3 scripts/fp8_layer_check.py --model "${MODEL:-small-v3}" --out "$O/layers_init" > "$O/layers_init.log" 2>&1
     tail -n 2 "$O/layers_init.log"
-    # off twice (the second in its own runs folder): the spread of two bf16 runs with the same seed and data
-    for job in off:$R sim:$R real:$R off:/tmp/fp8_rep; do
-      m=${job%%:*} r=${job#*:}
-      ( t=$SECONDS; timeout "${TRAIN_S:-420}" python3 scripts/fp8_vs_bf16.py "${A[@]}" --runs "$r" --train-only "$m" 2>&1 \
-        | tr '\r' '\n' | grep -v -e "it/s" -e "s/it" > "$O/train_${m}_$(basename "$r").log"
-        echo "$m: $((SECONDS - t)) s" >> "$O/train_${m}_$(basename "$r").log" ) &
+    # off-again: fp8 off a second time, the spread of two bf16 runs with the same seed and data
+    for m in off sim real off-again; do
+      ( t=$SECONDS; timeout "${TRAIN_S:-420}" python3 scripts/fp8_vs_bf16.py "${A[@]}" --train-only "$m" 2>&1 \
+        | tr '\r' '\n' | grep -v -e "it/s" -e "s/it" > "$O/$m.log"
+        echo "$m: $((SECONDS - t)) s" >> "$O/$m.log" ) &
     done
     wait
-    tail -n 3 "$O"/train_*.log
-    for r in $R/off $R/sim $R/real /tmp/fp8_rep/off; do
-      d="$O/runs/$(basename "$(dirname "$r")")_$(basename "$r")"; mkdir -p "$d"
-      cp "$r/"{metrics.jsonl,run_info.json,train_config.json} "$d/"
-    done
-    python3 scripts/fp8_vs_bf16.py "${A[@]}" --runs "$R" --report-only --out "$O/h200"
+    tail -n 3 "$O"/*.log
+    for m in off sim real off-again; do mkdir -p "$O/runs/$m"; cp "$R/$m/"{metrics.jsonl,run_info.json,train_config.json} "$O/runs/$m/"; done
+    python3 scripts/fp8_vs_bf16.py "${A[@]}" --report-only --out "$O/h200"
     ck=$(ls -d $R/sim/checkpoints/step-* 2>/dev/null | tail -n 1)
     [[ -n "$ck" ]] && MINIDS_AUTOTUNE=0 python3 scripts/fp8_layer_check.py --checkpoint "$ck" --out "$O/layers_trained" > "$O/layers_trained.log" 2>&1
     tail -n 2 "$O/layers_trained.log"
