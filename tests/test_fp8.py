@@ -1,7 +1,7 @@
 """FP8 (minids/fp8.py, REFERENCE.md 5): fine-grained quantization (1x128, 128x1, 128x128; UE8M0 scales),
 its error per format, saturation and the amax floor, the checkpoint dequantization, the FP8 linear layer
 (Fprop / Dgrad / Wgrad) against a reference written here from the V3 recipe, enable_fp8 on tiny-v3,
-`fp8: sim` training, and the limited-precision accumulator.
+`fp8: sim` training, the limited-precision accumulator, and the scripts that compare sim, real and off.
 
 Expected values come from the format definitions (E4M3: 3 mantissa bits, max 448; E5M2: 2 bits, max
 57344), from hand computation, or from the straightforward tile quantizer below (torch ops only; it does
@@ -664,3 +664,61 @@ def test_fp8_linear_gemm_choice_is_checked(monkeypatch):
         fp8_linear(x, w, real=True)
     monkeypatch.setattr(fp8_module, "LINEAR_GEMM", "triton")
     assert fp8_linear(x, w, real=True).shape == (4, 128)
+
+
+# ------------------------------------------------------------------ 11. the comparison scripts
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def run_script(name: str, *args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, str(SCRIPTS / name), *args], capture_output=True, text=True, timeout=600)
+
+
+def test_fp8_layer_check_sim_equals_real_per_gemm(tmp_path):
+    """scripts/fp8_layer_check.py records every FP8 GEMM of a forward (5 attention linears, the shared expert's 3,
+    3 per routed expert that received tokens) and finds sim and real equal up to float32 addition order on the CPU."""
+    done = run_script("fp8_layer_check.py", "--model", "tiny-v3", "--layers", "2", "--batch-size", "1",
+                      "--seq-len", "32", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    rec = json.loads((tmp_path / "fp8_layer_check.json").read_text())
+    names = [r["name"] for r in rec["rows"]]
+    # layer 0 is dense (first_k_dense_replace = 1): 5 attention + 3 MLP; layer 1 and the MTP layer are MoE
+    assert names.count("model.layers.0.mlp.gate_proj.weight") == 1
+    assert sum(n.startswith("model.layers.0.self_attn.") for n in names) == 5
+    experts = [n for n in names if n.startswith("model.layers.1.mlp.experts.")]
+    assert experts and len(experts) % 3 == 0 and len(experts) <= 3 * ModelConfig.load("tiny-v3").n_routed_experts
+    assert sum(r["M"] for r in rec["rows"] if r["name"] == "model.layers.1.mlp.experts.gate_proj[expert]") == 32 * 4
+    assert max(rec["worst"].values()) < 1e-5, rec["worst"]  # the 1x128 / 128x128 quantization itself: ~3e-7 here
+
+
+def test_fp8_vs_bf16_report_noise_floor_and_unfinished_runs(tmp_path):
+    """The report of scripts/fp8_vs_bf16.py over real runs: with --noise-floor the baseline's second run is its
+    first one again on the CPU (deterministic training: 0.000%); a run that stopped before off's last evaluation is
+    refused with one line instead of being compared at another step."""
+    data = write_corpus(tmp_path / "corpus")
+    runs = tmp_path / "runs"
+    for mode in ("off", "sim", "off-again"):
+        cfg = TrainConfig(model="tiny-v3", model_overrides={"num_hidden_layers": 1}, data=str(data),
+                          fp8="off" if mode == "off-again" else mode, seq_len=32, batch_size=2, max_steps=4,
+                          max_tokens=None, lr=3e-3, warmup_steps=1, eval_interval=2, eval_tokens=128, sample_tokens=0,
+                          plots=False, out_dir=str(runs / mode))
+        train(cfg)
+    args = ("--runs", str(runs), "--out", str(tmp_path / "out"), "--report-only", "--noise-floor", "--real", "no")
+    done = run_script("fp8_vs_bf16.py", *args)
+    assert done.returncode == 0, done.stderr
+    rep = json.loads((tmp_path / "out" / "fp8_vs_bf16.json").read_text())
+    assert rep["noise_floor"] == {"mean_second_half": 0.0, "last": 0.0, "val_rel": 0.0}
+    assert set(rep["modes"]) == {"sim", "off-again"} and rep["modes"]["sim"]["mean_second_half"] > 0
+    md = (tmp_path / "out" / "fp8_vs_bf16.md").read_text()
+    assert "| | sim | off, again (noise floor) |" in md and "(a deterministic device)" in md
+    metrics = runs / "sim" / "metrics.jsonl"
+    metrics.write_text("".join(x for x in metrics.read_text().splitlines(keepends=True)
+                               if json.loads(x).get("step") != 4))  # as if stopped after step 3
+    done = run_script("fp8_vs_bf16.py", *args)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1] == ("fp8_vs_bf16: off was last evaluated at step 4 but sim (last "
+                                                     "evaluated at step 2): rerun those so every mode reaches the same "
+                                                     "step")
