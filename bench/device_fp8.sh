@@ -3,8 +3,6 @@
 #   probe:  the GPU tests of the Gluon paths, the TMA quantization sweep, the Gluon GEMM sweep (M = 128, 4096)
 #   gemm:   the linear's routing tests, then bench/fp8.py's quant and gemm sections
 #   linear: bench/fp8.py's linear and linear_kernels sections
-#   narrow: the quantization GPU tests, bench/fp8.py's narrow section (16-bit tiles in registers), and the per-GEMM
-#           sim/real check with bit-exact quantization (MINIDS_FP8_EXACT=1)
 #   train:  scripts/fp8_layer_check.py (sim vs real per FP8 GEMM, fresh and trained model), then scripts/fp8_vs_bf16.py
 #           on small-v3: fp8 off / sim / real and off again (--noise-floor), four parallel processes (one tarball)
 set -uo pipefail
@@ -24,11 +22,6 @@ case "${1:-probe}" in
     ;;
   linear)
     python3 bench/fp8.py --only linear,linear_kernels --out "$OUT" 2>&1 | tee "$OUT/fp8_linear.log" | grep -v "^check" | tail -60
-    ;;
-  narrow)
-    python3 -m pytest -q -p no:cacheprovider tests/test_kernels_fp8.py -k "narrow or act_quant or weight_quant" 2>&1 | tail -6 | tee "$OUT/gpu_tests_narrow.log"
-    python3 bench/fp8.py --only narrow --out "$OUT" 2>&1 | tee "$OUT/fp8_narrow.log" | tail -40
-    MINIDS_FP8_EXACT=1 MINIDS_AUTOTUNE=0 python3 scripts/fp8_layer_check.py --model "${MODEL:-small-v3}" --out "$OUT/exact" | tail -3
     ;;
   train)
     # everything into $O, returned as one tarball (the device returns at most 8 files)

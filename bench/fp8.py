@@ -222,46 +222,6 @@ def _sweep_tiles(rows: list, copy_gbs: float, cases: dict, uses: dict) -> None:
             kfp8._TILES[key][False] = default
 
 
-NARROW_SWEEP = {  # kfp8._TILES key: tiles to time with the 16-bit tile (kfp8.NARROW_QUANT) and without
-    "act_quant_t": [(128, 4, True), (128, 8, True), (256, 8, True), (64, 4, True)],
-    "act_quant_both": [(128, 4, True), (128, 8, True), (256, 8, True), (128, 4, False)],
-}
-
-
-def bench_narrow(rows: list, copy_gbs: float) -> None:
-    """The transposing activation quantizations with the bf16 tile kept in bf16 registers (kfp8.NARROW_QUANT) against
-    the float32 tile, per tile config, on two shapes; every output compared bit for bit with the default's."""
-    uses = {"act_quant_t": "act_quant_t 128x1", "act_quant_both": "act_quant_both"}
-    narrow, tma = kfp8.NARROW_QUANT, kfp8.TMA_QUANT
-    kfp8.TMA_QUANT = False
-    try:
-        for M, K in ((8192, 7168), (4096, 32768)):
-            x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
-            cases = {name: (kernel, nbytes) for name, kernel, _, nbytes in _quant_cases(x, x[:128, :128], x, x)
-                     if name in uses.values()}
-            for key, tiles in NARROW_SWEEP.items():
-                kernel, nbytes = cases[uses[key]]
-                default = kfp8._TILES[key][False]
-                kfp8.NARROW_QUANT = False
-                want = tuple(t.clone() for t in kernel(False))
-                try:
-                    for tile in tiles:
-                        kfp8._TILES[key][False] = tile
-                        for nr in (False, True):
-                            kfp8.NARROW_QUANT = nr
-                            same = _same_outputs(kernel(False), want)
-                            gbs = nbytes / median_ms(lambda: kernel(False)) / 1e6
-                            rows.append({"kernel": uses[key], "shape": f"{M}x{K}", "features": tile[0],
-                                         "num_warps": tile[1], "pack": tile[2], "narrow": nr, "GB/s": gbs,
-                                         "frac_copy": gbs / copy_gbs, "same_as_default": same})
-                            print(f"{uses[key]:20s} {M}x{K} {tile} narrow {nr!s:5} {gbs:6.0f} GB/s "
-                                  f"({gbs / copy_gbs:.0%} of copy) same bits {same}", flush=True)
-                finally:
-                    kfp8._TILES[key][False] = default
-    finally:
-        kfp8.NARROW_QUANT, kfp8.TMA_QUANT = narrow, tma
-
-
 TMA_QUANT_SWEEP = [(3, 8, 1, False), (3, 8, 1, True), (2, 8, 1, True), (2, 4, 2, False), (2, 4, 2, True),
                    (3, 4, 2, True), (2, 8, 2, True), (2, 4, 1, True)]
 
@@ -623,7 +583,7 @@ def bench_host(rows: list, out: Path) -> None:
     print("\n".join(buf.getvalue().splitlines()[:40]), flush=True)
 
 
-SECTIONS = ("quant", "tiles", "narrow", "tma_quant", "gemm", "plans", "scales", "linear", "linear_kernels", "linear_gemms", "host")  # --only, in order
+SECTIONS = ("quant", "tiles", "tma_quant", "gemm", "plans", "scales", "linear", "linear_kernels", "linear_gemms", "host")  # --only, in order
 
 
 def main() -> None:
@@ -660,13 +620,6 @@ def main() -> None:
             ("Fast mode, 8192x7168 bf16 (weights 7168x7168): a program quantizes 128 tokens x `features`; "
              "pack: the transposed copy stored as 8-token words (kfp8._pack_words); "
              "same_as_default: outputs bit-identical to the default tile's.")),
-        "narrow": (
-            lambda rows_: bench_narrow(rows_, copy_gbs), "fp8_narrow",
-            ["kernel", "shape", "features", "num_warps", "pack", "narrow", "GB/s", "frac_copy", "same_as_default"],
-            ("Fast mode, bf16 x: the transposing quantizations per tile config (features per program, warps, packed "
-             "stores) with the tile in float32 registers (narrow False) or kept in bf16 until quantized "
-             "(kfp8.NARROW_QUANT); same_as_default: outputs bit-identical to the default config's, float32 tile. "
-             "Effective GB/s as in fp8_quant.")),
         "tma_quant": (
             lambda rows_: bench_tma_quant(rows_, copy_gbs), "fp8_tma_quant",
             ["kernel", "shape", "config", "GB/s", "frac_copy", "same_as_triton", "default"],

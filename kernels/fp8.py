@@ -219,7 +219,7 @@ if HAVE_TRITON:
         HAS_IN_SCALE: tl.constexpr, IN_BLOCK: tl.constexpr,
         FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, UE8M0: tl.constexpr,
         EXACT: tl.constexpr, SOFT_CVT: tl.constexpr,
-        BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PACK: tl.constexpr, NARROW: tl.constexpr = False,
+        BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PACK: tl.constexpr,
     ):
         """x (M, K) -> q (K, M) in BLOCK x 1 tiles along M: one program reads (BLOCK tokens x BLOCK_K) and writes
         it transposed. With HAS_IN_SCALE, x is FP8 with 1 x IN_BLOCK scales xs and is dequantized on load. PACK: the
@@ -229,9 +229,7 @@ if HAVE_TRITON:
         cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         mask = (rows < M)[:, None] & (cols < K)[None, :]
         rows64 = rows.to(tl.int64)
-        x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
-        if not NARROW:  # NARROW: x stays in its 16-bit dtype (amax is exact there), float32 only where quantized
-            x = x.to(tl.float32)
+        x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_IN_SCALE:
             if IN_BLOCK % BLOCK_K == 0:  # the tile's columns share one input scale per row
                 xs = tl.load(xs_ptr + rows64 * stride_xsm + ((pid_k * BLOCK_K) // IN_BLOCK) * stride_xsk, mask=rows < M,
@@ -241,8 +239,8 @@ if HAVE_TRITON:
                 xs = tl.load(xs_ptr + rows64[:, None] * stride_xsm + (cols // IN_BLOCK)[None, :] * stride_xsk,
                              mask=mask, other=0.0)
                 x = x * xs
-        s = _scale_of(tl.max(tl.abs(x), axis=0).to(tl.float32), FMAX, UE8M0)  # (BLOCK_K,): per column, BLOCK tokens
-        q = _quantize(x.to(tl.float32), s[None, :], FMAX, MBITS, EMIN, UE8M0, EXACT, SOFT_CVT)
+        s = _scale_of(tl.max(tl.abs(x), axis=0), FMAX, UE8M0)  # (BLOCK_K,): one per column over BLOCK tokens
+        q = _quantize(x, s[None, :], FMAX, MBITS, EMIN, UE8M0, EXACT, SOFT_CVT)
         cols64 = cols.to(tl.int64)
         if PACK:
             _store_words(qw_ptr, q.to(q_ptr.dtype.element_ty), cols64, K, M, stride_qk, pid_m, BLOCK, BLOCK_K)
@@ -258,7 +256,7 @@ if HAVE_TRITON:
         stride_stk, stride_stb,
         FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, UE8M0: tl.constexpr,
         EXACT: tl.constexpr, SOFT_CVT: tl.constexpr,
-        BLOCK: tl.constexpr, G: tl.constexpr, PACK: tl.constexpr, NARROW: tl.constexpr = False,
+        BLOCK: tl.constexpr, G: tl.constexpr, PACK: tl.constexpr,
     ):
         """One read of a (BLOCK tokens x G*BLOCK features) tile of x (M, K), held as (BLOCK, G, BLOCK); writes its
         1 x BLOCK quantization into q (M, K) and its BLOCK x 1 quantization, transposed, into qt (K, M) (PACK:
@@ -270,16 +268,15 @@ if HAVE_TRITON:
         mask = (rows < M)[:, None, None] & (cols < K)[None, :, :]
         rows64, cols64 = rows.to(tl.int64), cols.to(tl.int64)
         x = tl.load(x_ptr + rows64[:, None, None] * stride_xm + cols[None, :, :], mask=mask, other=0.0)
-        if not NARROW:  # as in _act_quant_t_kernel
-            x = x.to(tl.float32)
-        s = _scale_of(tl.max(tl.abs(x), axis=2).to(tl.float32), FMAX, UE8M0)  # (BLOCK, G): along features
-        q = _quantize(x.to(tl.float32), s[:, :, None], FMAX, MBITS, EMIN, UE8M0, EXACT, SOFT_CVT)
+        x = x.to(tl.float32)
+        s = _scale_of(tl.max(tl.abs(x), axis=2), FMAX, UE8M0)  # (BLOCK, G): along features
+        q = _quantize(x, s[:, :, None], FMAX, MBITS, EMIN, UE8M0, EXACT, SOFT_CVT)
         tl.store(q_ptr + rows64[:, None, None] * stride_qm + cols[None, :, :], q.to(q_ptr.dtype.element_ty),
                  mask=mask)
         tl.store(s_ptr + rows64[:, None] * stride_sm + groups[None, :] * stride_sk, s,
                  mask=(rows < M)[:, None] & (groups * BLOCK < K)[None, :])
-        st = _scale_of(tl.max(tl.abs(x), axis=0).to(tl.float32), FMAX, UE8M0)  # (G, BLOCK): along tokens
-        qt = _quantize(x.to(tl.float32), st[None, :, :], FMAX, MBITS, EMIN, UE8M0, EXACT, SOFT_CVT)
+        st = _scale_of(tl.max(tl.abs(x), axis=0), FMAX, UE8M0)  # (G, BLOCK): along tokens
+        qt = _quantize(x, st[None, :, :], FMAX, MBITS, EMIN, UE8M0, EXACT, SOFT_CVT)
         if PACK:
             _store_words(qtw_ptr, qt.to(qt_ptr.dtype.element_ty), cols64, K, M, stride_qtk, pid_m, BLOCK, G * BLOCK)
         else:
@@ -426,17 +423,6 @@ def _tma_quant(x: torch.Tensor, block: int, flags: dict, outs, in_block: int = 1
     return fp8_tma_quant.usable(x, block, flags["EXACT"], outs)
 
 
-# True keeps a bf16 / fp16 input tile of the transposing activation quantizations (act_quant_t, act_quant_both) in
-# its 16-bit dtype in registers, converting each value to float32 only where it is quantized: half the registers
-# for the tile (the float32 tile took most of the 123-203 registers a thread that ncu showed), same bits (the amax
-# of 16-bit values is exact in their dtype). Fast mode only (the exact mode's float64 quotient needs them anyway).
-NARROW_QUANT = os.environ.get("MINIDS_FP8_NARROW", "0") == "1"
-
-
-def _narrow(x: torch.Tensor, flags: dict) -> bool:
-    return NARROW_QUANT and not flags["EXACT"] and x.dtype in (torch.bfloat16, torch.float16)
-
-
 def _pack_view(t: torch.Tensor, pack: bool) -> tuple[torch.Tensor, bool]:
     """(the int64 view of a contiguous FP8 (rows, M) transposed output, True) for the packed stores
     (``_store_words``) where ``pack`` asks for them and t's rows are whole aligned 8-byte words (M a multiple of 8, t
@@ -508,7 +494,7 @@ def act_quant_t(
         _act_quant_t_kernel[grid](
             x, xs, q, qw, s, M, K, x.stride(0), *xs.stride(), q.stride(0), *s.stride(),
             HAS_IN_SCALE=in_scale is not None, IN_BLOCK=in_block, **flags,
-            BLOCK=block, BLOCK_K=BLOCK_K, PACK=pack, NARROW=_narrow(x, flags) and in_scale is None, num_warps=warps,
+            BLOCK=block, BLOCK_K=BLOCK_K, PACK=pack, num_warps=warps,
         )
     return q, s
 
@@ -538,7 +524,7 @@ def act_quant_both(
         grid = (_cdiv(M, block), _cdiv(K, G * block))
         _act_quant_both_kernel[grid](
             x, q, s, qt, qtw, st, M, K, x.stride(0), q.stride(0), *s.stride(), qt.stride(0), *st.stride(),
-            **flags, BLOCK=block, G=G, PACK=pack, NARROW=_narrow(x, flags), num_warps=warps,
+            **flags, BLOCK=block, G=G, PACK=pack, num_warps=warps,
         )
     return q, s, qt, st
 
