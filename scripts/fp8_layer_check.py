@@ -78,8 +78,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--out", default=None, help="write fp8_layer_check.{json,md} here")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda where there is one)")
     args = ap.parse_args()
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     autocast = dev == "cuda"
     torch.manual_seed(0)
     if args.checkpoint:
