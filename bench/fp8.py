@@ -222,35 +222,6 @@ def _sweep_tiles(rows: list, copy_gbs: float, cases: dict, uses: dict) -> None:
             kfp8._TILES[key][False] = default
 
 
-def bench_both_split(rows: list, copy_gbs: float) -> None:
-    """act_quant_both as one program per tile (both quantizations) against two programs per tile side by side
-    (kfp8.BOTH_SPLIT), act_quant and act_quant_t alone beside them; outputs compared bit for bit."""
-    split, tma = kfp8.BOTH_SPLIT, kfp8.TMA_QUANT
-    kfp8.TMA_QUANT = False
-    try:
-        for M, K in ((8192, 7168), (4096, 32768), (4096, 7168)):
-            x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
-            cases = {name: (kernel, nbytes) for name, kernel, _, nbytes in _quant_cases(x, x[:128, :128], x, x)}
-            want = None
-            for name, sp in (("act_quant 1x128", False), ("act_quant_t 128x1", False), ("act_quant_both", False),
-                             ("act_quant_both", True)):
-                kfp8.BOTH_SPLIT = sp
-                kernel, nbytes = cases[name]
-                same = True
-                if name == "act_quant_both":
-                    got = tuple(t.clone() for t in kernel(False))
-                    want = want or got
-                    same = _same_outputs(got, want)
-                gbs = nbytes / median_ms(lambda: kernel(False)) / 1e6
-                label = name + (" (split)" if sp else "")
-                rows.append({"kernel": label, "shape": f"{M}x{K}", "GB/s": gbs, "frac_copy": gbs / copy_gbs,
-                             "same_as_one_program": same})
-                print(f"{label:28s} {M}x{K} {gbs:6.0f} GB/s ({gbs / copy_gbs:.0%} of copy) same bits {same}",
-                      flush=True)
-    finally:
-        kfp8.BOTH_SPLIT, kfp8.TMA_QUANT = split, tma
-
-
 TMA_QUANT_SWEEP = [(3, 8, 1, False), (3, 8, 1, True), (2, 8, 1, True), (2, 4, 2, False), (2, 4, 2, True),
                    (3, 4, 2, True), (2, 8, 2, True), (2, 4, 1, True)]
 
@@ -612,7 +583,7 @@ def bench_host(rows: list, out: Path) -> None:
     print("\n".join(buf.getvalue().splitlines()[:40]), flush=True)
 
 
-SECTIONS = ("quant", "tiles", "both_split", "tma_quant", "gemm", "plans", "scales", "linear", "linear_kernels", "linear_gemms", "host")  # --only, in order
+SECTIONS = ("quant", "tiles", "tma_quant", "gemm", "plans", "scales", "linear", "linear_kernels", "linear_gemms", "host")  # --only, in order
 
 
 def main() -> None:
@@ -649,12 +620,6 @@ def main() -> None:
             ("Fast mode, 8192x7168 bf16 (weights 7168x7168): a program quantizes 128 tokens x `features`; "
              "pack: the transposed copy stored as 8-token words (kfp8._pack_words); "
              "same_as_default: outputs bit-identical to the default tile's.")),
-        "both_split": (
-            lambda rows_: bench_both_split(rows_, copy_gbs), "fp8_both_split",
-            ["kernel", "shape", "GB/s", "frac_copy", "same_as_one_program"],
-            ("Fast mode, bf16 x: act_quant_both with one program per 128 x 128 tile doing both quantizations, and "
-             "split (kfp8.BOTH_SPLIT: two programs per tile side by side, the row and the transposed column "
-             "quantization); act_quant and act_quant_t alone for scale. Effective GB/s as in fp8_quant.")),
         "tma_quant": (
             lambda rows_: bench_tma_quant(rows_, copy_gbs), "fp8_tma_quant",
             ["kernel", "shape", "config", "GB/s", "frac_copy", "same_as_triton", "default"],

@@ -202,19 +202,8 @@ if HAVE_TRITON:
         BLOCK_M: tl.constexpr, BLOCK: tl.constexpr,
     ):
         """q[m, k] = x[m, k] / s[m, k // BLOCK]; one program: BLOCK_M rows x one BLOCK-wide tile."""
-        _rows_tile(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_sk,
-                   tl.program_id(0) * BLOCK_M, tl.program_id(1), FMAX, MBITS, EMIN, UE8M0, EXACT, SOFT_CVT,
-                   BLOCK_M, BLOCK)
-
-    @triton.jit
-    def _rows_tile(
-        x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_sk, row0, pid_k,
-        FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, UE8M0: tl.constexpr,
-        EXACT: tl.constexpr, SOFT_CVT: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK: tl.constexpr,
-    ):
-        """Rows row0 .. row0 + BLOCK_M of the BLOCK-wide group pid_k: 1 x BLOCK quantization (``act_quant``)."""
-        rows = row0 + tl.arange(0, BLOCK_M)
+        pid_m, pid_k = tl.program_id(0), tl.program_id(1)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = pid_k * BLOCK + tl.arange(0, BLOCK)
         mask = (rows < M)[:, None] & (cols < K)[None, :]
         rows64 = rows.to(tl.int64)
@@ -235,19 +224,7 @@ if HAVE_TRITON:
         """x (M, K) -> q (K, M) in BLOCK x 1 tiles along M: one program reads (BLOCK tokens x BLOCK_K) and writes
         it transposed. With HAS_IN_SCALE, x is FP8 with 1 x IN_BLOCK scales xs and is dequantized on load. PACK: the
         transposed store goes through q's int64 view qw in 8-token words (``_pack_words``)."""
-        _t_tile(x_ptr, xs_ptr, q_ptr, qw_ptr, s_ptr, M, K, stride_xm, stride_xsm, stride_xsk, stride_qk, stride_sk,
-                stride_sb, tl.program_id(0), tl.program_id(1), HAS_IN_SCALE, IN_BLOCK,
-                FMAX, MBITS, EMIN, UE8M0, EXACT, SOFT_CVT, BLOCK, BLOCK_K, PACK)
-
-    @triton.jit
-    def _t_tile(
-        x_ptr, xs_ptr, q_ptr, qw_ptr, s_ptr, M, K, stride_xm, stride_xsm, stride_xsk, stride_qk, stride_sk, stride_sb,
-        pid_m, pid_k, HAS_IN_SCALE: tl.constexpr, IN_BLOCK: tl.constexpr,
-        FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, UE8M0: tl.constexpr,
-        EXACT: tl.constexpr, SOFT_CVT: tl.constexpr,
-        BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PACK: tl.constexpr,
-    ):
-        """Token block pid_m x feature block pid_k of ``_act_quant_t_kernel``."""
+        pid_m, pid_k = tl.program_id(0), tl.program_id(1)
         rows = pid_m * BLOCK + _token_order(BLOCK, PACK)  # tokens
         cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         mask = (rows < M)[:, None] & (cols < K)[None, :]
@@ -310,29 +287,6 @@ if HAVE_TRITON:
             tl.store(qt_ptrs, tl.permute(qt, (1, 2, 0)).to(qt_ptr.dtype.element_ty),
                      mask=tl.permute(mask, (1, 2, 0)))
         tl.store(st_ptr + cols64 * stride_stk + pid_m * stride_stb, st, mask=cols < K)
-
-    @triton.jit
-    def _act_quant_both_split_kernel(
-        x_ptr, q_ptr, s_ptr, qt_ptr, qtw_ptr, st_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_sk, stride_qtk,
-        stride_stk, stride_stb, n_k,
-        FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, UE8M0: tl.constexpr,
-        EXACT: tl.constexpr, SOFT_CVT: tl.constexpr,
-        BLOCK: tl.constexpr, SUB_M: tl.constexpr, PACK: tl.constexpr,
-    ):
-        """``act_quant_both`` as two programs per (BLOCK tokens x BLOCK features) tile, launched side by side
-        (program 2 i: the 1 x BLOCK quantization in SUB_M-row steps; 2 i + 1: the BLOCK x 1 one, transposed, as
-        ``_act_quant_t_kernel``): the second read of the tile comes from L2, and neither program holds both
-        results, so each keeps the registers of the single quantization."""
-        pid = tl.program_id(0)
-        tile = pid // 2
-        pid_m, pid_k = tile // n_k, tile % n_k
-        if pid % 2 == 0:
-            for i in tl.static_range(BLOCK // SUB_M):
-                _rows_tile(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_sk,
-                           pid_m * BLOCK + i * SUB_M, pid_k, FMAX, MBITS, EMIN, UE8M0, EXACT, SOFT_CVT, SUB_M, BLOCK)
-        else:
-            _t_tile(x_ptr, x_ptr, qt_ptr, qtw_ptr, st_ptr, M, K, stride_xm, 0, 0, stride_qtk, stride_stk, stride_stb,
-                    pid_m, pid_k, False, BLOCK, FMAX, MBITS, EMIN, UE8M0, EXACT, SOFT_CVT, BLOCK, BLOCK, PACK)
 
     @triton.jit
     def _weight_quant_kernel(
@@ -469,11 +423,6 @@ def _tma_quant(x: torch.Tensor, block: int, flags: dict, outs, in_block: int = 1
     return fp8_tma_quant.usable(x, block, flags["EXACT"], outs)
 
 
-# True runs the fast act_quant_both as two programs per tile (``_act_quant_both_split_kernel``: the row and the
-# column quantization side by side, the tile's second read from L2) instead of one program doing both.
-BOTH_SPLIT = False
-
-
 def _pack_view(t: torch.Tensor, pack: bool) -> tuple[torch.Tensor, bool]:
     """(the int64 view of a contiguous FP8 (rows, M) transposed output, True) for the packed stores
     (``_store_words``) where ``pack`` asks for them and t's rows are whole aligned 8-byte words (M a multiple of 8, t
@@ -569,15 +518,6 @@ def act_quant_both(
             from minids.kernels import fp8_tma_quant
 
             fp8_tma_quant.quant_tiles(x, qt, st, q, s, flags=flags)
-            return q, s, qt, st
-        if BOTH_SPLIT and not flags["EXACT"]:
-            _, warps, pack = _TILES["act_quant_t"][False]
-            qtw, pack = _pack_view(qt, pack)
-            n_k = _cdiv(K, block)
-            _act_quant_both_split_kernel[(2 * _cdiv(M, block) * n_k,)](
-                x, q, s, qt, qtw, st, M, K, x.stride(0), q.stride(0), *s.stride(), qt.stride(0), *st.stride(), n_k,
-                **flags, BLOCK=block, SUB_M=16, PACK=pack, num_warps=warps,
-            )
             return q, s, qt, st
         G, warps, pack = _blocks_per_program("act_quant_both", flags, block)
         qtw, pack = _pack_view(qt, pack)
