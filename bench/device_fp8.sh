@@ -3,6 +3,7 @@
 #   probe:  the GPU tests of the Gluon paths, the TMA quantization sweep, the Gluon GEMM sweep (M = 128, 4096)
 #   gemm:   the linear's routing tests, then bench/fp8.py's quant and gemm sections
 #   linear: bench/fp8.py's linear and linear_kernels sections
+#   reg:    the register-layout Gluon quantization (kernels/fp8_reg_quant.py): its GPU tests and bench/fp8.py's reg_quant
 #   train:  scripts/fp8_layer_check.py (sim vs real per FP8 GEMM, fresh and trained model), then scripts/fp8_vs_bf16.py
 #           on small-v3: fp8 off / sim / real and off again (--noise-floor), four parallel processes (one tarball)
 set -uo pipefail
@@ -22,6 +23,10 @@ case "${1:-probe}" in
     ;;
   linear)
     python3 bench/fp8.py --only linear,linear_kernels --out "$OUT" 2>&1 | tee "$OUT/fp8_linear.log" | grep -v "^check" | tail -60
+    ;;
+  reg)
+    python3 -m pytest -q -p no:cacheprovider tests/test_kernels_fp8.py -k "reg_quant" 2>&1 | tail -12 | tee "$OUT/gpu_tests_reg_quant.log"
+    python3 bench/fp8.py --only reg_quant --out "$OUT" 2>&1 | tee "$OUT/fp8_reg_quant.log" | tail -24
     ;;
   train)
     # everything into $O, returned as one tarball (the device returns at most 8 files)

@@ -222,6 +222,35 @@ def _sweep_tiles(rows: list, copy_gbs: float, cases: dict, uses: dict) -> None:
             kfp8._TILES[key][False] = default
 
 
+def bench_reg_quant(rows: list, copy_gbs: float) -> None:
+    """The transposing quantizations on the Triton kernels against the register-layout Gluon kernel
+    (kernels/fp8_reg_quant.py, kfp8.REG_QUANT) at 4 and 8 warps; outputs compared bit for bit."""
+    from minids.kernels import fp8_reg_quant
+
+    reg, tma, warps = kfp8.REG_QUANT, kfp8.TMA_QUANT, fp8_reg_quant.WARPS
+    kfp8.TMA_QUANT = False
+    names = ("act_quant_t 128x1", "act_quant_both", "act_quant_t from fp8 (Wgrad requant)")
+    try:
+        for M, K in ((8192, 7168), (4096, 32768)):
+            x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
+            xq, xs = kfp8.act_quant(x)
+            cases = {name: (kernel, nbytes) for name, kernel, _, nbytes in _quant_cases(x, x[:128, :128], xq, xs)}
+            for name in names:
+                kernel, nbytes = cases[name]
+                kfp8.REG_QUANT = False
+                want = tuple(t.clone() for t in kernel(False))
+                for label, on, w in (("triton", False, warps), ("gluon-reg w4", True, 4), ("gluon-reg w8", True, 8)):
+                    kfp8.REG_QUANT, fp8_reg_quant.WARPS = on, w
+                    same = _same_outputs(kernel(False), want)
+                    gbs = nbytes / median_ms(lambda: kernel(False)) / 1e6
+                    rows.append({"kernel": name, "shape": f"{M}x{K}", "path": label, "GB/s": gbs,
+                                 "frac_copy": gbs / copy_gbs, "same_as_triton": same})
+                    print(f"{name:38s} {M}x{K} {label:13s} {gbs:6.0f} GB/s ({gbs / copy_gbs:.0%} of copy) "
+                          f"same bits {same}", flush=True)
+    finally:
+        kfp8.REG_QUANT, kfp8.TMA_QUANT, fp8_reg_quant.WARPS = reg, tma, warps
+
+
 TMA_QUANT_SWEEP = [(3, 8, 1, False), (3, 8, 1, True), (2, 8, 1, True), (2, 4, 2, False), (2, 4, 2, True),
                    (3, 4, 2, True), (2, 8, 2, True), (2, 4, 1, True)]
 
@@ -583,7 +612,7 @@ def bench_host(rows: list, out: Path) -> None:
     print("\n".join(buf.getvalue().splitlines()[:40]), flush=True)
 
 
-SECTIONS = ("quant", "tiles", "tma_quant", "gemm", "plans", "scales", "linear", "linear_kernels", "linear_gemms", "host")  # --only, in order
+SECTIONS = ("quant", "tiles", "reg_quant", "tma_quant", "gemm", "plans", "scales", "linear", "linear_kernels", "linear_gemms", "host")  # --only, in order
 
 
 def main() -> None:
@@ -620,6 +649,12 @@ def main() -> None:
             ("Fast mode, 8192x7168 bf16 (weights 7168x7168): a program quantizes 128 tokens x `features`; "
              "pack: the transposed copy stored as 8-token words (kfp8._pack_words); "
              "same_as_default: outputs bit-identical to the default tile's.")),
+        "reg_quant": (
+            lambda rows_: bench_reg_quant(rows_, copy_gbs), "fp8_reg_quant",
+            ["kernel", "shape", "path", "GB/s", "frac_copy", "same_as_triton"],
+            ("Fast mode, bf16 x (the requantization reads act_quant's FP8 x and 1x128 scales): the Triton kernels, "
+             "then the register-layout Gluon kernel of kernels/fp8_reg_quant.py (no shared-memory transpose) at 4 and "
+             "8 warps; same_as_triton: outputs bit-identical. Effective GB/s as in fp8_quant.")),
         "tma_quant": (
             lambda rows_: bench_tma_quant(rows_, copy_gbs), "fp8_tma_quant",
             ["kernel", "shape", "config", "GB/s", "frac_copy", "same_as_triton", "default"],

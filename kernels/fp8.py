@@ -423,6 +423,21 @@ def _tma_quant(x: torch.Tensor, block: int, flags: dict, outs, in_block: int = 1
     return fp8_tma_quant.usable(x, block, flags["EXACT"], outs)
 
 
+# True sends the fast transposing quantizations (act_quant_both, act_quant_t, the FP8 requantization) to the Gluon
+# kernel of kernels/fp8_reg_quant.py on sm_90, whose register layout stores the transposed copy without a shared-memory
+# layout conversion (``_reg_quant``). Off until measured (bench/fp8.py --only reg_quant).
+REG_QUANT = False
+
+
+def _reg_quant(x: torch.Tensor, block: int, flags: dict, in_block: int = 128) -> bool:
+    """Whether this call goes to ``fp8_reg_quant.quant_tiles`` (same result, bit for bit: the GPU tests check)."""
+    if not REG_QUANT or INTERPRET or not x.is_cuda:
+        return False
+    from minids.kernels import fp8_reg_quant
+
+    return fp8_reg_quant.usable(x, block, flags["EXACT"], in_block)
+
+
 def _pack_view(t: torch.Tensor, pack: bool) -> tuple[torch.Tensor, bool]:
     """(the int64 view of a contiguous FP8 (rows, M) transposed output, True) for the packed stores
     (``_store_words``) where ``pack`` asks for them and t's rows are whole aligned 8-byte words (M a multiple of 8, t
@@ -482,6 +497,11 @@ def act_quant_t(
                 raise ValueError(f"act_quant_t: in_scale has shape {tuple(in_scale.shape)}, expected {want} for x of "
                                  f"shape {(M, K)} in 1x{in_block} tiles")
             in_scale = in_scale.float()  # read through both strides (row-major from act_quant, or any other)
+        if _reg_quant(x, block, flags, in_block):
+            from minids.kernels import fp8_reg_quant
+
+            fp8_reg_quant.quant_tiles(x, q, s, in_scale=in_scale, flags=flags)
+            return q, s
         if _tma_quant(x, block, flags, (q,), in_block):
             from minids.kernels import fp8_tma_quant
 
@@ -514,6 +534,11 @@ def act_quant_both(
     st = _scales_t(out, 3, K, _cdiv(M, block), x.device)
     if M and K:
         flags = _flags(fmt, ue8m0, exact)
+        if _reg_quant(x, block, flags):
+            from minids.kernels import fp8_reg_quant
+
+            fp8_reg_quant.quant_tiles(x, qt, st, q, s, flags=flags)
+            return q, s, qt, st
         if _tma_quant(x, block, flags, (q, qt)):
             from minids.kernels import fp8_tma_quant
 

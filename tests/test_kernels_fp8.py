@@ -486,6 +486,50 @@ def test_tma_quant_equals_the_triton_kernels(M, K, fmt, ue8m0, monkeypatch):
     assert len(calls) == 4  # each call above ran the Gluon kernel once
 
 
+def _reg_quant_here() -> bool:
+    if DEV != "cuda" or not HAVE_TRITON or torch.cuda.get_device_capability()[0] != 9:
+        return False
+    from minids.kernels import fp8_reg_quant
+
+    return fp8_reg_quant.HAVE_GLUON
+
+
+@pytest.mark.skipif(not _reg_quant_here(), reason="the register-layout Gluon quantization runs on sm_90 GPUs only "
+                    "(Gluon has no interpreter mode)")
+@pytest.mark.parametrize("fmt,ue8m0", [("e4m3", False), ("e5m2", False), ("e4m3", True)])
+@pytest.mark.parametrize("M,K", [(7, 300), (128, 128), (144, 208), (4112, 528), (256, 1024), (130, 1000)])
+def test_reg_quant_equals_the_triton_kernels(M, K, fmt, ue8m0, monkeypatch):
+    """kernels/fp8_reg_quant.py gives the Triton kernels' outputs bit for bit (same arithmetic) for act_quant_both,
+    act_quant_t from bf16 and float32, and the FP8 requantization: partial tiles in both dims, rows that are not whole
+    8-byte words (M = 7, 130), NaN-poisoned outputs; and every call did go to the Gluon kernel."""
+    from minids.kernels import fp8_reg_quant
+
+    x = rand_bf16(M, K, seed=M + K + ue8m0)
+    xq, xs = ref.act_quant(x, fmt=fmt)
+    nbm, nbk = -(-M // 128), -(-K // 128)
+
+    def outs():
+        return (poisoned((M, K), FP8[fmt]), poisoned((M, nbk), torch.float32), poisoned((K, M), FP8[fmt]),
+                poisoned((K, nbm), torch.float32))
+
+    calls = []
+    real = fp8_reg_quant.quant_tiles
+    monkeypatch.setattr(fp8_reg_quant, "quant_tiles", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    kw = {"fmt": fmt, "ue8m0": ue8m0, "exact": False}
+    for fn in (lambda: kfp8.act_quant_both(x, out=outs(), **kw),
+               lambda: kfp8.act_quant_t(x, out=outs()[2:], **kw),
+               lambda: kfp8.act_quant_t(x.float(), out=outs()[2:], **kw),
+               lambda: kfp8.act_quant_t(xq, in_scale=xs, out=outs()[2:], **kw)):
+        monkeypatch.setattr(kfp8, "REG_QUANT", False)
+        want = fn()
+        monkeypatch.setattr(kfp8, "REG_QUANT", True)
+        got = fn()
+        for w, g in zip(want, got):
+            assert not g.float().isnan().any()
+            assert (same_bits(g, w) if g.dtype in FP8.values() else torch.equal(g, w))
+    assert len(calls) == 4
+
+
 @pytest.mark.skipif(not _tma_quant_here(), reason=TMA_QUANT_SKIP)
 def test_tma_quant_takes_only_calls_it_can(monkeypatch):
     """The Triton kernels keep the exact mode, unaligned rows (TMA: 16-byte rows of x and of both FP8 outputs),
