@@ -227,7 +227,7 @@ def bench_reg_quant(rows: list, copy_gbs: float) -> None:
     (kernels/fp8_reg_quant.py, kfp8.REG_QUANT) at 4 and 8 warps; outputs compared bit for bit."""
     from minids.kernels import fp8_reg_quant
 
-    reg, tma, warps = kfp8.REG_QUANT, kfp8.TMA_QUANT, fp8_reg_quant.WARPS
+    reg, tma, warps, lanes = kfp8.REG_QUANT, kfp8.TMA_QUANT, fp8_reg_quant.WARPS, fp8_reg_quant.LANES_T
     kfp8.TMA_QUANT = False
     names = ("act_quant_t 128x1", "act_quant_both", "act_quant_t from fp8 (Wgrad requant)")
     try:
@@ -239,8 +239,9 @@ def bench_reg_quant(rows: list, copy_gbs: float) -> None:
                 kernel, nbytes = cases[name]
                 kfp8.REG_QUANT = False
                 want = tuple(t.clone() for t in kernel(False))
-                for label, on, w in (("triton", False, warps), ("gluon-reg w4", True, 4), ("gluon-reg w8", True, 8)):
-                    kfp8.REG_QUANT, fp8_reg_quant.WARPS = on, w
+                for label, on, w, lt in (("triton", False, warps, lanes), ("gluon-reg w4 t4", True, 4, 4),
+                                         ("gluon-reg w8 t4", True, 8, 4), ("gluon-reg w4 t2", True, 4, 2)):
+                    kfp8.REG_QUANT, fp8_reg_quant.WARPS, fp8_reg_quant.LANES_T = on, w, lt
                     same = _same_outputs(kernel(False), want)
                     gbs = nbytes / median_ms(lambda: kernel(False)) / 1e6
                     rows.append({"kernel": name, "shape": f"{M}x{K}", "path": label, "GB/s": gbs,
@@ -248,7 +249,7 @@ def bench_reg_quant(rows: list, copy_gbs: float) -> None:
                     print(f"{name:38s} {M}x{K} {label:13s} {gbs:6.0f} GB/s ({gbs / copy_gbs:.0%} of copy) "
                           f"same bits {same}", flush=True)
     finally:
-        kfp8.REG_QUANT, kfp8.TMA_QUANT, fp8_reg_quant.WARPS = reg, tma, warps
+        kfp8.REG_QUANT, kfp8.TMA_QUANT, fp8_reg_quant.WARPS, fp8_reg_quant.LANES_T = reg, tma, warps, lanes
 
 
 TMA_QUANT_SWEEP = [(3, 8, 1, False), (3, 8, 1, True), (2, 8, 1, True), (2, 4, 2, False), (2, 4, 2, True),
@@ -654,7 +655,7 @@ def main() -> None:
             ["kernel", "shape", "path", "GB/s", "frac_copy", "same_as_triton"],
             ("Fast mode, bf16 x (the requantization reads act_quant's FP8 x and 1x128 scales): the Triton kernels, "
              "then the register-layout Gluon kernel of kernels/fp8_reg_quant.py (no shared-memory transpose) at 4 and "
-             "8 warps; same_as_triton: outputs bit-identical. Effective GB/s as in fp8_quant.")),
+             "8 warps (w) with t lanes of a warp along the tokens; same_as_triton: outputs bit-identical. Effective GB/s as in fp8_quant.")),
         "tma_quant": (
             lambda rows_: bench_tma_quant(rows_, copy_gbs), "fp8_tma_quant",
             ["kernel", "shape", "config", "GB/s", "frac_copy", "same_as_triton", "default"],

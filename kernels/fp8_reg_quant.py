@@ -78,15 +78,18 @@ if HAVE_GLUON:
 
 
 @functools.cache
-def _layouts(num_warps: int):
+def _layouts(num_warps: int, lanes_t: int):
     """(arithmetic layout, store layout of the transposed copy) of a 128 x 128 tile: 8 tokens x 4 features a thread,
-    lanes along the features, warps along the tokens; the second lists a thread's registers tokens first, so its 8
-    tokens of a feature are one 8-byte store."""
-    kw = dict(size_per_thread=[8, 4], threads_per_warp=[1, 32], warps_per_cta=[num_warps, 1])
+    lanes_t lanes along the tokens and 32 / lanes_t along the features, the warps along the tokens (lanes_t = 1) or
+    the features; the second lists a thread's registers tokens first, so its 8 tokens of a feature are one 8-byte
+    store. lanes_t = 4: the 4 lanes of a feature write its 32 contiguous bytes, a whole sector of qt, and a warp's q
+    store covers 32 contiguous bytes of a row; lanes_t = 1: every lane of a qt store writes another row."""
+    wt = num_warps if lanes_t == 1 else 1
+    kw = dict(size_per_thread=[8, 4], threads_per_warp=[lanes_t, 32 // lanes_t], warps_per_cta=[wt, num_warps // wt])
     return gl.BlockedLayout(order=[1, 0], **kw), gl.BlockedLayout(order=[0, 1], **kw)
 
 
-WARPS = 4
+WARPS, LANES_T = 4, 4  # lanes_t = 1 ran at 33-38% of the copy rate (bench/results/fp8_reg_quant-lanes1.md)
 
 
 def usable(x: torch.Tensor, block: int, exact: bool, in_block: int = BLOCK) -> bool:
@@ -101,7 +104,7 @@ def quant_tiles(x, qt, st, q=None, s=None, in_scale=None, *, flags: dict, num_wa
     """Fill qt (K, M) / st (K, ceil(M/128)) and, if given, q (M, K) / s (M, ceil(K/128)) from x (M, K) (FP8 x: with
     its 1x128 scales in_scale). flags: the format constants of ``kernels.fp8._flags`` (fast mode)."""
     M, K = x.shape
-    layout, t_layout = _layouts(num_warps or WARPS)
+    layout, t_layout = _layouts(num_warps or WARPS, LANES_T)
     xs = in_scale if in_scale is not None else st
     q_, s_ = (q, s) if q is not None else (qt, st)
     _reg_quant_kernel[(-(-M // BLOCK), -(-K // BLOCK))](
