@@ -425,7 +425,8 @@ def _tma_quant(x: torch.Tensor, block: int, flags: dict, outs, in_block: int = 1
 
 # True sends the fast transposing quantizations (act_quant_both, act_quant_t, the FP8 requantization) to the Gluon
 # kernel of kernels/fp8_reg_quant.py on sm_90, whose register layout stores the transposed copy without a shared-memory
-# layout conversion (``_reg_quant``). Off until measured (bench/fp8.py --only reg_quant).
+# layout conversion (``_reg_quant``). Off: its first layout ran at about half the Triton kernels' speed on the H200
+# (bench/results/fp8_reg_quant-lanes1.md); the second is not measured yet (bench/fp8.py --only reg_quant).
 REG_QUANT = False
 
 

@@ -15,8 +15,15 @@ The Triton kernels (``kernels.fp8``) cannot choose their layout: their transpose
 layout conversion, which Nsight Compute showed with 5.6-6.8-way bank conflicts (bench/results/ncu_quant-2026-12-02.txt).
 
 The arithmetic is the Triton kernels' (``kernels.fp8._scale_of`` and ``_quantize``, fast mode: the same jitted
-functions), so the outputs are theirs bit for bit; the GPU tests check that. Off by default (``kernels.fp8.REG_QUANT``)
-until measured faster (bench/fp8.py --only reg_quant).
+functions), so the outputs are theirs bit for bit; the GPU tests check that. Off by default (``kernels.fp8.REG_QUANT``).
+
+What it measured (H200, bench/results/fp8_reg_quant-lanes1.md): with all 32 lanes of a warp along the features
+(LANES_T = 1) it was bit-exact (18 GPU tests) and about half as fast as the Triton kernels: act_quant_both 1426 against
+2607 GB/s, act_quant_t 1497 against 3099, the requantization 1008 against 1737 (8192 x 7168). Each qt store of a warp
+then writes 8 bytes into 32 different rows. LANES_T = 4 (4 lanes along the tokens: 32 contiguous bytes of a qt row, a
+whole sector, per feature and store) compiles for sm_90 with the same premise (tests/test_kernels_aot.py) but has not
+run on a GPU yet: ``bash bench/device_fp8.sh reg`` runs its tests and the comparison. If it loses as well, remove this
+module.
 """
 
 from __future__ import annotations
