@@ -613,7 +613,8 @@ def bench_host(rows: list, out: Path) -> None:
     print("\n".join(buf.getvalue().splitlines()[:40]), flush=True)
 
 
-SECTIONS = ("quant", "tiles", "reg_quant", "tma_quant", "gemm", "plans", "scales", "linear", "linear_kernels", "linear_gemms", "host")  # --only, in order
+SECTIONS = ("quant", "tiles", "reg_quant", "tma_quant", "gemm", "plans", "scales", "linear", "linear_kernels",
+            "linear_gemms", "host")  # --only, in order
 
 
 def main() -> None:
@@ -655,7 +656,8 @@ def main() -> None:
             ["kernel", "shape", "path", "GB/s", "frac_copy", "same_as_triton"],
             ("Fast mode, bf16 x (the requantization reads act_quant's FP8 x and 1x128 scales): the Triton kernels, "
              "then the register-layout Gluon kernel of kernels/fp8_reg_quant.py (no shared-memory transpose) at 4 and "
-             "8 warps (w) with t lanes of a warp along the tokens; same_as_triton: outputs bit-identical. Effective GB/s as in fp8_quant.")),
+             "8 warps (w) with t lanes of a warp along the tokens; same_as_triton: outputs bit-identical. "
+             "Effective GB/s as in fp8_quant.")),
         "tma_quant": (
             lambda rows_: bench_tma_quant(rows_, copy_gbs), "fp8_tma_quant",
             ["kernel", "shape", "config", "GB/s", "frac_copy", "same_as_triton", "default"],

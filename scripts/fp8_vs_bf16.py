@@ -17,9 +17,9 @@ float32 additions (``--real no`` leaves it out, ``--real yes`` asks for it anywh
 references).
 
 ``--noise-floor`` trains ``off`` a second time (runs/off-again): on a GPU two runs with the same seed and data are
-not bitwise equal (atomic adds, autotuned kernels), and their difference, which grows through training like any
-other perturbation, is the spread that FP8's difference has to be read against (on a CPU train() is deterministic
-and the second run is the first one again).
+not bitwise equal (on the H200 they agree at step 1 and differ from step 2), and their difference, which grows
+through training like any other perturbation, is the spread that FP8's difference has to be read against (on a CPU
+train() is deterministic and the second run is the first one again).
 
 ``--block-dgrad`` adds a run whose Dgrad GEMMs quantize the activation gradient in 128x128 blocks instead
 of 1x128 tiles: the variant the report saw diverge on a 16B MoE after ~300B tokens (V3P App. B.2).

@@ -674,7 +674,8 @@ def run_script(name: str, *args: str):
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, str(SCRIPTS / name), *args], capture_output=True, text=True, timeout=600, check=False)
+    return subprocess.run([sys.executable, str(SCRIPTS / name), *args], capture_output=True, text=True, timeout=600,
+                          check=False)
 
 
 def test_fp8_layer_check_sim_equals_real_per_gemm(tmp_path):
