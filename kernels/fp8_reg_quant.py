@@ -92,7 +92,8 @@ def _layouts(num_warps: int, lanes_t: int):
     store. lanes_t = 4: the 4 lanes of a feature write its 32 contiguous bytes, a whole sector of qt, and a warp's q
     store covers 32 contiguous bytes of a row; lanes_t = 1: every lane of a qt store writes another row."""
     wt = num_warps if lanes_t == 1 else 1
-    kw = dict(size_per_thread=[8, 4], threads_per_warp=[lanes_t, 32 // lanes_t], warps_per_cta=[wt, num_warps // wt])
+    kw = {"size_per_thread": [8, 4], "threads_per_warp": [lanes_t, 32 // lanes_t],
+          "warps_per_cta": [wt, num_warps // wt]}
     return gl.BlockedLayout(order=[1, 0], **kw), gl.BlockedLayout(order=[0, 1], **kw)
 
 
