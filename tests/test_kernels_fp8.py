@@ -444,27 +444,11 @@ def _tma_quant_here() -> bool:
 TMA_QUANT_SKIP = "the TMA-pipelined Gluon quantization runs on sm_90 GPUs only (Gluon has no interpreter mode)"
 
 
-def _triton_and_tma(fn, monkeypatch):
-    """fn()'s outputs from the Triton kernels (kfp8.TMA_QUANT off), then from the Gluon kernel (on)."""
-    monkeypatch.setattr(kfp8, "TMA_QUANT", False)
-    want = fn()
-    monkeypatch.setattr(kfp8, "TMA_QUANT", True)
-    return want, fn()
-
-
-@pytest.mark.skipif(not _tma_quant_here(), reason=TMA_QUANT_SKIP)
-@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
-@pytest.mark.parametrize("ue8m0", [False, True])
-@pytest.mark.parametrize("M,K", [(16, 128), (128, 128), (144, 208), (4112, 528), (256, 1024)])
-def test_tma_quant_equals_the_triton_kernels(M, K, fmt, ue8m0, monkeypatch):
-    """kernels/fp8_tma_quant.py gives the Triton kernels' outputs bit for bit (same arithmetic: the fast mode's
-    _scale_of and _quantize), for act_quant_both, act_quant_t from bf16 and float32, and the FP8 requantization:
-    partial tiles in both dims (M = 144, 4112; K = 208, 528: TMA's zero fill and clipped stores), into NaN-poisoned
-    outputs; and the call did go to the Gluon kernel."""
-    from minids.kernels import fp8_tma_quant
-
+def _gluon_matches_triton(module, flag: str, M: int, K: int, fmt: str, ue8m0: bool, monkeypatch) -> None:
+    """act_quant_both, act_quant_t from bf16 and float32, and the FP8 requantization, each run with ``kfp8.<flag>``
+    off (the Triton kernels) and on (the Gluon kernel of ``module``) into NaN-poisoned outputs: bit-identical, nothing
+    left unwritten, and every call with the flag on went to ``module.quant_tiles``."""
     x = rand_bf16(M, K, seed=M + K + ue8m0)
-    x32 = x.float()
     xq, xs = ref.act_quant(x, fmt=fmt)
     nbm, nbk = -(-M // 128), -(-K // 128)
 
@@ -473,17 +457,34 @@ def test_tma_quant_equals_the_triton_kernels(M, K, fmt, ue8m0, monkeypatch):
                 poisoned((K, nbm), torch.float32))
 
     calls = []
-    real = fp8_tma_quant.quant_tiles
-    monkeypatch.setattr(fp8_tma_quant, "quant_tiles", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    real = module.quant_tiles
+    monkeypatch.setattr(module, "quant_tiles", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     kw = {"fmt": fmt, "ue8m0": ue8m0, "exact": False}
     for fn in (lambda: kfp8.act_quant_both(x, out=outs(), **kw),
                lambda: kfp8.act_quant_t(x, out=outs()[2:], **kw),
-               lambda: kfp8.act_quant_t(x32, out=outs()[2:], **kw),
+               lambda: kfp8.act_quant_t(x.float(), out=outs()[2:], **kw),
                lambda: kfp8.act_quant_t(xq, in_scale=xs, out=outs()[2:], **kw)):
-        want, got = _triton_and_tma(fn, monkeypatch)
+        monkeypatch.setattr(kfp8, flag, False)
+        want = fn()
+        monkeypatch.setattr(kfp8, flag, True)
+        got = fn()
         for w, g in zip(want, got):
+            assert not g.float().isnan().any()
             assert (same_bits(g, w) if g.dtype in FP8.values() else torch.equal(g, w))
     assert len(calls) == 4  # each call above ran the Gluon kernel once
+
+
+@pytest.mark.skipif(not _tma_quant_here(), reason=TMA_QUANT_SKIP)
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("ue8m0", [False, True])
+@pytest.mark.parametrize("M,K", [(16, 128), (128, 128), (144, 208), (4112, 528), (256, 1024)])
+def test_tma_quant_equals_the_triton_kernels(M, K, fmt, ue8m0, monkeypatch):
+    """kernels/fp8_tma_quant.py gives the Triton kernels' outputs bit for bit (same arithmetic: the fast mode's
+    _scale_of and _quantize): partial tiles in both dims (M = 144, 4112; K = 208, 528: TMA's zero fill and clipped
+    stores)."""
+    from minids.kernels import fp8_tma_quant
+
+    _gluon_matches_triton(fp8_tma_quant, "TMA_QUANT", M, K, fmt, ue8m0, monkeypatch)
 
 
 def _reg_quant_here() -> bool:
@@ -499,35 +500,11 @@ def _reg_quant_here() -> bool:
 @pytest.mark.parametrize("fmt,ue8m0", [("e4m3", False), ("e5m2", False), ("e4m3", True)])
 @pytest.mark.parametrize("M,K", [(7, 300), (128, 128), (144, 208), (4112, 528), (256, 1024), (130, 1000)])
 def test_reg_quant_equals_the_triton_kernels(M, K, fmt, ue8m0, monkeypatch):
-    """kernels/fp8_reg_quant.py gives the Triton kernels' outputs bit for bit (same arithmetic) for act_quant_both,
-    act_quant_t from bf16 and float32, and the FP8 requantization: partial tiles in both dims, rows that are not whole
-    8-byte words (M = 7, 130), NaN-poisoned outputs; and every call did go to the Gluon kernel."""
+    """kernels/fp8_reg_quant.py gives the Triton kernels' outputs bit for bit (same arithmetic): partial tiles in both
+    dims, rows that are not whole 8-byte words (M = 7, 130)."""
     from minids.kernels import fp8_reg_quant
 
-    x = rand_bf16(M, K, seed=M + K + ue8m0)
-    xq, xs = ref.act_quant(x, fmt=fmt)
-    nbm, nbk = -(-M // 128), -(-K // 128)
-
-    def outs():
-        return (poisoned((M, K), FP8[fmt]), poisoned((M, nbk), torch.float32), poisoned((K, M), FP8[fmt]),
-                poisoned((K, nbm), torch.float32))
-
-    calls = []
-    real = fp8_reg_quant.quant_tiles
-    monkeypatch.setattr(fp8_reg_quant, "quant_tiles", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
-    kw = {"fmt": fmt, "ue8m0": ue8m0, "exact": False}
-    for fn in (lambda: kfp8.act_quant_both(x, out=outs(), **kw),
-               lambda: kfp8.act_quant_t(x, out=outs()[2:], **kw),
-               lambda: kfp8.act_quant_t(x.float(), out=outs()[2:], **kw),
-               lambda: kfp8.act_quant_t(xq, in_scale=xs, out=outs()[2:], **kw)):
-        monkeypatch.setattr(kfp8, "REG_QUANT", False)
-        want = fn()
-        monkeypatch.setattr(kfp8, "REG_QUANT", True)
-        got = fn()
-        for w, g in zip(want, got):
-            assert not g.float().isnan().any()
-            assert (same_bits(g, w) if g.dtype in FP8.values() else torch.equal(g, w))
-    assert len(calls) == 4
+    _gluon_matches_triton(fp8_reg_quant, "REG_QUANT", M, K, fmt, ue8m0, monkeypatch)
 
 
 @pytest.mark.skipif(not _tma_quant_here(), reason=TMA_QUANT_SKIP)
