@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import minids.fp8 as mfp8  # noqa: E402
 import minids.moe as mmoe  # noqa: E402
-from minids.checkpoint import from_pretrained  # noqa: E402
+from minids.checkpoint import CheckpointError, from_pretrained  # noqa: E402
 from minids.config import ModelConfig  # noqa: E402
 from minids.model import Transformer  # noqa: E402
 
@@ -80,11 +80,18 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write fp8_layer_check.{json,md} here")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda where there is one)")
     args = ap.parse_args()
+    if args.device not in (None, "cpu", "cuda"):
+        ap.error(f"--device {args.device}: cpu or cuda")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device here; leave --device out or use cpu")
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     autocast = dev == "cuda"
     torch.manual_seed(0)
     if args.checkpoint:
-        model = from_pretrained(args.checkpoint, dtype=torch.float32, device=dev).train()
+        try:
+            model = from_pretrained(args.checkpoint, dtype=torch.float32, device=dev).train()
+        except CheckpointError as e:
+            ap.error(f"--checkpoint: {e}")
         cfg, args.model = model.cfg, args.checkpoint
     else:
         cfg = ModelConfig.load(args.model)
