@@ -141,21 +141,23 @@ def bench_quant(rows: list, copy_gbs: float, quick: bool) -> None:
     xq, xs = kfp8.act_quant(x)
     wq, ws = kfp8.weight_quant(w)
     tma = _tma_path(x)
+    reg = kfp8._reg_quant(x, 128, kfp8._flags("e4m3", False, False))
     for name, kernel, slow, nbytes in _quant_cases(x, w, xq, xs):
         shape = f"{M}x{K}" if "weight" not in name else f"{w.shape[0]}x{w.shape[1]}"
         ms_exact, ms_fast = median_ms(lambda: kernel(True)), median_ms(lambda: kernel(False))
         transposing = "act_quant_t" in name or "both" in name
         ms_triton = ms_fast
-        if tma and transposing:  # the Triton kernel of the same call, for the side-by-side
-            kfp8.TMA_QUANT = False
+        if (tma or reg) and transposing:  # the Triton kernel of the same call, for the side-by-side
+            flags = kfp8.TMA_QUANT, kfp8.REG_QUANT
+            kfp8.TMA_QUANT = kfp8.REG_QUANT = False
             try:
                 ms_triton = median_ms(lambda: kernel(False))
             finally:
-                kfp8.TMA_QUANT = tma
+                kfp8.TMA_QUANT, kfp8.REG_QUANT = flags
         ms_ref = median_ms(slow)
         row = {"kernel": name, "shape": shape, "ms": ms_fast, "GB/s": nbytes / ms_fast / 1e6,
-               "frac_copy": nbytes / ms_fast / 1e6 / copy_gbs, "path": "gluon-tma" if tma and transposing else
-               "triton", "triton_GB/s": nbytes / ms_triton / 1e6, "exact_ms": ms_exact,
+               "frac_copy": nbytes / ms_fast / 1e6 / copy_gbs, "path": ("gluon-reg" if reg else "gluon-tma" if tma else
+               "triton") if transposing else "triton", "triton_GB/s": nbytes / ms_triton / 1e6, "exact_ms": ms_exact,
                "exact_GB/s": nbytes / ms_exact / 1e6, "fast_differs": _fp8_differ(kernel(False), kernel(True)),
                "ref_ms": ms_ref, "ref_GB/s": nbytes / ms_ref / 1e6}
         rows.append(row)
@@ -224,10 +226,11 @@ def _sweep_tiles(rows: list, copy_gbs: float, cases: dict, uses: dict) -> None:
 
 def bench_reg_quant(rows: list, copy_gbs: float) -> None:
     """The transposing quantizations on the Triton kernels against the register-layout Gluon kernel
-    (kernels/fp8_reg_quant.py, kfp8.REG_QUANT) at 4 and 8 warps; outputs compared bit for bit."""
+    (kernels/fp8_reg_quant.py, kfp8.REG_QUANT) at its layouts (``SPECS``; bench/sweep_reg_quant.py sweeps them);
+    outputs compared bit for bit."""
     from minids.kernels import fp8_reg_quant
 
-    reg, tma, warps, lanes = kfp8.REG_QUANT, kfp8.TMA_QUANT, fp8_reg_quant.WARPS, fp8_reg_quant.LANES_T
+    reg, tma = kfp8.REG_QUANT, kfp8.TMA_QUANT
     kfp8.TMA_QUANT = False
     names = ("act_quant_t 128x1", "act_quant_both", "act_quant_t from fp8 (Wgrad requant)")
     try:
@@ -235,13 +238,12 @@ def bench_reg_quant(rows: list, copy_gbs: float) -> None:
             x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
             xq, xs = kfp8.act_quant(x)
             cases = {name: (kernel, nbytes) for name, kernel, _, nbytes in _quant_cases(x, x[:128, :128], xq, xs)}
-            for name in names:
+            for name, call in zip(names, ("t", "both", "requant")):
                 kernel, nbytes = cases[name]
                 kfp8.REG_QUANT = False
                 want = tuple(t.clone() for t in kernel(False))
-                for label, on, w, lt in (("triton", False, warps, lanes), ("gluon-reg w4 t4", True, 4, 4),
-                                         ("gluon-reg w8 t4", True, 8, 4), ("gluon-reg w4 t2", True, 4, 2)):
-                    kfp8.REG_QUANT, fp8_reg_quant.WARPS, fp8_reg_quant.LANES_T = on, w, lt
+                for label, on in (("triton", False), (f"gluon-reg {fp8_reg_quant.SPECS[call]}", True)):
+                    kfp8.REG_QUANT = on
                     same = _same_outputs(kernel(False), want)
                     gbs = nbytes / median_ms(lambda: kernel(False)) / 1e6
                     rows.append({"kernel": name, "shape": f"{M}x{K}", "path": label, "GB/s": gbs,
@@ -249,7 +251,7 @@ def bench_reg_quant(rows: list, copy_gbs: float) -> None:
                     print(f"{name:38s} {M}x{K} {label:13s} {gbs:6.0f} GB/s ({gbs / copy_gbs:.0%} of copy) "
                           f"same bits {same}", flush=True)
     finally:
-        kfp8.REG_QUANT, kfp8.TMA_QUANT, fp8_reg_quant.WARPS, fp8_reg_quant.LANES_T = reg, tma, warps, lanes
+        kfp8.REG_QUANT, kfp8.TMA_QUANT = reg, tma
 
 
 TMA_QUANT_SWEEP = [(3, 8, 1, False), (3, 8, 1, True), (2, 8, 1, True), (2, 4, 2, False), (2, 4, 2, True),
@@ -641,9 +643,9 @@ def main() -> None:
             ["kernel", "shape", "ms", "GB/s", "frac_copy", "path", "triton_GB/s", "exact_GB/s", "fast_differs",
              "ref_GB/s"],
             ("Effective GB/s = bytes read + bytes written (FP8 values and float32 scales) / median time. "
-             "GB/s: the fast mode (exact=False, the default); path: the kernel that ran it (gluon-tma: "
-             "kernels/fp8_tma_quant.py on sm_90); triton_GB/s: the Triton kernel of the same call (kfp8.TMA_QUANT "
-             "off); exact_GB/s: exact=True (bit-exact, always the Triton kernel); "
+             "GB/s: the fast mode (exact=False, the default); path: the kernel that ran it (gluon-reg: "
+             "kernels/fp8_reg_quant.py, gluon-tma: kernels/fp8_tma_quant.py, on sm_90); triton_GB/s: the Triton "
+             "kernel of the same call (kfp8.REG_QUANT and TMA_QUANT off); exact_GB/s: exact=True (bit-exact, always the Triton kernel); "
              "fast_differs: fraction of FP8 values where the two differ (by one FP8 step).")),
         "tiles": (
             lambda rows_: bench_tiles(rows_, copy_gbs), "fp8_tiles",
@@ -655,8 +657,8 @@ def main() -> None:
             lambda rows_: bench_reg_quant(rows_, copy_gbs), "fp8_reg_quant",
             ["kernel", "shape", "path", "GB/s", "frac_copy", "same_as_triton"],
             ("Fast mode, bf16 x (the requantization reads act_quant's FP8 x and 1x128 scales): the Triton kernels, "
-             "then the register-layout Gluon kernel of kernels/fp8_reg_quant.py (no shared-memory transpose) at 4 and "
-             "8 warps (w) with t lanes of a warp along the tokens; same_as_triton: outputs bit-identical. "
+             "then the register-layout Gluon kernel of kernels/fp8_reg_quant.py (no shared-memory transpose) at the "
+             "layout spec of each call (tokens, features a thread; lanes, warps along the tokens; warps); same_as_triton: outputs bit-identical. "
              "Effective GB/s as in fp8_quant.")),
         "tma_quant": (
             lambda rows_: bench_tma_quant(rows_, copy_gbs), "fp8_tma_quant",

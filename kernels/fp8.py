@@ -425,9 +425,11 @@ def _tma_quant(x: torch.Tensor, block: int, flags: dict, outs, in_block: int = 1
 
 # True sends the fast transposing quantizations (act_quant_both, act_quant_t, the FP8 requantization) to the Gluon
 # kernel of kernels/fp8_reg_quant.py on sm_90, whose register layout stores the transposed copy without a shared-memory
-# layout conversion (``_reg_quant``). Off: its first layout ran at about half the Triton kernels' speed on the H200
-# (bench/results/fp8_reg_quant-lanes1.md); the second is not measured yet (bench/fp8.py --only reg_quant).
-REG_QUANT = False
+# layout conversion (``_reg_quant``; same bits as these Triton kernels). On the H200 at its swept layouts
+# (bench/results/fp8_reg_quant-sweep.md, 8192 x 7168 / 4096 x 32768): act_quant_both 2724 / 2936 GB/s against the
+# Triton kernel's 2449 / 2784, act_quant_t 3468 / 3893 against 3093 / 3465, the requantization 2435 / 2746 against
+# 1740 / 1858.
+REG_QUANT = True
 
 
 def _reg_quant(x: torch.Tensor, block: int, flags: dict, in_block: int = 128) -> bool:

@@ -1,29 +1,31 @@
 """The transposing activation quantizations (``act_quant_both``, ``act_quant_t``, and its FP8 requantization) as a Gluon
 kernel whose register layout makes the transpose free: no tile crosses shared memory.
 
-One program quantizes a (128 tokens x 128 features) tile of x (M, K). Each thread holds 8 consecutive tokens x 4
-consecutive features per repetition (``_layouts``: size_per_thread [8, 4], the 32 lanes of a warp along the
-features, the warps along the tokens), so
-- x is read 4 features a thread (a warp reads 256 contiguous bytes of a bf16 row);
-- the 1x128 quantization along the features (q, s) is a 4-value max in the thread and a shuffle across its warp, and
-  q is written 4 bytes a thread straight from registers;
-- the 128x1 quantization along the tokens (qt, st) is a 32-value max in the thread and a small exchange across the
-  warps, and qt (K, M) is written 8 tokens (8 bytes) a thread, also from registers: the layout that stores it differs
+One program quantizes a (128 tokens x 128 features) tile of x (M, K). Each thread holds a few consecutive tokens x a
+few consecutive features per repetition (``_layouts``; e.g. 8 x 4, with lanes and warps split between the two dims),
+so
+- x is read as vectors of a thread's consecutive features;
+- the 1x128 quantization along the features (q, s) is a max in the thread, a shuffle across its lanes and (if warps
+  lie along the features) a small exchange across the warps, and q is written straight from registers;
+- the 128x1 quantization along the tokens (qt, st) is the same along the other dim, and qt (K, M) is written a
+  thread's tokens of a feature (8 tokens: 8 bytes) per store, also from registers: the layout that stores it differs
   from the arithmetic's only in the order of a thread's own registers, so the conversion moves nothing between
   threads.
 The Triton kernels (``kernels.fp8``) cannot choose their layout: their transposed stores go through a shared-memory
 layout conversion, which Nsight Compute showed with 5.6-6.8-way bank conflicts (bench/results/ncu_quant-2026-12-02.txt).
 
 The arithmetic is the Triton kernels' (``kernels.fp8._scale_of`` and ``_quantize``, fast mode: the same jitted
-functions), so the outputs are theirs bit for bit; the GPU tests check that. Off by default (``kernels.fp8.REG_QUANT``).
+functions), so the outputs are theirs bit for bit; the GPU tests check that.
 
-What it measured (H200, bench/results/fp8_reg_quant-lanes1.md): with all 32 lanes of a warp along the features
-(LANES_T = 1) it was bit-exact (18 GPU tests) and about half as fast as the Triton kernels: act_quant_both 1426 against
-2607 GB/s, act_quant_t 1497 against 3099, the requantization 1008 against 1737 (8192 x 7168). Each qt store of a warp
-then writes 8 bytes into 32 different rows. LANES_T = 4 (4 lanes along the tokens: 32 contiguous bytes of a qt row, a
-whole sector, per feature and store) compiles for sm_90 with the same premise (tests/test_kernels_aot.py) but has not
-run on a GPU yet: ``bash bench/device_fp8.sh reg`` runs its tests and the comparison. If it loses as well, remove this
-module.
+What it measured (H200, torch 2.11, Triton 3.6): with all 32 lanes of a warp along the features (spec (8, 4, 1, 4, 4))
+it was bit-exact and about half as fast as the Triton kernels (bench/results/fp8_reg_quant-lanes1.md): each qt store
+of a warp wrote 8 bytes into 32 different rows. With 4 lanes along the tokens (8, 4, 4, 1, 4) act_quant_t and the
+requantization overtook them, act_quant_both did not (fp8_reg_quant.md). The sweep of 59 layouts
+(bench/sweep_reg_quant.py, fp8_reg_quant-sweep.md) found, at 8192 x 7168 / 4096 x 32768:
+- act_quant_both (8, 8, 4, 2, 4): 2724 / 2936 GB/s against Triton's 2449 / 2784;
+- act_quant_t (16, 4, 2, 2, 4): 3468 / 3893 against 3093 / 3465;
+- the requantization (8, 8, 4, 2, 4): 2435 / 2746 against 1740 / 1858.
+On by default (``kernels.fp8.REG_QUANT``).
 """
 
 from __future__ import annotations
@@ -85,19 +87,29 @@ if HAVE_GLUON:
 
 
 @functools.cache
-def _layouts(num_warps: int, lanes_t: int):
-    """(arithmetic layout, store layout of the transposed copy) of a 128 x 128 tile: 8 tokens x 4 features a thread,
-    lanes_t lanes along the tokens and 32 / lanes_t along the features, the warps along the tokens (lanes_t = 1) or
-    the features; the second lists a thread's registers tokens first, so its 8 tokens of a feature are one 8-byte
-    store. lanes_t = 4: the 4 lanes of a feature write its 32 contiguous bytes, a whole sector of qt, and a warp's q
-    store covers 32 contiguous bytes of a row; lanes_t = 1: every lane of a qt store writes another row."""
-    wt = num_warps if lanes_t == 1 else 1
-    kw = {"size_per_thread": [8, 4], "threads_per_warp": [lanes_t, 32 // lanes_t],
-          "warps_per_cta": [wt, num_warps // wt]}
+def _layouts(spec: tuple[int, int, int, int, int]):
+    """(arithmetic layout, store layout of the transposed copy) of a 128 x 128 tile for spec = (tokens a thread,
+    features a thread, lanes along the tokens, warps along the tokens, warps): the rest of the 32 lanes and of the
+    warps lie along the features. The second layout lists a thread's registers tokens first, so its tokens of a
+    feature are one store (8 tokens: 8 bytes). (8, 4, 4, 1, 4): the 4 lanes of a feature write its 32 contiguous
+    bytes, a whole sector of qt, and a warp's q store covers 32 contiguous bytes of a row; (8, 4, 1, 4, 4): every
+    lane of a qt store writes another row."""
+    spt_t, spt_k, lanes_t, warps_t, num_warps = spec
+    kw = {"size_per_thread": [spt_t, spt_k], "threads_per_warp": [lanes_t, 32 // lanes_t],
+          "warps_per_cta": [warps_t, num_warps // warps_t]}
     return gl.BlockedLayout(order=[1, 0], **kw), gl.BlockedLayout(order=[0, 1], **kw)
 
 
-WARPS, LANES_T = 4, 4  # lanes_t = 1 ran at 33-38% of the copy rate (bench/results/fp8_reg_quant-lanes1.md)
+def valid_spec(spec: tuple[int, int, int, int, int]) -> bool:
+    """Whether spec's layout covers at most a 128 x 128 tile each way (a larger one would compute its values twice)."""
+    spt_t, spt_k, lanes_t, warps_t, num_warps = spec
+    return (32 % lanes_t == 0 and num_warps % warps_t == 0 and spt_t * lanes_t * warps_t <= BLOCK
+            and spt_k * (32 // lanes_t) * (num_warps // warps_t) <= BLOCK)
+
+
+# the layout of each call: act_quant_both (bf16 x), act_quant_t (16- or 32-bit x), the FP8 requantization; the fastest
+# bit-exact spec of each in bench/sweep_reg_quant.py's 59 at 8192 x 7168 on the H200 (fp8_reg_quant-sweep.md)
+SPECS = {"both": (8, 8, 4, 2, 4), "t": (16, 4, 2, 2, 4), "requant": (8, 8, 4, 2, 4)}
 
 
 def usable(x: torch.Tensor, block: int, exact: bool, in_block: int = BLOCK) -> bool:
@@ -108,11 +120,13 @@ def usable(x: torch.Tensor, block: int, exact: bool, in_block: int = BLOCK) -> b
     return torch.cuda.get_device_capability(x.device)[0] == 9 and x.stride(-1) == 1
 
 
-def quant_tiles(x, qt, st, q=None, s=None, in_scale=None, *, flags: dict, num_warps: int | None = None) -> None:
+def quant_tiles(x, qt, st, q=None, s=None, in_scale=None, *, flags: dict, spec: tuple | None = None) -> None:
     """Fill qt (K, M) / st (K, ceil(M/128)) and, if given, q (M, K) / s (M, ceil(K/128)) from x (M, K) (FP8 x: with
-    its 1x128 scales in_scale). flags: the format constants of ``kernels.fp8._flags`` (fast mode)."""
+    its 1x128 scales in_scale). flags: the format constants of ``kernels.fp8._flags`` (fast mode); spec: the layout
+    (``_layouts``), by default ``SPECS``'s for the call."""
     M, K = x.shape
-    layout, t_layout = _layouts(num_warps or WARPS, LANES_T)
+    spec = spec or SPECS["both" if q is not None else "requant" if in_scale is not None else "t"]
+    layout, t_layout = _layouts(spec)
     xs = in_scale if in_scale is not None else st
     q_, s_ = (q, s) if q is not None else (qt, st)
     _reg_quant_kernel[(-(-M // BLOCK), -(-K // BLOCK))](
@@ -120,5 +134,5 @@ def quant_tiles(x, qt, st, q=None, s=None, in_scale=None, *, flags: dict, num_wa
         *st.stride(),
         FMAX=flags["FMAX"], MBITS=flags["MBITS"], EMIN=flags["EMIN"], UE8M0=flags["UE8M0"],
         IN_SCALE=in_scale is not None, WRITE_Q=q is not None, LAYOUT=layout, T_LAYOUT=t_layout,
-        num_warps=num_warps or WARPS,
+        num_warps=spec[4],
     )

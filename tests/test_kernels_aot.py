@@ -292,19 +292,20 @@ except Exception as e:  # noqa: BLE001
 fn = m._reg_quant_kernel
 flags = dict(_format_flags("e4m3", False, False, False))
 out = []
-for lanes_t in (1, 4):
-    for x_ty, in_scale, write_q in (("*bf16", False, True), ("*fp8e4nv", True, False), ("*fp32", False, False)):
-        lay, tlay = m._layouts(4, lanes_t)
-        consts = {"FMAX": flags["FMAX"], "MBITS": flags["MBITS"], "EMIN": flags["EMIN"], "UE8M0": False,
-                  "IN_SCALE": in_scale, "WRITE_Q": write_q, "LAYOUT": lay, "T_LAYOUT": tlay}
-        sig = {a: "constexpr" if a in consts else x_ty if a == "x_ptr" else "*fp8e4nv" if a in ("q_ptr", "qt_ptr")
-               else "*fp32" if a.endswith("_ptr") else "i32" for a in fn.arg_names}
-        attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
-                 if sig[a] != "constexpr" and a != "stride_stk"}
-        ck = triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                            target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-        ops = collections.Counter(re.findall(r"(?:st|ld)\.(?:global|shared)[.\w]*", ck.asm["ptx"]))
-        out.append({"lanes_t": lanes_t, "x": x_ty, "write_q": write_q, "shared": ck.metadata.shared, "ops": ops})
+for call, x_ty, in_scale, write_q in (("both", "*bf16", False, True), ("requant", "*fp8e4nv", True, False),
+                                      ("t", "*fp32", False, False), ("t", "*bf16", False, False)):
+    spec = m.SPECS[call]
+    lay, tlay = m._layouts(spec)
+    consts = {"FMAX": flags["FMAX"], "MBITS": flags["MBITS"], "EMIN": flags["EMIN"], "UE8M0": False,
+              "IN_SCALE": in_scale, "WRITE_Q": write_q, "LAYOUT": lay, "T_LAYOUT": tlay}
+    sig = {a: "constexpr" if a in consts else x_ty if a == "x_ptr" else "*fp8e4nv" if a in ("q_ptr", "qt_ptr")
+           else "*fp32" if a.endswith("_ptr") else "i32" for a in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+             if sig[a] != "constexpr" and a != "stride_stk"}
+    ck = triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                        target=GPUTarget("cuda", 90, 32), options={"num_warps": spec[4]})
+    ops = collections.Counter(re.findall(r"(?:st|ld)\.(?:global|shared)[.\w]*", ck.asm["ptx"]))
+    out.append({"spec": spec, "x": x_ty, "write_q": write_q, "shared": ck.metadata.shared, "ops": ops})
 print(json.dumps(out))
 """
 
@@ -312,15 +313,22 @@ print(json.dumps(out))
 def test_reg_quant_compiles_for_sm90_without_a_shared_memory_transpose():
     """kernels/fp8_reg_quant.py's premise, checked in its sm_90 PTX: no (128 x 128) tile goes through shared memory
     (at most 2 KB, the cross-warp part of the two amax reductions, against the 16 KB of an FP8 tile), the transposed
-    copy leaves as 8-byte stores (8 tokens of a feature a thread), and x comes in as vector loads."""
+    copy leaves as vector stores (a thread's tokens of a feature in one), and x comes in as vector loads; each call
+    at its layout (``SPECS``)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", REG_QUANT_SCRIPT], check=False, env=env, capture_output=True,
                           text=True, timeout=600)
     if done.returncode == 3:
         pytest.skip((done.stderr.strip().splitlines() or ["no Gluon here"])[-1])
     assert done.returncode == 0, done.stderr[-3000:]
+    vector = {4: "b32", 8: "v2.b32", 16: "v4.b32"}  # PTX global accesses of 4, 8, 16 bytes
     for k in json.loads(done.stdout.strip().splitlines()[-1]):
+        spt_t, spt_k, _, _, num_warps = k["spec"]
+        per_thread = 128 * 128 // (32 * num_warps)  # values of the tile a thread holds
         assert k["shared"] <= 2048, k
-        assert k["ops"].get("st.global.v2.b32", 0) >= 16, k  # qt: 4 features x 4 repetitions of 8 tokens
-        loads = {"*bf16": "ld.global.v2.b32", "*fp32": "ld.global.v4.b32", "*fp8e4nv": "ld.global.b32"}[k["x"]]
-        assert k["ops"].get(loads, 0) >= 32, k  # 32 token rows a thread, 4 features each
+        # qt: a thread's spt_t tokens of a feature (one byte each) in one store
+        assert k["ops"].get(f"st.global.{vector[spt_t]}", 0) >= per_thread // spt_t, k
+        # x: a thread's spt_k consecutive features in one load (at most 16 bytes)
+        elem = {"*bf16": 2, "*fp32": 4, "*fp8e4nv": 1}[k["x"]]
+        size = min(16, elem * spt_k)
+        assert k["ops"].get(f"ld.global.{vector[size]}", 0) >= per_thread * elem // size, k

@@ -1,0 +1,97 @@
+"""Sweep of the register layout of the transposing Gluon quantization (kernels/fp8_reg_quant.py) on an sm_90 GPU:
+act_quant_t (bf16 x), act_quant_both and the FP8 requantization at 8192 x 7168 for every layout spec of a grid
+(tokens / features a thread, lanes and warps along the tokens, warps), each checked bit for bit against the Triton
+kernels and timed beside them in the same run; the best spec of each call again at 4096 x 32768.
+
+    python3 bench/sweep_reg_quant.py --out bench/results      # the H200: a few minutes
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fp8 as bench_fp8
+from _common import copy_bandwidth_gbs, median_ms, metadata, write_results
+from minids.kernels import fp8 as kfp8
+from minids.kernels import fp8_reg_quant as rq
+
+CALLS = {"t": "act_quant_t 128x1", "both": "act_quant_both", "requant": "act_quant_t from fp8 (Wgrad requant)"}
+
+
+def grid() -> list[tuple]:
+    specs = []
+    for spt_t, spt_k, lanes_t, nw in itertools.product((4, 8, 16), (4, 8, 16), (2, 4, 8), (4, 8)):
+        for warps_t in sorted({1, nw // 2, nw}):
+            spec = (spt_t, spt_k, lanes_t, warps_t, nw)
+            # whole tile covered by at most 16 repetitions, and at least 4 tokens (bytes) per qt store
+            reps = 128 * 128 // (spt_t * spt_k * 32 * nw)
+            if rq.valid_spec(spec) and reps <= 16:
+                specs.append(spec)
+    return specs
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=None)
+    p.add_argument("--stem", default="fp8_reg_quant-sweep")
+    p.add_argument("--calls", default="t,both,requant")
+    args = p.parse_args()
+    copy_gbs = copy_bandwidth_gbs()
+    rows, best = [], {}
+    reg, tma = kfp8.REG_QUANT, kfp8.TMA_QUANT
+    kfp8.TMA_QUANT = False
+    specs = grid()
+    print(f"{len(specs)} layout specs; copy {copy_gbs:.0f} GB/s", flush=True)
+    try:
+        for M, K in ((8192, 7168), (4096, 32768)):
+            x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
+            xq, xs = kfp8.act_quant(x)
+            cases = {name: (kern, nb) for name, kern, _, nb in bench_fp8._quant_cases(x, x[:128, :128], xq, xs)}
+            for call in args.calls.split(","):
+                kernel, nbytes = cases[CALLS[call]]
+                kfp8.REG_QUANT = False
+                want = tuple(t.clone() for t in kernel(False))
+                tri = nbytes / median_ms(lambda: kernel(False), 10, 50) / 1e6
+                rows.append({"call": call, "shape": f"{M}x{K}", "spec": "triton", "GB/s": tri,
+                             "frac_copy": tri / copy_gbs, "same_as_triton": True})
+                print(f"{call:8s} {M}x{K} triton {tri:6.0f} GB/s", flush=True)
+                kfp8.REG_QUANT = True
+                todo = specs if M == 8192 else [s for s, _ in sorted(best[call], key=lambda r: -r[1])[:4]]
+                for spec in todo:
+                    rq.SPECS[call] = spec
+                    t0 = time.time()
+                    try:
+                        same = bench_fp8._same_outputs(kernel(False), want)
+                        gbs = nbytes / median_ms(lambda: kernel(False), 10, 50) / 1e6
+                    except Exception as e:  # noqa: BLE001  a layout the compiler refuses
+                        print(f"{call:8s} {M}x{K} {spec} failed: {str(e).splitlines()[0][:160]}", flush=True)
+                        continue
+                    if M == 8192 and same:
+                        best.setdefault(call, []).append((spec, gbs))
+                    rows.append({"call": call, "shape": f"{M}x{K}", "spec": str(spec), "GB/s": gbs,
+                                 "frac_copy": gbs / copy_gbs, "same_as_triton": same})
+                    print(f"{call:8s} {M}x{K} {spec} {gbs:6.0f} GB/s ({gbs / copy_gbs:.0%}) same {same} "
+                          f"[{time.time() - t0:.1f} s]", flush=True)
+                rq.SPECS[call] = max(best[call], key=lambda r: r[1])[0]
+    finally:
+        kfp8.REG_QUANT, kfp8.TMA_QUANT = reg, tma
+    for call in best:
+        top = sorted(best[call], key=lambda r: -r[1])[:5]
+        print(f"best {call}: " + ", ".join(f"{s} {g:.0f}" for s, g in top), flush=True)
+    if args.out:
+        meta = {**metadata(), "copy_GB/s": copy_gbs}
+        write_results(Path(args.out), args.stem, meta, rows, ["call", "shape", "spec", "GB/s", "frac_copy", "same_as_triton"],
+                      "spec = (tokens a thread, features a thread, lanes along the tokens, warps along the tokens, "
+                           "warps) of kernels/fp8_reg_quant.py's layout; GB/s: bytes read + written / median time "
+                           "(as bench/fp8.py's quant section); same_as_triton: outputs bit-identical to the Triton "
+                           "kernels'.")
+
+
+if __name__ == "__main__":
+    main()
