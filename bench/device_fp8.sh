@@ -5,8 +5,8 @@
 #   linear: bench/fp8.py's linear and linear_kernels sections
 #   reg:    the register-layout Gluon quantization (kernels/fp8_reg_quant.py): its GPU tests and bench/fp8.py's reg_quant
 #   regsweep: bench/sweep_reg_quant.py, the register layouts of that kernel
-#   regon:  with that kernel on by default: the quantization and linear GPU tests, tests/test_fp8.py, then
-#           bench/fp8.py's quant and reg_quant sections
+#   regon:  with that kernel on by default: the quantization and linear GPU tests, tests/test_fp8.py, the layout sweep
+#   quant:  bench/fp8.py's quant and reg_quant sections, the register-layout kernel's GPU tests
 #   train:  scripts/fp8_layer_check.py (sim vs real per FP8 GEMM, fresh and trained model), then scripts/fp8_vs_bf16.py
 #           on small-v3: fp8 off / sim / real and off again (--noise-floor), four parallel processes (one tarball)
 set -uo pipefail
@@ -35,8 +35,14 @@ case "${1:-probe}" in
     python3 bench/sweep_reg_quant.py --out "$OUT" 2>&1 | tee "$OUT/fp8_reg_quant-sweep.log" | grep -e best -e triton -e failed
     ;;
   regon)
-    bash bench/gpu_tests_split.sh tests/test_kernels_fp8.py gpu_tests_reg_on.log "quant or linear or exact_default"
+    bash bench/gpu_tests_split.sh tests/test_kernels_fp8.py gpu_tests_reg_on.log "quant or linear or exact_default or scale_of"
     python3 -m pytest -q -p no:cacheprovider tests/test_fp8.py 2>&1 | tail -4 | tee "$OUT/gpu_tests_test_fp8.log"
+    python3 bench/sweep_reg_quant.py --out "$OUT" --stem fp8_reg_quant-sweep2 2>&1 | tee "$OUT/fp8_reg_quant-sweep2.log" \
+      | grep -e best -e triton -e failed
+    ;;
+  quant)
+    python3 -m pytest -q -p no:cacheprovider tests/test_kernels_fp8.py -k "reg_quant or scale_of" 2>&1 | tail -4 \
+      | tee "$OUT/gpu_tests_reg_quant.log"
     python3 bench/fp8.py --only quant,reg_quant --out "$OUT" 2>&1 | tee "$OUT/fp8_quant.log" | grep -v "^check" | tail -30
     ;;
   train)

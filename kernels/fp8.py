@@ -121,13 +121,20 @@ if HAVE_TRITON:
 
     @triton.jit
     def _scale_of(amax, FMAX: tl.constexpr, UE8M0: tl.constexpr):
-        """amax / FMAX (amax floored at 1e-4), optionally the exact power of two at or above it: the correctly
-        rounded float32 quotient (div.rn), which for FMAX = 448 and 57344 (7 times a power of two) equals the
+        """amax / FMAX (amax floored at 1e-4), optionally the exact power of two at or above it. The quotient is the
+        correctly rounded float32 one, which for FMAX = 448 and 57344 (7 times a power of two) equals the
         reference's float64 quotient rounded to float32 for every float32 amax >= 1e-4 (all 1,185,827,049 of them
         checked, 2026-12-01: a quotient by 7 never lands on a float32 rounding tie, so the double rounding never
-        differs). A float64 division took 66 of the ~1400 instructions of act_quant_t's tile (sm_90 SASS)."""
+        differs). It is taken as q0 = a * r, r = 1/FMAX rounded, corrected once with two fmas: the residual
+        a - q0 * FMAX is exact, and q0 + residual * r is the correctly rounded a / 7 * 2^-k for every float32
+        mantissa (checked exhaustively in exact integer arithmetic, 2026-12-02; ``test_scale_of_every_mantissa``
+        checks it again on the kernels' own arithmetic). div.rn costs a slow-path check and branch per quotient
+        (48 a thread in act_quant_both's register-layout kernel): the two fmas took its sm_90 SASS from 2296 to
+        1952 instructions a tile."""
         a = tl.maximum(amax, AMAX_FLOOR)
-        s = tl.math.div_rn(a, FMAX)
+        R: tl.constexpr = 1.0 / FMAX  # rounded to float32 once (1/7's bits repeat 001: no double rounding)
+        q0 = a * R
+        s = tl.fma(tl.fma(-q0, FMAX, a), R, q0)
         if UE8M0:
             bits = s.to(tl.uint32, bitcast=True)
             up = (bits & 0x7FFFFF) != 0
@@ -135,11 +142,17 @@ if HAVE_TRITON:
         return s
 
     @triton.jit
+    def _scale_kernel(a_ptr, s_ptr, n, FMAX: tl.constexpr, UE8M0: tl.constexpr, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        s = _scale_of(tl.load(a_ptr + i, mask=i < n, other=1.0), FMAX, UE8M0)
+        tl.store(s_ptr + i, s, mask=i < n)
+
+    @triton.jit
     def _quantize(x, s, FMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, UE8M0: tl.constexpr,
                   EXACT: tl.constexpr, SOFT_CVT: tl.constexpr):
         """x / s for the FP8 store, in float32. s is broadcast against x (one value per quantization group), so its
         reciprocal is taken once per group. Exact: the correctly rounded quotient, rounded to the FP8 grid here.
-        Fast: x * (1/s); the conversion at the store rounds and saturates (SOFT_CVT: clamped and rounded here, for
+        Fast: x * (1/s), 1/s approximate (within 2 ulp); the conversion at the store rounds and saturates (SOFT_CVT: clamped and rounded here, for
         the interpreter)."""
         if EXACT:
             # float64 quotient rounded once to float32 (H200: div_rn differed from it in about 1 of 2000 quotients)
@@ -148,7 +161,7 @@ if HAVE_TRITON:
             if UE8M0:  # s = 2^e: 1/s = 2^-e exactly, by exponent arithmetic (biased 254 - E)
                 inv = (0x7F000000 - s.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
             else:
-                inv = tl.math.div_rn(1.0, s)
+                inv = 1.0 / s
             y = x * inv
         if EXACT or SOFT_CVT:
             y = tl.minimum(tl.maximum(y, -FMAX), FMAX)
@@ -379,6 +392,18 @@ def _tokens_by_features(x: torch.Tensor, name: str) -> torch.Tensor:
     if x.dim() != 2:
         raise ValueError(f"{name} needs a 2-D (tokens, features) tensor, got shape {tuple(x.shape)}")
     return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def scale_of(amax: torch.Tensor, fmax: float, ue8m0: bool = False) -> torch.Tensor:
+    """The kernels' scale of each float32 amax (``_scale_of``): ``minids.fp8._scale``'s contract, bit for bit."""
+    if fmax not in tuple(f for _, f in _FORMATS.values()):
+        raise ValueError(f"scale_of: fmax={fmax} is no FP8 format's maximum ({[f for _, f in _FORMATS.values()]})")
+    a = amax.float().contiguous()
+    s = torch.empty_like(a)
+    n, block = a.numel(), 1 << 16
+    if n:
+        _scale_kernel[(_cdiv(n, block),)](a, s, n, FMAX=fmax, UE8M0=ue8m0, BLOCK=block)
+    return s
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -126,7 +126,8 @@ def quant_tiles(x, qt, st, q=None, s=None, in_scale=None, *, flags: dict, spec: 
     (``_layouts``), by default ``SPECS``'s for the call."""
     M, K = x.shape
     spec = spec or SPECS["both" if q is not None else "requant" if in_scale is not None else "t"]
-    layout, t_layout = _layouts(spec)
+    layout, t_layout = _layouts(spec[:5])
+    extra = {"maxnreg": spec[5]} if len(spec) > 5 else {}  # a sixth entry caps the registers a thread
     xs = in_scale if in_scale is not None else st
     q_, s_ = (q, s) if q is not None else (qt, st)
     _reg_quant_kernel[(-(-M // BLOCK), -(-K // BLOCK))](
@@ -134,5 +135,5 @@ def quant_tiles(x, qt, st, q=None, s=None, in_scale=None, *, flags: dict, spec: 
         *st.stride(),
         FMAX=flags["FMAX"], MBITS=flags["MBITS"], EMIN=flags["EMIN"], UE8M0=flags["UE8M0"],
         IN_SCALE=in_scale is not None, WRITE_Q=q is not None, LAYOUT=layout, T_LAYOUT=t_layout,
-        num_warps=spec[4],
+        num_warps=spec[4], **extra,
     )

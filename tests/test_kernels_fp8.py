@@ -174,6 +174,24 @@ def rand_bf16(*shape, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_scale_of_every_mantissa(fmt):
+    """The kernels' scale (amax / FMAX by one multiply and two fmas, not a division) equals the reference's float64
+    quotient rounded to float32 for every float32 mantissa (all 2^23 in [1, 2)), in binades from the amax floor to
+    2^100, and below the floor; UE8M0 rounds it up to the same power of two."""
+    _, fmax = ref._FORMATS[fmt]
+    ones = (torch.arange(1 << 23, dtype=torch.int32) | 0x3F800000).view(torch.float32)  # every mantissa in [1, 2)
+    for e in (-13, 0, 100):
+        a = torch.ldexp(ones, torch.tensor(e))
+        got = kfp8.scale_of(a.to(DEV), fmax).cpu()
+        assert torch.equal(got, ref._scale(a, fmax, False)), f"2^{e}: {(got != ref._scale(a, fmax, False)).sum()}"
+    a = torch.cat([ones[::4099] * 2.0**-15, torch.tensor([0.0, 1e-4, 3e-38, 2.0**-149])])  # under the floor, edges
+    for ue8m0 in (False, True):
+        assert torch.equal(kfp8.scale_of(a.to(DEV), fmax, ue8m0).cpu(), ref._scale(a, fmax, ue8m0))
+    with pytest.raises(ValueError, match="fmax=100"):
+        kfp8.scale_of(a, 100.0)
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
 @pytest.mark.parametrize("ue8m0", [False, True])
 @pytest.mark.parametrize("M,K", [(1, 128), (7, 300), (127, 256), (4097, 130)])
 def test_act_quant_fast(M, K, fmt, ue8m0):
