@@ -558,6 +558,15 @@ def _host_us(fn, n: int = 300) -> float:
     return host / n * 1e6
 
 
+def _without_reg_quant(fn):
+    """fn() with the transposing quantizations on the Triton kernels (kfp8.REG_QUANT off)."""
+    on, kfp8.REG_QUANT = kfp8.REG_QUANT, False
+    try:
+        return fn()
+    finally:
+        kfp8.REG_QUANT = on
+
+
 def bench_host(rows: list, out: Path) -> None:
     """Host time per call of each wrapper and of the FP8 linear's forward + backward (small shapes: the host is the
     bottleneck), with torch's own calls beside them, and a cProfile of the linear step (top functions by own time)."""
@@ -586,6 +595,8 @@ def bench_host(rows: list, out: Path) -> None:
         "act_quant_t": lambda: kfp8.act_quant_t(x),
         "act_quant_t from fp8": lambda: kfp8.act_quant_t(xq, in_scale=xs),
         "act_quant_both": lambda: kfp8.act_quant_both(x),
+        "act_quant_t, Triton kernel": lambda: _without_reg_quant(lambda: kfp8.act_quant_t(x)),
+        "act_quant_both, Triton kernel": lambda: _without_reg_quant(lambda: kfp8.act_quant_both(x)),
         "weight_quant (+W^T)": lambda: kfp8.weight_quant(w, transposed=True),
         "fp8_gemm M=256 (plan, split)": lambda: kfp8.fp8_gemm(xq, xs, wq, ws),
         "fp8_gemm M=4096 (fixed variant)": lambda: kfp8.fp8_gemm(big_a, big_s, wq, ws),

@@ -2,7 +2,7 @@
 kernel whose register layout makes the transpose free: no tile crosses shared memory.
 
 One program quantizes a (128 tokens x 128 features) tile of x (M, K). Each thread holds a few consecutive tokens x a
-few consecutive features per repetition (``_layouts``; e.g. 8 x 4, with lanes and warps split between the two dims),
+few consecutive features per repetition (``valid_spec``; e.g. 8 x 16, with lanes and warps split between the two dims),
 so
 - x is read as vectors of a thread's consecutive features;
 - the 1x128 quantization along the features (q, s) is a max in the thread, a shuffle across its lanes and (if warps
@@ -54,8 +54,14 @@ if HAVE_GLUON:
                           stride_stk, stride_stb,
                           FMAX: gl.constexpr, MBITS: gl.constexpr, EMIN: gl.constexpr, UE8M0: gl.constexpr,
                           IN_SCALE: gl.constexpr, WRITE_Q: gl.constexpr,
-                          LAYOUT: gl.constexpr, T_LAYOUT: gl.constexpr):
-        """Tile (program_id 0: tokens, program_id 1: features) of x; see the module docstring."""
+                          SPT_T: gl.constexpr, SPT_K: gl.constexpr, LANES_T: gl.constexpr, WARPS_T: gl.constexpr,
+                          NUM_WARPS: gl.constexpr):
+        """Tile (program_id 0: tokens, program_id 1: features) of x; see the module docstring. The layout spec
+        (``valid_spec``) comes as integers and the two layouts are built here, so a launch passes plain integers."""
+        LAYOUT: gl.constexpr = gl.BlockedLayout([SPT_T, SPT_K], [LANES_T, 32 // LANES_T],
+                                                [WARPS_T, NUM_WARPS // WARPS_T], [1, 0])
+        T_LAYOUT: gl.constexpr = gl.BlockedLayout([SPT_T, SPT_K], [LANES_T, 32 // LANES_T],
+                                                  [WARPS_T, NUM_WARPS // WARPS_T], [0, 1])
         pid_m = gl.program_id(0)
         pid_k = gl.program_id(1)
         rows = pid_m * TILE + gl.arange(0, TILE, layout=gl.SliceLayout(1, LAYOUT))
@@ -86,22 +92,11 @@ if HAVE_GLUON:
         gl.store(st_ptr + cols * stride_stk + pid_m * stride_stb, sc, mask=cmask)
 
 
-@functools.cache
-def _layouts(spec: tuple[int, int, int, int, int]):
-    """(arithmetic layout, store layout of the transposed copy) of a 128 x 128 tile for spec = (tokens a thread,
-    features a thread, lanes along the tokens, warps along the tokens, warps): the rest of the 32 lanes and of the
-    warps lie along the features. The second layout lists a thread's registers tokens first, so its tokens of a
-    feature are one store (8 tokens: 8 bytes). (8, 4, 4, 1, 4): the 4 lanes of a feature write its 32 contiguous
-    bytes, a whole sector of qt, and a warp's q store covers 32 contiguous bytes of a row; (8, 4, 1, 4, 4): every
-    lane of a qt store writes another row."""
-    spt_t, spt_k, lanes_t, warps_t, num_warps = spec
-    kw = {"size_per_thread": [spt_t, spt_k], "threads_per_warp": [lanes_t, 32 // lanes_t],
-          "warps_per_cta": [warps_t, num_warps // warps_t]}
-    return gl.BlockedLayout(order=[1, 0], **kw), gl.BlockedLayout(order=[0, 1], **kw)
-
-
 def valid_spec(spec: tuple[int, int, int, int, int]) -> bool:
-    """Whether spec's layout covers at most a 128 x 128 tile each way (a larger one would compute its values twice)."""
+    """Whether a layout spec = (tokens a thread, features a thread, lanes along the tokens, warps along the tokens,
+    warps) covers at most a 128 x 128 tile each way (a larger one would compute its values twice). The rest of the 32
+    lanes and of the warps lie along the features; the kernel's second layout (the transposed store's) lists a
+    thread's registers tokens first, so its tokens of a feature are one store."""
     spt_t, spt_k, lanes_t, warps_t, num_warps = spec
     return (32 % lanes_t == 0 and num_warps % warps_t == 0 and spt_t * lanes_t * warps_t <= BLOCK
             and spt_k * (32 // lanes_t) * (num_warps // warps_t) <= BLOCK)
@@ -117,16 +112,20 @@ def usable(x: torch.Tensor, block: int, exact: bool, in_block: int = BLOCK) -> b
     the fast mode, a 2-D x with contiguous rows."""
     if not HAVE_GLUON or exact or block != BLOCK or in_block != BLOCK or not x.is_cuda or x.dim() != 2:
         return False
-    return torch.cuda.get_device_capability(x.device)[0] == 9 and x.stride(-1) == 1
+    return _sm90(x.device.index if x.device.index is not None else torch.cuda.current_device()) and x.stride(-1) == 1
+
+
+@functools.cache
+def _sm90(device: int) -> bool:
+    return torch.cuda.get_device_capability(device)[0] == 9
 
 
 def quant_tiles(x, qt, st, q=None, s=None, in_scale=None, *, flags: dict, spec: tuple | None = None) -> None:
     """Fill qt (K, M) / st (K, ceil(M/128)) and, if given, q (M, K) / s (M, ceil(K/128)) from x (M, K) (FP8 x: with
     its 1x128 scales in_scale). flags: the format constants of ``kernels.fp8._flags`` (fast mode); spec: the layout
-    (``_layouts``), by default ``SPECS``'s for the call."""
+    (``valid_spec``), by default ``SPECS``'s for the call."""
     M, K = x.shape
     spec = spec or SPECS["both" if q is not None else "requant" if in_scale is not None else "t"]
-    layout, t_layout = _layouts(spec[:5])
     extra = {"maxnreg": spec[5]} if len(spec) > 5 else {}  # a sixth entry caps the registers a thread
     xs = in_scale if in_scale is not None else st
     q_, s_ = (q, s) if q is not None else (qt, st)
@@ -134,6 +133,6 @@ def quant_tiles(x, qt, st, q=None, s=None, in_scale=None, *, flags: dict, spec: 
         x, xs, q_, s_, qt, st, M, K, x.stride(0), *xs.stride(), q_.stride(0), *s_.stride(), qt.stride(0),
         *st.stride(),
         FMAX=flags["FMAX"], MBITS=flags["MBITS"], EMIN=flags["EMIN"], UE8M0=flags["UE8M0"],
-        IN_SCALE=in_scale is not None, WRITE_Q=q is not None, LAYOUT=layout, T_LAYOUT=t_layout,
-        num_warps=spec[4], **extra,
+        IN_SCALE=in_scale is not None, WRITE_Q=q is not None, SPT_T=spec[0], SPT_K=spec[1], LANES_T=spec[2],
+        WARPS_T=spec[3], NUM_WARPS=spec[4], num_warps=spec[4], **extra,
     )
