@@ -448,7 +448,8 @@ def _tma_quant(x: torch.Tensor, block: int, flags: dict, outs, in_block: int = 1
     return fp8_tma_quant.usable(x, block, flags["EXACT"], outs)
 
 
-# True sends the fast transposing quantizations (act_quant_both, act_quant_t, the FP8 requantization) to the Gluon
+# True sends the fast transposing quantizations (act_quant_both, act_quant_t, the FP8 requantization, weight_quant's
+# transposed form) to the Gluon
 # kernel of kernels/fp8_reg_quant.py on sm_90, whose register layout stores the transposed copy without a shared-memory
 # layout conversion (``_reg_quant``; same bits as these Triton kernels). On the H200 at its swept layouts
 # (bench/results/fp8_reg_quant-sweep.md, 8192 x 7168 / 4096 x 32768): act_quant_both 2724 / 2936 GB/s against the
@@ -607,6 +608,12 @@ def weight_quant(
         # copy together) where the grid-rounded exact path was bit-exact, so the hardware conversion is not trusted
         # in this kernel's layout. Cheap here: a few integer ops an element, no float64 quotient.
         flags["SOFT_CVT"] = True
+        if transposed and _reg_quant(w, block, flags):  # the transposed copy from registers (same bits)
+            from minids.kernels import fp8_reg_quant
+
+            # the hardware conversion there: the GPU tests find it bit-identical to the grid rounding of this kernel
+            fp8_reg_quant.quant_tiles(w, qt, None, q, s, flags={**flags, "SOFT_CVT": False}, weight=True)
+            return q, s, qt
         G, warps, pack = _blocks_per_program("weight_quant", flags, block)
         qtw, pack = _pack_view(qt, pack and transposed)
         _weight_quant_kernel[(bo, _cdiv(bi, G))](

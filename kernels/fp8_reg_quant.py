@@ -53,9 +53,9 @@ if HAVE_GLUON:
                           stride_xm, stride_xsm, stride_xsk, stride_qm, stride_sm, stride_sk, stride_qtk,
                           stride_stk, stride_stb,
                           FMAX: gl.constexpr, MBITS: gl.constexpr, EMIN: gl.constexpr, UE8M0: gl.constexpr,
-                          IN_SCALE: gl.constexpr, WRITE_Q: gl.constexpr,
-                          SPT_T: gl.constexpr, SPT_K: gl.constexpr, LANES_T: gl.constexpr, WARPS_T: gl.constexpr,
-                          NUM_WARPS: gl.constexpr):
+                          IN_SCALE: gl.constexpr, WRITE_Q: gl.constexpr, WEIGHT: gl.constexpr,
+                          SOFT_CVT: gl.constexpr, SPT_T: gl.constexpr, SPT_K: gl.constexpr, LANES_T: gl.constexpr,
+                          WARPS_T: gl.constexpr, NUM_WARPS: gl.constexpr):
         """Tile (program_id 0: tokens, program_id 1: features) of x; see the module docstring. The layout spec
         (``valid_spec``) comes as integers and the two layouts are built here, so a launch passes plain integers."""
         LAYOUT: gl.constexpr = gl.BlockedLayout([SPT_T, SPT_K], [LANES_T, 32 // LANES_T],
@@ -75,21 +75,29 @@ if HAVE_GLUON:
             xs = gl.load(xs_ptr + rows * stride_xsm + pid_k * stride_xsk, mask=rmask, other=0.0)
             x = x * gl.expand_dims(xs, 1)
         ax = gl.abs(x)
-        if WRITE_Q:
-            sr = _scale_of(gl.max(ax, axis=1), FMAX, UE8M0)  # (TILE,): along the features
-            q = _quantize(x, gl.expand_dims(sr, 1), FMAX, MBITS, EMIN, UE8M0, False, False)
-            gl.store(q_ptr + gl.expand_dims(rows.to(gl.int64) * stride_qm, 1) + gl.expand_dims(cols, 0),
-                     q.to(q_ptr.dtype.element_ty), mask=mask)
-            gl.store(s_ptr + rows * stride_sm + pid_k * stride_sk, sr, mask=rmask)
-        sc = _scale_of(gl.max(ax, axis=0), FMAX, UE8M0)  # (TILE,): along the tokens
-        qt = _quantize(x, gl.expand_dims(sc, 0), FMAX, MBITS, EMIN, UE8M0, False, False)
-        qt = gl.convert_layout(qt.to(qt_ptr.dtype.element_ty), T_LAYOUT)  # a thread's own registers reordered
+        if WEIGHT:  # one 128 x 128 block scale: q and its transposed copy hold the same values
+            sw = _scale_of(gl.max(gl.max(ax, axis=1), axis=0), FMAX, UE8M0)
+            qt = _quantize(x, sw, FMAX, MBITS, EMIN, UE8M0, False, SOFT_CVT).to(qt_ptr.dtype.element_ty)
+            gl.store(q_ptr + gl.expand_dims(rows.to(gl.int64) * stride_qm, 1) + gl.expand_dims(cols, 0), qt, mask=mask)
+            gl.store(s_ptr + pid_m * stride_sm + pid_k * stride_sk, sw)
+        else:
+            if WRITE_Q:
+                sr = _scale_of(gl.max(ax, axis=1), FMAX, UE8M0)  # (TILE,): along the features
+                q = _quantize(x, gl.expand_dims(sr, 1), FMAX, MBITS, EMIN, UE8M0, False, SOFT_CVT)
+                gl.store(q_ptr + gl.expand_dims(rows.to(gl.int64) * stride_qm, 1) + gl.expand_dims(cols, 0),
+                         q.to(q_ptr.dtype.element_ty), mask=mask)
+                gl.store(s_ptr + rows * stride_sm + pid_k * stride_sk, sr, mask=rmask)
+            sc = _scale_of(gl.max(ax, axis=0), FMAX, UE8M0)  # (TILE,): along the tokens
+            qt = _quantize(x, gl.expand_dims(sc, 0), FMAX, MBITS, EMIN, UE8M0, False, SOFT_CVT)
+            qt = qt.to(qt_ptr.dtype.element_ty)
+        qt = gl.convert_layout(qt, T_LAYOUT)  # a thread's own registers reordered
         rows_t = pid_m * TILE + gl.arange(0, TILE, layout=gl.SliceLayout(1, T_LAYOUT))
         cols_t = pid_k * TILE + gl.arange(0, TILE, layout=gl.SliceLayout(0, T_LAYOUT))
         mask_t = gl.expand_dims(rows_t < M, 1) & gl.expand_dims(cols_t < K, 0)
         gl.store(qt_ptr + gl.expand_dims(cols_t.to(gl.int64) * stride_qtk, 0) + gl.expand_dims(rows_t, 1), qt,
                  mask=mask_t)
-        gl.store(st_ptr + cols * stride_stk + pid_m * stride_stb, sc, mask=cmask)
+        if not WEIGHT:
+            gl.store(st_ptr + cols * stride_stk + pid_m * stride_stb, sc, mask=cmask)
 
 
 def valid_spec(spec: tuple[int, int, int, int, int]) -> bool:
@@ -104,7 +112,8 @@ def valid_spec(spec: tuple[int, int, int, int, int]) -> bool:
 
 # the layout of each call: act_quant_both (bf16 x), act_quant_t (16- or 32-bit x), the FP8 requantization; the fastest
 # bit-exact spec of each in bench/sweep_reg_quant.py's 59 at 8192 x 7168 on the H200 (fp8_reg_quant-sweep2.md)
-SPECS = {"both": (8, 16, 8, 2, 4), "t": (8, 16, 8, 2, 4), "requant": (16, 8, 4, 2, 4)}
+SPECS = {"both": (8, 16, 8, 2, 4), "t": (8, 16, 8, 2, 4), "requant": (16, 8, 4, 2, 4),
+         "weight": (8, 16, 8, 2, 4)}  # weight_quant's transposed form: act_quant_both's layout, not swept
 
 
 def usable(x: torch.Tensor, block: int, exact: bool, in_block: int = BLOCK) -> bool:
@@ -120,19 +129,24 @@ def _sm90(device: int) -> bool:
     return torch.cuda.get_device_capability(device)[0] == 9
 
 
-def quant_tiles(x, qt, st, q=None, s=None, in_scale=None, *, flags: dict, spec: tuple | None = None) -> None:
+def quant_tiles(x, qt, st, q=None, s=None, in_scale=None, *, flags: dict, spec: tuple | None = None,
+                weight: bool = False) -> None:
     """Fill qt (K, M) / st (K, ceil(M/128)) and, if given, q (M, K) / s (M, ceil(K/128)) from x (M, K) (FP8 x: with
-    its 1x128 scales in_scale). flags: the format constants of ``kernels.fp8._flags`` (fast mode); spec: the layout
-    (``valid_spec``), by default ``SPECS``'s for the call."""
+    its 1x128 scales in_scale). weight: 128 x 128 block scales instead (``weight_quant``: x is the weight, q, s
+    (ceil(M/128), ceil(K/128)) and the transposed copy qt; st unused). flags: the format constants of
+    ``kernels.fp8._flags``; spec: the layout (``valid_spec``), by default ``SPECS``'s for the call."""
     M, K = x.shape
-    spec = spec or SPECS["both" if q is not None else "requant" if in_scale is not None else "t"]
+    call = "weight" if weight else "both" if q is not None else "requant" if in_scale is not None else "t"
+    spec = spec or SPECS[call]
     extra = {"maxnreg": spec[5]} if len(spec) > 5 else {}  # a sixth entry caps the registers a thread
+    st = qt if weight else st  # a placeholder pointer: the weight form stores no token scales
     xs = in_scale if in_scale is not None else st
     q_, s_ = (q, s) if q is not None else (qt, st)
     _reg_quant_kernel[(-(-M // BLOCK), -(-K // BLOCK))](
         x, xs, q_, s_, qt, st, M, K, x.stride(0), *xs.stride(), q_.stride(0), *s_.stride(), qt.stride(0),
         *st.stride(),
         FMAX=flags["FMAX"], MBITS=flags["MBITS"], EMIN=flags["EMIN"], UE8M0=flags["UE8M0"],
-        IN_SCALE=in_scale is not None, WRITE_Q=q is not None, SPT_T=spec[0], SPT_K=spec[1], LANES_T=spec[2],
-        WARPS_T=spec[3], NUM_WARPS=spec[4], num_warps=spec[4], **extra,
+        IN_SCALE=in_scale is not None, WRITE_Q=q is not None, WEIGHT=weight, SOFT_CVT=flags["SOFT_CVT"],
+        SPT_T=spec[0], SPT_K=spec[1], LANES_T=spec[2], WARPS_T=spec[3], NUM_WARPS=spec[4], num_warps=spec[4],
+        **extra,
     )

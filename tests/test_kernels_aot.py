@@ -293,10 +293,12 @@ fn = m._reg_quant_kernel
 flags = dict(_format_flags("e4m3", False, False, False))
 out = []
 for call, x_ty, in_scale, write_q in (("both", "*bf16", False, True), ("requant", "*fp8e4nv", True, False),
-                                      ("t", "*fp32", False, False), ("t", "*bf16", False, False)):
+                                      ("t", "*fp32", False, False), ("t", "*bf16", False, False),
+                                      ("weight", "*bf16", False, True)):
     spec = m.SPECS[call]
     consts = {"FMAX": flags["FMAX"], "MBITS": flags["MBITS"], "EMIN": flags["EMIN"], "UE8M0": False,
-              "IN_SCALE": in_scale, "WRITE_Q": write_q, **dict(zip(("SPT_T", "SPT_K", "LANES_T", "WARPS_T",
+              "IN_SCALE": in_scale, "WRITE_Q": write_q, "WEIGHT": call == "weight", "SOFT_CVT": False,
+              **dict(zip(("SPT_T", "SPT_K", "LANES_T", "WARPS_T",
                                                                      "NUM_WARPS"), spec))}
     sig = {a: "constexpr" if a in consts else x_ty if a == "x_ptr" else "*fp8e4nv" if a in ("q_ptr", "qt_ptr")
            else "*fp32" if a.endswith("_ptr") else "i32" for a in fn.arg_names}

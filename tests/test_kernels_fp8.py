@@ -527,6 +527,33 @@ def test_reg_quant_equals_the_triton_kernels(M, K, fmt, ue8m0, monkeypatch):
     _gluon_matches_triton(fp8_reg_quant, "REG_QUANT", M, K, fmt, ue8m0, monkeypatch)
 
 
+@pytest.mark.skipif(not _reg_quant_here(), reason="the register-layout Gluon quantization runs on sm_90 GPUs only "
+                    "(Gluon has no interpreter mode)")
+@pytest.mark.parametrize("fmt,ue8m0", [("e4m3", False), ("e5m2", False), ("e4m3", True)])
+@pytest.mark.parametrize("O,I", [(1, 1), (130, 257), (256, 128), (4112, 528), (200, 520)])
+def test_reg_quant_weight_equals_the_triton_kernel(O, I, fmt, ue8m0, monkeypatch):
+    """weight_quant's transposed form on kernels/fp8_reg_quant.py (the hardware FP8 conversion) gives the Triton
+    kernel's q, scales and transposed copy (the grid rounding in float32 bits) bit for bit, partial blocks included,
+    into NaN-poisoned outputs."""
+    from minids.kernels import fp8_reg_quant
+
+    w = rand_bf16(O, I, seed=O + 3 * I + ue8m0)
+    bo, bi = -(-O // 128), -(-I // 128)
+    calls = []
+    real = fp8_reg_quant.quant_tiles
+    monkeypatch.setattr(fp8_reg_quant, "quant_tiles", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    got = {}
+    for on in (False, True):
+        monkeypatch.setattr(kfp8, "REG_QUANT", on)
+        out = (poisoned((O, I), FP8[fmt]), poisoned((bo, bi), torch.float32), poisoned((I, O), FP8[fmt]))
+        got[on] = kfp8.weight_quant(w, fmt=fmt, ue8m0=ue8m0, transposed=True, out=out, exact=False)
+    for want, g in zip(got[False], got[True]):
+        assert not g.float().isnan().any()
+        assert same_bits(g, want) if g.dtype in FP8.values() else torch.equal(g, want)
+    assert same_bits(got[True][2], got[True][0].t().contiguous())
+    assert len(calls) == 1
+
+
 @pytest.mark.skipif(not _tma_quant_here(), reason=TMA_QUANT_SKIP)
 def test_tma_quant_takes_only_calls_it_can(monkeypatch):
     """The Triton kernels keep the exact mode, unaligned rows (TMA: 16-byte rows of x and of both FP8 outputs),
