@@ -148,7 +148,7 @@ def bench_quant(rows: list, copy_gbs: float, quick: bool) -> None:
         # these kernels, so a per-call time measures the host as much as the kernel (per_call_GB/s)
         ms_exact, ms_fast = graph_ms(lambda: kernel(True)), graph_ms(lambda: kernel(False))
         ms_call = median_ms(lambda: kernel(False))
-        transposing = "act_quant_t" in name or "both" in name
+        transposing = "act_quant_t" in name or "both" in name or "weight" in name  # weight: its +W^T form
         ms_triton = ms_fast
         if (tma or reg) and transposing:  # the Triton kernel of the same call, for the side-by-side
             flags = kfp8.TMA_QUANT, kfp8.REG_QUANT
@@ -235,13 +235,15 @@ def bench_reg_quant(rows: list, copy_gbs: float) -> None:
 
     reg, tma = kfp8.REG_QUANT, kfp8.TMA_QUANT
     kfp8.TMA_QUANT = False
-    names = ("act_quant_t 128x1", "act_quant_both", "act_quant_t from fp8 (Wgrad requant)")
+    names = ("act_quant_t 128x1", "act_quant_both", "act_quant_t from fp8 (Wgrad requant)",
+             "weight_quant 128x128 (+transpose)")
     try:
         for M, K in ((8192, 7168), (4096, 32768)):
             x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
             xq, xs = kfp8.act_quant(x)
-            cases = {name: (kernel, nbytes) for name, kernel, _, nbytes in _quant_cases(x, x[:128, :128], xq, xs)}
-            for name, call in zip(names, ("t", "both", "requant")):
+            w = torch.randn(K, M, dtype=torch.bfloat16, device="cuda")  # a weight of the same size (O, I) = (K, M)
+            cases = {name: (kernel, nbytes) for name, kernel, _, nbytes in _quant_cases(x, w, xq, xs)}
+            for name, call in zip(names, ("t", "both", "requant", "weight")):
                 kernel, nbytes = cases[name]
                 kfp8.REG_QUANT = False
                 want = tuple(t.clone() for t in kernel(False))
