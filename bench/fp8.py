@@ -141,14 +141,16 @@ def bench_quant(rows: list, copy_gbs: float, quick: bool) -> None:
     xq, xs = kfp8.act_quant(x)
     wq, ws = kfp8.weight_quant(w)
     tma = _tma_path(x)
-    reg = kfp8._reg_quant(x, 128, kfp8._flags("e4m3", False, False))
+    reg_act = kfp8._reg_quant(x, 128, kfp8._flags("e4m3", False, False))
     for name, kernel, slow, nbytes in _quant_cases(x, w, xq, xs):
+        reg = reg_act and ("weight" not in name or kfp8.REG_QUANT_WEIGHT)
         shape = f"{M}x{K}" if "weight" not in name else f"{w.shape[0]}x{w.shape[1]}"
         # replayed from CUDA graphs: this host's Python takes 50-80 us a wrapper call (fp8_host.md), as long as
         # these kernels, so a per-call time measures the host as much as the kernel (per_call_GB/s)
         ms_exact, ms_fast = graph_ms(lambda: kernel(True)), graph_ms(lambda: kernel(False))
         ms_call = median_ms(lambda: kernel(False))
-        transposing = "act_quant_t" in name or "both" in name or "weight" in name  # weight: its +W^T form
+        # the calls a Gluon kernel may take (weight_quant's +W^T form: the register-layout one only)
+        transposing = "act_quant_t" in name or "both" in name or ("weight" in name and reg)
         ms_triton = ms_fast
         if (tma or reg) and transposing:  # the Triton kernel of the same call, for the side-by-side
             flags = kfp8.TMA_QUANT, kfp8.REG_QUANT
@@ -233,8 +235,8 @@ def bench_reg_quant(rows: list, copy_gbs: float) -> None:
     outputs compared bit for bit."""
     from minids.kernels import fp8_reg_quant
 
-    reg, tma = kfp8.REG_QUANT, kfp8.TMA_QUANT
-    kfp8.TMA_QUANT = False
+    reg, tma, reg_w = kfp8.REG_QUANT, kfp8.TMA_QUANT, kfp8.REG_QUANT_WEIGHT
+    kfp8.TMA_QUANT, kfp8.REG_QUANT_WEIGHT = False, True  # the weight form too (off by default)
     names = ("act_quant_t 128x1", "act_quant_both", "act_quant_t from fp8 (Wgrad requant)",
              "weight_quant 128x128 (+transpose)")
     try:
@@ -256,7 +258,7 @@ def bench_reg_quant(rows: list, copy_gbs: float) -> None:
                     print(f"{name:38s} {M}x{K} {label:13s} {gbs:6.0f} GB/s ({gbs / copy_gbs:.0%} of copy) "
                           f"same bits {same}", flush=True)
     finally:
-        kfp8.REG_QUANT, kfp8.TMA_QUANT = reg, tma
+        kfp8.REG_QUANT, kfp8.TMA_QUANT, kfp8.REG_QUANT_WEIGHT = reg, tma, reg_w
 
 
 TMA_QUANT_SWEEP = [(3, 8, 1, False), (3, 8, 1, True), (2, 8, 1, True), (2, 4, 2, False), (2, 4, 2, True),

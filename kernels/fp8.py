@@ -448,14 +448,16 @@ def _tma_quant(x: torch.Tensor, block: int, flags: dict, outs, in_block: int = 1
     return fp8_tma_quant.usable(x, block, flags["EXACT"], outs)
 
 
-# True sends the fast transposing quantizations (act_quant_both, act_quant_t, the FP8 requantization, weight_quant's
-# transposed form) to the Gluon
+# True sends the fast transposing quantizations (act_quant_both, act_quant_t, the FP8 requantization) to the Gluon
 # kernel of kernels/fp8_reg_quant.py on sm_90, whose register layout stores the transposed copy without a shared-memory
-# layout conversion (``_reg_quant``; same bits as these Triton kernels). On the H200 at its swept layouts
-# (bench/results/fp8_reg_quant-sweep.md, 8192 x 7168 / 4096 x 32768): act_quant_both 2724 / 2936 GB/s against the
-# Triton kernel's 2449 / 2784, act_quant_t 3468 / 3893 against 3093 / 3465, the requantization 2435 / 2746 against
-# 1740 / 1858.
+# layout conversion (``_reg_quant``; same bits as these Triton kernels). On the H200, 8192 x 7168, from CUDA graphs
+# (bench/results/fp8_reg_quant.md): act_quant_both 3327 GB/s against the Triton kernel's 2719, act_quant_t 3870
+# against 3654, the requantization 2948 against 2242.
 REG_QUANT = True
+# weight_quant's transposed form on the same kernel: 3626 against 2817 GB/s at 7168 x 8192 and bit-identical there, but
+# its GPU parity test (tests/test_kernels_fp8.py::test_reg_quant_weight_equals_the_triton_kernel) failed on the
+# shapes with partial blocks it reached, (1, 1) and (130, 257), so off until that is understood.
+REG_QUANT_WEIGHT = False
 
 
 def _reg_quant(x: torch.Tensor, block: int, flags: dict, in_block: int = 128) -> bool:
@@ -608,7 +610,7 @@ def weight_quant(
         # copy together) where the grid-rounded exact path was bit-exact, so the hardware conversion is not trusted
         # in this kernel's layout. Cheap here: a few integer ops an element, no float64 quotient.
         flags["SOFT_CVT"] = True
-        if transposed and _reg_quant(w, block, flags):  # the transposed copy from registers (same bits)
+        if transposed and REG_QUANT_WEIGHT and _reg_quant(w, block, flags):  # the transposed copy from registers
             from minids.kernels import fp8_reg_quant
 
             # the hardware conversion there: the GPU tests find it bit-identical to the grid rounding of this kernel

@@ -543,6 +543,7 @@ def test_reg_quant_weight_equals_the_triton_kernel(O, I, fmt, ue8m0, monkeypatch
     real = fp8_reg_quant.quant_tiles
     monkeypatch.setattr(fp8_reg_quant, "quant_tiles", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     got = {}
+    monkeypatch.setattr(kfp8, "REG_QUANT_WEIGHT", True)
     for on in (False, True):
         monkeypatch.setattr(kfp8, "REG_QUANT", on)
         out = (poisoned((O, I), FP8[fmt]), poisoned((bo, bi), torch.float32), poisoned((I, O), FP8[fmt]))
