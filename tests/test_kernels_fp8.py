@@ -532,9 +532,9 @@ def test_reg_quant_equals_the_triton_kernels(M, K, fmt, ue8m0, monkeypatch):
 @pytest.mark.parametrize("fmt,ue8m0", [("e4m3", False), ("e5m2", False), ("e4m3", True)])
 @pytest.mark.parametrize("O,I", [(1, 4), (130, 260), (256, 128), (4112, 528), (200, 520)])
 def test_reg_quant_weight_equals_the_triton_kernel(O, I, fmt, ue8m0, monkeypatch):
-    """weight_quant's transposed form on kernels/fp8_reg_quant.py (the hardware FP8 conversion) gives the Triton
-    kernel's q, scales and transposed copy (the grid rounding in float32 bits) bit for bit, partial blocks included,
-    into NaN-poisoned outputs. (On the H200 this failed at (1, 1) and (130, 257), rows the kernel no longer takes;
+    """weight_quant's transposed form on kernels/fp8_reg_quant.py gives the Triton kernel's q, scales and transposed
+    copy bit for bit (the same arithmetic: the grid rounding in float32 bits), partial blocks included, into
+    NaN-poisoned outputs. (On the H200 this failed at (1, 1) and (130, 257), rows the kernel no longer takes;
     the form stays off by default, kfp8.REG_QUANT_WEIGHT, until this passes there.)"""
     from minids.kernels import fp8_reg_quant
 
