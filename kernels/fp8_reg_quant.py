@@ -20,12 +20,16 @@ functions), so the outputs are theirs bit for bit; the GPU tests check that.
 What it measured (H200, torch 2.11, Triton 3.6): with all 32 lanes of a warp along the features (spec (8, 4, 1, 4, 4))
 it was bit-exact and about half as fast as the Triton kernels (bench/results/fp8_reg_quant-lanes1.md): each qt store
 of a warp wrote 8 bytes into 32 different rows. With 4 lanes along the tokens (8, 4, 4, 1, 4) act_quant_t and the
-requantization overtook them, act_quant_both did not (fp8_reg_quant.md). The sweep of 59 layouts
-(bench/sweep_reg_quant.py, fp8_reg_quant-sweep.md) found, at 8192 x 7168 / 4096 x 32768:
-- act_quant_both (8, 8, 4, 2, 4): 2724 / 2936 GB/s against Triton's 2449 / 2784;
-- act_quant_t (16, 4, 2, 2, 4): 3468 / 3893 against 3093 / 3465;
-- the requantization (8, 8, 4, 2, 4): 2435 / 2746 against 1740 / 1858.
-On by default (``kernels.fp8.REG_QUANT``).
+requantization overtook them, act_quant_both did not (fp8_reg_quant.log). Two sweeps of 59 layouts
+(bench/sweep_reg_quant.py; fp8_reg_quant-sweep.md, and fp8_reg_quant-sweep2.md after the scale's division went)
+chose ``SPECS``. From CUDA graphs (fp8_reg_quant.md), 8192 x 7168 / 4096 x 32768, against the Triton kernels:
+- act_quant_both 3327 / 3484 GB/s against 2719 / 2831;
+- act_quant_t 3870 / 4130 against 3654 / 3898;
+- the requantization 2948 / 3180 against 2242 / 2296;
+- weight_quant's transposed form (``weight=True``; off by default, ``kernels.fp8.REG_QUANT_WEIGHT``) 3626 / 3710
+  against 2817 / 2953, with the hardware conversion it then used.
+Called from Python the host costs about 8 us more a call than the Triton kernels' (fp8_host.md: act_quant_t 78.9
+against 70.7 us).
 """
 
 from __future__ import annotations
