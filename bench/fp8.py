@@ -161,8 +161,9 @@ def bench_quant(rows: list, copy_gbs: float, quick: bool) -> None:
                 kfp8.TMA_QUANT, kfp8.REG_QUANT = flags
         ms_ref = median_ms(slow)
         row = {"kernel": name, "shape": shape, "ms": ms_fast, "GB/s": nbytes / ms_fast / 1e6,
-               "frac_copy": nbytes / ms_fast / 1e6 / copy_gbs, "per_call_GB/s": nbytes / ms_call / 1e6, "path": ("gluon-reg" if reg else "gluon-tma" if tma else
-               "triton") if transposing else "triton", "triton_GB/s": nbytes / ms_triton / 1e6, "exact_ms": ms_exact,
+               "frac_copy": nbytes / ms_fast / 1e6 / copy_gbs, "per_call_GB/s": nbytes / ms_call / 1e6,
+               "path": ("gluon-reg" if reg else "gluon-tma" if tma else "triton") if transposing else "triton",
+               "triton_GB/s": nbytes / ms_triton / 1e6, "exact_ms": ms_exact,
                "exact_GB/s": nbytes / ms_exact / 1e6, "fast_differs": _fp8_differ(kernel(False), kernel(True)),
                "ref_ms": ms_ref, "ref_GB/s": nbytes / ms_ref / 1e6}
         rows.append(row)
@@ -665,7 +666,8 @@ def main() -> None:
              "per call). "
              "GB/s: the fast mode (exact=False, the default); path: the kernel that ran it (gluon-reg: "
              "kernels/fp8_reg_quant.py, gluon-tma: kernels/fp8_tma_quant.py, on sm_90); triton_GB/s: the Triton "
-             "kernel of the same call (kfp8.REG_QUANT and TMA_QUANT off); exact_GB/s: exact=True (bit-exact, always the Triton kernel); "
+             "kernel of the same call (kfp8.REG_QUANT and TMA_QUANT off); exact_GB/s: exact=True (bit-exact, "
+             "always the Triton kernel); "
              "fast_differs: fraction of FP8 values where the two differ (by one FP8 step).")),
         "tiles": (
             lambda rows_: bench_tiles(rows_, copy_gbs), "fp8_tiles",
@@ -678,7 +680,8 @@ def main() -> None:
             ["kernel", "shape", "path", "GB/s", "frac_copy", "same_as_triton"],
             ("Fast mode, bf16 x (the requantization reads act_quant's FP8 x and 1x128 scales): the Triton kernels, "
              "then the register-layout Gluon kernel of kernels/fp8_reg_quant.py (no shared-memory transpose) at the "
-             "layout spec of each call (tokens, features a thread; lanes, warps along the tokens; warps); same_as_triton: outputs bit-identical. "
+             "layout spec of each call (tokens, features a thread; lanes, warps along the tokens; warps); "
+             "same_as_triton: outputs bit-identical. "
              "Effective GB/s as in fp8_quant.")),
         "tma_quant": (
             lambda rows_: bench_tma_quant(rows_, copy_gbs), "fp8_tma_quant",

@@ -95,7 +95,8 @@ def main() -> None:
         print(f"best {call}: " + ", ".join(f"{s} {g:.0f}" for s, g in top), flush=True)
     if args.out:
         meta = {**metadata(), "copy_GB/s": copy_gbs}
-        write_results(Path(args.out), args.stem, meta, rows, ["call", "shape", "spec", "GB/s", "frac_copy", "same_as_triton"],
+        cols = ["call", "shape", "spec", "GB/s", "frac_copy", "same_as_triton"]
+        write_results(Path(args.out), args.stem, meta, rows, cols,
                       "spec = (tokens a thread, features a thread, lanes along the tokens, warps along the tokens, "
                            "warps) of kernels/fp8_reg_quant.py's layout; GB/s: bytes read + written / median time "
                            "(as bench/fp8.py's quant section); same_as_triton: outputs bit-identical to the Triton "
