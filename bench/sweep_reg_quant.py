@@ -4,6 +4,9 @@ act_quant_t (bf16 x), act_quant_both and the FP8 requantization at 8192 x 7168 f
 kernels and timed beside them in the same run; the best spec of each call again at 4096 x 32768.
 
     python3 bench/sweep_reg_quant.py --out bench/results      # the H200: a few minutes
+    python3 bench/sweep_reg_quant.py --calls requant --base "16,4,4,2,4;16,8,4,2,4"   # given layouts
+
+Every kernel is timed from a CUDA graph (a per-call time is mostly the host's: bench/results/fp8_host.md).
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fp8 as bench_fp8
-from _common import copy_bandwidth_gbs, median_ms, metadata, write_results
+from _common import copy_bandwidth_gbs, graph_ms, metadata, write_results
 from minids.kernels import fp8 as kfp8
 from minids.kernels import fp8_reg_quant as rq
 
@@ -26,7 +29,7 @@ CALLS = {"t": "act_quant_t 128x1", "both": "act_quant_both", "requant": "act_qua
 
 def grid() -> list[tuple]:
     specs = []
-    for spt_t, spt_k, lanes_t, nw in itertools.product((4, 8, 16), (4, 8, 16), (2, 4, 8), (4, 8)):
+    for spt_t, spt_k, lanes_t, nw in itertools.product((4, 8, 16, 32), (4, 8, 16), (2, 4, 8), (2, 4, 8)):
         for warps_t in sorted({1, nw // 2, nw}):
             spec = (spt_t, spt_k, lanes_t, warps_t, nw)
             # whole tile covered by at most 16 repetitions, and at least 4 tokens (bytes) per qt store
@@ -41,12 +44,18 @@ def main() -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--stem", default="fp8_reg_quant-sweep")
     p.add_argument("--calls", default="t,both,requant")
+    p.add_argument("--base", default=None,
+                   help="instead of the grid: these layouts (e.g. '16,4,4,2,4;8,16,8,2,4'), each with and without "
+                        "a 168-register cap")
     args = p.parse_args()
     copy_gbs = copy_bandwidth_gbs()
     rows, best = [], {}
     reg, tma = kfp8.REG_QUANT, kfp8.TMA_QUANT
     kfp8.TMA_QUANT = False
-    specs = grid()
+    if args.base:
+        specs = [tuple(int(v) for v in b.split(",")) + cap for b in args.base.split(";") for cap in ((), (168,))]
+    else:
+        specs = grid()
     print(f"{len(specs)} layout specs; copy {copy_gbs:.0f} GB/s", flush=True)
     try:
         for M, K in ((8192, 7168), (4096, 32768)):
@@ -57,7 +66,7 @@ def main() -> None:
                 kernel, nbytes = cases[CALLS[call]]
                 kfp8.REG_QUANT = False
                 want = tuple(t.clone() for t in kernel(False))
-                tri = nbytes / median_ms(lambda: kernel(False), 10, 50) / 1e6
+                tri = nbytes / graph_ms(lambda: kernel(False)) / 1e6
                 rows.append({"call": call, "shape": f"{M}x{K}", "spec": "triton", "GB/s": tri,
                              "frac_copy": tri / copy_gbs, "same_as_triton": True})
                 print(f"{call:8s} {M}x{K} triton {tri:6.0f} GB/s", flush=True)
@@ -67,7 +76,7 @@ def main() -> None:
                     t0 = time.time()
                     try:
                         same = bench_fp8._same_outputs(kernel(False), want)
-                        gbs = nbytes / median_ms(lambda: kernel(False), 10, 50) / 1e6
+                        gbs = nbytes / graph_ms(lambda: kernel(False)) / 1e6
                     except Exception as e:  # noqa: BLE001  a layout the compiler refuses
                         print(f"{call:8s} {M}x{K} {spec} failed: {str(e).splitlines()[0][:160]}", flush=True)
                         return
@@ -78,10 +87,10 @@ def main() -> None:
                     print(f"{call:8s} {M}x{K} {spec} {gbs:6.0f} GB/s ({gbs / copy_gbs:.0%}) same {same} "
                           f"[{time.time() - t0:.1f} s]", flush=True)
 
-                if M == 8192:  # every layout, then the best four again with capped registers (more programs an SM)
-                    for spec in specs:
+                if M == 8192:  # every layout, then (the grid) the best four again with capped registers (more
+                    for spec in specs:  # programs an SM)
                         measure(spec)
-                    for spec, _ in sorted(best[call], key=lambda r: -r[1])[:4]:
+                    for spec, _ in sorted(best[call], key=lambda r: -r[1])[:4] if not args.base else ():
                         for cap in (168, 128):
                             measure(spec + (cap,))
                 else:
@@ -99,7 +108,7 @@ def main() -> None:
         write_results(Path(args.out), args.stem, meta, rows, cols,
                       "spec = (tokens a thread, features a thread, lanes along the tokens, warps along the tokens, "
                            "warps) of kernels/fp8_reg_quant.py's layout; GB/s: bytes read + written / median time "
-                           "(as bench/fp8.py's quant section); same_as_triton: outputs bit-identical to the Triton "
+                           "(as bench/fp8.py's quant section), replayed from a CUDA graph; same_as_triton: outputs bit-identical to the Triton "
                            "kernels'.")
 
 

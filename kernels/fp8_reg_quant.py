@@ -104,19 +104,22 @@ if HAVE_GLUON:
             gl.store(st_ptr + cols * stride_stk + pid_m * stride_stb, sc, mask=cmask)
 
 
-def valid_spec(spec: tuple[int, int, int, int, int]) -> bool:
+def valid_spec(spec: tuple[int, ...]) -> bool:
     """Whether a layout spec = (tokens a thread, features a thread, lanes along the tokens, warps along the tokens,
     warps) covers at most a 128 x 128 tile each way (a larger one would compute its values twice). The rest of the 32
     lanes and of the warps lie along the features; the kernel's second layout (the transposed store's) lists a
     thread's registers tokens first, so its tokens of a feature are one store."""
-    spt_t, spt_k, lanes_t, warps_t, num_warps = spec
+    spt_t, spt_k, lanes_t, warps_t, num_warps = spec[:5]
     return (32 % lanes_t == 0 and num_warps % warps_t == 0 and spt_t * lanes_t * warps_t <= BLOCK
             and spt_k * (32 // lanes_t) * (num_warps // warps_t) <= BLOCK)
 
 
 # the layout of each call: act_quant_both (bf16 x), act_quant_t (16- or 32-bit x), the FP8 requantization; the fastest
-# bit-exact spec of each in bench/sweep_reg_quant.py's 59 at 8192 x 7168 on the H200 (fp8_reg_quant-sweep2.md)
-SPECS = {"both": (8, 16, 8, 2, 4), "t": (8, 16, 8, 2, 4), "requant": (16, 8, 4, 2, 4),
+# bit-exact spec of each in bench/sweep_reg_quant.py's 105 at 8192 x 7168 on the H200, timed from CUDA graphs
+# (fp8_reg_quant-sweep3.md, requantization; fp8_reg_quant-sweep4.md, the four best layouts of each call with and
+# without a 168-register cap: act_quant_both 3495 GB/s capped against 3358 uncapped; the requantization 2993 at
+# (16, 4, 4, 2, 4) against 2947 at the earlier (16, 8, 4, 2, 4)). An optional sixth entry caps a thread's registers.
+SPECS = {"both": (8, 16, 8, 2, 4, 168), "t": (8, 16, 8, 2, 4), "requant": (16, 4, 4, 2, 4),
          "weight": (8, 16, 8, 2, 4)}  # weight_quant's transposed form: act_quant_both's layout, not swept
 
 
@@ -145,7 +148,7 @@ def quant_tiles(x, qt, st, q=None, s=None, in_scale=None, *, flags: dict, spec: 
     M, K = x.shape
     call = "weight" if weight else "both" if q is not None else "requant" if in_scale is not None else "t"
     spec = spec or SPECS[call]
-    extra = {"maxnreg": spec[5]} if len(spec) > 5 else {}  # a sixth entry caps the registers a thread
+    extra = {"maxnreg": spec[5]} if len(spec) > 5 and spec[5] else {}  # a sixth entry caps a thread's registers
     st = qt if weight else st  # a placeholder pointer: the weight form stores no token scales
     xs = in_scale if in_scale is not None else st
     q_, s_ = (q, s) if q is not None else (qt, st)

@@ -303,8 +303,9 @@ for call, x_ty, in_scale, write_q in (("both", "*bf16", False, True), ("requant"
            else "*fp32" if a.endswith("_ptr") else "i32" for a in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
              if sig[a] != "constexpr" and a != "stride_stk"}
+    opts = {"num_warps": spec[4], **({"maxnreg": spec[5]} if len(spec) > 5 else {})}
     ck = triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                        target=GPUTarget("cuda", 90, 32), options={"num_warps": spec[4]})
+                        target=GPUTarget("cuda", 90, 32), options=opts)
     ops = collections.Counter(re.findall(r"(?:st|ld)\.(?:global|shared)[.\w]*", ck.asm["ptx"]))
     out.append({"spec": spec, "x": x_ty, "write_q": write_q, "shared": ck.metadata.shared, "ops": ops})
 print(json.dumps(out))
@@ -324,7 +325,7 @@ def test_reg_quant_compiles_for_sm90_without_a_shared_memory_transpose():
     assert done.returncode == 0, done.stderr[-3000:]
     vector = {4: "b32", 8: "v2.b32", 16: "v4.b32"}  # PTX global accesses of 4, 8, 16 bytes
     for k in json.loads(done.stdout.strip().splitlines()[-1]):
-        spt_t, spt_k, _, _, num_warps = k["spec"]
+        spt_t, spt_k, _, _, num_warps = k["spec"][:5]
         per_thread = 128 * 128 // (32 * num_warps)  # values of the tile a thread holds
         assert k["shared"] <= 2048, k
         # qt: a thread's spt_t tokens of a feature (one byte each) in one store
