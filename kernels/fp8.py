@@ -455,13 +455,12 @@ def _tma_quant(x: torch.Tensor, block: int, flags: dict, outs, in_block: int = 1
 # True sends the fast transposing quantizations (act_quant_both, act_quant_t, the FP8 requantization) to the Gluon
 # kernel of kernels/fp8_reg_quant.py on sm_90, whose register layout stores the transposed copy without a shared-memory
 # layout conversion (``_reg_quant``; same bits as these Triton kernels). On the H200, 8192 x 7168, from CUDA graphs
-# (bench/results/fp8_reg_quant.md): act_quant_both 3327 GB/s against the Triton kernel's 2719, act_quant_t 3870
-# against 3654, the requantization 2948 against 2242.
+# (bench/results/fp8_reg_quant.md): act_quant_both 3433 GB/s against the Triton kernel's 2716, act_quant_t 3863
+# against 3648, the requantization 2964 against 2242.
 REG_QUANT = True
-# weight_quant's transposed form on the same kernel: 3626 against 2817 GB/s at 7168 x 8192 and bit-identical there
-# (with the hardware FP8 conversion; it now rounds in float32 bits as the Triton weight kernel does, not yet measured),
-# but its GPU parity test (tests/test_kernels_fp8.py::test_reg_quant_weight_equals_the_triton_kernel) failed on the
-# shapes with partial blocks it reached, (1, 1) and (130, 257), so off until it passes on the GPU.
+# weight_quant's transposed form on the same kernel: off. Its GPU parity test passes (shapes (1, 4) to (4112, 528)),
+# but with the float32-bits rounding that keeps it bit-identical to the Triton weight kernel it ran at 3152 GB/s
+# against that kernel's 3077 at 8192 x 7168 and 3322 against 3347 at 4096 x 32768 (fp8_reg_quant.md): no gain.
 REG_QUANT_WEIGHT = False
 
 

@@ -22,12 +22,18 @@ it was bit-exact and about half as fast as the Triton kernels (bench/results/fp8
 of a warp wrote 8 bytes into 32 different rows. With 4 lanes along the tokens (8, 4, 4, 1, 4) act_quant_t and the
 requantization overtook them, act_quant_both did not (fp8_reg_quant.log). Two sweeps of 59 layouts
 (bench/sweep_reg_quant.py; fp8_reg_quant-sweep.md, and fp8_reg_quant-sweep2.md after the scale's division went)
-chose ``SPECS``. From CUDA graphs (fp8_reg_quant.md), 8192 x 7168 / 4096 x 32768, against the Triton kernels:
-- act_quant_both 3327 / 3484 GB/s against 2719 / 2831;
-- act_quant_t 3870 / 4130 against 3654 / 3898;
-- the requantization 2948 / 3180 against 2242 / 2296;
-- weight_quant's transposed form (``weight=True``; off by default, ``kernels.fp8.REG_QUANT_WEIGHT``) 3626 / 3710
-  against 2817 / 2953, with the hardware conversion it then used.
+chose ``SPECS``; two more, timed from CUDA graphs (fp8_reg_quant-sweep3.md, sweep4.md), moved the requantization
+to (16, 4, 4, 2, 4) and capped act_quant_both at 168 registers. From CUDA graphs (fp8_reg_quant.md), 8192 x 7168 /
+4096 x 32768, against the Triton kernels:
+- act_quant_both 3433 / 3579 GB/s against 2716 / 2829;
+- act_quant_t 3863 / 4130 against 3648 / 3896;
+- the requantization 2964 / 3215 against 2242 / 2295;
+- weight_quant's transposed form (``weight=True``; off, ``kernels.fp8.REG_QUANT_WEIGHT``) 3152 / 3322 against
+  3077 / 3347: with the float32-bits rounding it shares with the Triton weight kernel, no gain (3626 / 3710 with
+  the hardware conversion it used before).
+Two or four tiles a program, each tile's loads issued before the previous tile's arithmetic, ran no faster for any
+call (fp8_reg_quant-sweep4.md, the seventh spec entry; it took 237-255 registers a thread against 161) and were
+dropped.
 Called from Python the host costs about 8 us more a call than the Triton kernels' (fp8_host.md: act_quant_t 78.9
 against 70.7 us).
 """
@@ -125,9 +131,10 @@ SPECS = {"both": (8, 16, 8, 2, 4, 168), "t": (8, 16, 8, 2, 4), "requant": (16, 4
 
 def usable(x: torch.Tensor, block: int, exact: bool, in_block: int = BLOCK) -> bool:
     """Whether ``quant_tiles`` can take this call: Gluon present, an sm_90 GPU, block 128 (and 1x128 input scales),
-    the fast mode, a 2-D x with contiguous rows whose stride is a multiple of 4 elements. The GPU tests passed for
-    such rows only (K = 128-1024, 208, 300, 528); the weight form failed at I = 1 and 257, cause not found yet, so
-    other rows go to the Triton kernels (the models' widths are multiples of 128)."""
+    the fast mode, a 2-D x with contiguous rows whose stride is a multiple of 4 elements. The GPU tests cover such
+    rows (K from 4 to 1024, partial blocks included); the weight form once failed at I = 1 and 257 (cause not found; it
+    passes since its rounding became the Triton weight kernel's), so other rows go to the Triton kernels (the
+    models' widths are multiples of 128)."""
     if not HAVE_GLUON or exact or block != BLOCK or in_block != BLOCK or not x.is_cuda or x.dim() != 2:
         return False
     dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
