@@ -487,6 +487,11 @@ def _check(q, kv_cache, cache_seqlens, head_dim_v, block_table, pe_cache):
     return B, s_q, H, C, R
 
 
+# True sends the calls it can take (V3's latent, 16-bit, sm_90, rows a multiple of 64 or 16 / 32: see
+# ``mla_decode_gluon.form``) to the Gluon kernels of kernels/mla_decode_gluon.py. Off: written and compiled for sm_90
+# offline, not yet run on a GPU (tests/test_kernels_mla_gluon.py and bench/probe_mla_gluon.py first).
+GLUON_MLA = False
+
 LAST_LAUNCH: dict = {}  # what the latest call ran (block_m, cfg, col_blocks, programs(OCC)): for benchmarks' reports
 
 
@@ -562,6 +567,15 @@ def mla_decode(
                              f"got {tuple(out.shape)} {out.dtype}")
         if lse.shape != (B, H, s_q) or lse.dtype != torch.float32:
             raise ValueError(f"lse must be ({B}, {H}, {s_q}) float32, got {tuple(lse.shape)} {lse.dtype}")
+    if GLUON_MLA and config is None and not INTERPRET:
+        from minids.kernels import mla_decode_gluon
+
+        kind = mla_decode_gluon.form(q, kv, pe, C, page if paged else None)
+        if kind is not None:
+            mla_decode_gluon.mla_decode_gluon(q.to(kv.dtype), kv, pe, seqlens, scale, causal, table if paged else None,
+                                              out, lse, kind, num_splits)
+            LAST_LAUNCH.update(block_m=None, cfg={"gluon": kind}, col_blocks=None, programs=None)
+            return out, lse
     # the pieces; under the interpreter (the tests) they start as NaN, so a read of a slot that no program
     # wrote shows up in the output
     fill = torch.full if INTERPRET else torch.empty

@@ -1,0 +1,98 @@
+"""Offline sm_90 builds of the MLA decode kernels, for register / spill / shared-memory / SASS counts without a GPU.
+
+Uses the ptxas and cuobjdump that ship inside the Triton wheel. The Gluon kernels are written against Triton 3.6's API
+(the device's release), so run this under a 3.6 install beside the project's, e.g.
+
+    python -m venv --system-site-packages /tmp/t36 && /tmp/t36/bin/pip install triton==3.6.0
+    PYTHONPATH=. /tmp/t36/bin/python bench/aot_sm90.py
+
+Counts are the compiler's, not measurements; bench/results/kernels_notes.md quotes them as such.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import subprocess
+import tempfile
+
+import minids.kernels.mla_decode as tri
+import minids.kernels.mla_decode_gluon as glu
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import mangle_type
+
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+
+
+def counts(cubin: bytes) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        res = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([CUOBJDUMP, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    ops = collections.Counter(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", sass, re.MULTILINE))
+    regs = re.search(r"REG:(\d+) STACK:(\d+)", res)
+    return (f"registers {regs.group(1)}, stack {regs.group(2)} B, SASS {sum(ops.values())} (HGMMA {ops['HGMMA']}, "
+            f"HMMA {ops['HMMA']}, LDL {ops['LDL']}, STL {ops['STL']})")
+
+
+def gluon_kernel(kind: str, rows: int, paged: bool, split: bool) -> str:
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    fn = glu._wide_kernel if kind == "wide" else glu._narrow_kernel
+    t = torch.empty(1024, 576, dtype=torch.bfloat16)
+    consts = {"CAUSAL": True, "PAGED": paged, "SPLIT": split, "STAGES": glu.STAGES[kind]}
+    if kind == "narrow":
+        consts["RN"] = rows
+    sig = {}
+    for a in fn.arg_names:
+        if a in consts:
+            sig[a] = "constexpr"
+        elif a.endswith("_desc"):
+            sig[a] = mangle_type(glu._desc(t, 64 if a != "q_desc" or kind == "wide" else rows, 64))
+        elif a in ("seqlens_ptr", "tbl_ptr"):
+            sig[a] = "*i32"
+        elif a in ("o_ptr", "l_ptr"):
+            sig[a] = "*fp32" if split or a == "l_ptr" else "*bf16"
+        else:
+            sig[a] = "fp32" if a == "qk_scale" else "i32"
+    ck = triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                        options={"num_warps": 4})
+    return f"shared {ck.metadata.shared} B, " + counts(ck.asm["cubin"])
+
+
+def triton_kernel(block_m: int, block_n: int, warps: int, stages: int, v_split: int = 1) -> str:
+    fn = tri._mla_decode_kernel
+    consts = dict(STRIDE_KVT=576, STRIDE_PET=576, C=512, R=64, BLOCK_C=512, BLOCK_R=64, BLOCK_M=block_m,
+                  BLOCK_N=block_n, BLOCK_B=32, ONE_B_BLOCK=True, PAGE=1, PAGED=False, CAUSAL=True,
+                  DOT_PRECISION="tf32", UNIT=64, OVERHEAD=1, CHUNK_C=min(512 // v_split, 16384 // block_m),
+                  BLOCK_J=32, OCC=1, V_SPLIT=v_split)
+    ptrs = {"Q": "*bf16", "KV": "*bf16", "PE": "*bf16", "SEQLENS": "*i32", "BLOCK_TABLE": "*i32", "O": "*bf16",
+            "LSE": "*fp32", "O_PART": "*fp32", "L_PART": "*fp32", "COUNTS": "*i32"}
+    sig = {a: "constexpr" if a in consts else ptrs.get(a, "fp32" if a == "qk_scale" else "i32") for a in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if sig[a].startswith("*")}
+    ck = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                        target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    return counts(ck.asm["cubin"])
+
+
+def main() -> None:
+    print(f"triton {triton.__version__}, sm_90")
+    if glu.HAVE_GLUON:
+        for kind, rows in (("wide", 128), ("narrow", 16), ("narrow", 32)):
+            for paged, split in ((False, False), (True, True)):
+                print(f"gluon {kind} rows={rows} paged={paged} split={split}: "
+                      f"{gluon_kernel(kind, rows, paged, split)}", flush=True)
+    else:
+        print("no Gluon with Triton 3.6's API here: the Gluon kernels skipped")
+    for cfg in ((16, 32, 4, 3), (16, 64, 4, 3), (32, 64, 8, 3), (64, 64, 8, 2), (128, 32, 8, 2, 2)):
+        print(f"triton BLOCK_M/N {cfg[0]}/{cfg[1]} warps {cfg[2]} stages {cfg[3]} V_SPLIT {cfg[4] if len(cfg) > 4 else 1}: "
+              f"{triton_kernel(*cfg)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
