@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The MLA decoding work's device calls (bash bench/device_mla.sh <step>), results into $OUT (then bench/results/):
+#   gluon:  the Gluon path's first run: tests/test_kernels_mla_gluon.py on six processes, then bench/probe_mla_gluon.py
+#           (each shape with GLUON_MLA on and off, checked against the reference, graph-timed)
+#   bench:  bench/mla_decode.py's full sweep (the default path)
+#   ncu:    Nsight Compute on the Triton kernel's worst cases (bench/profile_mla_decode.py), and its --floor timings
+set -uo pipefail
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+[[ -e minids/kernels ]] || ln -s ../kernels minids/kernels
+OUT="${OUT:-bench/results}"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+case "${1:-gluon}" in
+  gluon)
+    bash bench/gpu_tests_split.sh tests/test_kernels_mla_gluon.py gpu_tests_mla_gluon.log
+    timeout 300 python3 bench/probe_mla_gluon.py 2>&1 | tee "$OUT/probe_mla_gluon.log" | grep -v "^{"
+    ;;
+  bench)
+    python3 bench/mla_decode.py --out "$OUT" 2>&1 | tail -5
+    ;;
+  ncu)
+    ncu --clock-control none --profile-from-start off --section SpeedOfLight --section LaunchStats --section Occupancy \
+      --section WarpStateStats --section MemoryWorkloadAnalysis --section SchedulerStats \
+      python3 bench/profile_mla_decode.py > "$OUT/ncu_mla.txt" 2>&1
+    grep -E "^  _|Duration|DRAM Throughput|Registers Per|Achieved Occ|^B=" "$OUT/ncu_mla.txt"
+    (echo "# MINIDS_AUTOTUNE=0"; MINIDS_AUTOTUNE=0 python3 bench/profile_mla_decode.py --floor
+     echo "# autotuned"; python3 bench/profile_mla_decode.py --floor) 2>&1 | tee "$OUT/mla_floor.log"
+    ;;
+esac
