@@ -144,6 +144,24 @@ if HAVE_GLUON:
             buf.store(gl.where(keep, x, gl.zeros_like(x)))
 
     @gluon.jit
+    def _limits(limit_base, rows, H, CAUSAL: gl.constexpr):
+        """Tokens each row (query token i = row // H) sees: t < limit_base + i when causal, else t < limit_base."""
+        if CAUSAL:
+            return limit_base + rows // H
+        else:
+            return limit_base + rows * 0
+
+    @gluon.jit
+    def _softmax_step(s, m_i, l_i, AXIS: gl.constexpr):
+        """One tile of the online softmax in base 2 along AXIS (the tokens) of the masked scores s: (p, alpha, m,
+        l). A row that has seen no token yet (max -inf) keeps p = 0 and l = 0."""
+        m_new = gl.maximum(m_i, gl.max(s, axis=AXIS))
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m_i - m_safe)
+        p = gl.exp2(s - gl.expand_dims(m_safe, AXIS))
+        return p, alpha, m_new, l_i * alpha + gl.sum(p, axis=AXIS)
+
+    @gluon.jit
     def _store_rows(acc, inv, o_base, o_qi, o_h, col0, rows, cols, H):
         """acc * inv (ROWS x 64, rows r, columns col0 + c) to o_base + (r // H) o_qi + (r % H) o_h + col."""
         ptr = o_base + gl.expand_dims((rows // H) * o_qi + (rows % H) * o_h, 1) + col0 + gl.expand_dims(cols, 0)
@@ -173,10 +191,7 @@ if HAVE_GLUON:
         NB: gl.constexpr = NKV + 1  # boxes a tile
         rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, mma))
         cols = gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
-        if CAUSAL:  # (ROWS,): query i sees tokens t < limit_base + i
-            limit = limit_base + rows // H
-        else:
-            limit = limit_base + rows * 0
+        limit = _limits(limit_base, rows, H, CAUSAL)  # (ROWS,)
         m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, mma))
         l_i = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, mma))
         acc0 = gl.zeros([ROWS, CW], gl.float32, mma)
@@ -195,12 +210,7 @@ if HAVE_GLUON:
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
             toks = t0 + i * BN + cols
             s = gl.where(gl.expand_dims(toks, 0) < gl.expand_dims(limit, 1), s * qk_scale, float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(s, axis=1))
-            m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing: keep p = 0
-            alpha = gl.exp2(m_i - m_safe)
-            p = gl.exp2(s - gl.expand_dims(m_safe, 1))
-            l_i = l_i * alpha + gl.sum(p, axis=1)
-            m_i = m_new
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, 1)
             pa = gl.convert_layout(p.to(q_smem.dtype), p_layout)
             a2 = gl.expand_dims(alpha, 1)
             v0 = st * NB + PART * 4
@@ -330,10 +340,7 @@ if HAVE_GLUON:
 
         toks0 = gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
         rows = gl.arange(0, RN, layout=gl.SliceLayout(0, mma))
-        if CAUSAL:
-            limit = limit_base + rows // H  # (RN,)
-        else:
-            limit = limit_base + rows * 0
+        limit = _limits(limit_base, rows, H, CAUSAL)  # (RN,)
         m_i = gl.full([RN], float("-inf"), gl.float32, gl.SliceLayout(0, mma))
         l_i = gl.zeros([RN], gl.float32, gl.SliceLayout(0, mma))
         acc0 = gl.zeros([CW, RN], gl.float32, mma)
@@ -361,12 +368,7 @@ if HAVE_GLUON:
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
             toks = t0 + i * BN + toks0
             s = gl.where(gl.expand_dims(toks, 1) < gl.expand_dims(limit, 0), s * qk_scale, float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(s, axis=0))
-            m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = gl.exp2(m_i - m_safe)
-            p = gl.exp2(s - gl.expand_dims(m_safe, 0))
-            l_i = l_i * alpha + gl.sum(p, axis=0)
-            m_i = m_new
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, 0)
             if t0 + i * BN + BN > seqlen:  # the last tile: its tokens past the length, zeroed in the values
                 _zero_tail(kv_smem, st * NB, NKV, t0 + i * BN, seqlen)
             p_smem.store(p.to(kv_smem.dtype))
