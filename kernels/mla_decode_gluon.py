@@ -30,10 +30,11 @@ Preconditions (``usable``): q, cache and pe of one 16-bit dtype; C = 512, R = 64
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
-from minids.kernels import HAVE_TRITON
+from minids.kernels import HAVE_TRITON, sm_count
 
 try:
     from triton.experimental import gluon
@@ -409,8 +410,15 @@ if HAVE_GLUON:
 STAGES = {"wide": 2, "narrow": 2}  # cache tiles in flight: 2 x 72 KB (with the 72 / 18-36 KB query: 221 / 168-189 KB)
 
 
-def _sm90(dev: torch.device) -> bool:
-    return torch.cuda.get_device_capability(dev)[0] == 9
+@functools.cache
+def _sm90(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] == 9
+
+
+@functools.cache
+def _layout(rows: int, cols: int, dtype: torch.dtype):
+    """The NVMMA (swizzled) shared-memory layout of a (rows, cols) TMA box: built once (host time per call)."""
+    return gl.NVMMASharedLayout.get_default_for([rows, cols], gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
 
 
 def form(q: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor, C: int, page: int | None) -> str | None:
@@ -426,15 +434,14 @@ def form(q: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor, C: int, page: int 
     for t in (kv, pe):  # TMA: 16-byte aligned rows, and a 2-D (tokens, width) view of the whole cache
         if t.stride(-1) != 1 or t.stride(1) % 8 or t.data_ptr() % 16 or t.stride(0) != t.shape[1] * t.stride(1):
             return None
-    if not _sm90(q.device):
+    if not _sm90(q.device.index if q.device.index is not None else torch.cuda.current_device()):
         return None
     rows = q.shape[1] * q.shape[2]
     return "wide" if rows % 64 == 0 else "narrow" if rows in (16, 32) else None
 
 
 def _desc(t2: torch.Tensor, rows: int, cols: int) -> TensorDescriptor:
-    gl_t = gl.bfloat16 if t2.dtype == torch.bfloat16 else gl.float16
-    return TensorDescriptor.from_tensor(t2, [rows, cols], gl.NVMMASharedLayout.get_default_for([rows, cols], gl_t))
+    return TensorDescriptor.from_tensor(t2, [rows, cols], _layout(rows, cols, t2.dtype))
 
 
 def mla_decode_gluon(q, kv, pe, seqlens, scale, causal, block_table, out, lse, kind, num_splits=None):
@@ -447,12 +454,12 @@ def mla_decode_gluon(q, kv, pe, seqlens, scale, causal, block_table, out, lse, k
     paged = block_table is not None
     capacity = block_table.shape[1] * 64 if paged else kv.shape[1]
     q2 = q.reshape(B * rows, D)
-    if q2.stride(0) % 8 or q2.data_ptr() % 16:
-        q2 = q2.contiguous()
+    if q2.stride(0) % 8 or q2.data_ptr() % 16:  # TMA: 16-byte aligned rows (a fresh copy is)
+        q2 = q2.clone(memory_format=torch.contiguous_format)
     kv2, pe2 = (t.as_strided((t.shape[0] * t.shape[1], t.shape[2]), (t.stride(1), 1)) for t in (kv, pe))  # 2-D views
     per_seq = rows // 64 if kind == "wide" else 1  # programs a split of one sequence
     if num_splits is None:
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+        sms = sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
         num_splits = max(1, min(sms // (B * per_seq), -(-capacity // 64)))
     split = num_splits > 1
     if split:
