@@ -12,7 +12,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 case "${1:-gluon}" in
   gluon)
     bash bench/gpu_tests_split.sh tests/test_kernels_mla_gluon.py gpu_tests_mla_gluon.log
-    timeout 300 python3 bench/probe_mla_gluon.py 2>&1 | tee "$OUT/probe_mla_gluon.log" | grep -v "^{"
+    timeout 240 python3 bench/probe_mla_gluon.py 2>&1 | tee "$OUT/probe_mla_gluon.log" | grep -v "^{"
     ;;
   bench)
     python3 bench/mla_decode.py --out "$OUT" 2>&1 | tail -5
