@@ -1,6 +1,6 @@
 """Shared pieces of the GPU benchmarks (bench/rmsnorm.py, moe.py, fp8.py, mla_decode.py, decode.py): run metadata,
 the two hardware ceilings measured in the same process, a median timer, a CUDA-graph timer, a kernel-time timer
-(torch.profiler), and the JSON + markdown writer.
+(torch.profiler), the Nsight Compute bracket of the profile_*.py scripts, and the JSON + markdown writer.
 
 Ceilings (the device tool's METHOD.md): bandwidth from a device-to-device copy of 2 GiB (bytes read + bytes written), compute from an
 8192^3 bf16 torch.matmul. Both are timed with triton.testing.do_bench (CUDA events, median, warm-up first).
@@ -71,6 +71,20 @@ def graph_ms(fn: Callable[[], object]) -> float:
 
     fn()
     return float(do_bench_cudagraph(fn, rep=50, return_mode="median"))
+
+
+def profile_calls(calls: dict[str, Callable[[], object]]) -> None:
+    """Each call once (already warmed up and compiled) between cudaProfilerStart and Stop, in an NVTX range of its
+    name: what Nsight Compute's --profile-from-start off captures."""
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    for name, fn in calls.items():
+        torch.cuda.nvtx.range_push(name)
+        fn()
+        torch.cuda.nvtx.range_pop()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+    print("profiled:", ", ".join(calls))
 
 
 def copy_bandwidth_gbs(n_bytes: int = 2 << 30) -> float:

@@ -8,6 +8,7 @@ each kernel once, after a warm-up call that compiles it, between cudaProfilerSta
 from __future__ import annotations
 
 import torch
+from _common import profile_calls
 from minids.kernels import fp8 as kfp8
 
 
@@ -24,15 +25,7 @@ def main() -> None:
     }
     for fn in calls.values():
         fn()
-    torch.cuda.synchronize()
-    torch.cuda.cudart().cudaProfilerStart()
-    for name, fn in calls.items():
-        torch.cuda.nvtx.range_push(name)
-        fn()
-        torch.cuda.nvtx.range_pop()
-    torch.cuda.synchronize()
-    torch.cuda.cudart().cudaProfilerStop()
-    print("profiled:", ", ".join(calls))
+    profile_calls(calls)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import torch
 from minids.kernels import mla_decode as mla_mod
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import copy_bandwidth_gbs, graph_ms
+from _common import copy_bandwidth_gbs, graph_ms, profile_calls
 
 CASES = {  # (batch, heads, cache length, s_q): 0.29, 0.23 of copy and 167 TFLOP/s in mla_decode.md
     "B=32 H=16 len=1024 s_q=1": (32, 16, 1024, 1),
@@ -59,15 +59,7 @@ def main() -> None:
     for name, fn in calls.items():
         fn()
         print(name, mla_mod.LAST_LAUNCH["block_m"], mla_mod.LAST_LAUNCH["cfg"], flush=True)
-    torch.cuda.synchronize()
-    torch.cuda.cudart().cudaProfilerStart()
-    for name, fn in calls.items():
-        torch.cuda.nvtx.range_push(name)
-        fn()
-        torch.cuda.nvtx.range_pop()
-    torch.cuda.synchronize()
-    torch.cuda.cudart().cudaProfilerStop()
-    print("profiled:", ", ".join(calls))
+    profile_calls(calls)
 
 
 if __name__ == "__main__":
