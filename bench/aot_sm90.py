@@ -40,12 +40,12 @@ def counts(cubin: bytes) -> str:
             f"HMMA {ops['HMMA']}, LDL {ops['LDL']}, STL {ops['STL']})")
 
 
-def gluon_kernel(kind: str, rows: int, paged: bool, split: bool) -> str:
+def gluon_kernel(kind: str, rows: int, paged: bool) -> str:
     from triton.experimental.gluon._runtime import GluonASTSource
 
     fn = glu._wide_kernel if kind == "wide" else glu._narrow_kernel
     t = torch.empty(1024, 576, dtype=torch.bfloat16)
-    consts = {"CAUSAL": True, "PAGED": paged, "SPLIT": split, "STAGES": glu.STAGES[kind]}
+    consts = {"CAUSAL": True, "PAGED": paged, "STAGES": glu.STAGES[kind], "BLOCK_B": 128}
     if kind == "narrow":
         consts["RN"] = rows
     sig = {}
@@ -56,8 +56,8 @@ def gluon_kernel(kind: str, rows: int, paged: bool, split: bool) -> str:
             sig[a] = mangle_type(glu._desc(t, 64 if a != "q_desc" or kind == "wide" else rows, 64))
         elif a in ("seqlens_ptr", "tbl_ptr"):
             sig[a] = "*i32"
-        elif a in ("o_ptr", "l_ptr"):
-            sig[a] = "*fp32" if split or a == "l_ptr" else "*bf16"
+        elif a in ("o_ptr", "l_ptr", "op_ptr", "lp_ptr"):
+            sig[a] = "*bf16" if a == "o_ptr" else "*fp32"
         else:
             sig[a] = "fp32" if a == "qk_scale" else "i32"
     ck = triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
@@ -84,9 +84,8 @@ def main() -> None:
     print(f"triton {triton.__version__}, sm_90")
     if glu.HAVE_GLUON:
         for kind, rows in (("wide", 128), ("narrow", 16), ("narrow", 32)):
-            for paged, split in ((False, False), (True, True)):
-                print(f"gluon {kind} rows={rows} paged={paged} split={split}: "
-                      f"{gluon_kernel(kind, rows, paged, split)}", flush=True)
+            for paged in (False, True):
+                print(f"gluon {kind} rows={rows} paged={paged}: {gluon_kernel(kind, rows, paged)}", flush=True)
     else:
         print("no Gluon with Triton 3.6's API here: the Gluon kernels skipped")
     for cfg in ((16, 32, 4, 3), (16, 64, 4, 3), (32, 64, 8, 3), (64, 64, 8, 2), (128, 32, 8, 2, 2)):

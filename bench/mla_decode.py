@@ -197,8 +197,12 @@ def main() -> int:
         row["bound"] = "memory" if H * s_q <= 32 else "compute"
         launch = mla_mod.LAST_LAUNCH  # the timed call's tile config and program count
         cfg = launch["cfg"]
-        row["programs"] = launch["col_blocks"] * launch["programs"](cfg["OCC"])
-        row["config"] = f"M{launch['block_m']} N{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}"
+        if "gluon" in cfg:  # kernels/mla_decode_gluon.py: grid (row blocks, B, splits) or (B, splits)
+            row["programs"] = math.prod(launch["grid"])
+            row["config"] = f"gluon {cfg['gluon']} splits={launch['grid'][-1]}"
+        else:
+            row["programs"] = launch["col_blocks"] * launch["programs"](cfg["OCC"])
+            row["config"] = f"M{launch['block_m']} N{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}"
         if not sh["paged"]:
             for name, v in peer_times(sets, seqlens, B, s_q, H, C, R, scale, Dn, Dv).items():
                 row[f"{name}_ms"] = v

@@ -488,9 +488,10 @@ def _check(q, kv_cache, cache_seqlens, head_dim_v, block_table, pe_cache):
 
 
 # True sends the calls it can take (V3's latent, 16-bit, sm_90, rows a multiple of 64 or 16 / 32: see
-# ``mla_decode_gluon.form``) to the Gluon kernels of kernels/mla_decode_gluon.py. Off: written and compiled for sm_90
-# offline, not yet run on a GPU (tests/test_kernels_mla_gluon.py and bench/probe_mla_gluon.py first).
-GLUON_MLA = False
+# ``mla_decode_gluon.form``) to the Gluon kernels of kernels/mla_decode_gluon.py: on the H200 1.2-4.3x faster than
+# the Triton kernel on every shape of bench/probe_mla_gluon.py (bench/results/probe_mla_gluon.log, 2026-12-02), and
+# their 61 GPU tests pass (gpu_tests_mla_gluon.log). False: the Triton kernel for every call.
+GLUON_MLA = True
 
 LAST_LAUNCH: dict = {}  # what the latest call ran (block_m, cfg, col_blocks, programs(OCC)): for benchmarks' reports
 
@@ -572,9 +573,10 @@ def mla_decode(
 
         kind = mla_decode_gluon.form(q, kv, pe, C, page if paged else None)
         if kind is not None:
-            mla_decode_gluon.mla_decode_gluon(q.to(kv.dtype), kv, pe, seqlens, scale, causal, table if paged else None,
-                                              out, lse, kind, num_splits)
-            LAST_LAUNCH.update(block_m=None, cfg={"gluon": kind}, col_blocks=None, programs=None)
+            grid = mla_decode_gluon.mla_decode_gluon(q.to(kv.dtype), kv, pe, seqlens, scale, causal,
+                                                     table if paged else None, out, lse, kind, num_splits)
+            LAST_LAUNCH.clear()
+            LAST_LAUNCH.update(cfg={"gluon": kind}, grid=grid)
             return out, lse
     # the pieces; under the interpreter (the tests) they start as NaN, so a read of a slot that no program
     # wrote shows up in the output
@@ -605,5 +607,6 @@ def mla_decode(
         tuner[lambda m: (col_blocks, programs(m["OCC"]))](*args, **meta, V_SPLIT=v_split)
         c = tuner.best_config
         cfg = {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages, "V_SPLIT": v_split}
+    LAST_LAUNCH.clear()
     LAST_LAUNCH.update(block_m=block_m, cfg=cfg, col_blocks=col_blocks, programs=programs)  # references only
     return out, lse

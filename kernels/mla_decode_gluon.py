@@ -1,17 +1,16 @@
-"""MLA decoding on Hopper's warpgroup MMAs from shared memory (Gluon): the candidate fast path of ``mla_decode``
-for V3's latent (C = 512, R = 64), 16-bit caches, sm_90. OFF (``kernels.mla_decode.GLUON_MLA``) until its GPU tests
-and bench/probe_mla_gluon.py have run on the device: written and compiled offline (Triton 3.6's ptxas, sm_90), never
-run yet. Same signature and result as ``kernels.mla_decode.mla_decode`` (and ``minids.mla_decode_ref``).
+"""MLA decoding on Hopper's warpgroup MMAs from shared memory (Gluon): the fast path of ``mla_decode`` for V3's latent
+(C = 512, R = 64), 16-bit caches, sm_90 (``kernels.mla_decode.GLUON_MLA``, on). Same signature and result as
+``kernels.mla_decode.mla_decode`` (and ``minids.mla_decode_ref``); tests/test_kernels_mla_gluon.py runs it on the GPU.
 
-Why (bench/results/kernels_notes.md, fifteenth session): the Triton kernel holds the query tile as a dot operand in
-registers (64 rows x 576: 144 registers a thread per warpgroup) beside the float32 accumulator, so at H=128 its sm_90
-build spills 5.9 KB a thread and runs at 109-276 TFLOP/s against the >= 300 target; at H=16 it pads nothing but runs
+Why (bench/results/kernels_notes.md, fifteenth and sixteenth sessions): the Triton kernel holds the query tile as a
+dot operand in registers (64 rows x 576: 144 registers a thread per warpgroup) beside the float32 accumulator, so at
+H=128 its sm_90 build spills 5.9 KB a thread and runs at 109-276 TFLOP/s against the >= 300 target; at H=16 it runs
 one latency-bound warp a scheduler (0.16 issues a cycle, 29% of copy at B=32, 1K). Here the query and the cache tiles
 stay in shared memory (TMA loads, 64-token tiles in 64-column boxes), where the MMAs read them.
 
 Two kernels, by rows = s_q * H:
 - rows a multiple of 64 (H=128, H=64): ``_wide_kernel``, 64 rows a program, warp-specialized: a producer warp
-  streams the query (once) and the cache tiles through a ring of STAGES buffers; two consumer warpgroups each
+  streams each piece's query and the cache tiles through a ring of STAGES buffers; two consumer warpgroups each
   compute all 64 x 64 scores of a tile (nine K=64 MMAs: 8 latent boxes and the RoPE box), the online softmax, and
   P V for their own half of the 512 output columns (four 64-wide accumulators, P from registers). The scores are
   computed by both (1.5x the ideal tensor work) in exchange for no traffic between the warpgroups.
@@ -19,12 +18,16 @@ Two kernels, by rows = s_q * H:
   M and the rows its N (no padding to 64 rows): S^T = K Q^T, softmax along the tokens, O^T (512 x rows) += V^T P^T
   with P^T written to shared memory (the MMA's B operand) and V^T read transposed from the cache tile.
 
-Work split: program (row block, sequence, split j) takes tiles [j per, (j + 1) per) of its sequence, per =
-ceil(tiles / splits) from the sequence's own length (read in the kernel, so the launch depends on static sizes only
-and a decoding step can be graph-captured); splits fills the SMs for small batches. With one split the programs write
-the output and the log-sum-exp directly; otherwise float32 partials, merged in a fixed order by ``_combine_kernel``.
+Work split (``slices_ref``, ``pieces_ref``): P programs per row block (one per SM) take consecutive slices of the
+units line of all sequences (sequence b: OVERHEAD units, then one a 64-token tile). Ragged tile counts take the
+Triton kernel's balanced slices (``kernels.mla_decode.schedule_ref``: every program the same work to a unit; a
+slice may cut sequences and run on into the next ones); equal ones keep the fixed split (each sequence cut into
+P // B equal pieces, or whole sequences when B > P), which measured faster there. Every program derives the
+schedule from the lengths in the kernel (no host read, graph-capturable). A sequence in one piece is written to
+out / lse directly; the pieces of a cut one go to float32 partial slots (2 a program), merged in program order by
+``_combine_kernel`` (a second launch, whenever P > 1).
 Paged caches: 64-token pages (one tile each), looked up per tile in the block table.
-Preconditions (``usable``): q, cache and pe of one 16-bit dtype; C = 512, R = 64; the cache's rows 16-byte aligned
+Preconditions (``form``): q, cache and pe of one 16-bit dtype; C = 512, R = 64; the cache's rows 16-byte aligned
 (TMA); the page size 64 when paged.
 """
 
@@ -35,6 +38,7 @@ import math
 
 import torch
 from minids.kernels import HAVE_TRITON, sm_count
+from minids.kernels.mla_decode import MAX_BLOCK_B, MAX_PIECES, MIN_UNITS, OVERHEAD, UNIT
 
 try:
     from triton.experimental import gluon
@@ -56,58 +60,145 @@ except ImportError:  # no Triton, or one without Gluon
 if HAVE_TRITON:
     import triton
     import triton.language as tl
+    from minids.kernels.mla_decode import _block_units, _totals
 
 LATENT, ROPE = 512, 64  # the only (C, R) these kernels take: V3's
 
 if HAVE_TRITON:
 
     @triton.jit
-    def _combine_kernel(O_PART, L_PART, O, LSE, splits, B, n_rows, H, stride_ob, stride_os, stride_oh, stride_lb,
-                        stride_lh, stride_ls, C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-        """Row (program_id 1) of sequence b (program_id 0): out = sum_j w_j o_j / sum_j w_j, w_j = 2^(l_j - max l),
-        over the splits j in order; lse = (max + log2 sum w) ln 2. O_PART (splits, B, n_rows, C) and L_PART (splits,
-        B, n_rows) float32 (log2 units; -inf and a zero partial for a split that saw no token)."""
+    def _combine_kernel(SEQLENS, O_PART, L_PART, O, LSE, B, capacity, min_units, max_pieces, n_rows, H, stride_ob,
+                        stride_os, stride_oh, stride_lb, stride_lh, stride_ls, P, C: tl.constexpr,
+                        BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr, UNIT: tl.constexpr,
+                        OVERHEAD: tl.constexpr):
+        """Rows [BLOCK_R program_id 1, +BLOCK_R) of sequence b (program_id 0), if the schedule (``slices_ref`` with
+        P programs) cut it: out = sum_j w_j o_j / sum_j w_j, w_j = 2^(l_j - max l), over its pieces j in
+        program order; lse = (max + log2 sum w) ln 2. O_PART (2 P, n_rows, C) and L_PART (2 P, n_rows) float32 (log2
+        units; -inf and a zero partial for a piece that saw no token of a row). A sequence in one piece was written
+        by the attention kernel: nothing to do."""
         b = tl.program_id(0)
-        r = tl.program_id(1)
-        js = tl.arange(0, BLOCK_S)
-        ok = js < splits
-        slot = (js * B + b).to(tl.int64) * n_rows + r
-        lj = tl.load(L_PART + slot, mask=ok, other=float("-inf"))
-        m = tl.max(lj, 0)
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        w = tl.exp2(lj - m_safe)
-        den = tl.sum(w, 0)
-        cols = tl.arange(0, BLOCK_C)
-        o = tl.load(O_PART + slot[:, None] * C + cols[None, :], mask=ok[:, None] & (cols < C)[None, :], other=0.0)
-        none = den == 0.0
-        out = tl.sum(w[:, None] * o, 0) / tl.where(none, 1.0, den)
-        qi = r // H
-        h = r % H
-        tl.store(O + b * stride_ob + qi * stride_os + h * stride_oh + cols, out.to(O.dtype.element_ty), mask=cols < C)
-        lse = tl.where(none, float("-inf"), (m + tl.log2(tl.where(none, 1.0, den))) * 0.6931471805599453)
-        tl.store(LSE + b * stride_lb + h * stride_lh + qi * stride_ls, lse)
+        r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        r_ok = r < n_rows
+        total, n_max = _totals(SEQLENS, B, capacity, BLOCK_B, UNIT, OVERHEAD)
+        W = tl.maximum(tl.maximum(tl.cdiv(total, P), min_units), tl.cdiv(n_max, max_pieces - 1))
+        before = 0  # units of the sequences before b
+        for i in range(0, B, BLOCK_B):
+            _, _, units = _block_units(SEQLENS, i, B, capacity, BLOCK_B, UNIT, OVERHEAD)
+            before += tl.sum(tl.where(i + tl.arange(0, BLOCK_B) < b, units, 0), 0)
+        k = tl.cdiv(tl.minimum(tl.maximum(tl.load(SEQLENS + b), 0), capacity), UNIT)
+        first = before + OVERHEAD  # the unit of its first tile
+        p0 = first // W
+        p1 = (first + k - 1) // W
+        if total == B * (n_max + OVERHEAD):  # uniform: equal pieces of P // B programs each (or whole sequences)
+            s = tl.maximum(P // B, 1)
+            per = tl.maximum(tl.cdiv(k, s), 1)
+            p0 = b * s
+            p1 = tl.where(P >= B, p0 + tl.cdiv(k, per) - 1, p0)
+        if (k > 0) & (p1 > p0):
+            m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+            for p in range(p0, p1 + 1):  # the first piece is program p0's last (slot 2 p0 + 1), the others first
+                slot = 2 * p + (p == p0).to(tl.int32)
+                m = tl.maximum(m, tl.load(L_PART + slot.to(tl.int64) * n_rows + r, mask=r_ok, other=float("-inf")))
+            m_safe = tl.where(m == float("-inf"), 0.0, m)
+            cols = tl.arange(0, BLOCK_C)
+            den = tl.zeros([BLOCK_R], tl.float32)
+            acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+            mask = r_ok[:, None] & (cols < C)[None, :]
+            for p in range(p0, p1 + 1):
+                slot = (2 * p + (p == p0).to(tl.int32)).to(tl.int64) * n_rows + r
+                w = tl.exp2(tl.load(L_PART + slot, mask=r_ok, other=float("-inf")) - m_safe)
+                den += w
+                acc += w[:, None] * tl.load(O_PART + slot[:, None] * C + cols[None, :], mask=mask, other=0.0)
+            none = den == 0.0
+            out = acc / tl.where(none, 1.0, den)[:, None]
+            qi = r // H
+            h = r % H
+            tl.store(O + b * stride_ob + (qi * stride_os + h * stride_oh)[:, None] + cols[None, :],
+                     out.to(O.dtype.element_ty), mask=mask)
+            lse = tl.where(none, float("-inf"), (m + tl.log2(tl.where(none, 1.0, den))) * 0.6931471805599453)
+            tl.store(LSE + b * stride_lb + h * stride_lh + qi * stride_ls, lse, mask=r_ok)
 
 
-def combine(o_part: torch.Tensor, l_part: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
-    """Merge the splits' partials (o_part (splits, B, s_q * H, C), l_part (splits, B, s_q * H) in log2 units) into
-    out (B, s_q, H, C) and lse (B, H, s_q) (natural log), in split order."""
-    splits, B, n_rows, C = o_part.shape
+def combine(o_part: torch.Tensor, l_part: torch.Tensor, seqlens: torch.Tensor, capacity: int, min_units: int,
+            out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Merge the pieces of every sequence the schedule of P = len(o_part) // 2 programs cut (o_part (2 P, s_q * H,
+    C), l_part (2 P, s_q * H) float32, log2 units: the slots of ``pieces_ref``) into out (B, s_q, H, C) and lse (B, H,
+    s_q) (natural log), in program order; the rows of uncut sequences are left as they are."""
+    two_p, n_rows, C = o_part.shape
+    B, H = out.shape[0], out.shape[2]
+    block_r = 16
+    _combine_kernel[(B, -(-n_rows // block_r))](
+        seqlens, o_part, l_part, out, lse, B, capacity, min_units, max(2, MAX_PIECES), n_rows, H, out.stride(0),
+        out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2), two_p // 2, C=C,
+        BLOCK_C=triton.next_power_of_2(C), BLOCK_R=block_r, BLOCK_B=min(MAX_BLOCK_B, max(16, triton.next_power_of_2(B))),
+        UNIT=UNIT, OVERHEAD=OVERHEAD)
+
+
+def slices_ref(lens: list[int], P: int, min_units: int = MIN_UNITS) -> list[tuple[int, int]]:
+    """Each program's slice [u0, u1) of the units line (sequence b: OVERHEAD units, then one a 64-token tile; laid
+    end to end). Ragged tile counts: ``kernels.mla_decode``'s balanced slices of W units (``schedule_ref``). Equal
+    ones (k tiles each): with P >= B programs, each sequence cut into equal pieces of ceil(k / (P // B)) tiles, one a
+    program (programs past B (P // B) idle); with fewer, ceil(B / P) whole sequences a program. Equal lengths thus
+    keep the fixed split's pieces (no program straddles two sequences)."""
+    n = [-(-max(0, x) // UNIT) for x in lens]
+    B = len(n)
+    total = sum(k + OVERHEAD for k in n)
+    if B and min(n) == max(n):
+        k = n[0]
+        if P >= B:
+            s = P // B
+            per = max(-(-k // s), 1)
+            out = []
+            for p in range(P):
+                b, j = min(p // s, B), p % s
+                S = b * (k + OVERHEAD)
+                u0 = S if j == 0 else S + OVERHEAD + j * per
+                out.append((u0, max(u0, S + OVERHEAD + min((j + 1) * per, k)) if b < B else u0))
+            return out
+        m = -(-B // P)
+        return [(min(p * m, B) * (k + OVERHEAD), min((min(p * m, B) + m) * (k + OVERHEAD), total)) for p in range(P)]
+    W = max(-(-total // P), min_units, -(-max(n, default=0) // max(1, max(2, MAX_PIECES) - 1)))
+    return [(p * W, min(p * W + W, total)) for p in range(P)]
+
+
+def pieces_ref(lens: list[int], P: int, min_units: int = MIN_UNITS) -> list[list[tuple]]:
+    """For each program the (sequence, first token, end token, slot or None) pieces of its slice (``slices_ref``);
+    slot None: written as the result; else the partial slot 2 p + (the piece starts the sequence)."""
+    n = [-(-max(0, x) // UNIT) for x in lens]
+    work = []
+    for p, (u0, u1) in enumerate(slices_ref(lens, P, min_units)):
+        pieces, S = [], 0
+        for b, k in enumerate(n):
+            first = S + OVERHEAD
+            lo, hi = max(u0, first) - first, min(u1, first + k) - first
+            if S < u1 and (hi > lo or (k == 0 and u0 <= S)):
+                whole = lo == 0 and hi == k
+                pieces.append((b, lo * UNIT, min(hi * UNIT, max(0, lens[b])), None if whole else 2 * p + (lo == 0)))
+            S = first + k
+        work.append(pieces)
+    return work
+
+
+def combine_ref(o_part: torch.Tensor, l_part: torch.Tensor, lens: list[int], min_units: int, out: torch.Tensor,
+                lse: torch.Tensor) -> None:
+    """``combine`` in torch (the tests' reference), float32, from ``pieces_ref``."""
+    P = o_part.shape[0] // 2
     H = out.shape[2]
-    _combine_kernel[(B, n_rows)](
-        o_part, l_part, out, lse, splits, B, n_rows, H, out.stride(0), out.stride(1), out.stride(2), lse.stride(0),
-        lse.stride(1), lse.stride(2), C=C, BLOCK_C=triton.next_power_of_2(C),
-        BLOCK_S=max(2, triton.next_power_of_2(splits)))
-
-
-def combine_ref(o_part: torch.Tensor, l_part: torch.Tensor, H: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``combine`` in torch (the tests' reference): (out (B, s_q, H, C) float32, lse (B, H, s_q))."""
-    _, B, n_rows, C = o_part.shape
-    m = l_part.amax(0)
-    w = torch.exp2(l_part - torch.where(torch.isinf(m), torch.zeros_like(m), m))
-    den = w.sum(0)
-    out = (w.unsqueeze(-1) * o_part).sum(0) / torch.where(den == 0, torch.ones_like(den), den).unsqueeze(-1)
-    lse = torch.where(den == 0, torch.full_like(den, float("-inf")), (m + torch.log2(den)) * math.log(2))
-    return out.view(B, n_rows // H, H, C), lse.view(B, n_rows // H, H).transpose(1, 2)
+    work = pieces_ref(lens, P, min_units)
+    slots: dict[int, list[int]] = {}
+    for pieces in work:
+        for b, _, _, slot in pieces:
+            if slot is not None:
+                slots.setdefault(b, []).append(slot)
+    for b, js in slots.items():
+        lp, op = l_part[js], o_part[js]  # (pieces, rows), (pieces, rows, C)
+        m = lp.amax(0)
+        w = torch.exp2(lp - torch.where(torch.isinf(m), torch.zeros_like(m), m))
+        den = w.sum(0)
+        o = (w.unsqueeze(-1) * op).sum(0) / torch.where(den == 0, torch.ones_like(den), den).unsqueeze(-1)
+        out[b] = o.view(-1, H, o.shape[-1]).to(out.dtype)
+        ls = torch.where(den == 0, torch.full_like(den, float("-inf")), (m + torch.log2(den)) * math.log(2))
+        lse[b] = ls.view(-1, H).transpose(0, 1)
 
 
 if HAVE_GLUON:
@@ -115,6 +206,7 @@ if HAVE_GLUON:
     BN = gl.constexpr(64)  # tokens a cache tile (and a page)
     CW = gl.constexpr(64)  # columns a TMA box / shared-memory chunk (128 bytes of 16-bit values: one swizzle row)
     NKV = gl.constexpr(LATENT // 64)  # latent boxes a tile (the value's columns); the RoPE box is chunk NKV
+    OVERHEAD_C = gl.constexpr(OVERHEAD)  # the schedule's units charged per sequence (``kernels.mla_decode``)
 
     @gluon.jit
     def _tile_row(tbl_ptr, kv_row, t, PAGED: gl.constexpr):
@@ -145,14 +237,6 @@ if HAVE_GLUON:
             buf.store(gl.where(keep, x, gl.zeros_like(x)))
 
     @gluon.jit
-    def _limits(limit_base, rows, H, CAUSAL: gl.constexpr):
-        """Tokens each row (query token i = row // H) sees: t < limit_base + i when causal, else t < limit_base."""
-        if CAUSAL:
-            return limit_base + rows // H
-        else:
-            return limit_base + rows * 0
-
-    @gluon.jit
     def _softmax_step(s, m_i, l_i, AXIS: gl.constexpr):
         """One tile of the online softmax in base 2 along AXIS (the tokens) of the masked scores s: (p, alpha, m,
         l). A row that has seen no token yet (max -inf) keeps p = 0 and l = 0."""
@@ -169,155 +253,248 @@ if HAVE_GLUON:
         gl.store(ptr, (acc * inv).to(o_base.dtype.element_ty))
 
     @gluon.jit
-    def _wide_producer(q_desc, kv_desc, pe_desc, q_smem, kv_smem, q_bar, ready, empty, q_row, kv_row, tbl_ptr, t0,
-                       n_tiles, PAGED: gl.constexpr, STAGES: gl.constexpr):
-        """One warp: the query tile, then every cache tile of the piece into buffer i % STAGES once both consumers
-        have released it (a fresh barrier reports phase 1 complete, so the first pass does not wait)."""
-        mbarrier.expect(q_bar, (NKV + 1) * q_desc.block_type.nbytes)
-        for c in gl.static_range(NKV + 1):
-            tma.async_copy_global_to_shared(q_desc, [q_row, c * CW], q_bar, q_smem.index(c))
-        for i in range(n_tiles):
-            s = i % STAGES
-            mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
-            _load_tile(kv_desc, pe_desc, _tile_row(tbl_ptr, kv_row, t0 + i * BN, PAGED), ready.index(s), kv_smem,
-                       s * (NKV + 1))
+    def _add(x, y):
+        return x + y
 
     @gluon.jit
-    def _wide_consumer(q_smem, kv_smem, q_bar, ready, empty, o_base, o_qi, o_h, l_base, l_qi, l_h, limit_base, t0,
-                       n_tiles, seqlen, qk_scale, H, row0, LSE_SCALE: gl.constexpr, CAUSAL: gl.constexpr,
-                       PART: gl.constexpr, STAGES: gl.constexpr):
-        """One warpgroup: scores and softmax of the program's 64 rows, output columns [256 PART, +256)."""
+    def _slice(seqlens_ptr, B, capacity, P, p, min_units, max_pieces, BLOCK_B: gl.constexpr):
+        """Program p's slice [u0, u1) of the units line (``slices_ref``), the first sequence b whose units reach past
+        u0 and the unit S where b starts. Run by the kernel's 4 warps; one read of the lengths when B <= BLOCK_B (a
+        round trip to L2 before the first load is issued), else two passes."""
+        lay: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        if B <= BLOCK_B:
+            offs = gl.arange(0, BLOCK_B, layout=lay)
+            ok = offs < B
+            n = gl.cdiv(gl.minimum(gl.maximum(gl.load(seqlens_ptr + offs, mask=ok, other=0), 0), capacity), BN)
+            units = gl.where(ok, n + OVERHEAD_C, 0)
+            total = gl.sum(units, 0)
+            n_max = gl.max(n, 0)
+            W = gl.maximum(gl.maximum(gl.cdiv(total, P), min_units), gl.cdiv(n_max, max_pieces - 1))
+            u0 = p * W
+            ends = gl.associative_scan(units, 0, _add)
+            before = ok & (ends <= u0)
+            b = gl.sum(before.to(gl.int32), 0)
+            S = gl.max(gl.where(before, ends, 0), 0)
+        else:
+            total = 0
+            n_max = 0
+            for i in range(0, B, BLOCK_B):
+                offs = i + gl.arange(0, BLOCK_B, layout=lay)
+                ok = offs < B
+                n = gl.cdiv(gl.minimum(gl.maximum(gl.load(seqlens_ptr + offs, mask=ok, other=0), 0), capacity), BN)
+                total += gl.sum(gl.where(ok, n + OVERHEAD_C, 0), 0)
+                n_max = gl.maximum(n_max, gl.max(n, 0))
+            W = gl.maximum(gl.maximum(gl.cdiv(total, P), min_units), gl.cdiv(n_max, max_pieces - 1))
+            u0 = p * W
+            b = 0
+            S = 0
+            run = 0
+            for i in range(0, B, BLOCK_B):
+                offs = i + gl.arange(0, BLOCK_B, layout=lay)
+                ok = offs < B
+                n = gl.cdiv(gl.minimum(gl.maximum(gl.load(seqlens_ptr + offs, mask=ok, other=0), 0), capacity), BN)
+                units = gl.where(ok, n + OVERHEAD_C, 0)
+                ends = run + gl.associative_scan(units, 0, _add)
+                before = ok & (ends <= u0)
+                b += gl.sum(before.to(gl.int32), 0)
+                S = gl.maximum(S, gl.max(gl.where(before, ends, 0), 0))
+                run += gl.sum(units, 0)
+        u1 = gl.minimum(u0 + W, total)
+        k = n_max  # uniform (every sequence k tiles): whole sequences, or each cut into equal pieces (``slices_ref``)
+        if total == B * (k + OVERHEAD_C):
+            if P >= B:
+                s = P // B
+                per = gl.maximum(gl.cdiv(k, s), 1)
+                j = p % s
+                b = gl.minimum(p // s, B)
+                S = b * (k + OVERHEAD_C)
+                u0 = gl.where(j == 0, S, S + OVERHEAD_C + j * per)
+                u1 = gl.where(b < B, gl.maximum(u0, S + OVERHEAD_C + gl.minimum((j + 1) * per, k)), u0)
+            else:
+                m = gl.cdiv(B, P)
+                b = gl.minimum(p * m, B)
+                S = b * (k + OVERHEAD_C)
+                u0 = S
+                u1 = gl.minimum(S + m * (k + OVERHEAD_C), total)
+        return u0, u1, b, S
+
+    @gluon.jit
+    def _piece_of(length, S, u0, u1, capacity):
+        """A sequence of the given length starting at unit S, within the slice [u0, u1): (length clamped, its tiles
+        k, the slice's tiles of it [lo, hi), whether the slice holds a piece of it, whether that piece is the whole
+        sequence)."""
+        seqlen = gl.minimum(gl.maximum(length, 0), capacity)
+        k = gl.cdiv(seqlen, BN)
+        first = S + OVERHEAD_C
+        lo = gl.maximum(u0, first) - first
+        hi = gl.minimum(u1, first + k) - first
+        has = (hi > lo) | ((k == 0) & (u0 <= S))
+        return seqlen, k, lo, hi, has, (lo == 0) & (hi == k)
+
+    @gluon.jit
+    def _wide_producer(q_desc, kv_desc, pe_desc, q_smem, kv_smem, q_bar, q_free, ready, empty, seqlens_ptr, tbl_ptr,
+                       stride_tb, capacity, B, n_rows, row0, u0, u1, b, S, PAGED: gl.constexpr,
+                       STAGES: gl.constexpr):
+        """One warp: for each piece of the slice, the query tile (once both consumers are done with the previous
+        one), then its cache tiles through the ring (buffer g % STAGES of the slice's g-th tile, once both
+        consumers have released it; a fresh barrier reports phase 1 complete, so the first pass does not wait)."""
+        g = 0
+        pc = 0
+        length = gl.load(seqlens_ptr + b, mask=b < B, other=0)
+        while (b < B) & (S < u1):
+            nxt_length = gl.load(seqlens_ptr + b + 1, mask=b + 1 < B, other=0)  # in flight during this piece
+            _, k, lo, hi, has, _ = _piece_of(length, S, u0, u1, capacity)
+            if has:
+                mbarrier.wait(q_free, (pc & 1) ^ 1)
+                mbarrier.expect(q_bar, (NKV + 1) * q_desc.block_type.nbytes)
+                for c in gl.static_range(NKV + 1):
+                    tma.async_copy_global_to_shared(q_desc, [b * n_rows + row0, c * CW], q_bar, q_smem.index(c))
+                tbl = tbl_ptr + b.to(gl.int64) * stride_tb
+                for i in range(hi - lo):
+                    st = g % STAGES
+                    mbarrier.wait(empty.index(st), ((g // STAGES) & 1) ^ 1)
+                    _load_tile(kv_desc, pe_desc, _tile_row(tbl, b * capacity, (lo + i) * BN, PAGED), ready.index(st),
+                               kv_smem, st * (NKV + 1))
+                    g += 1
+                pc += 1
+            S = S + OVERHEAD_C + k
+            b += 1
+            length = nxt_length
+
+    @gluon.jit
+    def _wide_consumer(q_smem, kv_smem, q_bar, q_free, ready, empty, seqlens_ptr, o_ptr, l_ptr, op_ptr, lp_ptr,
+                       stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, capacity, B, H, S_Q, n_rows,
+                       qk_scale, row0, p, u0, u1, b, S, CAUSAL: gl.constexpr, PART: gl.constexpr,
+                       STAGES: gl.constexpr):
+        """One warpgroup: for each piece of the slice, scores and softmax of the program's 64 rows, output columns
+        [256 PART, +256); the output (a whole sequence) or the piece's partial slot (``combine``)."""
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
         NB: gl.constexpr = NKV + 1  # boxes a tile
         rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, mma))
         cols = gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
-        limit = _limits(limit_base, rows, H, CAUSAL)  # (ROWS,)
-        m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, mma))
-        l_i = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, mma))
-        acc0 = gl.zeros([ROWS, CW], gl.float32, mma)
-        acc1 = gl.zeros([ROWS, CW], gl.float32, mma)
-        acc2 = gl.zeros([ROWS, CW], gl.float32, mma)
-        acc3 = gl.zeros([ROWS, CW], gl.float32, mma)
         s_zero = gl.zeros([ROWS, BN], gl.float32, mma)
-        mbarrier.wait(q_bar, 0)
-        for i in range(n_tiles):
-            st = i % STAGES
-            mbarrier.wait(ready.index(st), (i // STAGES) & 1)
-            s = warpgroup_mma(q_smem.index(0), kv_smem.index(st * NB).permute((1, 0)), s_zero, use_acc=False,
-                              is_async=True)
-            for c in gl.static_range(1, NB):
-                s = warpgroup_mma(q_smem.index(c), kv_smem.index(st * NB + c).permute((1, 0)), s, is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-            toks = t0 + i * BN + cols
-            s = gl.where(gl.expand_dims(toks, 0) < gl.expand_dims(limit, 1), s * qk_scale, float("-inf"))
-            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, 1)
-            pa = gl.convert_layout(p.to(q_smem.dtype), p_layout)
-            a2 = gl.expand_dims(alpha, 1)
-            v0 = st * NB + PART * 4
-            if t0 + i * BN + BN > seqlen:  # the last tile: its tokens past the length, zeroed in this half's values
-                _zero_tail(kv_smem, v0, 4, t0 + i * BN, seqlen)  # (the other warpgroup may still be reading them
-                fence_async_shared()  # as keys: harmless, those scores are masked)
-                gl.thread_barrier()  # this warpgroup's 128 threads (a named barrier in a partition)
-            acc0 = warpgroup_mma(pa, kv_smem.index(v0), acc0 * a2, is_async=True)
-            acc1 = warpgroup_mma(pa, kv_smem.index(v0 + 1), acc1 * a2, is_async=True)
-            acc2 = warpgroup_mma(pa, kv_smem.index(v0 + 2), acc2 * a2, is_async=True)
-            acc3 = warpgroup_mma(pa, kv_smem.index(v0 + 3), acc3 * a2, is_async=True)
-            acc0, acc1, acc2, acc3 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1, acc2, acc3))
-            mbarrier.arrive(empty.index(st))
-        empty_row = l_i == 0.0
-        l_safe = gl.where(empty_row, 1.0, l_i)
-        inv = gl.expand_dims(1.0 / l_safe, 1)  # 0 for a row that saw nothing (acc = 0)
-        c0 = PART * 4 * CW
-        _store_rows(acc0, inv, o_base, o_qi, o_h, c0, rows, cols, H)
-        _store_rows(acc1, inv, o_base, o_qi, o_h, c0 + CW, rows, cols, H)
-        _store_rows(acc2, inv, o_base, o_qi, o_h, c0 + 2 * CW, rows, cols, H)
-        _store_rows(acc3, inv, o_base, o_qi, o_h, c0 + 3 * CW, rows, cols, H)
-        if PART == 0:
-            lse = gl.where(empty_row, float("-inf"), (m_i + gl.log2(l_safe)) * LSE_SCALE)
-            gl.store(l_base + (rows // H) * l_qi + (rows % H) * l_h, lse)
+        g = 0
+        pc = 0
+        length = gl.load(seqlens_ptr + b, mask=b < B, other=0)
+        while (b < B) & (S < u1):
+            nxt_length = gl.load(seqlens_ptr + b + 1, mask=b + 1 < B, other=0)  # in flight during this piece
+            seqlen, k, lo, hi, has, whole = _piece_of(length, S, u0, u1, capacity)
+            if has:
+                if CAUSAL:
+                    limit = seqlen - S_Q + 1 + rows // H  # query i sees t < len - s_q + 1 + i
+                else:
+                    limit = seqlen + rows * 0
+                m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, mma))
+                l_i = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, mma))
+                acc0 = gl.zeros([ROWS, CW], gl.float32, mma)
+                acc1 = gl.zeros([ROWS, CW], gl.float32, mma)
+                acc2 = gl.zeros([ROWS, CW], gl.float32, mma)
+                acc3 = gl.zeros([ROWS, CW], gl.float32, mma)
+                mbarrier.wait(q_bar, pc & 1)
+                for i in range(hi - lo):
+                    st = g % STAGES
+                    mbarrier.wait(ready.index(st), (g // STAGES) & 1)
+                    s = warpgroup_mma(q_smem.index(0), kv_smem.index(st * NB).permute((1, 0)), s_zero, use_acc=False,
+                                      is_async=True)
+                    for c in gl.static_range(1, NB):
+                        s = warpgroup_mma(q_smem.index(c), kv_smem.index(st * NB + c).permute((1, 0)), s,
+                                          is_async=True)
+                    s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+                    tok0 = (lo + i) * BN
+                    s = gl.where(gl.expand_dims(tok0 + cols, 0) < gl.expand_dims(limit, 1), s * qk_scale,
+                                 float("-inf"))
+                    p_, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, 1)
+                    pa = gl.convert_layout(p_.to(q_smem.dtype), p_layout)
+                    a2 = gl.expand_dims(alpha, 1)
+                    v0 = st * NB + PART * 4
+                    if tok0 + BN > seqlen:  # the last tile: its tokens past the length, zeroed in this half's values
+                        _zero_tail(kv_smem, v0, 4, tok0, seqlen)  # (the other warpgroup may still be reading them
+                        fence_async_shared()  # as keys: harmless, those scores are masked)
+                        gl.thread_barrier()  # this warpgroup's 128 threads (a named barrier in a partition)
+                    acc0 = warpgroup_mma(pa, kv_smem.index(v0), acc0 * a2, is_async=True)
+                    acc1 = warpgroup_mma(pa, kv_smem.index(v0 + 1), acc1 * a2, is_async=True)
+                    acc2 = warpgroup_mma(pa, kv_smem.index(v0 + 2), acc2 * a2, is_async=True)
+                    acc3 = warpgroup_mma(pa, kv_smem.index(v0 + 3), acc3 * a2, is_async=True)
+                    acc0, acc1, acc2, acc3 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1, acc2, acc3))
+                    mbarrier.arrive(empty.index(st))
+                    g += 1
+                mbarrier.arrive(q_free)  # every MMA reading this query tile is done
+                empty_row = l_i == 0.0
+                l_safe = gl.where(empty_row, 1.0, l_i)
+                inv = gl.expand_dims(1.0 / l_safe, 1)  # 0 for a row that saw nothing (acc = 0)
+                c0 = PART * 4 * CW
+                if whole:  # the result: out and the natural-log lse
+                    ob = o_ptr + b.to(gl.int64) * stride_ob
+                    _store_rows(acc0, inv, ob, stride_os, stride_oh, c0, rows, cols, H)
+                    _store_rows(acc1, inv, ob, stride_os, stride_oh, c0 + CW, rows, cols, H)
+                    _store_rows(acc2, inv, ob, stride_os, stride_oh, c0 + 2 * CW, rows, cols, H)
+                    _store_rows(acc3, inv, ob, stride_os, stride_oh, c0 + 3 * CW, rows, cols, H)
+                    if PART == 0:
+                        lse = gl.where(empty_row, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
+                        gl.store(l_ptr + b.to(gl.int64) * stride_lb + (rows // H) * stride_ls + (rows % H) * stride_lh,
+                                 lse)
+                else:  # a piece: float32 partial in slot 2 p + (it starts the sequence), log2 lse
+                    slot = (2 * p + (lo == 0).to(gl.int32)).to(gl.int64) * n_rows
+                    pb = op_ptr + slot * (NKV * CW)
+                    _store_rows(acc0, inv, pb, H * NKV * CW, NKV * CW, c0, rows, cols, H)
+                    _store_rows(acc1, inv, pb, H * NKV * CW, NKV * CW, c0 + CW, rows, cols, H)
+                    _store_rows(acc2, inv, pb, H * NKV * CW, NKV * CW, c0 + 2 * CW, rows, cols, H)
+                    _store_rows(acc3, inv, pb, H * NKV * CW, NKV * CW, c0 + 3 * CW, rows, cols, H)
+                    if PART == 0:
+                        gl.store(lp_ptr + slot + rows, gl.where(empty_row, float("-inf"), m_i + gl.log2(l_safe)))
+                pc += 1
+            S = S + OVERHEAD_C + k
+            b += 1
+            length = nxt_length
 
     @gluon.jit
-    def _piece(seqlens_ptr, tbl_ptr, stride_tb, o_ptr, l_ptr, stride_ob, stride_os, stride_oh, stride_lb,
-               stride_ls, stride_lh, capacity, H, S_Q, splits, B, b, j, CAUSAL: gl.constexpr, SPLIT: gl.constexpr,
-               C: gl.constexpr):
-        """(first token, tiles, limit base, length, table row, output base / strides, lse base / strides) of (b, j):
-        its piece of the sequence and where its rows go (the output when SPLIT is off, else its partial slot)."""
-        seqlen = gl.minimum(gl.maximum(gl.load(seqlens_ptr + b), 0), capacity)
-        n_all = gl.cdiv(seqlen, BN)
-        per = gl.cdiv(n_all, splits)
-        t0 = j * per * BN
-        n_tiles = gl.maximum(gl.minimum(per, n_all - j * per), 0)
-        if CAUSAL:
-            limit_base = seqlen - S_Q + 1  # query i sees t < len - s_q + 1 + i
-        else:
-            limit_base = seqlen
-        b64 = b.to(gl.int64)
-        if SPLIT:
-            slot = (j * B + b).to(gl.int64) * (S_Q * H)
-            o_base = o_ptr + slot * C
-            o_qi = H * C
-            o_h = C
-            l_base = l_ptr + slot
-            l_qi = H
-            l_h = 1
-        else:
-            o_base = o_ptr + b64 * stride_ob
-            o_qi = stride_os
-            o_h = stride_oh
-            l_base = l_ptr + b64 * stride_lb
-            l_qi = stride_ls
-            l_h = stride_lh
-        return t0, n_tiles, limit_base, seqlen, tbl_ptr + b64 * stride_tb, o_base, o_qi, o_h, l_base, l_qi, l_h
-
-    @gluon.jit
-    def _wide_kernel(q_desc, kv_desc, pe_desc, seqlens_ptr, tbl_ptr, o_ptr, l_ptr, stride_tb, stride_ob, stride_os,
-                     stride_oh, stride_lb, stride_ls, stride_lh, capacity, H, S_Q, qk_scale, splits,
-                     CAUSAL: gl.constexpr, PAGED: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr):
-        """Program (row block, sequence b, split j); see the module docstring."""
+    def _wide_kernel(q_desc, kv_desc, pe_desc, seqlens_ptr, tbl_ptr, o_ptr, l_ptr, op_ptr, lp_ptr, stride_tb,
+                     stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, capacity, B, H, S_Q, qk_scale,
+                     min_units, max_pieces, CAUSAL: gl.constexpr, PAGED: gl.constexpr, STAGES: gl.constexpr,
+                     BLOCK_B: gl.constexpr):
+        """Program (row block, p): rows [64 row block, +64) of every piece in slice p; see the module docstring."""
         rb = gl.program_id(0)
-        b = gl.program_id(1)
-        j = gl.program_id(2)
-        B = gl.num_programs(1)
-        t0, n_tiles, limit_base, seqlen, tbl, o_base, o_qi, o_h, l_base, l_qi, l_h = _piece(
-            seqlens_ptr, tbl_ptr, stride_tb, o_ptr, l_ptr, stride_ob, stride_os, stride_oh, stride_lb, stride_ls,
-            stride_lh, capacity, H, S_Q, splits, B, b, j, CAUSAL, SPLIT, NKV * CW)
+        p = gl.program_id(1)
+        P = gl.num_programs(1)
+        u0, u1, b, S = _slice(seqlens_ptr, B, capacity, P, p, min_units, max_pieces, BLOCK_B)
         row0 = rb * ROWS
+        n_rows = S_Q * H
         NB: gl.constexpr = NKV + 1
         q_smem = gl.allocate_shared_memory(q_desc.dtype, [NB, ROWS, CW], q_desc.layout)
         kv_smem = gl.allocate_shared_memory(kv_desc.dtype, [STAGES * NB, BN, CW], kv_desc.layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
-        for k in gl.static_range(STAGES):
-            mbarrier.init(ready.index(k), count=1)
-            mbarrier.init(empty.index(k), count=2)
+        mbarrier.init(q_free, count=2)
+        for sb in gl.static_range(STAGES):
+            mbarrier.init(ready.index(sb), count=1)
+            mbarrier.init(empty.index(sb), count=2)
         fence_async_shared()
-        lse_scale: gl.constexpr = 1.0 if SPLIT else 0.6931471805599453
         gl.warp_specialize([
-            (_wide_consumer, (q_smem, kv_smem, q_bar, ready, empty, o_base, o_qi, o_h, l_base, l_qi, l_h, limit_base,
-                              t0, n_tiles, seqlen, qk_scale, H, row0, lse_scale, CAUSAL, 0, STAGES)),
-            (_wide_consumer, (q_smem, kv_smem, q_bar, ready, empty, o_base, o_qi, o_h, l_base, l_qi, l_h, limit_base,
-                              t0, n_tiles, seqlen, qk_scale, H, row0, lse_scale, CAUSAL, 1, STAGES)),
-            (_wide_producer, (q_desc, kv_desc, pe_desc, q_smem, kv_smem, q_bar, ready, empty, b * S_Q * H + row0,
-                              b * capacity, tbl, t0, n_tiles, PAGED, STAGES)),
+            (_wide_consumer, (q_smem, kv_smem, q_bar, q_free, ready, empty, seqlens_ptr, o_ptr, l_ptr, op_ptr, lp_ptr,
+                              stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, capacity, B, H, S_Q,
+                              n_rows, qk_scale, row0, p, u0, u1, b, S, CAUSAL, 0, STAGES)),
+            (_wide_consumer, (q_smem, kv_smem, q_bar, q_free, ready, empty, seqlens_ptr, o_ptr, l_ptr, op_ptr, lp_ptr,
+                              stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, capacity, B, H, S_Q,
+                              n_rows, qk_scale, row0, p, u0, u1, b, S, CAUSAL, 1, STAGES)),
+            (_wide_producer, (q_desc, kv_desc, pe_desc, q_smem, kv_smem, q_bar, q_free, ready, empty, seqlens_ptr,
+                              tbl_ptr, stride_tb, capacity, B, n_rows, row0, u0, u1, b, S, PAGED, STAGES)),
         ], [4, 1], [232, 24])
 
     @gluon.jit
-    def _narrow_kernel(q_desc, kv_desc, pe_desc, seqlens_ptr, tbl_ptr, o_ptr, l_ptr, stride_tb, stride_ob, stride_os,
-                       stride_oh, stride_lb, stride_ls, stride_lh, capacity, H, S_Q, qk_scale, splits,
-                       RN: gl.constexpr, CAUSAL: gl.constexpr, PAGED: gl.constexpr, SPLIT: gl.constexpr,
-                       STAGES: gl.constexpr):
-        """Program (sequence b, split j), all RN = s_q * H rows (16 or 32); see the module docstring. One warpgroup
-        issues its own loads (no warp specialization): tile i + STAGES - 1 goes out once tile i - 1's MMAs are done."""
-        b = gl.program_id(0)
-        j = gl.program_id(1)
-        B = gl.num_programs(0)
-        t0, n_tiles, limit_base, seqlen, tbl, o_base, o_qi, o_h, l_base, l_qi, l_h = _piece(
-            seqlens_ptr, tbl_ptr, stride_tb, o_ptr, l_ptr, stride_ob, stride_os, stride_oh, stride_lb, stride_ls,
-            stride_lh, capacity, H, S_Q, splits, B, b, j, CAUSAL, SPLIT, NKV * CW)
-        kv_row = b * capacity
+    def _narrow_kernel(q_desc, kv_desc, pe_desc, seqlens_ptr, tbl_ptr, o_ptr, l_ptr, op_ptr, lp_ptr, stride_tb,
+                       stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, capacity, B, H, S_Q, qk_scale,
+                       min_units, max_pieces, RN: gl.constexpr, CAUSAL: gl.constexpr, PAGED: gl.constexpr,
+                       STAGES: gl.constexpr, BLOCK_B: gl.constexpr):
+        """Program p: all RN = s_q * H rows (16 or 32) of every piece in slice p; see the module docstring. One
+        warpgroup issues its own loads (no warp specialization): the slice's tile g + STAGES - 1 goes out once
+        tile g - 1's MMAs are done."""
+        p = gl.program_id(0)
+        P = gl.num_programs(0)
+        u0, u1, b, S = _slice(seqlens_ptr, B, capacity, P, p, min_units, max_pieces, BLOCK_B)
         NB: gl.constexpr = NKV + 1
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, RN, 16])
         p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, RN], gl.bfloat16)
@@ -327,84 +504,117 @@ if HAVE_GLUON:
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
-        for k in gl.static_range(STAGES):
-            mbarrier.init(ready.index(k), count=1)
+        for sb in gl.static_range(STAGES):
+            mbarrier.init(ready.index(sb), count=1)
         fence_async_shared()
-
-        mbarrier.expect(q_bar, NB * q_desc.block_type.nbytes)
-        for c in gl.static_range(NB):
-            tma.async_copy_global_to_shared(q_desc, [b * RN, c * CW], q_bar, q_smem.index(c))
-        for k in gl.static_range(STAGES - 1):  # the first tiles in flight
-            if k < n_tiles:
-                _load_tile(kv_desc, pe_desc, _tile_row(tbl, kv_row, t0 + k * BN, PAGED), ready.index(k), kv_smem,
-                           k * NB)
 
         toks0 = gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
         rows = gl.arange(0, RN, layout=gl.SliceLayout(0, mma))
-        limit = _limits(limit_base, rows, H, CAUSAL)  # (RN,)
-        m_i = gl.full([RN], float("-inf"), gl.float32, gl.SliceLayout(0, mma))
-        l_i = gl.zeros([RN], gl.float32, gl.SliceLayout(0, mma))
-        acc0 = gl.zeros([CW, RN], gl.float32, mma)
-        acc1 = gl.zeros([CW, RN], gl.float32, mma)
-        acc2 = gl.zeros([CW, RN], gl.float32, mma)
-        acc3 = gl.zeros([CW, RN], gl.float32, mma)
-        acc4 = gl.zeros([CW, RN], gl.float32, mma)
-        acc5 = gl.zeros([CW, RN], gl.float32, mma)
-        acc6 = gl.zeros([CW, RN], gl.float32, mma)
-        acc7 = gl.zeros([CW, RN], gl.float32, mma)
-        s_zero = gl.zeros([BN, RN], gl.float32, mma)
-        mbarrier.wait(q_bar, 0)
-        for i in range(n_tiles):
-            nxt = i + STAGES - 1  # into the buffer tile i - 1 used: its MMAs are done (the barrier below)
-            if nxt < n_tiles:
-                sn = nxt % STAGES
-                _load_tile(kv_desc, pe_desc, _tile_row(tbl, kv_row, t0 + nxt * BN, PAGED), ready.index(sn), kv_smem,
-                           sn * NB)
-            st = i % STAGES
-            mbarrier.wait(ready.index(st), (i // STAGES) & 1)
-            s = warpgroup_mma(kv_smem.index(st * NB), q_smem.index(0).permute((1, 0)), s_zero, use_acc=False,
-                              is_async=True)
-            for c in gl.static_range(1, NB):
-                s = warpgroup_mma(kv_smem.index(st * NB + c), q_smem.index(c).permute((1, 0)), s, is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-            toks = t0 + i * BN + toks0
-            s = gl.where(gl.expand_dims(toks, 1) < gl.expand_dims(limit, 0), s * qk_scale, float("-inf"))
-            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, 0)
-            if t0 + i * BN + BN > seqlen:  # the last tile: its tokens past the length, zeroed in the values
-                _zero_tail(kv_smem, st * NB, NKV, t0 + i * BN, seqlen)
-            p_smem.store(p.to(kv_smem.dtype))
-            fence_async_shared()
-            gl.thread_barrier()  # P^T and the zeroed rows are in shared memory before the MMAs read them
-            a2 = gl.expand_dims(alpha, 0)
-            v = st * NB
-            acc0 = warpgroup_mma(kv_smem.index(v).permute((1, 0)), p_smem, acc0 * a2, is_async=True)
-            acc1 = warpgroup_mma(kv_smem.index(v + 1).permute((1, 0)), p_smem, acc1 * a2, is_async=True)
-            acc2 = warpgroup_mma(kv_smem.index(v + 2).permute((1, 0)), p_smem, acc2 * a2, is_async=True)
-            acc3 = warpgroup_mma(kv_smem.index(v + 3).permute((1, 0)), p_smem, acc3 * a2, is_async=True)
-            acc4 = warpgroup_mma(kv_smem.index(v + 4).permute((1, 0)), p_smem, acc4 * a2, is_async=True)
-            acc5 = warpgroup_mma(kv_smem.index(v + 5).permute((1, 0)), p_smem, acc5 * a2, is_async=True)
-            acc6 = warpgroup_mma(kv_smem.index(v + 6).permute((1, 0)), p_smem, acc6 * a2, is_async=True)
-            acc7 = warpgroup_mma(kv_smem.index(v + 7).permute((1, 0)), p_smem, acc7 * a2, is_async=True)
-            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = warpgroup_mma_wait(
-                num_outstanding=0, deps=(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7))
-            gl.thread_barrier()  # every warp is past this tile's MMAs before its buffer and P^T are rewritten
-        empty_row = l_i == 0.0
-        l_safe = gl.where(empty_row, 1.0, l_i)
-        inv = gl.expand_dims(1.0 / l_safe, 0)
         cw = gl.arange(0, CW, layout=gl.SliceLayout(1, mma))
-        optr = o_base + gl.expand_dims((rows // H) * o_qi + (rows % H) * o_h, 0) + gl.expand_dims(cw, 1)  # out^T
-        dt = o_base.dtype.element_ty
-        gl.store(optr, (acc0 * inv).to(dt))
-        gl.store(optr + CW, (acc1 * inv).to(dt))
-        gl.store(optr + 2 * CW, (acc2 * inv).to(dt))
-        gl.store(optr + 3 * CW, (acc3 * inv).to(dt))
-        gl.store(optr + 4 * CW, (acc4 * inv).to(dt))
-        gl.store(optr + 5 * CW, (acc5 * inv).to(dt))
-        gl.store(optr + 6 * CW, (acc6 * inv).to(dt))
-        gl.store(optr + 7 * CW, (acc7 * inv).to(dt))
-        lse_scale: gl.constexpr = 1.0 if SPLIT else 0.6931471805599453
-        gl.store(l_base + (rows // H) * l_qi + (rows % H) * l_h,
-                 gl.where(empty_row, float("-inf"), (m_i + gl.log2(l_safe)) * lse_scale))
+        s_zero = gl.zeros([BN, RN], gl.float32, mma)
+        dt = o_ptr.dtype.element_ty
+        g = 0  # the slice's tiles so far (ring position)
+        pc = 0
+        length = gl.load(seqlens_ptr + b, mask=b < B, other=0)
+        while (b < B) & (S < u1):
+            nxt_length = gl.load(seqlens_ptr + b + 1, mask=b + 1 < B, other=0)  # in flight during this piece
+            seqlen, k, lo, hi, has, whole = _piece_of(length, S, u0, u1, capacity)
+            if has:
+                n_tiles = hi - lo
+                tbl = tbl_ptr + b.to(gl.int64) * stride_tb
+                kv_row = b * capacity
+                mbarrier.expect(q_bar, NB * q_desc.block_type.nbytes)  # the previous piece's MMAs are done
+                for c in gl.static_range(NB):
+                    tma.async_copy_global_to_shared(q_desc, [b * RN, c * CW], q_bar, q_smem.index(c))
+                for j in gl.static_range(STAGES - 1):  # the first tiles in flight
+                    if j < n_tiles:
+                        sj = (g + j) % STAGES
+                        _load_tile(kv_desc, pe_desc, _tile_row(tbl, kv_row, (lo + j) * BN, PAGED), ready.index(sj),
+                                   kv_smem, sj * NB)
+                if CAUSAL:
+                    limit = seqlen - S_Q + 1 + rows // H
+                else:
+                    limit = seqlen + rows * 0
+                m_i = gl.full([RN], float("-inf"), gl.float32, gl.SliceLayout(0, mma))
+                l_i = gl.zeros([RN], gl.float32, gl.SliceLayout(0, mma))
+                acc0 = gl.zeros([CW, RN], gl.float32, mma)
+                acc1 = gl.zeros([CW, RN], gl.float32, mma)
+                acc2 = gl.zeros([CW, RN], gl.float32, mma)
+                acc3 = gl.zeros([CW, RN], gl.float32, mma)
+                acc4 = gl.zeros([CW, RN], gl.float32, mma)
+                acc5 = gl.zeros([CW, RN], gl.float32, mma)
+                acc6 = gl.zeros([CW, RN], gl.float32, mma)
+                acc7 = gl.zeros([CW, RN], gl.float32, mma)
+                mbarrier.wait(q_bar, pc & 1)
+                for i in range(n_tiles):
+                    nxt = i + STAGES - 1  # into the buffer tile i - 1 used: its MMAs are done (the barrier below)
+                    if nxt < n_tiles:
+                        sn = (g + STAGES - 1) % STAGES
+                        _load_tile(kv_desc, pe_desc, _tile_row(tbl, kv_row, (lo + nxt) * BN, PAGED), ready.index(sn),
+                                   kv_smem, sn * NB)
+                    st = g % STAGES
+                    mbarrier.wait(ready.index(st), (g // STAGES) & 1)
+                    s = warpgroup_mma(kv_smem.index(st * NB), q_smem.index(0).permute((1, 0)), s_zero, use_acc=False,
+                                      is_async=True)
+                    for c in gl.static_range(1, NB):
+                        s = warpgroup_mma(kv_smem.index(st * NB + c), q_smem.index(c).permute((1, 0)), s,
+                                          is_async=True)
+                    s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+                    tok0 = (lo + i) * BN
+                    s = gl.where(gl.expand_dims(tok0 + toks0, 1) < gl.expand_dims(limit, 0), s * qk_scale,
+                                 float("-inf"))
+                    p_, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, 0)
+                    if tok0 + BN > seqlen:  # the last tile: its tokens past the length, zeroed in the values
+                        _zero_tail(kv_smem, st * NB, NKV, tok0, seqlen)
+                    p_smem.store(p_.to(kv_smem.dtype))
+                    fence_async_shared()
+                    gl.thread_barrier()  # P^T and the zeroed rows are in shared memory before the MMAs read them
+                    a2 = gl.expand_dims(alpha, 0)
+                    v = st * NB
+                    acc0 = warpgroup_mma(kv_smem.index(v).permute((1, 0)), p_smem, acc0 * a2, is_async=True)
+                    acc1 = warpgroup_mma(kv_smem.index(v + 1).permute((1, 0)), p_smem, acc1 * a2, is_async=True)
+                    acc2 = warpgroup_mma(kv_smem.index(v + 2).permute((1, 0)), p_smem, acc2 * a2, is_async=True)
+                    acc3 = warpgroup_mma(kv_smem.index(v + 3).permute((1, 0)), p_smem, acc3 * a2, is_async=True)
+                    acc4 = warpgroup_mma(kv_smem.index(v + 4).permute((1, 0)), p_smem, acc4 * a2, is_async=True)
+                    acc5 = warpgroup_mma(kv_smem.index(v + 5).permute((1, 0)), p_smem, acc5 * a2, is_async=True)
+                    acc6 = warpgroup_mma(kv_smem.index(v + 6).permute((1, 0)), p_smem, acc6 * a2, is_async=True)
+                    acc7 = warpgroup_mma(kv_smem.index(v + 7).permute((1, 0)), p_smem, acc7 * a2, is_async=True)
+                    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = warpgroup_mma_wait(
+                        num_outstanding=0, deps=(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7))
+                    gl.thread_barrier()  # every warp is past this tile's MMAs before its buffer and P^T are rewritten
+                    g += 1
+                empty_row = l_i == 0.0
+                l_safe = gl.where(empty_row, 1.0, l_i)
+                inv = gl.expand_dims(1.0 / l_safe, 0)
+                if whole:  # the result: out^T and the natural-log lse
+                    optr_o = (o_ptr + b.to(gl.int64) * stride_ob
+                            + gl.expand_dims((rows // H) * stride_os + (rows % H) * stride_oh, 0) + gl.expand_dims(cw, 1))
+                    gl.store(optr_o, (acc0 * inv).to(dt))
+                    gl.store(optr_o + CW, (acc1 * inv).to(dt))
+                    gl.store(optr_o + 2 * CW, (acc2 * inv).to(dt))
+                    gl.store(optr_o + 3 * CW, (acc3 * inv).to(dt))
+                    gl.store(optr_o + 4 * CW, (acc4 * inv).to(dt))
+                    gl.store(optr_o + 5 * CW, (acc5 * inv).to(dt))
+                    gl.store(optr_o + 6 * CW, (acc6 * inv).to(dt))
+                    gl.store(optr_o + 7 * CW, (acc7 * inv).to(dt))
+                    gl.store(l_ptr + b.to(gl.int64) * stride_lb + (rows // H) * stride_ls + (rows % H) * stride_lh,
+                             gl.where(empty_row, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453))
+                else:  # a piece: float32 partial in slot 2 p + (it starts the sequence), log2 lse
+                    slot = (2 * p + (lo == 0).to(gl.int32)).to(gl.int64) * RN
+                    optr_p = op_ptr + slot * (NKV * CW) + gl.expand_dims(rows * (NKV * CW), 0) + gl.expand_dims(cw, 1)
+                    gl.store(optr_p, acc0 * inv)
+                    gl.store(optr_p + CW, acc1 * inv)
+                    gl.store(optr_p + 2 * CW, acc2 * inv)
+                    gl.store(optr_p + 3 * CW, acc3 * inv)
+                    gl.store(optr_p + 4 * CW, acc4 * inv)
+                    gl.store(optr_p + 5 * CW, acc5 * inv)
+                    gl.store(optr_p + 6 * CW, acc6 * inv)
+                    gl.store(optr_p + 7 * CW, acc7 * inv)
+                    gl.store(lp_ptr + slot + rows, gl.where(empty_row, float("-inf"), m_i + gl.log2(l_safe)))
+                pc += 1
+            S = S + OVERHEAD_C + k
+            b += 1
+            length = nxt_length
 
 
 STAGES = {"wide": 2, "narrow": 2}  # cache tiles in flight: 2 x 72 KB (with the 72 / 18-36 KB query: 221 / 168-189 KB)
@@ -447,8 +657,9 @@ def _desc(t2: torch.Tensor, rows: int, cols: int) -> TensorDescriptor:
 def mla_decode_gluon(q, kv, pe, seqlens, scale, causal, block_table, out, lse, kind, num_splits=None):
     """Fill out (B, s_q, H, 512) and lse (B, H, s_q) (see ``kernels.mla_decode.mla_decode``); kv (.., 512) and pe
     (.., 64) the latent and RoPE parts (views of one cache, or KVCache's two tensors), contiguous (B, T, .) or paged
-    (pages, 64, .) with block_table; seqlens int32; kind: ``form``'s answer. num_splits: programs per sequence (and
-    row block); None: enough to fill the SMs once (one, without a combine, for large batches)."""
+    (pages, 64, .) with block_table; seqlens int32; kind: ``form``'s answer. num_splits: programs P per row block
+    the work is balanced over, with no floor on a slice (``MIN_UNITS`` 1); None: one per SM (per row block).
+    Returns the grid (for benchmarks' reports)."""
     B, s_q, H, D = q.shape
     rows = s_q * H
     paged = block_table is not None
@@ -457,25 +668,27 @@ def mla_decode_gluon(q, kv, pe, seqlens, scale, causal, block_table, out, lse, k
     if q2.stride(0) % 8 or q2.data_ptr() % 16:  # TMA: 16-byte aligned rows (a fresh copy is)
         q2 = q2.clone(memory_format=torch.contiguous_format)
     kv2, pe2 = (t.as_strided((t.shape[0] * t.shape[1], t.shape[2]), (t.stride(1), 1)) for t in (kv, pe))  # 2-D views
-    per_seq = rows // 64 if kind == "wide" else 1  # programs a split of one sequence
+    row_blocks = rows // 64 if kind == "wide" else 1
     if num_splits is None:
-        sms = sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
-        num_splits = max(1, min(sms // (B * per_seq), -(-capacity // 64)))
-    split = num_splits > 1
-    if split:
-        o_dst = torch.empty(num_splits, B, rows, LATENT, dtype=torch.float32, device=q.device)
-        l_dst = torch.empty(num_splits, B, rows, dtype=torch.float32, device=q.device)
+        P = max(1, sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
+                // row_blocks)
+        min_units = MIN_UNITS
     else:
-        o_dst, l_dst = out, lse
+        P, min_units = num_splits, 1
+    o_part = torch.empty(2 * P, rows, LATENT, dtype=torch.float32, device=q.device)
+    l_part = torch.empty(2 * P, rows, dtype=torch.float32, device=q.device)
     tbl = block_table if paged else seqlens
     args = (_desc(q2, 64 if kind == "wide" else rows, 64), _desc(kv2, 64, 64), _desc(pe2, 64, 64), seqlens, tbl,
-            o_dst, l_dst, tbl.stride(0) if paged else 0, out.stride(0), out.stride(1), out.stride(2), lse.stride(0),
-            lse.stride(2), lse.stride(1), capacity, H, s_q, scale * 1.4426950408889634, num_splits)
+            out, lse, o_part, l_part, tbl.stride(0) if paged else 0, out.stride(0), out.stride(1), out.stride(2),
+            lse.stride(0), lse.stride(2), lse.stride(1), capacity, B, H, s_q, scale * 1.4426950408889634, min_units,
+            max(2, MAX_PIECES))
+    block_b = min(MAX_BLOCK_B, max(16, triton.next_power_of_2(B)))
+    grid = (row_blocks, P) if kind == "wide" else (P,)
     if kind == "wide":
-        _wide_kernel[(rows // 64, B, num_splits)](*args, CAUSAL=causal, PAGED=paged, SPLIT=split,
-                                                  STAGES=STAGES["wide"], num_warps=4)
+        _wide_kernel[grid](*args, CAUSAL=causal, PAGED=paged, STAGES=STAGES["wide"], BLOCK_B=block_b, num_warps=4)
     else:
-        _narrow_kernel[(B, num_splits)](*args, RN=rows, CAUSAL=causal, PAGED=paged, SPLIT=split,
-                                        STAGES=STAGES["narrow"], num_warps=4)
-    if split:
-        combine(o_dst, l_dst, out, lse)
+        _narrow_kernel[grid](*args, RN=rows, CAUSAL=causal, PAGED=paged, STAGES=STAGES["narrow"], BLOCK_B=block_b,
+                             num_warps=4)
+    if P > 1:  # one program computes every sequence whole
+        combine(o_part, l_part, seqlens, capacity, min_units, out, lse)
+    return grid

@@ -8,6 +8,8 @@ and NaN past every length, with and without splits, causal or not.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from minids.kernels import HAVE_TRITON
@@ -26,26 +28,39 @@ def _gluon_here() -> bool:
     return mla_decode_gluon.HAVE_GLUON
 
 
-@pytest.mark.parametrize("splits,B,rows", [(1, 2, 16), (3, 2, 32), (4, 3, 64), (7, 1, 128)])
-def test_combine_matches_torch(splits, B, rows):
-    """The splits' partials merged in order: random partials, a split that saw nothing (-inf, zeros) for some rows,
-    and rows no split saw (out 0, lse -inf)."""
-    from minids.kernels.mla_decode_gluon import combine, combine_ref
+@pytest.mark.parametrize("lens,P,rows", [([5, 300, 0, 64, 1000], 3, 16), ([4097, 1, 63], 7, 32),
+                                         ([200, 200, 200, 200], 9, 64), ([1, 2000], 40, 128),
+                                         ([1000, 980, 1024], 10, 16)])
+def test_combine_matches_torch(lens, P, rows):
+    """The pieces of every cut sequence (``pieces_ref`` with P programs: balanced slices for ragged lengths, equal
+    pieces for equal tile counts, the last two cases) merged in program order: random partials, a piece that saw
+    nothing (-inf, zeros) for some rows, rows no piece saw (out 0, lse -inf). Slots no piece wrote hold NaN (a read of
+    one would show), and sequences computed whole are left as they were (NaN here)."""
+    from minids.kernels.mla_decode_gluon import combine, combine_ref, pieces_ref
 
-    gen = torch.Generator().manual_seed(splits * 100 + rows)
+    gen = torch.Generator().manual_seed(P * 100 + rows)
     C, H = 512, 16
-    o_part = torch.randn(splits, B, rows, C, generator=gen).to(device)
-    l_part = (torch.randn(splits, B, rows, generator=gen) * 4).to(device)
-    l_part[0, 0, :3] = float("-inf")  # split 0 saw nothing for these rows
-    o_part[0, 0, :3] = 0.0
-    l_part[:, -1, -2:] = float("-inf")  # no split saw these rows
-    o_part[:, -1, -2:] = 0.0
-    out = torch.full((B, rows // H, H, C), float("nan"), device=device)
-    lse = torch.full((B, H, rows // H), float("nan"), device=device)
-    combine(o_part, l_part, out, lse)
-    want, want_lse = combine_ref(o_part, l_part, H)
-    assert not out.isnan().any() and not lse.isnan().any()
-    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    o_part = torch.randn(2 * P, rows, C, generator=gen)
+    l_part = torch.randn(2 * P, rows, generator=gen) * 4
+    work = pieces_ref(lens, P, 1)
+    used = sorted(slot for pieces in work for *_, slot in pieces if slot is not None)
+    assert used, "the case must cut a sequence"
+    unused = [j for j in range(2 * P) if j not in used]
+    o_part[unused] = float("nan")
+    l_part[unused] = float("nan")
+    l_part[used[0], :3] = float("-inf")  # that piece saw nothing for these rows
+    o_part[used[0], :3] = 0.0
+    B = len(lens)
+    out = torch.full((B, rows // H, H, C), float("nan"))
+    lse = torch.full((B, H, rows // H), float("nan"))
+    want, want_lse = out.clone(), lse.clone()
+    combine_ref(o_part, l_part, lens, 1, want, want_lse)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
+    out, lse = out.to(device), lse.to(device)
+    combine(o_part.to(device), l_part.to(device), seqlens, max(lens), 1, out, lse)
+    out, lse = out.cpu(), lse.cpu()
+    assert torch.equal(out.isnan(), want.isnan()) and torch.equal(lse.isnan(), want_lse.isnan())
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6, equal_nan=True)
     assert torch.equal(lse.isinf(), want_lse.isinf())
     fin = want_lse.isfinite()
     torch.testing.assert_close(lse[fin], want_lse[fin], rtol=1e-5, atol=1e-5)
@@ -83,6 +98,21 @@ def test_gluon_ragged_lengths(layout, H, s_q, num_splits, monkeypatch):
 
 
 @GPU
+@pytest.mark.parametrize("layout", ["contiguous", "paged"])
+@pytest.mark.parametrize("H,s_q", [(16, 1), (16, 2), (128, 1)])
+@pytest.mark.parametrize("num_splits", [None, 2, 7])
+def test_gluon_equal_tile_counts(layout, H, s_q, num_splits, monkeypatch):
+    """Lengths of equal tile counts (65..128 tokens: two tiles each; 4097: 65) take the equal-pieces schedule
+    (``slices_ref``): whole sequences (P < B), or each cut into equal pieces merged by the combine."""
+    from minids.kernels import mla_decode as mod
+
+    monkeypatch.setattr(mod, "GLUON_MLA", True)
+    check([100, 128, 65], s_q, H=H, C=512, R=64, layout=layout, num_splits=num_splits)
+    check([4097, 4097], s_q, H=H, C=512, R=64, layout=layout, num_splits=num_splits)
+    assert mod.LAST_LAUNCH["cfg"] == {"gluon": "narrow" if s_q * H <= 32 else "wide"}
+
+
+@GPU
 @pytest.mark.parametrize("H,s_q", [(16, 2), (128, 1)])
 def test_gluon_empty_and_non_causal(H, s_q, monkeypatch):
     """Length 0 and a causal query with nothing before it (out 0, lse -inf); no causal mask."""
@@ -93,3 +123,32 @@ def test_gluon_empty_and_non_causal(H, s_q, monkeypatch):
         check([0, 1, 129], s_q, H=H, C=512, R=64, layout="paged", num_splits=num_splits)
     check([3, 70, 300], s_q, H=H, C=512, R=64, layout="contiguous", causal=False, num_splits=2)
     assert "gluon" in mod.LAST_LAUNCH["cfg"]
+
+
+@pytest.mark.parametrize("lens,P", [([5, 300, 0, 64, 1000], 3), ([4097, 1, 63], 7), ([200] * 4, 9), ([200] * 4, 3),
+                                    ([0, 0], 5), ([1, 2000], 40), ([1000, 980, 1024], 10), ([64] * 5, 132)])
+def test_pieces_cover_every_tile_once(lens, P):
+    """``pieces_ref`` (the Gluon kernels' schedule): every token of every sequence in exactly one piece, an empty
+    sequence in one (whole) piece, a sequence in one piece written whole and in several through distinct slots in
+    program order; ragged lengths take the Triton kernel's balanced slices (``schedule_ref``), equal tile counts
+    equal pieces with no program holding two sequences' pieces."""
+    from minids.kernels.mla_decode import MAX_PIECES, schedule_ref
+    from minids.kernels.mla_decode_gluon import pieces_ref
+
+    work = pieces_ref(lens, P, 1)
+    seen: dict[int, list] = {}
+    for p, pieces in enumerate(work):
+        for b, t0, t1, slot in pieces:
+            seen.setdefault(b, []).append((t0, t1, slot, p))
+    slots = [slot for ps in seen.values() for *_, slot, _ in ps if slot is not None]
+    assert len(slots) == len(set(slots))
+    for b, n in enumerate(lens):
+        ps = seen[b]
+        assert ps[0][0] == 0 and ps[-1][1] == n and all(x[1] == y[0] for x, y in itertools.pairwise(ps))
+        assert [x[3] for x in ps] == sorted(x[3] for x in ps)
+        assert (len(ps) == 1) == (ps[0][2] is None)
+    tiles = [-(-n // 64) for n in lens]
+    if min(tiles) != max(tiles):
+        assert work == schedule_ref(lens, P, 1, max(2, MAX_PIECES))[1]
+    else:
+        assert all(len({b for b, *_ in pieces}) <= 1 for pieces in work if len(pieces) and P >= len(lens))
