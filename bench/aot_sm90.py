@@ -47,14 +47,14 @@ def gluon_kernel(kind: str, rows: int, paged: bool) -> str:
     t = torch.empty(1024, 576, dtype=torch.bfloat16)
     consts = {"CAUSAL": True, "PAGED": paged, "STAGES": glu.STAGES[kind], "BLOCK_B": 128}
     if kind == "narrow":
-        consts["RN"] = rows
+        consts.update(RN=rows, MERGE=rows in glu.MERGE_ROWS)
     sig = {}
     for a in fn.arg_names:
         if a in consts:
             sig[a] = "constexpr"
         elif a.endswith("_desc"):
             sig[a] = mangle_type(glu._desc(t, 64 if a != "q_desc" or kind == "wide" else rows, 64))
-        elif a in ("seqlens_ptr", "tbl_ptr"):
+        elif a in ("seqlens_ptr", "tbl_ptr", "cnt_ptr"):
             sig[a] = "*i32"
         elif a in ("o_ptr", "l_ptr", "op_ptr", "lp_ptr"):
             sig[a] = "*bf16" if a == "o_ptr" else "*fp32"

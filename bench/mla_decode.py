@@ -2,6 +2,7 @@
 
     python3 bench/mla_decode.py --out bench/results            # full sweep (< 4 min on an H200)
     python3 bench/mla_decode.py --out /tmp/mla --quick         # a reduced sweep (< 1.5 min)
+    python3 bench/mla_decode.py --heads 16 --stem mla_decode-h16   # the 16-head shapes only
 
 Shapes: DeepSeek-V3's latent (C=512, R=64) with batch 32 and 128, 16 and 128 heads, mean cache length 1K,
 4K and 16K, fixed or variable lengths (normal(mean, mean/2) clipped to [s_q, 2 * mean], as FlashMLA's
@@ -160,6 +161,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     ap.add_argument("--quick", action="store_true", help="a reduced sweep")
+    ap.add_argument("--heads", type=int, default=None, help="only the shapes with this many heads")
+    ap.add_argument("--stem", default="mla_decode", help="file name of the results (.md, .json)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench/mla_decode.py needs a CUDA GPU")
@@ -173,6 +176,8 @@ def main() -> int:
     gen = torch.Generator().manual_seed(0)
     rows = []
     for sh in shapes(args.quick):
+        if args.heads is not None and sh["H"] != args.heads:
+            continue
         B, H, C, R, s_q = sh["B"], sh["H"], sh["C"], sh["R"], sh["s_q"]
         Dn = Dv = 128 if sh["cfg"] == "V3" else 64
         scale = (Dn + R) ** -0.5
@@ -219,12 +224,14 @@ def main() -> int:
                "ref_fp32_ms", "absorbed_ms", "naive_ms", "speedup_vs_absorbed"]
     notes = (
         "Targets (issue #10): memory-bound rows (H * s_q <= 32) at >= 80% of the copy rate; H=128 rows at >= 300 "
-        "TFLOP/s. kernel_ms is a CUDA-graph replay of one launch (one kernel: work-balanced programs, fused combine); "
-        "peers are eager torch (float32 inside), timed with CUDA events. config: the autotuned tile (rows per "
-        "program M, tokens per tile N, warps, pipeline stages); programs: the grid (SMs x programs per SM). "
+        "TFLOP/s. kernel_ms is a CUDA-graph replay of one call: on sm_90 with V3's latent the Gluon kernels "
+        "(kernels/mla_decode_gluon.py; config 'gluon narrow' (16 or 32 rows) or 'gluon wide' (64-row blocks), splits "
+        "= programs per row block; the 16-row kernel merges cut sequences itself, the others launch the combine "
+        "kernel after), else the Triton kernel (config: rows per program M, tokens per tile N, warps, pipeline "
+        "stages; one launch, combine fused). Peers are eager torch (float32 inside), timed with CUDA events. "
         "'~' marks variable lengths."
     )
-    table = write_results(args.out, "mla_decode", meta, rows, columns, notes)
+    table = write_results(args.out, args.stem, meta, rows, columns, notes)
     print(table)
     print(f"wall {meta['wall_s']} s")
     return 0

@@ -37,7 +37,7 @@ import functools
 import math
 
 import torch
-from minids.kernels import HAVE_TRITON, sm_count
+from minids.kernels import HAVE_TRITON, arrival_counters, sm_count
 from minids.kernels.mla_decode import MAX_BLOCK_B, MAX_PIECES, MIN_UNITS, OVERHEAD, UNIT
 
 try:
@@ -259,7 +259,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _slice(seqlens_ptr, B, capacity, P, p, min_units, max_pieces, BLOCK_B: gl.constexpr):
         """Program p's slice [u0, u1) of the units line (``slices_ref``), the first sequence b whose units reach past
-        u0 and the unit S where b starts. Run by the kernel's 4 warps; one read of the lengths when B <= BLOCK_B (a
+        u0, the unit S where b starts, the balanced slices' width W and whether the tile counts are equal. Run by the kernel's 4 warps; one read of the lengths when B <= BLOCK_B (a
         round trip to L2 before the first load is issued), else two passes."""
         lay: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
         if B <= BLOCK_B:
@@ -301,7 +301,7 @@ if HAVE_GLUON:
                 run += gl.sum(units, 0)
         u1 = gl.minimum(u0 + W, total)
         k = n_max  # uniform (every sequence k tiles): whole sequences, or each cut into equal pieces (``slices_ref``)
-        if total == B * (k + OVERHEAD_C):
+        if total == B * (k + OVERHEAD_C):  # (the last result below: whether it is)
             if P >= B:
                 s = P // B
                 per = gl.maximum(gl.cdiv(k, s), 1)
@@ -316,7 +316,7 @@ if HAVE_GLUON:
                 S = b * (k + OVERHEAD_C)
                 u0 = S
                 u1 = gl.minimum(S + m * (k + OVERHEAD_C), total)
-        return u0, u1, b, S
+        return u0, u1, b, S, W, total == B * (k + OVERHEAD_C)
 
     @gluon.jit
     def _piece_of(length, S, u0, u1, capacity):
@@ -330,6 +330,49 @@ if HAVE_GLUON:
         hi = gl.minimum(u1, first + k) - first
         has = (hi > lo) | ((k == 0) & (u0 <= S))
         return seqlen, k, lo, hi, has, (lo == 0) & (hi == k)
+
+    @gluon.jit
+    def _cut(b, S, k, W, uniform, P, B):
+        """The programs p0 .. p1 holding the pieces of sequence b (starting at unit S, k tiles): ``slices_ref``'s."""
+        first = S + OVERHEAD_C
+        s = gl.maximum(P // B, 1)
+        per = gl.maximum(gl.cdiv(k, s), 1)
+        p0 = gl.where(uniform, b * s, first // W)
+        p1 = gl.where(uniform, gl.where(P >= B, b * s + gl.cdiv(k, per) - 1, b * s), (first + k - 1) // W)
+        return p0, p1
+
+    @gluon.jit
+    def _merge(op_ptr, lp_ptr, o_ptr, l_ptr, b, p0, p1, H, stride_ob, stride_os, stride_oh, stride_lb, stride_ls,
+               stride_lh, RN: gl.constexpr):
+        """The last piece's program merges sequence b's pieces (programs p0 .. p1, in that order) from their float32
+        partial slots, as ``_combine_kernel`` does: out = sum_j w_j o_j / sum_j w_j, w_j = 2^(l_j - max l)."""
+        lay: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [4, 1], [1, 0])
+        CB: gl.constexpr = 128  # output columns a pass
+        rows = gl.arange(0, RN, layout=gl.SliceLayout(1, lay))
+        cols = gl.arange(0, CB, layout=gl.SliceLayout(0, lay))
+        m = gl.full([RN], float("-inf"), gl.float32, gl.SliceLayout(1, lay))
+        for q in range(p0, p1 + 1):  # the first piece is program p0's last (slot 2 p0 + 1), the others first
+            slot = (2 * q + (q == p0).to(gl.int32)).to(gl.int64) * RN
+            m = gl.maximum(m, gl.load(lp_ptr + slot + rows))
+        m_safe = gl.where(m == float("-inf"), 0.0, m)
+        den = gl.zeros([RN], gl.float32, gl.SliceLayout(1, lay))
+        for q in range(p0, p1 + 1):
+            slot = (2 * q + (q == p0).to(gl.int32)).to(gl.int64) * RN
+            den += gl.exp2(gl.load(lp_ptr + slot + rows) - m_safe)
+        none = den == 0.0
+        inv = gl.expand_dims(1.0 / gl.where(none, 1.0, den), 1)
+        o_rows = gl.expand_dims((rows // H) * stride_os + (rows % H) * stride_oh, 1) + gl.expand_dims(cols, 0)
+        for c in gl.static_range(NKV * CW // CB):
+            acc = gl.zeros([RN, CB], gl.float32, lay)
+            for q in range(p0, p1 + 1):
+                slot = (2 * q + (q == p0).to(gl.int32)).to(gl.int64) * RN
+                w = gl.exp2(gl.load(lp_ptr + slot + rows) - m_safe)
+                part = gl.load(op_ptr + slot * (NKV * CW) + gl.expand_dims(rows * (NKV * CW), 1) + c * CB
+                               + gl.expand_dims(cols, 0))
+                acc += gl.expand_dims(w, 1) * part
+            gl.store(o_ptr + b.to(gl.int64) * stride_ob + o_rows + c * CB, (acc * inv).to(o_ptr.dtype.element_ty))
+        gl.store(l_ptr + b.to(gl.int64) * stride_lb + (rows // H) * stride_ls + (rows % H) * stride_lh,
+                 gl.where(none, float("-inf"), (m + gl.log2(gl.where(none, 1.0, den))) * 0.6931471805599453))
 
     @gluon.jit
     def _wide_producer(q_desc, kv_desc, pe_desc, q_smem, kv_smem, q_bar, q_free, ready, empty, seqlens_ptr, tbl_ptr,
@@ -449,7 +492,7 @@ if HAVE_GLUON:
             length = nxt_length
 
     @gluon.jit
-    def _wide_kernel(q_desc, kv_desc, pe_desc, seqlens_ptr, tbl_ptr, o_ptr, l_ptr, op_ptr, lp_ptr, stride_tb,
+    def _wide_kernel(q_desc, kv_desc, pe_desc, seqlens_ptr, tbl_ptr, o_ptr, l_ptr, op_ptr, lp_ptr, cnt_ptr, stride_tb,
                      stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, capacity, B, H, S_Q, qk_scale,
                      min_units, max_pieces, CAUSAL: gl.constexpr, PAGED: gl.constexpr, STAGES: gl.constexpr,
                      BLOCK_B: gl.constexpr):
@@ -457,7 +500,7 @@ if HAVE_GLUON:
         rb = gl.program_id(0)
         p = gl.program_id(1)
         P = gl.num_programs(1)
-        u0, u1, b, S = _slice(seqlens_ptr, B, capacity, P, p, min_units, max_pieces, BLOCK_B)
+        u0, u1, b, S, _, _ = _slice(seqlens_ptr, B, capacity, P, p, min_units, max_pieces, BLOCK_B)
         row0 = rb * ROWS
         n_rows = S_Q * H
         NB: gl.constexpr = NKV + 1
@@ -485,16 +528,16 @@ if HAVE_GLUON:
         ], [4, 1], [232, 24])
 
     @gluon.jit
-    def _narrow_kernel(q_desc, kv_desc, pe_desc, seqlens_ptr, tbl_ptr, o_ptr, l_ptr, op_ptr, lp_ptr, stride_tb,
+    def _narrow_kernel(q_desc, kv_desc, pe_desc, seqlens_ptr, tbl_ptr, o_ptr, l_ptr, op_ptr, lp_ptr, cnt_ptr, stride_tb,
                        stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, capacity, B, H, S_Q, qk_scale,
                        min_units, max_pieces, RN: gl.constexpr, CAUSAL: gl.constexpr, PAGED: gl.constexpr,
-                       STAGES: gl.constexpr, BLOCK_B: gl.constexpr):
+                       STAGES: gl.constexpr, BLOCK_B: gl.constexpr, MERGE: gl.constexpr):
         """Program p: all RN = s_q * H rows (16 or 32) of every piece in slice p; see the module docstring. One
         warpgroup issues its own loads (no warp specialization): the slice's tile g + STAGES - 1 goes out once
         tile g - 1's MMAs are done."""
         p = gl.program_id(0)
         P = gl.num_programs(0)
-        u0, u1, b, S = _slice(seqlens_ptr, B, capacity, P, p, min_units, max_pieces, BLOCK_B)
+        u0, u1, b, S, W, uniform = _slice(seqlens_ptr, B, capacity, P, p, min_units, max_pieces, BLOCK_B)
         NB: gl.constexpr = NKV + 1
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, RN, 16])
         p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, RN], gl.bfloat16)
@@ -611,12 +654,30 @@ if HAVE_GLUON:
                     gl.store(optr_p + 6 * CW, acc6 * inv)
                     gl.store(optr_p + 7 * CW, acc7 * inv)
                     gl.store(lp_ptr + slot + rows, gl.where(empty_row, float("-inf"), m_i + gl.log2(l_safe)))
+                    if MERGE:  # count in (after every thread's stores: a CTA barrier, then one thread's acq_rel
+                        # atomic at GPU scope, its result shared by a reduction; a plain scalar atomic here runs on
+                        # every thread); the last of the sequence's pieces merges them and resets its counter
+                        gl.thread_barrier()
+                        p0, p1 = _cut(b, S, k, W, uniform, P, B)
+                        lane = gl.arange(0, 128, layout=gl.BlockedLayout([1], [32], [4], [0]))
+                        got = gl.atomic_add(cnt_ptr + b + lane * 0, lane * 0 + 1, mask=lane == 0, sem="acq_rel",
+                                            scope="gpu")
+                        arrived = gl.max(gl.where(lane == 0, got, -1), 0)
+                        if arrived == p1 - p0:
+                            _merge(op_ptr, lp_ptr, o_ptr, l_ptr, b, p0, p1, H, stride_ob, stride_os, stride_oh,
+                                   stride_lb, stride_ls, stride_lh, RN)
+                            gl.store(cnt_ptr + b, 0)
                 pc += 1
             S = S + OVERHEAD_C + k
             b += 1
             length = nxt_length
 
 
+# Row counts whose narrow kernel merges the pieces of a cut sequence itself (the last piece's program; no combine
+# launch). On the H200 (bench/results/mla_decode.md and kernels_notes.md, sixteenth session): 16 rows (H=16, s_q=1)
+# gained 2-4% (B=128, 1K: 42.7 against 45.0 us); 32 rows lost 8-27% (B=128, 4K, s_q=2: 179.9 against 163.1 us), so
+# they keep the combine kernel.
+MERGE_ROWS = (16,)
 STAGES = {"wide": 2, "narrow": 2}  # cache tiles in flight: 2 x 72 KB (with the 72 / 18-36 KB query: 221 / 168-189 KB)
 
 
@@ -678,17 +739,19 @@ def mla_decode_gluon(q, kv, pe, seqlens, scale, causal, block_table, out, lse, k
     o_part = torch.empty(2 * P, rows, LATENT, dtype=torch.float32, device=q.device)
     l_part = torch.empty(2 * P, rows, dtype=torch.float32, device=q.device)
     tbl = block_table if paged else seqlens
+    counts = arrival_counters("mla_decode_gluon", q.device, B)  # the narrow kernel's merge (zero between launches)
     args = (_desc(q2, 64 if kind == "wide" else rows, 64), _desc(kv2, 64, 64), _desc(pe2, 64, 64), seqlens, tbl,
-            out, lse, o_part, l_part, tbl.stride(0) if paged else 0, out.stride(0), out.stride(1), out.stride(2),
+            out, lse, o_part, l_part, counts, tbl.stride(0) if paged else 0, out.stride(0), out.stride(1), out.stride(2),
             lse.stride(0), lse.stride(2), lse.stride(1), capacity, B, H, s_q, scale * 1.4426950408889634, min_units,
             max(2, MAX_PIECES))
     block_b = min(MAX_BLOCK_B, max(16, triton.next_power_of_2(B)))
     grid = (row_blocks, P) if kind == "wide" else (P,)
+    merge = kind == "narrow" and rows in MERGE_ROWS
     if kind == "wide":
         _wide_kernel[grid](*args, CAUSAL=causal, PAGED=paged, STAGES=STAGES["wide"], BLOCK_B=block_b, num_warps=4)
     else:
         _narrow_kernel[grid](*args, RN=rows, CAUSAL=causal, PAGED=paged, STAGES=STAGES["narrow"], BLOCK_B=block_b,
-                             num_warps=4)
-    if P > 1:  # one program computes every sequence whole
+                             MERGE=merge, num_warps=4)
+    if not merge and P > 1:  # (one program computes every sequence whole)
         combine(o_part, l_part, seqlens, capacity, min_units, out, lse)
     return grid
