@@ -65,7 +65,7 @@ if [[ $what == kernels ]]; then
   fi
   q=${QUICK:+--quick}
   if [[ -z ${SKIP_TESTS:-} ]]; then
-    for t in ${TESTS:-tests/test_kernels_fp8.py tests/test_kernels_mla.py tests/test_kernels_rmsnorm.py tests/test_kernels_moe.py tests/test_gpu.py tests/test_gpu_decode.py}; do
+    for t in ${TESTS:-tests/test_kernels_fp8.py tests/test_kernels_mla.py tests/test_kernels_mla_gluon.py tests/test_kernels_rmsnorm.py tests/test_kernels_moe.py tests/test_gpu.py tests/test_gpu_decode.py}; do
       echo "== $t"
       # 300 s: the FP8 file compiles every GEMM variant (it ran past 100 s on the H200)
       timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider --tb=line -rf $t > $res/test.log 2>&1
