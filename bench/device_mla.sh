@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The MLA decoding work's device calls (bash bench/device_mla.sh <step>), results into $OUT (then bench/results/):
-#   gluon:  the Gluon path's first run: tests/test_kernels_mla_gluon.py on six processes, then bench/probe_mla_gluon.py
+#   gluon:  the Gluon path: tests/test_kernels_mla_gluon.py on six processes, then bench/probe_mla_gluon.py
 #           (each shape with GLUON_MLA on and off, checked against the reference, graph-timed)
 #   bench:  bench/mla_decode.py's full sweep (the default path)
 #   ncu:    Nsight Compute on the Triton kernel's worst cases (bench/profile_mla_decode.py), and its --floor timings

@@ -1,5 +1,5 @@
-"""First GPU run of the Gluon MLA decode path (kernels/mla_decode_gluon.py, off by default: kernels.mla_decode's
-GLUON_MLA): each shape through ``mla_decode`` with the flag on and off, both checked against ``mla_decode_ref``
+"""The Gluon MLA decode path (kernels/mla_decode_gluon.py, kernels.mla_decode's GLUON_MLA) against the Triton kernel
+(its first GPU run: bench/results/probe_mla_gluon.log): each shape through ``mla_decode`` with the flag on and off, both checked against ``mla_decode_ref``
 (fp32, where it fits) and timed from CUDA graphs in the same run. bench/mla_decode.py's V3 shapes (C=512, R=64),
 bf16, causal; rows = s_q * H of 16 and 32 take the narrow (transposed) kernel, multiples of 64 the wide one.
 
@@ -39,6 +39,7 @@ def main() -> None:
     print(metadata(), flush=True)
     copy = copy_bandwidth_gbs()
     print(f"bf16 matmul {matmul_tflops():.0f} TFLOP/s, copy {copy:.0f} GB/s", flush=True)
+    default = mod.GLUON_MLA
     for B, H, L, s_q, var in CASES:
         T = -(-2 * L // 64) * 64 if var else L
         q = torch.randn(B, s_q, H, C + R, device="cuda", dtype=torch.bfloat16)
@@ -59,7 +60,7 @@ def main() -> None:
                 res[flag] = (out.float(), lse, ms, path)
             except Exception as e:  # noqa: BLE001 - a first run: report and go on
                 print(f"{name} gluon={flag}: failed: {type(e).__name__}: {str(e)[:600]}", flush=True)
-        mod.GLUON_MLA = False
+        mod.GLUON_MLA = default
         if True not in res:
             continue
         tokens = int(lens.sum())

@@ -1,5 +1,5 @@
-"""Hardware counters of the MLA decode kernel (kernels/mla_decode.py) on the cases furthest from their targets in
-bench/results/mla_decode.md: V3's latent (C=512, R=64), bf16, causal, fixed lengths. Each case is called once to
+"""Hardware counters of the MLA decode kernels (``mla_decode``'s default path: the Gluon kernels on sm_90 with V3's
+latent, ``GLUON_MLA``) on cases far from their targets in bench/results/mla_decode.md (chosen from the Triton sweep): V3's latent (C=512, R=64), bf16, causal, fixed lengths. Each case is called once to
 compile and autotune it, then once between cudaProfilerStart and Stop, for Nsight Compute:
 
     ncu --clock-control none --profile-from-start off --section SpeedOfLight --section LaunchStats \
@@ -58,7 +58,8 @@ def main() -> None:
         calls[name] = lambda q=q, kv=kv, lens=lens: mla_mod.mla_decode(q, kv, lens, C, (C + R) ** -0.5)
     for name, fn in calls.items():
         fn()
-        print(name, mla_mod.LAST_LAUNCH["block_m"], mla_mod.LAST_LAUNCH["cfg"], flush=True)
+        launch = mla_mod.LAST_LAUNCH  # the Gluon path reports its grid, the Triton kernel its row block
+        print(name, launch.get("grid", launch.get("block_m")), launch["cfg"], flush=True)
     profile_calls(calls)
 
 
