@@ -24,8 +24,9 @@ Triton kernel's balanced slices (``kernels.mla_decode.schedule_ref``: every prog
 slice may cut sequences and run on into the next ones); equal ones keep the fixed split (each sequence cut into
 P // B equal pieces, or whole sequences when B > P), which measured faster there. Every program derives the
 schedule from the lengths in the kernel (no host read, graph-capturable). A sequence in one piece is written to
-out / lse directly; the pieces of a cut one go to float32 partial slots (2 a program), merged in program order by
-``_combine_kernel`` (a second launch, whenever P > 1).
+out / lse directly; the pieces of a cut one go to float32 partial slots (2 a program), merged in program order: at
+16 rows (``MERGE_ROWS``) by the program of the last piece to finish (a per-sequence arrival counter), otherwise by
+``_combine_kernel``, a second launch whenever P > 1.
 Paged caches: 64-token pages (one tile each), looked up per tile in the block table.
 Preconditions (``form``): q, cache and pe of one 16-bit dtype; C = 512, R = 64; the cache's rows 16-byte aligned
 (TMA); the page size 64 when paged.
@@ -130,8 +131,8 @@ def combine(o_part: torch.Tensor, l_part: torch.Tensor, seqlens: torch.Tensor, c
     _combine_kernel[(B, -(-n_rows // block_r))](
         seqlens, o_part, l_part, out, lse, B, capacity, min_units, max(2, MAX_PIECES), n_rows, H, out.stride(0),
         out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2), two_p // 2, C=C,
-        BLOCK_C=triton.next_power_of_2(C), BLOCK_R=block_r, BLOCK_B=min(MAX_BLOCK_B, max(16, triton.next_power_of_2(B))),
-        UNIT=UNIT, OVERHEAD=OVERHEAD)
+        BLOCK_C=triton.next_power_of_2(C), BLOCK_R=block_r,
+        BLOCK_B=min(MAX_BLOCK_B, max(16, triton.next_power_of_2(B))), UNIT=UNIT, OVERHEAD=OVERHEAD)
 
 
 def slices_ref(lens: list[int], P: int, min_units: int = MIN_UNITS) -> list[tuple[int, int]]:
@@ -259,8 +260,9 @@ if HAVE_GLUON:
     @gluon.jit
     def _slice(seqlens_ptr, B, capacity, P, p, min_units, max_pieces, BLOCK_B: gl.constexpr):
         """Program p's slice [u0, u1) of the units line (``slices_ref``), the first sequence b whose units reach past
-        u0, the unit S where b starts, the balanced slices' width W and whether the tile counts are equal. Run by the kernel's 4 warps; one read of the lengths when B <= BLOCK_B (a
-        round trip to L2 before the first load is issued), else two passes."""
+        u0, the unit S where b starts, the balanced slices' width W and whether the tile counts are equal. Run by
+        the kernel's 4 warps; one read of the lengths when B <= BLOCK_B (a round trip to L2 before the first load is
+        issued), else two passes."""
         lay: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
         if B <= BLOCK_B:
             offs = gl.arange(0, BLOCK_B, layout=lay)
@@ -631,7 +633,8 @@ if HAVE_GLUON:
                 inv = gl.expand_dims(1.0 / l_safe, 0)
                 if whole:  # the result: out^T and the natural-log lse
                     optr_o = (o_ptr + b.to(gl.int64) * stride_ob
-                            + gl.expand_dims((rows // H) * stride_os + (rows % H) * stride_oh, 0) + gl.expand_dims(cw, 1))
+                              + gl.expand_dims((rows // H) * stride_os + (rows % H) * stride_oh, 0)
+                              + gl.expand_dims(cw, 1))
                     gl.store(optr_o, (acc0 * inv).to(dt))
                     gl.store(optr_o + CW, (acc1 * inv).to(dt))
                     gl.store(optr_o + 2 * CW, (acc2 * inv).to(dt))
@@ -741,9 +744,9 @@ def mla_decode_gluon(q, kv, pe, seqlens, scale, causal, block_table, out, lse, k
     tbl = block_table if paged else seqlens
     counts = arrival_counters("mla_decode_gluon", q.device, B)  # the narrow kernel's merge (zero between launches)
     args = (_desc(q2, 64 if kind == "wide" else rows, 64), _desc(kv2, 64, 64), _desc(pe2, 64, 64), seqlens, tbl,
-            out, lse, o_part, l_part, counts, tbl.stride(0) if paged else 0, out.stride(0), out.stride(1), out.stride(2),
-            lse.stride(0), lse.stride(2), lse.stride(1), capacity, B, H, s_q, scale * 1.4426950408889634, min_units,
-            max(2, MAX_PIECES))
+            out, lse, o_part, l_part, counts, tbl.stride(0) if paged else 0, out.stride(0), out.stride(1),
+            out.stride(2), lse.stride(0), lse.stride(2), lse.stride(1), capacity, B, H, s_q,
+            scale * 1.4426950408889634, min_units, max(2, MAX_PIECES))
     block_b = min(MAX_BLOCK_B, max(16, triton.next_power_of_2(B)))
     grid = (row_blocks, P) if kind == "wide" else (P,)
     merge = kind == "narrow" and rows in MERGE_ROWS
