@@ -43,11 +43,14 @@ def counts(cubin: bytes) -> str:
 def gluon_kernel(kind: str, rows: int, paged: bool) -> str:
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    fn = glu._wide_kernel if kind == "wide" else glu._narrow_kernel
+    fn = {"wide": glu._wide_kernel, "narrow": glu._narrow_kernel, "narrow2": glu._narrow2_kernel}[kind]
     t = torch.empty(1024, 576, dtype=torch.bfloat16)
-    consts = {"CAUSAL": True, "PAGED": paged, "STAGES": glu.STAGES[kind], "BLOCK_B": 128}
+    consts = {"CAUSAL": True, "PAGED": paged, "STAGES": glu.STAGES["wide" if kind == "wide" else "narrow"],
+              "BLOCK_B": 128}
     if kind == "narrow":
         consts.update(RN=rows, MERGE=rows in glu.MERGE_ROWS)
+    if kind == "narrow2":
+        consts["RN"] = rows
     sig = {}
     for a in fn.arg_names:
         if a in consts:
@@ -83,7 +86,7 @@ def triton_kernel(block_m: int, block_n: int, warps: int, stages: int, v_split: 
 def main() -> None:
     print(f"triton {triton.__version__}, sm_90")
     if glu.HAVE_GLUON:
-        for kind, rows in (("wide", 128), ("narrow", 16), ("narrow", 32)):
+        for kind, rows in (("wide", 128), ("narrow", 16), ("narrow", 32), ("narrow2", 16), ("narrow2", 32)):
             for paged in (False, True):
                 print(f"gluon {kind} rows={rows} paged={paged}: {gluon_kernel(kind, rows, paged)}", flush=True)
     else:

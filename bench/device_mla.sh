@@ -3,6 +3,8 @@
 #   gluon:  the Gluon path: tests/test_kernels_mla_gluon.py on six processes, then bench/probe_mla_gluon.py
 #           (each shape with GLUON_MLA on and off, checked against the reference, graph-timed)
 #   bench:  bench/mla_decode.py's full sweep (the default path)
+#   narrow2: the two-warpgroup narrow kernel (mla_decode_gluon.NARROW2_ROWS, off): its GPU tests, then the 16-head
+#           sweep with it (mla_decode-narrow2.md) beside the default's (mla_decode-h16.md)
 #   ncu:    Nsight Compute on the Triton kernel's worst cases (bench/profile_mla_decode.py), and its --floor timings
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -16,6 +18,11 @@ case "${1:-gluon}" in
     ;;
   bench)
     python3 bench/mla_decode.py --out "$OUT" 2>&1 | tail -5
+    ;;
+  narrow2)
+    bash bench/gpu_tests_split.sh tests/test_kernels_mla_gluon.py gpu_tests_mla_gluon.log
+    python3 bench/mla_decode.py --out "$OUT" --heads 16 --stem mla_decode-h16 2>&1 | grep "^V3"
+    python3 bench/mla_decode.py --out "$OUT" --heads 16 --narrow2 --stem mla_decode-narrow2 2>&1 | grep "^V3"
     ;;
   ncu)
     ncu --clock-control none --profile-from-start off --section SpeedOfLight --section LaunchStats --section Occupancy \

@@ -3,6 +3,7 @@
     python3 bench/mla_decode.py --out bench/results            # full sweep (< 4 min on an H200)
     python3 bench/mla_decode.py --out /tmp/mla --quick         # a reduced sweep (< 1.5 min)
     python3 bench/mla_decode.py --heads 16 --stem mla_decode-h16   # the 16-head shapes only
+    python3 bench/mla_decode.py --heads 16 --narrow2 --stem mla_decode-narrow2   # the two-warpgroup narrow kernel
 
 Shapes: DeepSeek-V3's latent (C=512, R=64) with batch 32 and 128, 16 and 128 heads, mean cache length 1K,
 4K and 16K, fixed or variable lengths (normal(mean, mean/2) clipped to [s_q, 2 * mean], as FlashMLA's
@@ -163,10 +164,16 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="a reduced sweep")
     ap.add_argument("--heads", type=int, default=None, help="only the shapes with this many heads")
     ap.add_argument("--stem", default="mla_decode", help="file name of the results (.md, .json)")
+    ap.add_argument("--narrow2", action="store_true",
+                    help="16 and 32 rows on the two-warpgroup narrow Gluon kernel (mla_decode_gluon.NARROW2_ROWS)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench/mla_decode.py needs a CUDA GPU")
         return 1
+    if args.narrow2:
+        from minids.kernels import mla_decode_gluon
+
+        mla_decode_gluon.NARROW2_ROWS = (16, 32)
     t0 = time.time()
     meta = metadata()
     meta["copy_GBps"] = copy_bw = copy_bandwidth_gbs()

@@ -676,11 +676,149 @@ if HAVE_GLUON:
             length = nxt_length
 
 
+    @gluon.jit
+    def _narrow2_consumer(q_smem, kv_smem, p_smem, q_bar, q_free, ready, empty, seqlens_ptr, o_ptr, l_ptr, op_ptr,
+                          lp_ptr, stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, capacity, B, H, S_Q,
+                          qk_scale, p, u0, u1, b, S, RN: gl.constexpr, CAUSAL: gl.constexpr, PART: gl.constexpr,
+                          STAGES: gl.constexpr):
+        """One warpgroup of ``_narrow2_kernel``: the narrow kernel's transposed scores S^T = K Q^T (all of them) and
+        softmax, and O^T += V^T P^T for output columns [256 PART, +256) only (four 64 x RN accumulators), with its
+        own copy of P^T in shared memory."""
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, RN, 16])
+        NB: gl.constexpr = NKV + 1
+        toks0 = gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
+        rows = gl.arange(0, RN, layout=gl.SliceLayout(0, mma))
+        cw = gl.arange(0, CW, layout=gl.SliceLayout(1, mma))
+        s_zero = gl.zeros([BN, RN], gl.float32, mma)
+        pbuf = p_smem.index(PART)
+        c0 = PART * 4 * CW
+        g = 0
+        pc = 0
+        length = gl.load(seqlens_ptr + b, mask=b < B, other=0)
+        while (b < B) & (S < u1):
+            nxt_length = gl.load(seqlens_ptr + b + 1, mask=b + 1 < B, other=0)  # in flight during this piece
+            seqlen, k, lo, hi, has, whole = _piece_of(length, S, u0, u1, capacity)
+            if has:
+                if CAUSAL:
+                    limit = seqlen - S_Q + 1 + rows // H
+                else:
+                    limit = seqlen + rows * 0
+                m_i = gl.full([RN], float("-inf"), gl.float32, gl.SliceLayout(0, mma))
+                l_i = gl.zeros([RN], gl.float32, gl.SliceLayout(0, mma))
+                acc0 = gl.zeros([CW, RN], gl.float32, mma)
+                acc1 = gl.zeros([CW, RN], gl.float32, mma)
+                acc2 = gl.zeros([CW, RN], gl.float32, mma)
+                acc3 = gl.zeros([CW, RN], gl.float32, mma)
+                mbarrier.wait(q_bar, pc & 1)
+                for i in range(hi - lo):
+                    st = g % STAGES
+                    mbarrier.wait(ready.index(st), (g // STAGES) & 1)
+                    s = warpgroup_mma(kv_smem.index(st * NB), q_smem.index(0).permute((1, 0)), s_zero, use_acc=False,
+                                      is_async=True)
+                    for c in gl.static_range(1, NB):
+                        s = warpgroup_mma(kv_smem.index(st * NB + c), q_smem.index(c).permute((1, 0)), s,
+                                          is_async=True)
+                    s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+                    tok0 = (lo + i) * BN
+                    s = gl.where(gl.expand_dims(tok0 + toks0, 1) < gl.expand_dims(limit, 0), s * qk_scale,
+                                 float("-inf"))
+                    p_, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, 0)
+                    v0 = st * NB + PART * 4
+                    if tok0 + BN > seqlen:  # the last tile: its tokens past the length, zeroed in this half's values
+                        _zero_tail(kv_smem, v0, 4, tok0, seqlen)  # (the other warpgroup may still read them as keys:
+                    pbuf.store(p_.to(kv_smem.dtype))  # harmless, those scores are masked)
+                    fence_async_shared()
+                    gl.thread_barrier()  # this warpgroup's 128 threads (a named barrier in a partition)
+                    a2 = gl.expand_dims(alpha, 0)
+                    acc0 = warpgroup_mma(kv_smem.index(v0).permute((1, 0)), pbuf, acc0 * a2, is_async=True)
+                    acc1 = warpgroup_mma(kv_smem.index(v0 + 1).permute((1, 0)), pbuf, acc1 * a2, is_async=True)
+                    acc2 = warpgroup_mma(kv_smem.index(v0 + 2).permute((1, 0)), pbuf, acc2 * a2, is_async=True)
+                    acc3 = warpgroup_mma(kv_smem.index(v0 + 3).permute((1, 0)), pbuf, acc3 * a2, is_async=True)
+                    acc0, acc1, acc2, acc3 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1, acc2, acc3))
+                    gl.thread_barrier()  # every warp is past this tile's MMAs before P^T is rewritten
+                    mbarrier.arrive(empty.index(st))
+                    g += 1
+                mbarrier.arrive(q_free)  # every MMA reading this query tile is done
+                empty_row = l_i == 0.0
+                l_safe = gl.where(empty_row, 1.0, l_i)
+                inv = gl.expand_dims(1.0 / l_safe, 0)
+                if whole:  # the result: out^T (this half's columns) and the natural-log lse
+                    optr_o = (o_ptr + b.to(gl.int64) * stride_ob
+                              + gl.expand_dims((rows // H) * stride_os + (rows % H) * stride_oh, 0)
+                              + c0 + gl.expand_dims(cw, 1))
+                    dt = o_ptr.dtype.element_ty
+                    gl.store(optr_o, (acc0 * inv).to(dt))
+                    gl.store(optr_o + CW, (acc1 * inv).to(dt))
+                    gl.store(optr_o + 2 * CW, (acc2 * inv).to(dt))
+                    gl.store(optr_o + 3 * CW, (acc3 * inv).to(dt))
+                    if PART == 0:
+                        gl.store(l_ptr + b.to(gl.int64) * stride_lb + (rows // H) * stride_ls + (rows % H) * stride_lh,
+                                 gl.where(empty_row, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453))
+                else:  # a piece: float32 partial in slot 2 p + (it starts the sequence), log2 lse
+                    slot = (2 * p + (lo == 0).to(gl.int32)).to(gl.int64) * RN
+                    optr_p = (op_ptr + slot * (NKV * CW) + gl.expand_dims(rows * (NKV * CW), 0) + c0
+                              + gl.expand_dims(cw, 1))
+                    gl.store(optr_p, acc0 * inv)
+                    gl.store(optr_p + CW, acc1 * inv)
+                    gl.store(optr_p + 2 * CW, acc2 * inv)
+                    gl.store(optr_p + 3 * CW, acc3 * inv)
+                    if PART == 0:
+                        gl.store(lp_ptr + slot + rows, gl.where(empty_row, float("-inf"), m_i + gl.log2(l_safe)))
+                pc += 1
+            S = S + OVERHEAD_C + k
+            b += 1
+            length = nxt_length
+
+    @gluon.jit
+    def _narrow2_kernel(q_desc, kv_desc, pe_desc, seqlens_ptr, tbl_ptr, o_ptr, l_ptr, op_ptr, lp_ptr, cnt_ptr, stride_tb,
+                        stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, capacity, B, H, S_Q,
+                        qk_scale, min_units, max_pieces, RN: gl.constexpr, CAUSAL: gl.constexpr,
+                        PAGED: gl.constexpr, STAGES: gl.constexpr, BLOCK_B: gl.constexpr):
+        """The narrow kernel's math (rows RN = 16 or 32 as the MMA's N) on the wide kernel's warp specialization:
+        the wide producer warp, and two consumer warpgroups that each compute all scores and half of the output
+        columns (``_narrow2_consumer``): half the accumulator registers a thread of the one-warpgroup kernel holds
+        (its 32-row build spills 192 B a thread), and two MMA chains in flight. Cut sequences go to the combine
+        kernel. Off unless ``NARROW2_ROWS`` lists the row count."""
+        p = gl.program_id(0)
+        P = gl.num_programs(0)
+        u0, u1, b, S, _, _ = _slice(seqlens_ptr, B, capacity, P, p, min_units, max_pieces, BLOCK_B)
+        NB: gl.constexpr = NKV + 1
+        p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, RN], gl.bfloat16)
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, [NB, RN, CW], q_desc.layout)
+        kv_smem = gl.allocate_shared_memory(kv_desc.dtype, [STAGES * NB, BN, CW], kv_desc.layout)
+        p_smem = gl.allocate_shared_memory(kv_desc.dtype, [2, BN, RN], p_layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        mbarrier.init(q_free, count=2)
+        for sb in gl.static_range(STAGES):
+            mbarrier.init(ready.index(sb), count=1)
+            mbarrier.init(empty.index(sb), count=2)
+        fence_async_shared()
+        gl.warp_specialize([
+            (_narrow2_consumer, (q_smem, kv_smem, p_smem, q_bar, q_free, ready, empty, seqlens_ptr, o_ptr, l_ptr,
+                                 op_ptr, lp_ptr, stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh,
+                                 capacity, B, H, S_Q, qk_scale, p, u0, u1, b, S, RN, CAUSAL, 0, STAGES)),
+            (_narrow2_consumer, (q_smem, kv_smem, p_smem, q_bar, q_free, ready, empty, seqlens_ptr, o_ptr, l_ptr,
+                                 op_ptr, lp_ptr, stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh,
+                                 capacity, B, H, S_Q, qk_scale, p, u0, u1, b, S, RN, CAUSAL, 1, STAGES)),
+            (_wide_producer, (q_desc, kv_desc, pe_desc, q_smem, kv_smem, q_bar, q_free, ready, empty, seqlens_ptr,
+                              tbl_ptr, stride_tb, capacity, B, RN, 0, u0, u1, b, S, PAGED, STAGES)),
+        ], [4, 1], [232, 24])
+
+
 # Row counts whose narrow kernel merges the pieces of a cut sequence itself (the last piece's program; no combine
 # launch). On the H200 (bench/results/mla_decode.md and kernels_notes.md, sixteenth session): 16 rows (H=16, s_q=1)
 # gained 2-4% (B=128, 1K: 42.7 against 45.0 us); 32 rows lost 8-27% (B=128, 4K, s_q=2: 179.9 against 163.1 us), so
 # they keep the combine kernel.
 MERGE_ROWS = (16,)
+# Row counts that take ``_narrow2_kernel`` (two consumer warpgroups) instead of the one-warpgroup narrow kernel. Empty:
+# written and compiled for sm_90 offline in the sixteenth session (Triton 3.6: 40 B of stack a thread at 32 rows
+# against the one-warpgroup kernel's 192, 8 B at 16), not yet run on a GPU; tests/test_kernels_mla_gluon.py routes it
+# explicitly, bench/mla_decode.py --narrow2 times it (bash bench/device_mla.sh narrow2).
+NARROW2_ROWS: tuple[int, ...] = ()
 STAGES = {"wide": 2, "narrow": 2}  # cache tiles in flight: 2 x 72 KB (with the 72 / 18-36 KB query: 221 / 168-189 KB)
 
 
@@ -749,9 +887,13 @@ def mla_decode_gluon(q, kv, pe, seqlens, scale, causal, block_table, out, lse, k
             scale * 1.4426950408889634, min_units, max(2, MAX_PIECES))
     block_b = min(MAX_BLOCK_B, max(16, triton.next_power_of_2(B)))
     grid = (row_blocks, P) if kind == "wide" else (P,)
-    merge = kind == "narrow" and rows in MERGE_ROWS
+    two = kind == "narrow" and rows in NARROW2_ROWS
+    merge = kind == "narrow" and rows in MERGE_ROWS and not two
     if kind == "wide":
         _wide_kernel[grid](*args, CAUSAL=causal, PAGED=paged, STAGES=STAGES["wide"], BLOCK_B=block_b, num_warps=4)
+    elif two:
+        _narrow2_kernel[grid](*args, RN=rows, CAUSAL=causal, PAGED=paged, STAGES=STAGES["narrow"], BLOCK_B=block_b,
+                              num_warps=4)
     else:
         _narrow_kernel[grid](*args, RN=rows, CAUSAL=causal, PAGED=paged, STAGES=STAGES["narrow"], BLOCK_B=block_b,
                              MERGE=merge, num_warps=4)

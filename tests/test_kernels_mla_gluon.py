@@ -152,3 +152,21 @@ def test_pieces_cover_every_tile_once(lens, P):
         assert work == schedule_ref(lens, P, 1, max(2, MAX_PIECES))[1]
     else:
         assert all(len({b for b, *_ in pieces}) <= 1 for pieces in work if len(pieces) and P >= len(lens))
+
+
+@GPU
+@pytest.mark.parametrize("layout", ["contiguous", "paged"])
+@pytest.mark.parametrize("H,s_q", [(16, 1), (16, 2)])
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
+def test_gluon_two_warpgroup_narrow(layout, H, s_q, num_splits, monkeypatch):
+    """The two-warpgroup narrow kernel (``NARROW2_ROWS``; off by default) through the same checks: ragged lengths,
+    equal tile counts, an empty sequence, the combine."""
+    from minids.kernels import mla_decode as mod
+    from minids.kernels import mla_decode_gluon
+
+    monkeypatch.setattr(mod, "GLUON_MLA", True)
+    monkeypatch.setattr(mla_decode_gluon, "NARROW2_ROWS", (16, 32))
+    check([1, 63, 64, 65, 4097], s_q, H=H, C=512, R=64, layout=layout, num_splits=num_splits)
+    check([100, 128, 65], s_q, H=H, C=512, R=64, layout=layout, num_splits=num_splits)
+    check([0, 1, 129], s_q, H=H, C=512, R=64, layout=layout, num_splits=num_splits)
+    assert mod.LAST_LAUNCH["cfg"] == {"gluon": "narrow"}
