@@ -43,14 +43,14 @@ def counts(cubin: bytes) -> str:
 def gluon_kernel(kind: str, rows: int, paged: bool) -> str:
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    fn = {"wide": glu._wide_kernel, "narrow": glu._narrow_kernel, "narrow2": glu._narrow2_kernel}[kind]
+    fn = glu._narrow_kernel if kind == "narrow" else glu._ws_kernel
     t = torch.empty(1024, 576, dtype=torch.bfloat16)
     consts = {"CAUSAL": True, "PAGED": paged, "STAGES": glu.STAGES["wide" if kind == "wide" else "narrow"],
               "BLOCK_B": 128}
     if kind == "narrow":
         consts.update(RN=rows, MERGE=rows in glu.MERGE_ROWS)
-    if kind == "narrow2":
-        consts["RN"] = rows
+    else:  # the warp-specialized kernel: wide, or the narrow math on two consumer warpgroups ("narrow2")
+        consts.update(RN=64 if kind == "wide" else rows, TRANSPOSED=kind == "narrow2")
     sig = {}
     for a in fn.arg_names:
         if a in consts:

@@ -9,14 +9,17 @@ one latency-bound warp a scheduler (0.16 issues a cycle, 29% of copy at B=32, 1K
 stay in shared memory (TMA loads, 64-token tiles in 64-column boxes), where the MMAs read them.
 
 Two kernels, by rows = s_q * H:
-- rows a multiple of 64 (H=128, H=64): ``_wide_kernel``, 64 rows a program, warp-specialized: a producer warp
-  streams each piece's query and the cache tiles through a ring of STAGES buffers; two consumer warpgroups each
-  compute all 64 x 64 scores of a tile (nine K=64 MMAs: 8 latent boxes and the RoPE box), the online softmax, and
-  P V for their own half of the 512 output columns (four 64-wide accumulators, P from registers). The scores are
-  computed by both (1.5x the ideal tensor work) in exchange for no traffic between the warpgroups.
+- rows a multiple of 64 (H=128, H=64): ``_ws_kernel`` (the wide kernel), 64 rows a program, warp-specialized: a
+  producer warp streams each piece's query and the cache tiles through a ring of STAGES buffers; two consumer
+  warpgroups each compute all 64 x 64 scores of a tile (nine K=64 MMAs: 8 latent boxes and the RoPE box), the
+  online softmax, and P V for their own half of the 512 output columns (four 64-wide accumulators, P from
+  registers). The scores are computed by both (1.5x the ideal tensor work) in exchange for no traffic between the
+  warpgroups.
 - rows 16 or 32 (H=16, s_q 1 or 2): ``_narrow_kernel``, transposed, one warpgroup: the tile's 64 tokens are the MMA's
   M and the rows its N (no padding to 64 rows): S^T = K Q^T, softmax along the tokens, O^T (512 x rows) += V^T P^T
-  with P^T written to shared memory (the MMA's B operand) and V^T read transposed from the cache tile.
+  with P^T written to shared memory (the MMA's B operand) and V^T read transposed from the cache tile. Its
+  two-warpgroup form (``_ws_kernel`` with TRANSPOSED: the wide kernel's warp specialization, each consumer with half
+  of the output columns) is written and compiled but off (``NARROW2_ROWS``) until it has run on a GPU.
 
 Work split (``slices_ref``, ``pieces_ref``): P programs per row block (one per SM) take consecutive slices of the
 units line of all sequences (sequence b: OVERHEAD units, then one a 64-token tile). Ragged tile counts take the
@@ -39,7 +42,15 @@ import math
 
 import torch
 from minids.kernels import HAVE_TRITON, arrival_counters, sm_count
-from minids.kernels.mla_decode import MAX_BLOCK_B, MAX_PIECES, MIN_UNITS, OVERHEAD, UNIT
+from minids.kernels.mla_decode import (
+    MAX_BLOCK_B,
+    MAX_PIECES,
+    MIN_UNITS,
+    OVERHEAD,
+    UNIT,
+    balanced_slices,
+    slice_pieces,
+)
 
 try:
     from triton.experimental import gluon
@@ -158,26 +169,13 @@ def slices_ref(lens: list[int], P: int, min_units: int = MIN_UNITS) -> list[tupl
             return out
         m = -(-B // P)
         return [(min(p * m, B) * (k + OVERHEAD), min((min(p * m, B) + m) * (k + OVERHEAD), total)) for p in range(P)]
-    W = max(-(-total // P), min_units, -(-max(n, default=0) // max(1, max(2, MAX_PIECES) - 1)))
-    return [(p * W, min(p * W + W, total)) for p in range(P)]
+    return balanced_slices(lens, P, min_units, max(2, MAX_PIECES))[1]
 
 
 def pieces_ref(lens: list[int], P: int, min_units: int = MIN_UNITS) -> list[list[tuple]]:
     """For each program the (sequence, first token, end token, slot or None) pieces of its slice (``slices_ref``);
     slot None: written as the result; else the partial slot 2 p + (the piece starts the sequence)."""
-    n = [-(-max(0, x) // UNIT) for x in lens]
-    work = []
-    for p, (u0, u1) in enumerate(slices_ref(lens, P, min_units)):
-        pieces, S = [], 0
-        for b, k in enumerate(n):
-            first = S + OVERHEAD
-            lo, hi = max(u0, first) - first, min(u1, first + k) - first
-            if S < u1 and (hi > lo or (k == 0 and u0 <= S)):
-                whole = lo == 0 and hi == k
-                pieces.append((b, lo * UNIT, min(hi * UNIT, max(0, lens[b])), None if whole else 2 * p + (lo == 0)))
-            S = first + k
-        work.append(pieces)
-    return work
+    return slice_pieces(lens, slices_ref(lens, P, min_units))
 
 
 def combine_ref(o_part: torch.Tensor, l_part: torch.Tensor, lens: list[int], min_units: int, out: torch.Tensor,
@@ -252,6 +250,39 @@ if HAVE_GLUON:
         """acc * inv (ROWS x 64, rows r, columns col0 + c) to o_base + (r // H) o_qi + (r % H) o_h + col."""
         ptr = o_base + gl.expand_dims((rows // H) * o_qi + (rows % H) * o_h, 1) + col0 + gl.expand_dims(cols, 0)
         gl.store(ptr, (acc * inv).to(o_base.dtype.element_ty))
+
+    @gluon.jit
+    def _row_limit(seqlen, rows, H, S_Q, CAUSAL: gl.constexpr):
+        """Tokens each row (query token i = row // H) sees: t < len - s_q + 1 + i when causal, else t < len."""
+        if CAUSAL:
+            return seqlen - S_Q + 1 + rows // H
+        else:
+            return seqlen + rows * 0
+
+    @gluon.jit
+    def _scores(q_smem, kv_smem, base, s_zero):
+        """S = Q K^T of the tile in boxes base .. base + NKV (8 latent boxes and the RoPE box), waited for."""
+        s = warpgroup_mma(q_smem.index(0), kv_smem.index(base).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        for c in gl.static_range(1, NKV + 1):
+            s = warpgroup_mma(q_smem.index(c), kv_smem.index(base + c).permute((1, 0)), s, is_async=True)
+        return warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+
+    @gluon.jit
+    def _scores_t(kv_smem, q_smem, base, s_zero):
+        """S^T = K Q^T of the tile in boxes base .. base + NKV (the narrow kernels' transposed scores), waited for."""
+        s = warpgroup_mma(kv_smem.index(base), q_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        for c in gl.static_range(1, NKV + 1):
+            s = warpgroup_mma(kv_smem.index(base + c), q_smem.index(c).permute((1, 0)), s, is_async=True)
+        return warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+
+    @gluon.jit
+    def _store4(ptr, acc0, acc1, acc2, acc3, inv):
+        """acc_j * inv to ptr + j * CW (j = 0 .. 3: four 64-column chunks of O^T), in ptr's element type."""
+        dt = ptr.dtype.element_ty
+        gl.store(ptr, (acc0 * inv).to(dt))
+        gl.store(ptr + CW, (acc1 * inv).to(dt))
+        gl.store(ptr + 2 * CW, (acc2 * inv).to(dt))
+        gl.store(ptr + 3 * CW, (acc3 * inv).to(dt))
 
     @gluon.jit
     def _add(x, y):
@@ -407,18 +438,59 @@ if HAVE_GLUON:
             length = nxt_length
 
     @gluon.jit
-    def _wide_consumer(q_smem, kv_smem, q_bar, q_free, ready, empty, seqlens_ptr, o_ptr, l_ptr, op_ptr, lp_ptr,
-                       stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, capacity, B, H, S_Q, n_rows,
-                       qk_scale, row0, p, u0, u1, b, S, CAUSAL: gl.constexpr, PART: gl.constexpr,
-                       STAGES: gl.constexpr):
-        """One warpgroup: for each piece of the slice, scores and softmax of the program's 64 rows, output columns
-        [256 PART, +256); the output (a whole sequence) or the piece's partial slot (``combine``)."""
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    def _masked(s, toks, limit, qk_scale, AX: gl.constexpr):
+        """The scaled scores of the tokens each row sees (``_row_limit``), -inf elsewhere; the tokens along AX."""
+        if AX == 0:
+            keep = gl.expand_dims(toks, 1) < gl.expand_dims(limit, 0)
+        else:
+            keep = gl.expand_dims(toks, 0) < gl.expand_dims(limit, 1)
+        return gl.where(keep, s * qk_scale, float("-inf"))
+
+    @gluon.jit
+    def _store_out(base, stride_qi, stride_h, c0, rows, cols, H, acc0, acc1, acc2, acc3, inv,
+                   TRANSPOSED: gl.constexpr):
+        """Four 64-column chunks of a warpgroup's output (columns c0 ..) to base + (r // H) stride_qi + (r % H)
+        stride_h + column, from O (rows x columns) or O^T (TRANSPOSED: columns x rows)."""
+        if TRANSPOSED:
+            ptr = (base + gl.expand_dims((rows // H) * stride_qi + (rows % H) * stride_h, 0) + c0
+                   + gl.expand_dims(cols, 1))
+            _store4(ptr, acc0, acc1, acc2, acc3, inv)
+        else:
+            _store_rows(acc0, inv, base, stride_qi, stride_h, c0, rows, cols, H)
+            _store_rows(acc1, inv, base, stride_qi, stride_h, c0 + CW, rows, cols, H)
+            _store_rows(acc2, inv, base, stride_qi, stride_h, c0 + 2 * CW, rows, cols, H)
+            _store_rows(acc3, inv, base, stride_qi, stride_h, c0 + 3 * CW, rows, cols, H)
+
+    @gluon.jit
+    def _consumer(q_smem, kv_smem, p_smem, q_bar, q_free, ready, empty, seqlens_ptr, o_ptr, l_ptr, op_ptr, lp_ptr,
+                  stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, capacity, B, H, S_Q, n_rows,
+                  qk_scale, row0, p, u0, u1, b, S, RN: gl.constexpr, CAUSAL: gl.constexpr, PART: gl.constexpr,
+                  STAGES: gl.constexpr, TRANSPOSED: gl.constexpr):
+        """One consumer warpgroup of the warp-specialized kernels: for each piece of the slice, the scores and softmax
+        of RN rows (from row0) and P V for output columns [256 PART, +256) (four 64-column accumulators); the output
+        (a whole sequence) or the piece's partial slot (``combine``). Wide kernel: RN = 64 rows as the MMA's M, P from
+        registers. TRANSPOSED (``_ws_kernel``'s narrow form): the narrow kernel's S^T = K Q^T and O^T += V^T P^T
+        with the rows as N, P^T through this warpgroup's own buffer p_smem.index(PART) (p_smem unused otherwise)."""
         NB: gl.constexpr = NKV + 1  # boxes a tile
-        rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, mma))
-        cols = gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
-        s_zero = gl.zeros([ROWS, BN], gl.float32, mma)
+        if TRANSPOSED:
+            AX: gl.constexpr = 0  # the tokens' axis of the scores
+            mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                          instr_shape=[16, RN, 16])
+            rows = row0 + gl.arange(0, RN, layout=gl.SliceLayout(0, mma))
+            toks = gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
+            cols = gl.arange(0, CW, layout=gl.SliceLayout(1, mma))  # the output chunk's columns
+            s_zero = gl.zeros([BN, RN], gl.float32, mma)
+            pbuf = p_smem.index(PART)
+        else:
+            AX: gl.constexpr = 1
+            mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                          instr_shape=[16, BN, 16])
+            p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+            rows = row0 + gl.arange(0, RN, layout=gl.SliceLayout(1, mma))
+            toks = gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
+            cols = toks  # (CW = BN)
+            s_zero = gl.zeros([RN, BN], gl.float32, mma)
+        c0 = PART * 4 * CW
         g = 0
         pc = 0
         length = gl.load(seqlens_ptr + b, mask=b < B, other=0)
@@ -426,66 +498,73 @@ if HAVE_GLUON:
             nxt_length = gl.load(seqlens_ptr + b + 1, mask=b + 1 < B, other=0)  # in flight during this piece
             seqlen, k, lo, hi, has, whole = _piece_of(length, S, u0, u1, capacity)
             if has:
-                if CAUSAL:
-                    limit = seqlen - S_Q + 1 + rows // H  # query i sees t < len - s_q + 1 + i
+                limit = _row_limit(seqlen, rows, H, S_Q, CAUSAL)
+                m_i = gl.full([RN], float("-inf"), gl.float32, gl.SliceLayout(AX, mma))
+                l_i = gl.zeros([RN], gl.float32, gl.SliceLayout(AX, mma))
+                if TRANSPOSED:
+                    acc0 = gl.zeros([CW, RN], gl.float32, mma)
+                    acc1 = gl.zeros([CW, RN], gl.float32, mma)
+                    acc2 = gl.zeros([CW, RN], gl.float32, mma)
+                    acc3 = gl.zeros([CW, RN], gl.float32, mma)
                 else:
-                    limit = seqlen + rows * 0
-                m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, mma))
-                l_i = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, mma))
-                acc0 = gl.zeros([ROWS, CW], gl.float32, mma)
-                acc1 = gl.zeros([ROWS, CW], gl.float32, mma)
-                acc2 = gl.zeros([ROWS, CW], gl.float32, mma)
-                acc3 = gl.zeros([ROWS, CW], gl.float32, mma)
+                    acc0 = gl.zeros([RN, CW], gl.float32, mma)
+                    acc1 = gl.zeros([RN, CW], gl.float32, mma)
+                    acc2 = gl.zeros([RN, CW], gl.float32, mma)
+                    acc3 = gl.zeros([RN, CW], gl.float32, mma)
                 mbarrier.wait(q_bar, pc & 1)
                 for i in range(hi - lo):
                     st = g % STAGES
                     mbarrier.wait(ready.index(st), (g // STAGES) & 1)
-                    s = warpgroup_mma(q_smem.index(0), kv_smem.index(st * NB).permute((1, 0)), s_zero, use_acc=False,
-                                      is_async=True)
-                    for c in gl.static_range(1, NB):
-                        s = warpgroup_mma(q_smem.index(c), kv_smem.index(st * NB + c).permute((1, 0)), s,
-                                          is_async=True)
-                    s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+                    if TRANSPOSED:
+                        s = _scores_t(kv_smem, q_smem, st * NB, s_zero)
+                    else:
+                        s = _scores(q_smem, kv_smem, st * NB, s_zero)
                     tok0 = (lo + i) * BN
-                    s = gl.where(gl.expand_dims(tok0 + cols, 0) < gl.expand_dims(limit, 1), s * qk_scale,
-                                 float("-inf"))
-                    p_, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, 1)
-                    pa = gl.convert_layout(p_.to(q_smem.dtype), p_layout)
-                    a2 = gl.expand_dims(alpha, 1)
+                    s = _masked(s, tok0 + toks, limit, qk_scale, AX)
+                    p_, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, AX)
+                    a2 = gl.expand_dims(alpha, AX)
                     v0 = st * NB + PART * 4
-                    if tok0 + BN > seqlen:  # the last tile: its tokens past the length, zeroed in this half's values
-                        _zero_tail(kv_smem, v0, 4, tok0, seqlen)  # (the other warpgroup may still be reading them
-                        fence_async_shared()  # as keys: harmless, those scores are masked)
+                    tail = tok0 + BN > seqlen  # the last tile: its tokens past the length, zeroed in this half's
+                    if TRANSPOSED:  # values (the other warpgroup may still read them as keys: those scores are
+                        if tail:  # masked)
+                            _zero_tail(kv_smem, v0, 4, tok0, seqlen)
+                        pbuf.store(p_.to(kv_smem.dtype))
+                        fence_async_shared()
                         gl.thread_barrier()  # this warpgroup's 128 threads (a named barrier in a partition)
-                    acc0 = warpgroup_mma(pa, kv_smem.index(v0), acc0 * a2, is_async=True)
-                    acc1 = warpgroup_mma(pa, kv_smem.index(v0 + 1), acc1 * a2, is_async=True)
-                    acc2 = warpgroup_mma(pa, kv_smem.index(v0 + 2), acc2 * a2, is_async=True)
-                    acc3 = warpgroup_mma(pa, kv_smem.index(v0 + 3), acc3 * a2, is_async=True)
+                        acc0 = warpgroup_mma(kv_smem.index(v0).permute((1, 0)), pbuf, acc0 * a2, is_async=True)
+                        acc1 = warpgroup_mma(kv_smem.index(v0 + 1).permute((1, 0)), pbuf, acc1 * a2, is_async=True)
+                        acc2 = warpgroup_mma(kv_smem.index(v0 + 2).permute((1, 0)), pbuf, acc2 * a2, is_async=True)
+                        acc3 = warpgroup_mma(kv_smem.index(v0 + 3).permute((1, 0)), pbuf, acc3 * a2, is_async=True)
+                    else:
+                        pa = gl.convert_layout(p_.to(q_smem.dtype), p_layout)
+                        if tail:
+                            _zero_tail(kv_smem, v0, 4, tok0, seqlen)
+                            fence_async_shared()
+                            gl.thread_barrier()
+                        acc0 = warpgroup_mma(pa, kv_smem.index(v0), acc0 * a2, is_async=True)
+                        acc1 = warpgroup_mma(pa, kv_smem.index(v0 + 1), acc1 * a2, is_async=True)
+                        acc2 = warpgroup_mma(pa, kv_smem.index(v0 + 2), acc2 * a2, is_async=True)
+                        acc3 = warpgroup_mma(pa, kv_smem.index(v0 + 3), acc3 * a2, is_async=True)
                     acc0, acc1, acc2, acc3 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1, acc2, acc3))
+                    if TRANSPOSED:
+                        gl.thread_barrier()  # every warp is past this tile's MMAs before P^T is rewritten
                     mbarrier.arrive(empty.index(st))
                     g += 1
                 mbarrier.arrive(q_free)  # every MMA reading this query tile is done
                 empty_row = l_i == 0.0
                 l_safe = gl.where(empty_row, 1.0, l_i)
-                inv = gl.expand_dims(1.0 / l_safe, 1)  # 0 for a row that saw nothing (acc = 0)
-                c0 = PART * 4 * CW
+                inv = gl.expand_dims(1.0 / l_safe, AX)  # 0 for a row that saw nothing (acc = 0)
                 if whole:  # the result: out and the natural-log lse
-                    ob = o_ptr + b.to(gl.int64) * stride_ob
-                    _store_rows(acc0, inv, ob, stride_os, stride_oh, c0, rows, cols, H)
-                    _store_rows(acc1, inv, ob, stride_os, stride_oh, c0 + CW, rows, cols, H)
-                    _store_rows(acc2, inv, ob, stride_os, stride_oh, c0 + 2 * CW, rows, cols, H)
-                    _store_rows(acc3, inv, ob, stride_os, stride_oh, c0 + 3 * CW, rows, cols, H)
+                    _store_out(o_ptr + b.to(gl.int64) * stride_ob, stride_os, stride_oh, c0, rows, cols, H, acc0, acc1,
+                               acc2, acc3, inv, TRANSPOSED)
                     if PART == 0:
                         lse = gl.where(empty_row, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
                         gl.store(l_ptr + b.to(gl.int64) * stride_lb + (rows // H) * stride_ls + (rows % H) * stride_lh,
                                  lse)
                 else:  # a piece: float32 partial in slot 2 p + (it starts the sequence), log2 lse
                     slot = (2 * p + (lo == 0).to(gl.int32)).to(gl.int64) * n_rows
-                    pb = op_ptr + slot * (NKV * CW)
-                    _store_rows(acc0, inv, pb, H * NKV * CW, NKV * CW, c0, rows, cols, H)
-                    _store_rows(acc1, inv, pb, H * NKV * CW, NKV * CW, c0 + CW, rows, cols, H)
-                    _store_rows(acc2, inv, pb, H * NKV * CW, NKV * CW, c0 + 2 * CW, rows, cols, H)
-                    _store_rows(acc3, inv, pb, H * NKV * CW, NKV * CW, c0 + 3 * CW, rows, cols, H)
+                    _store_out(op_ptr + slot * (NKV * CW), H * NKV * CW, NKV * CW, c0, rows, cols, H, acc0, acc1, acc2,
+                               acc3, inv, TRANSPOSED)
                     if PART == 0:
                         gl.store(lp_ptr + slot + rows, gl.where(empty_row, float("-inf"), m_i + gl.log2(l_safe)))
                 pc += 1
@@ -494,20 +573,30 @@ if HAVE_GLUON:
             length = nxt_length
 
     @gluon.jit
-    def _wide_kernel(q_desc, kv_desc, pe_desc, seqlens_ptr, tbl_ptr, o_ptr, l_ptr, op_ptr, lp_ptr, cnt_ptr, stride_tb,
-                     stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, capacity, B, H, S_Q, qk_scale,
-                     min_units, max_pieces, CAUSAL: gl.constexpr, PAGED: gl.constexpr, STAGES: gl.constexpr,
-                     BLOCK_B: gl.constexpr):
-        """Program (row block, p): rows [64 row block, +64) of every piece in slice p; see the module docstring."""
+    def _ws_kernel(q_desc, kv_desc, pe_desc, seqlens_ptr, tbl_ptr, o_ptr, l_ptr, op_ptr, lp_ptr, cnt_ptr, stride_tb,
+                   stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, capacity, B, H, S_Q, qk_scale,
+                   min_units, max_pieces, CAUSAL: gl.constexpr, PAGED: gl.constexpr, STAGES: gl.constexpr,
+                   BLOCK_B: gl.constexpr, RN: gl.constexpr, TRANSPOSED: gl.constexpr):
+        """The warp-specialized kernels, program (row block, p): rows [RN row block, +RN) of every piece in slice p.
+        A producer warp (``_wide_producer``) and two consumer warpgroups (``_consumer``), each with half of the
+        output columns. The wide kernel: RN = 64 rows as the MMA's M. TRANSPOSED: the narrow kernel's
+        math with RN = 16 or 32 rows as N (one row block), half the accumulator registers a thread of the
+        one-warpgroup narrow kernel holds (its 32-row build spills 192 B a thread) and two MMA chains in flight; off
+        unless ``NARROW2_ROWS`` lists the row count. See the module docstring."""
         rb = gl.program_id(0)
         p = gl.program_id(1)
         P = gl.num_programs(1)
         u0, u1, b, S, _, _ = _slice(seqlens_ptr, B, capacity, P, p, min_units, max_pieces, BLOCK_B)
-        row0 = rb * ROWS
+        row0 = rb * RN
         n_rows = S_Q * H
         NB: gl.constexpr = NKV + 1
-        q_smem = gl.allocate_shared_memory(q_desc.dtype, [NB, ROWS, CW], q_desc.layout)
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, [NB, RN, CW], q_desc.layout)
         kv_smem = gl.allocate_shared_memory(kv_desc.dtype, [STAGES * NB, BN, CW], kv_desc.layout)
+        if TRANSPOSED:  # each consumer's P^T
+            p_smem = gl.allocate_shared_memory(kv_desc.dtype, [2, BN, RN],
+                                               gl.NVMMASharedLayout.get_default_for([BN, RN], gl.bfloat16))
+        else:
+            p_smem = q_smem  # (unused)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         q_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -519,12 +608,12 @@ if HAVE_GLUON:
             mbarrier.init(empty.index(sb), count=2)
         fence_async_shared()
         gl.warp_specialize([
-            (_wide_consumer, (q_smem, kv_smem, q_bar, q_free, ready, empty, seqlens_ptr, o_ptr, l_ptr, op_ptr, lp_ptr,
-                              stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, capacity, B, H, S_Q,
-                              n_rows, qk_scale, row0, p, u0, u1, b, S, CAUSAL, 0, STAGES)),
-            (_wide_consumer, (q_smem, kv_smem, q_bar, q_free, ready, empty, seqlens_ptr, o_ptr, l_ptr, op_ptr, lp_ptr,
-                              stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, capacity, B, H, S_Q,
-                              n_rows, qk_scale, row0, p, u0, u1, b, S, CAUSAL, 1, STAGES)),
+            (_consumer, (q_smem, kv_smem, p_smem, q_bar, q_free, ready, empty, seqlens_ptr, o_ptr, l_ptr, op_ptr,
+                         lp_ptr, stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, capacity, B, H, S_Q,
+                         n_rows, qk_scale, row0, p, u0, u1, b, S, RN, CAUSAL, 0, STAGES, TRANSPOSED)),
+            (_consumer, (q_smem, kv_smem, p_smem, q_bar, q_free, ready, empty, seqlens_ptr, o_ptr, l_ptr, op_ptr,
+                         lp_ptr, stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, capacity, B, H, S_Q,
+                         n_rows, qk_scale, row0, p, u0, u1, b, S, RN, CAUSAL, 1, STAGES, TRANSPOSED)),
             (_wide_producer, (q_desc, kv_desc, pe_desc, q_smem, kv_smem, q_bar, q_free, ready, empty, seqlens_ptr,
                               tbl_ptr, stride_tb, capacity, B, n_rows, row0, u0, u1, b, S, PAGED, STAGES)),
         ], [4, 1], [232, 24])
@@ -557,7 +646,6 @@ if HAVE_GLUON:
         rows = gl.arange(0, RN, layout=gl.SliceLayout(0, mma))
         cw = gl.arange(0, CW, layout=gl.SliceLayout(1, mma))
         s_zero = gl.zeros([BN, RN], gl.float32, mma)
-        dt = o_ptr.dtype.element_ty
         g = 0  # the slice's tiles so far (ring position)
         pc = 0
         length = gl.load(seqlens_ptr + b, mask=b < B, other=0)
@@ -576,10 +664,7 @@ if HAVE_GLUON:
                         sj = (g + j) % STAGES
                         _load_tile(kv_desc, pe_desc, _tile_row(tbl, kv_row, (lo + j) * BN, PAGED), ready.index(sj),
                                    kv_smem, sj * NB)
-                if CAUSAL:
-                    limit = seqlen - S_Q + 1 + rows // H
-                else:
-                    limit = seqlen + rows * 0
+                limit = _row_limit(seqlen, rows, H, S_Q, CAUSAL)
                 m_i = gl.full([RN], float("-inf"), gl.float32, gl.SliceLayout(0, mma))
                 l_i = gl.zeros([RN], gl.float32, gl.SliceLayout(0, mma))
                 acc0 = gl.zeros([CW, RN], gl.float32, mma)
@@ -599,12 +684,7 @@ if HAVE_GLUON:
                                    kv_smem, sn * NB)
                     st = g % STAGES
                     mbarrier.wait(ready.index(st), (g // STAGES) & 1)
-                    s = warpgroup_mma(kv_smem.index(st * NB), q_smem.index(0).permute((1, 0)), s_zero, use_acc=False,
-                                      is_async=True)
-                    for c in gl.static_range(1, NB):
-                        s = warpgroup_mma(kv_smem.index(st * NB + c), q_smem.index(c).permute((1, 0)), s,
-                                          is_async=True)
-                    s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+                    s = _scores_t(kv_smem, q_smem, st * NB, s_zero)
                     tok0 = (lo + i) * BN
                     s = gl.where(gl.expand_dims(tok0 + toks0, 1) < gl.expand_dims(limit, 0), s * qk_scale,
                                  float("-inf"))
@@ -635,27 +715,15 @@ if HAVE_GLUON:
                     optr_o = (o_ptr + b.to(gl.int64) * stride_ob
                               + gl.expand_dims((rows // H) * stride_os + (rows % H) * stride_oh, 0)
                               + gl.expand_dims(cw, 1))
-                    gl.store(optr_o, (acc0 * inv).to(dt))
-                    gl.store(optr_o + CW, (acc1 * inv).to(dt))
-                    gl.store(optr_o + 2 * CW, (acc2 * inv).to(dt))
-                    gl.store(optr_o + 3 * CW, (acc3 * inv).to(dt))
-                    gl.store(optr_o + 4 * CW, (acc4 * inv).to(dt))
-                    gl.store(optr_o + 5 * CW, (acc5 * inv).to(dt))
-                    gl.store(optr_o + 6 * CW, (acc6 * inv).to(dt))
-                    gl.store(optr_o + 7 * CW, (acc7 * inv).to(dt))
+                    _store4(optr_o, acc0, acc1, acc2, acc3, inv)
+                    _store4(optr_o + 4 * CW, acc4, acc5, acc6, acc7, inv)
                     gl.store(l_ptr + b.to(gl.int64) * stride_lb + (rows // H) * stride_ls + (rows % H) * stride_lh,
                              gl.where(empty_row, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453))
                 else:  # a piece: float32 partial in slot 2 p + (it starts the sequence), log2 lse
                     slot = (2 * p + (lo == 0).to(gl.int32)).to(gl.int64) * RN
                     optr_p = op_ptr + slot * (NKV * CW) + gl.expand_dims(rows * (NKV * CW), 0) + gl.expand_dims(cw, 1)
-                    gl.store(optr_p, acc0 * inv)
-                    gl.store(optr_p + CW, acc1 * inv)
-                    gl.store(optr_p + 2 * CW, acc2 * inv)
-                    gl.store(optr_p + 3 * CW, acc3 * inv)
-                    gl.store(optr_p + 4 * CW, acc4 * inv)
-                    gl.store(optr_p + 5 * CW, acc5 * inv)
-                    gl.store(optr_p + 6 * CW, acc6 * inv)
-                    gl.store(optr_p + 7 * CW, acc7 * inv)
+                    _store4(optr_p, acc0, acc1, acc2, acc3, inv)
+                    _store4(optr_p + 4 * CW, acc4, acc5, acc6, acc7, inv)
                     gl.store(lp_ptr + slot + rows, gl.where(empty_row, float("-inf"), m_i + gl.log2(l_safe)))
                     if MERGE:  # count in (after every thread's stores: a CTA barrier, then one thread's acq_rel
                         # atomic at GPU scope, its result shared by a reduction; a plain scalar atomic here runs on
@@ -676,148 +744,15 @@ if HAVE_GLUON:
             length = nxt_length
 
 
-    @gluon.jit
-    def _narrow2_consumer(q_smem, kv_smem, p_smem, q_bar, q_free, ready, empty, seqlens_ptr, o_ptr, l_ptr, op_ptr,
-                          lp_ptr, stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, capacity, B, H, S_Q,
-                          qk_scale, p, u0, u1, b, S, RN: gl.constexpr, CAUSAL: gl.constexpr, PART: gl.constexpr,
-                          STAGES: gl.constexpr):
-        """One warpgroup of ``_narrow2_kernel``: the narrow kernel's transposed scores S^T = K Q^T (all of them) and
-        softmax, and O^T += V^T P^T for output columns [256 PART, +256) only (four 64 x RN accumulators), with its
-        own copy of P^T in shared memory."""
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, RN, 16])
-        NB: gl.constexpr = NKV + 1
-        toks0 = gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
-        rows = gl.arange(0, RN, layout=gl.SliceLayout(0, mma))
-        cw = gl.arange(0, CW, layout=gl.SliceLayout(1, mma))
-        s_zero = gl.zeros([BN, RN], gl.float32, mma)
-        pbuf = p_smem.index(PART)
-        c0 = PART * 4 * CW
-        g = 0
-        pc = 0
-        length = gl.load(seqlens_ptr + b, mask=b < B, other=0)
-        while (b < B) & (S < u1):
-            nxt_length = gl.load(seqlens_ptr + b + 1, mask=b + 1 < B, other=0)  # in flight during this piece
-            seqlen, k, lo, hi, has, whole = _piece_of(length, S, u0, u1, capacity)
-            if has:
-                if CAUSAL:
-                    limit = seqlen - S_Q + 1 + rows // H
-                else:
-                    limit = seqlen + rows * 0
-                m_i = gl.full([RN], float("-inf"), gl.float32, gl.SliceLayout(0, mma))
-                l_i = gl.zeros([RN], gl.float32, gl.SliceLayout(0, mma))
-                acc0 = gl.zeros([CW, RN], gl.float32, mma)
-                acc1 = gl.zeros([CW, RN], gl.float32, mma)
-                acc2 = gl.zeros([CW, RN], gl.float32, mma)
-                acc3 = gl.zeros([CW, RN], gl.float32, mma)
-                mbarrier.wait(q_bar, pc & 1)
-                for i in range(hi - lo):
-                    st = g % STAGES
-                    mbarrier.wait(ready.index(st), (g // STAGES) & 1)
-                    s = warpgroup_mma(kv_smem.index(st * NB), q_smem.index(0).permute((1, 0)), s_zero, use_acc=False,
-                                      is_async=True)
-                    for c in gl.static_range(1, NB):
-                        s = warpgroup_mma(kv_smem.index(st * NB + c), q_smem.index(c).permute((1, 0)), s,
-                                          is_async=True)
-                    s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-                    tok0 = (lo + i) * BN
-                    s = gl.where(gl.expand_dims(tok0 + toks0, 1) < gl.expand_dims(limit, 0), s * qk_scale,
-                                 float("-inf"))
-                    p_, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, 0)
-                    v0 = st * NB + PART * 4
-                    if tok0 + BN > seqlen:  # the last tile: its tokens past the length, zeroed in this half's values
-                        _zero_tail(kv_smem, v0, 4, tok0, seqlen)  # (the other warpgroup may still read them as keys:
-                    pbuf.store(p_.to(kv_smem.dtype))  # harmless, those scores are masked)
-                    fence_async_shared()
-                    gl.thread_barrier()  # this warpgroup's 128 threads (a named barrier in a partition)
-                    a2 = gl.expand_dims(alpha, 0)
-                    acc0 = warpgroup_mma(kv_smem.index(v0).permute((1, 0)), pbuf, acc0 * a2, is_async=True)
-                    acc1 = warpgroup_mma(kv_smem.index(v0 + 1).permute((1, 0)), pbuf, acc1 * a2, is_async=True)
-                    acc2 = warpgroup_mma(kv_smem.index(v0 + 2).permute((1, 0)), pbuf, acc2 * a2, is_async=True)
-                    acc3 = warpgroup_mma(kv_smem.index(v0 + 3).permute((1, 0)), pbuf, acc3 * a2, is_async=True)
-                    acc0, acc1, acc2, acc3 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1, acc2, acc3))
-                    gl.thread_barrier()  # every warp is past this tile's MMAs before P^T is rewritten
-                    mbarrier.arrive(empty.index(st))
-                    g += 1
-                mbarrier.arrive(q_free)  # every MMA reading this query tile is done
-                empty_row = l_i == 0.0
-                l_safe = gl.where(empty_row, 1.0, l_i)
-                inv = gl.expand_dims(1.0 / l_safe, 0)
-                if whole:  # the result: out^T (this half's columns) and the natural-log lse
-                    optr_o = (o_ptr + b.to(gl.int64) * stride_ob
-                              + gl.expand_dims((rows // H) * stride_os + (rows % H) * stride_oh, 0)
-                              + c0 + gl.expand_dims(cw, 1))
-                    dt = o_ptr.dtype.element_ty
-                    gl.store(optr_o, (acc0 * inv).to(dt))
-                    gl.store(optr_o + CW, (acc1 * inv).to(dt))
-                    gl.store(optr_o + 2 * CW, (acc2 * inv).to(dt))
-                    gl.store(optr_o + 3 * CW, (acc3 * inv).to(dt))
-                    if PART == 0:
-                        gl.store(l_ptr + b.to(gl.int64) * stride_lb + (rows // H) * stride_ls + (rows % H) * stride_lh,
-                                 gl.where(empty_row, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453))
-                else:  # a piece: float32 partial in slot 2 p + (it starts the sequence), log2 lse
-                    slot = (2 * p + (lo == 0).to(gl.int32)).to(gl.int64) * RN
-                    optr_p = (op_ptr + slot * (NKV * CW) + gl.expand_dims(rows * (NKV * CW), 0) + c0
-                              + gl.expand_dims(cw, 1))
-                    gl.store(optr_p, acc0 * inv)
-                    gl.store(optr_p + CW, acc1 * inv)
-                    gl.store(optr_p + 2 * CW, acc2 * inv)
-                    gl.store(optr_p + 3 * CW, acc3 * inv)
-                    if PART == 0:
-                        gl.store(lp_ptr + slot + rows, gl.where(empty_row, float("-inf"), m_i + gl.log2(l_safe)))
-                pc += 1
-            S = S + OVERHEAD_C + k
-            b += 1
-            length = nxt_length
-
-    @gluon.jit
-    def _narrow2_kernel(q_desc, kv_desc, pe_desc, seqlens_ptr, tbl_ptr, o_ptr, l_ptr, op_ptr, lp_ptr, cnt_ptr, stride_tb,
-                        stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, capacity, B, H, S_Q,
-                        qk_scale, min_units, max_pieces, RN: gl.constexpr, CAUSAL: gl.constexpr,
-                        PAGED: gl.constexpr, STAGES: gl.constexpr, BLOCK_B: gl.constexpr):
-        """The narrow kernel's math (rows RN = 16 or 32 as the MMA's N) on the wide kernel's warp specialization:
-        the wide producer warp, and two consumer warpgroups that each compute all scores and half of the output
-        columns (``_narrow2_consumer``): half the accumulator registers a thread of the one-warpgroup kernel holds
-        (its 32-row build spills 192 B a thread), and two MMA chains in flight. Cut sequences go to the combine
-        kernel. Off unless ``NARROW2_ROWS`` lists the row count."""
-        p = gl.program_id(0)
-        P = gl.num_programs(0)
-        u0, u1, b, S, _, _ = _slice(seqlens_ptr, B, capacity, P, p, min_units, max_pieces, BLOCK_B)
-        NB: gl.constexpr = NKV + 1
-        p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, RN], gl.bfloat16)
-        q_smem = gl.allocate_shared_memory(q_desc.dtype, [NB, RN, CW], q_desc.layout)
-        kv_smem = gl.allocate_shared_memory(kv_desc.dtype, [STAGES * NB, BN, CW], kv_desc.layout)
-        p_smem = gl.allocate_shared_memory(kv_desc.dtype, [2, BN, RN], p_layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        q_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
-        mbarrier.init(q_free, count=2)
-        for sb in gl.static_range(STAGES):
-            mbarrier.init(ready.index(sb), count=1)
-            mbarrier.init(empty.index(sb), count=2)
-        fence_async_shared()
-        gl.warp_specialize([
-            (_narrow2_consumer, (q_smem, kv_smem, p_smem, q_bar, q_free, ready, empty, seqlens_ptr, o_ptr, l_ptr,
-                                 op_ptr, lp_ptr, stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh,
-                                 capacity, B, H, S_Q, qk_scale, p, u0, u1, b, S, RN, CAUSAL, 0, STAGES)),
-            (_narrow2_consumer, (q_smem, kv_smem, p_smem, q_bar, q_free, ready, empty, seqlens_ptr, o_ptr, l_ptr,
-                                 op_ptr, lp_ptr, stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh,
-                                 capacity, B, H, S_Q, qk_scale, p, u0, u1, b, S, RN, CAUSAL, 1, STAGES)),
-            (_wide_producer, (q_desc, kv_desc, pe_desc, q_smem, kv_smem, q_bar, q_free, ready, empty, seqlens_ptr,
-                              tbl_ptr, stride_tb, capacity, B, RN, 0, u0, u1, b, S, PAGED, STAGES)),
-        ], [4, 1], [232, 24])
-
-
 # Row counts whose narrow kernel merges the pieces of a cut sequence itself (the last piece's program; no combine
 # launch). On the H200 (bench/results/mla_decode.md and kernels_notes.md, sixteenth session): 16 rows (H=16, s_q=1)
 # gained 2-4% (B=128, 1K: 42.7 against 45.0 us); 32 rows lost 8-27% (B=128, 4K, s_q=2: 179.9 against 163.1 us), so
 # they keep the combine kernel.
 MERGE_ROWS = (16,)
-# Row counts that take ``_narrow2_kernel`` (two consumer warpgroups) instead of the one-warpgroup narrow kernel. Empty:
-# written and compiled for sm_90 offline in the sixteenth session (Triton 3.6: 40 B of stack a thread at 32 rows
-# against the one-warpgroup kernel's 192, 8 B at 16), not yet run on a GPU; tests/test_kernels_mla_gluon.py routes it
-# explicitly, bench/mla_decode.py --narrow2 times it (bash bench/device_mla.sh narrow2).
+# Row counts that take ``_ws_kernel`` with TRANSPOSED (two consumer warpgroups) instead of the one-warpgroup narrow
+# kernel. Empty: written and compiled for sm_90 offline in the sixteenth session (Triton 3.6: 48 B of stack a thread
+# at 32 rows against the one-warpgroup kernel's 192, 8 B at 16), not yet run on a GPU; tests/test_kernels_mla_gluon.py
+# routes it explicitly, bench/mla_decode.py --narrow2 times it (bash bench/device_mla.sh narrow2).
 NARROW2_ROWS: tuple[int, ...] = ()
 STAGES = {"wide": 2, "narrow": 2}  # cache tiles in flight: 2 x 72 KB (with the 72 / 18-36 KB query: 221 / 168-189 KB)
 
@@ -886,14 +821,12 @@ def mla_decode_gluon(q, kv, pe, seqlens, scale, causal, block_table, out, lse, k
             out.stride(2), lse.stride(0), lse.stride(2), lse.stride(1), capacity, B, H, s_q,
             scale * 1.4426950408889634, min_units, max(2, MAX_PIECES))
     block_b = min(MAX_BLOCK_B, max(16, triton.next_power_of_2(B)))
-    grid = (row_blocks, P) if kind == "wide" else (P,)
     two = kind == "narrow" and rows in NARROW2_ROWS
+    grid = (row_blocks, P) if kind == "wide" else (1, P) if two else (P,)
     merge = kind == "narrow" and rows in MERGE_ROWS and not two
-    if kind == "wide":
-        _wide_kernel[grid](*args, CAUSAL=causal, PAGED=paged, STAGES=STAGES["wide"], BLOCK_B=block_b, num_warps=4)
-    elif two:
-        _narrow2_kernel[grid](*args, RN=rows, CAUSAL=causal, PAGED=paged, STAGES=STAGES["narrow"], BLOCK_B=block_b,
-                              num_warps=4)
+    if kind == "wide" or two:
+        _ws_kernel[grid](*args, CAUSAL=causal, PAGED=paged, STAGES=STAGES[kind], BLOCK_B=block_b,
+                         RN=64 if kind == "wide" else rows, TRANSPOSED=two, num_warps=4)
     else:
         _narrow_kernel[grid](*args, RN=rows, CAUSAL=causal, PAGED=paged, STAGES=STAGES["narrow"], BLOCK_B=block_b,
                              MERGE=merge, num_warps=4)
