@@ -209,7 +209,7 @@ def main() -> int:
         row["bound"] = "memory" if H * s_q <= 32 else "compute"
         launch = mla_mod.LAST_LAUNCH  # the timed call's tile config and program count
         cfg = launch["cfg"]
-        if "gluon" in cfg:  # kernels/mla_decode_gluon.py: grid (row blocks, B, splits) or (B, splits)
+        if "gluon" in cfg:  # kernels/mla_decode_gluon.py: grid (row blocks, P) or (P,), P programs per row block
             row["programs"] = math.prod(launch["grid"])
             row["config"] = f"gluon {cfg['gluon']} splits={launch['grid'][-1]}"
         else:

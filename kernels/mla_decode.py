@@ -501,12 +501,14 @@ def _check(q, kv_cache, cache_seqlens, head_dim_v, block_table, pe_cache):
 
 
 # True sends the calls it can take (V3's latent, 16-bit, sm_90, rows a multiple of 64 or 16 / 32: see
-# ``mla_decode_gluon.form``) to the Gluon kernels of kernels/mla_decode_gluon.py: on the H200 1.2-4.3x faster than
-# the Triton kernel on every shape of bench/probe_mla_gluon.py (bench/results/probe_mla_gluon.log, 2026-12-02), and
-# their 61 GPU tests pass (gpu_tests_mla_gluon.log). False: the Triton kernel for every call.
+# ``mla_decode_gluon.form``) to the Gluon kernels of kernels/mla_decode_gluon.py: on the H200 1.02-2.2x the Triton
+# kernel's speed on every V3 shape of bench/mla_decode.py (bench/results/mla_decode.md against mla_decode-triton.md,
+# 2026-12-02); their GPU tests: tests/test_kernels_mla_gluon.py (bench/results/gpu_tests_mla_gluon*.log). False: the
+# Triton kernel for every call.
 GLUON_MLA = True
 
-LAST_LAUNCH: dict = {}  # what the latest call ran (block_m, cfg, col_blocks, programs(OCC)): for benchmarks' reports
+LAST_LAUNCH: dict = {}  # what the latest call ran, for benchmarks' reports: the Triton kernel's block_m, cfg, col_blocks,
+# programs(OCC); the Gluon path's cfg {"gluon": form} and grid
 
 
 def mla_decode(
