@@ -31,16 +31,10 @@ from __future__ import annotations
 import functools
 
 import torch
+from minids.kernels.gluon_hopper import HAVE_GLUON, TensorDescriptor, fence_async_shared, gl, gluon, mbarrier, tma
 
-try:
+if HAVE_GLUON:
     from minids.kernels.fp8 import _quantize, _scale_of
-    from minids.kernels.fp8_ws import HAVE_GLUON
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-except ImportError:  # no Triton, or one without Gluon
-    HAVE_GLUON = False
 
 BLOCK = 128  # tokens and features of a tile: one quantization block each way
 

@@ -23,25 +23,21 @@ from __future__ import annotations
 import functools
 
 import torch
+from minids.kernels import HAVE_TRITON
+from minids.kernels.gluon_hopper import (
+    HAVE_GLUON,
+    TensorDescriptor,
+    fence_async_shared,
+    gl,
+    gluon,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 
-try:
+if HAVE_TRITON:
     import triton
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (
-        fence_async_shared,
-        mbarrier,
-        tma,
-        warpgroup_mma,
-        warpgroup_mma_wait,
-    )
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    # Gluon is experimental and its API moves: this kernel is written against Triton 3.6's (measured there); later
-    # releases renamed the TMA copies (tma.async_load / async_store), so there fp8_gemm keeps the Triton kernel
-    HAVE_GLUON = not hasattr(tma, "async_load")
-except ImportError:  # an older Triton, or none
-    HAVE_GLUON = False
 
 BLOCK = 128  # M and K of a program's tile (the K step is the recipe's 128); N is 128 or 256
 HALF = 64  # rows per consumer warpgroup

@@ -42,6 +42,17 @@ import math
 
 import torch
 from minids.kernels import HAVE_TRITON, arrival_counters, sm_count
+from minids.kernels.gluon_hopper import (
+    HAVE_GLUON,
+    TensorDescriptor,
+    fence_async_shared,
+    gl,
+    gluon,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 from minids.kernels.mla_decode import (
     MAX_BLOCK_B,
     MAX_PIECES,
@@ -51,23 +62,6 @@ from minids.kernels.mla_decode import (
     balanced_slices,
     slice_pieces,
 )
-
-try:
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (
-        fence_async_shared,
-        mbarrier,
-        tma,
-        warpgroup_mma,
-        warpgroup_mma_wait,
-    )
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    # written against Triton 3.6's Gluon (the device's); later releases renamed the TMA copies (tma.async_load)
-    HAVE_GLUON = not hasattr(tma, "async_load")
-except ImportError:  # no Triton, or one without Gluon
-    HAVE_GLUON = False
 
 if HAVE_TRITON:
     import triton
