@@ -236,12 +236,12 @@ def bench_reg_quant(rows: list, copy_gbs: float) -> None:
     outputs compared bit for bit."""
     from minids.kernels import fp8_reg_quant
 
-    reg, tma, reg_w, split_on = kfp8.REG_QUANT, kfp8.TMA_QUANT, kfp8.REG_QUANT_WEIGHT, fp8_reg_quant.TAIL_SPLIT
+    reg, tma, reg_w = kfp8.REG_QUANT, kfp8.TMA_QUANT, kfp8.REG_QUANT_WEIGHT
     kfp8.TMA_QUANT, kfp8.REG_QUANT_WEIGHT = False, True  # the weight form too (off by default)
     names = ("act_quant_t 128x1", "act_quant_both", "act_quant_t from fp8 (Wgrad requant)",
              "weight_quant 128x128 (+transpose)")
     try:
-        for M, K in ((8192, 7168), (4096, 32768), (2048, 7168)):
+        for M, K in ((8192, 7168), (4096, 32768)):
             x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
             xq, xs = kfp8.act_quant(x)
             w = torch.randn(K, M, dtype=torch.bfloat16, device="cuda")  # a weight of the same size (O, I) = (K, M)
@@ -250,14 +250,8 @@ def bench_reg_quant(rows: list, copy_gbs: float) -> None:
                 kernel, nbytes = cases[name]
                 kfp8.REG_QUANT = False
                 want = tuple(t.clone() for t in kernel(False))
-                paths = [("triton", False, True), (f"gluon-reg {fp8_reg_quant.SPECS[call]}", True, True)]
-                if call in ("t", "requant"):  # the same without the last wave's cut (fp8_reg_quant.tail_split)
-                    split = fp8_reg_quant.tail_split(-(-M // 128) * -(-K // 128), fp8_reg_quant.PER_SM *
-                                                     torch.cuda.get_device_properties(0).multi_processor_count)
-                    paths[1] = (f"{paths[1][0]} split {split}", True, True)
-                    paths.append((f"gluon-reg {fp8_reg_quant.SPECS[call]} no split", True, False))
-                for label, on, tail in paths:
-                    kfp8.REG_QUANT, fp8_reg_quant.TAIL_SPLIT = on, tail
+                for label, on in (("triton", False), (f"gluon-reg {fp8_reg_quant.SPECS[call]}", True)):
+                    kfp8.REG_QUANT = on
                     same = _same_outputs(kernel(False), want)
                     gbs = nbytes / graph_ms(lambda: kernel(False)) / 1e6
                     rows.append({"kernel": name, "shape": f"{M}x{K}", "path": label, "GB/s": gbs,
@@ -266,7 +260,6 @@ def bench_reg_quant(rows: list, copy_gbs: float) -> None:
                           f"same bits {same}", flush=True)
     finally:
         kfp8.REG_QUANT, kfp8.TMA_QUANT, kfp8.REG_QUANT_WEIGHT = reg, tma, reg_w
-        fp8_reg_quant.TAIL_SPLIT = split_on
 
 
 TMA_QUANT_SWEEP = [(3, 8, 1, False), (3, 8, 1, True), (2, 8, 1, True), (2, 4, 2, False), (2, 4, 2, True),

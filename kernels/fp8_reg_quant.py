@@ -59,87 +59,55 @@ if HAVE_GLUON:
     TILE = gl.constexpr(BLOCK)
 
     @gluon.jit
-    def _tile(x_ptr, xs_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, tm, kb, f0,
-              stride_xm, stride_xsm, stride_xsk, stride_qm, stride_sm, stride_sk, stride_qtk, stride_stk, stride_stb,
-              FMAX: gl.constexpr, MBITS: gl.constexpr, EMIN: gl.constexpr, UE8M0: gl.constexpr,
-              IN_SCALE: gl.constexpr, WRITE_Q: gl.constexpr, WEIGHT: gl.constexpr, SOFT_CVT: gl.constexpr,
-              TK: gl.constexpr, SPT_T: gl.constexpr, SPT_K: gl.constexpr, LANES_T: gl.constexpr,
-              WARPS_T: gl.constexpr, NUM_WARPS: gl.constexpr):
-        """The 128 tokens of token block tm x the TK features from f0, in feature block kb (all of it, or a part); see
-        the module docstring. The layout spec (``valid_spec``) comes as integers and the two layouts are built here."""
+    def _reg_quant_kernel(x_ptr, xs_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K,
+                          stride_xm, stride_xsm, stride_xsk, stride_qm, stride_sm, stride_sk, stride_qtk,
+                          stride_stk, stride_stb,
+                          FMAX: gl.constexpr, MBITS: gl.constexpr, EMIN: gl.constexpr, UE8M0: gl.constexpr,
+                          IN_SCALE: gl.constexpr, WRITE_Q: gl.constexpr, WEIGHT: gl.constexpr,
+                          SOFT_CVT: gl.constexpr, SPT_T: gl.constexpr, SPT_K: gl.constexpr, LANES_T: gl.constexpr,
+                          WARPS_T: gl.constexpr, NUM_WARPS: gl.constexpr):
+        """Tile (program_id 0: tokens, program_id 1: features) of x; see the module docstring. The layout spec
+        (``valid_spec``) comes as integers and the two layouts are built here, so a launch passes plain integers."""
         LAYOUT: gl.constexpr = gl.BlockedLayout([SPT_T, SPT_K], [LANES_T, 32 // LANES_T],
                                                 [WARPS_T, NUM_WARPS // WARPS_T], [1, 0])
         T_LAYOUT: gl.constexpr = gl.BlockedLayout([SPT_T, SPT_K], [LANES_T, 32 // LANES_T],
                                                   [WARPS_T, NUM_WARPS // WARPS_T], [0, 1])
-        rows = tm * TILE + gl.arange(0, TILE, layout=gl.SliceLayout(1, LAYOUT))
-        cols = f0 + gl.arange(0, TK, layout=gl.SliceLayout(0, LAYOUT))
+        pid_m = gl.program_id(0)
+        pid_k = gl.program_id(1)
+        rows = pid_m * TILE + gl.arange(0, TILE, layout=gl.SliceLayout(1, LAYOUT))
+        cols = pid_k * TILE + gl.arange(0, TILE, layout=gl.SliceLayout(0, LAYOUT))
         rmask = rows < M
         cmask = cols < K
         mask = gl.expand_dims(rmask, 1) & gl.expand_dims(cmask, 0)
         x = gl.load(x_ptr + gl.expand_dims(rows.to(gl.int64) * stride_xm, 1) + gl.expand_dims(cols, 0), mask=mask,
                     other=0.0).to(gl.float32)
         if IN_SCALE:
-            xs = gl.load(xs_ptr + rows * stride_xsm + kb * stride_xsk, mask=rmask, other=0.0)
+            xs = gl.load(xs_ptr + rows * stride_xsm + pid_k * stride_xsk, mask=rmask, other=0.0)
             x = x * gl.expand_dims(xs, 1)
         ax = gl.abs(x)
         if WEIGHT:  # one 128 x 128 block scale: q and its transposed copy hold the same values
             sw = _scale_of(gl.max(gl.max(ax, axis=1), axis=0), FMAX, UE8M0)
             qt = _quantize(x, sw, FMAX, MBITS, EMIN, UE8M0, False, SOFT_CVT).to(qt_ptr.dtype.element_ty)
             gl.store(q_ptr + gl.expand_dims(rows.to(gl.int64) * stride_qm, 1) + gl.expand_dims(cols, 0), qt, mask=mask)
-            gl.store(s_ptr + tm * stride_sm + kb * stride_sk, sw)
+            gl.store(s_ptr + pid_m * stride_sm + pid_k * stride_sk, sw)
         else:
             if WRITE_Q:
                 sr = _scale_of(gl.max(ax, axis=1), FMAX, UE8M0)  # (TILE,): along the features
                 q = _quantize(x, gl.expand_dims(sr, 1), FMAX, MBITS, EMIN, UE8M0, False, SOFT_CVT)
                 gl.store(q_ptr + gl.expand_dims(rows.to(gl.int64) * stride_qm, 1) + gl.expand_dims(cols, 0),
                          q.to(q_ptr.dtype.element_ty), mask=mask)
-                gl.store(s_ptr + rows * stride_sm + kb * stride_sk, sr, mask=rmask)
-            sc = _scale_of(gl.max(ax, axis=0), FMAX, UE8M0)  # (TK,): along the tokens
+                gl.store(s_ptr + rows * stride_sm + pid_k * stride_sk, sr, mask=rmask)
+            sc = _scale_of(gl.max(ax, axis=0), FMAX, UE8M0)  # (TILE,): along the tokens
             qt = _quantize(x, gl.expand_dims(sc, 0), FMAX, MBITS, EMIN, UE8M0, False, SOFT_CVT)
             qt = qt.to(qt_ptr.dtype.element_ty)
         qt = gl.convert_layout(qt, T_LAYOUT)  # a thread's own registers reordered
-        rows_t = tm * TILE + gl.arange(0, TILE, layout=gl.SliceLayout(1, T_LAYOUT))
-        cols_t = f0 + gl.arange(0, TK, layout=gl.SliceLayout(0, T_LAYOUT))
+        rows_t = pid_m * TILE + gl.arange(0, TILE, layout=gl.SliceLayout(1, T_LAYOUT))
+        cols_t = pid_k * TILE + gl.arange(0, TILE, layout=gl.SliceLayout(0, T_LAYOUT))
         mask_t = gl.expand_dims(rows_t < M, 1) & gl.expand_dims(cols_t < K, 0)
         gl.store(qt_ptr + gl.expand_dims(cols_t.to(gl.int64) * stride_qtk, 0) + gl.expand_dims(rows_t, 1), qt,
                  mask=mask_t)
         if not WEIGHT:
-            gl.store(st_ptr + cols * stride_stk + tm * stride_stb, sc, mask=cmask)
-
-    @gluon.jit
-    def _reg_quant_kernel(x_ptr, xs_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, num_m, n_full,
-                          stride_xm, stride_xsm, stride_xsk, stride_qm, stride_sm, stride_sk, stride_qtk,
-                          stride_stk, stride_stb,
-                          FMAX: gl.constexpr, MBITS: gl.constexpr, EMIN: gl.constexpr, UE8M0: gl.constexpr,
-                          IN_SCALE: gl.constexpr, WRITE_Q: gl.constexpr, WEIGHT: gl.constexpr,
-                          SOFT_CVT: gl.constexpr, SPT_T: gl.constexpr, SPT_K: gl.constexpr, LANES_T: gl.constexpr,
-                          WARPS_T: gl.constexpr, NUM_WARPS: gl.constexpr, SPLIT: gl.constexpr):
-        """Tile i = program_id(1) * num_m + program_id(0) (token block, feature block = the two program ids). With
-        SPLIT > 1 (the qt-only calls) the tiles from n_full on are each cut into SPLIT programs of 128 // SPLIT
-        features (``tail_split``), in a layout of 4 lanes and half the warps along the tokens, 16 features a row of
-        lanes and warps; the grid's last row may hold programs past them, which return."""
-        pid_m = gl.program_id(0)
-        pid_k = gl.program_id(1)
-        if SPLIT == 1:
-            _tile(x_ptr, xs_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, pid_m, pid_k, pid_k * TILE,
-                  stride_xm, stride_xsm, stride_xsk, stride_qm, stride_sm, stride_sk, stride_qtk, stride_stk,
-                  stride_stb, FMAX, MBITS, EMIN, UE8M0, IN_SCALE, WRITE_Q, WEIGHT, SOFT_CVT,
-                  TILE, SPT_T, SPT_K, LANES_T, WARPS_T, NUM_WARPS)
-        else:
-            u = pid_k * num_m + pid_m - n_full
-            if u < 0:
-                _tile(x_ptr, xs_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, pid_m, pid_k, pid_k * TILE,
-                      stride_xm, stride_xsm, stride_xsk, stride_qm, stride_sm, stride_sk, stride_qtk, stride_stk,
-                      stride_stb, FMAX, MBITS, EMIN, UE8M0, IN_SCALE, WRITE_Q, WEIGHT, SOFT_CVT,
-                      TILE, SPT_T, SPT_K, LANES_T, WARPS_T, NUM_WARPS)
-            elif u < (num_m * gl.cdiv(K, TILE) - n_full) * SPLIT:
-                TK: gl.constexpr = TILE // SPLIT
-                t = n_full + u // SPLIT
-                _tile(x_ptr, xs_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, t % num_m, t // num_m,
-                      (t // num_m) * TILE + (u % SPLIT) * TK,
-                      stride_xm, stride_xsm, stride_xsk, stride_qm, stride_sm, stride_sk, stride_qtk, stride_stk,
-                      stride_stb, FMAX, MBITS, EMIN, UE8M0, IN_SCALE, WRITE_Q, WEIGHT, SOFT_CVT,
-                      TK, TILE // (2 * NUM_WARPS), TK // 16, 4, NUM_WARPS // 2, NUM_WARPS)
+            gl.store(st_ptr + cols * stride_stk + pid_m * stride_stb, sc, mask=cmask)
 
 
 def valid_spec(spec: tuple[int, ...]) -> bool:
@@ -178,38 +146,12 @@ def _sm90(device: int) -> bool:
     return torch.cuda.get_device_capability(device)[0] == 9
 
 
-# programs of each call's layout (``SPECS``) resident on an SM: 4 warps at 168 registers a thread (the requantization
-# and act_quant_both, offline sm_90 compile with Triton 3.6) fit 3 in 64K registers; act_quant_t's 4-warp layout at
-# its register count, the same. ``tail_split`` sizes the last wave with it.
-PER_SM = 3
-TAIL_SPLIT = True  # cut the last wave's tiles of the qt-only calls (``tail_split``); off: every program a whole tile
-
-
-def tail_split(tiles: int, slots: int) -> int:
-    """Into how many programs (1, 2, 4 or 8) each tile of the last, partial wave is cut along the features, so that
-    it fills the slots (``slots`` = resident programs) that the full waves leave. Without the cut, the last wave of
-    8192 x 7168's 3584 tiles on 396 slots runs 20 tiles while 376 slots idle: a tenth of the kernel at nearly the
-    time of a whole tile. Returns 1 when every wave is full."""
-    left = tiles % slots
-    split = 1
-    while left and split < 8 and 2 * split * left <= slots:
-        split *= 2
-    return split
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def quant_tiles(x, qt, st, q=None, s=None, in_scale=None, *, flags: dict, spec: tuple | None = None,
-                weight: bool = False, slots: int | None = None) -> None:
+                weight: bool = False) -> None:
     """Fill qt (K, M) / st (K, ceil(M/128)) and, if given, q (M, K) / s (M, ceil(K/128)) from x (M, K) (FP8 x: with
     its 1x128 scales in_scale). weight: 128 x 128 block scales instead (``weight_quant``: x is the weight, q, s
     (ceil(M/128), ceil(K/128)) and the transposed copy qt; st unused). flags: the format constants of
-    ``kernels.fp8._flags``; spec: the layout (``valid_spec``), by default ``SPECS``'s for the call. slots: the
-    programs resident at once, for the last wave's cut (``tail_split``; the qt-only calls: q's 1x128 and the
-    weight's 128x128 scales need whole tiles); by default ``PER_SM`` a streaming multiprocessor."""
+    ``kernels.fp8._flags``; spec: the layout (``valid_spec``), by default ``SPECS``'s for the call."""
     M, K = x.shape
     call = "weight" if weight else "both" if q is not None else "requant" if in_scale is not None else "t"
     spec = spec or SPECS[call]
@@ -217,19 +159,11 @@ def quant_tiles(x, qt, st, q=None, s=None, in_scale=None, *, flags: dict, spec: 
     st = qt if weight else st  # a placeholder pointer: the weight form stores no token scales
     xs = in_scale if in_scale is not None else st
     q_, s_ = (q, s) if q is not None else (qt, st)
-    num_m = -(-M // BLOCK)
-    tiles = num_m * -(-K // BLOCK)
-    split = 1
-    if TAIL_SPLIT and call in ("t", "requant"):
-        if slots is None:
-            slots = PER_SM * _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
-        split = tail_split(tiles, slots)
-    n_full = tiles - tiles % slots if split > 1 else tiles
-    _reg_quant_kernel[(num_m, -(-(n_full + (tiles - n_full) * split) // num_m))](
-        x, xs, q_, s_, qt, st, M, K, num_m, n_full, x.stride(0), *xs.stride(), q_.stride(0), *s_.stride(),
-        qt.stride(0), *st.stride(),
+    _reg_quant_kernel[(-(-M // BLOCK), -(-K // BLOCK))](
+        x, xs, q_, s_, qt, st, M, K, x.stride(0), *xs.stride(), q_.stride(0), *s_.stride(), qt.stride(0),
+        *st.stride(),
         FMAX=flags["FMAX"], MBITS=flags["MBITS"], EMIN=flags["EMIN"], UE8M0=flags["UE8M0"],
         IN_SCALE=in_scale is not None, WRITE_Q=q is not None, WEIGHT=weight, SOFT_CVT=flags["SOFT_CVT"],
-        SPT_T=spec[0], SPT_K=spec[1], LANES_T=spec[2], WARPS_T=spec[3], NUM_WARPS=spec[4], SPLIT=split,
-        num_warps=spec[4], **extra,
+        SPT_T=spec[0], SPT_K=spec[1], LANES_T=spec[2], WARPS_T=spec[3], NUM_WARPS=spec[4], num_warps=spec[4],
+        **extra,
     )

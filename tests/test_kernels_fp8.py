@@ -527,35 +527,6 @@ def test_reg_quant_equals_the_triton_kernels(M, K, fmt, ue8m0, monkeypatch):
     _gluon_matches_triton(fp8_reg_quant, "REG_QUANT", M, K, fmt, ue8m0, monkeypatch)
 
 
-def test_tail_split_fills_the_last_wave():
-    """fp8_reg_quant.tail_split: the last wave's tiles are cut in 2, 4 or 8 so they fill at most the slots the full
-    waves leave; full last waves are not cut. 8192 x 7168 on 132 SMs x 3 programs: 3584 tiles = 9 waves of 396 and
-    20 tiles, cut in 8 (160 programs)."""
-    from minids.kernels.fp8_reg_quant import tail_split
-
-    assert tail_split(3584, 396) == 8
-    assert tail_split(8192, 396) == 1  # 272 left: two of each would overfill the slots
-    assert tail_split(792, 396) == 1  # no partial wave
-    assert [tail_split(16, s) for s in (12, 31, 32, 64, 128, 1000)] == [2, 1, 2, 4, 8, 8]
-    assert tail_split(3, 396) == 8  # one partial wave: each tile on 8 programs
-
-
-@pytest.mark.skipif(not _reg_quant_here(), reason="the register-layout Gluon quantization runs on sm_90 GPUs only "
-                    "(Gluon has no interpreter mode)")
-@pytest.mark.parametrize("M,K,slots,split", [(7, 300, 100, 8), (4112, 528, 40, 8), (256, 1024, 64, 4),
-                                             (256, 1024, 32, 2), (4112, 528, 100, 1)])
-def test_reg_quant_tail_split_equals_the_triton_kernels(M, K, slots, split, monkeypatch):
-    """The register-layout kernel with the last wave's tiles cut into 2, 4, 8 programs of 64, 32, 16 features
-    (``tail_split`` at a given number of resident programs): the Triton kernels' outputs bit for bit, partial tiles
-    included (K = 300: cut programs wholly past K)."""
-    from minids.kernels import fp8_reg_quant
-
-    assert fp8_reg_quant.tail_split(-(-M // 128) * -(-K // 128), slots) == split
-    monkeypatch.setattr(fp8_reg_quant, "PER_SM", 1)
-    monkeypatch.setattr(fp8_reg_quant, "_sm_count", lambda index: slots)
-    _gluon_matches_triton(fp8_reg_quant, "REG_QUANT", M, K, "e4m3", False, monkeypatch)
-
-
 @pytest.mark.skipif(not _reg_quant_here(), reason="the register-layout Gluon quantization runs on sm_90 GPUs only "
                     "(Gluon has no interpreter mode)")
 @pytest.mark.parametrize("fmt,ue8m0", [("e4m3", False), ("e5m2", False), ("e4m3", True)])
