@@ -7,6 +7,8 @@
 #   regsweep: bench/sweep_reg_quant.py, the register layouts of that kernel
 #   regon:  with that kernel on by default: the quantization and linear GPU tests, tests/test_fp8.py, the layout sweep
 #   quant:  bench/fp8.py's quant and reg_quant sections, the register-layout kernel's GPU tests
+#   order:  the register-layout kernel's and the linear's GPU tests (six processes), bench/fp8.py's quant and reg_quant
+#           sections, then the tile orders of that kernel (bench/sweep_reg_quant.py --orders)
 #   train:  scripts/fp8_layer_check.py (sim vs real per FP8 GEMM, fresh and trained model), then scripts/fp8_vs_bf16.py
 #           on small-v3: fp8 off / sim / real and off again (--noise-floor), four parallel processes (one tarball)
 set -uo pipefail
@@ -44,6 +46,12 @@ case "${1:-probe}" in
     python3 -m pytest -q -p no:cacheprovider tests/test_kernels_fp8.py -k "reg_quant or scale_of" 2>&1 | tail -4 \
       | tee "$OUT/gpu_tests_reg_quant.log"
     python3 bench/fp8.py --only quant,reg_quant --out "$OUT" 2>&1 | tee "$OUT/fp8_quant.log" | grep -v "^check" | tail -30
+    ;;
+  order)
+    bash bench/gpu_tests_split.sh tests/test_kernels_fp8.py gpu_tests_reg_quant.log "reg_quant or scale_of or linear"
+    python3 bench/fp8.py --only quant,reg_quant --out "$OUT" 2>&1 | tee "$OUT/fp8_quant.log" | grep -v "^check" | tail -36
+    python3 bench/sweep_reg_quant.py --orders "0,0;1,8;1,16;1,28;1,56;2,8;8,4;8,8" --calls requant,t,both --out "$OUT" \
+      --stem fp8_reg_quant-order2 2>&1 | tail -80
     ;;
   train)
     # everything into $O, returned as one tarball (the device returns at most 8 files)

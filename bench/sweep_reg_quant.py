@@ -39,6 +39,45 @@ def grid() -> list[tuple]:
     return specs
 
 
+def sweep_orders(args) -> None:
+    """Each call at its layout (``SPECS``) with each tile order, checked bit for bit against the Triton kernels."""
+    copy_gbs = copy_bandwidth_gbs()
+    orders = [tuple(int(v) for v in o.split(",")) for o in args.orders.split(";")]
+    rows = []
+    kfp8.TMA_QUANT = False
+    print(f"{len(orders)} orders; copy {copy_gbs:.0f} GB/s", flush=True)
+    for M, K in ((8192, 7168), (4096, 32768), (2048, 7168)):
+        x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
+        xq, xs = kfp8.act_quant(x)
+        cases = {name: (kern, nb) for name, kern, _, nb in bench_fp8._quant_cases(x, x[:128, :128], xq, xs)}
+        for call in args.calls.split(","):
+            kernel, nbytes = cases[CALLS[call]]
+            kfp8.REG_QUANT = False
+            want = tuple(t.clone() for t in kernel(False))
+            kfp8.REG_QUANT = True
+            default = rq.ORDER.get(call)
+            for order in orders:
+                if order[0] and (-(-M // 128) % order[0] or -(-K // 128) % order[1]):
+                    print(f"{call:8s} {M}x{K} order {order}: does not divide the grid (the default order runs)")
+                    continue
+                rq.ORDER[call] = order
+                same = bench_fp8._same_outputs(kernel(False), want)
+                gbs = nbytes / graph_ms(lambda: kernel(False)) / 1e6
+                rows.append({"call": call, "shape": f"{M}x{K}", "spec": f"{rq.SPECS[call]} order {order}",
+                             "GB/s": gbs, "frac_copy": gbs / copy_gbs, "same_as_triton": same})
+                print(f"{call:8s} {M}x{K} order {order} {gbs:6.0f} GB/s ({gbs / copy_gbs:.1%}) same {same}",
+                      flush=True)
+            rq.ORDER.pop(call, None)
+            if default:
+                rq.ORDER[call] = default
+    if args.out:
+        write_results(Path(args.out), args.stem, {**metadata(), "copy_GB/s": copy_gbs}, rows,
+                      ["call", "shape", "spec", "GB/s", "frac_copy", "same_as_triton"],
+                      "order (GROUP_M, GROUP_K) of kernels/fp8_reg_quant.py: consecutive programs take GROUP_M token "
+                      "blocks x GROUP_K feature blocks, feature blocks fastest; (0, 0): the token blocks of a feature "
+                      "block first. GB/s as bench/fp8.py's quant section, from CUDA graphs.")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None)
@@ -47,7 +86,12 @@ def main() -> None:
     p.add_argument("--base", default=None,
                    help="instead of the grid: these layouts (e.g. '16,4,4,2,4;8,16,8,2,4'), each with and without "
                         "a 168-register cap")
+    p.add_argument("--orders", default=None,
+                   help="instead: each call at its layout with these tile orders (fp8_reg_quant.ORDER; "
+                        "'0,0;8,8': GROUP_M,GROUP_K), at 8192 x 7168, 4096 x 32768 and 2048 x 7168")
     args = p.parse_args()
+    if args.orders:
+        return sweep_orders(args)
     copy_gbs = copy_bandwidth_gbs()
     rows, best = [], {}
     reg, tma = kfp8.REG_QUANT, kfp8.TMA_QUANT

@@ -65,15 +65,20 @@ if HAVE_GLUON:
                           FMAX: gl.constexpr, MBITS: gl.constexpr, EMIN: gl.constexpr, UE8M0: gl.constexpr,
                           IN_SCALE: gl.constexpr, WRITE_Q: gl.constexpr, WEIGHT: gl.constexpr,
                           SOFT_CVT: gl.constexpr, SPT_T: gl.constexpr, SPT_K: gl.constexpr, LANES_T: gl.constexpr,
-                          WARPS_T: gl.constexpr, NUM_WARPS: gl.constexpr):
+                          WARPS_T: gl.constexpr, NUM_WARPS: gl.constexpr, GROUP_M: gl.constexpr,
+                          GROUP_K: gl.constexpr):
         """Tile (program_id 0: tokens, program_id 1: features) of x; see the module docstring. The layout spec
         (``valid_spec``) comes as integers and the two layouts are built here, so a launch passes plain integers."""
         LAYOUT: gl.constexpr = gl.BlockedLayout([SPT_T, SPT_K], [LANES_T, 32 // LANES_T],
                                                 [WARPS_T, NUM_WARPS // WARPS_T], [1, 0])
         T_LAYOUT: gl.constexpr = gl.BlockedLayout([SPT_T, SPT_K], [LANES_T, 32 // LANES_T],
                                                   [WARPS_T, NUM_WARPS // WARPS_T], [0, 1])
-        pid_m = gl.program_id(0)
-        pid_k = gl.program_id(1)
+        if GROUP_K == 0:  # token blocks fastest: consecutive programs take the token blocks of one feature block
+            pid_m = gl.program_id(0)
+            pid_k = gl.program_id(1)
+        else:  # consecutive programs take a GROUP_M x GROUP_K group of tiles, feature blocks fastest
+            pid_m = gl.program_id(1) * GROUP_M + gl.program_id(0) // GROUP_K
+            pid_k = gl.program_id(2) * GROUP_K + gl.program_id(0) % GROUP_K
         rows = pid_m * TILE + gl.arange(0, TILE, layout=gl.SliceLayout(1, LAYOUT))
         cols = pid_k * TILE + gl.arange(0, TILE, layout=gl.SliceLayout(0, LAYOUT))
         rmask = rows < M
@@ -129,6 +134,15 @@ SPECS = {"both": (8, 16, 8, 2, 4, 168), "t": (8, 16, 8, 2, 4), "requant": (16, 4
          "weight": (8, 16, 8, 2, 4)}  # weight_quant's transposed form: act_quant_both's layout, not swept
 
 
+# the order of the tiles over the programs, by call: (GROUP_M, GROUP_K) groups of tiles, feature blocks fastest in a
+# group, where they divide the grid; absent: the token blocks of a feature block first. Picked from 12 orders on the
+# H200 at 8192 x 7168, 4096 x 32768 and 2048 x 7168 (bench/sweep_reg_quant.py --orders, fp8_reg_quant-order.md): the
+# requantization 3017 GB/s at (1, 8) against 2991 in the default order at 8192 x 7168 (3242 / 3225 at 4096 x 32768,
+# 2977 / 3006 at 2048 x 7168); act_quant_t 3903 / 3858, 4070 / 4052, 3582 / 3548 at (8, 4); act_quant_both 3486 /
+# 3460, 3621 / 3598, 2988 / 2907 at (8, 4).
+ORDER: dict[str, tuple[int, int]] = {"requant": (1, 8), "t": (8, 4), "both": (8, 4)}
+
+
 def usable(x: torch.Tensor, block: int, exact: bool, in_block: int = BLOCK) -> bool:
     """Whether ``quant_tiles`` can take this call: Gluon present, an sm_90 GPU, block 128 (and 1x128 input scales),
     the fast mode, a 2-D x with contiguous rows whose stride is a multiple of 4 elements. The GPU tests cover such
@@ -159,11 +173,16 @@ def quant_tiles(x, qt, st, q=None, s=None, in_scale=None, *, flags: dict, spec: 
     st = qt if weight else st  # a placeholder pointer: the weight form stores no token scales
     xs = in_scale if in_scale is not None else st
     q_, s_ = (q, s) if q is not None else (qt, st)
-    _reg_quant_kernel[(-(-M // BLOCK), -(-K // BLOCK))](
+    nm, nk = -(-M // BLOCK), -(-K // BLOCK)
+    gm, gk = ORDER.get(call, (0, 0))
+    if nm % max(gm, 1) or nk % max(gk, 1):  # groups that do not tile the grid: the default order (no program may
+        gm = gk = 0  # lie past the edges: the scales' stores are masked along one dim only)
+    _reg_quant_kernel[(nm, nk) if not gk else (gm * gk, -(-nm // gm), -(-nk // gk))](
         x, xs, q_, s_, qt, st, M, K, x.stride(0), *xs.stride(), q_.stride(0), *s_.stride(), qt.stride(0),
         *st.stride(),
         FMAX=flags["FMAX"], MBITS=flags["MBITS"], EMIN=flags["EMIN"], UE8M0=flags["UE8M0"],
         IN_SCALE=in_scale is not None, WRITE_Q=q is not None, WEIGHT=weight, SOFT_CVT=flags["SOFT_CVT"],
-        SPT_T=spec[0], SPT_K=spec[1], LANES_T=spec[2], WARPS_T=spec[3], NUM_WARPS=spec[4], num_warps=spec[4],
+        SPT_T=spec[0], SPT_K=spec[1], LANES_T=spec[2], WARPS_T=spec[3], NUM_WARPS=spec[4], GROUP_M=gm,
+        GROUP_K=gk, num_warps=spec[4],
         **extra,
     )

@@ -518,10 +518,12 @@ def _reg_quant_here() -> bool:
 @pytest.mark.skipif(not _reg_quant_here(), reason="the register-layout Gluon quantization runs on sm_90 GPUs only "
                     "(Gluon has no interpreter mode)")
 @pytest.mark.parametrize("fmt,ue8m0", [("e4m3", False), ("e5m2", False), ("e4m3", True)])
-@pytest.mark.parametrize("M,K", [(7, 300), (128, 128), (144, 208), (4112, 528), (256, 1024), (130, 1000)])
+@pytest.mark.parametrize("M,K", [(7, 300), (128, 128), (144, 208), (4112, 528), (256, 1024), (130, 1000),
+                                 (1000, 1000), (2048, 1024)])
 def test_reg_quant_equals_the_triton_kernels(M, K, fmt, ue8m0, monkeypatch):
     """kernels/fp8_reg_quant.py gives the Triton kernels' outputs bit for bit (same arithmetic): partial tiles in both
-    dims, rows that are not whole 8-byte words (M = 7, 130)."""
+    dims, rows that are not whole 8-byte words (M = 7, 130); the grouped tile orders (``ORDER``: 8 x 8 and 16 x 8
+    tiles, partial ones at 1000) and the default order where the groups do not divide the grid."""
     from minids.kernels import fp8_reg_quant
 
     _gluon_matches_triton(fp8_reg_quant, "REG_QUANT", M, K, fmt, ue8m0, monkeypatch)
