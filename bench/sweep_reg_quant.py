@@ -78,6 +78,40 @@ def sweep_orders(args) -> None:
                       "block first. GB/s as bench/fp8.py's quant section, from CUDA graphs.")
 
 
+def sweep_specs(args) -> None:
+    """Each call at each of the given layouts (a sixth entry caps the registers, a seventh holds the requantization's
+    FP8 x as bytes, ``RECOMPUTE``), checked bit for bit against the Triton kernels, at three shapes."""
+    copy_gbs = copy_bandwidth_gbs()
+    specs = [tuple(int(v) for v in b.split(",")) for b in args.specs.split(";")]
+    rows = []
+    kfp8.TMA_QUANT = False
+    for M, K in ((8192, 7168), (4096, 32768), (2048, 7168)):
+        x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
+        xq, xs = kfp8.act_quant(x)
+        cases = {name: (kern, nb) for name, kern, _, nb in bench_fp8._quant_cases(x, x[:128, :128], xq, xs)}
+        for call in args.calls.split(","):
+            kernel, nbytes = cases[CALLS[call]]
+            kfp8.REG_QUANT = False
+            want = tuple(t.clone() for t in kernel(False))
+            kfp8.REG_QUANT = True
+            default = rq.SPECS[call]
+            for spec in specs:
+                rq.SPECS[call] = spec
+                same = bench_fp8._same_outputs(kernel(False), want)
+                gbs = nbytes / graph_ms(lambda: kernel(False)) / 1e6
+                rows.append({"call": call, "shape": f"{M}x{K}", "spec": str(spec), "GB/s": gbs,
+                             "frac_copy": gbs / copy_gbs, "same_as_triton": same})
+                print(f"{call:8s} {M}x{K} {spec} {gbs:6.0f} GB/s ({gbs / copy_gbs:.1%}) same {same}", flush=True)
+            rq.SPECS[call] = default
+    if args.out:
+        write_results(Path(args.out), args.stem, {**metadata(), "copy_GB/s": copy_gbs}, rows,
+                      ["call", "shape", "spec", "GB/s", "frac_copy", "same_as_triton"],
+                      "spec = (tokens a thread, features a thread, lanes along the tokens, warps along the tokens, "
+                      "warps[, register cap (0: none)[, recompute]]) of kernels/fp8_reg_quant.py; recompute: the "
+                      "requantization holds x's FP8 bytes and dequantizes them twice (amax, then the quantization). "
+                      "GB/s as bench/fp8.py's quant section, from CUDA graphs; tile orders as fp8_reg_quant.ORDER.")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None)
@@ -89,7 +123,12 @@ def main() -> None:
     p.add_argument("--orders", default=None,
                    help="instead: each call at its layout with these tile orders (fp8_reg_quant.ORDER; "
                         "'0,0;8,8': GROUP_M,GROUP_K), at 8192 x 7168, 4096 x 32768 and 2048 x 7168")
+    p.add_argument("--specs", default=None,
+                   help="instead: exactly these layouts (';'-separated, each with optional register cap and "
+                        "recompute entries), at the three shapes of --orders")
     args = p.parse_args()
+    if args.specs:
+        return sweep_specs(args)
     if args.orders:
         return sweep_orders(args)
     copy_gbs = copy_bandwidth_gbs()

@@ -66,7 +66,7 @@ if HAVE_GLUON:
                           IN_SCALE: gl.constexpr, WRITE_Q: gl.constexpr, WEIGHT: gl.constexpr,
                           SOFT_CVT: gl.constexpr, SPT_T: gl.constexpr, SPT_K: gl.constexpr, LANES_T: gl.constexpr,
                           WARPS_T: gl.constexpr, NUM_WARPS: gl.constexpr, GROUP_M: gl.constexpr,
-                          GROUP_K: gl.constexpr):
+                          GROUP_K: gl.constexpr, RECOMPUTE: gl.constexpr):
         """Tile (program_id 0: tokens, program_id 1: features) of x; see the module docstring. The layout spec
         (``valid_spec``) comes as integers and the two layouts are built here, so a launch passes plain integers."""
         LAYOUT: gl.constexpr = gl.BlockedLayout([SPT_T, SPT_K], [LANES_T, 32 // LANES_T],
@@ -85,8 +85,16 @@ if HAVE_GLUON:
         cmask = cols < K
         mask = gl.expand_dims(rmask, 1) & gl.expand_dims(cmask, 0)
         x = gl.load(x_ptr + gl.expand_dims(rows.to(gl.int64) * stride_xm, 1) + gl.expand_dims(cols, 0), mask=mask,
-                    other=0.0).to(gl.float32)
-        if IN_SCALE:
+                    other=0.0)
+        if RECOMPUTE:  # FP8 x held as its bytes (a quarter of the float32 registers): dequantized once for the amax,
+            # then again for the quantization, from a copy the compiler cannot merge with the first
+            xs = gl.expand_dims(gl.load(xs_ptr + rows * stride_xsm + pid_k * stride_xsk, mask=rmask, other=0.0), 1)
+            sc = _scale_of(gl.max(gl.abs(x.to(gl.float32) * xs), axis=0), FMAX, UE8M0)
+            x = gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=x.dtype, is_pure=False, pack=4)
+            x = x.to(gl.float32) * xs
+        else:
+            x = x.to(gl.float32)
+        if IN_SCALE and not RECOMPUTE:
             xs = gl.load(xs_ptr + rows * stride_xsm + pid_k * stride_xsk, mask=rmask, other=0.0)
             x = x * gl.expand_dims(xs, 1)
         ax = gl.abs(x)
@@ -102,7 +110,8 @@ if HAVE_GLUON:
                 gl.store(q_ptr + gl.expand_dims(rows.to(gl.int64) * stride_qm, 1) + gl.expand_dims(cols, 0),
                          q.to(q_ptr.dtype.element_ty), mask=mask)
                 gl.store(s_ptr + rows * stride_sm + pid_k * stride_sk, sr, mask=rmask)
-            sc = _scale_of(gl.max(ax, axis=0), FMAX, UE8M0)  # (TILE,): along the tokens
+            if not RECOMPUTE:
+                sc = _scale_of(gl.max(ax, axis=0), FMAX, UE8M0)  # (TILE,): along the tokens
             qt = _quantize(x, gl.expand_dims(sc, 0), FMAX, MBITS, EMIN, UE8M0, False, SOFT_CVT)
             qt = qt.to(qt_ptr.dtype.element_ty)
         qt = gl.convert_layout(qt, T_LAYOUT)  # a thread's own registers reordered
@@ -170,6 +179,7 @@ def quant_tiles(x, qt, st, q=None, s=None, in_scale=None, *, flags: dict, spec: 
     call = "weight" if weight else "both" if q is not None else "requant" if in_scale is not None else "t"
     spec = spec or SPECS[call]
     extra = {"maxnreg": spec[5]} if len(spec) > 5 and spec[5] else {}  # a sixth entry caps a thread's registers
+    recompute = call == "requant" and len(spec) > 6 and bool(spec[6])  # a seventh: FP8 x dequantized twice
     st = qt if weight else st  # a placeholder pointer: the weight form stores no token scales
     xs = in_scale if in_scale is not None else st
     q_, s_ = (q, s) if q is not None else (qt, st)
@@ -183,6 +193,6 @@ def quant_tiles(x, qt, st, q=None, s=None, in_scale=None, *, flags: dict, spec: 
         FMAX=flags["FMAX"], MBITS=flags["MBITS"], EMIN=flags["EMIN"], UE8M0=flags["UE8M0"],
         IN_SCALE=in_scale is not None, WRITE_Q=q is not None, WEIGHT=weight, SOFT_CVT=flags["SOFT_CVT"],
         SPT_T=spec[0], SPT_K=spec[1], LANES_T=spec[2], WARPS_T=spec[3], NUM_WARPS=spec[4], GROUP_M=gm,
-        GROUP_K=gk, num_warps=spec[4],
+        GROUP_K=gk, RECOMPUTE=recompute, num_warps=spec[4],
         **extra,
     )
