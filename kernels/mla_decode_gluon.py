@@ -19,7 +19,8 @@ Two kernels, by rows = s_q * H:
   M and the rows its N (no padding to 64 rows): S^T = K Q^T, softmax along the tokens, O^T (512 x rows) += V^T P^T
   with P^T written to shared memory (the MMA's B operand) and V^T read transposed from the cache tile. Its
   two-warpgroup form (``_ws_kernel`` with TRANSPOSED: the wide kernel's warp specialization, each consumer with half
-  of the output columns) is written and compiled but off (``NARROW2_ROWS``) until it has run on a GPU.
+  of the output columns) passes its GPU tests but is off (``NARROW2_ROWS``): on the H200 it was slower on 24 of
+  32 V3 rows at H=16 (bench/results/mla_decode-narrow2.md).
 
 Work split (``slices_ref``, ``pieces_ref``): P programs per row block (one per SM) take consecutive slices of the
 units line of all sequences (sequence b: OVERHEAD units, then one a 64-token tile). Ragged tile counts take the
@@ -744,9 +745,11 @@ if HAVE_GLUON:
 # they keep the combine kernel.
 MERGE_ROWS = (16,)
 # Row counts that take ``_ws_kernel`` with TRANSPOSED (two consumer warpgroups) instead of the one-warpgroup narrow
-# kernel. Empty: written and compiled for sm_90 offline in the sixteenth session (Triton 3.6: 48 B of stack a thread
-# at 32 rows against the one-warpgroup kernel's 192, 8 B at 16), not yet run on a GPU; tests/test_kernels_mla_gluon.py
-# routes it explicitly, bench/mla_decode.py --narrow2 times it (bash bench/device_mla.sh narrow2).
+# kernel. Empty: it has 48 B of stack a thread at 32 rows against the one-warpgroup kernel's 192 (8 B at 16; Triton
+# 3.6, sm_90), but on the H200 (bash bench/device_mla.sh narrow2: mla_decode-narrow2.md beside mla_decode-h16.md) it
+# was slower on 24 of 32 V3 rows at H=16, up to 1.17x (B=128, 4K, s_q=2: 193.3 against 168.5 us), and faster only on
+# 8 ragged ones (B=32, 4K~, s_q=2: 66.9 against 77.1 us). tests/test_kernels_mla_gluon.py routes it explicitly (its
+# 12 GPU tests pass), bench/mla_decode.py --narrow2 times it.
 NARROW2_ROWS: tuple[int, ...] = ()
 STAGES = {"wide": 2, "narrow": 2}  # cache tiles in flight: 2 x 72 KB (with the 72 / 18-36 KB query: 221 / 168-189 KB)
 
