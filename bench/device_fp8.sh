@@ -9,8 +9,6 @@
 #   quant:  bench/fp8.py's quant and reg_quant sections, the register-layout kernel's GPU tests
 #   order:  the register-layout kernel's and the linear's GPU tests (six processes), bench/fp8.py's quant and reg_quant
 #           sections, then the tile orders of that kernel (bench/sweep_reg_quant.py --orders)
-#   recompute: the requantization holding x's FP8 bytes (a spec's seventh entry): its GPU tests, then layouts with
-#           and without it and register caps (bench/sweep_reg_quant.py --specs)
 #   train:  scripts/fp8_layer_check.py (sim vs real per FP8 GEMM, fresh and trained model), then scripts/fp8_vs_bf16.py
 #           on small-v3: fp8 off / sim / real and off again (--noise-floor), four parallel processes (one tarball)
 set -uo pipefail
@@ -54,12 +52,6 @@ case "${1:-probe}" in
     python3 bench/fp8.py --only quant,reg_quant --out "$OUT" 2>&1 | tee "$OUT/fp8_quant.log" | grep -v "^check" | tail -36
     python3 bench/sweep_reg_quant.py --orders "0,0;1,8;1,16;1,28;1,56;2,8;8,4;8,8" --calls requant,t,both --out "$OUT" \
       --stem fp8_reg_quant-order2 2>&1 | tail -80
-    ;;
-  recompute)
-    bash bench/gpu_tests_split.sh tests/test_kernels_fp8.py gpu_tests_recompute.log "recompute"
-    python3 bench/sweep_reg_quant.py --calls requant --out "$OUT" --stem fp8_reg_quant-recompute --specs \
-      "16,4,4,2,4;16,4,4,2,4,128,1;16,4,4,2,8;16,4,4,2,8,0,1;16,4,4,2,8,64,1" \
-      2>&1 | tail -30
     ;;
   train)
     # everything into $O, returned as one tarball (the device returns at most 8 files)

@@ -62,7 +62,7 @@ def sweep_orders(args) -> None:
                     continue
                 rq.ORDER[call] = order
                 same = bench_fp8._same_outputs(kernel(False), want)
-                gbs = nbytes / graph_ms(lambda: kernel(False)) / 1e6
+                gbs = nbytes / graph_ms(lambda k=kernel: k(False)) / 1e6
                 rows.append({"call": call, "shape": f"{M}x{K}", "spec": f"{rq.SPECS[call]} order {order}",
                              "GB/s": gbs, "frac_copy": gbs / copy_gbs, "same_as_triton": same})
                 print(f"{call:8s} {M}x{K} order {order} {gbs:6.0f} GB/s ({gbs / copy_gbs:.1%}) same {same}",
@@ -79,8 +79,8 @@ def sweep_orders(args) -> None:
 
 
 def sweep_specs(args) -> None:
-    """Each call at each of the given layouts (a sixth entry caps the registers, a seventh holds the requantization's
-    FP8 x as bytes, ``RECOMPUTE``), checked bit for bit against the Triton kernels, at three shapes."""
+    """Each call at each of the given layouts (a sixth entry caps the registers, 0: no cap), checked bit for bit
+    against the Triton kernels, at three shapes."""
     copy_gbs = copy_bandwidth_gbs()
     specs = [tuple(int(v) for v in b.split(",")) for b in args.specs.split(";")]
     rows = []
@@ -98,7 +98,7 @@ def sweep_specs(args) -> None:
             for spec in specs:
                 rq.SPECS[call] = spec
                 same = bench_fp8._same_outputs(kernel(False), want)
-                gbs = nbytes / graph_ms(lambda: kernel(False)) / 1e6
+                gbs = nbytes / graph_ms(lambda k=kernel: k(False)) / 1e6
                 rows.append({"call": call, "shape": f"{M}x{K}", "spec": str(spec), "GB/s": gbs,
                              "frac_copy": gbs / copy_gbs, "same_as_triton": same})
                 print(f"{call:8s} {M}x{K} {spec} {gbs:6.0f} GB/s ({gbs / copy_gbs:.1%}) same {same}", flush=True)
@@ -107,8 +107,7 @@ def sweep_specs(args) -> None:
         write_results(Path(args.out), args.stem, {**metadata(), "copy_GB/s": copy_gbs}, rows,
                       ["call", "shape", "spec", "GB/s", "frac_copy", "same_as_triton"],
                       "spec = (tokens a thread, features a thread, lanes along the tokens, warps along the tokens, "
-                      "warps[, register cap (0: none)[, recompute]]) of kernels/fp8_reg_quant.py; recompute: the "
-                      "requantization holds x's FP8 bytes and dequantizes them twice (amax, then the quantization). "
+                      "warps[, register cap (0: none)]) of kernels/fp8_reg_quant.py. "
                       "GB/s as bench/fp8.py's quant section, from CUDA graphs; tile orders as fp8_reg_quant.ORDER.")
 
 
@@ -124,8 +123,8 @@ def main() -> None:
                    help="instead: each call at its layout with these tile orders (fp8_reg_quant.ORDER; "
                         "'0,0;8,8': GROUP_M,GROUP_K), at 8192 x 7168, 4096 x 32768 and 2048 x 7168")
     p.add_argument("--specs", default=None,
-                   help="instead: exactly these layouts (';'-separated, each with optional register cap and "
-                        "recompute entries), at the three shapes of --orders")
+                   help="instead: exactly these layouts (';'-separated, each with an optional register cap), at the "
+                        "three shapes of --orders")
     args = p.parse_args()
     if args.specs:
         return sweep_specs(args)
@@ -149,7 +148,7 @@ def main() -> None:
                 kernel, nbytes = cases[CALLS[call]]
                 kfp8.REG_QUANT = False
                 want = tuple(t.clone() for t in kernel(False))
-                tri = nbytes / graph_ms(lambda: kernel(False)) / 1e6
+                tri = nbytes / graph_ms(lambda k=kernel: k(False)) / 1e6
                 rows.append({"call": call, "shape": f"{M}x{K}", "spec": "triton", "GB/s": tri,
                              "frac_copy": tri / copy_gbs, "same_as_triton": True})
                 print(f"{call:8s} {M}x{K} triton {tri:6.0f} GB/s", flush=True)
@@ -159,7 +158,7 @@ def main() -> None:
                     t0 = time.time()
                     try:
                         same = bench_fp8._same_outputs(kernel(False), want)
-                        gbs = nbytes / graph_ms(lambda: kernel(False)) / 1e6
+                        gbs = nbytes / graph_ms(lambda k=kernel: k(False)) / 1e6
                     except Exception as e:  # noqa: BLE001  a layout the compiler refuses
                         print(f"{call:8s} {M}x{K} {spec} failed: {str(e).splitlines()[0][:160]}", flush=True)
                         return

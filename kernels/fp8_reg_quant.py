@@ -27,13 +27,16 @@ to (16, 4, 4, 2, 4) and capped act_quant_both at 168 registers. From CUDA graphs
 4096 x 32768, against the Triton kernels:
 - act_quant_both 3433 / 3579 GB/s against 2716 / 2829;
 - act_quant_t 3863 / 4130 against 3648 / 3896;
-- the requantization 2964 / 3215 against 2242 / 2295;
+- the requantization 2964 / 3215 against 2242 / 2295 (2983-2994 / 3227 with ``ORDER``'s tile order:
+  fp8_quant.md, fp8_reg_quant.md);
 - weight_quant's transposed form (``weight=True``; off, ``kernels.fp8.REG_QUANT_WEIGHT``) 3152 / 3322 against
   3077 / 3347: with the float32-bits rounding it shares with the Triton weight kernel, no gain (3626 / 3710 with
   the hardware conversion it used before).
-Two or four tiles a program, each tile's loads issued before the previous tile's arithmetic, ran no faster for any
-call (fp8_reg_quant-sweep4.md, the seventh spec entry; it took 237-255 registers a thread against 161) and were
-dropped.
+Tried for the requantization and dropped (kernels_notes.md): two or four tiles a program, each tile's loads issued
+before the previous tile's arithmetic (no faster for any call, fp8_reg_quant-sweep4.md: 237-255 registers a thread
+against 161); 64- and 32-feature tiles (sweep5); the last wave's tiles cut into 2-8 narrower programs (2928 against
+2969 GB/s, fp8_reg_quant-tailsplit.md); x held as its FP8 bytes and dequantized twice, for 4 programs an SM at 128
+registers or 8 warps (2976 against 2990 at best, fp8_reg_quant-recompute.md).
 Called from Python the host costs about 8 us more a call than the Triton kernels' (fp8_host.md: act_quant_t 78.9
 against 70.7 us).
 """
@@ -66,8 +69,9 @@ if HAVE_GLUON:
                           IN_SCALE: gl.constexpr, WRITE_Q: gl.constexpr, WEIGHT: gl.constexpr,
                           SOFT_CVT: gl.constexpr, SPT_T: gl.constexpr, SPT_K: gl.constexpr, LANES_T: gl.constexpr,
                           WARPS_T: gl.constexpr, NUM_WARPS: gl.constexpr, GROUP_M: gl.constexpr,
-                          GROUP_K: gl.constexpr, RECOMPUTE: gl.constexpr):
-        """Tile (program_id 0: tokens, program_id 1: features) of x; see the module docstring. The layout spec
+                          GROUP_K: gl.constexpr):
+        """One 128 x 128 tile of x: (program_id 0: token block, program_id 1: feature block), or with GROUP_K > 0 the
+        tile program_id 0 of group (program_id 1, program_id 2) (``ORDER``); see the module docstring. The layout spec
         (``valid_spec``) comes as integers and the two layouts are built here, so a launch passes plain integers."""
         LAYOUT: gl.constexpr = gl.BlockedLayout([SPT_T, SPT_K], [LANES_T, 32 // LANES_T],
                                                 [WARPS_T, NUM_WARPS // WARPS_T], [1, 0])
@@ -85,16 +89,8 @@ if HAVE_GLUON:
         cmask = cols < K
         mask = gl.expand_dims(rmask, 1) & gl.expand_dims(cmask, 0)
         x = gl.load(x_ptr + gl.expand_dims(rows.to(gl.int64) * stride_xm, 1) + gl.expand_dims(cols, 0), mask=mask,
-                    other=0.0)
-        if RECOMPUTE:  # FP8 x held as its bytes (a quarter of the float32 registers): dequantized once for the amax,
-            # then again for the quantization, from a copy the compiler cannot merge with the first
-            xs = gl.expand_dims(gl.load(xs_ptr + rows * stride_xsm + pid_k * stride_xsk, mask=rmask, other=0.0), 1)
-            sc = _scale_of(gl.max(gl.abs(x.to(gl.float32) * xs), axis=0), FMAX, UE8M0)
-            x = gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=x.dtype, is_pure=False, pack=4)
-            x = x.to(gl.float32) * xs
-        else:
-            x = x.to(gl.float32)
-        if IN_SCALE and not RECOMPUTE:
+                    other=0.0).to(gl.float32)
+        if IN_SCALE:
             xs = gl.load(xs_ptr + rows * stride_xsm + pid_k * stride_xsk, mask=rmask, other=0.0)
             x = x * gl.expand_dims(xs, 1)
         ax = gl.abs(x)
@@ -110,8 +106,7 @@ if HAVE_GLUON:
                 gl.store(q_ptr + gl.expand_dims(rows.to(gl.int64) * stride_qm, 1) + gl.expand_dims(cols, 0),
                          q.to(q_ptr.dtype.element_ty), mask=mask)
                 gl.store(s_ptr + rows * stride_sm + pid_k * stride_sk, sr, mask=rmask)
-            if not RECOMPUTE:
-                sc = _scale_of(gl.max(ax, axis=0), FMAX, UE8M0)  # (TILE,): along the tokens
+            sc = _scale_of(gl.max(ax, axis=0), FMAX, UE8M0)  # (TILE,): along the tokens
             qt = _quantize(x, gl.expand_dims(sc, 0), FMAX, MBITS, EMIN, UE8M0, False, SOFT_CVT)
             qt = qt.to(qt_ptr.dtype.element_ty)
         qt = gl.convert_layout(qt, T_LAYOUT)  # a thread's own registers reordered
@@ -148,7 +143,8 @@ SPECS = {"both": (8, 16, 8, 2, 4, 168), "t": (8, 16, 8, 2, 4), "requant": (16, 4
 # H200 at 8192 x 7168, 4096 x 32768 and 2048 x 7168 (bench/sweep_reg_quant.py --orders, fp8_reg_quant-order.md): the
 # requantization 3017 GB/s at (1, 8) against 2991 in the default order at 8192 x 7168 (3242 / 3225 at 4096 x 32768,
 # 2977 / 3006 at 2048 x 7168); act_quant_t 3903 / 3858, 4070 / 4052, 3582 / 3548 at (8, 4); act_quant_both 3486 /
-# 3460, 3621 / 3598, 2988 / 2907 at (8, 4).
+# 3460, 3621 / 3598, 2988 / 2907 at (8, 4). A second sweep (fp8_reg_quant-order2.md) agreed within 1%: (1, 8) 2990
+# against 2975 for the requantization. Small gains (0.3-0.9% to the requantization at the two large shapes).
 ORDER: dict[str, tuple[int, int]] = {"requant": (1, 8), "t": (8, 4), "both": (8, 4)}
 
 
@@ -179,7 +175,6 @@ def quant_tiles(x, qt, st, q=None, s=None, in_scale=None, *, flags: dict, spec: 
     call = "weight" if weight else "both" if q is not None else "requant" if in_scale is not None else "t"
     spec = spec or SPECS[call]
     extra = {"maxnreg": spec[5]} if len(spec) > 5 and spec[5] else {}  # a sixth entry caps a thread's registers
-    recompute = call == "requant" and len(spec) > 6 and bool(spec[6])  # a seventh: FP8 x dequantized twice
     st = qt if weight else st  # a placeholder pointer: the weight form stores no token scales
     xs = in_scale if in_scale is not None else st
     q_, s_ = (q, s) if q is not None else (qt, st)
@@ -193,6 +188,6 @@ def quant_tiles(x, qt, st, q=None, s=None, in_scale=None, *, flags: dict, spec: 
         FMAX=flags["FMAX"], MBITS=flags["MBITS"], EMIN=flags["EMIN"], UE8M0=flags["UE8M0"],
         IN_SCALE=in_scale is not None, WRITE_Q=q is not None, WEIGHT=weight, SOFT_CVT=flags["SOFT_CVT"],
         SPT_T=spec[0], SPT_K=spec[1], LANES_T=spec[2], WARPS_T=spec[3], NUM_WARPS=spec[4], GROUP_M=gm,
-        GROUP_K=gk, RECOMPUTE=recompute, num_warps=spec[4],
+        GROUP_K=gk, num_warps=spec[4],
         **extra,
     )

@@ -299,13 +299,12 @@ for call, x_ty, in_scale, write_q in (("both", "*bf16", False, True), ("requant"
     consts = {"FMAX": flags["FMAX"], "MBITS": flags["MBITS"], "EMIN": flags["EMIN"], "UE8M0": False,
               "IN_SCALE": in_scale, "WRITE_Q": write_q, "WEIGHT": call == "weight", "SOFT_CVT": call == "weight",
               **dict(zip(("SPT_T", "SPT_K", "LANES_T", "WARPS_T", "NUM_WARPS"), spec)),
-              **dict(zip(("GROUP_M", "GROUP_K"), m.ORDER.get(call, (0, 0)))),
-              "RECOMPUTE": call == "requant" and len(spec) > 6 and bool(spec[6])}
+              **dict(zip(("GROUP_M", "GROUP_K"), m.ORDER.get(call, (0, 0))))}
     sig = {a: "constexpr" if a in consts else x_ty if a == "x_ptr" else "*fp8e4nv" if a in ("q_ptr", "qt_ptr")
            else "*fp32" if a.endswith("_ptr") else "i32" for a in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
              if sig[a] != "constexpr" and a != "stride_stk"}
-    opts = {"num_warps": spec[4], **({"maxnreg": spec[5]} if len(spec) > 5 and spec[5] else {})}
+    opts = {"num_warps": spec[4], **({"maxnreg": spec[5]} if len(spec) > 5 else {})}
     ck = triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                         target=GPUTarget("cuda", 90, 32), options=opts)
     ops = collections.Counter(re.findall(r"(?:st|ld)\.(?:global|shared)[.\w]*", ck.asm["ptx"]))

@@ -531,19 +531,6 @@ def test_reg_quant_equals_the_triton_kernels(M, K, fmt, ue8m0, monkeypatch):
 
 @pytest.mark.skipif(not _reg_quant_here(), reason="the register-layout Gluon quantization runs on sm_90 GPUs only "
                     "(Gluon has no interpreter mode)")
-@pytest.mark.parametrize("spec", [(16, 4, 4, 2, 4, 128, 1), (16, 4, 4, 2, 8, 0, 1), (16, 4, 4, 2, 8, 64, 1)])
-@pytest.mark.parametrize("M,K", [(7, 300), (144, 208), (4112, 528), (1000, 1000)])
-def test_reg_quant_recompute_equals_the_triton_kernels(M, K, spec, monkeypatch):
-    """The requantization holding x's FP8 bytes and dequantizing them twice (a layout spec's seventh entry,
-    ``RECOMPUTE``), at 4 and 8 warps, with and without a register cap: the Triton kernels' outputs bit for bit."""
-    from minids.kernels import fp8_reg_quant
-
-    monkeypatch.setitem(fp8_reg_quant.SPECS, "requant", spec)
-    _gluon_matches_triton(fp8_reg_quant, "REG_QUANT", M, K, "e4m3", False, monkeypatch)
-
-
-@pytest.mark.skipif(not _reg_quant_here(), reason="the register-layout Gluon quantization runs on sm_90 GPUs only "
-                    "(Gluon has no interpreter mode)")
 @pytest.mark.parametrize("fmt,ue8m0", [("e4m3", False), ("e5m2", False), ("e4m3", True)])
 @pytest.mark.parametrize("O,I", [(1, 4), (130, 260), (256, 128), (4112, 528), (200, 520)])
 def test_reg_quant_weight_equals_the_triton_kernel(O, I, fmt, ue8m0, monkeypatch):
