@@ -11,10 +11,7 @@
 #           sections, then the tile orders of that kernel (bench/sweep_reg_quant.py --orders)
 #   train:  scripts/fp8_layer_check.py (sim vs real per FP8 GEMM, fresh and trained model), then scripts/fp8_vs_bf16.py
 #           on small-v3: fp8 off / sim / real and off again (--noise-floor), four parallel processes (one tarball)
-set -uo pipefail
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-[[ -e minids/kernels ]] || ln -s ../kernels minids/kernels
-OUT="${OUT:-bench/results}"
+source bench/device_env.sh
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 case "${1:-probe}" in
   probe)

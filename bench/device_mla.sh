@@ -6,10 +6,7 @@
 #   narrow2: the two-warpgroup narrow kernel (mla_decode_gluon.NARROW2_ROWS, off): its GPU tests, then the 16-head
 #           sweep with it (mla_decode-narrow2.md) beside the default's (mla_decode-h16.md)
 #   ncu:    Nsight Compute on the Triton kernel's worst cases (bench/profile_mla_decode.py), and its --floor timings
-set -uo pipefail
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-[[ -e minids/kernels ]] || ln -s ../kernels minids/kernels
-OUT="${OUT:-bench/results}"
+source bench/device_env.sh
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 case "${1:-gluon}" in
   gluon)

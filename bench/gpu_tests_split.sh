@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # One test file on the GPU as six parallel pytest processes (one process runs past the device's call limit on
 # tests/test_kernels_fp8.py, mostly compiling): bash bench/gpu_tests_split.sh [test file] [log name] [-k expression]
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-[[ -e minids/kernels ]] || ln -s ../kernels minids/kernels
+source bench/device_env.sh
 file="${1:-tests/test_kernels_fp8.py}"
 log="${OUT:-bench/results}/${2:-gpu_tests_split.log}"
 python3 -m pytest --co -q -p no:cacheprovider "$file" ${3:+-k "$3"} 2>/dev/null | grep "::" > /tmp/ids.txt

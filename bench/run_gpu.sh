@@ -1,10 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU parity tests, then the benchmarks. Results land in $OUT (copied to bench/results/).
-set -uo pipefail
-export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
-# from a source tree (no pip install), kernels/ becomes minids.kernels through a link, as the install maps it
-[[ -e minids/kernels ]] || ln -s ../kernels minids/kernels
-OUT="${OUT:-bench/results}"
+source bench/device_env.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 what="${1:-all}"
