@@ -70,21 +70,25 @@ if HAVE_TRITON:
     from minids.kernels.mla_decode import _block_units, _totals
 
 LATENT, ROPE = 512, 64  # the only (C, R) these kernels take: V3's
+COMBINE = {"block_c": 512, "warps": 8, "pieces": 1}  # the combine kernel's columns a program, warps, pieces read at once
 
 if HAVE_TRITON:
 
     @triton.jit
     def _combine_kernel(SEQLENS, O_PART, L_PART, O, LSE, B, capacity, min_units, max_pieces, n_rows, H, stride_ob,
                         stride_os, stride_oh, stride_lb, stride_lh, stride_ls, P, C: tl.constexpr,
-                        BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr, UNIT: tl.constexpr,
-                        OVERHEAD: tl.constexpr):
-        """Rows [BLOCK_R program_id 1, +BLOCK_R) of sequence b (program_id 0), if the schedule (``slices_ref`` with
-        P programs) cut it: out = sum_j w_j o_j / sum_j w_j, w_j = 2^(l_j - max l), over its pieces j in
-        program order; lse = (max + log2 sum w) ln 2. O_PART (2 P, n_rows, C) and L_PART (2 P, n_rows) float32 (log2
-        units; -inf and a zero partial for a piece that saw no token of a row). A sequence in one piece was written
-        by the attention kernel: nothing to do."""
+                        BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr, NPC: tl.constexpr,
+                        UNIT: tl.constexpr, OVERHEAD: tl.constexpr):
+        """Rows [BLOCK_R program_id 1, +BLOCK_R) and columns [BLOCK_C program_id 2, +BLOCK_C) of sequence b
+        (program_id 0), if the schedule (``slices_ref`` with P programs) cut it: out = sum_j w_j o_j / sum_j w_j,
+        w_j = 2^(l_j - max l), over its pieces j in program order; lse = (max + log2 sum w) ln 2 (written by the
+        column block 0). O_PART (2 P, n_rows, C) and L_PART (2 P, n_rows) float32 (log2 units; -inf and a zero
+        partial for a piece that saw no token of a row). NPC pieces are read at once with a running max: one round
+        trip to memory a group of pieces. A sequence in one piece was written by the attention kernel: nothing to
+        do."""
         b = tl.program_id(0)
         r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
         r_ok = r < n_rows
         total, n_max = _totals(SEQLENS, B, capacity, BLOCK_B, UNIT, OVERHEAD)
         W = tl.maximum(tl.maximum(tl.cdiv(total, P), min_units), tl.cdiv(n_max, max_pieces - 1))
@@ -103,42 +107,50 @@ if HAVE_TRITON:
             p1 = tl.where(P >= B, p0 + tl.cdiv(k, per) - 1, p0)
         if (k > 0) & (p1 > p0):
             m = tl.full([BLOCK_R], float("-inf"), tl.float32)
-            for p in range(p0, p1 + 1):  # the first piece is program p0's last (slot 2 p0 + 1), the others first
-                slot = 2 * p + (p == p0).to(tl.int32)
-                m = tl.maximum(m, tl.load(L_PART + slot.to(tl.int64) * n_rows + r, mask=r_ok, other=float("-inf")))
-            m_safe = tl.where(m == float("-inf"), 0.0, m)
-            cols = tl.arange(0, BLOCK_C)
             den = tl.zeros([BLOCK_R], tl.float32)
             acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
-            mask = r_ok[:, None] & (cols < C)[None, :]
-            for p in range(p0, p1 + 1):
-                slot = (2 * p + (p == p0).to(tl.int32)).to(tl.int64) * n_rows + r
-                w = tl.exp2(tl.load(L_PART + slot, mask=r_ok, other=float("-inf")) - m_safe)
-                den += w
-                acc += w[:, None] * tl.load(O_PART + slot[:, None] * C + cols[None, :], mask=mask, other=0.0)
+            c_ok = cols < C
+            for q0 in range(p0, p1 + 1, NPC):  # the first piece is program p0's last (slot 2 p0 + 1), the others first
+                q = q0 + tl.arange(0, NPC)
+                ok = (q <= p1)[:, None] & r_ok[None, :]  # (NPC, BLOCK_R)
+                slot = (2 * q + (q == p0).to(tl.int32)).to(tl.int64)[:, None] * n_rows + r[None, :]
+                lq = tl.load(L_PART + slot, mask=ok, other=float("-inf"))
+                part = tl.load(O_PART + slot[:, :, None] * C + cols[None, None, :],
+                               mask=ok[:, :, None] & c_ok[None, None, :], other=0.0)
+                m_new = tl.maximum(m, tl.max(lq, 0))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m - m_safe)
+                w = tl.exp2(lq - m_safe[None, :])  # 0 for a piece past p1 or a row it saw nothing of
+                den = den * alpha + tl.sum(w, 0)
+                acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * part, 0)
+                m = m_new
             none = den == 0.0
             out = acc / tl.where(none, 1.0, den)[:, None]
             qi = r // H
             h = r % H
             tl.store(O + b * stride_ob + (qi * stride_os + h * stride_oh)[:, None] + cols[None, :],
-                     out.to(O.dtype.element_ty), mask=mask)
-            lse = tl.where(none, float("-inf"), (m + tl.log2(tl.where(none, 1.0, den))) * 0.6931471805599453)
-            tl.store(LSE + b * stride_lb + h * stride_lh + qi * stride_ls, lse, mask=r_ok)
+                     out.to(O.dtype.element_ty), mask=r_ok[:, None] & c_ok[None, :])
+            if tl.program_id(2) == 0:
+                lse = tl.where(none, float("-inf"), (m + tl.log2(tl.where(none, 1.0, den))) * 0.6931471805599453)
+                tl.store(LSE + b * stride_lb + h * stride_lh + qi * stride_ls, lse, mask=r_ok)
 
 
 def combine(o_part: torch.Tensor, l_part: torch.Tensor, seqlens: torch.Tensor, capacity: int, min_units: int,
-            out: torch.Tensor, lse: torch.Tensor) -> None:
+            out: torch.Tensor, lse: torch.Tensor, block_c: int | None = None, warps: int | None = None,
+            pieces: int | None = None) -> None:
     """Merge the pieces of every sequence the schedule of P = len(o_part) // 2 programs cut (o_part (2 P, s_q * H,
     C), l_part (2 P, s_q * H) float32, log2 units: the slots of ``pieces_ref``) into out (B, s_q, H, C) and lse (B, H,
-    s_q) (natural log), in program order; the rows of uncut sequences are left as they are."""
+    s_q) (natural log), in program order; the rows of uncut sequences are left as they are. block_c (columns a
+    program), warps and pieces (read at once): ``COMBINE`` unless given (bench/ab_mla_gluon.py times the choices)."""
     two_p, n_rows, C = o_part.shape
     B, H = out.shape[0], out.shape[2]
     block_r = 16
-    _combine_kernel[(B, -(-n_rows // block_r))](
+    block_c = min(block_c or COMBINE["block_c"], triton.next_power_of_2(C))
+    _combine_kernel[(B, -(-n_rows // block_r), -(-C // block_c))](
         seqlens, o_part, l_part, out, lse, B, capacity, min_units, max(2, MAX_PIECES), n_rows, H, out.stride(0),
         out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2), two_p // 2, C=C,
-        BLOCK_C=triton.next_power_of_2(C), BLOCK_R=block_r,
-        BLOCK_B=min(MAX_BLOCK_B, max(16, triton.next_power_of_2(B))), UNIT=UNIT, OVERHEAD=OVERHEAD)
+        BLOCK_C=block_c, BLOCK_R=block_r, BLOCK_B=min(MAX_BLOCK_B, max(16, triton.next_power_of_2(B))),
+        NPC=pieces or COMBINE["pieces"], UNIT=UNIT, OVERHEAD=OVERHEAD, num_warps=warps or COMBINE["warps"])
 
 
 def slices_ref(lens: list[int], P: int, min_units: int = MIN_UNITS) -> list[tuple[int, int]]:
@@ -201,6 +213,7 @@ if HAVE_GLUON:
     CW = gl.constexpr(64)  # columns a TMA box / shared-memory chunk (128 bytes of 16-bit values: one swizzle row)
     NKV = gl.constexpr(LATENT // 64)  # latent boxes a tile (the value's columns); the RoPE box is chunk NKV
     OVERHEAD_C = gl.constexpr(OVERHEAD)  # the schedule's units charged per sequence (``kernels.mla_decode``)
+    MERGE_PIECES = gl.constexpr(1)  # pieces the narrow kernel's merge reads at once
 
     @gluon.jit
     def _tile_row(tbl_ptr, kv_row, t, PAGED: gl.constexpr):
@@ -373,32 +386,54 @@ if HAVE_GLUON:
     def _merge(op_ptr, lp_ptr, o_ptr, l_ptr, b, p0, p1, H, stride_ob, stride_os, stride_oh, stride_lb, stride_ls,
                stride_lh, RN: gl.constexpr):
         """The last piece's program merges sequence b's pieces (programs p0 .. p1, in that order) from their float32
-        partial slots, as ``_combine_kernel`` does: out = sum_j w_j o_j / sum_j w_j, w_j = 2^(l_j - max l)."""
-        lay: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [4, 1], [1, 0])
-        CB: gl.constexpr = 128  # output columns a pass
-        rows = gl.arange(0, RN, layout=gl.SliceLayout(1, lay))
-        cols = gl.arange(0, CB, layout=gl.SliceLayout(0, lay))
-        m = gl.full([RN], float("-inf"), gl.float32, gl.SliceLayout(1, lay))
-        for q in range(p0, p1 + 1):  # the first piece is program p0's last (slot 2 p0 + 1), the others first
-            slot = (2 * q + (q == p0).to(gl.int32)).to(gl.int64) * RN
-            m = gl.maximum(m, gl.load(lp_ptr + slot + rows))
-        m_safe = gl.where(m == float("-inf"), 0.0, m)
-        den = gl.zeros([RN], gl.float32, gl.SliceLayout(1, lay))
-        for q in range(p0, p1 + 1):
-            slot = (2 * q + (q == p0).to(gl.int32)).to(gl.int64) * RN
-            den += gl.exp2(gl.load(lp_ptr + slot + rows) - m_safe)
+        partial slots, as ``_combine_kernel`` does: out = sum_j w_j o_j / sum_j w_j, w_j = 2^(l_j - max l), with a
+        running max over MERGE_PIECES pieces at a time. Every load of a group is issued at once (one round trip to
+        L2 a group, not one a piece and column block: sixteenth session's merge cost ~8 us at B=32)."""
+        NPC: gl.constexpr = MERGE_PIECES
+        CB: gl.constexpr = 128  # output columns an accumulator
+        l3: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 1, 32], [1, 4, 1], [2, 1, 0])  # (piece, row, column)
+        l2: gl.constexpr = gl.SliceLayout(2, l3)  # (piece, row)
+        lo: gl.constexpr = gl.SliceLayout(0, l3)  # (row, column)
+        pcs = gl.expand_dims(gl.arange(0, NPC, layout=gl.SliceLayout(1, l2)), 1)  # (NPC, 1)
+        r2 = gl.expand_dims(gl.arange(0, RN, layout=gl.SliceLayout(0, l2)), 0)  # (1, RN)
+        c3 = gl.expand_dims(gl.expand_dims(gl.arange(0, CB, layout=gl.SliceLayout(0, lo)), 0), 0)  # (1, 1, CB)
+        m = gl.full([RN, 1], float("-inf"), gl.float32, lo)
+        den = gl.zeros([RN, 1], gl.float32, lo)
+        acc0 = gl.zeros([RN, CB], gl.float32, lo)
+        acc1 = gl.zeros([RN, CB], gl.float32, lo)
+        acc2 = gl.zeros([RN, CB], gl.float32, lo)
+        acc3 = gl.zeros([RN, CB], gl.float32, lo)
+        for q0 in range(p0, p1 + 1, NPC):  # the first piece is program p0's last (slot 2 p0 + 1), the others first
+            q = q0 + pcs
+            ok = q <= p1
+            slot = (2 * q + (q == p0).to(gl.int32)).to(gl.int64) * RN + r2  # (NPC, RN): row slot of each piece
+            lq = gl.expand_dims(gl.load(lp_ptr + slot, mask=ok, other=float("-inf")), 2)  # (NPC, RN, 1)
+            base = op_ptr + gl.expand_dims(slot * (NKV * CW), 2) + c3
+            ok3 = gl.expand_dims(ok, 2)
+            part0 = gl.load(base, mask=ok3, other=0.0)
+            part1 = gl.load(base + CB, mask=ok3, other=0.0)
+            part2 = gl.load(base + 2 * CB, mask=ok3, other=0.0)
+            part3 = gl.load(base + 3 * CB, mask=ok3, other=0.0)
+            m_new = gl.maximum(m, gl.max(lq, axis=0))
+            m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = gl.exp2(m - m_safe)
+            w = gl.exp2(lq - gl.expand_dims(m_safe, 0))  # 0 for a piece past p1 or a row it saw nothing of
+            den = den * alpha + gl.sum(w, axis=0)
+            acc0 = acc0 * alpha + gl.sum(w * part0, axis=0)
+            acc1 = acc1 * alpha + gl.sum(w * part1, axis=0)
+            acc2 = acc2 * alpha + gl.sum(w * part2, axis=0)
+            acc3 = acc3 * alpha + gl.sum(w * part3, axis=0)
+            m = m_new
         none = den == 0.0
-        inv = gl.expand_dims(1.0 / gl.where(none, 1.0, den), 1)
-        o_rows = gl.expand_dims((rows // H) * stride_os + (rows % H) * stride_oh, 1) + gl.expand_dims(cols, 0)
-        for c in gl.static_range(NKV * CW // CB):
-            acc = gl.zeros([RN, CB], gl.float32, lay)
-            for q in range(p0, p1 + 1):
-                slot = (2 * q + (q == p0).to(gl.int32)).to(gl.int64) * RN
-                w = gl.exp2(gl.load(lp_ptr + slot + rows) - m_safe)
-                part = gl.load(op_ptr + slot * (NKV * CW) + gl.expand_dims(rows * (NKV * CW), 1) + c * CB
-                               + gl.expand_dims(cols, 0))
-                acc += gl.expand_dims(w, 1) * part
-            gl.store(o_ptr + b.to(gl.int64) * stride_ob + o_rows + c * CB, (acc * inv).to(o_ptr.dtype.element_ty))
+        inv = 1.0 / gl.where(none, 1.0, den)
+        rows = gl.expand_dims(gl.arange(0, RN, layout=gl.SliceLayout(1, lo)), 1)  # (RN, 1)
+        cols = gl.expand_dims(gl.arange(0, CB, layout=gl.SliceLayout(0, lo)), 0)
+        optr = o_ptr + b.to(gl.int64) * stride_ob + (rows // H) * stride_os + (rows % H) * stride_oh + cols
+        dt = o_ptr.dtype.element_ty
+        gl.store(optr, (acc0 * inv).to(dt))
+        gl.store(optr + CB, (acc1 * inv).to(dt))
+        gl.store(optr + 2 * CB, (acc2 * inv).to(dt))
+        gl.store(optr + 3 * CB, (acc3 * inv).to(dt))
         gl.store(l_ptr + b.to(gl.int64) * stride_lb + (rows // H) * stride_ls + (rows % H) * stride_lh,
                  gl.where(none, float("-inf"), (m + gl.log2(gl.where(none, 1.0, den))) * 0.6931471805599453))
 
