@@ -40,15 +40,15 @@ def counts(cubin: bytes) -> str:
             f"HMMA {ops['HMMA']}, LDL {ops['LDL']}, STL {ops['STL']})")
 
 
-def gluon_kernel(kind: str, rows: int, paged: bool) -> str:
+def gluon_kernel(kind: str, rows: int, paged: bool, C: int = 512) -> str:
     from triton.experimental.gluon._runtime import GluonASTSource
 
     fn = glu._narrow_kernel if kind == "narrow" else glu._ws_kernel
     t = torch.empty(1024, 576, dtype=torch.bfloat16)
-    consts = {"CAUSAL": True, "PAGED": paged, "STAGES": glu.STAGES["wide" if kind == "wide" else "narrow"],
+    consts = {"CAUSAL": True, "PAGED": paged, "STAGES": glu.STAGES["wide" if kind == "wide" else "narrow", C],
               "BLOCK_B": 128}
     if kind == "narrow":
-        consts.update(RN=rows, MERGE=rows in glu.MERGE_ROWS)
+        consts.update(RN=rows, MERGE=rows in glu.MERGE_ROWS, NL=C // 64)
     else:  # the warp-specialized kernel: wide, or the narrow math on two consumer warpgroups ("narrow2")
         consts.update(RN=64 if kind == "wide" else rows, TRANSPOSED=kind == "narrow2")
     sig = {}
@@ -86,9 +86,11 @@ def triton_kernel(block_m: int, block_n: int, warps: int, stages: int, v_split: 
 def main() -> None:
     print(f"triton {triton.__version__}, sm_90")
     if glu.HAVE_GLUON:
-        for kind, rows in (("wide", 128), ("narrow", 16), ("narrow", 32), ("narrow2", 16), ("narrow2", 32)):
+        for kind, rows, C in (("wide", 128, 512), ("narrow", 16, 512), ("narrow", 32, 512), ("narrow2", 16, 512),
+                              ("narrow2", 32, 512), ("narrow", 16, 256), ("narrow", 32, 256)):
             for paged in (False, True):
-                print(f"gluon {kind} rows={rows} paged={paged}: {gluon_kernel(kind, rows, paged)}", flush=True)
+                print(f"gluon {kind} rows={rows} C={C} paged={paged}: {gluon_kernel(kind, rows, paged, C)}",
+                      flush=True)
     else:
         print("no Gluon with Triton 3.6's API here: the Gluon kernels skipped")
     for cfg in ((16, 32, 4, 3), (16, 64, 4, 3), (32, 64, 8, 3), (64, 64, 8, 2), (128, 32, 8, 2, 2)):

@@ -5,7 +5,7 @@
 #   bench:  bench/mla_decode.py's full sweep (the default path)
 #   narrow2: the two-warpgroup narrow kernel (mla_decode_gluon.NARROW2_ROWS, off): its GPU tests, then the 16-head
 #           sweep with it (mla_decode-narrow2.md) beside the default's (mla_decode-h16.md)
-#   ab FILE: the GPU tests, then bench/ab_mla_gluon.py: this tree's Gluon path against FILE (another revision's
+#   ab FILE [STEM]: the GPU tests, then bench/ab_mla_gluon.py: this tree's Gluon path against FILE (another revision's
 #           kernels/mla_decode_gluon.py), alternating, on the short-cache shapes (mla_decode-ab.md)
 #   ncu:    Nsight Compute on the Triton kernel's worst cases (bench/profile_mla_decode.py), and its --floor timings
 source bench/device_env.sh
@@ -25,7 +25,7 @@ case "${1:-gluon}" in
     ;;
   ab)
     bash bench/gpu_tests_split.sh tests/test_kernels_mla_gluon.py gpu_tests_mla_gluon.log
-    python3 bench/ab_mla_gluon.py --combine --base "$2" --out "$OUT" --stem "${3:-mla_decode-ab}" 2>&1 | grep -v "^{"
+    python3 bench/ab_mla_gluon.py --base "$2" --out "$OUT" --stem "${3:-mla_decode-ab}" 2>&1 | grep -v "^{"
     ;;
   ncu)
     ncu --clock-control none --profile-from-start off --section SpeedOfLight --section LaunchStats --section Occupancy \

@@ -1,5 +1,5 @@
 """MLA decoding on Hopper's warpgroup MMAs from shared memory (Gluon): the fast path of ``mla_decode`` for V3's latent
-(C = 512, R = 64), 16-bit caches, sm_90 (``kernels.mla_decode.GLUON_MLA``, on). Same signature and result as
+(C = 512, R = 64) and, at 16 or 32 rows, small-v3's (C = 256, R = 32), 16-bit caches, sm_90 (``kernels.mla_decode.GLUON_MLA``, on). Same signature and result as
 ``kernels.mla_decode.mla_decode`` (and ``minids.mla_decode_ref``); tests/test_kernels_mla_gluon.py runs it on the GPU.
 
 Why (bench/results/kernels_notes.md, fifteenth and sixteenth sessions): the Triton kernel holds the query tile as a
@@ -15,9 +15,11 @@ Two kernels, by rows = s_q * H:
   online softmax, and P V for their own half of the 512 output columns (four 64-wide accumulators, P from
   registers). The scores are computed by both (1.5x the ideal tensor work) in exchange for no traffic between the
   warpgroups.
-- rows 16 or 32 (H=16, s_q 1 or 2): ``_narrow_kernel``, transposed, one warpgroup: the tile's 64 tokens are the MMA's
-  M and the rows its N (no padding to 64 rows): S^T = K Q^T, softmax along the tokens, O^T (512 x rows) += V^T P^T
-  with P^T written to shared memory (the MMA's B operand) and V^T read transposed from the cache tile. Its
+- rows 16 or 32 (H=16, s_q 1 or 2): ``_narrow_kernel``, transposed: the tile's 64 tokens are the MMA's M and the
+  rows its N (no padding to 64 rows): S^T = K Q^T, softmax along the tokens, O^T (C x rows) += V^T P^T with P^T
+  written to shared memory (the MMA's B operand) and V^T read transposed from the cache tile, on one warpgroup.
+  C = 256 takes 4 latent boxes instead of 8, and a RoPE narrower than 64 columns (R = 32) is zero-filled past R by
+  the TMA in both the query's box and the cache's. Its
   two-warpgroup form (``_ws_kernel`` with TRANSPOSED: the wide kernel's warp specialization, each consumer with half
   of the output columns) passes its GPU tests but is off (``NARROW2_ROWS``): on the H200 it was slower on 24 of
   32 V3 rows at H=16 (bench/results/mla_decode-narrow2.md).
@@ -32,8 +34,8 @@ out / lse directly; the pieces of a cut one go to float32 partial slots (2 a pro
 16 rows (``MERGE_ROWS``) by the program of the last piece to finish (a per-sequence arrival counter), otherwise by
 ``_combine_kernel``, a second launch whenever P > 1.
 Paged caches: 64-token pages (one tile each), looked up per tile in the block table.
-Preconditions (``form``): q, cache and pe of one 16-bit dtype; C = 512, R = 64; the cache's rows 16-byte aligned
-(TMA); the page size 64 when paged.
+Preconditions (``form``): q, cache and pe of one 16-bit dtype; C = 512 and R = 64, or at 16 / 32 rows C = 256 and R
+<= 32 (a multiple of 8); the cache's rows 16-byte aligned (TMA); the page size 64 when paged.
 """
 
 from __future__ import annotations
@@ -69,26 +71,23 @@ if HAVE_TRITON:
     import triton.language as tl
     from minids.kernels.mla_decode import _block_units, _totals
 
-LATENT, ROPE = 512, 64  # the only (C, R) these kernels take: V3's
-COMBINE = {"block_c": 512, "warps": 8, "pieces": 1}  # the combine kernel's columns a program, warps, pieces read at once
+LATENT, ROPE = 512, 64  # V3's (C, R): the wide kernel's only one
+NARROW_LATENTS = {512: 64, 256: 32}  # the narrow kernel's (C, largest R): V3's and small-v3's
 
 if HAVE_TRITON:
 
     @triton.jit
     def _combine_kernel(SEQLENS, O_PART, L_PART, O, LSE, B, capacity, min_units, max_pieces, n_rows, H, stride_ob,
                         stride_os, stride_oh, stride_lb, stride_lh, stride_ls, P, C: tl.constexpr,
-                        BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr, NPC: tl.constexpr,
-                        UNIT: tl.constexpr, OVERHEAD: tl.constexpr):
-        """Rows [BLOCK_R program_id 1, +BLOCK_R) and columns [BLOCK_C program_id 2, +BLOCK_C) of sequence b
-        (program_id 0), if the schedule (``slices_ref`` with P programs) cut it: out = sum_j w_j o_j / sum_j w_j,
-        w_j = 2^(l_j - max l), over its pieces j in program order; lse = (max + log2 sum w) ln 2 (written by the
-        column block 0). O_PART (2 P, n_rows, C) and L_PART (2 P, n_rows) float32 (log2 units; -inf and a zero
-        partial for a piece that saw no token of a row). NPC pieces are read at once with a running max: one round
-        trip to memory a group of pieces. A sequence in one piece was written by the attention kernel: nothing to
-        do."""
+                        BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr, UNIT: tl.constexpr,
+                        OVERHEAD: tl.constexpr):
+        """Rows [BLOCK_R program_id 1, +BLOCK_R) of sequence b (program_id 0), if the schedule (``slices_ref`` with
+        P programs) cut it: out = sum_j w_j o_j / sum_j w_j, w_j = 2^(l_j - max l), over its pieces j in
+        program order; lse = (max + log2 sum w) ln 2. O_PART (2 P, n_rows, C) and L_PART (2 P, n_rows) float32 (log2
+        units; -inf and a zero partial for a piece that saw no token of a row). A sequence in one piece was written
+        by the attention kernel: nothing to do."""
         b = tl.program_id(0)
         r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
         r_ok = r < n_rows
         total, n_max = _totals(SEQLENS, B, capacity, BLOCK_B, UNIT, OVERHEAD)
         W = tl.maximum(tl.maximum(tl.cdiv(total, P), min_units), tl.cdiv(n_max, max_pieces - 1))
@@ -107,50 +106,42 @@ if HAVE_TRITON:
             p1 = tl.where(P >= B, p0 + tl.cdiv(k, per) - 1, p0)
         if (k > 0) & (p1 > p0):
             m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+            for p in range(p0, p1 + 1):  # the first piece is program p0's last (slot 2 p0 + 1), the others first
+                slot = 2 * p + (p == p0).to(tl.int32)
+                m = tl.maximum(m, tl.load(L_PART + slot.to(tl.int64) * n_rows + r, mask=r_ok, other=float("-inf")))
+            m_safe = tl.where(m == float("-inf"), 0.0, m)
+            cols = tl.arange(0, BLOCK_C)
             den = tl.zeros([BLOCK_R], tl.float32)
             acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
-            c_ok = cols < C
-            for q0 in range(p0, p1 + 1, NPC):  # the first piece is program p0's last (slot 2 p0 + 1), the others first
-                q = q0 + tl.arange(0, NPC)
-                ok = (q <= p1)[:, None] & r_ok[None, :]  # (NPC, BLOCK_R)
-                slot = (2 * q + (q == p0).to(tl.int32)).to(tl.int64)[:, None] * n_rows + r[None, :]
-                lq = tl.load(L_PART + slot, mask=ok, other=float("-inf"))
-                part = tl.load(O_PART + slot[:, :, None] * C + cols[None, None, :],
-                               mask=ok[:, :, None] & c_ok[None, None, :], other=0.0)
-                m_new = tl.maximum(m, tl.max(lq, 0))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m - m_safe)
-                w = tl.exp2(lq - m_safe[None, :])  # 0 for a piece past p1 or a row it saw nothing of
-                den = den * alpha + tl.sum(w, 0)
-                acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * part, 0)
-                m = m_new
+            mask = r_ok[:, None] & (cols < C)[None, :]
+            for p in range(p0, p1 + 1):
+                slot = (2 * p + (p == p0).to(tl.int32)).to(tl.int64) * n_rows + r
+                w = tl.exp2(tl.load(L_PART + slot, mask=r_ok, other=float("-inf")) - m_safe)
+                den += w
+                acc += w[:, None] * tl.load(O_PART + slot[:, None] * C + cols[None, :], mask=mask, other=0.0)
             none = den == 0.0
             out = acc / tl.where(none, 1.0, den)[:, None]
             qi = r // H
             h = r % H
             tl.store(O + b * stride_ob + (qi * stride_os + h * stride_oh)[:, None] + cols[None, :],
-                     out.to(O.dtype.element_ty), mask=r_ok[:, None] & c_ok[None, :])
-            if tl.program_id(2) == 0:
-                lse = tl.where(none, float("-inf"), (m + tl.log2(tl.where(none, 1.0, den))) * 0.6931471805599453)
-                tl.store(LSE + b * stride_lb + h * stride_lh + qi * stride_ls, lse, mask=r_ok)
+                     out.to(O.dtype.element_ty), mask=mask)
+            lse = tl.where(none, float("-inf"), (m + tl.log2(tl.where(none, 1.0, den))) * 0.6931471805599453)
+            tl.store(LSE + b * stride_lb + h * stride_lh + qi * stride_ls, lse, mask=r_ok)
 
 
 def combine(o_part: torch.Tensor, l_part: torch.Tensor, seqlens: torch.Tensor, capacity: int, min_units: int,
-            out: torch.Tensor, lse: torch.Tensor, block_c: int | None = None, warps: int | None = None,
-            pieces: int | None = None) -> None:
+            out: torch.Tensor, lse: torch.Tensor) -> None:
     """Merge the pieces of every sequence the schedule of P = len(o_part) // 2 programs cut (o_part (2 P, s_q * H,
     C), l_part (2 P, s_q * H) float32, log2 units: the slots of ``pieces_ref``) into out (B, s_q, H, C) and lse (B, H,
-    s_q) (natural log), in program order; the rows of uncut sequences are left as they are. block_c (columns a
-    program), warps and pieces (read at once): ``COMBINE`` unless given (bench/ab_mla_gluon.py times the choices)."""
+    s_q) (natural log), in program order; the rows of uncut sequences are left as they are."""
     two_p, n_rows, C = o_part.shape
     B, H = out.shape[0], out.shape[2]
     block_r = 16
-    block_c = min(block_c or COMBINE["block_c"], triton.next_power_of_2(C))
-    _combine_kernel[(B, -(-n_rows // block_r), -(-C // block_c))](
+    _combine_kernel[(B, -(-n_rows // block_r))](
         seqlens, o_part, l_part, out, lse, B, capacity, min_units, max(2, MAX_PIECES), n_rows, H, out.stride(0),
         out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2), two_p // 2, C=C,
-        BLOCK_C=block_c, BLOCK_R=block_r, BLOCK_B=min(MAX_BLOCK_B, max(16, triton.next_power_of_2(B))),
-        NPC=pieces or COMBINE["pieces"], UNIT=UNIT, OVERHEAD=OVERHEAD, num_warps=warps or COMBINE["warps"])
+        BLOCK_C=triton.next_power_of_2(C), BLOCK_R=block_r,
+        BLOCK_B=min(MAX_BLOCK_B, max(16, triton.next_power_of_2(B))), UNIT=UNIT, OVERHEAD=OVERHEAD)
 
 
 def slices_ref(lens: list[int], P: int, min_units: int = MIN_UNITS) -> list[tuple[int, int]]:
@@ -224,19 +215,20 @@ if HAVE_GLUON:
             return kv_row + t
 
     @gluon.jit
-    def _load_tile(kv_desc, pe_desc, row, bar, bufs, base: gl.constexpr):
-        """The 9 boxes of one 64-token tile (8 latent, 1 RoPE) into bufs[base .. base + 8], arriving on bar."""
-        mbarrier.expect(bar, NKV * kv_desc.block_type.nbytes + pe_desc.block_type.nbytes)
-        for c in gl.static_range(NKV):
+    def _load_tile(kv_desc, pe_desc, row, bar, bufs, base: gl.constexpr, NL: gl.constexpr):
+        """The NL + 1 boxes of one 64-token tile (NL latent, 1 RoPE) into bufs[base .. base + NL], arriving on bar.
+        A RoPE narrower than the box (R = 32) is zero-filled past R by the TMA (as is the query's)."""
+        mbarrier.expect(bar, NL * kv_desc.block_type.nbytes + pe_desc.block_type.nbytes)
+        for c in gl.static_range(NL):
             tma.async_copy_global_to_shared(kv_desc, [row, c * CW], bar, bufs.index(base + c))
-        tma.async_copy_global_to_shared(pe_desc, [row, 0], bar, bufs.index(base + NKV))
+        tma.async_copy_global_to_shared(pe_desc, [row, 0], bar, bufs.index(base + NL))
 
     @gluon.jit
     def _zero_tail(kv_smem, first: gl.constexpr, count: gl.constexpr, tok0, seqlen):
         """Zero the rows of tokens >= seqlen in buffers first .. first + count - 1 of a tile starting at token tok0:
         they are read as values (P V), where a masked token's P = 0 still meets whatever the cache holds there (NaN
         in the tests). Their scores need no care: they are masked before the softmax."""
-        zl: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [4, 1], [1, 0])
+        zl: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [gl.num_warps(), 1], [1, 0])
         keep = gl.expand_dims(tok0 + gl.arange(0, BN, layout=gl.SliceLayout(1, zl)) < seqlen, 1)
         for k in gl.static_range(count):
             buf = kv_smem.index(first + k)
@@ -276,10 +268,10 @@ if HAVE_GLUON:
         return warpgroup_mma_wait(num_outstanding=0, deps=(s,))
 
     @gluon.jit
-    def _scores_t(kv_smem, q_smem, base, s_zero):
-        """S^T = K Q^T of the tile in boxes base .. base + NKV (the narrow kernels' transposed scores), waited for."""
+    def _scores_t(kv_smem, q_smem, base, s_zero, NL: gl.constexpr):
+        """S^T = K Q^T of the tile in boxes base .. base + NL (the narrow kernels' transposed scores), waited for."""
         s = warpgroup_mma(kv_smem.index(base), q_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        for c in gl.static_range(1, NKV + 1):
+        for c in gl.static_range(1, NL + 1):
             s = warpgroup_mma(kv_smem.index(base + c), q_smem.index(c).permute((1, 0)), s, is_async=True)
         return warpgroup_mma_wait(num_outstanding=0, deps=(s,))
 
@@ -302,7 +294,7 @@ if HAVE_GLUON:
         u0, the unit S where b starts, the balanced slices' width W and whether the tile counts are equal. Run by
         the kernel's 4 warps; one read of the lengths when B <= BLOCK_B (a round trip to L2 before the first load is
         issued), else two passes."""
-        lay: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        lay: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
         if B <= BLOCK_B:
             offs = gl.arange(0, BLOCK_B, layout=lay)
             ok = offs < B
@@ -384,56 +376,60 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _merge(op_ptr, lp_ptr, o_ptr, l_ptr, b, p0, p1, H, stride_ob, stride_os, stride_oh, stride_lb, stride_ls,
-               stride_lh, RN: gl.constexpr):
+               stride_lh, RN: gl.constexpr, NL: gl.constexpr):
         """The last piece's program merges sequence b's pieces (programs p0 .. p1, in that order) from their float32
         partial slots, as ``_combine_kernel`` does: out = sum_j w_j o_j / sum_j w_j, w_j = 2^(l_j - max l), with a
         running max over MERGE_PIECES pieces at a time. Every load of a group is issued at once (one round trip to
         L2 a group, not one a piece and column block: sixteenth session's merge cost ~8 us at B=32)."""
         NPC: gl.constexpr = MERGE_PIECES
-        CB: gl.constexpr = 128  # output columns an accumulator
-        l3: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 1, 32], [1, 4, 1], [2, 1, 0])  # (piece, row, column)
+        CB: gl.constexpr = min(2048 // RN, NL * CW // 4)  # output columns an accumulator (<= 64 registers a thread
+        NPASS: gl.constexpr = NL * CW // (4 * CB)  # for the four); passes over the columns, four accumulators each
+        l3: gl.constexpr = gl.BlockedLayout([1, 1, CB // 32], [1, 1, 32], [1, gl.num_warps(), 1],
+                                            [2, 1, 0])  # (piece, row, column)
         l2: gl.constexpr = gl.SliceLayout(2, l3)  # (piece, row)
         lo: gl.constexpr = gl.SliceLayout(0, l3)  # (row, column)
         pcs = gl.expand_dims(gl.arange(0, NPC, layout=gl.SliceLayout(1, l2)), 1)  # (NPC, 1)
         r2 = gl.expand_dims(gl.arange(0, RN, layout=gl.SliceLayout(0, l2)), 0)  # (1, RN)
         c3 = gl.expand_dims(gl.expand_dims(gl.arange(0, CB, layout=gl.SliceLayout(0, lo)), 0), 0)  # (1, 1, CB)
-        m = gl.full([RN, 1], float("-inf"), gl.float32, lo)
-        den = gl.zeros([RN, 1], gl.float32, lo)
-        acc0 = gl.zeros([RN, CB], gl.float32, lo)
-        acc1 = gl.zeros([RN, CB], gl.float32, lo)
-        acc2 = gl.zeros([RN, CB], gl.float32, lo)
-        acc3 = gl.zeros([RN, CB], gl.float32, lo)
-        for q0 in range(p0, p1 + 1, NPC):  # the first piece is program p0's last (slot 2 p0 + 1), the others first
-            q = q0 + pcs
-            ok = q <= p1
-            slot = (2 * q + (q == p0).to(gl.int32)).to(gl.int64) * RN + r2  # (NPC, RN): row slot of each piece
-            lq = gl.expand_dims(gl.load(lp_ptr + slot, mask=ok, other=float("-inf")), 2)  # (NPC, RN, 1)
-            base = op_ptr + gl.expand_dims(slot * (NKV * CW), 2) + c3
-            ok3 = gl.expand_dims(ok, 2)
-            part0 = gl.load(base, mask=ok3, other=0.0)
-            part1 = gl.load(base + CB, mask=ok3, other=0.0)
-            part2 = gl.load(base + 2 * CB, mask=ok3, other=0.0)
-            part3 = gl.load(base + 3 * CB, mask=ok3, other=0.0)
-            m_new = gl.maximum(m, gl.max(lq, axis=0))
-            m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = gl.exp2(m - m_safe)
-            w = gl.exp2(lq - gl.expand_dims(m_safe, 0))  # 0 for a piece past p1 or a row it saw nothing of
-            den = den * alpha + gl.sum(w, axis=0)
-            acc0 = acc0 * alpha + gl.sum(w * part0, axis=0)
-            acc1 = acc1 * alpha + gl.sum(w * part1, axis=0)
-            acc2 = acc2 * alpha + gl.sum(w * part2, axis=0)
-            acc3 = acc3 * alpha + gl.sum(w * part3, axis=0)
-            m = m_new
-        none = den == 0.0
-        inv = 1.0 / gl.where(none, 1.0, den)
         rows = gl.expand_dims(gl.arange(0, RN, layout=gl.SliceLayout(1, lo)), 1)  # (RN, 1)
         cols = gl.expand_dims(gl.arange(0, CB, layout=gl.SliceLayout(0, lo)), 0)
         optr = o_ptr + b.to(gl.int64) * stride_ob + (rows // H) * stride_os + (rows % H) * stride_oh + cols
         dt = o_ptr.dtype.element_ty
-        gl.store(optr, (acc0 * inv).to(dt))
-        gl.store(optr + CB, (acc1 * inv).to(dt))
-        gl.store(optr + 2 * CB, (acc2 * inv).to(dt))
-        gl.store(optr + 3 * CB, (acc3 * inv).to(dt))
+        for h in gl.static_range(NPASS):
+            c0 = h * 4 * CB
+            m = gl.full([RN, 1], float("-inf"), gl.float32, lo)
+            den = gl.zeros([RN, 1], gl.float32, lo)
+            acc0 = gl.zeros([RN, CB], gl.float32, lo)
+            acc1 = gl.zeros([RN, CB], gl.float32, lo)
+            acc2 = gl.zeros([RN, CB], gl.float32, lo)
+            acc3 = gl.zeros([RN, CB], gl.float32, lo)
+            for q0 in range(p0, p1 + 1, NPC):  # the first piece is program p0's last (slot 2 p0 + 1), the others
+                q = q0 + pcs  # first
+                ok = q <= p1
+                slot = (2 * q + (q == p0).to(gl.int32)).to(gl.int64) * RN + r2  # (NPC, RN): each piece's row slots
+                lq = gl.expand_dims(gl.load(lp_ptr + slot, mask=ok, other=float("-inf")), 2)  # (NPC, RN, 1)
+                base = op_ptr + gl.expand_dims(slot * (NL * CW), 2) + c0 + c3
+                ok3 = gl.expand_dims(ok, 2)
+                part0 = gl.load(base, mask=ok3, other=0.0)
+                part1 = gl.load(base + CB, mask=ok3, other=0.0)
+                part2 = gl.load(base + 2 * CB, mask=ok3, other=0.0)
+                part3 = gl.load(base + 3 * CB, mask=ok3, other=0.0)
+                m_new = gl.maximum(m, gl.max(lq, axis=0))
+                m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = gl.exp2(m - m_safe)
+                w = gl.exp2(lq - gl.expand_dims(m_safe, 0))  # 0 for a piece past p1 or a row it saw nothing of
+                den = den * alpha + gl.sum(w, axis=0)
+                acc0 = acc0 * alpha + gl.sum(w * part0, axis=0)
+                acc1 = acc1 * alpha + gl.sum(w * part1, axis=0)
+                acc2 = acc2 * alpha + gl.sum(w * part2, axis=0)
+                acc3 = acc3 * alpha + gl.sum(w * part3, axis=0)
+                m = m_new
+            none = den == 0.0
+            inv = 1.0 / gl.where(none, 1.0, den)
+            gl.store(optr + c0, (acc0 * inv).to(dt))
+            gl.store(optr + c0 + CB, (acc1 * inv).to(dt))
+            gl.store(optr + c0 + 2 * CB, (acc2 * inv).to(dt))
+            gl.store(optr + c0 + 3 * CB, (acc3 * inv).to(dt))
         gl.store(l_ptr + b.to(gl.int64) * stride_lb + (rows // H) * stride_ls + (rows % H) * stride_lh,
                  gl.where(none, float("-inf"), (m + gl.log2(gl.where(none, 1.0, den))) * 0.6931471805599453))
 
@@ -460,7 +456,7 @@ if HAVE_GLUON:
                     st = g % STAGES
                     mbarrier.wait(empty.index(st), ((g // STAGES) & 1) ^ 1)
                     _load_tile(kv_desc, pe_desc, _tile_row(tbl, b * capacity, (lo + i) * BN, PAGED), ready.index(st),
-                               kv_smem, st * (NKV + 1))
+                               kv_smem, st * (NKV + 1), NKV)
                     g += 1
                 pc += 1
             S = S + OVERHEAD_C + k
@@ -546,7 +542,7 @@ if HAVE_GLUON:
                     st = g % STAGES
                     mbarrier.wait(ready.index(st), (g // STAGES) & 1)
                     if TRANSPOSED:
-                        s = _scores_t(kv_smem, q_smem, st * NB, s_zero)
+                        s = _scores_t(kv_smem, q_smem, st * NB, s_zero, NKV)
                     else:
                         s = _scores(q_smem, kv_smem, st * NB, s_zero)
                     tok0 = (lo + i) * BN
@@ -652,14 +648,14 @@ if HAVE_GLUON:
     def _narrow_kernel(q_desc, kv_desc, pe_desc, seqlens_ptr, tbl_ptr, o_ptr, l_ptr, op_ptr, lp_ptr, cnt_ptr, stride_tb,
                        stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, capacity, B, H, S_Q, qk_scale,
                        min_units, max_pieces, RN: gl.constexpr, CAUSAL: gl.constexpr, PAGED: gl.constexpr,
-                       STAGES: gl.constexpr, BLOCK_B: gl.constexpr, MERGE: gl.constexpr):
-        """Program p: all RN = s_q * H rows (16 or 32) of every piece in slice p; see the module docstring. One
-        warpgroup issues its own loads (no warp specialization): the slice's tile g + STAGES - 1 goes out once
-        tile g - 1's MMAs are done."""
+                       STAGES: gl.constexpr, BLOCK_B: gl.constexpr, MERGE: gl.constexpr, NL: gl.constexpr):
+        """Program p: all RN = s_q * H rows (16 or 32) of every piece in slice p; see the module docstring. NL: the
+        latent's 64-column boxes (8 for C = 512, 4 for 256). No warp specialization: the program issues its own
+        loads, the slice's tile g + STAGES - 1 once tile g - 1's MMAs are done."""
         p = gl.program_id(0)
         P = gl.num_programs(0)
         u0, u1, b, S, W, uniform = _slice(seqlens_ptr, B, capacity, P, p, min_units, max_pieces, BLOCK_B)
-        NB: gl.constexpr = NKV + 1
+        NB: gl.constexpr = NL + 1
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, RN, 16])
         p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, RN], gl.bfloat16)
         q_smem = gl.allocate_shared_memory(q_desc.dtype, [NB, RN, CW], q_desc.layout)
@@ -693,7 +689,7 @@ if HAVE_GLUON:
                     if j < n_tiles:
                         sj = (g + j) % STAGES
                         _load_tile(kv_desc, pe_desc, _tile_row(tbl, kv_row, (lo + j) * BN, PAGED), ready.index(sj),
-                                   kv_smem, sj * NB)
+                                   kv_smem, sj * NB, NL)
                 limit = _row_limit(seqlen, rows, H, S_Q, CAUSAL)
                 m_i = gl.full([RN], float("-inf"), gl.float32, gl.SliceLayout(0, mma))
                 l_i = gl.zeros([RN], gl.float32, gl.SliceLayout(0, mma))
@@ -701,26 +697,27 @@ if HAVE_GLUON:
                 acc1 = gl.zeros([CW, RN], gl.float32, mma)
                 acc2 = gl.zeros([CW, RN], gl.float32, mma)
                 acc3 = gl.zeros([CW, RN], gl.float32, mma)
-                acc4 = gl.zeros([CW, RN], gl.float32, mma)
-                acc5 = gl.zeros([CW, RN], gl.float32, mma)
-                acc6 = gl.zeros([CW, RN], gl.float32, mma)
-                acc7 = gl.zeros([CW, RN], gl.float32, mma)
+                if NL == 8:
+                    acc4 = gl.zeros([CW, RN], gl.float32, mma)
+                    acc5 = gl.zeros([CW, RN], gl.float32, mma)
+                    acc6 = gl.zeros([CW, RN], gl.float32, mma)
+                    acc7 = gl.zeros([CW, RN], gl.float32, mma)
                 mbarrier.wait(q_bar, pc & 1)
                 for i in range(n_tiles):
                     nxt = i + STAGES - 1  # into the buffer tile i - 1 used: its MMAs are done (the barrier below)
                     if nxt < n_tiles:
                         sn = (g + STAGES - 1) % STAGES
                         _load_tile(kv_desc, pe_desc, _tile_row(tbl, kv_row, (lo + nxt) * BN, PAGED), ready.index(sn),
-                                   kv_smem, sn * NB)
+                                   kv_smem, sn * NB, NL)
                     st = g % STAGES
                     mbarrier.wait(ready.index(st), (g // STAGES) & 1)
-                    s = _scores_t(kv_smem, q_smem, st * NB, s_zero)
+                    s = _scores_t(kv_smem, q_smem, st * NB, s_zero, NL)
                     tok0 = (lo + i) * BN
                     s = gl.where(gl.expand_dims(tok0 + toks0, 1) < gl.expand_dims(limit, 0), s * qk_scale,
                                  float("-inf"))
                     p_, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, 0)
                     if tok0 + BN > seqlen:  # the last tile: its tokens past the length, zeroed in the values
-                        _zero_tail(kv_smem, st * NB, NKV, tok0, seqlen)
+                        _zero_tail(kv_smem, st * NB, NL, tok0, seqlen)
                     p_smem.store(p_.to(kv_smem.dtype))
                     fence_async_shared()
                     gl.thread_barrier()  # P^T and the zeroed rows are in shared memory before the MMAs read them
@@ -730,12 +727,15 @@ if HAVE_GLUON:
                     acc1 = warpgroup_mma(kv_smem.index(v + 1).permute((1, 0)), p_smem, acc1 * a2, is_async=True)
                     acc2 = warpgroup_mma(kv_smem.index(v + 2).permute((1, 0)), p_smem, acc2 * a2, is_async=True)
                     acc3 = warpgroup_mma(kv_smem.index(v + 3).permute((1, 0)), p_smem, acc3 * a2, is_async=True)
-                    acc4 = warpgroup_mma(kv_smem.index(v + 4).permute((1, 0)), p_smem, acc4 * a2, is_async=True)
-                    acc5 = warpgroup_mma(kv_smem.index(v + 5).permute((1, 0)), p_smem, acc5 * a2, is_async=True)
-                    acc6 = warpgroup_mma(kv_smem.index(v + 6).permute((1, 0)), p_smem, acc6 * a2, is_async=True)
-                    acc7 = warpgroup_mma(kv_smem.index(v + 7).permute((1, 0)), p_smem, acc7 * a2, is_async=True)
-                    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = warpgroup_mma_wait(
-                        num_outstanding=0, deps=(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7))
+                    if NL == 8:
+                        acc4 = warpgroup_mma(kv_smem.index(v + 4).permute((1, 0)), p_smem, acc4 * a2, is_async=True)
+                        acc5 = warpgroup_mma(kv_smem.index(v + 5).permute((1, 0)), p_smem, acc5 * a2, is_async=True)
+                        acc6 = warpgroup_mma(kv_smem.index(v + 6).permute((1, 0)), p_smem, acc6 * a2, is_async=True)
+                        acc7 = warpgroup_mma(kv_smem.index(v + 7).permute((1, 0)), p_smem, acc7 * a2, is_async=True)
+                        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = warpgroup_mma_wait(
+                            num_outstanding=0, deps=(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7))
+                    else:
+                        acc0, acc1, acc2, acc3 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1, acc2, acc3))
                     gl.thread_barrier()  # every warp is past this tile's MMAs before its buffer and P^T are rewritten
                     g += 1
                 empty_row = l_i == 0.0
@@ -746,27 +746,30 @@ if HAVE_GLUON:
                               + gl.expand_dims((rows // H) * stride_os + (rows % H) * stride_oh, 0)
                               + gl.expand_dims(cw, 1))
                     _store4(optr_o, acc0, acc1, acc2, acc3, inv)
-                    _store4(optr_o + 4 * CW, acc4, acc5, acc6, acc7, inv)
+                    if NL == 8:
+                        _store4(optr_o + 4 * CW, acc4, acc5, acc6, acc7, inv)
                     gl.store(l_ptr + b.to(gl.int64) * stride_lb + (rows // H) * stride_ls + (rows % H) * stride_lh,
                              gl.where(empty_row, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453))
                 else:  # a piece: float32 partial in slot 2 p + (it starts the sequence), log2 lse
                     slot = (2 * p + (lo == 0).to(gl.int32)).to(gl.int64) * RN
-                    optr_p = op_ptr + slot * (NKV * CW) + gl.expand_dims(rows * (NKV * CW), 0) + gl.expand_dims(cw, 1)
+                    optr_p = op_ptr + slot * (NL * CW) + gl.expand_dims(rows * (NL * CW), 0) + gl.expand_dims(cw, 1)
                     _store4(optr_p, acc0, acc1, acc2, acc3, inv)
-                    _store4(optr_p + 4 * CW, acc4, acc5, acc6, acc7, inv)
+                    if NL == 8:
+                        _store4(optr_p + 4 * CW, acc4, acc5, acc6, acc7, inv)
                     gl.store(lp_ptr + slot + rows, gl.where(empty_row, float("-inf"), m_i + gl.log2(l_safe)))
                     if MERGE:  # count in (after every thread's stores: a CTA barrier, then one thread's acq_rel
                         # atomic at GPU scope, its result shared by a reduction; a plain scalar atomic here runs on
                         # every thread); the last of the sequence's pieces merges them and resets its counter
                         gl.thread_barrier()
                         p0, p1 = _cut(b, S, k, W, uniform, P, B)
-                        lane = gl.arange(0, 128, layout=gl.BlockedLayout([1], [32], [4], [0]))
+                        lane = gl.arange(0, 32 * gl.num_warps(), layout=gl.BlockedLayout([1], [32], [gl.num_warps()],
+                                                                                          [0]))
                         got = gl.atomic_add(cnt_ptr + b + lane * 0, lane * 0 + 1, mask=lane == 0, sem="acq_rel",
                                             scope="gpu")
                         arrived = gl.max(gl.where(lane == 0, got, -1), 0)
                         if arrived == p1 - p0:
                             _merge(op_ptr, lp_ptr, o_ptr, l_ptr, b, p0, p1, H, stride_ob, stride_os, stride_oh,
-                                   stride_lb, stride_ls, stride_lh, RN)
+                                   stride_lb, stride_ls, stride_lh, RN, NL)
                             gl.store(cnt_ptr + b, 0)
                 pc += 1
             S = S + OVERHEAD_C + k
@@ -786,7 +789,9 @@ MERGE_ROWS = (16,)
 # 8 ragged ones (B=32, 4K~, s_q=2: 66.9 against 77.1 us). tests/test_kernels_mla_gluon.py routes it explicitly (its
 # 12 GPU tests pass), bench/mla_decode.py --narrow2 times it.
 NARROW2_ROWS: tuple[int, ...] = ()
-STAGES = {"wide": 2, "narrow": 2}  # cache tiles in flight: 2 x 72 KB (with the 72 / 18-36 KB query: 221 / 168-189 KB)
+# Cache tiles in flight, by form and latent: 2 x 72 KB for C = 512 (with the 72 / 18-36 KB query: 221 / 168-189 KB of
+# shared memory), 4 x 40 KB for C = 256 (the same bytes in flight).
+STAGES = {("wide", 512): 2, ("narrow", 512): 2, ("narrow", 256): 4}
 
 
 @functools.cache
@@ -802,9 +807,11 @@ def _layout(rows: int, cols: int, dtype: torch.dtype):
 
 def form(q: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor, C: int, page: int | None) -> str | None:
     """"wide", "narrow" or None (the Triton kernel takes the call): Gluon present, an sm_90 GPU, q / kv / pe of one
-    16-bit dtype, V3's latent (C = 512, R = 64), rows = s_q * H a multiple of 64 (wide) or 16 / 32 (narrow), rows of
-    the cache 16-byte aligned (TMA), 64-token pages when paged."""
-    if not HAVE_GLUON or not q.is_cuda or C != LATENT or pe.shape[-1] != ROPE:
+    16-bit dtype, rows = s_q * H a multiple of 64 with V3's latent (C = 512, R = 64: wide) or 16 / 32 with C = 512 or
+    256 and R a multiple of 8 up to 64 or 32 (narrow), rows of the cache 16-byte aligned (TMA), 64-token pages when
+    paged."""
+    R = pe.shape[-1]
+    if not HAVE_GLUON or not q.is_cuda or C not in NARROW_LATENTS or R > NARROW_LATENTS[C] or R % 8:
         return None
     if q.dtype not in (torch.bfloat16, torch.float16) or kv.dtype != q.dtype or pe.dtype != q.dtype:
         return None
@@ -816,7 +823,9 @@ def form(q: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor, C: int, page: int 
     if not _sm90(q.device.index if q.device.index is not None else torch.cuda.current_device()):
         return None
     rows = q.shape[1] * q.shape[2]
-    return "wide" if rows % 64 == 0 else "narrow" if rows in (16, 32) else None
+    if rows % 64 == 0:
+        return "wide" if (C, R) == (LATENT, ROPE) else None
+    return "narrow" if rows in (16, 32) else None
 
 
 def _desc(t2: torch.Tensor, rows: int, cols: int) -> TensorDescriptor:
@@ -824,12 +833,13 @@ def _desc(t2: torch.Tensor, rows: int, cols: int) -> TensorDescriptor:
 
 
 def mla_decode_gluon(q, kv, pe, seqlens, scale, causal, block_table, out, lse, kind, num_splits=None):
-    """Fill out (B, s_q, H, 512) and lse (B, H, s_q) (see ``kernels.mla_decode.mla_decode``); kv (.., 512) and pe
-    (.., 64) the latent and RoPE parts (views of one cache, or KVCache's two tensors), contiguous (B, T, .) or paged
+    """Fill out (B, s_q, H, C) and lse (B, H, s_q) (see ``kernels.mla_decode.mla_decode``); kv (.., C) and pe (.., R)
+    the latent and RoPE parts (views of one cache, or KVCache's two tensors), contiguous (B, T, .) or paged
     (pages, 64, .) with block_table; seqlens int32; kind: ``form``'s answer. num_splits: programs P per row block
     the work is balanced over, with no floor on a slice (``MIN_UNITS`` 1); None: one per SM (per row block).
     Returns the grid (for benchmarks' reports)."""
     B, s_q, H, D = q.shape
+    C = kv.shape[-1]
     rows = s_q * H
     paged = block_table is not None
     capacity = block_table.shape[1] * 64 if paged else kv.shape[1]
@@ -844,7 +854,7 @@ def mla_decode_gluon(q, kv, pe, seqlens, scale, causal, block_table, out, lse, k
         min_units = MIN_UNITS
     else:
         P, min_units = num_splits, 1
-    o_part = torch.empty(2 * P, rows, LATENT, dtype=torch.float32, device=q.device)
+    o_part = torch.empty(2 * P, rows, C, dtype=torch.float32, device=q.device)
     l_part = torch.empty(2 * P, rows, dtype=torch.float32, device=q.device)
     tbl = block_table if paged else seqlens
     counts = arrival_counters("mla_decode_gluon", q.device, B)  # the narrow kernel's merge (zero between launches)
@@ -853,15 +863,15 @@ def mla_decode_gluon(q, kv, pe, seqlens, scale, causal, block_table, out, lse, k
             out.stride(2), lse.stride(0), lse.stride(2), lse.stride(1), capacity, B, H, s_q,
             scale * 1.4426950408889634, min_units, max(2, MAX_PIECES))
     block_b = min(MAX_BLOCK_B, max(16, triton.next_power_of_2(B)))
-    two = kind == "narrow" and rows in NARROW2_ROWS
+    two = kind == "narrow" and rows in NARROW2_ROWS and C == LATENT  # (its kernel takes V3's latent only)
     grid = (row_blocks, P) if kind == "wide" else (1, P) if two else (P,)
     merge = kind == "narrow" and rows in MERGE_ROWS and not two
     if kind == "wide" or two:
-        _ws_kernel[grid](*args, CAUSAL=causal, PAGED=paged, STAGES=STAGES[kind], BLOCK_B=block_b,
+        _ws_kernel[grid](*args, CAUSAL=causal, PAGED=paged, STAGES=STAGES[kind, C], BLOCK_B=block_b,
                          RN=64 if kind == "wide" else rows, TRANSPOSED=two, num_warps=4)
     else:
-        _narrow_kernel[grid](*args, RN=rows, CAUSAL=causal, PAGED=paged, STAGES=STAGES["narrow"], BLOCK_B=block_b,
-                             MERGE=merge, num_warps=4)
+        _narrow_kernel[grid](*args, RN=rows, CAUSAL=causal, PAGED=paged, STAGES=STAGES["narrow", C], BLOCK_B=block_b,
+                             MERGE=merge, NL=C // 64, num_warps=4)
     if not merge and P > 1:  # (one program computes every sequence whole)
         combine(o_part, l_part, seqlens, capacity, min_units, out, lse)
     return grid

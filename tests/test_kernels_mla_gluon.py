@@ -67,12 +67,15 @@ def test_combine_matches_torch(lens, P, rows):
 
 
 def test_flag_on_leaves_other_calls_to_the_triton_kernel(monkeypatch):
-    """GLUON_MLA takes only what the Gluon kernels can run: small-v3's latent (C=256, R=32) goes to the Triton kernel
-    on every device (and here, without an sm_90 GPU, V3's too), with the reference's result."""
+    """GLUON_MLA takes only what the Gluon kernels can run: 64 rows of small-v3's latent (C=256, R=32: the wide kernel
+    takes V3's only) and the tiny configs' (C=64) go to the Triton kernel on every device (and here, without an sm_90
+    GPU, V3's too), with the reference's result."""
     from minids.kernels import mla_decode as mod
 
     monkeypatch.setattr(mod, "GLUON_MLA", True)
-    check([1, 63, 65], 2, H=16, C=256, R=32, layout="split", num_splits=2)
+    check([1, 63, 65], 1, H=64, C=256, R=32, layout="split", num_splits=2)
+    assert "gluon" not in mod.LAST_LAUNCH["cfg"]
+    check([1, 63, 65], 2, H=8, C=64, R=16, layout="contiguous", num_splits=2)
     assert "gluon" not in mod.LAST_LAUNCH["cfg"]
     if not _gluon_here():
         check([1, 63, 65], 1, H=16, C=512, R=64, layout="paged", num_splits=2)
@@ -123,6 +126,24 @@ def test_gluon_empty_and_non_causal(H, s_q, monkeypatch):
         check([0, 1, 129], s_q, H=H, C=512, R=64, layout="paged", num_splits=num_splits)
     check([3, 70, 300], s_q, H=H, C=512, R=64, layout="contiguous", causal=False, num_splits=2)
     assert "gluon" in mod.LAST_LAUNCH["cfg"]
+
+
+@GPU
+@pytest.mark.parametrize("layout", ["contiguous", "split", "paged"])
+@pytest.mark.parametrize("s_q", [1, 2])
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
+def test_gluon_small_latent(layout, s_q, num_splits, monkeypatch):
+    """small-v3's latent (C=256, R=32) on the narrow kernel (4 latent boxes; the 64-column RoPE box zero-filled past
+    32 by the TMA, in the query and the cache): ragged lengths, equal tile counts, an empty sequence, the combine or
+    the in-kernel merge."""
+    from minids.kernels import mla_decode as mod
+
+    monkeypatch.setattr(mod, "GLUON_MLA", True)
+    check([1, 63, 64, 65, 4097], s_q, H=16, C=256, R=32, layout=layout, num_splits=num_splits)
+    check([100, 128, 65], s_q, H=16, C=256, R=32, layout=layout, num_splits=num_splits)
+    check([0, 1, 129], s_q, H=16, C=256, R=32, layout=layout, num_splits=num_splits)
+    check([3, 70, 300], s_q, H=16, C=256, R=32, layout=layout, causal=False, num_splits=num_splits)
+    assert mod.LAST_LAUNCH["cfg"] == {"gluon": "narrow"}
 
 
 @pytest.mark.parametrize("lens,P", [([5, 300, 0, 64, 1000], 3), ([4097, 1, 63], 7), ([200] * 4, 9), ([200] * 4, 3),
