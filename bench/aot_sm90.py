@@ -45,10 +45,11 @@ def gluon_kernel(kind: str, rows: int, paged: bool, C: int = 512) -> str:
 
     fn = glu._narrow_kernel if kind == "narrow" else glu._ws_kernel
     t = torch.empty(1024, 576, dtype=torch.bfloat16)
-    consts = {"CAUSAL": True, "PAGED": paged, "STAGES": glu.STAGES["wide" if kind == "wide" else "narrow", C],
+    consts = {"CAUSAL": True, "PAGED": paged, "STAGES": glu.STAGES["wide" if kind == "wide" else "narrow"],
               "BLOCK_B": 128}
     if kind == "narrow":
-        consts.update(RN=rows, MERGE=rows in glu.MERGE_ROWS, NL=C // 64)
+        tn, stages = glu.NARROW_TILES[C, rows]
+        consts.update(RN=rows, MERGE=rows in glu.MERGE_ROWS, NL=C // 64, TN=tn, STAGES=stages)
     else:  # the warp-specialized kernel: wide, or the narrow math on two consumer warpgroups ("narrow2")
         consts.update(RN=64 if kind == "wide" else rows, TRANSPOSED=kind == "narrow2")
     sig = {}

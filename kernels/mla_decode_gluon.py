@@ -25,15 +25,16 @@ Two kernels, by rows = s_q * H:
   32 V3 rows at H=16 (bench/results/mla_decode-narrow2.md).
 
 Work split (``slices_ref``, ``pieces_ref``): P programs per row block (one per SM) take consecutive slices of the
-units line of all sequences (sequence b: OVERHEAD units, then one a 64-token tile). Ragged tile counts take the
-Triton kernel's balanced slices (``kernels.mla_decode.schedule_ref``: every program the same work to a unit; a
-slice may cut sequences and run on into the next ones); equal ones keep the fixed split (each sequence cut into
-P // B equal pieces, or whole sequences when B > P), which measured faster there. Every program derives the
+units line of all sequences (sequence b: OVERHEAD units, then one a tile: 64 tokens, or 128 for the narrow kernel
+with C = 256, ``NARROW_TILES``). Ragged tile counts take the Triton kernel's balanced slices
+(``kernels.mla_decode.schedule_ref``: every program the same work to a unit; a slice may cut sequences and run on
+into the next ones); equal ones keep the fixed split (each sequence cut into P // B equal pieces, or whole sequences
+when B > P), which measured faster there. Every program derives the
 schedule from the lengths in the kernel (no host read, graph-capturable). A sequence in one piece is written to
 out / lse directly; the pieces of a cut one go to float32 partial slots (2 a program), merged in program order: at
 16 rows (``MERGE_ROWS``) by the program of the last piece to finish (a per-sequence arrival counter), otherwise by
 ``_combine_kernel``, a second launch whenever P > 1.
-Paged caches: 64-token pages (one tile each), looked up per tile in the block table.
+Paged caches: 64-token pages (one a 64-column TMA box's rows), looked up per box in the block table.
 Preconditions (``form``): q, cache and pe of one 16-bit dtype; C = 512 and R = 64, or at 16 / 32 rows C = 256 and R
 <= 32 (a multiple of 8); the cache's rows 16-byte aligned (TMA); the page size 64 when paged.
 """
@@ -73,6 +74,7 @@ if HAVE_TRITON:
 
 LATENT, ROPE = 512, 64  # V3's (C, R): the wide kernel's only one
 NARROW_LATENTS = {512: 64, 256: 32}  # the narrow kernel's (C, largest R): V3's and small-v3's
+SMALL_LATENT = True  # whether ``form`` gives small-v3's latent (C = 256) to the narrow kernel (its GPU tests force it)
 
 if HAVE_TRITON:
 
@@ -130,10 +132,11 @@ if HAVE_TRITON:
 
 
 def combine(o_part: torch.Tensor, l_part: torch.Tensor, seqlens: torch.Tensor, capacity: int, min_units: int,
-            out: torch.Tensor, lse: torch.Tensor) -> None:
+            out: torch.Tensor, lse: torch.Tensor, unit: int = UNIT) -> None:
     """Merge the pieces of every sequence the schedule of P = len(o_part) // 2 programs cut (o_part (2 P, s_q * H,
     C), l_part (2 P, s_q * H) float32, log2 units: the slots of ``pieces_ref``) into out (B, s_q, H, C) and lse (B, H,
-    s_q) (natural log), in program order; the rows of uncut sequences are left as they are."""
+    s_q) (natural log), in program order; the rows of uncut sequences are left as they are. unit: the schedule's tokens
+    a tile (the attention kernel's)."""
     two_p, n_rows, C = o_part.shape
     B, H = out.shape[0], out.shape[2]
     block_r = 16
@@ -141,7 +144,7 @@ def combine(o_part: torch.Tensor, l_part: torch.Tensor, seqlens: torch.Tensor, c
         seqlens, o_part, l_part, out, lse, B, capacity, min_units, max(2, MAX_PIECES), n_rows, H, out.stride(0),
         out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2), two_p // 2, C=C,
         BLOCK_C=triton.next_power_of_2(C), BLOCK_R=block_r,
-        BLOCK_B=min(MAX_BLOCK_B, max(16, triton.next_power_of_2(B))), UNIT=UNIT, OVERHEAD=OVERHEAD)
+        BLOCK_B=min(MAX_BLOCK_B, max(16, triton.next_power_of_2(B))), UNIT=unit, OVERHEAD=OVERHEAD)
 
 
 def slices_ref(lens: list[int], P: int, min_units: int = MIN_UNITS) -> list[tuple[int, int]]:
@@ -200,10 +203,11 @@ def combine_ref(o_part: torch.Tensor, l_part: torch.Tensor, lens: list[int], min
 
 if HAVE_GLUON:
     ROWS = gl.constexpr(64)  # rows a program of the wide kernel (one warpgroup MMA's M)
-    BN = gl.constexpr(64)  # tokens a cache tile (and a page)
+    BN = gl.constexpr(64)  # tokens a TMA box (and a page); the wide kernel's tile, the narrow kernel's TN = 64 or 128
     CW = gl.constexpr(64)  # columns a TMA box / shared-memory chunk (128 bytes of 16-bit values: one swizzle row)
     NKV = gl.constexpr(LATENT // 64)  # latent boxes a tile (the value's columns); the RoPE box is chunk NKV
     OVERHEAD_C = gl.constexpr(OVERHEAD)  # the schedule's units charged per sequence (``kernels.mla_decode``)
+    FAR_PAGE = gl.constexpr(1 << 24)  # a page whose rows (2^30 on) lie past any cache's 2-D view: TMA zero fill
     MERGE_PIECES = gl.constexpr(1)  # pieces the narrow kernel's merge reads at once
 
     @gluon.jit
@@ -224,12 +228,34 @@ if HAVE_GLUON:
         tma.async_copy_global_to_shared(pe_desc, [row, 0], bar, bufs.index(base + NL))
 
     @gluon.jit
-    def _zero_tail(kv_smem, first: gl.constexpr, count: gl.constexpr, tok0, seqlen):
+    def _load_tiles(kv_desc, pe_desc, tbl, kv_row, t, seqlen, bar, bufs, base, NL: gl.constexpr, TN: gl.constexpr,
+                    PAGED: gl.constexpr):
+        """The TN-token tile starting at token t (of a sequence of seqlen tokens): its TN // 64 sub-tiles' boxes into
+        rows 64 j .. 64 j + 63 of bufs[base .. base + NL]. A sub-tile wholly past the length (its page may not
+        exist) is read from a row past the cache's end: the TMA fills it with zeros, reading nothing, and counts
+        its bytes on bar as for any box."""
+        if TN == BN:
+            _load_tile(kv_desc, pe_desc, _tile_row(tbl, kv_row, t, PAGED), bar, bufs, base, NL)
+        else:
+            mbarrier.expect(bar, (TN // BN) * (NL * kv_desc.block_type.nbytes + pe_desc.block_type.nbytes))
+            for j in gl.static_range(TN // BN):
+                tj = t + j * BN
+                if PAGED:
+                    row = gl.load(tbl + tj // BN, mask=tj < seqlen, other=FAR_PAGE) * BN
+                else:
+                    row = gl.where(tj < seqlen, kv_row + tj, FAR_PAGE * BN)
+                for c in gl.static_range(NL):
+                    tma.async_copy_global_to_shared(kv_desc, [row, c * CW], bar,
+                                                    bufs.index(base + c).slice(j * BN, BN))
+                tma.async_copy_global_to_shared(pe_desc, [row, 0], bar, bufs.index(base + NL).slice(j * BN, BN))
+
+    @gluon.jit
+    def _zero_tail(kv_smem, first: gl.constexpr, count: gl.constexpr, tok0, seqlen, TN: gl.constexpr = BN):
         """Zero the rows of tokens >= seqlen in buffers first .. first + count - 1 of a tile starting at token tok0:
         they are read as values (P V), where a masked token's P = 0 still meets whatever the cache holds there (NaN
         in the tests). Their scores need no care: they are masked before the softmax."""
         zl: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [gl.num_warps(), 1], [1, 0])
-        keep = gl.expand_dims(tok0 + gl.arange(0, BN, layout=gl.SliceLayout(1, zl)) < seqlen, 1)
+        keep = gl.expand_dims(tok0 + gl.arange(0, TN, layout=gl.SliceLayout(1, zl)) < seqlen, 1)
         for k in gl.static_range(count):
             buf = kv_smem.index(first + k)
             x = buf.load(zl)
@@ -289,7 +315,7 @@ if HAVE_GLUON:
         return x + y
 
     @gluon.jit
-    def _slice(seqlens_ptr, B, capacity, P, p, min_units, max_pieces, BLOCK_B: gl.constexpr):
+    def _slice(seqlens_ptr, B, capacity, P, p, min_units, max_pieces, BLOCK_B: gl.constexpr, TN: gl.constexpr = BN):
         """Program p's slice [u0, u1) of the units line (``slices_ref``), the first sequence b whose units reach past
         u0, the unit S where b starts, the balanced slices' width W and whether the tile counts are equal. Run by
         the kernel's 4 warps; one read of the lengths when B <= BLOCK_B (a round trip to L2 before the first load is
@@ -298,7 +324,7 @@ if HAVE_GLUON:
         if B <= BLOCK_B:
             offs = gl.arange(0, BLOCK_B, layout=lay)
             ok = offs < B
-            n = gl.cdiv(gl.minimum(gl.maximum(gl.load(seqlens_ptr + offs, mask=ok, other=0), 0), capacity), BN)
+            n = gl.cdiv(gl.minimum(gl.maximum(gl.load(seqlens_ptr + offs, mask=ok, other=0), 0), capacity), TN)
             units = gl.where(ok, n + OVERHEAD_C, 0)
             total = gl.sum(units, 0)
             n_max = gl.max(n, 0)
@@ -314,7 +340,7 @@ if HAVE_GLUON:
             for i in range(0, B, BLOCK_B):
                 offs = i + gl.arange(0, BLOCK_B, layout=lay)
                 ok = offs < B
-                n = gl.cdiv(gl.minimum(gl.maximum(gl.load(seqlens_ptr + offs, mask=ok, other=0), 0), capacity), BN)
+                n = gl.cdiv(gl.minimum(gl.maximum(gl.load(seqlens_ptr + offs, mask=ok, other=0), 0), capacity), TN)
                 total += gl.sum(gl.where(ok, n + OVERHEAD_C, 0), 0)
                 n_max = gl.maximum(n_max, gl.max(n, 0))
             W = gl.maximum(gl.maximum(gl.cdiv(total, P), min_units), gl.cdiv(n_max, max_pieces - 1))
@@ -325,7 +351,7 @@ if HAVE_GLUON:
             for i in range(0, B, BLOCK_B):
                 offs = i + gl.arange(0, BLOCK_B, layout=lay)
                 ok = offs < B
-                n = gl.cdiv(gl.minimum(gl.maximum(gl.load(seqlens_ptr + offs, mask=ok, other=0), 0), capacity), BN)
+                n = gl.cdiv(gl.minimum(gl.maximum(gl.load(seqlens_ptr + offs, mask=ok, other=0), 0), capacity), TN)
                 units = gl.where(ok, n + OVERHEAD_C, 0)
                 ends = run + gl.associative_scan(units, 0, _add)
                 before = ok & (ends <= u0)
@@ -352,12 +378,12 @@ if HAVE_GLUON:
         return u0, u1, b, S, W, total == B * (k + OVERHEAD_C)
 
     @gluon.jit
-    def _piece_of(length, S, u0, u1, capacity):
+    def _piece_of(length, S, u0, u1, capacity, TN: gl.constexpr = BN):
         """A sequence of the given length starting at unit S, within the slice [u0, u1): (length clamped, its tiles
         k, the slice's tiles of it [lo, hi), whether the slice holds a piece of it, whether that piece is the whole
         sequence)."""
         seqlen = gl.minimum(gl.maximum(length, 0), capacity)
-        k = gl.cdiv(seqlen, BN)
+        k = gl.cdiv(seqlen, TN)
         first = S + OVERHEAD_C
         lo = gl.maximum(u0, first) - first
         hi = gl.minimum(u1, first + k) - first
@@ -648,19 +674,21 @@ if HAVE_GLUON:
     def _narrow_kernel(q_desc, kv_desc, pe_desc, seqlens_ptr, tbl_ptr, o_ptr, l_ptr, op_ptr, lp_ptr, cnt_ptr, stride_tb,
                        stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, capacity, B, H, S_Q, qk_scale,
                        min_units, max_pieces, RN: gl.constexpr, CAUSAL: gl.constexpr, PAGED: gl.constexpr,
-                       STAGES: gl.constexpr, BLOCK_B: gl.constexpr, MERGE: gl.constexpr, NL: gl.constexpr):
+                       STAGES: gl.constexpr, BLOCK_B: gl.constexpr, MERGE: gl.constexpr, NL: gl.constexpr,
+                       TN: gl.constexpr):
         """Program p: all RN = s_q * H rows (16 or 32) of every piece in slice p; see the module docstring. NL: the
-        latent's 64-column boxes (8 for C = 512, 4 for 256). No warp specialization: the program issues its own
-        loads, the slice's tile g + STAGES - 1 once tile g - 1's MMAs are done."""
+        latent's 64-column boxes (8 for C = 512, 4 for 256); TN: tokens a tile (64, or 128: two 64-token boxes in
+        each buffer, the MMAs' M and K). No warp specialization: the program issues its own loads, the slice's tile
+        g + STAGES - 1 once tile g - 1's MMAs are done."""
         p = gl.program_id(0)
         P = gl.num_programs(0)
-        u0, u1, b, S, W, uniform = _slice(seqlens_ptr, B, capacity, P, p, min_units, max_pieces, BLOCK_B)
+        u0, u1, b, S, W, uniform = _slice(seqlens_ptr, B, capacity, P, p, min_units, max_pieces, BLOCK_B, TN)
         NB: gl.constexpr = NL + 1
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, RN, 16])
-        p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, RN], gl.bfloat16)
+        p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([TN, RN], gl.bfloat16)
         q_smem = gl.allocate_shared_memory(q_desc.dtype, [NB, RN, CW], q_desc.layout)
-        kv_smem = gl.allocate_shared_memory(kv_desc.dtype, [STAGES * NB, BN, CW], kv_desc.layout)
-        p_smem = gl.allocate_shared_memory(kv_desc.dtype, [BN, RN], p_layout)
+        kv_smem = gl.allocate_shared_memory(kv_desc.dtype, [STAGES * NB, TN, CW], kv_desc.layout)
+        p_smem = gl.allocate_shared_memory(kv_desc.dtype, [TN, RN], p_layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
@@ -668,16 +696,16 @@ if HAVE_GLUON:
             mbarrier.init(ready.index(sb), count=1)
         fence_async_shared()
 
-        toks0 = gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
+        toks0 = gl.arange(0, TN, layout=gl.SliceLayout(1, mma))
         rows = gl.arange(0, RN, layout=gl.SliceLayout(0, mma))
         cw = gl.arange(0, CW, layout=gl.SliceLayout(1, mma))
-        s_zero = gl.zeros([BN, RN], gl.float32, mma)
+        s_zero = gl.zeros([TN, RN], gl.float32, mma)
         g = 0  # the slice's tiles so far (ring position)
         pc = 0
         length = gl.load(seqlens_ptr + b, mask=b < B, other=0)
         while (b < B) & (S < u1):
             nxt_length = gl.load(seqlens_ptr + b + 1, mask=b + 1 < B, other=0)  # in flight during this piece
-            seqlen, k, lo, hi, has, whole = _piece_of(length, S, u0, u1, capacity)
+            seqlen, k, lo, hi, has, whole = _piece_of(length, S, u0, u1, capacity, TN)
             if has:
                 n_tiles = hi - lo
                 tbl = tbl_ptr + b.to(gl.int64) * stride_tb
@@ -688,8 +716,8 @@ if HAVE_GLUON:
                 for j in gl.static_range(STAGES - 1):  # the first tiles in flight
                     if j < n_tiles:
                         sj = (g + j) % STAGES
-                        _load_tile(kv_desc, pe_desc, _tile_row(tbl, kv_row, (lo + j) * BN, PAGED), ready.index(sj),
-                                   kv_smem, sj * NB, NL)
+                        _load_tiles(kv_desc, pe_desc, tbl, kv_row, (lo + j) * TN, seqlen, ready.index(sj), kv_smem,
+                                    sj * NB, NL, TN, PAGED)
                 limit = _row_limit(seqlen, rows, H, S_Q, CAUSAL)
                 m_i = gl.full([RN], float("-inf"), gl.float32, gl.SliceLayout(0, mma))
                 l_i = gl.zeros([RN], gl.float32, gl.SliceLayout(0, mma))
@@ -707,17 +735,17 @@ if HAVE_GLUON:
                     nxt = i + STAGES - 1  # into the buffer tile i - 1 used: its MMAs are done (the barrier below)
                     if nxt < n_tiles:
                         sn = (g + STAGES - 1) % STAGES
-                        _load_tile(kv_desc, pe_desc, _tile_row(tbl, kv_row, (lo + nxt) * BN, PAGED), ready.index(sn),
-                                   kv_smem, sn * NB, NL)
+                        _load_tiles(kv_desc, pe_desc, tbl, kv_row, (lo + nxt) * TN, seqlen, ready.index(sn), kv_smem,
+                                    sn * NB, NL, TN, PAGED)
                     st = g % STAGES
                     mbarrier.wait(ready.index(st), (g // STAGES) & 1)
                     s = _scores_t(kv_smem, q_smem, st * NB, s_zero, NL)
-                    tok0 = (lo + i) * BN
+                    tok0 = (lo + i) * TN
                     s = gl.where(gl.expand_dims(tok0 + toks0, 1) < gl.expand_dims(limit, 0), s * qk_scale,
                                  float("-inf"))
                     p_, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, 0)
-                    if tok0 + BN > seqlen:  # the last tile: its tokens past the length, zeroed in the values
-                        _zero_tail(kv_smem, st * NB, NL, tok0, seqlen)
+                    if tok0 + TN > seqlen:  # the last tile: its tokens past the length, zeroed in the values
+                        _zero_tail(kv_smem, st * NB, NL, tok0, seqlen, TN)
                     p_smem.store(p_.to(kv_smem.dtype))
                     fence_async_shared()
                     gl.thread_barrier()  # P^T and the zeroed rows are in shared memory before the MMAs read them
@@ -789,9 +817,12 @@ MERGE_ROWS = (16,)
 # 8 ragged ones (B=32, 4K~, s_q=2: 66.9 against 77.1 us). tests/test_kernels_mla_gluon.py routes it explicitly (its
 # 12 GPU tests pass), bench/mla_decode.py --narrow2 times it.
 NARROW2_ROWS: tuple[int, ...] = ()
-# Cache tiles in flight, by form and latent: 2 x 72 KB for C = 512 (with the 72 / 18-36 KB query: 221 / 168-189 KB of
-# shared memory), 4 x 40 KB for C = 256 (the same bytes in flight).
-STAGES = {("wide", 512): 2, ("narrow", 512): 2, ("narrow", 256): 4}
+STAGES = {"wide": 2, "narrow": 2}  # _ws_kernel's cache tiles in flight: 2 x 72 KB (with the 72 / 18-36 KB query)
+# The narrow kernel's (tokens a tile: the schedule's unit, tiles in flight) by (latent, rows). C = 512: 64-token tiles
+# of 72 KB, two in flight (with the 18-36 KB query: 168-189 KB of shared memory). C = 256: a 128-token tile moves the
+# bytes of a 64-token one of C = 512, so each tile's fixed chain (score MMAs, the softmax's reductions, the barriers)
+# is spread over as many bytes; two of 80 KB in flight.
+NARROW_TILES = {(512, 16): (64, 2), (512, 32): (64, 2), (256, 16): (128, 2), (256, 32): (128, 2)}
 
 
 @functools.cache
@@ -812,6 +843,8 @@ def form(q: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor, C: int, page: int 
     paged."""
     R = pe.shape[-1]
     if not HAVE_GLUON or not q.is_cuda or C not in NARROW_LATENTS or R > NARROW_LATENTS[C] or R % 8:
+        return None
+    if C != LATENT and not SMALL_LATENT:
         return None
     if q.dtype not in (torch.bfloat16, torch.float16) or kv.dtype != q.dtype or pe.dtype != q.dtype:
         return None
@@ -866,12 +899,13 @@ def mla_decode_gluon(q, kv, pe, seqlens, scale, causal, block_table, out, lse, k
     two = kind == "narrow" and rows in NARROW2_ROWS and C == LATENT  # (its kernel takes V3's latent only)
     grid = (row_blocks, P) if kind == "wide" else (1, P) if two else (P,)
     merge = kind == "narrow" and rows in MERGE_ROWS and not two
+    unit, stages = NARROW_TILES[C, rows] if kind == "narrow" and not two else (UNIT, STAGES[kind])
     if kind == "wide" or two:
-        _ws_kernel[grid](*args, CAUSAL=causal, PAGED=paged, STAGES=STAGES[kind, C], BLOCK_B=block_b,
+        _ws_kernel[grid](*args, CAUSAL=causal, PAGED=paged, STAGES=stages, BLOCK_B=block_b,
                          RN=64 if kind == "wide" else rows, TRANSPOSED=two, num_warps=4)
     else:
-        _narrow_kernel[grid](*args, RN=rows, CAUSAL=causal, PAGED=paged, STAGES=STAGES["narrow", C], BLOCK_B=block_b,
-                             MERGE=merge, NL=C // 64, num_warps=4)
+        _narrow_kernel[grid](*args, RN=rows, CAUSAL=causal, PAGED=paged, STAGES=stages, BLOCK_B=block_b,
+                             MERGE=merge, NL=C // 64, TN=unit, num_warps=4)
     if not merge and P > 1:  # (one program computes every sequence whole)
-        combine(o_part, l_part, seqlens, capacity, min_units, out, lse)
+        combine(o_part, l_part, seqlens, capacity, min_units, out, lse, unit)
     return grid
