@@ -74,7 +74,6 @@ if HAVE_TRITON:
 
 LATENT, ROPE = 512, 64  # V3's (C, R): the wide kernel's only one
 NARROW_LATENTS = {512: 64, 256: 32}  # the narrow kernel's (C, largest R): V3's and small-v3's
-SMALL_LATENT = True  # whether ``form`` gives small-v3's latent (C = 256) to the narrow kernel (its GPU tests force it)
 
 if HAVE_TRITON:
 
@@ -843,8 +842,6 @@ def form(q: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor, C: int, page: int 
     paged."""
     R = pe.shape[-1]
     if not HAVE_GLUON or not q.is_cuda or C not in NARROW_LATENTS or R > NARROW_LATENTS[C] or R % 8:
-        return None
-    if C != LATENT and not SMALL_LATENT:
         return None
     if q.dtype not in (torch.bfloat16, torch.float16) or kv.dtype != q.dtype or pe.dtype != q.dtype:
         return None

@@ -137,10 +137,8 @@ def test_gluon_small_latent(layout, s_q, num_splits, monkeypatch):
     32 by the TMA, in the query and the cache; ``NARROW_TILES``' tiles, 128 tokens by default: a second half past the
     length read as zeros): ragged lengths, equal tile counts, an empty sequence, the combine or the in-kernel merge."""
     from minids.kernels import mla_decode as mod
-    from minids.kernels import mla_decode_gluon
 
     monkeypatch.setattr(mod, "GLUON_MLA", True)
-    monkeypatch.setattr(mla_decode_gluon, "SMALL_LATENT", True)
     check([1, 63, 64, 65, 4097], s_q, H=16, C=256, R=32, layout=layout, num_splits=num_splits)
     check([100, 128, 65], s_q, H=16, C=256, R=32, layout=layout, num_splits=num_splits)
     check([0, 1, 129], s_q, H=16, C=256, R=32, layout=layout, num_splits=num_splits)
