@@ -503,8 +503,9 @@ def _check(q, kv_cache, cache_seqlens, head_dim_v, block_table, pe_cache):
 # True sends the calls it can take (16-bit, sm_90, V3's latent at rows a multiple of 64 or 16 / 32, small-v3's at 16
 # / 32: see ``mla_decode_gluon.form``) to the Gluon kernels of kernels/mla_decode_gluon.py: on the H200 1.02-2.2x the
 # Triton kernel's speed on every V3 shape of bench/mla_decode.py (bench/results/mla_decode.md against
-# mla_decode-triton.md, 2026-12-02), 0.93-1.33x on small-v3's (mla_decode-ab-small128.md, 2026-12-03); their GPU tests: tests/test_kernels_mla_gluon.py (bench/results/gpu_tests_mla_gluon*.log). False: the
-# Triton kernel for every call.
+# mla_decode-triton.md, 2026-12-02), 0.93-1.33x on small-v3's (mla_decode-ab-small128.md, 2026-12-03); their GPU
+# tests: tests/test_kernels_mla_gluon.py (bench/results/gpu_tests_mla_gluon*.log). False: the Triton kernel for every
+# call.
 GLUON_MLA = True
 
 LAST_LAUNCH: dict = {}  # what the latest call ran, for benchmarks' reports: the Triton kernel's block_m, cfg, col_blocks,
