@@ -7,8 +7,8 @@
 #           sweep with it (mla_decode-narrow2.md) beside the default's (mla_decode-h16.md)
 #   ab FILE [STEM]: the GPU tests, then bench/ab_mla_gluon.py: this tree's Gluon path against FILE (another revision's
 #           kernels/mla_decode_gluon.py), alternating, on the short-cache shapes (mla_decode-ab.md)
-#   small FILE...: the GPU tests, bench/ab_mla_gluon.py --cases small against the FILEs, the full sweep; if a test
-#           failed, small-v3's tests again with 64-token tiles
+#   small FILE...: the GPU tests, bench/ab_mla_gluon.py --cases small against the FILEs (small-v3's shapes), then
+#           the full sweep
 #   ncu:    Nsight Compute on the Triton kernel's worst cases (bench/profile_mla_decode.py), and its --floor timings
 source bench/device_env.sh
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
@@ -34,11 +34,6 @@ case "${1:-gluon}" in
     python3 bench/ab_mla_gluon.py --base "${@:2}" --reps 2 --cases small --out "$OUT" --stem mla_decode-ab-small128 \
       2>&1 | grep -v "^{"
     python3 bench/mla_decode.py --out "$OUT" 2>&1 | tail -3
-    if grep -qE "failed|error|rc [1-9]" "$OUT/gpu_tests_mla_gluon.log"; then  # the 64-token tiles' tests, to fall back on
-      sed -i 's/^NARROW_TILES = .*/NARROW_TILES = {(512, 16): (64, 2), (512, 32): (64, 2), (256, 16): (64, 4), (256, 32): (64, 4)}/' \
-        kernels/mla_decode_gluon.py
-      bash bench/gpu_tests_split.sh tests/test_kernels_mla_gluon.py gpu_tests_mla_gluon-t64.log small_latent
-    fi
     ;;
   ncu)
     ncu --clock-control none --profile-from-start off --section SpeedOfLight --section LaunchStats --section Occupancy \

@@ -838,10 +838,12 @@ def _layout(rows: int, cols: int, dtype: torch.dtype):
 def form(q: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor, C: int, page: int | None) -> str | None:
     """"wide", "narrow" or None (the Triton kernel takes the call): Gluon present, an sm_90 GPU, q / kv / pe of one
     16-bit dtype, rows = s_q * H a multiple of 64 with V3's latent (C = 512, R = 64: wide) or 16 / 32 with C = 512 or
-    256 and R a multiple of 8 up to 64 or 32 (narrow), rows of the cache 16-byte aligned (TMA), 64-token pages when
-    paged."""
+    256 and R a multiple of 8 from 8 up to 64 or 32 (narrow), rows of the cache 16-byte aligned (TMA) and fewer than
+    2^30 of them (``FAR_PAGE``'s rows lie past the end), 64-token pages when paged."""
     R = pe.shape[-1]
-    if not HAVE_GLUON or not q.is_cuda or C not in NARROW_LATENTS or R > NARROW_LATENTS[C] or R % 8:
+    if not HAVE_GLUON or not q.is_cuda or C not in NARROW_LATENTS or not 8 <= R <= NARROW_LATENTS[C] or R % 8:
+        return None
+    if kv.shape[0] * kv.shape[1] >= 1 << 30:
         return None
     if q.dtype not in (torch.bfloat16, torch.float16) or kv.dtype != q.dtype or pe.dtype != q.dtype:
         return None
