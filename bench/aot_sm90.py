@@ -40,7 +40,7 @@ def counts(cubin: bytes) -> str:
             f"HMMA {ops['HMMA']}, LDL {ops['LDL']}, STL {ops['STL']})")
 
 
-def gluon_kernel(kind: str, rows: int, paged: bool, C: int = 512) -> str:
+def gluon_kernel(kind: str, rows: int, paged: bool, C: int = 512, trace: bool = False) -> str:
     from triton.experimental.gluon._runtime import GluonASTSource
 
     fn = glu._narrow_kernel if kind == "narrow" else glu._ws_kernel
@@ -49,7 +49,9 @@ def gluon_kernel(kind: str, rows: int, paged: bool, C: int = 512) -> str:
               "BLOCK_B": 128}
     if kind == "narrow":
         tn, stages = glu.NARROW_TILES[C, rows]
-        consts.update(RN=rows, MERGE=rows in glu.MERGE_ROWS, NL=C // 64, TN=tn, STAGES=stages)
+        consts.update(RN=rows, MERGE=rows in glu.MERGE_ROWS, NL=C // 64, TN=tn, STAGES=stages, TRACE=trace)
+        if not trace:
+            consts["trace_ptr"] = None
     else:  # the warp-specialized kernel: wide, or the narrow math on two consumer warpgroups ("narrow2")
         consts.update(RN=64 if kind == "wide" else rows, TRANSPOSED=kind == "narrow2")
     sig = {}
@@ -60,6 +62,8 @@ def gluon_kernel(kind: str, rows: int, paged: bool, C: int = 512) -> str:
             sig[a] = mangle_type(glu._desc(t, 64 if a != "q_desc" or kind == "wide" else rows, 64))
         elif a in ("seqlens_ptr", "tbl_ptr", "cnt_ptr"):
             sig[a] = "*i32"
+        elif a == "trace_ptr":
+            sig[a] = "*i64"
         elif a in ("o_ptr", "l_ptr", "op_ptr", "lp_ptr"):
             sig[a] = "*bf16" if a == "o_ptr" else "*fp32"
         else:
@@ -92,6 +96,7 @@ def main() -> None:
             for paged in (False, True):
                 print(f"gluon {kind} rows={rows} C={C} paged={paged}: {gluon_kernel(kind, rows, paged, C)}",
                       flush=True)
+        print(f"gluon narrow rows=16 C=512 traced: {gluon_kernel('narrow', 16, False, 512, True)}", flush=True)
     else:
         print("no Gluon with Triton 3.6's API here: the Gluon kernels skipped")
     for cfg in ((16, 32, 4, 3), (16, 64, 4, 3), (32, 64, 8, 3), (64, 64, 8, 2), (128, 32, 8, 2, 2)):

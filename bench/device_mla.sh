@@ -9,6 +9,8 @@
 #           kernels/mla_decode_gluon.py), alternating, on the short-cache shapes (mla_decode-ab.md)
 #   small FILE...: the GPU tests, bench/ab_mla_gluon.py --cases small against the FILEs (small-v3's shapes), then
 #           the full sweep
+#   trace:  the GPU tests, bench/trace_mla_gluon.py (each narrow program's timeline on the short and long caches), then
+#           the full sweep
 #   ncu:    Nsight Compute on the Triton kernel's worst cases (bench/profile_mla_decode.py), and its --floor timings
 source bench/device_env.sh
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
@@ -33,6 +35,11 @@ case "${1:-gluon}" in
     bash bench/gpu_tests_split.sh tests/test_kernels_mla_gluon.py gpu_tests_mla_gluon.log
     python3 bench/ab_mla_gluon.py --base "${@:2}" --reps 2 --cases small --out "$OUT" --stem mla_decode-ab-small128 \
       2>&1 | grep -v "^{"
+    python3 bench/mla_decode.py --out "$OUT" 2>&1 | tail -3
+    ;;
+  trace)
+    bash bench/gpu_tests_split.sh tests/test_kernels_mla_gluon.py gpu_tests_mla_gluon.log
+    timeout 240 python3 bench/trace_mla_gluon.py --out "$OUT" 2>&1 | tee "$OUT/trace_mla_gluon.log"
     python3 bench/mla_decode.py --out "$OUT" 2>&1 | tail -3
     ;;
   ncu)

@@ -74,6 +74,7 @@ if HAVE_TRITON:
 
 LATENT, ROPE = 512, 64  # V3's (C, R): the wide kernel's only one
 NARROW_LATENTS = {512: 64, 256: 32}  # the narrow kernel's (C, largest R): V3's and small-v3's
+TRACE_LEN = 256  # events a program of a traced narrow launch records (``mla_decode_gluon(..., trace=)``)
 
 if HAVE_TRITON:
 
@@ -208,6 +209,20 @@ if HAVE_GLUON:
     OVERHEAD_C = gl.constexpr(OVERHEAD)  # the schedule's units charged per sequence (``kernels.mla_decode``)
     FAR_PAGE = gl.constexpr(1 << 24)  # a page whose rows (2^30 on) lie past any cache's 2-D view: TMA zero fill
     MERGE_PIECES = gl.constexpr(1)  # pieces the narrow kernel's merge reads at once
+    TRACE_EVENTS = gl.constexpr(TRACE_LEN)
+
+    @gluon.jit
+    def _stamp(trace_ptr, p, e, code: gl.constexpr):
+        """Event e of program p (a traced launch): (%globaltimer ns, %clock64, code) at trace_ptr[p, e], e <
+        TRACE_LEN; returns e + 1. Every thread reads its clocks and stores the same slot (one of them lands)."""
+        t = gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=gl.int64, is_pure=False, pack=1)
+        c = gl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l", [], dtype=gl.int64, is_pure=False, pack=1)
+        if e < TRACE_EVENTS:
+            ptr = trace_ptr + (p.to(gl.int64) * TRACE_EVENTS + e) * 3
+            gl.store(ptr, t)
+            gl.store(ptr + 1, c)
+            gl.store(ptr + 2, t * 0 + code)
+        return e + 1
 
     @gluon.jit
     def _tile_row(tbl_ptr, kv_row, t, PAGED: gl.constexpr):
@@ -674,14 +689,20 @@ if HAVE_GLUON:
                        stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, capacity, B, H, S_Q, qk_scale,
                        min_units, max_pieces, RN: gl.constexpr, CAUSAL: gl.constexpr, PAGED: gl.constexpr,
                        STAGES: gl.constexpr, BLOCK_B: gl.constexpr, MERGE: gl.constexpr, NL: gl.constexpr,
-                       TN: gl.constexpr):
+                       TN: gl.constexpr, TRACE: gl.constexpr = False, trace_ptr=None):
         """Program p: all RN = s_q * H rows (16 or 32) of every piece in slice p; see the module docstring. NL: the
         latent's 64-column boxes (8 for C = 512, 4 for 256); TN: tokens a tile (64, or 128: two 64-token boxes in
         each buffer, the MMAs' M and K). No warp specialization: the program issues its own loads, the slice's tile
-        g + STAGES - 1 once tile g - 1's MMAs are done."""
+        g + STAGES - 1 once tile g - 1's MMAs are done. TRACE: record the program's timeline (``TRACE_CODES``) at
+        trace_ptr."""
         p = gl.program_id(0)
         P = gl.num_programs(0)
+        e = 0  # (the traced events so far)
+        if TRACE:
+            e = _stamp(trace_ptr, p, e, 0)
         u0, u1, b, S, W, uniform = _slice(seqlens_ptr, B, capacity, P, p, min_units, max_pieces, BLOCK_B, TN)
+        if TRACE:
+            e = _stamp(trace_ptr, p, e, 1)
         NB: gl.constexpr = NL + 1
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, RN, 16])
         p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([TN, RN], gl.bfloat16)
@@ -717,6 +738,8 @@ if HAVE_GLUON:
                         sj = (g + j) % STAGES
                         _load_tiles(kv_desc, pe_desc, tbl, kv_row, (lo + j) * TN, seqlen, ready.index(sj), kv_smem,
                                     sj * NB, NL, TN, PAGED)
+                if TRACE:
+                    e = _stamp(trace_ptr, p, e, 2)
                 limit = _row_limit(seqlen, rows, H, S_Q, CAUSAL)
                 m_i = gl.full([RN], float("-inf"), gl.float32, gl.SliceLayout(0, mma))
                 l_i = gl.zeros([RN], gl.float32, gl.SliceLayout(0, mma))
@@ -730,6 +753,8 @@ if HAVE_GLUON:
                     acc6 = gl.zeros([CW, RN], gl.float32, mma)
                     acc7 = gl.zeros([CW, RN], gl.float32, mma)
                 mbarrier.wait(q_bar, pc & 1)
+                if TRACE:
+                    e = _stamp(trace_ptr, p, e, 3)
                 for i in range(n_tiles):
                     nxt = i + STAGES - 1  # into the buffer tile i - 1 used: its MMAs are done (the barrier below)
                     if nxt < n_tiles:
@@ -738,6 +763,8 @@ if HAVE_GLUON:
                                     sn * NB, NL, TN, PAGED)
                     st = g % STAGES
                     mbarrier.wait(ready.index(st), (g // STAGES) & 1)
+                    if TRACE:
+                        e = _stamp(trace_ptr, p, e, 4)
                     s = _scores_t(kv_smem, q_smem, st * NB, s_zero, NL)
                     tok0 = (lo + i) * TN
                     s = gl.where(gl.expand_dims(tok0 + toks0, 1) < gl.expand_dims(limit, 0), s * qk_scale,
@@ -764,6 +791,8 @@ if HAVE_GLUON:
                     else:
                         acc0, acc1, acc2, acc3 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1, acc2, acc3))
                     gl.thread_barrier()  # every warp is past this tile's MMAs before its buffer and P^T are rewritten
+                    if TRACE:
+                        e = _stamp(trace_ptr, p, e, 5)
                     g += 1
                 empty_row = l_i == 0.0
                 l_safe = gl.where(empty_row, 1.0, l_i)
@@ -777,6 +806,8 @@ if HAVE_GLUON:
                         _store4(optr_o + 4 * CW, acc4, acc5, acc6, acc7, inv)
                     gl.store(l_ptr + b.to(gl.int64) * stride_lb + (rows // H) * stride_ls + (rows % H) * stride_lh,
                              gl.where(empty_row, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453))
+                    if TRACE:
+                        e = _stamp(trace_ptr, p, e, 6)
                 else:  # a piece: float32 partial in slot 2 p + (it starts the sequence), log2 lse
                     slot = (2 * p + (lo == 0).to(gl.int32)).to(gl.int64) * RN
                     optr_p = op_ptr + slot * (NL * CW) + gl.expand_dims(rows * (NL * CW), 0) + gl.expand_dims(cw, 1)
@@ -784,6 +815,8 @@ if HAVE_GLUON:
                     if NL == 8:
                         _store4(optr_p + 4 * CW, acc4, acc5, acc6, acc7, inv)
                     gl.store(lp_ptr + slot + rows, gl.where(empty_row, float("-inf"), m_i + gl.log2(l_safe)))
+                    if TRACE:
+                        e = _stamp(trace_ptr, p, e, 6)
                     if MERGE:  # count in (after every thread's stores: a CTA barrier, then one thread's acq_rel
                         # atomic at GPU scope, its result shared by a reduction; a plain scalar atomic here runs on
                         # every thread); the last of the sequence's pieces merges them and resets its counter
@@ -798,10 +831,14 @@ if HAVE_GLUON:
                             _merge(op_ptr, lp_ptr, o_ptr, l_ptr, b, p0, p1, H, stride_ob, stride_os, stride_oh,
                                    stride_lb, stride_ls, stride_lh, RN, NL)
                             gl.store(cnt_ptr + b, 0)
+                            if TRACE:
+                                e = _stamp(trace_ptr, p, e, 7)
                 pc += 1
             S = S + OVERHEAD_C + k
             b += 1
             length = nxt_length
+        if TRACE:
+            e = _stamp(trace_ptr, p, e, 8)
 
 
 # Row counts whose narrow kernel merges the pieces of a cut sequence itself (the last piece's program; no combine
@@ -818,10 +855,16 @@ MERGE_ROWS = (16,)
 NARROW2_ROWS: tuple[int, ...] = ()
 STAGES = {"wide": 2, "narrow": 2}  # _ws_kernel's cache tiles in flight: 2 x 72 KB (with the 72 / 18-36 KB query)
 # The narrow kernel's (tokens a tile: the schedule's unit, tiles in flight) by (latent, rows). C = 512: 64-token tiles
-# of 72 KB, two in flight (with the 18-36 KB query: 168-189 KB of shared memory). C = 256: a 128-token tile moves the
-# bytes of a 64-token one of C = 512, so each tile's fixed chain (score MMAs, the softmax's reductions, the barriers)
-# is spread over as many bytes; two of 80 KB in flight.
-NARROW_TILES = {(512, 16): (64, 2), (512, 32): (64, 2), (256, 16): (128, 2), (256, 32): (128, 2)}
+# of 72 KB, two in flight (with the 18-36 KB query: 168-189 KB of shared memory). C = 256, 16 rows: a 128-token tile
+# moves the bytes of a 64-token one of C = 512, so each tile's fixed chain (score MMAs, the softmax's reductions, the
+# barriers) is spread over as many bytes; two of 80 KB in flight. C = 256, 32 rows: 64-token tiles, four in flight
+# (the 128-token build spills 96 B a thread there; on the H200, bench/results/mla_decode-ab-small128.md, 64-token
+# tiles were 7-11% faster on short ragged caches and tied on long ones).
+NARROW_TILES = {(512, 16): (64, 2), (512, 32): (64, 2), (256, 16): (128, 2), (256, 32): (64, 4)}
+# A traced narrow launch's event codes (``mla_decode_gluon(..., trace=)``): each program's (%globaltimer ns, %clock64,
+# code) in the order they happen; a piece is codes 2-6 (its tiles 4 and 5 each), a merge 7.
+TRACE_CODES = {0: "start", 1: "scheduled", 2: "piece issued", 3: "query in", 4: "tile in", 5: "tile done",
+               6: "piece stored", 7: "merged", 8: "end"}
 
 
 @functools.cache
@@ -864,12 +907,14 @@ def _desc(t2: torch.Tensor, rows: int, cols: int) -> TensorDescriptor:
     return TensorDescriptor.from_tensor(t2, [rows, cols], _layout(rows, cols, t2.dtype))
 
 
-def mla_decode_gluon(q, kv, pe, seqlens, scale, causal, block_table, out, lse, kind, num_splits=None):
+def mla_decode_gluon(q, kv, pe, seqlens, scale, causal, block_table, out, lse, kind, num_splits=None, trace=None):
     """Fill out (B, s_q, H, C) and lse (B, H, s_q) (see ``kernels.mla_decode.mla_decode``); kv (.., C) and pe (.., R)
     the latent and RoPE parts (views of one cache, or KVCache's two tensors), contiguous (B, T, .) or paged
     (pages, 64, .) with block_table; seqlens int32; kind: ``form``'s answer. num_splits: programs P per row block
     the work is balanced over, with no floor on a slice (``MIN_UNITS`` 1); None: one per SM (per row block).
-    Returns the grid (for benchmarks' reports)."""
+    trace: for the narrow kernel only, an int64 (P, TRACE_LEN, 3) tensor filled with each program's timeline
+    (``TRACE_CODES``; bench/trace_mla_gluon.py), code -1 past a program's last event. Returns the grid (for
+    benchmarks' reports)."""
     B, s_q, H, D = q.shape
     C = kv.shape[-1]
     rows = s_q * H
@@ -903,8 +948,15 @@ def mla_decode_gluon(q, kv, pe, seqlens, scale, causal, block_table, out, lse, k
         _ws_kernel[grid](*args, CAUSAL=causal, PAGED=paged, STAGES=stages, BLOCK_B=block_b,
                          RN=64 if kind == "wide" else rows, TRANSPOSED=two, num_warps=4)
     else:
+        traced = {}
+        if trace is not None:
+            if tuple(trace.shape) != (P, TRACE_LEN, 3) or trace.dtype != torch.int64:
+                raise ValueError(f"mla_decode_gluon: trace must be int64 of shape ({P}, {TRACE_LEN}, 3), got "
+                                 f"{trace.dtype} {tuple(trace.shape)}")
+            trace.fill_(-1)
+            traced = {"TRACE": True, "trace_ptr": trace}
         _narrow_kernel[grid](*args, RN=rows, CAUSAL=causal, PAGED=paged, STAGES=stages, BLOCK_B=block_b,
-                             MERGE=merge, NL=C // 64, TN=unit, num_warps=4)
+                             MERGE=merge, NL=C // 64, TN=unit, num_warps=4, **traced)
     if not merge and P > 1:  # (one program computes every sequence whole)
         combine(o_part, l_part, seqlens, capacity, min_units, out, lse, unit)
     return grid

@@ -134,7 +134,7 @@ def test_gluon_empty_and_non_causal(H, s_q, monkeypatch):
 @pytest.mark.parametrize("num_splits", [None, 1, 3])
 def test_gluon_small_latent(layout, s_q, num_splits, monkeypatch):
     """small-v3's latent (C=256, R=32) on the narrow kernel (4 latent boxes; the 64-column RoPE box zero-filled past
-    32 by the TMA, in the query and the cache; ``NARROW_TILES``' tiles, 128 tokens by default: a second half past the
+    32 by the TMA, in the query and the cache; ``NARROW_TILES``' tiles, 128 tokens at 16 rows: a second half past the
     length read as zeros): ragged lengths, equal tile counts, an empty sequence, the combine or the in-kernel merge."""
     from minids.kernels import mla_decode as mod
 
@@ -191,3 +191,46 @@ def test_gluon_two_warpgroup_narrow(layout, H, s_q, num_splits, monkeypatch):
     check([100, 128, 65], s_q, H=H, C=512, R=64, layout=layout, num_splits=num_splits)
     check([0, 1, 129], s_q, H=H, C=512, R=64, layout=layout, num_splits=num_splits)
     assert mod.LAST_LAUNCH["cfg"] == {"gluon": "narrow"}
+
+
+@GPU
+@pytest.mark.parametrize("s_q", [1, 2])
+def test_gluon_traced_launch(s_q):
+    """A traced narrow launch (``trace=``, bench/trace_mla_gluon.py) gives the untraced launch's result bit for bit,
+    and each program's timeline is well formed: start and schedule first, end last, both clocks non-decreasing; every
+    64-token tile in and done once over all programs; a piece stored for each piece of ``pieces_ref``; at 16 rows a
+    merge for each cut sequence, at 32 (the combine kernel's) none."""
+    from minids.kernels import mla_decode_gluon as glu
+
+    lens = [1, 63, 64, 65, 4097, 0]
+    B, H, C, P = len(lens), 16, 512, 3
+    gen = torch.Generator().manual_seed(s_q)
+    q = torch.randn(B, s_q, H, C + 64, generator=gen).to("cuda", torch.bfloat16)
+    cache = torch.randn(B, 4160, C + 64, generator=gen).to("cuda", torch.bfloat16)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    kv, pe = cache[..., :C], cache[..., C:]
+    kind = glu.form(q, kv, pe, C, None)
+    assert kind == "narrow"
+    results = []
+    trace = torch.empty(P, glu.TRACE_LEN, 3, dtype=torch.int64, device="cuda")
+    for tr in (None, trace):
+        out = torch.full((B, s_q, H, C), float("nan"), dtype=torch.bfloat16, device="cuda")
+        lse = torch.full((B, H, s_q), float("nan"), device="cuda")
+        glu.mla_decode_gluon(q, kv, pe, seqlens, C**-0.5, True, None, out, lse, kind, num_splits=P, trace=tr)
+        results.append((out, lse))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    with pytest.raises(ValueError, match="trace must be int64"):
+        glu.mla_decode_gluon(q, kv, pe, seqlens, C**-0.5, True, None, *results[0], kind, num_splits=P,
+                             trace=trace[:, :8])
+    events = [[e for e in prog if e[2] >= 0] for prog in trace.cpu().tolist()]
+    codes = [[e[2] for e in prog] for prog in events]
+    for prog, cs in zip(events, codes):
+        assert cs[:2] == [0, 1] and cs[-1] == 8 and cs.count(4) == cs.count(5)
+        for a, b in itertools.pairwise(prog):
+            assert b[0] >= a[0] and b[1] >= a[1]
+    flat = [c for cs in codes for c in cs]
+    assert flat.count(4) == sum(-(-n // 64) for n in lens)
+    work = glu.pieces_ref(lens, P, 1)
+    assert flat.count(6) == sum(len(pieces) for pieces in work)
+    cut = {b for pieces in work for b, *_, slot in pieces if slot is not None}
+    assert flat.count(7) == (len(cut) if s_q * H in glu.MERGE_ROWS else 0)
