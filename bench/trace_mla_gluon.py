@@ -37,7 +37,7 @@ CASES = [  # (config, B, mean length, ragged, s_q)
 def program_stats(ev: list[tuple[int, int, int]], ghz: float) -> dict[str, float]:
     """One program's events (globaltimer ns, clock64, code) -> its phases in microseconds (clock64 deltas)."""
     t0c = ev[0][1]
-    us = lambda c: (c - t0c) / ghz / 1e3  # noqa: E731
+    us = lambda c: (c - t0c) / ghz / 1e3
     out = {"sched": 0.0, "first_tile": float("nan"), "compute": [], "wait": [], "stores": [], "merge": [],
            "end": us(ev[-1][1]), "tiles": 0, "pieces": 0}
     last_done = None
@@ -73,8 +73,8 @@ def analyse(trace: torch.Tensor) -> dict[str, float]:
     ghz = statistics.median((p[-1][1] - p[0][1]) / max(1, p[-1][0] - p[0][0]) for p in progs if p[-1][0] > p[0][0])
     stats = [program_stats(p, ghz) for p in progs]
     crit = stats[max(range(len(progs)), key=lambda i: ends[i])]
-    med = lambda xs: statistics.median(xs) if xs else 0.0  # noqa: E731
-    flat = lambda k: [x for s in stats for x in s[k]]  # noqa: E731
+    med = lambda xs: statistics.median(xs) if xs else 0.0
+    flat = lambda k: [x for s in stats for x in s[k]]
     return {
         "span_us": (max(ends) - t0) / 1e3, "start_skew_us": (max(starts) - t0) / 1e3, "clock_GHz": ghz,
         "sched_med": med([s["sched"] for s in stats]),
@@ -106,7 +106,7 @@ def main() -> None:
         lens = lengths(B, mean, var, s_q, gen)
         seqlens = lens.cuda()
         sets = make_inputs(B, s_q, H, C, R, lens, False, gen)
-        fn = rotating(sets, lambda q_, kv_, t_: mla_decode(q_, kv_, seqlens, C, scale, causal=True))
+        fn = rotating(sets, lambda q_, kv_, t_, n=seqlens, c=C: mla_decode(q_, kv_, n, c, scale, causal=True))
         for _ in range(len(sets)):
             fn()
         graph_us = graph_ms(fn) * 1e3
