@@ -58,6 +58,8 @@ def gluon_kernel(kind: str, rows: int, paged: bool, C: int = 512, trace: bool = 
     for a in fn.arg_names:
         if a in consts:
             sig[a] = "constexpr"
+        elif a == "op_desc":
+            sig[a] = mangle_type(glu._part_desc(torch.empty(8, rows, C, dtype=torch.float32)))
         elif a.endswith("_desc"):
             sig[a] = mangle_type(glu._desc(t, 64 if a != "q_desc" or kind == "wide" else rows, 64))
         elif a in ("seqlens_ptr", "tbl_ptr", "cnt_ptr"):

@@ -7,7 +7,8 @@ stores and the merge), summarised per shape beside the untraced launch's CUDA-gr
 Per shape (the inputs rotated over copies as bench/mla_decode.py does, so the cache comes from memory): the graph
 time of the default path; then --reps traced launches, each program's events read back. Reported (medians over the
 launches; "med" / "max" over programs): span (first start to last end), the launch's start skew, schedule (start to
-the schedule known), first tile (start to the first tile usable), a tile's compute (tile in to its MMAs done), the
+the schedule known), known (start to the first piece's bounds known: its length read), issued (start to its loads
+issued), first tile (start to the first tile usable), a tile's compute (tile in to its MMAs done), the
 wait for a tile after the previous one's MMAs (data not yet there), the piece's stores, the merge, and for the
 program that ends last its share of each. Times within a program come from %clock64 (cycles, converted at the
 rate each launch measures against %globaltimer), across programs from %globaltimer.
@@ -38,13 +39,18 @@ def program_stats(ev: list[tuple[int, int, int]], ghz: float) -> dict[str, float
     """One program's events (globaltimer ns, clock64, code) -> its phases in microseconds (clock64 deltas)."""
     t0c = ev[0][1]
     us = lambda c: (c - t0c) / ghz / 1e3
-    out = {"sched": 0.0, "first_tile": float("nan"), "compute": [], "wait": [], "stores": [], "merge": [],
+    out = {"sched": 0.0, "known": float("nan"), "issued": float("nan"), "first_tile": float("nan"), "compute": [], "wait": [], "stores": [], "merge": [],
            "end": us(ev[-1][1]), "tiles": 0, "pieces": 0}
     last_done = None
     for i, (_, c, code) in enumerate(ev):
         if code == 1:
             out["sched"] = us(c)
+        elif code == 9:
+            if not out["pieces"]:
+                out["known"] = us(c)
         elif code == 2:
+            if not out["pieces"]:
+                out["issued"] = us(c)
             out["pieces"] += 1
             last_done = None
         elif code == 4:
@@ -78,6 +84,8 @@ def analyse(trace: torch.Tensor) -> dict[str, float]:
     return {
         "span_us": (max(ends) - t0) / 1e3, "start_skew_us": (max(starts) - t0) / 1e3, "clock_GHz": ghz,
         "sched_med": med([s["sched"] for s in stats]),
+        "known_med": med([s["known"] for s in stats if s["pieces"] and s["known"] == s["known"]]),
+        "issued_med": med([s["issued"] for s in stats if s["pieces"]]),
         "first_tile_med": med([s["first_tile"] for s in stats if s["tiles"]]),
         "first_tile_max": max(s["first_tile"] for s in stats if s["tiles"]),
         "compute_med": med(flat("compute")), "wait_med": med(flat("wait")),
@@ -141,7 +149,7 @@ def main() -> None:
                       "Traced narrow Gluon launches (bench/trace_mla_gluon.py): microseconds; graph_us the untraced "
                       "default path's CUDA-graph time; the rest medians over the traced launches (eager, not in a "
                       "graph) of: span (first program start to last end), start skew, per program (med / max over "
-                      "programs) the schedule, the first tile usable, a tile's compute (in to MMAs done), the wait "
+                      "programs) the schedule, the first piece known (its length read), its loads issued, the first tile usable, a tile's compute (in to MMAs done), the wait "
                       "for a tile after the previous one's MMAs, a piece's stores, the merge, the program's end; "
                       "crit_*: the program that ends last (its start offset and its sums). err_vs_untraced: max "
                       "difference of the traced output from the untraced one, relative to its max.")

@@ -71,6 +71,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
     from minids.kernels.mla_decode import _block_units, _totals
+    from triton.language.extra.cuda import gdc_wait
 
 LATENT, ROPE = 512, 64  # V3's (C, R): the wide kernel's only one
 NARROW_LATENTS = {512: 64, 256: 32}  # the narrow kernel's (C, largest R): V3's and small-v3's
@@ -82,12 +83,13 @@ if HAVE_TRITON:
     def _combine_kernel(SEQLENS, O_PART, L_PART, O, LSE, B, capacity, min_units, max_pieces, n_rows, H, stride_ob,
                         stride_os, stride_oh, stride_lb, stride_lh, stride_ls, P, C: tl.constexpr,
                         BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr, UNIT: tl.constexpr,
-                        OVERHEAD: tl.constexpr):
+                        OVERHEAD: tl.constexpr, PDL: tl.constexpr = False):
         """Rows [BLOCK_R program_id 1, +BLOCK_R) of sequence b (program_id 0), if the schedule (``slices_ref`` with
         P programs) cut it: out = sum_j w_j o_j / sum_j w_j, w_j = 2^(l_j - max l), over its pieces j in
         program order; lse = (max + log2 sum w) ln 2. O_PART (2 P, n_rows, C) and L_PART (2 P, n_rows) float32 (log2
         units; -inf and a zero partial for a piece that saw no token of a row). A sequence in one piece was written
-        by the attention kernel: nothing to do."""
+        by the attention kernel: nothing to do. PDL (a programmatic dependent launch after the attention kernel): the
+        schedule is derived while that kernel runs, and the partials read once it is done (griddepcontrol.wait)."""
         b = tl.program_id(0)
         r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
         r_ok = r < n_rows
@@ -107,6 +109,8 @@ if HAVE_TRITON:
             p0 = b * s
             p1 = tl.where(P >= B, p0 + tl.cdiv(k, per) - 1, p0)
         if (k > 0) & (p1 > p0):
+            if PDL:
+                gdc_wait()
             m = tl.full([BLOCK_R], float("-inf"), tl.float32)
             for p in range(p0, p1 + 1):  # the first piece is program p0's last (slot 2 p0 + 1), the others first
                 slot = 2 * p + (p == p0).to(tl.int32)
@@ -132,11 +136,12 @@ if HAVE_TRITON:
 
 
 def combine(o_part: torch.Tensor, l_part: torch.Tensor, seqlens: torch.Tensor, capacity: int, min_units: int,
-            out: torch.Tensor, lse: torch.Tensor, unit: int = UNIT) -> None:
+            out: torch.Tensor, lse: torch.Tensor, unit: int = UNIT, pdl: bool = False) -> None:
     """Merge the pieces of every sequence the schedule of P = len(o_part) // 2 programs cut (o_part (2 P, s_q * H,
     C), l_part (2 P, s_q * H) float32, log2 units: the slots of ``pieces_ref``) into out (B, s_q, H, C) and lse (B, H,
     s_q) (natural log), in program order; the rows of uncut sequences are left as they are. unit: the schedule's tokens
-    a tile (the attention kernel's)."""
+    a tile (the attention kernel's). pdl: launched as a programmatic dependent of the kernel before it on the stream
+    (a CUDA GPU of sm_90 or later): its schedule overlaps that kernel's end, its reads wait for it."""
     two_p, n_rows, C = o_part.shape
     B, H = out.shape[0], out.shape[2]
     block_r = 16
@@ -144,7 +149,8 @@ def combine(o_part: torch.Tensor, l_part: torch.Tensor, seqlens: torch.Tensor, c
         seqlens, o_part, l_part, out, lse, B, capacity, min_units, max(2, MAX_PIECES), n_rows, H, out.stride(0),
         out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2), two_p // 2, C=C,
         BLOCK_C=triton.next_power_of_2(C), BLOCK_R=block_r,
-        BLOCK_B=min(MAX_BLOCK_B, max(16, triton.next_power_of_2(B))), UNIT=unit, OVERHEAD=OVERHEAD)
+        BLOCK_B=min(MAX_BLOCK_B, max(16, triton.next_power_of_2(B))), UNIT=unit, OVERHEAD=OVERHEAD,
+        **({"PDL": True, "launch_pdl": True} if pdl else {}))
 
 
 def slices_ref(lens: list[int], P: int, min_units: int = MIN_UNITS) -> list[tuple[int, int]]:
@@ -208,8 +214,8 @@ if HAVE_GLUON:
     NKV = gl.constexpr(LATENT // 64)  # latent boxes a tile (the value's columns); the RoPE box is chunk NKV
     OVERHEAD_C = gl.constexpr(OVERHEAD)  # the schedule's units charged per sequence (``kernels.mla_decode``)
     FAR_PAGE = gl.constexpr(1 << 24)  # a page whose rows (2^30 on) lie past any cache's 2-D view: TMA zero fill
-    MERGE_PIECES = gl.constexpr(1)  # pieces the narrow kernel's merge reads at once
     TRACE_EVENTS = gl.constexpr(TRACE_LEN)
+    MERGE_GROUP = gl.constexpr(4)  # partials the narrow kernel's merge brings into shared memory at once
 
     @gluon.jit
     def _stamp(trace_ptr, p, e, code: gl.constexpr):
@@ -316,6 +322,19 @@ if HAVE_GLUON:
         return warpgroup_mma_wait(num_outstanding=0, deps=(s,))
 
     @gluon.jit
+    def _scores_t_half(kv_smem, q_smem, base, s_zero, PART: gl.constexpr):
+        """One consumer's share of S^T = K Q^T (``_ws_kernel``'s narrow form): the latent boxes of its own output
+        columns (4 PART .. 4 PART + 3), and for PART 0 the RoPE box; waited for. The two shares add to the scores."""
+        c0: gl.constexpr = PART * 4
+        s = warpgroup_mma(kv_smem.index(base + c0), q_smem.index(c0).permute((1, 0)), s_zero, use_acc=False,
+                          is_async=True)
+        for c in gl.static_range(c0 + 1, c0 + 4):
+            s = warpgroup_mma(kv_smem.index(base + c), q_smem.index(c).permute((1, 0)), s, is_async=True)
+        if PART == 0:
+            s = warpgroup_mma(kv_smem.index(base + NKV), q_smem.index(NKV).permute((1, 0)), s, is_async=True)
+        return warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+
+    @gluon.jit
     def _store4(ptr, acc0, acc1, acc2, acc3, inv):
         """acc_j * inv to ptr + j * CW (j = 0 .. 3: four 64-column chunks of O^T), in ptr's element type."""
         dt = ptr.dtype.element_ty
@@ -415,63 +434,94 @@ if HAVE_GLUON:
         return p0, p1
 
     @gluon.jit
-    def _merge(op_ptr, lp_ptr, o_ptr, l_ptr, b, p0, p1, H, stride_ob, stride_os, stride_oh, stride_lb, stride_ls,
-               stride_lh, RN: gl.constexpr, NL: gl.constexpr):
+    def _launch_dependents():
+        """griddepcontrol.launch_dependents: the combine kernel (a programmatic dependent launch) may start once every
+        program has passed this; it waits for this kernel's end before it reads (``combine``'s pdl)."""
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; mov.u32 $0, 0;", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)
+
+    @gluon.jit
+    def _fence_global_async():
+        """fence.proxy.async.global: this thread's generic-proxy view of global memory (its own stores, and the other
+        programs' partials acquired through the arrival counter) ordered before its async-proxy (TMA) reads."""
+        gl.inline_asm_elementwise("fence.proxy.async.global; mov.u32 $0, 0;", "=r", [], dtype=gl.int32, is_pure=False,
+                                  pack=1)
+
+    @gluon.jit
+    def _piece_lse(lp_ptr, q, p0, p1, rows, RN: gl.constexpr):
+        """The log2 lse of program q's partial slot of the sequence (programs p0 .. p1; -inf past p1)."""
+        slot = 2 * q + (q == p0).to(gl.int32)
+        return gl.load(lp_ptr + slot.to(gl.int64) * RN + rows, mask=(rows < RN) & (q <= p1), other=float("-inf"))
+
+    @gluon.jit
+    def _piece_add(stage, j: gl.constexpr, lq, m_safe, den, acc0, acc1, lay: gl.constexpr, NBOX: gl.constexpr):
+        """den + w, acc + w o_j for the group's piece j in stage (boxes j NBOX ..), w = 2^(lq - m_safe)."""
+        w = gl.exp2(lq - m_safe)
+        acc0 += gl.expand_dims(w, 1) * stage.index(j * NBOX).load(lay)
+        if NBOX == 2:
+            acc1 += gl.expand_dims(w, 1) * stage.index(j * NBOX + 1).load(lay)
+        return den + w, acc0, acc1
+
+    @gluon.jit
+    def _merge(op_desc, lp_ptr, o_ptr, l_ptr, stage, bar, phase, b, p0, p1, H, stride_ob, stride_os, stride_oh,
+               stride_lb, stride_ls, stride_lh, RN: gl.constexpr, NL: gl.constexpr):
         """The last piece's program merges sequence b's pieces (programs p0 .. p1, in that order) from their float32
-        partial slots, as ``_combine_kernel`` does: out = sum_j w_j o_j / sum_j w_j, w_j = 2^(l_j - max l), with a
-        running max over MERGE_PIECES pieces at a time. Every load of a group is issued at once (one round trip to
-        L2 a group, not one a piece and column block: sixteenth session's merge cost ~8 us at B=32)."""
-        NPC: gl.constexpr = MERGE_PIECES
-        CB: gl.constexpr = min(2048 // RN, NL * CW // 4)  # output columns an accumulator (<= 64 registers a thread
-        NPASS: gl.constexpr = NL * CW // (4 * CB)  # for the four); passes over the columns, four accumulators each
-        l3: gl.constexpr = gl.BlockedLayout([1, 1, CB // 32], [1, 1, 32], [1, gl.num_warps(), 1],
-                                            [2, 1, 0])  # (piece, row, column)
-        l2: gl.constexpr = gl.SliceLayout(2, l3)  # (piece, row)
-        lo: gl.constexpr = gl.SliceLayout(0, l3)  # (row, column)
-        pcs = gl.expand_dims(gl.arange(0, NPC, layout=gl.SliceLayout(1, l2)), 1)  # (NPC, 1)
-        r2 = gl.expand_dims(gl.arange(0, RN, layout=gl.SliceLayout(0, l2)), 0)  # (1, RN)
-        c3 = gl.expand_dims(gl.expand_dims(gl.arange(0, CB, layout=gl.SliceLayout(0, lo)), 0), 0)  # (1, 1, CB)
-        rows = gl.expand_dims(gl.arange(0, RN, layout=gl.SliceLayout(1, lo)), 1)  # (RN, 1)
-        cols = gl.expand_dims(gl.arange(0, CB, layout=gl.SliceLayout(0, lo)), 0)
-        optr = o_ptr + b.to(gl.int64) * stride_ob + (rows // H) * stride_os + (rows % H) * stride_oh + cols
-        dt = o_ptr.dtype.element_ty
-        for h in gl.static_range(NPASS):
-            c0 = h * 4 * CB
-            m = gl.full([RN, 1], float("-inf"), gl.float32, lo)
-            den = gl.zeros([RN, 1], gl.float32, lo)
-            acc0 = gl.zeros([RN, CB], gl.float32, lo)
-            acc1 = gl.zeros([RN, CB], gl.float32, lo)
-            acc2 = gl.zeros([RN, CB], gl.float32, lo)
-            acc3 = gl.zeros([RN, CB], gl.float32, lo)
-            for q0 in range(p0, p1 + 1, NPC):  # the first piece is program p0's last (slot 2 p0 + 1), the others
-                q = q0 + pcs  # first
-                ok = q <= p1
-                slot = (2 * q + (q == p0).to(gl.int32)).to(gl.int64) * RN + r2  # (NPC, RN): each piece's row slots
-                lq = gl.expand_dims(gl.load(lp_ptr + slot, mask=ok, other=float("-inf")), 2)  # (NPC, RN, 1)
-                base = op_ptr + gl.expand_dims(slot * (NL * CW), 2) + c0 + c3
-                ok3 = gl.expand_dims(ok, 2)
-                part0 = gl.load(base, mask=ok3, other=0.0)
-                part1 = gl.load(base + CB, mask=ok3, other=0.0)
-                part2 = gl.load(base + 2 * CB, mask=ok3, other=0.0)
-                part3 = gl.load(base + 3 * CB, mask=ok3, other=0.0)
-                m_new = gl.maximum(m, gl.max(lq, axis=0))
-                m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = gl.exp2(m - m_safe)
-                w = gl.exp2(lq - gl.expand_dims(m_safe, 0))  # 0 for a piece past p1 or a row it saw nothing of
-                den = den * alpha + gl.sum(w, axis=0)
-                acc0 = acc0 * alpha + gl.sum(w * part0, axis=0)
-                acc1 = acc1 * alpha + gl.sum(w * part1, axis=0)
-                acc2 = acc2 * alpha + gl.sum(w * part2, axis=0)
-                acc3 = acc3 * alpha + gl.sum(w * part3, axis=0)
-                m = m_new
-            none = den == 0.0
-            inv = 1.0 / gl.where(none, 1.0, den)
-            gl.store(optr + c0, (acc0 * inv).to(dt))
-            gl.store(optr + c0 + CB, (acc1 * inv).to(dt))
-            gl.store(optr + c0 + 2 * CB, (acc2 * inv).to(dt))
-            gl.store(optr + c0 + 3 * CB, (acc3 * inv).to(dt))
+        partial slots, as ``_combine_kernel`` does: out = sum_j w_j o_j / sum_j w_j, w_j = 2^(l_j - max l). Four
+        pieces at a time come into stage (the cache tiles' shared memory, free by now) by TMA, on bar at once, with
+        their lse: one round trip to L2 a group (the eighteenth session's merge, a piece a round trip through
+        registers, took 4.7 us at B=32 1K: bench/results/mla_decode-trace.md); a group's slots past p1 are read from
+        rows past the partials' end (zero-filled, weight 0, not added). A running max across groups. Returns bar's
+        phase after."""
+        BOXC: gl.constexpr = op_desc.block_type.shape[1]
+        NBOX: gl.constexpr = NL * CW // BOXC
+        lay: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [gl.num_warps(), 1], [1, 0])  # (row, column)
+        rows = gl.arange(0, RN, layout=gl.SliceLayout(1, lay))
+        cols = gl.expand_dims(gl.arange(0, BOXC, layout=gl.SliceLayout(0, lay)), 0)
+        end_row = op_desc.shape[0]
+        m = gl.full([RN], float("-inf"), gl.float32, gl.SliceLayout(1, lay))
+        den = gl.zeros([RN], gl.float32, gl.SliceLayout(1, lay))
+        acc0 = gl.zeros([RN, BOXC], gl.float32, lay)
+        acc1 = gl.zeros([RN, BOXC], gl.float32, lay)  # (NBOX == 2)
+        _fence_global_async()
+        for g0 in range(p0, p1 + 1, MERGE_GROUP):
+            mbarrier.expect(bar, MERGE_GROUP * NBOX * op_desc.block_type.nbytes)
+            for j in gl.static_range(MERGE_GROUP):
+                q = g0 + j
+                row = gl.where(q <= p1, (2 * q + (q == p0).to(gl.int32)) * RN, end_row)
+                for c in gl.static_range(NBOX):
+                    tma.async_copy_global_to_shared(op_desc, [row, c * BOXC], bar, stage.index(j * NBOX + c))
+            lq0 = _piece_lse(lp_ptr, g0, p0, p1, rows, RN)
+            lq1 = _piece_lse(lp_ptr, g0 + 1, p0, p1, rows, RN)
+            lq2 = _piece_lse(lp_ptr, g0 + 2, p0, p1, rows, RN)
+            lq3 = _piece_lse(lp_ptr, g0 + 3, p0, p1, rows, RN)
+            m_new = gl.maximum(m, gl.maximum(gl.maximum(lq0, lq1), gl.maximum(lq2, lq3)))
+            m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = gl.exp2(m - m_safe)
+            den = den * alpha
+            acc0 = acc0 * gl.expand_dims(alpha, 1)
+            acc1 = acc1 * gl.expand_dims(alpha, 1)
+            mbarrier.wait(bar, phase & 1)
+            phase += 1
+            den, acc0, acc1 = _piece_add(stage, 0, lq0, m_safe, den, acc0, acc1, lay, NBOX)
+            if g0 + 1 <= p1:
+                den, acc0, acc1 = _piece_add(stage, 1, lq1, m_safe, den, acc0, acc1, lay, NBOX)
+            if g0 + 2 <= p1:
+                den, acc0, acc1 = _piece_add(stage, 2, lq2, m_safe, den, acc0, acc1, lay, NBOX)
+            if g0 + 3 <= p1:
+                den, acc0, acc1 = _piece_add(stage, 3, lq3, m_safe, den, acc0, acc1, lay, NBOX)
+            m = m_new
+            gl.thread_barrier()  # every warp has read the group before the next one (or a tile) lands on it
+        none = den == 0.0
+        inv = gl.expand_dims(1.0 / gl.where(none, 1.0, den), 1)
+        optr = (o_ptr + b.to(gl.int64) * stride_ob + gl.expand_dims((rows // H) * stride_os + (rows % H) * stride_oh, 1)
+                + cols)
+        gl.store(optr, (acc0 * inv).to(o_ptr.dtype.element_ty))
+        if NBOX == 2:
+            gl.store(optr + BOXC, (acc1 * inv).to(o_ptr.dtype.element_ty))
         gl.store(l_ptr + b.to(gl.int64) * stride_lb + (rows // H) * stride_ls + (rows % H) * stride_lh,
                  gl.where(none, float("-inf"), (m + gl.log2(gl.where(none, 1.0, den))) * 0.6931471805599453))
+        fence_async_shared()  # the generic reads of stage before the async proxy's next writes
+        return phase
 
     @gluon.jit
     def _wide_producer(q_desc, kv_desc, pe_desc, q_smem, kv_smem, q_bar, q_free, ready, empty, seqlens_ptr, tbl_ptr,
@@ -528,9 +578,9 @@ if HAVE_GLUON:
             _store_rows(acc3, inv, base, stride_qi, stride_h, c0 + 3 * CW, rows, cols, H)
 
     @gluon.jit
-    def _consumer(q_smem, kv_smem, p_smem, q_bar, q_free, ready, empty, seqlens_ptr, o_ptr, l_ptr, op_ptr, lp_ptr,
-                  stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, capacity, B, H, S_Q, n_rows,
-                  qk_scale, row0, p, u0, u1, b, S, RN: gl.constexpr, CAUSAL: gl.constexpr, PART: gl.constexpr,
+    def _consumer(q_smem, kv_smem, p_smem, sx_smem, sx_bar, q_bar, q_free, ready, empty, seqlens_ptr, o_ptr, l_ptr,
+                  op_ptr, lp_ptr, stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, capacity, B, H, S_Q,
+                  n_rows, qk_scale, row0, p, u0, u1, b, S, RN: gl.constexpr, CAUSAL: gl.constexpr, PART: gl.constexpr,
                   STAGES: gl.constexpr, TRANSPOSED: gl.constexpr):
         """One consumer warpgroup of the warp-specialized kernels: for each piece of the slice, the scores and softmax
         of RN rows (from row0) and P V for output columns [256 PART, +256) (four 64-column accumulators); the output
@@ -581,8 +631,13 @@ if HAVE_GLUON:
                 for i in range(hi - lo):
                     st = g % STAGES
                     mbarrier.wait(ready.index(st), (g // STAGES) & 1)
-                    if TRANSPOSED:
-                        s = _scores_t(kv_smem, q_smem, st * NB, s_zero, NKV)
+                    if TRANSPOSED:  # this consumer's share of the scores, the other's through sx_smem (by tile parity)
+                        s = _scores_t_half(kv_smem, q_smem, st * NB, s_zero, PART)
+                        sx_smem.index((g % 2) * 2 + PART).store(s)
+                        gl.thread_barrier()  # this warpgroup's share is all in shared memory
+                        mbarrier.arrive(sx_bar.index(g % 2))
+                        mbarrier.wait(sx_bar.index(g % 2), (g // 2) & 1)
+                        s = s + sx_smem.index((g % 2) * 2 + 1 - PART).load(mma)
                     else:
                         s = _scores(q_smem, kv_smem, st * NB, s_zero)
                     tok0 = (lo + i) * BN
@@ -591,8 +646,8 @@ if HAVE_GLUON:
                     a2 = gl.expand_dims(alpha, AX)
                     v0 = st * NB + PART * 4
                     tail = tok0 + BN > seqlen  # the last tile: its tokens past the length, zeroed in this half's
-                    if TRANSPOSED:  # values (the other warpgroup may still read them as keys: those scores are
-                        if tail:  # masked)
+                    if TRANSPOSED:  # values (only this warpgroup reads these boxes)
+                        if tail:
                             _zero_tail(kv_smem, v0, 4, tok0, seqlen)
                         pbuf.store(p_.to(kv_smem.dtype))
                         fence_async_shared()
@@ -649,6 +704,7 @@ if HAVE_GLUON:
         math with RN = 16 or 32 rows as N (one row block), half the accumulator registers a thread of the
         one-warpgroup narrow kernel holds (its 32-row build spills 192 B a thread) and two MMA chains in flight; off
         unless ``NARROW2_ROWS`` lists the row count. See the module docstring."""
+        _launch_dependents()
         rb = gl.program_id(0)
         p = gl.program_id(1)
         P = gl.num_programs(1)
@@ -658,28 +714,36 @@ if HAVE_GLUON:
         NB: gl.constexpr = NKV + 1
         q_smem = gl.allocate_shared_memory(q_desc.dtype, [NB, RN, CW], q_desc.layout)
         kv_smem = gl.allocate_shared_memory(kv_desc.dtype, [STAGES * NB, BN, CW], kv_desc.layout)
-        if TRANSPOSED:  # each consumer's P^T
+        if TRANSPOSED:  # each consumer's P^T; the score shares exchanged (two tiles' worth)
             p_smem = gl.allocate_shared_memory(kv_desc.dtype, [2, BN, RN],
                                                gl.NVMMASharedLayout.get_default_for([BN, RN], gl.bfloat16))
+            sx_smem = gl.allocate_shared_memory(gl.float32, [4, BN, RN],
+                                                gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
         else:
             p_smem = q_smem  # (unused)
+            sx_smem = q_smem
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         q_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        sx_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
         mbarrier.init(q_free, count=2)
+        for sb in gl.static_range(2):
+            mbarrier.init(sx_bar.index(sb), count=2)
         for sb in gl.static_range(STAGES):
             mbarrier.init(ready.index(sb), count=1)
             mbarrier.init(empty.index(sb), count=2)
         fence_async_shared()
         gl.warp_specialize([
-            (_consumer, (q_smem, kv_smem, p_smem, q_bar, q_free, ready, empty, seqlens_ptr, o_ptr, l_ptr, op_ptr,
-                         lp_ptr, stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, capacity, B, H, S_Q,
-                         n_rows, qk_scale, row0, p, u0, u1, b, S, RN, CAUSAL, 0, STAGES, TRANSPOSED)),
-            (_consumer, (q_smem, kv_smem, p_smem, q_bar, q_free, ready, empty, seqlens_ptr, o_ptr, l_ptr, op_ptr,
-                         lp_ptr, stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, capacity, B, H, S_Q,
-                         n_rows, qk_scale, row0, p, u0, u1, b, S, RN, CAUSAL, 1, STAGES, TRANSPOSED)),
+            (_consumer, (q_smem, kv_smem, p_smem, sx_smem, sx_bar, q_bar, q_free, ready, empty, seqlens_ptr, o_ptr,
+                         l_ptr, op_ptr, lp_ptr, stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh,
+                         capacity, B, H, S_Q, n_rows, qk_scale, row0, p, u0, u1, b, S, RN, CAUSAL, 0, STAGES,
+                         TRANSPOSED)),
+            (_consumer, (q_smem, kv_smem, p_smem, sx_smem, sx_bar, q_bar, q_free, ready, empty, seqlens_ptr, o_ptr,
+                         l_ptr, op_ptr, lp_ptr, stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh,
+                         capacity, B, H, S_Q, n_rows, qk_scale, row0, p, u0, u1, b, S, RN, CAUSAL, 1, STAGES,
+                         TRANSPOSED)),
             (_wide_producer, (q_desc, kv_desc, pe_desc, q_smem, kv_smem, q_bar, q_free, ready, empty, seqlens_ptr,
                               tbl_ptr, stride_tb, capacity, B, n_rows, row0, u0, u1, b, S, PAGED, STAGES)),
         ], [4, 1], [232, 24])
@@ -687,19 +751,22 @@ if HAVE_GLUON:
     @gluon.jit
     def _narrow_kernel(q_desc, kv_desc, pe_desc, seqlens_ptr, tbl_ptr, o_ptr, l_ptr, op_ptr, lp_ptr, cnt_ptr, stride_tb,
                        stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, capacity, B, H, S_Q, qk_scale,
-                       min_units, max_pieces, RN: gl.constexpr, CAUSAL: gl.constexpr, PAGED: gl.constexpr,
+                       min_units, max_pieces, op_desc, RN: gl.constexpr, CAUSAL: gl.constexpr, PAGED: gl.constexpr,
                        STAGES: gl.constexpr, BLOCK_B: gl.constexpr, MERGE: gl.constexpr, NL: gl.constexpr,
                        TN: gl.constexpr, TRACE: gl.constexpr = False, trace_ptr=None):
         """Program p: all RN = s_q * H rows (16 or 32) of every piece in slice p; see the module docstring. NL: the
         latent's 64-column boxes (8 for C = 512, 4 for 256); TN: tokens a tile (64, or 128: two 64-token boxes in
-        each buffer, the MMAs' M and K). No warp specialization: the program issues its own loads, the slice's tile
-        g + STAGES - 1 once tile g - 1's MMAs are done. TRACE: record the program's timeline (``TRACE_CODES``) at
-        trace_ptr."""
+        each buffer, the MMAs' M and K). No warp specialization: the program issues its own loads, a piece's first
+        STAGES tiles with its query, then its tile i + STAGES - 1 once tile i - 1's MMAs are done. op_desc: the
+        float32 partials (2 P RN, C) for the merge (MERGE). TRACE: record the program's timeline (``TRACE_CODES``)
+        at trace_ptr."""
         p = gl.program_id(0)
         P = gl.num_programs(0)
         e = 0  # (the traced events so far)
         if TRACE:
             e = _stamp(trace_ptr, p, e, 0)
+        if not MERGE:
+            _launch_dependents()
         u0, u1, b, S, W, uniform = _slice(seqlens_ptr, B, capacity, P, p, min_units, max_pieces, BLOCK_B, TN)
         if TRACE:
             e = _stamp(trace_ptr, p, e, 1)
@@ -711,10 +778,19 @@ if HAVE_GLUON:
         p_smem = gl.allocate_shared_memory(kv_desc.dtype, [TN, RN], p_layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        m_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
+        mbarrier.init(m_bar, count=1)
         for sb in gl.static_range(STAGES):
             mbarrier.init(ready.index(sb), count=1)
         fence_async_shared()
+        BOXC: gl.constexpr = op_desc.block_type.shape[1]
+        if MERGE:  # the merge's MERGE_GROUP partials in the cache tiles' shared memory
+            gl.static_assert(MERGE_GROUP * RN * NL * CW * 4 <= STAGES * NB * TN * CW * 2)
+            stage = kv_smem._reinterpret(gl.float32, [MERGE_GROUP * (NL * CW // BOXC), RN, BOXC], op_desc.layout)
+        else:
+            stage = kv_smem
+        mph = 0  # m_bar's phase
 
         toks0 = gl.arange(0, TN, layout=gl.SliceLayout(1, mma))
         rows = gl.arange(0, RN, layout=gl.SliceLayout(0, mma))
@@ -730,10 +806,12 @@ if HAVE_GLUON:
                 n_tiles = hi - lo
                 tbl = tbl_ptr + b.to(gl.int64) * stride_tb
                 kv_row = b * capacity
+                if TRACE:
+                    e = _stamp(trace_ptr, p, e, 9)
                 mbarrier.expect(q_bar, NB * q_desc.block_type.nbytes)  # the previous piece's MMAs are done
                 for c in gl.static_range(NB):
                     tma.async_copy_global_to_shared(q_desc, [b * RN, c * CW], q_bar, q_smem.index(c))
-                for j in gl.static_range(STAGES - 1):  # the first tiles in flight
+                for j in gl.static_range(STAGES):  # the first tiles in flight (every buffer is free)
                     if j < n_tiles:
                         sj = (g + j) % STAGES
                         _load_tiles(kv_desc, pe_desc, tbl, kv_row, (lo + j) * TN, seqlen, ready.index(sj), kv_smem,
@@ -757,7 +835,7 @@ if HAVE_GLUON:
                     e = _stamp(trace_ptr, p, e, 3)
                 for i in range(n_tiles):
                     nxt = i + STAGES - 1  # into the buffer tile i - 1 used: its MMAs are done (the barrier below)
-                    if nxt < n_tiles:
+                    if (i > 0) & (nxt < n_tiles):
                         sn = (g + STAGES - 1) % STAGES
                         _load_tiles(kv_desc, pe_desc, tbl, kv_row, (lo + nxt) * TN, seqlen, ready.index(sn), kv_smem,
                                     sn * NB, NL, TN, PAGED)
@@ -828,8 +906,8 @@ if HAVE_GLUON:
                                             scope="gpu")
                         arrived = gl.max(gl.where(lane == 0, got, -1), 0)
                         if arrived == p1 - p0:
-                            _merge(op_ptr, lp_ptr, o_ptr, l_ptr, b, p0, p1, H, stride_ob, stride_os, stride_oh,
-                                   stride_lb, stride_ls, stride_lh, RN, NL)
+                            mph = _merge(op_desc, lp_ptr, o_ptr, l_ptr, stage, m_bar, mph, b, p0, p1, H, stride_ob,
+                                         stride_os, stride_oh, stride_lb, stride_ls, stride_lh, RN, NL)
                             gl.store(cnt_ptr + b, 0)
                             if TRACE:
                                 e = _stamp(trace_ptr, p, e, 7)
@@ -846,6 +924,9 @@ if HAVE_GLUON:
 # gained 2-4% (B=128, 1K: 42.7 against 45.0 us); 32 rows lost 8-27% (B=128, 4K, s_q=2: 179.9 against 163.1 us), so
 # they keep the combine kernel.
 MERGE_ROWS = (16,)
+# The combine kernel as a programmatic dependent launch (``combine``'s pdl): its launch and schedule overlap the
+# attention kernel, which lets it launch from its first instruction (``_launch_dependents``).
+PDL = True
 # Row counts that take ``_ws_kernel`` with TRANSPOSED (two consumer warpgroups) instead of the one-warpgroup narrow
 # kernel. Empty: it has 48 B of stack a thread at 32 rows against the one-warpgroup kernel's 192 (8 B at 16; Triton
 # 3.6, sm_90), but on the H200 (bash bench/device_mla.sh narrow2: mla_decode-narrow2.md beside mla_decode-h16.md) it
@@ -862,9 +943,9 @@ STAGES = {"wide": 2, "narrow": 2}  # _ws_kernel's cache tiles in flight: 2 x 72 
 # tiles were 7-11% faster on short ragged caches and tied on long ones).
 NARROW_TILES = {(512, 16): (64, 2), (512, 32): (64, 2), (256, 16): (128, 2), (256, 32): (64, 4)}
 # A traced narrow launch's event codes (``mla_decode_gluon(..., trace=)``): each program's (%globaltimer ns, %clock64,
-# code) in the order they happen; a piece is codes 2-6 (its tiles 4 and 5 each), a merge 7.
-TRACE_CODES = {0: "start", 1: "scheduled", 2: "piece issued", 3: "query in", 4: "tile in", 5: "tile done",
-               6: "piece stored", 7: "merged", 8: "end"}
+# code) in the order they happen; a piece is codes 9, 2-6 (its tiles 4 and 5 each), a merge 7.
+TRACE_CODES = {0: "start", 1: "scheduled", 9: "piece known", 2: "piece issued", 3: "query in", 4: "tile in",
+               5: "tile done", 6: "piece stored", 7: "merged", 8: "end"}
 
 
 @functools.cache
@@ -905,6 +986,18 @@ def form(q: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor, C: int, page: int 
 
 def _desc(t2: torch.Tensor, rows: int, cols: int) -> TensorDescriptor:
     return TensorDescriptor.from_tensor(t2, [rows, cols], _layout(rows, cols, t2.dtype))
+
+
+@functools.cache
+def _flat32():
+    return gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+
+
+def _part_desc(o_part: torch.Tensor) -> TensorDescriptor:
+    """The float32 partials (2 P, rows, C) as (2 P rows, C), in boxes of (rows, min(C, 256)) unswizzled (the narrow
+    kernel's merge)."""
+    two_p, rows, C = o_part.shape
+    return TensorDescriptor.from_tensor(o_part.view(two_p * rows, C), [rows, min(C, 256)], _flat32())
 
 
 def mla_decode_gluon(q, kv, pe, seqlens, scale, causal, block_table, out, lse, kind, num_splits=None, trace=None):
@@ -955,8 +1048,8 @@ def mla_decode_gluon(q, kv, pe, seqlens, scale, causal, block_table, out, lse, k
                                  f"{trace.dtype} {tuple(trace.shape)}")
             trace.fill_(-1)
             traced = {"TRACE": True, "trace_ptr": trace}
-        _narrow_kernel[grid](*args, RN=rows, CAUSAL=causal, PAGED=paged, STAGES=stages, BLOCK_B=block_b,
-                             MERGE=merge, NL=C // 64, TN=unit, num_warps=4, **traced)
+        _narrow_kernel[grid](*args, _part_desc(o_part), RN=rows, CAUSAL=causal, PAGED=paged, STAGES=stages,
+                             BLOCK_B=block_b, MERGE=merge, NL=C // 64, TN=unit, num_warps=4, **traced)
     if not merge and P > 1:  # (one program computes every sequence whole)
-        combine(o_part, l_part, seqlens, capacity, min_units, out, lse, unit)
+        combine(o_part, l_part, seqlens, capacity, min_units, out, lse, unit, pdl=PDL)
     return grid
