@@ -21,8 +21,9 @@ Two kernels, by rows = s_q * H:
   C = 256 takes 4 latent boxes instead of 8, and a RoPE narrower than 64 columns (R = 32) is zero-filled past R by
   the TMA in both the query's box and the cache's. Its
   two-warpgroup form (``_ws_kernel`` with TRANSPOSED: the wide kernel's warp specialization, each consumer with half
-  of the output columns) passes its GPU tests but is off (``NARROW2_ROWS``): on the H200 it was slower on 24 of
-  32 V3 rows at H=16 (bench/results/mla_decode-narrow2.md).
+  of the output columns and the scores of its own boxes, the two shares added through shared memory) passes its GPU
+  tests but is off (``NARROW2_ROWS``): on the H200 it wins only on ragged batches at 32 rows
+  (bench/results/mla_decode-ab-merge2.md).
 
 Work split (``slices_ref``, ``pieces_ref``): P programs per row block (one per SM) take consecutive slices of the
 units line of all sequences (sequence b: OVERHEAD units, then one a tile: 64 tokens, or 128 for the narrow kernel
@@ -32,8 +33,10 @@ into the next ones); equal ones keep the fixed split (each sequence cut into P /
 when B > P), which measured faster there. Every program derives the
 schedule from the lengths in the kernel (no host read, graph-capturable). A sequence in one piece is written to
 out / lse directly; the pieces of a cut one go to float32 partial slots (2 a program), merged in program order: at
-16 rows (``MERGE_ROWS``) by the program of the last piece to finish (a per-sequence arrival counter), otherwise by
-``_combine_kernel``, a second launch whenever P > 1.
+16 rows (``MERGE_ROWS``) by the program of the last piece to finish (a per-sequence arrival counter; the partials
+brought into the free tile buffers by TMA, four a round trip), otherwise by ``_combine_kernel``, a second launch
+whenever P > 1, programmatically dependent (``PDL``: it launches while the attention kernel runs and waits for it
+before reading).
 Paged caches: 64-token pages (one a 64-column TMA box's rows), looked up per box in the block table.
 Preconditions (``form``): q, cache and pe of one 16-bit dtype; C = 512 and R = 64, or at 16 / 32 rows C = 256 and R
 <= 32 (a multiple of 8); the cache's rows 16-byte aligned (TMA); the page size 64 when paged.
@@ -928,11 +931,15 @@ MERGE_ROWS = (16,)
 # attention kernel, which lets it launch from its first instruction (``_launch_dependents``).
 PDL = True
 # Row counts that take ``_ws_kernel`` with TRANSPOSED (two consumer warpgroups) instead of the one-warpgroup narrow
-# kernel. Empty: it has 48 B of stack a thread at 32 rows against the one-warpgroup kernel's 192 (8 B at 16; Triton
-# 3.6, sm_90), but on the H200 (bash bench/device_mla.sh narrow2: mla_decode-narrow2.md beside mla_decode-h16.md) it
-# was slower on 24 of 32 V3 rows at H=16, up to 1.17x (B=128, 4K, s_q=2: 193.3 against 168.5 us), and faster only on
-# 8 ragged ones (B=32, 4K~, s_q=2: 66.9 against 77.1 us). tests/test_kernels_mla_gluon.py routes it explicitly (its
-# 12 GPU tests pass), bench/mla_decode.py --narrow2 times it.
+# kernel. Empty. Each consumer computes the scores of its own output columns' boxes (and consumer 0 the RoPE box's),
+# the two shares added through shared memory: no duplicated MMAs and no spills (Triton 3.6, sm_90: 168 registers, 0
+# B of stack at 16 and 32 rows, against the one-warpgroup kernel's 255 and 192 B at 32). On the H200
+# (mla_decode-ab-merge2.md, build ab_split) it is faster on ragged batches at 32 rows (B=128, 1K~, s_q=2: 69.8
+# against 85.3 us; B=32 4K~ s_q=2: 68.0 against 72.0) and slower everywhere else (B=32, 16K, s_q=2: 194.1 against
+# 166.2; at 16 rows B=32 1K 24.3 against 19.4): both warpgroups share the SM's tensor cores and meet every tile, so
+# nothing overlaps the softmax. The first form (every consumer all the scores) was slower still (mla_decode-
+# narrow2.md). tests/test_kernels_mla_gluon.py routes it explicitly (its 12 GPU tests pass), bench/mla_decode.py
+# --narrow2 times it.
 NARROW2_ROWS: tuple[int, ...] = ()
 STAGES = {"wide": 2, "narrow": 2}  # _ws_kernel's cache tiles in flight: 2 x 72 KB (with the 72 / 18-36 KB query)
 # The narrow kernel's (tokens a tile: the schedule's unit, tiles in flight) by (latent, rows). C = 512: 64-token tiles
