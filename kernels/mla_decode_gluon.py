@@ -760,7 +760,8 @@ if HAVE_GLUON:
         """Program p: all RN = s_q * H rows (16 or 32) of every piece in slice p; see the module docstring. NL: the
         latent's 64-column boxes (8 for C = 512, 4 for 256); TN: tokens a tile (64, or 128: two 64-token boxes in
         each buffer, the MMAs' M and K). No warp specialization: the program issues its own loads, a piece's first
-        STAGES tiles with its query, then its tile i + STAGES - 1 once tile i - 1's MMAs are done. op_desc: the
+        STAGES - 1 tiles with its query, then its tile i + STAGES - 1 once tile i - 1's MMAs are done (issuing STAGES
+        with the query measured no faster: bench/results/mla_decode-ab-merge3.md, head against ab_pro1). op_desc: the
         float32 partials (2 P RN, C) for the merge (MERGE). TRACE: record the program's timeline (``TRACE_CODES``)
         at trace_ptr."""
         p = gl.program_id(0)
@@ -814,7 +815,7 @@ if HAVE_GLUON:
                 mbarrier.expect(q_bar, NB * q_desc.block_type.nbytes)  # the previous piece's MMAs are done
                 for c in gl.static_range(NB):
                     tma.async_copy_global_to_shared(q_desc, [b * RN, c * CW], q_bar, q_smem.index(c))
-                for j in gl.static_range(STAGES):  # the first tiles in flight (every buffer is free)
+                for j in gl.static_range(STAGES - 1):  # the first tiles in flight
                     if j < n_tiles:
                         sj = (g + j) % STAGES
                         _load_tiles(kv_desc, pe_desc, tbl, kv_row, (lo + j) * TN, seqlen, ready.index(sj), kv_smem,
@@ -838,7 +839,7 @@ if HAVE_GLUON:
                     e = _stamp(trace_ptr, p, e, 3)
                 for i in range(n_tiles):
                     nxt = i + STAGES - 1  # into the buffer tile i - 1 used: its MMAs are done (the barrier below)
-                    if (i > 0) & (nxt < n_tiles):
+                    if nxt < n_tiles:
                         sn = (g + STAGES - 1) % STAGES
                         _load_tiles(kv_desc, pe_desc, tbl, kv_row, (lo + nxt) * TN, seqlen, ready.index(sn), kv_smem,
                                     sn * NB, NL, TN, PAGED)
