@@ -704,9 +704,10 @@ if HAVE_GLUON:
         """The warp-specialized kernels, program (row block, p): rows [RN row block, +RN) of every piece in slice p.
         A producer warp (``_wide_producer``) and two consumer warpgroups (``_consumer``), each with half of the
         output columns. The wide kernel: RN = 64 rows as the MMA's M. TRANSPOSED: the narrow kernel's
-        math with RN = 16 or 32 rows as N (one row block), half the accumulator registers a thread of the
-        one-warpgroup narrow kernel holds (its 32-row build spills 192 B a thread) and two MMA chains in flight; off
-        unless ``NARROW2_ROWS`` lists the row count. See the module docstring."""
+        math with RN = 16 or 32 rows as N (one row block), each consumer with the scores of its own boxes (the two
+        shares added through sx_smem) and half the accumulator registers a thread of the one-warpgroup narrow kernel
+        holds (its 32-row build spills 192 B a thread); off unless ``NARROW2_ROWS`` lists the row count. See the
+        module docstring."""
         _launch_dependents()
         rb = gl.program_id(0)
         p = gl.program_id(1)
@@ -1045,6 +1046,9 @@ def mla_decode_gluon(q, kv, pe, seqlens, scale, causal, block_table, out, lse, k
     grid = (row_blocks, P) if kind == "wide" else (1, P) if two else (P,)
     merge = kind == "narrow" and rows in MERGE_ROWS and not two
     unit, stages = NARROW_TILES[C, rows] if kind == "narrow" and not two else (UNIT, STAGES[kind])
+    if trace is not None and (kind == "wide" or two):
+        raise ValueError(f"mla_decode_gluon: trace= is for the one-warpgroup narrow kernel, this call takes the "
+                         f"{'wide' if kind == 'wide' else 'two-warpgroup'} one ({rows} rows); drop trace=")
     if kind == "wide" or two:
         _ws_kernel[grid](*args, CAUSAL=causal, PAGED=paged, STAGES=stages, BLOCK_B=block_b,
                          RN=64 if kind == "wide" else rows, TRANSPOSED=two, num_warps=4)

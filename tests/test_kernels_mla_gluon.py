@@ -196,8 +196,9 @@ def test_gluon_two_warpgroup_narrow(layout, H, s_q, num_splits, monkeypatch):
 @GPU
 @pytest.mark.parametrize("s_q", [1, 2])
 def test_gluon_traced_launch(s_q):
-    """A traced narrow launch (``trace=``, bench/trace_mla_gluon.py) gives the untraced launch's result bit for bit,
-    and each program's timeline is well formed: start and schedule first, end last, both clocks non-decreasing; every
+    """A traced narrow launch (``trace=``, bench/trace_mla_gluon.py) gives the untraced launch's result bit for bit
+    (a wrong trace buffer, or trace= for the wide kernel, is refused before any launch), and each program's timeline
+    is well formed: start and schedule first, end last, both clocks non-decreasing; every
     64-token tile in and done once over all programs; a piece stored for each piece of ``pieces_ref``; at 16 rows a
     merge for each cut sequence, at 32 (the combine kernel's) none."""
     from minids.kernels import mla_decode_gluon as glu
@@ -222,6 +223,11 @@ def test_gluon_traced_launch(s_q):
     with pytest.raises(ValueError, match="trace must be int64"):
         glu.mla_decode_gluon(q, kv, pe, seqlens, C**-0.5, True, None, *results[0], kind, num_splits=P,
                              trace=trace[:, :8])
+    q_wide = torch.randn(B, s_q, 64, C + 64, generator=gen).to("cuda", torch.bfloat16)
+    out_wide = torch.empty(B, s_q, 64, C, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(ValueError, match="trace= is for the one-warpgroup narrow kernel"):
+        glu.mla_decode_gluon(q_wide, kv, pe, seqlens, C**-0.5, True, None, out_wide,
+                             torch.empty(B, 64, s_q, device="cuda"), "wide", num_splits=P, trace=trace)
     events = [[e for e in prog if e[2] >= 0] for prog in trace.cpu().tolist()]
     codes = [[e[2] for e in prog] for prog in events]
     for prog, cs in zip(events, codes):
