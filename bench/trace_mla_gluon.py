@@ -39,8 +39,8 @@ def program_stats(ev: list[tuple[int, int, int]], ghz: float) -> dict[str, float
     """One program's events (globaltimer ns, clock64, code) -> its phases in microseconds (clock64 deltas)."""
     t0c = ev[0][1]
     us = lambda c: (c - t0c) / ghz / 1e3
-    out = {"sched": 0.0, "known": float("nan"), "issued": float("nan"), "first_tile": float("nan"), "compute": [], "wait": [], "stores": [], "merge": [],
-           "end": us(ev[-1][1]), "tiles": 0, "pieces": 0}
+    out = {"sched": 0.0, "known": float("nan"), "issued": float("nan"), "first_tile": float("nan"), "compute": [],
+           "wait": [], "stores": [], "merge": [], "end": us(ev[-1][1]), "tiles": 0, "pieces": 0}
     last_done = None
     for i, (_, c, code) in enumerate(ev):
         if code == 1:
