@@ -149,8 +149,9 @@ def main() -> None:
                       "Traced narrow Gluon launches (bench/trace_mla_gluon.py): microseconds; graph_us the untraced "
                       "default path's CUDA-graph time; the rest medians over the traced launches (eager, not in a "
                       "graph) of: span (first program start to last end), start skew, per program (med / max over "
-                      "programs) the schedule, the first piece known (its length read), its loads issued, the first tile usable, a tile's compute (in to MMAs done), the wait "
-                      "for a tile after the previous one's MMAs, a piece's stores, the merge, the program's end; "
+                      "programs) the schedule, the first piece known (its length read), its loads issued, the "
+                      "first tile usable, a tile's compute (in to MMAs done), the wait for a tile after the "
+                      "previous one's MMAs, a piece's stores, the merge, the program's end; "
                       "crit_*: the program that ends last (its start offset and its sums). err_vs_untraced: max "
                       "difference of the traced output from the untraced one, relative to its max.")
 
