@@ -317,24 +317,16 @@ if HAVE_GLUON:
         return warpgroup_mma_wait(num_outstanding=0, deps=(s,))
 
     @gluon.jit
-    def _scores_t(kv_smem, q_smem, base, s_zero, NL: gl.constexpr):
-        """S^T = K Q^T of the tile in boxes base .. base + NL (the narrow kernels' transposed scores), waited for."""
-        s = warpgroup_mma(kv_smem.index(base), q_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        for c in gl.static_range(1, NL + 1):
-            s = warpgroup_mma(kv_smem.index(base + c), q_smem.index(c).permute((1, 0)), s, is_async=True)
-        return warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-
-    @gluon.jit
-    def _scores_t_half(kv_smem, q_smem, base, s_zero, PART: gl.constexpr):
-        """One consumer's share of S^T = K Q^T (``_ws_kernel``'s narrow form): the latent boxes of its own output
-        columns (4 PART .. 4 PART + 3), and for PART 0 the RoPE box; waited for. The two shares add to the scores."""
-        c0: gl.constexpr = PART * 4
-        s = warpgroup_mma(kv_smem.index(base + c0), q_smem.index(c0).permute((1, 0)), s_zero, use_acc=False,
+    def _scores_t(kv_smem, q_smem, base, s_zero, C0: gl.constexpr, C1: gl.constexpr, ROPE: gl.constexpr):
+        """S^T = K Q^T (the narrow kernels' transposed scores) over the latent boxes C0 .. C1 - 1 of the tile in boxes
+        base .., then its RoPE box ROPE (none if ROPE < 0), waited for: the whole tile (0, NL, NL), or a consumer's
+        share in ``_ws_kernel``'s narrow form (its own output columns' boxes; consumer 0 also the RoPE box)."""
+        s = warpgroup_mma(kv_smem.index(base + C0), q_smem.index(C0).permute((1, 0)), s_zero, use_acc=False,
                           is_async=True)
-        for c in gl.static_range(c0 + 1, c0 + 4):
+        for c in gl.static_range(C0 + 1, C1):
             s = warpgroup_mma(kv_smem.index(base + c), q_smem.index(c).permute((1, 0)), s, is_async=True)
-        if PART == 0:
-            s = warpgroup_mma(kv_smem.index(base + NKV), q_smem.index(NKV).permute((1, 0)), s, is_async=True)
+        if ROPE >= 0:
+            s = warpgroup_mma(kv_smem.index(base + ROPE), q_smem.index(ROPE).permute((1, 0)), s, is_async=True)
         return warpgroup_mma_wait(num_outstanding=0, deps=(s,))
 
     @gluon.jit
@@ -475,6 +467,7 @@ if HAVE_GLUON:
         registers, took 4.7 us at B=32 1K: bench/results/mla_decode-trace.md); a group's slots past p1 are read from
         rows past the partials' end (zero-filled, weight 0, not added). A running max across groups. Returns bar's
         phase after."""
+        gl.static_assert(MERGE_GROUP == 4)  # (the group's four lse below)
         BOXC: gl.constexpr = op_desc.block_type.shape[1]
         NBOX: gl.constexpr = NL * CW // BOXC
         lay: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [gl.num_warps(), 1], [1, 0])  # (row, column)
@@ -591,6 +584,7 @@ if HAVE_GLUON:
         registers. TRANSPOSED (``_ws_kernel``'s narrow form): the narrow kernel's S^T = K Q^T and O^T += V^T P^T
         with the rows as N, P^T through this warpgroup's own buffer p_smem.index(PART) (p_smem unused otherwise)."""
         NB: gl.constexpr = NKV + 1  # boxes a tile
+        ROPE_OF: gl.constexpr = NKV if PART == 0 else -1  # TRANSPOSED: consumer 0 scores the RoPE box too
         if TRANSPOSED:
             AX: gl.constexpr = 0  # the tokens' axis of the scores
             mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -635,7 +629,7 @@ if HAVE_GLUON:
                     st = g % STAGES
                     mbarrier.wait(ready.index(st), (g // STAGES) & 1)
                     if TRANSPOSED:  # this consumer's share of the scores, the other's through sx_smem (by tile parity)
-                        s = _scores_t_half(kv_smem, q_smem, st * NB, s_zero, PART)
+                        s = _scores_t(kv_smem, q_smem, st * NB, s_zero, PART * 4, PART * 4 + 4, ROPE_OF)
                         sx_smem.index((g % 2) * 2 + PART).store(s)
                         gl.thread_barrier()  # this warpgroup's share is all in shared memory
                         mbarrier.arrive(sx_bar.index(g % 2))
@@ -848,7 +842,7 @@ if HAVE_GLUON:
                     mbarrier.wait(ready.index(st), (g // STAGES) & 1)
                     if TRACE:
                         e = _stamp(trace_ptr, p, e, 4)
-                    s = _scores_t(kv_smem, q_smem, st * NB, s_zero, NL)
+                    s = _scores_t(kv_smem, q_smem, st * NB, s_zero, 0, NL, NL)
                     tok0 = (lo + i) * TN
                     s = gl.where(gl.expand_dims(tok0 + toks0, 1) < gl.expand_dims(limit, 0), s * qk_scale,
                                  float("-inf"))
