@@ -3,13 +3,18 @@ the two hardware ceilings measured in the same process, a median timer, a CUDA-g
 (torch.profiler), the Nsight Compute bracket of the profile_*.py scripts, and the JSON + markdown writer.
 
 Ceilings (the device tool's METHOD.md): bandwidth from a device-to-device copy of 2 GiB (bytes read + bytes written), compute from an
-8192^3 bf16 torch.matmul. Both are timed with triton.testing.do_bench (CUDA events, median, warm-up first).
+8192^3 bf16 torch.matmul. Both are timed with triton.testing.do_bench (CUDA events, median, warm-up first). A third, per
+shape: ``read_floor_ms``, the fastest read of a given number of bytes in one launch (a streaming Triton kernel,
+CUDA-graph timed like the kernels it is set against), which shows what fraction of the copy rate a call that small can
+reach at all.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -93,6 +98,58 @@ def copy_bandwidth_gbs(n_bytes: int = 2 << 30) -> float:
     dst = torch.empty_like(src)
     ms = median_ms(lambda: dst.copy_(src))
     return 2 * n_bytes / ms / 1e6
+
+
+@functools.cache
+def _read_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def read_xor(X, OUT, n, BLOCK: tl.constexpr):
+        """OUT[p] = the xor of X[p BLOCK .. p BLOCK + BLOCK) (int32; past n: 0): every byte read, one word written."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(OUT + tl.program_id(0), tl.xor_sum(tl.load(X + offs, mask=offs < n, other=0), 0))
+
+    return read_xor
+
+
+def read_xor(x: torch.Tensor, block: int = 4096, warps: int = 4) -> torch.Tensor:
+    """The xor of each block of int32 x (1-D) by ``_read_kernel``: one program a block; returns (blocks,) int32."""
+    out = torch.empty(-(-x.numel() // block), dtype=torch.int32, device=x.device)
+    _read_kernel()[(out.numel(),)](x, out, x.numel(), BLOCK=block, num_warps=warps)
+    return out
+
+
+READ_CONFIGS = ((2048, 4), (4096, 4), (4096, 8), (8192, 8))  # (int32 words a program, warps)
+
+
+def _rotating_read(bufs: list[torch.Tensor], block: int, warps: int) -> Callable[[], torch.Tensor]:
+    state = {"i": 0}
+
+    def fn() -> torch.Tensor:
+        state["i"] += 1
+        return read_xor(bufs[state["i"] % len(bufs)], block, warps)
+
+    return fn
+
+
+def read_floor_ms(n_bytes: int, l2_bytes: float = 256e6) -> tuple[float, str]:
+    """The fastest of ``READ_CONFIGS`` reading n_bytes (rounded up to 4) in one launch of ``read_xor``, as a CUDA-graph
+    replay (``graph_ms``), rotating among copies that together exceed l2_bytes as bench/mla_decode.py rotates its
+    inputs: (milliseconds, "words a program / warps")."""
+    words = -(-n_bytes // 4)
+    copies = max(1, min(8, math.ceil(l2_bytes / max(n_bytes, 1))))
+    bufs = [torch.randint(-(1 << 31), 1 << 31, (words,), dtype=torch.int32, device="cuda") for _ in range(copies)]
+    best = (float("inf"), "")
+    for block, warps in READ_CONFIGS:
+        fn = _rotating_read(bufs, block, warps)
+        for _ in range(copies):
+            fn()
+        best = min(best, (graph_ms(fn), f"{block}/{warps}"))
+    bufs.clear()
+    torch.cuda.empty_cache()
+    return best
 
 
 def matmul_tflops(n: int = 8192) -> float:

@@ -63,6 +63,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--cases", choices=("h16", "all", "small"), default="all")
     args = ap.parse_args()
+    stems = [f.stem for f in args.base]
+    if "head" in stems or len(set(stems)) != len(stems):
+        ap.error(f"--base files are named by their stems, which must differ from each other and from 'head' (this "
+                 f"tree's build): got {stems}; rename the copies")
     builds = {"head": head, **{f.stem: load(f) for f in args.base}}
     copy_gbs = copy_bandwidth_gbs()
     scale = (128 + 64) ** -0.5
