@@ -49,7 +49,8 @@ def gluon_kernel(kind: str, rows: int, paged: bool, C: int = 512, trace: bool = 
               "BLOCK_B": 128}
     if kind == "narrow":
         tn, stages = glu.NARROW_TILES[C, rows]
-        consts.update(RN=rows, MERGE=rows in glu.MERGE_ROWS, NL=C // 64, TN=tn, STAGES=stages, TRACE=trace)
+        consts.update(RN=rows, MERGE=rows in glu.MERGE_ROWS, NL=C // 64, TN=tn, STAGES=stages, TRACE=trace,
+                      TMA3=C in glu.TMA3_LATENTS and tn == 64)
         if not trace:
             consts["trace_ptr"] = None
     else:  # the warp-specialized kernel: wide, or the narrow math on two consumer warpgroups ("narrow2")
@@ -60,6 +61,8 @@ def gluon_kernel(kind: str, rows: int, paged: bool, C: int = 512, trace: bool = 
             sig[a] = "constexpr"
         elif a == "op_desc":
             sig[a] = mangle_type(glu._part_desc(torch.empty(8, rows, C, dtype=torch.float32)))
+        elif a in ("q3_desc", "kv3_desc"):
+            sig[a] = mangle_type(glu._desc3(t[:, :C], C // 64, rows if a == "q3_desc" else 64))
         elif a.endswith("_desc"):
             sig[a] = mangle_type(glu._desc(t, 64 if a != "q_desc" or kind == "wide" else rows, 64))
         elif a in ("seqlens_ptr", "tbl_ptr", "cnt_ptr"):

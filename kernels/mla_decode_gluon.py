@@ -6,7 +6,8 @@ Why (bench/results/kernels_notes.md, fifteenth and sixteenth sessions): the Trit
 dot operand in registers (64 rows x 576: 144 registers a thread per warpgroup) beside the float32 accumulator, so at
 H=128 its sm_90 build spills 5.9 KB a thread and runs at 109-276 TFLOP/s against the >= 300 target; at H=16 it runs
 one latency-bound warp a scheduler (0.16 issues a cycle, 29% of copy at B=32, 1K). Here the query and the cache tiles
-stay in shared memory (TMA loads, 64-token tiles in 64-column boxes), where the MMAs read them.
+stay in shared memory (TMA loads, 64-token tiles in 64-column boxes), where the MMAs read them. With V3's latent
+the narrow kernel brings a tile's (and the query's) eight latent boxes in one 3-D copy (``TMA3_LATENTS``).
 
 Two kernels, by rows = s_q * H:
 - rows a multiple of 64 (H=128, H=64): ``_ws_kernel`` (the wide kernel), 64 rows a program, warp-specialized: a
@@ -242,24 +243,36 @@ if HAVE_GLUON:
             return kv_row + t
 
     @gluon.jit
-    def _load_tile(kv_desc, pe_desc, row, bar, bufs, base: gl.constexpr, NL: gl.constexpr):
-        """The NL + 1 boxes of one 64-token tile (NL latent, 1 RoPE) into bufs[base .. base + NL], arriving on bar.
-        A RoPE narrower than the box (R = 32) is zero-filled past R by the TMA (as is the query's)."""
+    def _load_tile(kv_desc, pe_desc, row, bar, lat, base, rope, NL: gl.constexpr):
+        """The NL + 1 boxes of one 64-token tile, the latent's into lat[base .. base + NL - 1] and the RoPE's into
+        rope, arriving on bar. A RoPE narrower than the box (R = 32) is zero-filled past R by the TMA (as is the
+        query's)."""
         mbarrier.expect(bar, NL * kv_desc.block_type.nbytes + pe_desc.block_type.nbytes)
         for c in gl.static_range(NL):
-            tma.async_copy_global_to_shared(kv_desc, [row, c * CW], bar, bufs.index(base + c))
-        tma.async_copy_global_to_shared(pe_desc, [row, 0], bar, bufs.index(base + NL))
+            tma.async_copy_global_to_shared(kv_desc, [row, c * CW], bar, lat.index(base + c))
+        tma.async_copy_global_to_shared(pe_desc, [row, 0], bar, rope)
 
     @gluon.jit
-    def _load_tiles(kv_desc, pe_desc, tbl, kv_row, t, seqlen, bar, bufs, base, NL: gl.constexpr, TN: gl.constexpr,
-                    PAGED: gl.constexpr):
-        """The TN-token tile starting at token t (of a sequence of seqlen tokens): its TN // 64 sub-tiles' boxes into
-        rows 64 j .. 64 j + 63 of bufs[base .. base + NL]. A sub-tile wholly past the length (its page may not
-        exist) is read from a row past the cache's end: the TMA fills it with zeros, reading nothing, and counts
-        its bytes on bar as for any box."""
-        if TN == BN:
-            _load_tile(kv_desc, pe_desc, _tile_row(tbl, kv_row, t, PAGED), bar, bufs, base, NL)
+    def _load_tiles(kv_desc, kv3_desc, pe_desc, tbl, kv_row, t, seqlen, bar, lat3, lat, rope, st,
+                    STAGES: gl.constexpr, NL: gl.constexpr, TN: gl.constexpr, PAGED: gl.constexpr,
+                    TMA3: gl.constexpr):
+        """The TN-token tile starting at token t (of a sequence of seqlen tokens) into ring slot st: its latent boxes
+        into lat[st NL .. st NL + NL - 1] (lat3: the same buffers, the 3-D copy's view) and its RoPE box into
+        rope[st]. TMA3 (64-token tiles): two copies, the NL latent boxes in one 3-D box of kv3_desc ((box, token,
+        column), the boxes 128 bytes apart), issued by the ring slot's predicated copy (a view's offset must be
+        static). Otherwise a 2-D copy a box; with 128-token tiles each 64-token sub-tile's into rows 64 j .. 64 j +
+        63. A sub-tile wholly past the length (its page may not exist) is read from a row past the cache's end: the
+        TMA fills it with zeros, reading nothing, and counts its bytes on bar as for any box."""
+        if TMA3:
+            row = _tile_row(tbl, kv_row, t, PAGED)
+            mbarrier.expect(bar, kv3_desc.block_type.nbytes + pe_desc.block_type.nbytes)
+            for sb in gl.static_range(STAGES):
+                tma.async_copy_global_to_shared(kv3_desc, [0, row, 0], bar, lat3.slice(sb * NL, NL), pred=st == sb)
+            tma.async_copy_global_to_shared(pe_desc, [row, 0], bar, rope.index(st))
+        elif TN == BN:
+            _load_tile(kv_desc, pe_desc, _tile_row(tbl, kv_row, t, PAGED), bar, lat, st * NL, rope.index(st), NL)
         else:
+            base = st * NL
             mbarrier.expect(bar, (TN // BN) * (NL * kv_desc.block_type.nbytes + pe_desc.block_type.nbytes))
             for j in gl.static_range(TN // BN):
                 tj = t + j * BN
@@ -269,8 +282,8 @@ if HAVE_GLUON:
                     row = gl.where(tj < seqlen, kv_row + tj, FAR_PAGE * BN)
                 for c in gl.static_range(NL):
                     tma.async_copy_global_to_shared(kv_desc, [row, c * CW], bar,
-                                                    bufs.index(base + c).slice(j * BN, BN))
-                tma.async_copy_global_to_shared(pe_desc, [row, 0], bar, bufs.index(base + NL).slice(j * BN, BN))
+                                                    lat.index(base + c).slice(j * BN, BN))
+                tma.async_copy_global_to_shared(pe_desc, [row, 0], bar, rope.index(st).slice(j * BN, BN))
 
     @gluon.jit
     def _zero_tail(kv_smem, first: gl.constexpr, count: gl.constexpr, tok0, seqlen, TN: gl.constexpr = BN):
@@ -317,16 +330,18 @@ if HAVE_GLUON:
         return warpgroup_mma_wait(num_outstanding=0, deps=(s,))
 
     @gluon.jit
-    def _scores_t(kv_smem, q_smem, base, s_zero, C0: gl.constexpr, C1: gl.constexpr, ROPE: gl.constexpr):
-        """S^T = K Q^T (the narrow kernels' transposed scores) over the latent boxes C0 .. C1 - 1 of the tile in boxes
-        base .., then its RoPE box ROPE (none if ROPE < 0), waited for: the whole tile (0, NL, NL), or a consumer's
-        share in ``_ws_kernel``'s narrow form (its own output columns' boxes; consumer 0 also the RoPE box)."""
-        s = warpgroup_mma(kv_smem.index(base + C0), q_smem.index(C0).permute((1, 0)), s_zero, use_acc=False,
+    def _scores_t(kv_lat, q_lat, base, kv_rope, q_rope, s_zero, C0: gl.constexpr, C1: gl.constexpr,
+                  ROPE: gl.constexpr):
+        """S^T = K Q^T (the narrow kernels' transposed scores) over the latent boxes C0 .. C1 - 1 (kv_lat[base + c]
+        against q_lat[c]), then the RoPE boxes kv_rope and q_rope if ROPE, waited for: the whole tile (0, NL, True),
+        or a consumer's share in ``_ws_kernel``'s narrow form (its own output columns' boxes; consumer 0 also the
+        RoPE box)."""
+        s = warpgroup_mma(kv_lat.index(base + C0), q_lat.index(C0).permute((1, 0)), s_zero, use_acc=False,
                           is_async=True)
         for c in gl.static_range(C0 + 1, C1):
-            s = warpgroup_mma(kv_smem.index(base + c), q_smem.index(c).permute((1, 0)), s, is_async=True)
-        if ROPE >= 0:
-            s = warpgroup_mma(kv_smem.index(base + ROPE), q_smem.index(ROPE).permute((1, 0)), s, is_async=True)
+            s = warpgroup_mma(kv_lat.index(base + c), q_lat.index(c).permute((1, 0)), s, is_async=True)
+        if ROPE:
+            s = warpgroup_mma(kv_rope, q_rope.permute((1, 0)), s, is_async=True)
         return warpgroup_mma_wait(num_outstanding=0, deps=(s,))
 
     @gluon.jit
@@ -542,7 +557,7 @@ if HAVE_GLUON:
                     st = g % STAGES
                     mbarrier.wait(empty.index(st), ((g // STAGES) & 1) ^ 1)
                     _load_tile(kv_desc, pe_desc, _tile_row(tbl, b * capacity, (lo + i) * BN, PAGED), ready.index(st),
-                               kv_smem, st * (NKV + 1), NKV)
+                               kv_smem, st * (NKV + 1), kv_smem.index(st * (NKV + 1) + NKV), NKV)
                     g += 1
                 pc += 1
             S = S + OVERHEAD_C + k
@@ -584,7 +599,6 @@ if HAVE_GLUON:
         registers. TRANSPOSED (``_ws_kernel``'s narrow form): the narrow kernel's S^T = K Q^T and O^T += V^T P^T
         with the rows as N, P^T through this warpgroup's own buffer p_smem.index(PART) (p_smem unused otherwise)."""
         NB: gl.constexpr = NKV + 1  # boxes a tile
-        ROPE_OF: gl.constexpr = NKV if PART == 0 else -1  # TRANSPOSED: consumer 0 scores the RoPE box too
         if TRANSPOSED:
             AX: gl.constexpr = 0  # the tokens' axis of the scores
             mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -629,7 +643,8 @@ if HAVE_GLUON:
                     st = g % STAGES
                     mbarrier.wait(ready.index(st), (g // STAGES) & 1)
                     if TRANSPOSED:  # this consumer's share of the scores, the other's through sx_smem (by tile parity)
-                        s = _scores_t(kv_smem, q_smem, st * NB, s_zero, PART * 4, PART * 4 + 4, ROPE_OF)
+                        s = _scores_t(kv_smem, q_smem, st * NB, kv_smem.index(st * NB + NKV), q_smem.index(NKV),
+                                      s_zero, PART * 4, PART * 4 + 4, PART == 0)  # (consumer 0 the RoPE box too)
                         sx_smem.index((g % 2) * 2 + PART).store(s)
                         gl.thread_barrier()  # this warpgroup's share is all in shared memory
                         mbarrier.arrive(sx_bar.index(g % 2))
@@ -749,16 +764,18 @@ if HAVE_GLUON:
     @gluon.jit
     def _narrow_kernel(q_desc, kv_desc, pe_desc, seqlens_ptr, tbl_ptr, o_ptr, l_ptr, op_ptr, lp_ptr, cnt_ptr, stride_tb,
                        stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, capacity, B, H, S_Q, qk_scale,
-                       min_units, max_pieces, op_desc, RN: gl.constexpr, CAUSAL: gl.constexpr, PAGED: gl.constexpr,
-                       STAGES: gl.constexpr, BLOCK_B: gl.constexpr, MERGE: gl.constexpr, NL: gl.constexpr,
-                       TN: gl.constexpr, TRACE: gl.constexpr = False, trace_ptr=None):
+                       min_units, max_pieces, op_desc, q3_desc, kv3_desc, RN: gl.constexpr, CAUSAL: gl.constexpr,
+                       PAGED: gl.constexpr, STAGES: gl.constexpr, BLOCK_B: gl.constexpr, MERGE: gl.constexpr,
+                       NL: gl.constexpr, TN: gl.constexpr, TMA3: gl.constexpr, TRACE: gl.constexpr = False,
+                       trace_ptr=None):
         """Program p: all RN = s_q * H rows (16 or 32) of every piece in slice p; see the module docstring. NL: the
         latent's 64-column boxes (8 for C = 512, 4 for 256); TN: tokens a tile (64, or 128: two 64-token boxes in
         each buffer, the MMAs' M and K). No warp specialization: the program issues its own loads, a piece's first
         STAGES - 1 tiles with its query, then its tile i + STAGES - 1 once tile i - 1's MMAs are done (issuing STAGES
         with the query measured no faster: bench/results/mla_decode-ab-merge3.md, head against ab_pro1). op_desc: the
-        float32 partials (2 P RN, C) for the merge (MERGE). TRACE: record the program's timeline (``TRACE_CODES``)
-        at trace_ptr."""
+        float32 partials (2 P RN, C) for the merge (MERGE). TMA3 (64-token tiles, ``TMA3_LATENTS``): the query's and
+        each tile's latent boxes in one copy of q3_desc / kv3_desc ((box, row, column) views, ``_desc3``), else one
+        copy a box. TRACE: record the program's timeline (``TRACE_CODES``) at trace_ptr."""
         p = gl.program_id(0)
         P = gl.num_programs(0)
         e = 0  # (the traced events so far)
@@ -769,11 +786,15 @@ if HAVE_GLUON:
         u0, u1, b, S, W, uniform = _slice(seqlens_ptr, B, capacity, P, p, min_units, max_pieces, BLOCK_B, TN)
         if TRACE:
             e = _stamp(trace_ptr, p, e, 1)
-        NB: gl.constexpr = NL + 1
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, RN, 16])
         p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([TN, RN], gl.bfloat16)
-        q_smem = gl.allocate_shared_memory(q_desc.dtype, [NB, RN, CW], q_desc.layout)
-        kv_smem = gl.allocate_shared_memory(kv_desc.dtype, [STAGES * NB, TN, CW], kv_desc.layout)
+        # the latent boxes (the 3-D copies' rank-3 view, and the MMAs' 2-D one of the same bytes) apart from the RoPE's
+        q_lat3 = gl.allocate_shared_memory(q_desc.dtype, [NL, RN, CW], q3_desc.layout)
+        q_lat = q_lat3._reinterpret(q_desc.dtype, [NL, RN, CW], q_desc.layout)
+        q_rope = gl.allocate_shared_memory(q_desc.dtype, [RN, CW], q_desc.layout)
+        kv_lat3 = gl.allocate_shared_memory(kv_desc.dtype, [STAGES * NL, TN, CW], kv3_desc.layout)
+        kv_lat = kv_lat3._reinterpret(kv_desc.dtype, [STAGES * NL, TN, CW], kv_desc.layout)
+        kv_rope = gl.allocate_shared_memory(kv_desc.dtype, [STAGES, TN, CW], kv_desc.layout)
         p_smem = gl.allocate_shared_memory(kv_desc.dtype, [TN, RN], p_layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -785,10 +806,10 @@ if HAVE_GLUON:
         fence_async_shared()
         BOXC: gl.constexpr = op_desc.block_type.shape[1]
         if MERGE:  # the merge's MERGE_GROUP partials in the cache tiles' shared memory
-            gl.static_assert(MERGE_GROUP * RN * NL * CW * 4 <= STAGES * NB * TN * CW * 2)
-            stage = kv_smem._reinterpret(gl.float32, [MERGE_GROUP * (NL * CW // BOXC), RN, BOXC], op_desc.layout)
+            gl.static_assert(MERGE_GROUP * RN * NL * CW * 4 <= STAGES * NL * TN * CW * 2)
+            stage = kv_lat3._reinterpret(gl.float32, [MERGE_GROUP * (NL * CW // BOXC), RN, BOXC], op_desc.layout)
         else:
-            stage = kv_smem
+            stage = kv_lat
         mph = 0  # m_bar's phase
 
         toks0 = gl.arange(0, TN, layout=gl.SliceLayout(1, mma))
@@ -807,14 +828,20 @@ if HAVE_GLUON:
                 kv_row = b * capacity
                 if TRACE:
                     e = _stamp(trace_ptr, p, e, 9)
-                mbarrier.expect(q_bar, NB * q_desc.block_type.nbytes)  # the previous piece's MMAs are done
-                for c in gl.static_range(NB):
-                    tma.async_copy_global_to_shared(q_desc, [b * RN, c * CW], q_bar, q_smem.index(c))
+                if TMA3:  # (the previous piece's MMAs are done) the query's latent boxes in one copy, its RoPE box
+                    mbarrier.expect(q_bar, q3_desc.block_type.nbytes + q_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(q3_desc, [0, b * RN, 0], q_bar, q_lat3)
+                    tma.async_copy_global_to_shared(q_desc, [b * RN, NL * CW], q_bar, q_rope)
+                else:
+                    mbarrier.expect(q_bar, (NL + 1) * q_desc.block_type.nbytes)
+                    for c in gl.static_range(NL):
+                        tma.async_copy_global_to_shared(q_desc, [b * RN, c * CW], q_bar, q_lat.index(c))
+                    tma.async_copy_global_to_shared(q_desc, [b * RN, NL * CW], q_bar, q_rope)
                 for j in gl.static_range(STAGES - 1):  # the first tiles in flight
                     if j < n_tiles:
                         sj = (g + j) % STAGES
-                        _load_tiles(kv_desc, pe_desc, tbl, kv_row, (lo + j) * TN, seqlen, ready.index(sj), kv_smem,
-                                    sj * NB, NL, TN, PAGED)
+                        _load_tiles(kv_desc, kv3_desc, pe_desc, tbl, kv_row, (lo + j) * TN, seqlen, ready.index(sj),
+                                    kv_lat3, kv_lat, kv_rope, sj, STAGES, NL, TN, PAGED, TMA3)
                 if TRACE:
                     e = _stamp(trace_ptr, p, e, 2)
                 limit = _row_limit(seqlen, rows, H, S_Q, CAUSAL)
@@ -836,33 +863,33 @@ if HAVE_GLUON:
                     nxt = i + STAGES - 1  # into the buffer tile i - 1 used: its MMAs are done (the barrier below)
                     if nxt < n_tiles:
                         sn = (g + STAGES - 1) % STAGES
-                        _load_tiles(kv_desc, pe_desc, tbl, kv_row, (lo + nxt) * TN, seqlen, ready.index(sn), kv_smem,
-                                    sn * NB, NL, TN, PAGED)
+                        _load_tiles(kv_desc, kv3_desc, pe_desc, tbl, kv_row, (lo + nxt) * TN, seqlen, ready.index(sn),
+                                    kv_lat3, kv_lat, kv_rope, sn, STAGES, NL, TN, PAGED, TMA3)
                     st = g % STAGES
                     mbarrier.wait(ready.index(st), (g // STAGES) & 1)
                     if TRACE:
                         e = _stamp(trace_ptr, p, e, 4)
-                    s = _scores_t(kv_smem, q_smem, st * NB, s_zero, 0, NL, NL)
+                    s = _scores_t(kv_lat, q_lat, st * NL, kv_rope.index(st), q_rope, s_zero, 0, NL, True)
                     tok0 = (lo + i) * TN
                     s = gl.where(gl.expand_dims(tok0 + toks0, 1) < gl.expand_dims(limit, 0), s * qk_scale,
                                  float("-inf"))
                     p_, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, 0)
                     if tok0 + TN > seqlen:  # the last tile: its tokens past the length, zeroed in the values
-                        _zero_tail(kv_smem, st * NB, NL, tok0, seqlen, TN)
-                    p_smem.store(p_.to(kv_smem.dtype))
+                        _zero_tail(kv_lat, st * NL, NL, tok0, seqlen, TN)
+                    p_smem.store(p_.to(kv_lat.dtype))
                     fence_async_shared()
                     gl.thread_barrier()  # P^T and the zeroed rows are in shared memory before the MMAs read them
                     a2 = gl.expand_dims(alpha, 0)
-                    v = st * NB
-                    acc0 = warpgroup_mma(kv_smem.index(v).permute((1, 0)), p_smem, acc0 * a2, is_async=True)
-                    acc1 = warpgroup_mma(kv_smem.index(v + 1).permute((1, 0)), p_smem, acc1 * a2, is_async=True)
-                    acc2 = warpgroup_mma(kv_smem.index(v + 2).permute((1, 0)), p_smem, acc2 * a2, is_async=True)
-                    acc3 = warpgroup_mma(kv_smem.index(v + 3).permute((1, 0)), p_smem, acc3 * a2, is_async=True)
+                    v = st * NL
+                    acc0 = warpgroup_mma(kv_lat.index(v).permute((1, 0)), p_smem, acc0 * a2, is_async=True)
+                    acc1 = warpgroup_mma(kv_lat.index(v + 1).permute((1, 0)), p_smem, acc1 * a2, is_async=True)
+                    acc2 = warpgroup_mma(kv_lat.index(v + 2).permute((1, 0)), p_smem, acc2 * a2, is_async=True)
+                    acc3 = warpgroup_mma(kv_lat.index(v + 3).permute((1, 0)), p_smem, acc3 * a2, is_async=True)
                     if NL == 8:
-                        acc4 = warpgroup_mma(kv_smem.index(v + 4).permute((1, 0)), p_smem, acc4 * a2, is_async=True)
-                        acc5 = warpgroup_mma(kv_smem.index(v + 5).permute((1, 0)), p_smem, acc5 * a2, is_async=True)
-                        acc6 = warpgroup_mma(kv_smem.index(v + 6).permute((1, 0)), p_smem, acc6 * a2, is_async=True)
-                        acc7 = warpgroup_mma(kv_smem.index(v + 7).permute((1, 0)), p_smem, acc7 * a2, is_async=True)
+                        acc4 = warpgroup_mma(kv_lat.index(v + 4).permute((1, 0)), p_smem, acc4 * a2, is_async=True)
+                        acc5 = warpgroup_mma(kv_lat.index(v + 5).permute((1, 0)), p_smem, acc5 * a2, is_async=True)
+                        acc6 = warpgroup_mma(kv_lat.index(v + 6).permute((1, 0)), p_smem, acc6 * a2, is_async=True)
+                        acc7 = warpgroup_mma(kv_lat.index(v + 7).permute((1, 0)), p_smem, acc7 * a2, is_async=True)
                         acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = warpgroup_mma_wait(
                             num_outstanding=0, deps=(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7))
                     else:
@@ -945,6 +972,13 @@ STAGES = {"wide": 2, "narrow": 2}  # _ws_kernel's cache tiles in flight: 2 x 72 
 # (the 128-token build spills 96 B a thread there; on the H200, bench/results/mla_decode-ab-small128.md, 64-token
 # tiles were 7-11% faster on short ragged caches and tied on long ones).
 NARROW_TILES = {(512, 16): (64, 2), (512, 32): (64, 2), (256, 16): (128, 2), (256, 32): (64, 4)}
+# Latents whose narrow kernel (with 64-token tiles) brings the query's and each tile's latent boxes in one 3-D copy
+# (``_desc3``: box j at column 64 j, 128 bytes apart) instead of one 2-D copy a box: the copies are issued by one
+# thread while the warpgroup waits, ~60 ns each (bench/results/mla_decode-trace.md: 27 took 1.6 us). On the H200
+# (bench/results/mla_decode-ab-tma3.md, against the 2-D copies): V3 at 16 rows 0.4-5.8% faster (B=32 1K 19.3 ->
+# 18.6 us), at 32 rows -1.6% to +5.4% (B=128 4K s_q=2 171.4 -> 162.7); small-v3 (four boxes, four ring slots at
+# 32 rows: four predicated copies) 0.3-2% slower, so it keeps the 2-D copies.
+TMA3_LATENTS = (512,)
 # A traced narrow launch's event codes (``mla_decode_gluon(..., trace=)``): each program's (%globaltimer ns, %clock64,
 # code) in the order they happen; a piece is codes 9, 2-6 (its tiles 4 and 5 each), a merge 7.
 TRACE_CODES = {0: "start", 1: "scheduled", 9: "piece known", 2: "piece issued", 3: "query in", 4: "tile in",
@@ -989,6 +1023,20 @@ def form(q: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor, C: int, page: int 
 
 def _desc(t2: torch.Tensor, rows: int, cols: int) -> TensorDescriptor:
     return TensorDescriptor.from_tensor(t2, [rows, cols], _layout(rows, cols, t2.dtype))
+
+
+@functools.cache
+def _layout3(boxes: int, rows: int, dtype: torch.dtype):
+    dt = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
+    return gl.NVMMASharedLayout.get_default_for([boxes, rows, 64], dt)
+
+
+def _desc3(t2: torch.Tensor, boxes: int, rows: int) -> TensorDescriptor:
+    """The first 64 * boxes columns of the 2-D t2 (n, >= 64 boxes) as (box, row, column), box j at column 64 j (its
+    stride 128 bytes, the rows' stride t2's), in blocks of (boxes, rows, 64): the narrow kernel's one copy of a row
+    block's latent boxes, the same bytes in shared memory as boxes 2-D copies of (rows, 64)."""
+    return TensorDescriptor(t2, [boxes, t2.shape[0], 64], [64, t2.stride(0), 1], [boxes, rows, 64],
+                            _layout3(boxes, rows, t2.dtype))
 
 
 @functools.cache
@@ -1054,8 +1102,9 @@ def mla_decode_gluon(q, kv, pe, seqlens, scale, causal, block_table, out, lse, k
                                  f"{trace.dtype} {tuple(trace.shape)}")
             trace.fill_(-1)
             traced = {"TRACE": True, "trace_ptr": trace}
-        _narrow_kernel[grid](*args, _part_desc(o_part), RN=rows, CAUSAL=causal, PAGED=paged, STAGES=stages,
-                             BLOCK_B=block_b, MERGE=merge, NL=C // 64, TN=unit, num_warps=4, **traced)
+        _narrow_kernel[grid](*args, _part_desc(o_part), _desc3(q2, C // 64, rows), _desc3(kv2, C // 64, 64), RN=rows,
+                             CAUSAL=causal, PAGED=paged, STAGES=stages, BLOCK_B=block_b, MERGE=merge, NL=C // 64,
+                             TN=unit, TMA3=C in TMA3_LATENTS and unit == 64, num_warps=4, **traced)
     if not merge and P > 1:  # (one program computes every sequence whole)
         combine(o_part, l_part, seqlens, capacity, min_units, out, lse, unit, pdl=PDL)
     return grid
