@@ -13,9 +13,9 @@ layout (64-token pages, shuffled) at the 4K V3 shapes. All bf16, causal.
 Counting, as FlashMLA counts: bytes = the cache read once (sum of lengths * (C + R)) + queries + outputs;
 FLOPs = 2 * s_q * sum(len) * H * ((C + R) + C). Both are divided by the median time and set against the
 ceilings measured in the same process (a 2 GiB device copy, read + written; an 8192^3 bf16 matmul), and beside
-the read floor of the row's bytes (``_common.read_floor_ms``: the fastest streaming read of that many bytes in one
-launch, timed the same way): read_frac_copy is the copy-rate fraction that the read itself reaches, the most any
-kernel moving those bytes in one launch could show, and of_read the kernel's time against it.
+the read floor of a memory-bound row's bytes (``_common.read_floor_ms``: the fastest streaming read of that many
+bytes in one launch, timed the same way): read_frac_copy is the copy-rate fraction that the read itself reaches,
+about the most a kernel moving those bytes in one launch could show, and of_read the kernel's time against it.
 The kernel is timed as a CUDA graph of the launch (triton.testing.do_bench_cudagraph: the Python launch
 overhead of a ~10 us kernel would otherwise be timed too); small inputs are rotated among copies that
 together exceed the 50 MB L2. The peers (one line when one fails or is skipped) are timed with CUDA
@@ -225,14 +225,16 @@ def main() -> int:
                     row[f"speedup_vs_{name}"] = v / ms
         del sets
         torch.cuda.empty_cache()
-        row["read_ms"], row["read_cfg"] = read_floor_ms(n_bytes)
-        row["read_frac_copy"] = n_bytes / row["read_ms"] / 1e6 / copy_bw
-        row["of_read"] = row["read_ms"] / ms
+        if row["bound"] == "memory":  # (a compute-bound row's ceiling is the matmul's)
+            row["read_ms"], row["read_cfg"] = read_floor_ms(n_bytes)
+            row["read_frac_copy"] = n_bytes / row["read_ms"] / 1e6 / copy_bw
+            row["of_read"] = row["read_ms"] / ms
         rows.append(row)
         print(f"{label}: {ms * 1e3:.1f} us  {row['GBps']:.0f} GB/s ({row['frac_copy']:.0%} of copy)  "
               f"{row['TFLOPs']:.0f} TFLOP/s ({row['frac_matmul']:.0%} of matmul)  programs={row['programs']} "
-              f"{row.get('config', '')}  read floor {row['read_ms'] * 1e3:.1f} us "
-              f"({row['read_frac_copy']:.0%} of copy)", flush=True)
+              f"{row.get('config', '')}"
+              + (f"  read floor {row['read_ms'] * 1e3:.1f} us ({row['read_frac_copy']:.0%} of copy)" if "read_ms" in row
+                 else ""), flush=True)
     meta["wall_s"] = round(time.time() - t0, 1)
     columns = ["shape", "bound", "kernel_ms", "GBps", "frac_copy", "TFLOPs", "frac_matmul", "read_ms",
                "read_frac_copy", "of_read", "programs", "config", "ref_fp32_ms", "absorbed_ms", "naive_ms", "speedup_vs_absorbed"]
@@ -243,9 +245,10 @@ def main() -> int:
         "= programs per row block; the 16-row kernel merges cut sequences itself, the others launch the combine "
         "kernel after), else the Triton kernel (config: rows per program M, tokens per tile N, warps, pipeline "
         "stages; one launch, combine fused). Peers are eager torch (float32 inside), timed with CUDA events. "
-        "'~' marks variable lengths. read_ms: the read floor of the row's bytes (a streaming read of as many bytes in "
-        "one launch, graph-timed, best of four block sizes); read_frac_copy: its own fraction of the copy rate (a "
-        "kernel reading those bytes cannot exceed it by much); of_read: read_ms / kernel_ms."
+        "'~' marks variable lengths. read_ms (memory-bound rows): the read floor of the row's bytes (a streaming "
+        "read of as many bytes in one launch, graph-timed, best of four block sizes); read_frac_copy: its own "
+        "fraction of the copy rate (a kernel reading those bytes cannot exceed it by much); of_read: read_ms / "
+        "kernel_ms."
     )
     table = write_results(args.out, args.stem, meta, rows, columns, notes)
     print(table)
