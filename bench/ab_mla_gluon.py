@@ -3,7 +3,7 @@ other revisions' copies of it (``--base``, e.g. ``git show REV:kernels/mla_decod
 called through ``mla_decode`` (each swapped in for ``minids.kernels.mla_decode_gluon``), on the V3 shapes
 furthest below the issue's targets: short caches at batch 32 and 128, fixed and ragged lengths, s_q 1 and 2, 16 and
 128 heads; or (``--cases small``) small-v3's latent (C=256, R=32) at 16 heads, ragged; or (``--cases long``) V3's
-16K caches at batch 128 and 16 heads.
+long caches (16K at batch 128 and 16 heads; 4K at batch 128 and 16K at batch 32, 128 heads).
 
     python3 bench/ab_mla_gluon.py --base /tmp/base.py [more.py ...] --out bench/results --stem mla_decode-ab-merge   # the H200
 
@@ -46,8 +46,9 @@ def cases(which: str) -> list[tuple[str, int, int, int, bool, int, bool]]:
     if which == "small":  # small-v3's latent: bench/mla_decode.py's shapes of it
         return [("small", B, 16, mean, True, s_q, False) for B in (32, 128) for mean in (1024, 4096, 16384)
                 for s_q in (1, 2) if B * mean <= 128 * 4096]
-    if which == "long":  # V3's longest memory-bound caches (where the tile loop's steady state decides)
-        return [("V3", 128, 16, 16384, var, s_q, False) for var in (False, True) for s_q in (1, 2)]
+    if which == "long":  # V3's long caches, where the tile loop's steady state decides
+        return ([("V3", 128, 16, 16384, var, s_q, False) for var in (False, True) for s_q in (1, 2)]
+                + [("V3", B, 128, mean, False, s_q, False) for B, mean in ((128, 4096), (32, 16384)) for s_q in (1, 2)])
     out = [("V3", B, 16, mean, var, s_q, False) for B in (32, 128) for mean in (1024, 4096) for var in (False, True)
            for s_q in (1, 2)]
     out += [("V3", 32, 16, 4096, False, 1, True), ("V3", 32, 16, 16384, False, 2, False),

@@ -54,7 +54,8 @@ def gluon_kernel(kind: str, rows: int, paged: bool, C: int = 512, trace: bool = 
         if not trace:
             consts["trace_ptr"] = None
     else:  # the warp-specialized kernel: wide, or the narrow math on two consumer warpgroups ("narrow2")
-        consts.update(RN=64 if kind == "wide" else rows, TRANSPOSED=kind == "narrow2")
+        consts.update(RN=64 if kind == "wide" else rows, TRANSPOSED=kind == "narrow2",
+                      SPLIT=kind == "wide" and glu.WIDE_SPLIT)
     sig = {}
     for a in fn.arg_names:
         if a in consts:

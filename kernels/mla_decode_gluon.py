@@ -12,10 +12,11 @@ the narrow kernel brings a tile's (and the query's) eight latent boxes in one 3-
 Two kernels, by rows = s_q * H:
 - rows a multiple of 64 (H=128, H=64): ``_ws_kernel`` (the wide kernel), 64 rows a program, warp-specialized: a
   producer warp streams each piece's query and the cache tiles through a ring of STAGES buffers; two consumer
-  warpgroups each compute all 64 x 64 scores of a tile (nine K=64 MMAs: 8 latent boxes and the RoPE box), the
-  online softmax, and P V for their own half of the 512 output columns (four 64-wide accumulators, P from
-  registers). The scores are computed by both (1.5x the ideal tensor work) in exchange for no traffic between the
-  warpgroups.
+  warpgroups each compute the 64 x 32 scores of their own half of a tile's tokens (nine K=64 MMAs: 8 latent boxes
+  and the RoPE box), meet for the rows' maxima, write their half of P to shared memory, meet again, and compute
+  P V over all 64 tokens for their own half of the 512 output columns (four 64-wide accumulators) (``WIDE_SPLIT``;
+  before, each computed all 64 x 64 scores, 1.5x the ideal tensor work, with no traffic between the warpgroups:
+  8-11% slower on long caches, bench/results/mla_decode-ab-long.md).
 - rows 16 or 32 (H=16, s_q 1 or 2): ``_narrow_kernel``, transposed: the tile's 64 tokens are the MMA's M and the
   rows its N (no padding to 64 rows): S^T = K Q^T, softmax along the tokens, O^T (C x rows) += V^T P^T with P^T
   written to shared memory (the MMA's B operand) and V^T read transposed from the cache tile, on one warpgroup.
@@ -345,6 +346,34 @@ if HAVE_GLUON:
         return warpgroup_mma_wait(num_outstanding=0, deps=(s,))
 
     @gluon.jit
+    def _scores_half(q_smem, kv_smem, base, t0: gl.constexpr, s_zero):
+        """S = Q K^T over the tile's tokens t0 .. t0 + 31 (rows t0 .. of each of its boxes base .. base + NKV: the
+        latent's and the RoPE's), waited for: a consumer's half of the wide kernel's scores (``SPLIT``)."""
+        s = warpgroup_mma(q_smem.index(0), kv_smem.index(base).slice(t0, BN // 2).permute((1, 0)), s_zero,
+                          use_acc=False, is_async=True)
+        for c in gl.static_range(1, NKV + 1):
+            s = warpgroup_mma(q_smem.index(c), kv_smem.index(base + c).slice(t0, BN // 2).permute((1, 0)), s,
+                              is_async=True)
+        return warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+
+    @gluon.jit
+    def _pv_halves(p_smem, kv_smem, v, acc):
+        """acc + P V over a tile's 64 tokens for the 64 value columns of box v: P's two token halves (each consumer's,
+        p_smem[0] and [1]) against the box's rows 0 .. 31 and 32 .. 63, issued (not waited for)."""
+        acc = warpgroup_mma(p_smem.index(0), kv_smem.index(v).slice(0, BN // 2), acc, is_async=True)
+        return warpgroup_mma(p_smem.index(1), kv_smem.index(v).slice(BN // 2, BN // 2), acc, is_async=True)
+
+    @gluon.jit
+    def _exchange(x, xs_smem, mine, theirs, bar, phase):
+        """Write this consumer's row vector x to xs_smem[mine], meet the other consumer at bar (count 2, this phase),
+        and return the other's, xs_smem[theirs]."""
+        xs_smem.index(mine).store(x)
+        gl.thread_barrier()  # this warpgroup's part is in shared memory before it arrives
+        mbarrier.arrive(bar)
+        mbarrier.wait(bar, phase)
+        return xs_smem.index(theirs).load(x.type.layout)
+
+    @gluon.jit
     def _store4(ptr, acc0, acc1, acc2, acc3, inv):
         """acc_j * inv to ptr + j * CW (j = 0 .. 3: four 64-column chunks of O^T), in ptr's element type."""
         dt = ptr.dtype.element_ty
@@ -592,12 +621,16 @@ if HAVE_GLUON:
     def _consumer(q_smem, kv_smem, p_smem, sx_smem, sx_bar, q_bar, q_free, ready, empty, seqlens_ptr, o_ptr, l_ptr,
                   op_ptr, lp_ptr, stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, capacity, B, H, S_Q,
                   n_rows, qk_scale, row0, p, u0, u1, b, S, RN: gl.constexpr, CAUSAL: gl.constexpr, PART: gl.constexpr,
-                  STAGES: gl.constexpr, TRANSPOSED: gl.constexpr):
+                  STAGES: gl.constexpr, TRANSPOSED: gl.constexpr, SPLIT: gl.constexpr):
         """One consumer warpgroup of the warp-specialized kernels: for each piece of the slice, the scores and softmax
         of RN rows (from row0) and P V for output columns [256 PART, +256) (four 64-column accumulators); the output
         (a whole sequence) or the piece's partial slot (``combine``). Wide kernel: RN = 64 rows as the MMA's M, P from
         registers. TRANSPOSED (``_ws_kernel``'s narrow form): the narrow kernel's S^T = K Q^T and O^T += V^T P^T
-        with the rows as N, P^T through this warpgroup's own buffer p_smem.index(PART) (p_smem unused otherwise)."""
+        with the rows as N, P^T through this warpgroup's own buffer p_smem.index(PART). SPLIT (the wide kernel): each
+        consumer the scores of its own half of a tile's tokens (32 of 64: no score computed twice), the two meeting
+        twice a tile through sx_smem / sx_bar: for the rows' maxima (then each has the tile's), and for P (each
+        writes its tokens' half to p_smem.index(PART), then both multiply the whole P by their columns' values); the
+        row sums are each consumer's tokens', added at the piece's end."""
         NB: gl.constexpr = NKV + 1  # boxes a tile
         if TRANSPOSED:
             AX: gl.constexpr = 0  # the tokens' axis of the scores
@@ -617,6 +650,12 @@ if HAVE_GLUON:
             toks = gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
             cols = toks  # (CW = BN)
             s_zero = gl.zeros([RN, BN], gl.float32, mma)
+            if SPLIT:  # this consumer's half of the scores: (rows, 32 tokens)
+                sm: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, BN // 2, 16])
+                rows_h = row0 + gl.arange(0, RN, layout=gl.SliceLayout(1, sm))
+                toks_h = PART * (BN // 2) + gl.arange(0, BN // 2, layout=gl.SliceLayout(0, sm))
+                s_zero_h = gl.zeros([RN, BN // 2], gl.float32, sm)
         c0 = PART * 4 * CW
         g = 0
         pc = 0
@@ -625,9 +664,14 @@ if HAVE_GLUON:
             nxt_length = gl.load(seqlens_ptr + b + 1, mask=b + 1 < B, other=0)  # in flight during this piece
             seqlen, k, lo, hi, has, whole = _piece_of(length, S, u0, u1, capacity)
             if has:
-                limit = _row_limit(seqlen, rows, H, S_Q, CAUSAL)
-                m_i = gl.full([RN], float("-inf"), gl.float32, gl.SliceLayout(AX, mma))
-                l_i = gl.zeros([RN], gl.float32, gl.SliceLayout(AX, mma))
+                if SPLIT:
+                    limit = _row_limit(seqlen, rows_h, H, S_Q, CAUSAL)
+                    m_i = gl.full([RN], float("-inf"), gl.float32, gl.SliceLayout(1, sm))
+                    l_i = gl.zeros([RN], gl.float32, gl.SliceLayout(1, sm))
+                else:
+                    limit = _row_limit(seqlen, rows, H, S_Q, CAUSAL)
+                    m_i = gl.full([RN], float("-inf"), gl.float32, gl.SliceLayout(AX, mma))
+                    l_i = gl.zeros([RN], gl.float32, gl.SliceLayout(AX, mma))
                 if TRANSPOSED:
                     acc0 = gl.zeros([CW, RN], gl.float32, mma)
                     acc1 = gl.zeros([CW, RN], gl.float32, mma)
@@ -650,12 +694,26 @@ if HAVE_GLUON:
                         mbarrier.arrive(sx_bar.index(g % 2))
                         mbarrier.wait(sx_bar.index(g % 2), (g // 2) & 1)
                         s = s + sx_smem.index((g % 2) * 2 + 1 - PART).load(mma)
+                    elif SPLIT:  # this consumer's tokens' scores; the tile's row maxima through sx_smem[0 .. 1]
+                        s = _scores_half(q_smem, kv_smem, st * NB, PART * (BN // 2), s_zero_h)
                     else:
                         s = _scores(q_smem, kv_smem, st * NB, s_zero)
                     tok0 = (lo + i) * BN
-                    s = _masked(s, tok0 + toks, limit, qk_scale, AX)
-                    p_, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, AX)
-                    a2 = gl.expand_dims(alpha, AX)
+                    if SPLIT:
+                        s = _masked(s, tok0 + toks_h, limit, qk_scale, 1)
+                        mx = gl.max(s, axis=1)
+                        mx = gl.maximum(mx, _exchange(mx, sx_smem, PART, 1 - PART, sx_bar.index(0), g & 1))
+                        m_new = gl.maximum(m_i, mx)
+                        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+                        alpha = gl.exp2(m_i - m_safe)
+                        p_ = gl.exp2(s - gl.expand_dims(m_safe, 1))
+                        l_i = l_i * alpha + gl.sum(p_, axis=1)  # (this consumer's tokens')
+                        m_i = m_new
+                        a2 = gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, mma)), 1)
+                    else:
+                        s = _masked(s, tok0 + toks, limit, qk_scale, AX)
+                        p_, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, AX)
+                        a2 = gl.expand_dims(alpha, AX)
                     v0 = st * NB + PART * 4
                     tail = tok0 + BN > seqlen  # the last tile: its tokens past the length, zeroed in this half's
                     if TRANSPOSED:  # values (only this warpgroup reads these boxes)
@@ -668,6 +726,18 @@ if HAVE_GLUON:
                         acc1 = warpgroup_mma(kv_smem.index(v0 + 1).permute((1, 0)), pbuf, acc1 * a2, is_async=True)
                         acc2 = warpgroup_mma(kv_smem.index(v0 + 2).permute((1, 0)), pbuf, acc2 * a2, is_async=True)
                         acc3 = warpgroup_mma(kv_smem.index(v0 + 3).permute((1, 0)), pbuf, acc3 * a2, is_async=True)
+                    elif SPLIT:  # P's two halves through p_smem, then P V over all 64 tokens for this half's columns
+                        if tail:
+                            _zero_tail(kv_smem, v0, 4, tok0, seqlen)
+                        p_smem.index(PART).store(p_.to(q_smem.dtype))
+                        fence_async_shared()
+                        gl.thread_barrier()
+                        mbarrier.arrive(sx_bar.index(1))
+                        mbarrier.wait(sx_bar.index(1), g & 1)
+                        acc0 = _pv_halves(p_smem, kv_smem, v0, acc0 * a2)
+                        acc1 = _pv_halves(p_smem, kv_smem, v0 + 1, acc1 * a2)
+                        acc2 = _pv_halves(p_smem, kv_smem, v0 + 2, acc2 * a2)
+                        acc3 = _pv_halves(p_smem, kv_smem, v0 + 3, acc3 * a2)
                     else:
                         pa = gl.convert_layout(p_.to(q_smem.dtype), p_layout)
                         if tail:
@@ -684,6 +754,11 @@ if HAVE_GLUON:
                     mbarrier.arrive(empty.index(st))
                     g += 1
                 mbarrier.arrive(q_free)  # every MMA reading this query tile is done
+                if SPLIT:  # the row sums: both consumers' tokens (sx_smem[2 ..], by the piece's parity)
+                    mine = 2 + (pc % 2) * 2 + PART
+                    l_i = l_i + _exchange(l_i, sx_smem, mine, mine + 1 - 2 * PART, sx_bar.index(2), pc & 1)
+                    m_i = gl.convert_layout(m_i, gl.SliceLayout(1, mma))
+                    l_i = gl.convert_layout(l_i, gl.SliceLayout(1, mma))
                 empty_row = l_i == 0.0
                 l_safe = gl.where(empty_row, 1.0, l_i)
                 inv = gl.expand_dims(1.0 / l_safe, AX)  # 0 for a row that saw nothing (acc = 0)
@@ -709,7 +784,7 @@ if HAVE_GLUON:
     def _ws_kernel(q_desc, kv_desc, pe_desc, seqlens_ptr, tbl_ptr, o_ptr, l_ptr, op_ptr, lp_ptr, cnt_ptr, stride_tb,
                    stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, capacity, B, H, S_Q, qk_scale,
                    min_units, max_pieces, CAUSAL: gl.constexpr, PAGED: gl.constexpr, STAGES: gl.constexpr,
-                   BLOCK_B: gl.constexpr, RN: gl.constexpr, TRANSPOSED: gl.constexpr):
+                   BLOCK_B: gl.constexpr, RN: gl.constexpr, TRANSPOSED: gl.constexpr, SPLIT: gl.constexpr = False):
         """The warp-specialized kernels, program (row block, p): rows [RN row block, +RN) of every piece in slice p.
         A producer warp (``_wide_producer``) and two consumer warpgroups (``_consumer``), each with half of the
         output columns. The wide kernel: RN = 64 rows as the MMA's M. TRANSPOSED: the narrow kernel's
@@ -732,6 +807,11 @@ if HAVE_GLUON:
                                                gl.NVMMASharedLayout.get_default_for([BN, RN], gl.bfloat16))
             sx_smem = gl.allocate_shared_memory(gl.float32, [4, BN, RN],
                                                 gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
+        elif SPLIT:  # P's two token halves; the row maxima (2) and, by piece parity, the row sums (4) exchanged
+            p_smem = gl.allocate_shared_memory(kv_desc.dtype, [2, RN, BN // 2],
+                                               gl.NVMMASharedLayout.get_default_for([RN, BN // 2], gl.bfloat16))
+            sx_smem = gl.allocate_shared_memory(gl.float32, [8, RN],
+                                                gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0]))
         else:
             p_smem = q_smem  # (unused)
             sx_smem = q_smem
@@ -739,10 +819,10 @@ if HAVE_GLUON:
         q_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        sx_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        sx_bar = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
         mbarrier.init(q_free, count=2)
-        for sb in gl.static_range(2):
+        for sb in gl.static_range(3):
             mbarrier.init(sx_bar.index(sb), count=2)
         for sb in gl.static_range(STAGES):
             mbarrier.init(ready.index(sb), count=1)
@@ -752,11 +832,11 @@ if HAVE_GLUON:
             (_consumer, (q_smem, kv_smem, p_smem, sx_smem, sx_bar, q_bar, q_free, ready, empty, seqlens_ptr, o_ptr,
                          l_ptr, op_ptr, lp_ptr, stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh,
                          capacity, B, H, S_Q, n_rows, qk_scale, row0, p, u0, u1, b, S, RN, CAUSAL, 0, STAGES,
-                         TRANSPOSED)),
+                         TRANSPOSED, SPLIT)),
             (_consumer, (q_smem, kv_smem, p_smem, sx_smem, sx_bar, q_bar, q_free, ready, empty, seqlens_ptr, o_ptr,
                          l_ptr, op_ptr, lp_ptr, stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh,
                          capacity, B, H, S_Q, n_rows, qk_scale, row0, p, u0, u1, b, S, RN, CAUSAL, 1, STAGES,
-                         TRANSPOSED)),
+                         TRANSPOSED, SPLIT)),
             (_wide_producer, (q_desc, kv_desc, pe_desc, q_smem, kv_smem, q_bar, q_free, ready, empty, seqlens_ptr,
                               tbl_ptr, stride_tb, capacity, B, n_rows, row0, u0, u1, b, S, PAGED, STAGES)),
         ], [4, 1], [232, 24])
@@ -964,6 +1044,12 @@ PDL = True
 # narrow2.md). tests/test_kernels_mla_gluon.py routes it explicitly (its 12 GPU tests pass), bench/mla_decode.py
 # --narrow2 times it.
 NARROW2_ROWS: tuple[int, ...] = ()
+# The wide kernel's consumers each score half of a tile's tokens (``_consumer``'s SPLIT) rather than all of them, at
+# the price of two meetings a tile. On the H200 (bench/results/mla_decode-ab-split.md, -ab-long.md: against the
+# kernel where both score all 64 tokens) 8-11% faster from 4K on (B=128 4K s_q=2 763.1 -> 691.2 us, 383 -> 423
+# TFLOP/s; B=32 16K s_q=2 735.0 -> 661.4 us), 1-5% at B=128 1K, and 1.5-4.6% slower at B=32 1K (40.0 -> 40.6 us;
+# ragged 51.8 -> 54.2), where each program has few tiles to amortize the meetings over.
+WIDE_SPLIT = True
 STAGES = {"wide": 2, "narrow": 2}  # _ws_kernel's cache tiles in flight: 2 x 72 KB (with the 72 / 18-36 KB query)
 # The narrow kernel's (tokens a tile: the schedule's unit, tiles in flight) by (latent, rows). C = 512: 64-token tiles
 # of 72 KB, two in flight (with the 18-36 KB query: 168-189 KB of shared memory). C = 256, 16 rows: a 128-token tile
@@ -1093,7 +1179,8 @@ def mla_decode_gluon(q, kv, pe, seqlens, scale, causal, block_table, out, lse, k
                          f"{'wide' if kind == 'wide' else 'two-warpgroup'} one ({rows} rows); drop trace=")
     if kind == "wide" or two:
         _ws_kernel[grid](*args, CAUSAL=causal, PAGED=paged, STAGES=stages, BLOCK_B=block_b,
-                         RN=64 if kind == "wide" else rows, TRANSPOSED=two, num_warps=4)
+                         RN=64 if kind == "wide" else rows, TRANSPOSED=two, SPLIT=kind == "wide" and WIDE_SPLIT,
+                         num_warps=4)
     else:
         traced = {}
         if trace is not None:
