@@ -1061,9 +1061,9 @@ NARROW_TILES = {(512, 16): (64, 2), (512, 32): (64, 2), (256, 16): (128, 2), (25
 # Latents whose narrow kernel (with 64-token tiles) brings the query's and each tile's latent boxes in one 3-D copy
 # (``_desc3``: box j at column 64 j, 128 bytes apart) instead of one 2-D copy a box: the copies are issued by one
 # thread while the warpgroup waits, ~60 ns each (bench/results/mla_decode-trace.md: 27 took 1.6 us). On the H200
-# (bench/results/mla_decode-ab-tma3.md, against the 2-D copies): V3 at 16 rows 0.4-5.8% faster (B=32 1K 19.3 ->
-# 18.6 us), at 32 rows -1.6% to +5.4% (B=128 4K s_q=2 171.4 -> 162.7); small-v3 (four boxes, four ring slots at
-# 32 rows: four predicated copies) 0.3-2% slower, so it keeps the 2-D copies.
+# (bench/results/mla_decode-ab-tma3.md, -ab-split.md, -ab-long.md, against the 2-D copies): V3 at 16 rows 0.4-6.9%
+# faster (B=32 1K 19.2 -> 18.3 us), at 32 rows -1.6% to +7.8% (B=128 16K s_q=2 640.9 -> 594.7); small-v3 (four
+# boxes, four ring slots at 32 rows: four predicated copies) 0.3-2% slower, so it keeps the 2-D copies.
 TMA3_LATENTS = (512,)
 # A traced narrow launch's event codes (``mla_decode_gluon(..., trace=)``): each program's (%globaltimer ns, %clock64,
 # code) in the order they happen; a piece is codes 9, 2-6 (its tiles 4 and 5 each), a merge 7.

@@ -194,6 +194,24 @@ def test_gluon_two_warpgroup_narrow(layout, H, s_q, num_splits, monkeypatch):
 
 
 @GPU
+@pytest.mark.parametrize("layout", ["contiguous", "paged"])
+@pytest.mark.parametrize("H,s_q", [(64, 1), (128, 2)])
+@pytest.mark.parametrize("num_splits", [None, 3])
+def test_gluon_wide_unsplit_scores(layout, H, s_q, num_splits, monkeypatch):
+    """The wide kernel with both consumers scoring all of a tile's tokens (``WIDE_SPLIT`` off; the default splits
+    them) through the same checks: ragged lengths, equal tile counts, an empty sequence, the combine."""
+    from minids.kernels import mla_decode as mod
+    from minids.kernels import mla_decode_gluon
+
+    monkeypatch.setattr(mod, "GLUON_MLA", True)
+    monkeypatch.setattr(mla_decode_gluon, "WIDE_SPLIT", False)
+    check([1, 63, 64, 65, 4097], s_q, H=H, C=512, R=64, layout=layout, num_splits=num_splits)
+    check([100, 128, 65], s_q, H=H, C=512, R=64, layout=layout, num_splits=num_splits)
+    check([0, 1, 129], s_q, H=H, C=512, R=64, layout=layout, num_splits=num_splits)
+    assert mod.LAST_LAUNCH["cfg"] == {"gluon": "wide"}
+
+
+@GPU
 @pytest.mark.parametrize("s_q", [1, 2])
 def test_gluon_traced_launch(s_q):
     """A traced narrow launch (``trace=``, bench/trace_mla_gluon.py) gives the untraced launch's result bit for bit
