@@ -1,8 +1,13 @@
-"""bench/trace_mla_gluon.py's reading of a traced launch (the timelines the narrow Gluon MLA kernel records with
-``trace=``), on a hand-made trace whose phases are known by construction: the GPU produces the real ones."""
+"""The benchmarks' own tools, on the CPU: bench/trace_mla_gluon.py's reading of a traced launch (the timelines the
+narrow Gluon MLA kernel records with ``trace=``), on a hand-made trace whose phases are known by construction (the GPU
+produces the real ones); and bench/_common.py's read floor kernel (the per-shape bandwidth ceiling bench/mla_decode.py
+reports), which must read every byte it is given, or the ceiling it times is not the read of that many bytes (under
+the Triton interpreter here; the GPU times it)."""
 
 import importlib.util
 import sys
+from functools import reduce
+from operator import xor
 from pathlib import Path
 
 import pytest
@@ -11,10 +16,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _trace_module():
+def _bench_module(name: str):
+    """bench/NAME.py, imported as the benchmarks import it (bench/ on the path)."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
-        spec = importlib.util.spec_from_file_location("trace_mla_gluon", ROOT / "bench" / "trace_mla_gluon.py")
+        spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
     finally:
@@ -28,7 +34,7 @@ def _program(t0_ns: int, events: list[tuple[float, int]]) -> list[tuple[int, int
 
 
 def test_phases_of_a_hand_made_trace():
-    mod = _trace_module()
+    mod = _bench_module("trace_mla_gluon")
     # program 0: one piece, two tiles, merged; program 1 starts 0.5 us later: one piece, one tile, written whole
     p0 = _program(1_000_000, [(0, 0), (1, 1), (1.5, 9), (2.5, 2), (3, 3), (4, 4), (5.5, 5), (6, 4), (7, 5), (8, 6),
                               (11, 7), (11.5, 8)])
@@ -49,3 +55,19 @@ def test_phases_of_a_hand_made_trace():
     assert got["tiles_med"] == pytest.approx(1.5) and got["pieces_med"] == pytest.approx(1.0)
     assert got["crit_tiles"] == 2 and got["crit_compute"] == pytest.approx(2.5) and got["crit_merge"] == pytest.approx(3)
     assert got["crit_end"] == pytest.approx(11.5) and got["crit_start"] == pytest.approx(0)
+
+
+@pytest.mark.parametrize("n, block", [(5000, 2048), (4096, 4096), (1, 2048)])
+def test_read_xor_reads_every_word(n, block):
+    pytest.importorskip("triton")
+    mod = _bench_module("_common")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randint(-(1 << 31), 1 << 31, (n,), dtype=torch.int32, generator=torch.Generator().manual_seed(n))
+    got = mod.read_xor(x.to(device), block, 4).cpu().tolist()
+    words = x.tolist()
+    want = [reduce(xor, words[i:i + block], 0) for i in range(0, n, block)]
+    assert got == want
+    # one word changed anywhere changes its block's result: nothing is skipped
+    y = x.clone()
+    y[n - 1] ^= 1 << 7
+    assert mod.read_xor(y.to(device), block, 4).cpu().tolist()[-1] == want[-1] ^ (1 << 7)
