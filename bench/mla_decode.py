@@ -237,7 +237,8 @@ def main() -> int:
                  else ""), flush=True)
     meta["wall_s"] = round(time.time() - t0, 1)
     columns = ["shape", "bound", "kernel_ms", "GBps", "frac_copy", "TFLOPs", "frac_matmul", "read_ms",
-               "read_frac_copy", "of_read", "programs", "config", "ref_fp32_ms", "absorbed_ms", "naive_ms", "speedup_vs_absorbed"]
+               "read_frac_copy", "of_read", "programs", "config", "ref_fp32_ms", "absorbed_ms", "naive_ms",
+               "speedup_vs_absorbed"]
     notes = (
         "Targets (issue #10): memory-bound rows (H * s_q <= 32) at >= 80% of the copy rate; H=128 rows at >= 300 "
         "TFLOP/s. kernel_ms is a CUDA-graph replay of one call: on sm_90 with V3's latent the Gluon kernels "
