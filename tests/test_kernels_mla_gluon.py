@@ -248,7 +248,7 @@ def test_gluon_traced_launch(s_q):
                              torch.empty(B, 64, s_q, device="cuda"), "wide", num_splits=P, trace=trace)
     events = [[e for e in prog if e[2] >= 0] for prog in trace.cpu().tolist()]
     codes = [[e[2] for e in prog] for prog in events]
-    for prog, cs in zip(events, codes):
+    for prog, cs in zip(events, codes, strict=True):
         assert cs[:2] == [0, 1] and cs[-1] == 8 and cs.count(4) == cs.count(5)
         for a, b in itertools.pairwise(prog):
             assert b[0] >= a[0] and b[1] >= a[1]
