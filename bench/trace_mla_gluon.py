@@ -3,6 +3,7 @@
 stores and the merge), summarised per shape beside the untraced launch's CUDA-graph time.
 
     python3 bench/trace_mla_gluon.py --out bench/results --stem mla_decode-trace   # the H200
+    python3 bench/trace_mla_gluon.py --cases long --out bench/results --stem mla_decode-trace-long
 
 Per shape (the inputs rotated over copies as bench/mla_decode.py does, so the cache comes from memory): the graph
 time of the default path; then --reps traced launches, each program's events read back. Reported (medians over the
@@ -32,6 +33,10 @@ from mla_decode import PAGE, lengths, make_inputs, rotating
 CASES = [  # (config, B, mean length, ragged, s_q)
     ("V3", 32, 1024, False, 1), ("V3", 32, 1024, True, 1), ("V3", 32, 4096, False, 1), ("V3", 128, 1024, False, 1),
     ("V3", 128, 4096, False, 1), ("V3", 32, 1024, False, 2), ("V3", 128, 1024, True, 2), ("small", 32, 1024, True, 1),
+]
+LONG = [  # (--cases long) where a program's tile loop is its time: 16 against 32 rows, fixed and ragged lengths
+    ("V3", 128, 4096, False, 1), ("V3", 128, 4096, False, 2), ("V3", 128, 4096, True, 2), ("V3", 32, 16384, False, 2),
+    ("V3", 32, 16384, True, 2), ("small", 128, 4096, True, 2),
 ]
 
 
@@ -105,10 +110,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--stem", default="mla_decode-trace")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--cases", choices=("short", "long"), default="short")
     args = ap.parse_args()
     scale = (128 + 64) ** -0.5
     rows = []
-    for cfg, B, mean, var, s_q in CASES:
+    for cfg, B, mean, var, s_q in CASES if args.cases == "short" else LONG:
         C, R, H = (512, 64, 16) if cfg == "V3" else (256, 32, 16)
         gen = torch.Generator().manual_seed(B * 7 + mean + s_q)
         lens = lengths(B, mean, var, s_q, gen)
