@@ -6,7 +6,9 @@ Uses the ptxas and cuobjdump that ship inside the Triton wheel. The Gluon kernel
     python -m venv --system-site-packages /tmp/t36 && /tmp/t36/bin/pip install triton==3.6.0
     PYTHONPATH=. /tmp/t36/bin/python bench/aot_sm90.py
 
-Counts are the compiler's, not measurements; bench/results/kernels_notes.md quotes them as such.
+Each build: registers, stack, shared memory, SASS opcode counts, and the tile loop's (``tile_loop``: its length, CTA
+barriers, shuffles, shared-memory loads and stores, spill reloads). Counts are the compiler's, not measurements;
+bench/results/kernels_notes.md quotes them as such.
 """
 
 from __future__ import annotations
@@ -28,6 +30,26 @@ from triton.runtime.jit import mangle_type
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
 
 
+def tile_loop(sass: str) -> dict[str, int]:
+    """The loop of a cuobjdump -sass listing that holds a kernel's MMAs: of the innermost loops with an HGMMA (a
+    loop: a branch back to an earlier address, the address range between), the one with the most. Its instruction
+    count and the count of each opcode (the mnemonic before its first dot; predicated ones included: code under a
+    branch inside the loop, e.g. the last tile's, counts whether or not it runs). Empty when no loop holds an
+    HGMMA. ``counts`` reports its barriers (BAR), shuffles, shared-memory loads / stores and spill reloads."""
+    rows = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in
+            re.finditer(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)([^;]*);", sass, re.MULTILINE)]
+    loops = []
+    for a, op, rest in rows:
+        target = re.search(r"(0x[0-9a-f]+)\s*$", rest) if op == "BRA" else None
+        if target and int(target.group(1), 16) < a:
+            loops.append((int(target.group(1), 16), a))
+    mma = [(lo, hi) for lo, hi in loops if any(lo <= a <= hi and op == "HGMMA" for a, op, _ in rows)]
+    inner = [(lo, hi) for lo, hi in mma if not any(lo <= x <= y <= hi and (x, y) != (lo, hi) for x, y in mma)]
+    bodies = [[op for a, op, _ in rows if lo <= a <= hi] for lo, hi in inner]
+    best = max(bodies, key=lambda b: (b.count("HGMMA"), -len(b)), default=None)
+    return {"instructions": len(best), **collections.Counter(best)} if best else {}
+
+
 def counts(cubin: bytes) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
@@ -36,8 +58,11 @@ def counts(cubin: bytes) -> str:
         sass = subprocess.run([CUOBJDUMP, "-sass", f.name], capture_output=True, text=True, check=True).stdout
     ops = collections.Counter(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", sass, re.MULTILINE))
     regs = re.search(r"REG:(\d+) STACK:(\d+)", res)
+    loop = tile_loop(sass)
+    inner = (f"; tile loop {loop['instructions']} (BAR {loop.get('BAR', 0)}, SHFL {loop.get('SHFL', 0)}, LDS "
+             f"{loop.get('LDS', 0)}, STS {loop.get('STS', 0)}, LDL {loop.get('LDL', 0)})" if loop else "")
     return (f"registers {regs.group(1)}, stack {regs.group(2)} B, SASS {sum(ops.values())} (HGMMA {ops['HGMMA']}, "
-            f"HMMA {ops['HMMA']}, LDL {ops['LDL']}, STL {ops['STL']})")
+            f"HMMA {ops['HMMA']}, LDL {ops['LDL']}, STL {ops['STL']}){inner}")
 
 
 def gluon_kernel(kind: str, rows: int, paged: bool, C: int = 512, trace: bool = False) -> str:

@@ -71,3 +71,26 @@ def test_read_xor_reads_every_word(n, block):
     y = x.clone()
     y[n - 1] ^= 1 << 7
     assert mod.read_xor(y.to(device), block, 4).cpu().tolist()[-1] == want[-1] ^ (1 << 7)
+
+
+def test_tile_loop_of_a_hand_made_listing():
+    """bench/aot_sm90.py's tile loop: of the loops holding HGMMAs, the innermost with the most (not the piece loop
+    around it, not a loop without MMAs), its opcodes counted with predicated ones included."""
+    mod = _bench_module("aot_sm90")
+
+    def line(addr: int, text: str) -> str:
+        return f"        /*{addr:04x}*/                   {text} ;                /* 0x000000000000000 */"
+
+    body = ["IMAD R1, R2, R3, RZ", "BAR.SYNC.DEFER_BLOCKING 0x0", "HGMMA.64x16x16.F32.BF16 R24, gdesc[UR4], RZ",
+            "HGMMA.64x16x16.F32.BF16 R24, gdesc[UR8], R24", "@P0 BAR.SYNC.DEFER_BLOCKING 0x0",
+            "SHFL.BFLY PT, R5, R6, 0x10, 0x1f", "@!P1 LDL R7, [R1+0x4]"]
+    listing = [line(0x00, "S2R R0, SR_TID.X"), line(0x10, "IADD3 R1, R1, 0x1, RZ"),  # the piece loop starts
+               line(0x20, "HGMMA.64x16x16.F32.BF16 R24, gdesc[UR4], RZ")]  # (one MMA outside the tile loop)
+    listing += [line(0x30 + 0x10 * i, t) for i, t in enumerate(body)]  # the tile loop: 0x30 .. 0xa0
+    listing += [line(0xa0, "@P2 BRA 0x30"), line(0xb0, "FADD R3, R3, R4"), line(0xc0, "@P3 BRA 0x10"),
+                line(0xd0, "MOV R2, R3"), line(0xe0, "@P4 BRA 0xd0"),  # a loop without MMAs
+                line(0xf0, "EXIT"), line(0x100, "BRA 0x100")]
+    got = mod.tile_loop("\n".join(listing))
+    assert got["instructions"] == 8 and got["HGMMA"] == 2 and got["BAR"] == 2
+    assert got["SHFL"] == 1 and got["LDL"] == 1 and got["BRA"] == 1 and "FADD" not in got
+    assert mod.tile_loop("\n".join(listing[:1] + listing[-4:])) == {}  # the loop at 0xd0 only: no MMA in it
