@@ -2,9 +2,17 @@
 is defined, so it is set here, before any test module imports ``minids.kernels``)."""
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# `python -m pytest` puts the checkout's root first on sys.path, and there kernels/ (installed as minids.kernels) would
+# stand in for the top-level package of that name: Hugging Face's `kernels`, which transformers >= 5.25 requires and
+# imports. minids comes from its install, so the root goes.
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != _ROOT]
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
