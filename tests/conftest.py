@@ -1,6 +1,7 @@
 """Triton kernels run under the interpreter on machines without CUDA (TRITON_INTERPRET is read when a kernel
 is defined, so it is set here, before any test module imports ``minids.kernels``)."""
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -10,9 +11,11 @@ import torch
 
 # `python -m pytest` puts the checkout's root first on sys.path, and there kernels/ (installed as minids.kernels) would
 # stand in for the top-level package of that name: Hugging Face's `kernels`, which transformers >= 5.25 requires and
-# imports. minids comes from its install, so the root goes.
-_ROOT = Path(__file__).resolve().parents[1]
+# imports. Where minids is installed the root goes; a source tree run from PYTHONPATH (bench/device_env.sh) keeps it.
+_ROOT, _PATH = Path(__file__).resolve().parents[1], list(sys.path)
 sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != _ROOT]
+if importlib.util.find_spec("minids") is None:
+    sys.path[:] = _PATH
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
