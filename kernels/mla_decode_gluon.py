@@ -309,6 +309,37 @@ if HAVE_GLUON:
         return p, alpha, m_new, l_i * alpha + gl.sum(p, axis=AXIS)
 
     @gluon.jit
+    def _per_warp(x, W: gl.constexpr, SUM: gl.constexpr):
+        """(W, RN): each warp's sum (SUM) or max over its tokens of x (TN tokens x RN rows in the MMA layout: 16 a warp
+        in each 16 W-token block, the blocks in registers), with no traffic between warps."""
+        x4 = gl.reshape(x, [x.shape[0] // (16 * W), W, 16, x.shape[1]])
+        if SUM:
+            return gl.sum(gl.sum(x4, axis=2), axis=0)
+        else:
+            return gl.max(gl.max(x4, axis=2), axis=0)
+
+    @gluon.jit
+    def _softmax_t(s, m_i, l_w, mx_smem, W: gl.constexpr):
+        """``_softmax_step`` along axis 0 of the transposed scores s (TN tokens x RN rows in the MMA layout: the
+        tokens spread over the W warps), with one CTA barrier instead of the reductions' five: each warp's row maxima
+        go to mx_smem (W, RN), and every thread reads all W back; the row sums stay per warp (l_w (W, RN), each
+        warp's over its own tokens), added once a piece (``_warp_sums``)."""
+        mx_smem.store(_per_warp(s, W, False))
+        gl.thread_barrier()
+        m_new = gl.maximum(m_i, gl.max(mx_smem.load(s.type.layout), axis=0))  # (W rows: lanes of each warp)
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m_i - m_safe)
+        p = gl.exp2(s - gl.expand_dims(m_safe, 0))
+        pw = _per_warp(p, W, True)
+        a_w = gl.convert_layout(alpha, gl.SliceLayout(0, pw.type.layout), assert_trivial=True)
+        return p, alpha, m_new, l_w * gl.expand_dims(a_w, 0) + pw
+
+    @gluon.jit
+    def _warp_sums(l_w, layout: gl.constexpr):
+        """The row sums from ``_softmax_t``'s per-warp ones, in layout."""
+        return gl.convert_layout(gl.sum(l_w, axis=0), layout)
+
+    @gluon.jit
     def _store_rows(acc, inv, o_base, o_qi, o_h, col0, rows, cols, H):
         """acc * inv (ROWS x 64, rows r, columns col0 + c) to o_base + (r // H) o_qi + (r % H) o_h + col."""
         ptr = o_base + gl.expand_dims((rows // H) * o_qi + (rows % H) * o_h, 1) + col0 + gl.expand_dims(cols, 0)
@@ -876,6 +907,8 @@ if HAVE_GLUON:
         kv_lat = kv_lat3._reinterpret(kv_desc.dtype, [STAGES * NL, TN, CW], kv_desc.layout)
         kv_rope = gl.allocate_shared_memory(kv_desc.dtype, [STAGES, TN, CW], kv_desc.layout)
         p_smem = gl.allocate_shared_memory(kv_desc.dtype, [TN, RN], p_layout)
+        mx_smem = gl.allocate_shared_memory(gl.float32, [4, RN],  # each warp's row maxima (``_softmax_t``)
+                                            gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         m_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -926,7 +959,7 @@ if HAVE_GLUON:
                     e = _stamp(trace_ptr, p, e, 2)
                 limit = _row_limit(seqlen, rows, H, S_Q, CAUSAL)
                 m_i = gl.full([RN], float("-inf"), gl.float32, gl.SliceLayout(0, mma))
-                l_i = gl.zeros([RN], gl.float32, gl.SliceLayout(0, mma))
+                l_w = _per_warp(s_zero, 4, True)  # the row sums, per warp (``_softmax_t``)
                 acc0 = gl.zeros([CW, RN], gl.float32, mma)
                 acc1 = gl.zeros([CW, RN], gl.float32, mma)
                 acc2 = gl.zeros([CW, RN], gl.float32, mma)
@@ -953,7 +986,7 @@ if HAVE_GLUON:
                     tok0 = (lo + i) * TN
                     s = gl.where(gl.expand_dims(tok0 + toks0, 1) < gl.expand_dims(limit, 0), s * qk_scale,
                                  float("-inf"))
-                    p_, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, 0)
+                    p_, alpha, m_i, l_w = _softmax_t(s, m_i, l_w, mx_smem, 4)
                     if tok0 + TN > seqlen:  # the last tile: its tokens past the length, zeroed in the values
                         _zero_tail(kv_lat, st * NL, NL, tok0, seqlen, TN)
                     p_smem.store(p_.to(kv_lat.dtype))
@@ -978,6 +1011,7 @@ if HAVE_GLUON:
                     if TRACE:
                         e = _stamp(trace_ptr, p, e, 5)
                     g += 1
+                l_i = _warp_sums(l_w, gl.SliceLayout(0, mma))
                 empty_row = l_i == 0.0
                 l_safe = gl.where(empty_row, 1.0, l_i)
                 inv = gl.expand_dims(1.0 / l_safe, 0)
