@@ -68,15 +68,14 @@ def counts(cubin: bytes) -> str:
 def gluon_kernel(kind: str, rows: int, paged: bool, C: int = 512, trace: bool = False) -> str:
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    fn = glu._narrow_kernel if kind in ("narrow", "pingpong") else glu._ws_kernel
+    fn = glu._narrow_kernel if kind == "narrow" else glu._ws_kernel
     t = torch.empty(1024, 576, dtype=torch.bfloat16)
     consts = {"CAUSAL": True, "PAGED": paged, "STAGES": glu.STAGES["wide" if kind == "wide" else "narrow"],
               "BLOCK_B": 128}
-    if kind in ("narrow", "pingpong"):  # (pingpong: the two-warpgroup build, NWG = 2)
-        pp = kind == "pingpong"
-        tn, stages = glu.PINGPONG[C, rows] if pp else glu.NARROW_TILES[C, rows]
-        consts.update(RN=rows, MERGE=rows in glu.MERGE_ROWS and not pp, NL=C // 64, TN=tn, STAGES=stages,
-                      TRACE=trace, TMA3=C in glu.TMA3_LATENTS and tn == 64, NWG=2 if pp else 1)
+    if kind == "narrow":
+        tn, stages = glu.NARROW_TILES[C, rows]
+        consts.update(RN=rows, MERGE=rows in glu.MERGE_ROWS, NL=C // 64, TN=tn, STAGES=stages, TRACE=trace,
+                      TMA3=C in glu.TMA3_LATENTS and tn == 64)
         if not trace:
             consts["trace_ptr"] = None
     else:  # the warp-specialized kernel: wide, or the narrow math on two consumer warpgroups ("narrow2")
@@ -124,8 +123,7 @@ def main() -> None:
     print(f"triton {triton.__version__}, sm_90")
     if glu.HAVE_GLUON:
         for kind, rows, C in (("wide", 128, 512), ("narrow", 16, 512), ("narrow", 32, 512), ("narrow2", 16, 512),
-                              ("narrow2", 32, 512), ("narrow", 16, 256), ("narrow", 32, 256),
-                              *(("pingpong", rows, C) for C, rows in glu.PINGPONG)):
+                              ("narrow2", 32, 512), ("narrow", 16, 256), ("narrow", 32, 256)):
             for paged in (False, True):
                 print(f"gluon {kind} rows={rows} C={C} paged={paged}: {gluon_kernel(kind, rows, paged, C)}",
                       flush=True)

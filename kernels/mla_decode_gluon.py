@@ -221,7 +221,6 @@ if HAVE_GLUON:
     FAR_PAGE = gl.constexpr(1 << 24)  # a page whose rows (2^30 on) lie past any cache's 2-D view: TMA zero fill
     TRACE_EVENTS = gl.constexpr(TRACE_LEN)
     MERGE_GROUP = gl.constexpr(4)  # partials the narrow kernel's merge brings into shared memory at once
-    PINGPONG_REGS = gl.constexpr(240)  # registers a thread of the second warpgroup (``_narrow_kernel``, NWG = 2)
 
     @gluon.jit
     def _stamp(trace_ptr, p, e, code: gl.constexpr):
@@ -879,18 +878,15 @@ if HAVE_GLUON:
                        min_units, max_pieces, op_desc, q3_desc, kv3_desc, RN: gl.constexpr, CAUSAL: gl.constexpr,
                        PAGED: gl.constexpr, STAGES: gl.constexpr, BLOCK_B: gl.constexpr, MERGE: gl.constexpr,
                        NL: gl.constexpr, TN: gl.constexpr, TMA3: gl.constexpr, TRACE: gl.constexpr = False,
-                       trace_ptr=None, NWG: gl.constexpr = 1):
+                       trace_ptr=None):
         """Program p: all RN = s_q * H rows (16 or 32) of every piece in slice p; see the module docstring. NL: the
         latent's 64-column boxes (8 for C = 512, 4 for 256); TN: tokens a tile (64, or 128: two 64-token boxes in
-        each buffer, the MMAs' M and K). No producer warp: each warpgroup issues its own loads (``_narrow_body``).
-        NWG = 1: one warpgroup takes every tile. NWG = 2 (``PINGPONG``): two warpgroups take a piece's tiles by
-        turns (even, odd), each with its own ring of STAGES buffers, so one's softmax, loads and stores overlap the
-        other's MMAs; the two meet once a piece, where the second's running max, sums and accumulators come to the
-        first through its free ring buffers, and the first writes the result. op_desc: the float32 partials (2 P RN,
-        C) for the merge (MERGE, NWG = 1). TMA3 (64-token tiles, ``TMA3_LATENTS``): the query's and each tile's
-        latent boxes in one copy of q3_desc / kv3_desc ((box, row, column) views, ``_desc3``), else one copy a box.
-        TRACE (NWG = 1): record the program's timeline (``TRACE_CODES``) at trace_ptr."""
-        gl.static_assert((NWG == 1) | ((not MERGE) & (not TRACE)))
+        each buffer, the MMAs' M and K). No warp specialization: the program issues its own loads, a piece's first
+        STAGES - 1 tiles with its query, then its tile i + STAGES - 1 once tile i - 1's MMAs are done (issuing STAGES
+        with the query measured no faster: bench/results/mla_decode-ab-merge3.md, head against ab_pro1). op_desc: the
+        float32 partials (2 P RN, C) for the merge (MERGE). TMA3 (64-token tiles, ``TMA3_LATENTS``): the query's and
+        each tile's latent boxes in one copy of q3_desc / kv3_desc ((box, row, column) views, ``_desc3``), else one
+        copy a box. TRACE: record the program's timeline (``TRACE_CODES``) at trace_ptr."""
         p = gl.program_id(0)
         P = gl.num_programs(0)
         e = 0  # (the traced events so far)
@@ -901,42 +897,25 @@ if HAVE_GLUON:
         u0, u1, b, S, W, uniform = _slice(seqlens_ptr, B, capacity, P, p, min_units, max_pieces, BLOCK_B, TN)
         if TRACE:
             e = _stamp(trace_ptr, p, e, 1)
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, RN, 16])
         p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([TN, RN], gl.bfloat16)
         # the latent boxes (the 3-D copies' rank-3 view, and the MMAs' 2-D one of the same bytes) apart from the RoPE's
         q_lat3 = gl.allocate_shared_memory(q_desc.dtype, [NL, RN, CW], q3_desc.layout)
         q_lat = q_lat3._reinterpret(q_desc.dtype, [NL, RN, CW], q_desc.layout)
         q_rope = gl.allocate_shared_memory(q_desc.dtype, [RN, CW], q_desc.layout)
-        RING: gl.constexpr = STAGES * NL  # a warpgroup's latent buffers
-        kv_lat3 = gl.allocate_shared_memory(kv_desc.dtype, [RING, TN, CW], kv3_desc.layout)
-        kv_lat = kv_lat3._reinterpret(kv_desc.dtype, [RING, TN, CW], kv_desc.layout)
+        kv_lat3 = gl.allocate_shared_memory(kv_desc.dtype, [STAGES * NL, TN, CW], kv3_desc.layout)
+        kv_lat = kv_lat3._reinterpret(kv_desc.dtype, [STAGES * NL, TN, CW], kv_desc.layout)
         kv_rope = gl.allocate_shared_memory(kv_desc.dtype, [STAGES, TN, CW], kv_desc.layout)
         p_smem = gl.allocate_shared_memory(kv_desc.dtype, [TN, RN], p_layout)
-        mx_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
-        mx_smem = gl.allocate_shared_memory(gl.float32, [4, RN], mx_layout)  # each warp's row maxima (``_softmax_t``)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        # a warpgroup's ring as float32 (CW, RN) blocks: where the second warpgroup's accumulators meet the first's
-        XB: gl.constexpr = RING * TN * 2 // (RN * 4)
-        xs_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=2, per_phase=1, max_phase=16, order=[1, 0])
-        xs = kv_lat3._reinterpret(gl.float32, [XB, CW, RN], xs_layout)
-        if NWG == 2:  # the second warpgroup's own (views of one allocation for both fail to lower in Triton 3.6)
-            kv_lat3_1 = gl.allocate_shared_memory(kv_desc.dtype, [RING, TN, CW], kv3_desc.layout)
-            kv_lat_1 = kv_lat3_1._reinterpret(kv_desc.dtype, [RING, TN, CW], kv_desc.layout)
-            kv_rope_1 = gl.allocate_shared_memory(kv_desc.dtype, [STAGES, TN, CW], kv_desc.layout)
-            p_smem_1 = gl.allocate_shared_memory(kv_desc.dtype, [TN, RN], p_layout)
-            mx_smem_1 = gl.allocate_shared_memory(gl.float32, [4, RN], mx_layout)
-            ready_1 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-            xs_1 = kv_lat3_1._reinterpret(gl.float32, [XB, CW, RN], xs_layout)
-        ml_smem = gl.allocate_shared_memory(gl.float32, [2, RN],  # (NWG = 2) the second's max and sums
-                                            gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0]))
+        mx_smem = gl.allocate_shared_memory(gl.float32, [4, RN],  # each warp's row maxima (``_softmax_t``)
+                                            gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        m_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # (NWG = 2: x_full, x_free)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        m_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
-        mbarrier.init(m_bar.index(0), count=1)
-        mbarrier.init(m_bar.index(1), count=1)
+        mbarrier.init(m_bar, count=1)
         for sb in gl.static_range(STAGES):
             mbarrier.init(ready.index(sb), count=1)
-            if NWG == 2:
-                mbarrier.init(ready_1.index(sb), count=1)
         fence_async_shared()
         BOXC: gl.constexpr = op_desc.block_type.shape[1]
         if MERGE:  # the merge's MERGE_GROUP partials in the cache tiles' shared memory
@@ -944,78 +923,38 @@ if HAVE_GLUON:
             stage = kv_lat3._reinterpret(gl.float32, [MERGE_GROUP * (NL * CW // BOXC), RN, BOXC], op_desc.layout)
         else:
             stage = kv_lat
-        if NWG == 1:
-            _narrow_body(q_desc, kv_desc, pe_desc, q3_desc, kv3_desc, op_desc, seqlens_ptr, tbl_ptr, o_ptr, l_ptr,
-                         op_ptr, lp_ptr, cnt_ptr, stride_tb, stride_ob, stride_os, stride_oh, stride_lb, stride_ls,
-                         stride_lh, capacity, B, H, S_Q, qk_scale, p, P, u0, u1, b, S, W, uniform, q_lat3, q_lat,
-                         q_rope, kv_lat3, kv_lat, kv_rope, p_smem, mx_smem, ready, q_bar, m_bar, stage, xs, xs,
-                         ml_smem, e, trace_ptr, RN, CAUSAL, PAGED, STAGES, MERGE, NL, TN, TMA3, TRACE, 0, 1)
-        else:
-            gl.static_assert(NL <= XB)  # (the accumulators fit a warpgroup's ring)
-            gl.warp_specialize([
-                (_narrow_body, (q_desc, kv_desc, pe_desc, q3_desc, kv3_desc, op_desc, seqlens_ptr, tbl_ptr, o_ptr,
-                                l_ptr, op_ptr, lp_ptr, cnt_ptr, stride_tb, stride_ob, stride_os, stride_oh, stride_lb,
-                                stride_ls, stride_lh, capacity, B, H, S_Q, qk_scale, p, P, u0, u1, b, S, W, uniform,
-                                q_lat3, q_lat, q_rope, kv_lat3, kv_lat, kv_rope, p_smem, mx_smem, ready, q_bar,
-                                m_bar, stage, xs, xs_1, ml_smem, e, trace_ptr, RN, CAUSAL, PAGED, STAGES, MERGE, NL,
-                                TN, TMA3, TRACE, 0, 2)),
-                (_narrow_body, (q_desc, kv_desc, pe_desc, q3_desc, kv3_desc, op_desc, seqlens_ptr, tbl_ptr, o_ptr,
-                                l_ptr, op_ptr, lp_ptr, cnt_ptr, stride_tb, stride_ob, stride_os, stride_oh, stride_lb,
-                                stride_ls, stride_lh, capacity, B, H, S_Q, qk_scale, p, P, u0, u1, b, S, W, uniform,
-                                q_lat3, q_lat, q_rope, kv_lat3_1, kv_lat_1, kv_rope_1, p_smem_1, mx_smem_1, ready_1,
-                                q_bar, m_bar, stage, xs_1, xs, ml_smem, e, trace_ptr, RN, CAUSAL, PAGED, STAGES,
-                                MERGE, NL, TN, TMA3, TRACE, 1, 2)),
-            ], [4], [PINGPONG_REGS])
-
-    @gluon.jit
-    def _narrow_body(q_desc, kv_desc, pe_desc, q3_desc, kv3_desc, op_desc, seqlens_ptr, tbl_ptr, o_ptr, l_ptr, op_ptr,
-                     lp_ptr, cnt_ptr, stride_tb, stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh,
-                     capacity, B, H, S_Q, qk_scale, p, P, u0, u1, b, S, W, uniform, q_lat3, q_lat, q_rope, kv_lat3,
-                     kv_lat, kv_rope, p_smem, mx_smem, ready, q_bar, m_bar, stage, xs, xs_other, ml_smem, e,
-                     trace_ptr, RN: gl.constexpr, CAUSAL: gl.constexpr, PAGED: gl.constexpr, STAGES: gl.constexpr,
-                     MERGE: gl.constexpr, NL: gl.constexpr, TN: gl.constexpr, TMA3: gl.constexpr,
-                     TRACE: gl.constexpr, WG: gl.constexpr, NWG: gl.constexpr):
-        """``_narrow_kernel``'s warpgroup WG of NWG over the slice [u0, u1) (from sequence b at unit S): of each piece,
-        tiles WG, WG + NWG, .. through its own ring (kv_lat3 / kv_lat / kv_rope: STAGES tiles; ready), its first
-        STAGES - 1 issued with the piece's query (warpgroup 0 loads the query, both wait for it), then its next one
-        once its previous one's MMAs are done. NWG = 2: at the piece's end warpgroup 1 leaves its max and per-warp
-        sums in ml_smem and its accumulators in xs (its ring's bytes), arrives on m_bar[0] and waits on m_bar[1];
-        warpgroup 0 reads them (ml_smem, xs_other), frees warpgroup 1's ring (m_bar[1]), and writes the piece."""
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, RN, 16])
-        mph = 0  # m_bar's phase (the merge's)
+        mph = 0  # m_bar's phase
 
         toks0 = gl.arange(0, TN, layout=gl.SliceLayout(1, mma))
         rows = gl.arange(0, RN, layout=gl.SliceLayout(0, mma))
         cw = gl.arange(0, CW, layout=gl.SliceLayout(1, mma))
         s_zero = gl.zeros([TN, RN], gl.float32, mma)
-        g = 0  # this warpgroup's tiles of the slice so far (ring position)
+        g = 0  # the slice's tiles so far (ring position)
         pc = 0
         length = gl.load(seqlens_ptr + b, mask=b < B, other=0)
         while (b < B) & (S < u1):
             nxt_length = gl.load(seqlens_ptr + b + 1, mask=b + 1 < B, other=0)  # in flight during this piece
             seqlen, k, lo, hi, has, whole = _piece_of(length, S, u0, u1, capacity, TN)
             if has:
-                n_tiles = (hi - lo - WG + NWG - 1) // NWG  # this warpgroup's: lo + WG + NWG j
-                t0 = lo + WG
+                n_tiles = hi - lo
                 tbl = tbl_ptr + b.to(gl.int64) * stride_tb
                 kv_row = b * capacity
                 if TRACE:
                     e = _stamp(trace_ptr, p, e, 9)
-                if WG == 0:  # (the previous piece's MMAs are done)
-                    if TMA3:  # the query's latent boxes in one copy, its RoPE box
-                        mbarrier.expect(q_bar, q3_desc.block_type.nbytes + q_desc.block_type.nbytes)
-                        tma.async_copy_global_to_shared(q3_desc, [0, b * RN, 0], q_bar, q_lat3)
-                        tma.async_copy_global_to_shared(q_desc, [b * RN, NL * CW], q_bar, q_rope)
-                    else:
-                        mbarrier.expect(q_bar, (NL + 1) * q_desc.block_type.nbytes)
-                        for c in gl.static_range(NL):
-                            tma.async_copy_global_to_shared(q_desc, [b * RN, c * CW], q_bar, q_lat.index(c))
-                        tma.async_copy_global_to_shared(q_desc, [b * RN, NL * CW], q_bar, q_rope)
+                if TMA3:  # (the previous piece's MMAs are done) the query's latent boxes in one copy, its RoPE box
+                    mbarrier.expect(q_bar, q3_desc.block_type.nbytes + q_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(q3_desc, [0, b * RN, 0], q_bar, q_lat3)
+                    tma.async_copy_global_to_shared(q_desc, [b * RN, NL * CW], q_bar, q_rope)
+                else:
+                    mbarrier.expect(q_bar, (NL + 1) * q_desc.block_type.nbytes)
+                    for c in gl.static_range(NL):
+                        tma.async_copy_global_to_shared(q_desc, [b * RN, c * CW], q_bar, q_lat.index(c))
+                    tma.async_copy_global_to_shared(q_desc, [b * RN, NL * CW], q_bar, q_rope)
                 for j in gl.static_range(STAGES - 1):  # the first tiles in flight
                     if j < n_tiles:
                         sj = (g + j) % STAGES
-                        _load_tiles(kv_desc, kv3_desc, pe_desc, tbl, kv_row, (t0 + NWG * j) * TN, seqlen,
-                                    ready.index(sj), kv_lat3, kv_lat, kv_rope, sj, STAGES, NL, TN, PAGED, TMA3)
+                        _load_tiles(kv_desc, kv3_desc, pe_desc, tbl, kv_row, (lo + j) * TN, seqlen, ready.index(sj),
+                                    kv_lat3, kv_lat, kv_rope, sj, STAGES, NL, TN, PAGED, TMA3)
                 if TRACE:
                     e = _stamp(trace_ptr, p, e, 2)
                 limit = _row_limit(seqlen, rows, H, S_Q, CAUSAL)
@@ -1037,14 +976,14 @@ if HAVE_GLUON:
                     nxt = i + STAGES - 1  # into the buffer tile i - 1 used: its MMAs are done (the barrier below)
                     if nxt < n_tiles:
                         sn = (g + STAGES - 1) % STAGES
-                        _load_tiles(kv_desc, kv3_desc, pe_desc, tbl, kv_row, (t0 + NWG * nxt) * TN, seqlen,
-                                    ready.index(sn), kv_lat3, kv_lat, kv_rope, sn, STAGES, NL, TN, PAGED, TMA3)
+                        _load_tiles(kv_desc, kv3_desc, pe_desc, tbl, kv_row, (lo + nxt) * TN, seqlen, ready.index(sn),
+                                    kv_lat3, kv_lat, kv_rope, sn, STAGES, NL, TN, PAGED, TMA3)
                     st = g % STAGES
                     mbarrier.wait(ready.index(st), (g // STAGES) & 1)
                     if TRACE:
                         e = _stamp(trace_ptr, p, e, 4)
                     s = _scores_t(kv_lat, q_lat, st * NL, kv_rope.index(st), q_rope, s_zero, 0, NL, True)
-                    tok0 = (t0 + NWG * i) * TN
+                    tok0 = (lo + i) * TN
                     s = gl.where(gl.expand_dims(tok0 + toks0, 1) < gl.expand_dims(limit, 0), s * qk_scale,
                                  float("-inf"))
                     p_, alpha, m_i, l_w = _softmax_t(s, m_i, l_w, mx_smem, 4)
@@ -1072,88 +1011,46 @@ if HAVE_GLUON:
                     if TRACE:
                         e = _stamp(trace_ptr, p, e, 5)
                     g += 1
-                if NWG == 2:
-                    if WG == 1:  # this warpgroup's state to the other, through its own (idle) ring and mx_smem
-                        ml_smem.index(0).store(m_i)
-                        ml_smem.index(1).store(_warp_sums(l_w, gl.SliceLayout(0, mma)))
-                        xs.index(0).store(acc0)
-                        xs.index(1).store(acc1)
-                        xs.index(2).store(acc2)
-                        xs.index(3).store(acc3)
-                        if NL == 8:
-                            xs.index(4).store(acc4)
-                            xs.index(5).store(acc5)
-                            xs.index(6).store(acc6)
-                            xs.index(7).store(acc7)
-                        gl.thread_barrier()  # all of it in shared memory before the arrival
-                        mbarrier.arrive(m_bar.index(0))
-                        mbarrier.wait(m_bar.index(1), pc & 1)  # read: the ring is this warpgroup's again
-                    else:
-                        mbarrier.wait(m_bar.index(0), pc & 1)
-                        m_o = ml_smem.index(0).load(gl.SliceLayout(0, mma))
-                        l_o = ml_smem.index(1).load(gl.SliceLayout(0, mma))
-                        m_new = gl.maximum(m_i, m_o)
-                        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-                        a_i = gl.exp2(m_i - m_safe)
-                        a_o = gl.exp2(m_o - m_safe)
-                        l_i = _warp_sums(l_w, gl.SliceLayout(0, mma)) * a_i + l_o * a_o
-                        m_i = m_new
-                        a_i = gl.expand_dims(a_i, 0)
-                        a_o = gl.expand_dims(a_o, 0)
-                        acc0 = acc0 * a_i + xs_other.index(0).load(mma) * a_o
-                        acc1 = acc1 * a_i + xs_other.index(1).load(mma) * a_o
-                        acc2 = acc2 * a_i + xs_other.index(2).load(mma) * a_o
-                        acc3 = acc3 * a_i + xs_other.index(3).load(mma) * a_o
-                        if NL == 8:
-                            acc4 = acc4 * a_i + xs_other.index(4).load(mma) * a_o
-                            acc5 = acc5 * a_i + xs_other.index(5).load(mma) * a_o
-                            acc6 = acc6 * a_i + xs_other.index(6).load(mma) * a_o
-                            acc7 = acc7 * a_i + xs_other.index(7).load(mma) * a_o
-                        gl.thread_barrier()  # every warp has read it before the other's next tiles land there
-                        mbarrier.arrive(m_bar.index(1))
-                else:
-                    l_i = _warp_sums(l_w, gl.SliceLayout(0, mma))
-                if WG == 0:  # the piece's result
-                    empty_row = l_i == 0.0
-                    l_safe = gl.where(empty_row, 1.0, l_i)
-                    inv = gl.expand_dims(1.0 / l_safe, 0)
-                    if whole:  # the result: out^T and the natural-log lse
-                        optr_o = (o_ptr + b.to(gl.int64) * stride_ob
-                                  + gl.expand_dims((rows // H) * stride_os + (rows % H) * stride_oh, 0)
-                                  + gl.expand_dims(cw, 1))
-                        _store4(optr_o, acc0, acc1, acc2, acc3, inv)
-                        if NL == 8:
-                            _store4(optr_o + 4 * CW, acc4, acc5, acc6, acc7, inv)
-                        gl.store(l_ptr + b.to(gl.int64) * stride_lb + (rows // H) * stride_ls + (rows % H) * stride_lh,
-                                 gl.where(empty_row, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453))
-                        if TRACE:
-                            e = _stamp(trace_ptr, p, e, 6)
-                    else:  # a piece: float32 partial in slot 2 p + (it starts the sequence), log2 lse
-                        slot = (2 * p + (lo == 0).to(gl.int32)).to(gl.int64) * RN
-                        optr_p = (op_ptr + slot * (NL * CW) + gl.expand_dims(rows * (NL * CW), 0)
-                                  + gl.expand_dims(cw, 1))
-                        _store4(optr_p, acc0, acc1, acc2, acc3, inv)
-                        if NL == 8:
-                            _store4(optr_p + 4 * CW, acc4, acc5, acc6, acc7, inv)
-                        gl.store(lp_ptr + slot + rows, gl.where(empty_row, float("-inf"), m_i + gl.log2(l_safe)))
-                        if TRACE:
-                            e = _stamp(trace_ptr, p, e, 6)
-                        if MERGE:  # count in (after every thread's stores: a CTA barrier, then one thread's acq_rel
-                            # atomic at GPU scope, its result shared by a reduction; a plain scalar atomic here runs
-                            # on every thread); the last of the sequence's pieces merges them and resets its counter
-                            gl.thread_barrier()
-                            p0, p1 = _cut(b, S, k, W, uniform, P, B)
-                            lane = gl.arange(0, 32 * gl.num_warps(),
-                                             layout=gl.BlockedLayout([1], [32], [gl.num_warps()], [0]))
-                            got = gl.atomic_add(cnt_ptr + b + lane * 0, lane * 0 + 1, mask=lane == 0, sem="acq_rel",
-                                                scope="gpu")
-                            arrived = gl.max(gl.where(lane == 0, got, -1), 0)
-                            if arrived == p1 - p0:
-                                mph = _merge(op_desc, lp_ptr, o_ptr, l_ptr, stage, m_bar.index(0), mph, b, p0, p1, H,
-                                             stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, RN, NL)
-                                gl.store(cnt_ptr + b, 0)
-                                if TRACE:
-                                    e = _stamp(trace_ptr, p, e, 7)
+                l_i = _warp_sums(l_w, gl.SliceLayout(0, mma))
+                empty_row = l_i == 0.0
+                l_safe = gl.where(empty_row, 1.0, l_i)
+                inv = gl.expand_dims(1.0 / l_safe, 0)
+                if whole:  # the result: out^T and the natural-log lse
+                    optr_o = (o_ptr + b.to(gl.int64) * stride_ob
+                              + gl.expand_dims((rows // H) * stride_os + (rows % H) * stride_oh, 0)
+                              + gl.expand_dims(cw, 1))
+                    _store4(optr_o, acc0, acc1, acc2, acc3, inv)
+                    if NL == 8:
+                        _store4(optr_o + 4 * CW, acc4, acc5, acc6, acc7, inv)
+                    gl.store(l_ptr + b.to(gl.int64) * stride_lb + (rows // H) * stride_ls + (rows % H) * stride_lh,
+                             gl.where(empty_row, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453))
+                    if TRACE:
+                        e = _stamp(trace_ptr, p, e, 6)
+                else:  # a piece: float32 partial in slot 2 p + (it starts the sequence), log2 lse
+                    slot = (2 * p + (lo == 0).to(gl.int32)).to(gl.int64) * RN
+                    optr_p = op_ptr + slot * (NL * CW) + gl.expand_dims(rows * (NL * CW), 0) + gl.expand_dims(cw, 1)
+                    _store4(optr_p, acc0, acc1, acc2, acc3, inv)
+                    if NL == 8:
+                        _store4(optr_p + 4 * CW, acc4, acc5, acc6, acc7, inv)
+                    gl.store(lp_ptr + slot + rows, gl.where(empty_row, float("-inf"), m_i + gl.log2(l_safe)))
+                    if TRACE:
+                        e = _stamp(trace_ptr, p, e, 6)
+                    if MERGE:  # count in (after every thread's stores: a CTA barrier, then one thread's acq_rel
+                        # atomic at GPU scope, its result shared by a reduction; a plain scalar atomic here runs on
+                        # every thread); the last of the sequence's pieces merges them and resets its counter
+                        gl.thread_barrier()
+                        p0, p1 = _cut(b, S, k, W, uniform, P, B)
+                        lane = gl.arange(0, 32 * gl.num_warps(), layout=gl.BlockedLayout([1], [32], [gl.num_warps()],
+                                                                                          [0]))
+                        got = gl.atomic_add(cnt_ptr + b + lane * 0, lane * 0 + 1, mask=lane == 0, sem="acq_rel",
+                                            scope="gpu")
+                        arrived = gl.max(gl.where(lane == 0, got, -1), 0)
+                        if arrived == p1 - p0:
+                            mph = _merge(op_desc, lp_ptr, o_ptr, l_ptr, stage, m_bar, mph, b, p0, p1, H, stride_ob,
+                                         stride_os, stride_oh, stride_lb, stride_ls, stride_lh, RN, NL)
+                            gl.store(cnt_ptr + b, 0)
+                            if TRACE:
+                                e = _stamp(trace_ptr, p, e, 7)
                 pc += 1
             S = S + OVERHEAD_C + k
             b += 1
@@ -1202,11 +1099,6 @@ NARROW_TILES = {(512, 16): (64, 2), (512, 32): (64, 2), (256, 16): (128, 2), (25
 # faster (B=32 1K 19.2 -> 18.3 us), at 32 rows -1.6% to +7.8% (B=128 16K s_q=2 640.9 -> 594.7); small-v3 (four
 # boxes, four ring slots at 32 rows: four predicated copies) 0.3-2% slower, so it keeps the 2-D copies.
 TMA3_LATENTS = (512,)
-
-# The narrow kernel on two warpgroups that take a piece's tiles by turns (``_narrow_kernel``'s NWG = 2): for each
-# (C, rows), (tokens a tile, tiles in flight a warpgroup); PINGPONG_ROWS: the (C, rows) that take it.
-PINGPONG = {(512, 16): (64, 1), (512, 32): (64, 1), (256, 16): (128, 1), (256, 32): (64, 2)}
-PINGPONG_ROWS: tuple[tuple[int, int], ...] = tuple(PINGPONG)
 # A traced narrow launch's event codes (``mla_decode_gluon(..., trace=)``): each program's (%globaltimer ns, %clock64,
 # code) in the order they happen; a piece is codes 9, 2-6 (its tiles 4 and 5 each), a merge 7.
 TRACE_CODES = {0: "start", 1: "scheduled", 9: "piece known", 2: "piece issued", 3: "query in", 4: "tile in",
@@ -1313,16 +1205,12 @@ def mla_decode_gluon(q, kv, pe, seqlens, scale, causal, block_table, out, lse, k
             scale * 1.4426950408889634, min_units, max(2, MAX_PIECES))
     block_b = min(MAX_BLOCK_B, max(16, triton.next_power_of_2(B)))
     two = kind == "narrow" and rows in NARROW2_ROWS and C == LATENT  # (its kernel takes V3's latent only)
-    pp = kind == "narrow" and not two and (C, rows) in PINGPONG_ROWS
     grid = (row_blocks, P) if kind == "wide" else (1, P) if two else (P,)
-    merge = kind == "narrow" and rows in MERGE_ROWS and not two and not pp
-    if kind == "narrow" and not two:
-        unit, stages = PINGPONG[C, rows] if pp else NARROW_TILES[C, rows]
-    else:
-        unit, stages = UNIT, STAGES[kind]
-    if trace is not None and (kind == "wide" or two or pp):
+    merge = kind == "narrow" and rows in MERGE_ROWS and not two
+    unit, stages = NARROW_TILES[C, rows] if kind == "narrow" and not two else (UNIT, STAGES[kind])
+    if trace is not None and (kind == "wide" or two):
         raise ValueError(f"mla_decode_gluon: trace= is for the one-warpgroup narrow kernel, this call takes the "
-                         f"{'wide' if kind == 'wide' else 'two-warpgroup'} one ({rows} rows, C = {C}); drop trace=")
+                         f"{'wide' if kind == 'wide' else 'two-warpgroup'} one ({rows} rows); drop trace=")
     if kind == "wide" or two:
         _ws_kernel[grid](*args, CAUSAL=causal, PAGED=paged, STAGES=stages, BLOCK_B=block_b,
                          RN=64 if kind == "wide" else rows, TRANSPOSED=two, SPLIT=kind == "wide" and WIDE_SPLIT,
@@ -1337,8 +1225,7 @@ def mla_decode_gluon(q, kv, pe, seqlens, scale, causal, block_table, out, lse, k
             traced = {"TRACE": True, "trace_ptr": trace}
         _narrow_kernel[grid](*args, _part_desc(o_part), _desc3(q2, C // 64, rows), _desc3(kv2, C // 64, 64), RN=rows,
                              CAUSAL=causal, PAGED=paged, STAGES=stages, BLOCK_B=block_b, MERGE=merge, NL=C // 64,
-                             TN=unit, TMA3=C in TMA3_LATENTS and unit == 64, NWG=2 if pp else 1, num_warps=4,
-                             **traced)
+                             TN=unit, TMA3=C in TMA3_LATENTS and unit == 64, num_warps=4, **traced)
     if not merge and P > 1:  # (one program computes every sequence whole)
         combine(o_part, l_part, seqlens, capacity, min_units, out, lse, unit, pdl=PDL)
     return grid

@@ -195,27 +195,6 @@ def test_gluon_two_warpgroup_narrow(layout, H, s_q, num_splits, monkeypatch):
 
 @GPU
 @pytest.mark.parametrize("layout", ["contiguous", "paged"])
-@pytest.mark.parametrize("C,R", [(512, 64), (256, 32)])
-@pytest.mark.parametrize("s_q", [1, 2])
-@pytest.mark.parametrize("num_splits", [None, 1, 3])
-def test_gluon_pingpong_narrow(layout, C, R, s_q, num_splits, monkeypatch):
-    """The narrow kernel on two warpgroups taking a piece's tiles by turns (``PINGPONG``; every (C, rows) routed to
-    it here), V3's and small-v3's latents, through the same checks: ragged lengths (pieces of one tile, where the
-    second warpgroup has none), equal tile counts, an empty sequence, no causal mask, the combine."""
-    from minids.kernels import mla_decode as mod
-    from minids.kernels import mla_decode_gluon
-
-    monkeypatch.setattr(mod, "GLUON_MLA", True)
-    monkeypatch.setattr(mla_decode_gluon, "PINGPONG_ROWS", tuple(mla_decode_gluon.PINGPONG))
-    check([1, 63, 64, 65, 4097], s_q, H=16, C=C, R=R, layout=layout, num_splits=num_splits)
-    check([100, 128, 65], s_q, H=16, C=C, R=R, layout=layout, num_splits=num_splits)
-    check([0, 1, 129], s_q, H=16, C=C, R=R, layout=layout, num_splits=num_splits)
-    check([3, 70, 300], s_q, H=16, C=C, R=R, layout=layout, causal=False, num_splits=num_splits)
-    assert mod.LAST_LAUNCH["cfg"] == {"gluon": "narrow"}
-
-
-@GPU
-@pytest.mark.parametrize("layout", ["contiguous", "paged"])
 @pytest.mark.parametrize("H,s_q", [(64, 1), (128, 2)])
 @pytest.mark.parametrize("num_splits", [None, 3])
 def test_gluon_wide_unsplit_scores(layout, H, s_q, num_splits, monkeypatch):
@@ -234,7 +213,7 @@ def test_gluon_wide_unsplit_scores(layout, H, s_q, num_splits, monkeypatch):
 
 @GPU
 @pytest.mark.parametrize("s_q", [1, 2])
-def test_gluon_traced_launch(s_q, monkeypatch):
+def test_gluon_traced_launch(s_q):
     """A traced narrow launch (``trace=``, bench/trace_mla_gluon.py) gives the untraced launch's result bit for bit
     (a wrong trace buffer, or trace= for the wide kernel, is refused before any launch), and each program's timeline
     is well formed: start and schedule first, end last, both clocks non-decreasing; every
@@ -242,7 +221,6 @@ def test_gluon_traced_launch(s_q, monkeypatch):
     merge for each cut sequence, at 32 (the combine kernel's) none."""
     from minids.kernels import mla_decode_gluon as glu
 
-    monkeypatch.setattr(glu, "PINGPONG_ROWS", ())  # (the one-warpgroup kernel's trace)
     lens = [1, 63, 64, 65, 4097, 0]
     B, H, C, P = len(lens), 16, 512, 3
     gen = torch.Generator().manual_seed(s_q)
