@@ -75,7 +75,7 @@ def gluon_kernel(kind: str, rows: int, paged: bool, C: int = 512, trace: bool = 
     if kind == "narrow":
         tn, stages = glu.NARROW_TILES[C, rows]
         consts.update(RN=rows, MERGE=rows in glu.MERGE_ROWS, NL=C // 64, TN=tn, STAGES=stages, TRACE=trace,
-                      TMA3=C in glu.TMA3_LATENTS and tn == 64)
+                      TMA3=C in glu.TMA3_LATENTS and tn == 64, ONE_WAIT=rows in glu.ONE_WAIT_ROWS)
         if not trace:
             consts["trace_ptr"] = None
     else:  # the warp-specialized kernel: wide, or the narrow math on two consumer warpgroups ("narrow2")

@@ -368,13 +368,20 @@ if HAVE_GLUON:
         against q_lat[c]), then the RoPE boxes kv_rope and q_rope if ROPE, waited for: the whole tile (0, NL, True),
         or a consumer's share in ``_ws_kernel``'s narrow form (its own output columns' boxes; consumer 0 also the
         RoPE box)."""
+        s = _scores_t_issue(kv_lat, q_lat, base, kv_rope, q_rope, s_zero, C0, C1, ROPE)
+        return warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+
+    @gluon.jit
+    def _scores_t_issue(kv_lat, q_lat, base, kv_rope, q_rope, s_zero, C0: gl.constexpr, C1: gl.constexpr,
+                        ROPE: gl.constexpr):
+        """``_scores_t``'s MMAs, issued and not waited for."""
         s = warpgroup_mma(kv_lat.index(base + C0), q_lat.index(C0).permute((1, 0)), s_zero, use_acc=False,
                           is_async=True)
         for c in gl.static_range(C0 + 1, C1):
             s = warpgroup_mma(kv_lat.index(base + c), q_lat.index(c).permute((1, 0)), s, is_async=True)
         if ROPE:
             s = warpgroup_mma(kv_rope, q_rope.permute((1, 0)), s, is_async=True)
-        return warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+        return s
 
     @gluon.jit
     def _scores_half(q_smem, kv_smem, base, t0: gl.constexpr, s_zero):
@@ -877,8 +884,8 @@ if HAVE_GLUON:
                        stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, capacity, B, H, S_Q, qk_scale,
                        min_units, max_pieces, op_desc, q3_desc, kv3_desc, RN: gl.constexpr, CAUSAL: gl.constexpr,
                        PAGED: gl.constexpr, STAGES: gl.constexpr, BLOCK_B: gl.constexpr, MERGE: gl.constexpr,
-                       NL: gl.constexpr, TN: gl.constexpr, TMA3: gl.constexpr, TRACE: gl.constexpr = False,
-                       trace_ptr=None):
+                       NL: gl.constexpr, TN: gl.constexpr, TMA3: gl.constexpr, ONE_WAIT: gl.constexpr = False,
+                       TRACE: gl.constexpr = False, trace_ptr=None):
         """Program p: all RN = s_q * H rows (16 or 32) of every piece in slice p; see the module docstring. NL: the
         latent's 64-column boxes (8 for C = 512, 4 for 256); TN: tokens a tile (64, or 128: two 64-token boxes in
         each buffer, the MMAs' M and K). No warp specialization: the program issues its own loads, a piece's first
@@ -950,7 +957,7 @@ if HAVE_GLUON:
                     for c in gl.static_range(NL):
                         tma.async_copy_global_to_shared(q_desc, [b * RN, c * CW], q_bar, q_lat.index(c))
                     tma.async_copy_global_to_shared(q_desc, [b * RN, NL * CW], q_bar, q_rope)
-                for j in gl.static_range(STAGES - 1):  # the first tiles in flight
+                for j in gl.static_range(STAGES - 1 + ONE_WAIT):  # the first tiles in flight
                     if j < n_tiles:
                         sj = (g + j) % STAGES
                         _load_tiles(kv_desc, kv3_desc, pe_desc, tbl, kv_row, (lo + j) * TN, seqlen, ready.index(sj),
@@ -972,17 +979,26 @@ if HAVE_GLUON:
                 mbarrier.wait(q_bar, pc & 1)
                 if TRACE:
                     e = _stamp(trace_ptr, p, e, 3)
+                s = s_zero  # (ONE_WAIT) tile i's scores, issued before tile i - 1's P V was waited for
+                if ONE_WAIT:
+                    if n_tiles > 0:
+                        mbarrier.wait(ready.index(g % STAGES), (g // STAGES) & 1)
+                        if TRACE:
+                            e = _stamp(trace_ptr, p, e, 4)
+                        s = _scores_t(kv_lat, q_lat, (g % STAGES) * NL, kv_rope.index(g % STAGES), q_rope, s_zero, 0,
+                                      NL, True)
                 for i in range(n_tiles):
-                    nxt = i + STAGES - 1  # into the buffer tile i - 1 used: its MMAs are done (the barrier below)
-                    if nxt < n_tiles:
-                        sn = (g + STAGES - 1) % STAGES
-                        _load_tiles(kv_desc, kv3_desc, pe_desc, tbl, kv_row, (lo + nxt) * TN, seqlen, ready.index(sn),
-                                    kv_lat3, kv_lat, kv_rope, sn, STAGES, NL, TN, PAGED, TMA3)
                     st = g % STAGES
-                    mbarrier.wait(ready.index(st), (g // STAGES) & 1)
-                    if TRACE:
-                        e = _stamp(trace_ptr, p, e, 4)
-                    s = _scores_t(kv_lat, q_lat, st * NL, kv_rope.index(st), q_rope, s_zero, 0, NL, True)
+                    if not ONE_WAIT:
+                        nxt = i + STAGES - 1  # into the buffer tile i - 1 used: its MMAs are done (the barrier below)
+                        if nxt < n_tiles:
+                            sn = (g + STAGES - 1) % STAGES
+                            _load_tiles(kv_desc, kv3_desc, pe_desc, tbl, kv_row, (lo + nxt) * TN, seqlen,
+                                        ready.index(sn), kv_lat3, kv_lat, kv_rope, sn, STAGES, NL, TN, PAGED, TMA3)
+                        mbarrier.wait(ready.index(st), (g // STAGES) & 1)
+                        if TRACE:
+                            e = _stamp(trace_ptr, p, e, 4)
+                        s = _scores_t(kv_lat, q_lat, st * NL, kv_rope.index(st), q_rope, s_zero, 0, NL, True)
                     tok0 = (lo + i) * TN
                     s = gl.where(gl.expand_dims(tok0 + toks0, 1) < gl.expand_dims(limit, 0), s * qk_scale,
                                  float("-inf"))
@@ -1003,11 +1019,35 @@ if HAVE_GLUON:
                         acc5 = warpgroup_mma(kv_lat.index(v + 5).permute((1, 0)), p_smem, acc5 * a2, is_async=True)
                         acc6 = warpgroup_mma(kv_lat.index(v + 6).permute((1, 0)), p_smem, acc6 * a2, is_async=True)
                         acc7 = warpgroup_mma(kv_lat.index(v + 7).permute((1, 0)), p_smem, acc7 * a2, is_async=True)
-                        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = warpgroup_mma_wait(
-                            num_outstanding=0, deps=(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7))
+                    if ONE_WAIT:  # the next tile's scores issued behind these MMAs (after a piece's last tile, its
+                        # own again, discarded: a wait inside a branch cannot yield the accumulators); then this
+                        # tile's wait (the older group), its buffer's next load, the scores' wait
+                        more = i + 1 < n_tiles
+                        s1 = st + more.to(gl.int32) * ((g + 1) % STAGES - st)
+                        if more:
+                            mbarrier.wait(ready.index(s1), ((g + 1) // STAGES) & 1)
+                            if TRACE:
+                                e = _stamp(trace_ptr, p, e, 4)
+                        s = _scores_t_issue(kv_lat, q_lat, s1 * NL, kv_rope.index(s1), q_rope, s_zero, 0, NL, True)
+                        if NL == 8:
+                            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = warpgroup_mma_wait(
+                                num_outstanding=1, deps=(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7))
+                        else:
+                            acc0, acc1, acc2, acc3 = warpgroup_mma_wait(num_outstanding=1,
+                                                                        deps=(acc0, acc1, acc2, acc3))
+                        gl.thread_barrier()  # every warp is past this tile's P V before its buffer and P^T are rewritten
+                        if i + STAGES < n_tiles:
+                            _load_tiles(kv_desc, kv3_desc, pe_desc, tbl, kv_row, (lo + i + STAGES) * TN, seqlen,
+                                        ready.index(st), kv_lat3, kv_lat, kv_rope, st, STAGES, NL, TN, PAGED, TMA3)
+                        s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
                     else:
-                        acc0, acc1, acc2, acc3 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1, acc2, acc3))
-                    gl.thread_barrier()  # every warp is past this tile's MMAs before its buffer and P^T are rewritten
+                        if NL == 8:
+                            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = warpgroup_mma_wait(
+                                num_outstanding=0, deps=(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7))
+                        else:
+                            acc0, acc1, acc2, acc3 = warpgroup_mma_wait(num_outstanding=0,
+                                                                        deps=(acc0, acc1, acc2, acc3))
+                        gl.thread_barrier()  # every warp is past this tile's MMAs before its buffer and P^T are rewritten
                     if TRACE:
                         e = _stamp(trace_ptr, p, e, 5)
                     g += 1
@@ -1099,6 +1139,13 @@ NARROW_TILES = {(512, 16): (64, 2), (512, 32): (64, 2), (256, 16): (128, 2), (25
 # faster (B=32 1K 19.2 -> 18.3 us), at 32 rows -1.6% to +7.8% (B=128 16K s_q=2 640.9 -> 594.7); small-v3 (four
 # boxes, four ring slots at 32 rows: four predicated copies) 0.3-2% slower, so it keeps the 2-D copies.
 TMA3_LATENTS = (512,)
+
+# Row counts whose narrow kernel issues the next tile's score MMAs behind this tile's P V ones (``ONE_WAIT``): the
+# tensor cores go from one to the other without a wait between, at the price of nine discarded MMAs a piece (after
+# its last tile). On the H200 (bench/results/mla_decode-ab-onewait-*.md, the form that waited for both together)
+# 32 rows gained 4-10% on short and ragged caches (B=32 4K~ s_q=2 71.8 -> 64.6 us) and lost 1-6% on long fixed
+# ones; 16 rows lost 3-14% everywhere: there the next load waited for the next tile's arrival.
+ONE_WAIT_ROWS = (32,)
 # A traced narrow launch's event codes (``mla_decode_gluon(..., trace=)``): each program's (%globaltimer ns, %clock64,
 # code) in the order they happen; a piece is codes 9, 2-6 (its tiles 4 and 5 each), a merge 7.
 TRACE_CODES = {0: "start", 1: "scheduled", 9: "piece known", 2: "piece issued", 3: "query in", 4: "tile in",
@@ -1225,7 +1272,8 @@ def mla_decode_gluon(q, kv, pe, seqlens, scale, causal, block_table, out, lse, k
             traced = {"TRACE": True, "trace_ptr": trace}
         _narrow_kernel[grid](*args, _part_desc(o_part), _desc3(q2, C // 64, rows), _desc3(kv2, C // 64, 64), RN=rows,
                              CAUSAL=causal, PAGED=paged, STAGES=stages, BLOCK_B=block_b, MERGE=merge, NL=C // 64,
-                             TN=unit, TMA3=C in TMA3_LATENTS and unit == 64, num_warps=4, **traced)
+                             TN=unit, TMA3=C in TMA3_LATENTS and unit == 64, ONE_WAIT=rows in ONE_WAIT_ROWS,
+                             num_warps=4, **traced)
     if not merge and P > 1:  # (one program computes every sequence whole)
         combine(o_part, l_part, seqlens, capacity, min_units, out, lse, unit, pdl=PDL)
     return grid
