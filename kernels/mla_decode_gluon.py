@@ -1142,9 +1142,10 @@ TMA3_LATENTS = (512,)
 
 # Row counts whose narrow kernel issues the next tile's score MMAs behind this tile's P V ones (``ONE_WAIT``): the
 # tensor cores go from one to the other without a wait between, at the price of nine discarded MMAs a piece (after
-# its last tile). On the H200 (bench/results/mla_decode-ab-onewait-*.md, the form that waited for both together)
-# 32 rows gained 4-10% on short and ragged caches (B=32 4K~ s_q=2 71.8 -> 64.6 us) and lost 1-6% on long fixed
-# ones; 16 rows lost 3-14% everywhere: there the next load waited for the next tile's arrival.
+# its last tile). On the H200 (bench/results/mla_decode-ab-onewait32-*.md, against the two waits) 32 rows are 2-13%
+# faster on short and ragged caches (B=32 4K~ s_q=2 72.6 -> 62.8 us) and 1-3% slower on long fixed ones (B=128 4K
+# 150.3 -> 154.4). A first form that waited for both together lost 3-14% at 16 rows (-ab-onewait-*.md): the next
+# tile's load went out only once that tile had arrived, so 16 rows keep the two waits.
 ONE_WAIT_ROWS = (32,)
 # A traced narrow launch's event codes (``mla_decode_gluon(..., trace=)``): each program's (%globaltimer ns, %clock64,
 # code) in the order they happen; a piece is codes 9, 2-6 (its tiles 4 and 5 each), a merge 7.
