@@ -893,7 +893,9 @@ if HAVE_GLUON:
         with the query measured no faster: bench/results/mla_decode-ab-merge3.md, head against ab_pro1). op_desc: the
         float32 partials (2 P RN, C) for the merge (MERGE). TMA3 (64-token tiles, ``TMA3_LATENTS``): the query's and
         each tile's latent boxes in one copy of q3_desc / kv3_desc ((box, row, column) views, ``_desc3``), else one
-        copy a box. TRACE: record the program's timeline (``TRACE_CODES``) at trace_ptr."""
+        copy a box. ONE_WAIT (``ONE_WAIT_ROWS``): tile i + 1's score MMAs go out behind tile i's P V ones, the P V
+        waited for first, then the freed buffer's next tile (i + STAGES) issued, then the scores waited for; a piece's
+        first STAGES tiles go with its query. TRACE: record the program's timeline (``TRACE_CODES``) at trace_ptr."""
         p = gl.program_id(0)
         P = gl.num_programs(0)
         e = 0  # (the traced events so far)
