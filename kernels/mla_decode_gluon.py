@@ -1022,8 +1022,7 @@ if HAVE_GLUON:
                         acc6 = warpgroup_mma(kv_lat.index(v + 6).permute((1, 0)), p_smem, acc6 * a2, is_async=True)
                         acc7 = warpgroup_mma(kv_lat.index(v + 7).permute((1, 0)), p_smem, acc7 * a2, is_async=True)
                     if ONE_WAIT:  # the next tile's scores issued behind these MMAs (after a piece's last tile, its
-                        # own again, discarded: a wait inside a branch cannot yield the accumulators); then this
-                        # tile's wait (the older group), its buffer's next load, the scores' wait
+                        # own again, discarded: a wait inside a branch cannot yield the accumulators)
                         more = i + 1 < n_tiles
                         s1 = st + more.to(gl.int32) * ((g + 1) % STAGES - st)
                         if more:
@@ -1031,25 +1030,19 @@ if HAVE_GLUON:
                             if TRACE:
                                 e = _stamp(trace_ptr, p, e, 4)
                         s = _scores_t_issue(kv_lat, q_lat, s1 * NL, kv_rope.index(s1), q_rope, s_zero, 0, NL, True)
-                        if NL == 8:
-                            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = warpgroup_mma_wait(
-                                num_outstanding=1, deps=(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7))
-                        else:
-                            acc0, acc1, acc2, acc3 = warpgroup_mma_wait(num_outstanding=1,
-                                                                        deps=(acc0, acc1, acc2, acc3))
-                        gl.thread_barrier()  # every warp is past this tile's P V before its buffer and P^T are rewritten
+                    # this tile's P V (ONE_WAIT: the older group, the scores may still run)
+                    if NL == 8:
+                        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = warpgroup_mma_wait(
+                            num_outstanding=ONE_WAIT, deps=(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7))
+                    else:
+                        acc0, acc1, acc2, acc3 = warpgroup_mma_wait(num_outstanding=ONE_WAIT,
+                                                                    deps=(acc0, acc1, acc2, acc3))
+                    gl.thread_barrier()  # every warp is past this tile's P V before its buffer and P^T are rewritten
+                    if ONE_WAIT:  # the freed buffer's next tile, then the scores' wait
                         if i + STAGES < n_tiles:
                             _load_tiles(kv_desc, kv3_desc, pe_desc, tbl, kv_row, (lo + i + STAGES) * TN, seqlen,
                                         ready.index(st), kv_lat3, kv_lat, kv_rope, st, STAGES, NL, TN, PAGED, TMA3)
                         s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-                    else:
-                        if NL == 8:
-                            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = warpgroup_mma_wait(
-                                num_outstanding=0, deps=(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7))
-                        else:
-                            acc0, acc1, acc2, acc3 = warpgroup_mma_wait(num_outstanding=0,
-                                                                        deps=(acc0, acc1, acc2, acc3))
-                        gl.thread_barrier()  # every warp is past this tile's MMAs before its buffer and P^T are rewritten
                     if TRACE:
                         e = _stamp(trace_ptr, p, e, 5)
                     g += 1
