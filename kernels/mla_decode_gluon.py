@@ -1142,6 +1142,7 @@ TMA3_LATENTS = (512,)
 # 150.3 -> 154.4). A first form that waited for both together lost 3-14% at 16 rows (-ab-onewait-*.md): the next
 # tile's load went out only once that tile had arrived, so 16 rows keep the two waits.
 ONE_WAIT_ROWS = (32,)
+
 # A traced narrow launch's event codes (``mla_decode_gluon(..., trace=)``): each program's (%globaltimer ns, %clock64,
 # code) in the order they happen; a piece is codes 9, 2-6 (its tiles 4 and 5 each), a merge 7.
 TRACE_CODES = {0: "start", 1: "scheduled", 9: "piece known", 2: "piece issued", 3: "query in", 4: "tile in",
