@@ -74,13 +74,14 @@ def gluon_kernel(kind: str, rows: int, paged: bool, C: int = 512, trace: bool = 
               "BLOCK_B": 128}
     if kind == "narrow":
         tn, stages = glu.NARROW_TILES[C, rows]
-        consts.update(RN=rows, MERGE=rows in glu.MERGE_ROWS, NL=C // 64, TN=tn, STAGES=stages, TRACE=trace,
+        consts.update(RN=rows, MERGE=rows in glu.MERGE_ROWS, NL=C // 64, TN=tn, STAGES=stages,
                       TMA3=C in glu.TMA3_LATENTS and tn == 64, ONE_WAIT=rows in glu.ONE_WAIT_ROWS)
-        if not trace:
-            consts["trace_ptr"] = None
     else:  # the warp-specialized kernel: wide, or the narrow math on two consumer warpgroups ("narrow2")
         consts.update(RN=64 if kind == "wide" else rows, TRANSPOSED=kind == "narrow2",
                       SPLIT=kind == "wide" and glu.WIDE_SPLIT)
+    consts["TRACE"] = trace
+    if not trace:
+        consts["trace_ptr"] = None
     sig = {}
     for a in fn.arg_names:
         if a in consts:
@@ -128,6 +129,7 @@ def main() -> None:
                 print(f"gluon {kind} rows={rows} C={C} paged={paged}: {gluon_kernel(kind, rows, paged, C)}",
                       flush=True)
         print(f"gluon narrow rows=16 C=512 traced: {gluon_kernel('narrow', 16, False, 512, True)}", flush=True)
+        print(f"gluon wide rows=128 C=512 traced: {gluon_kernel('wide', 128, False, 512, True)}", flush=True)
     else:
         print("no Gluon with Triton 3.6's API here: the Gluon kernels skipped")
     for cfg in ((16, 32, 4, 3), (16, 64, 4, 3), (32, 64, 8, 3), (64, 64, 8, 2), (128, 32, 8, 2, 2)):

@@ -1,9 +1,13 @@
-"""Where a narrow Gluon MLA decode launch spends its time: each program's timeline from a traced launch
+"""Where a narrow or wide Gluon MLA decode launch spends its time: each program's timeline from a traced launch
 (``mla_decode_gluon(..., trace=)``: %globaltimer and %clock64 at the schedule, each piece's query and tiles, its
 stores and the merge), summarised per shape beside the untraced launch's CUDA-graph time.
 
     python3 bench/trace_mla_gluon.py --out bench/results --stem mla_decode-trace   # the H200
     python3 bench/trace_mla_gluon.py --cases long --out bench/results --stem mla_decode-trace-long
+    python3 bench/trace_mla_gluon.py --cases wide --out bench/results --stem mla_decode-trace-wide   # 128 heads
+
+The wide kernel's events are its first consumer warpgroup's (a piece's "issued" is when that warpgroup starts it:
+the producer warp's loads are not stamped); its programs are (row block, slice) pairs.
 
 Per shape (the inputs rotated over copies as bench/mla_decode.py does, so the cache comes from memory): the graph
 time of the default path; then --reps traced launches, each program's events read back. Reported (medians over the
@@ -18,6 +22,7 @@ rate each launch measures against %globaltimer), across programs from %globaltim
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -33,6 +38,10 @@ from mla_decode import PAGE, lengths, make_inputs, rotating
 CASES = [  # (config, B, mean length, ragged, s_q)
     ("V3", 32, 1024, False, 1), ("V3", 32, 1024, True, 1), ("V3", 32, 4096, False, 1), ("V3", 128, 1024, False, 1),
     ("V3", 128, 4096, False, 1), ("V3", 32, 1024, False, 2), ("V3", 128, 1024, True, 2), ("small", 32, 1024, True, 1),
+]
+WIDE = [  # (--cases wide) the wide kernel (128 heads: 64-row blocks) at short caches, where it misses 300 TFLOP/s
+    ("V3", 32, 1024, False, 1), ("V3", 32, 1024, True, 1), ("V3", 128, 1024, False, 1), ("V3", 128, 1024, True, 1),
+    ("V3", 32, 4096, False, 1),
 ]
 LONG = [  # (--cases long) where a program's tile loop is its time: 16 against 32 rows, fixed and ragged lengths
     ("V3", 128, 4096, False, 1), ("V3", 128, 4096, False, 2), ("V3", 128, 4096, True, 2), ("V3", 32, 16384, False, 2),
@@ -110,12 +119,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--stem", default="mla_decode-trace")
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--cases", choices=("short", "long"), default="short")
+    ap.add_argument("--cases", choices=("short", "long", "wide"), default="short")
     args = ap.parse_args()
     scale = (128 + 64) ** -0.5
     rows = []
-    for cfg, B, mean, var, s_q in CASES if args.cases == "short" else LONG:
-        C, R, H = (512, 64, 16) if cfg == "V3" else (256, 32, 16)
+    for cfg, B, mean, var, s_q in {"short": CASES, "long": LONG, "wide": WIDE}[args.cases]:
+        C, R, H = (512, 64, 128 if args.cases == "wide" else 16) if cfg == "V3" else (256, 32, 16)
         gen = torch.Generator().manual_seed(B * 7 + mean + s_q)
         lens = lengths(B, mean, var, s_q, gen)
         seqlens = lens.cuda()
@@ -126,13 +135,14 @@ def main() -> None:
         graph_us = graph_ms(fn) * 1e3
         q0, kv0, _ = sets[0]
         kind = glu.form(q0, kv0[..., :C], kv0[..., C:], C, None)
-        if kind != "narrow":
-            raise SystemExit(f"trace_mla_gluon: {cfg} B={B} s_q={s_q} does not take the narrow Gluon kernel here "
-                             f"(form: {kind}); run it on an sm_90 GPU with Triton 3.6's Gluon")
+        want_kind = "wide" if args.cases == "wide" else "narrow"
+        if kind != want_kind:
+            raise SystemExit(f"trace_mla_gluon: {cfg} B={B} s_q={s_q} does not take the {want_kind} Gluon kernel "
+                             f"here (form: {kind}); run it on an sm_90 GPU with Triton 3.6's Gluon")
         out = torch.empty(B, s_q, H, C, dtype=torch.bfloat16, device="cuda")
         lse = torch.empty(B, H, s_q, dtype=torch.float32, device="cuda")
-        P = torch.cuda.get_device_properties(0).multi_processor_count
-        trace = torch.empty(P, glu.TRACE_LEN, 3, dtype=torch.int64, device="cuda")
+        grid = glu.mla_decode_gluon(q0, kv0[..., :C], kv0[..., C:], seqlens, scale, True, None, out, lse, kind)
+        trace = torch.empty(math.prod(grid), glu.TRACE_LEN, 3, dtype=torch.int64, device="cuda")
         reps = []
         for r in range(args.reps + 1):
             q, kv, _ = sets[r % len(sets)]
@@ -152,7 +162,8 @@ def main() -> None:
     if args.out:
         cols = list(rows[0])
         write_results(args.out, args.stem, {**metadata(), "page": PAGE, "reps": args.reps}, rows, cols,
-                      "Traced narrow Gluon launches (bench/trace_mla_gluon.py): microseconds; graph_us the untraced "
+                      f"Traced {'wide' if args.cases == 'wide' else 'narrow'} Gluon launches "
+                      "(bench/trace_mla_gluon.py): microseconds; graph_us the untraced "
                       "default path's CUDA-graph time; the rest medians over the traced launches (eager, not in a "
                       "graph) of: span (first program start to last end), start skew, per program (med / max over "
                       "programs) the schedule, the first piece known (its length read), its loads issued, the "

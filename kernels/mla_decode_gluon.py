@@ -659,7 +659,8 @@ if HAVE_GLUON:
     def _consumer(q_smem, kv_smem, p_smem, sx_smem, sx_bar, q_bar, q_free, ready, empty, seqlens_ptr, o_ptr, l_ptr,
                   op_ptr, lp_ptr, stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, capacity, B, H, S_Q,
                   n_rows, qk_scale, row0, p, u0, u1, b, S, RN: gl.constexpr, CAUSAL: gl.constexpr, PART: gl.constexpr,
-                  STAGES: gl.constexpr, TRANSPOSED: gl.constexpr, SPLIT: gl.constexpr):
+                  STAGES: gl.constexpr, TRANSPOSED: gl.constexpr, SPLIT: gl.constexpr, TRACE: gl.constexpr, trace_ptr,
+                  pt, e):
         """One consumer warpgroup of the warp-specialized kernels: for each piece of the slice, the scores and softmax
         of RN rows (from row0) and P V for output columns [256 PART, +256) (four 64-column accumulators); the output
         (a whole sequence) or the piece's partial slot (``combine``). Wide kernel: RN = 64 rows as the MMA's M, P from
@@ -668,8 +669,10 @@ if HAVE_GLUON:
         consumer the scores of its own half of a tile's tokens (32 of 64: no score computed twice), the two meeting
         twice a tile through sx_smem / sx_bar: for the rows' maxima (then each has the tile's), and for P (each
         writes its tokens' half to p_smem.index(PART), then both multiply the whole P by their columns' values); the
-        row sums are each consumer's tokens', added at the piece's end."""
+        row sums are each consumer's tokens', added at the piece's end. TRACE: consumer 0 records the timeline of
+        program pt from event e on (``_ws_kernel``)."""
         NB: gl.constexpr = NKV + 1  # boxes a tile
+        STAMP: gl.constexpr = gl.constexpr(TRACE) and gl.constexpr(PART) == 0
         if TRANSPOSED:
             AX: gl.constexpr = 0  # the tokens' axis of the scores
             mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -702,6 +705,9 @@ if HAVE_GLUON:
             nxt_length = gl.load(seqlens_ptr + b + 1, mask=b + 1 < B, other=0)  # in flight during this piece
             seqlen, k, lo, hi, has, whole = _piece_of(length, S, u0, u1, capacity)
             if has:
+                if STAMP:
+                    e = _stamp(trace_ptr, pt, e, 9)
+                    e = _stamp(trace_ptr, pt, e, 2)
                 if SPLIT:
                     limit = _row_limit(seqlen, rows_h, H, S_Q, CAUSAL)
                     m_i = gl.full([RN], float("-inf"), gl.float32, gl.SliceLayout(1, sm))
@@ -721,9 +727,13 @@ if HAVE_GLUON:
                     acc2 = gl.zeros([RN, CW], gl.float32, mma)
                     acc3 = gl.zeros([RN, CW], gl.float32, mma)
                 mbarrier.wait(q_bar, pc & 1)
+                if STAMP:
+                    e = _stamp(trace_ptr, pt, e, 3)
                 for i in range(hi - lo):
                     st = g % STAGES
                     mbarrier.wait(ready.index(st), (g // STAGES) & 1)
+                    if STAMP:
+                        e = _stamp(trace_ptr, pt, e, 4)
                     if TRANSPOSED:  # this consumer's share of the scores, the other's through sx_smem (by tile parity)
                         s = _scores_t(kv_smem, q_smem, st * NB, kv_smem.index(st * NB + NKV), q_smem.index(NKV),
                                       s_zero, PART * 4, PART * 4 + 4, PART == 0)  # (consumer 0 the RoPE box too)
@@ -790,6 +800,8 @@ if HAVE_GLUON:
                     if TRANSPOSED:
                         gl.thread_barrier()  # every warp is past this tile's MMAs before P^T is rewritten
                     mbarrier.arrive(empty.index(st))
+                    if STAMP:
+                        e = _stamp(trace_ptr, pt, e, 5)
                     g += 1
                 mbarrier.arrive(q_free)  # every MMA reading this query tile is done
                 if SPLIT:  # the row sums: both consumers' tokens (sx_smem[2 ..], by the piece's parity)
@@ -813,28 +825,41 @@ if HAVE_GLUON:
                                acc3, inv, TRANSPOSED)
                     if PART == 0:
                         gl.store(lp_ptr + slot + rows, gl.where(empty_row, float("-inf"), m_i + gl.log2(l_safe)))
+                if STAMP:
+                    e = _stamp(trace_ptr, pt, e, 6)
                 pc += 1
             S = S + OVERHEAD_C + k
             b += 1
             length = nxt_length
+        if STAMP:
+            e = _stamp(trace_ptr, pt, e, 8)
 
     @gluon.jit
     def _ws_kernel(q_desc, kv_desc, pe_desc, seqlens_ptr, tbl_ptr, o_ptr, l_ptr, op_ptr, lp_ptr, cnt_ptr, stride_tb,
                    stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, capacity, B, H, S_Q, qk_scale,
                    min_units, max_pieces, CAUSAL: gl.constexpr, PAGED: gl.constexpr, STAGES: gl.constexpr,
-                   BLOCK_B: gl.constexpr, RN: gl.constexpr, TRANSPOSED: gl.constexpr, SPLIT: gl.constexpr = False):
+                   BLOCK_B: gl.constexpr, RN: gl.constexpr, TRANSPOSED: gl.constexpr, SPLIT: gl.constexpr = False,
+                   TRACE: gl.constexpr = False, trace_ptr=None):
         """The warp-specialized kernels, program (row block, p): rows [RN row block, +RN) of every piece in slice p.
         A producer warp (``_wide_producer``) and two consumer warpgroups (``_consumer``), each with half of the
         output columns. The wide kernel: RN = 64 rows as the MMA's M. TRANSPOSED: the narrow kernel's
         math with RN = 16 or 32 rows as N (one row block), each consumer with the scores of its own boxes (the two
         shares added through sx_smem) and half the accumulator registers a thread of the one-warpgroup narrow kernel
         holds (its 32-row build spills 192 B a thread); off unless ``NARROW2_ROWS`` lists the row count. See the
-        module docstring."""
+        module docstring. TRACE: the timeline of program rb P + p (its consumer 0's events from the schedule on) at
+        trace_ptr, as the narrow kernel records it (``TRACE_CODES``; code 2: consumer 0 starts the piece, the
+        producer warp's loads not stamped)."""
         _launch_dependents()
         rb = gl.program_id(0)
         p = gl.program_id(1)
         P = gl.num_programs(1)
+        pt = rb * P + p
+        e = 0
+        if TRACE:
+            e = _stamp(trace_ptr, pt, e, 0)
         u0, u1, b, S, _, _ = _slice(seqlens_ptr, B, capacity, P, p, min_units, max_pieces, BLOCK_B)
+        if TRACE:
+            e = _stamp(trace_ptr, pt, e, 1)
         row0 = rb * RN
         n_rows = S_Q * H
         NB: gl.constexpr = NKV + 1
@@ -870,11 +895,11 @@ if HAVE_GLUON:
             (_consumer, (q_smem, kv_smem, p_smem, sx_smem, sx_bar, q_bar, q_free, ready, empty, seqlens_ptr, o_ptr,
                          l_ptr, op_ptr, lp_ptr, stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh,
                          capacity, B, H, S_Q, n_rows, qk_scale, row0, p, u0, u1, b, S, RN, CAUSAL, 0, STAGES,
-                         TRANSPOSED, SPLIT)),
+                         TRANSPOSED, SPLIT, TRACE, trace_ptr, pt, e)),
             (_consumer, (q_smem, kv_smem, p_smem, sx_smem, sx_bar, q_bar, q_free, ready, empty, seqlens_ptr, o_ptr,
                          l_ptr, op_ptr, lp_ptr, stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh,
                          capacity, B, H, S_Q, n_rows, qk_scale, row0, p, u0, u1, b, S, RN, CAUSAL, 1, STAGES,
-                         TRANSPOSED, SPLIT)),
+                         TRANSPOSED, SPLIT, TRACE, trace_ptr, pt, e)),
             (_wide_producer, (q_desc, kv_desc, pe_desc, q_smem, kv_smem, q_bar, q_free, ready, empty, seqlens_ptr,
                               tbl_ptr, stride_tb, capacity, B, n_rows, row0, u0, u1, b, S, PAGED, STAGES)),
         ], [4, 1], [232, 24])
@@ -1220,8 +1245,9 @@ def mla_decode_gluon(q, kv, pe, seqlens, scale, causal, block_table, out, lse, k
     the latent and RoPE parts (views of one cache, or KVCache's two tensors), contiguous (B, T, .) or paged
     (pages, 64, .) with block_table; seqlens int32; kind: ``form``'s answer. num_splits: programs P per row block
     the work is balanced over, with no floor on a slice (``MIN_UNITS`` 1); None: one per SM (per row block).
-    trace: for the narrow kernel only, an int64 (P, TRACE_LEN, 3) tensor filled with each program's timeline
-    (``TRACE_CODES``; bench/trace_mla_gluon.py), code -1 past a program's last event. Returns the grid (for
+    trace: for the one-warpgroup narrow and the wide kernels, an int64 (programs, TRACE_LEN, 3) tensor (programs:
+    the grid's, row block major) filled with each program's timeline (``TRACE_CODES``; bench/trace_mla_gluon.py),
+    code -1 past a program's last event. Returns the grid (for
     benchmarks' reports)."""
     B, s_q, H, D = q.shape
     C = kv.shape[-1]
@@ -1252,21 +1278,22 @@ def mla_decode_gluon(q, kv, pe, seqlens, scale, causal, block_table, out, lse, k
     grid = (row_blocks, P) if kind == "wide" else (1, P) if two else (P,)
     merge = kind == "narrow" and rows in MERGE_ROWS and not two
     unit, stages = NARROW_TILES[C, rows] if kind == "narrow" and not two else (UNIT, STAGES[kind])
-    if trace is not None and (kind == "wide" or two):
-        raise ValueError(f"mla_decode_gluon: trace= is for the one-warpgroup narrow kernel, this call takes the "
-                         f"{'wide' if kind == 'wide' else 'two-warpgroup'} one ({rows} rows); drop trace=")
+    if trace is not None and two:
+        raise ValueError(f"mla_decode_gluon: trace= is for the one-warpgroup narrow and the wide kernels, this call "
+                         f"takes the two-warpgroup narrow one ({rows} rows); drop trace=")
+    traced = {}
+    if trace is not None:
+        n_prog = math.prod(grid)
+        if tuple(trace.shape) != (n_prog, TRACE_LEN, 3) or trace.dtype != torch.int64:
+            raise ValueError(f"mla_decode_gluon: trace must be int64 of shape ({n_prog}, {TRACE_LEN}, 3), got "
+                             f"{trace.dtype} {tuple(trace.shape)}")
+        trace.fill_(-1)
+        traced = {"TRACE": True, "trace_ptr": trace}
     if kind == "wide" or two:
         _ws_kernel[grid](*args, CAUSAL=causal, PAGED=paged, STAGES=stages, BLOCK_B=block_b,
                          RN=64 if kind == "wide" else rows, TRANSPOSED=two, SPLIT=kind == "wide" and WIDE_SPLIT,
-                         num_warps=4)
+                         num_warps=4, **traced)
     else:
-        traced = {}
-        if trace is not None:
-            if tuple(trace.shape) != (P, TRACE_LEN, 3) or trace.dtype != torch.int64:
-                raise ValueError(f"mla_decode_gluon: trace must be int64 of shape ({P}, {TRACE_LEN}, 3), got "
-                                 f"{trace.dtype} {tuple(trace.shape)}")
-            trace.fill_(-1)
-            traced = {"TRACE": True, "trace_ptr": trace}
         _narrow_kernel[grid](*args, _part_desc(o_part), _desc3(q2, C // 64, rows), _desc3(kv2, C // 64, 64), RN=rows,
                              CAUSAL=causal, PAGED=paged, STAGES=stages, BLOCK_B=block_b, MERGE=merge, NL=C // 64,
                              TN=unit, TMA3=C in TMA3_LATENTS and unit == 64, ONE_WAIT=rows in ONE_WAIT_ROWS,

@@ -212,26 +212,28 @@ def test_gluon_wide_unsplit_scores(layout, H, s_q, num_splits, monkeypatch):
 
 
 @GPU
-@pytest.mark.parametrize("s_q", [1, 2])
-def test_gluon_traced_launch(s_q):
-    """A traced narrow launch (``trace=``, bench/trace_mla_gluon.py) gives the untraced launch's result bit for bit
-    (a wrong trace buffer, or trace= for the wide kernel, is refused before any launch), and each program's timeline
-    is well formed: start and schedule first, end last, both clocks non-decreasing; every
-    64-token tile in and done once over all programs; a piece stored for each piece of ``pieces_ref``; at 16 rows a
-    merge for each cut sequence, at 32 (the combine kernel's) none."""
+@pytest.mark.parametrize("H,s_q", [(16, 1), (16, 2), (64, 1), (64, 2)])
+def test_gluon_traced_launch(H, s_q, monkeypatch):
+    """A traced launch (``trace=``, bench/trace_mla_gluon.py) of the narrow (16, 32 rows) or the wide kernel (64-row
+    blocks) gives the untraced launch's result bit for bit (a wrong trace buffer, or trace= for the two-warpgroup
+    narrow kernel, is refused before any launch), and each program's timeline is well formed: start and schedule
+    first, end last, both clocks non-decreasing; every 64-token tile in and done once over all programs of a row
+    block; a piece stored for each piece of ``pieces_ref``; at 16 rows a merge for each cut sequence, elsewhere (the
+    combine kernel's) none."""
     from minids.kernels import mla_decode_gluon as glu
 
     lens = [1, 63, 64, 65, 4097, 0]
-    B, H, C, P = len(lens), 16, 512, 3
+    B, C, P = len(lens), 512, 3
     gen = torch.Generator().manual_seed(s_q)
     q = torch.randn(B, s_q, H, C + 64, generator=gen).to("cuda", torch.bfloat16)
     cache = torch.randn(B, 4160, C + 64, generator=gen).to("cuda", torch.bfloat16)
     seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
     kv, pe = cache[..., :C], cache[..., C:]
     kind = glu.form(q, kv, pe, C, None)
-    assert kind == "narrow"
+    assert kind == ("narrow" if s_q * H <= 32 else "wide")
+    blocks = s_q * H // 64 if kind == "wide" else 1
     results = []
-    trace = torch.empty(P, glu.TRACE_LEN, 3, dtype=torch.int64, device="cuda")
+    trace = torch.empty(blocks * P, glu.TRACE_LEN, 3, dtype=torch.int64, device="cuda")
     for tr in (None, trace):
         out = torch.full((B, s_q, H, C), float("nan"), dtype=torch.bfloat16, device="cuda")
         lse = torch.full((B, H, s_q), float("nan"), device="cuda")
@@ -241,11 +243,11 @@ def test_gluon_traced_launch(s_q):
     with pytest.raises(ValueError, match="trace must be int64"):
         glu.mla_decode_gluon(q, kv, pe, seqlens, C**-0.5, True, None, *results[0], kind, num_splits=P,
                              trace=trace[:, :8])
-    q_wide = torch.randn(B, s_q, 64, C + 64, generator=gen).to("cuda", torch.bfloat16)
-    out_wide = torch.empty(B, s_q, 64, C, dtype=torch.bfloat16, device="cuda")
-    with pytest.raises(ValueError, match="trace= is for the one-warpgroup narrow kernel"):
-        glu.mla_decode_gluon(q_wide, kv, pe, seqlens, C**-0.5, True, None, out_wide,
-                             torch.empty(B, 64, s_q, device="cuda"), "wide", num_splits=P, trace=trace)
+    if kind == "narrow":
+        monkeypatch.setattr(glu, "NARROW2_ROWS", (s_q * H,))
+        with pytest.raises(ValueError, match="trace= is for the one-warpgroup narrow and the wide kernels"):
+            glu.mla_decode_gluon(q, kv, pe, seqlens, C**-0.5, True, None, *results[0], kind, num_splits=P,
+                                 trace=trace)
     events = [[e for e in prog if e[2] >= 0] for prog in trace.cpu().tolist()]
     codes = [[e[2] for e in prog] for prog in events]
     for prog, cs in zip(events, codes, strict=True):
@@ -253,8 +255,8 @@ def test_gluon_traced_launch(s_q):
         for a, b in itertools.pairwise(prog):
             assert b[0] >= a[0] and b[1] >= a[1]
     flat = [c for cs in codes for c in cs]
-    assert flat.count(4) == sum(-(-n // 64) for n in lens)
+    assert flat.count(4) == blocks * sum(-(-n // 64) for n in lens)
     work = glu.pieces_ref(lens, P, 1)
-    assert flat.count(6) == sum(len(pieces) for pieces in work)
+    assert flat.count(6) == blocks * sum(len(pieces) for pieces in work)
     cut = {b for pieces in work for b, *_, slot in pieces if slot is not None}
-    assert flat.count(7) == (len(cut) if s_q * H in glu.MERGE_ROWS else 0)
+    assert flat.count(7) == (len(cut) if kind == "narrow" and s_q * H in glu.MERGE_ROWS else 0)
