@@ -525,143 +525,81 @@ if HAVE_GLUON:
                                   pack=1)
 
     @gluon.jit
-    def _store_piece(op_ptr, lp_ptr, slot, rows, cw, lse, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, inv,
-                     NL: gl.constexpr):
-        """A piece's float32 partial (acc_j * inv, O^T chunks; NL of them) and log2 lse into its slot (row offset)."""
-        optr = op_ptr + slot * (NL * CW) + gl.expand_dims(rows * (NL * CW), 0) + gl.expand_dims(cw, 1)
-        _store4(optr, acc0, acc1, acc2, acc3, inv)
-        if NL == 8:
-            _store4(optr + 4 * CW, acc4, acc5, acc6, acc7, inv)
-        gl.store(lp_ptr + slot + rows, lse)
-
-    @gluon.jit
-    def _atomic_one(ptr, val, SEM: gl.constexpr):
-        """One thread's atomic add of val to *ptr at GPU scope (sem SEM), its old value shared with every thread by a
-        reduction (a scalar atomic runs on every thread)."""
-        lane = gl.arange(0, 32 * gl.num_warps(), layout=gl.BlockedLayout([1], [32], [gl.num_warps()], [0]))
-        got = gl.atomic_add(ptr + lane * 0, lane * 0 + val, mask=lane == 0, sem=SEM, scope="gpu")
-        return gl.max(gl.where(lane == 0, got, -1), 0)
-
-    @gluon.jit
-    def _other_lse(lp_ptr, q, p, p0, p1, rows, RN: gl.constexpr):
-        """The log2 lse of program q's partial slot of the sequence (programs p0 .. p1); -inf past p1 and for q = p
-        (the merging program's own piece, in its registers)."""
+    def _piece_lse(lp_ptr, q, p0, p1, rows, RN: gl.constexpr):
+        """The log2 lse of program q's partial slot of the sequence (programs p0 .. p1; -inf past p1)."""
         slot = 2 * q + (q == p0).to(gl.int32)
-        return gl.load(lp_ptr + slot.to(gl.int64) * RN + rows, mask=(rows < RN) & (q <= p1) & (q != p),
-                       other=float("-inf"))
+        return gl.load(lp_ptr + slot.to(gl.int64) * RN + rows, mask=(rows < RN) & (q <= p1), other=float("-inf"))
 
     @gluon.jit
-    def _chunk(stage, j: gl.constexpr, k: gl.constexpr, NBOX: gl.constexpr, layout: gl.constexpr):
-        """Columns 64 k .. 64 k + 63 of the group's piece j in stage (boxes of (rows, BOXC)) as (64, rows) in layout."""
-        PER: gl.constexpr = stage.shape[2] // CW  # 64-column chunks a box
-        return stage.index(j * NBOX + k // PER).slice((k % PER) * CW, CW, dim=1).permute((1, 0)).load(layout)
+    def _piece_add(stage, j: gl.constexpr, lq, m_safe, den, acc0, acc1, lay: gl.constexpr, NBOX: gl.constexpr):
+        """den + w, acc + w o_j for the group's piece j in stage (boxes j NBOX ..), w = 2^(lq - m_safe)."""
+        w = gl.exp2(lq - m_safe)
+        acc0 += gl.expand_dims(w, 1) * stage.index(j * NBOX).load(lay)
+        if NBOX == 2:
+            acc1 += gl.expand_dims(w, 1) * stage.index(j * NBOX + 1).load(lay)
+        return den + w, acc0, acc1
 
     @gluon.jit
-    def _merge_regs(op_desc, lp_ptr, stage, bar, phase, p, p0, p1, rows, lse_own, acc0, acc1, acc2, acc3, acc4,
-                    acc5, acc6, acc7, NL: gl.constexpr, layout: gl.constexpr):
-        """The last piece's program merges sequence b's other pieces (programs p0 .. p1 but p, from their float32
-        partial slots) into its own, in registers: acc0 .. acc7 (O^T, (64, rows) each in layout; NL of them used),
-        normalized, with log2 lse lse_own. As ``_combine_kernel``: out = sum_j w_j o_j / sum_j w_j, w_j = 2^(l_j -
-        max l). Four slots at a time come into stage (the cache tiles' shared memory, free by now) by TMA, on bar at
-        once (this program's slot and those past p1 read from rows past the partials' end: zero-filled, weight 0).
-        Returns bar's phase after, the running max and sum of weights, and the weighted sums acc0 .. acc7."""
+    def _merge(op_desc, lp_ptr, o_ptr, l_ptr, stage, bar, phase, b, p0, p1, H, stride_ob, stride_os, stride_oh,
+               stride_lb, stride_ls, stride_lh, RN: gl.constexpr, NL: gl.constexpr):
+        """The last piece's program merges sequence b's pieces (programs p0 .. p1, in that order) from their float32
+        partial slots, as ``_combine_kernel`` does: out = sum_j w_j o_j / sum_j w_j, w_j = 2^(l_j - max l). Four
+        pieces at a time come into stage (the cache tiles' shared memory, free by now) by TMA, on bar at once, with
+        their lse: one round trip to L2 a group (the eighteenth session's merge, a piece a round trip through
+        registers, took 4.7 us at B=32 1K: bench/results/mla_decode-trace.md); a group's slots past p1 are read from
+        rows past the partials' end (zero-filled, weight 0, not added). A running max across groups. Returns bar's
+        phase after."""
         gl.static_assert(MERGE_GROUP == 4)  # (the group's four lse below)
-        RN: gl.constexpr = rows.shape[0]
         BOXC: gl.constexpr = op_desc.block_type.shape[1]
         NBOX: gl.constexpr = NL * CW // BOXC
+        lay: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [gl.num_warps(), 1], [1, 0])  # (row, column)
+        rows = gl.arange(0, RN, layout=gl.SliceLayout(1, lay))
+        cols = gl.expand_dims(gl.arange(0, BOXC, layout=gl.SliceLayout(0, lay)), 0)
         end_row = op_desc.shape[0]
-        # the same bytes as a plain row-major buffer for the reads (views of the NVMMA one read wrong values)
-        flat = stage._reinterpret(gl.float32, [stage.shape[0], RN, BOXC],
-                                  gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
-        m = lse_own
-        den = gl.where(lse_own == float("-inf"), 0.0, 1.0)  # (this piece's weight against m itself)
+        m = gl.full([RN], float("-inf"), gl.float32, gl.SliceLayout(1, lay))
+        den = gl.zeros([RN], gl.float32, gl.SliceLayout(1, lay))
+        acc0 = gl.zeros([RN, BOXC], gl.float32, lay)
+        acc1 = gl.zeros([RN, BOXC], gl.float32, lay)  # (NBOX == 2)
         _fence_global_async()
         for g0 in range(p0, p1 + 1, MERGE_GROUP):
             mbarrier.expect(bar, MERGE_GROUP * NBOX * op_desc.block_type.nbytes)
             for j in gl.static_range(MERGE_GROUP):
                 q = g0 + j
-                row = gl.where((q <= p1) & (q != p), (2 * q + (q == p0).to(gl.int32)) * RN, end_row)
+                row = gl.where(q <= p1, (2 * q + (q == p0).to(gl.int32)) * RN, end_row)
                 for c in gl.static_range(NBOX):
                     tma.async_copy_global_to_shared(op_desc, [row, c * BOXC], bar, stage.index(j * NBOX + c))
-            lq0 = _other_lse(lp_ptr, g0, p, p0, p1, rows, RN)
-            lq1 = _other_lse(lp_ptr, g0 + 1, p, p0, p1, rows, RN)
-            lq2 = _other_lse(lp_ptr, g0 + 2, p, p0, p1, rows, RN)
-            lq3 = _other_lse(lp_ptr, g0 + 3, p, p0, p1, rows, RN)
+            lq0 = _piece_lse(lp_ptr, g0, p0, p1, rows, RN)
+            lq1 = _piece_lse(lp_ptr, g0 + 1, p0, p1, rows, RN)
+            lq2 = _piece_lse(lp_ptr, g0 + 2, p0, p1, rows, RN)
+            lq3 = _piece_lse(lp_ptr, g0 + 3, p0, p1, rows, RN)
             m_new = gl.maximum(m, gl.maximum(gl.maximum(lq0, lq1), gl.maximum(lq2, lq3)))
             m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = gl.exp2(m - m_safe)
             den = den * alpha
-            a2 = gl.expand_dims(alpha, 0)
-            acc0 = acc0 * a2
-            acc1 = acc1 * a2
-            acc2 = acc2 * a2
-            acc3 = acc3 * a2
-            if NL == 8:
-                acc4 = acc4 * a2
-                acc5 = acc5 * a2
-                acc6 = acc6 * a2
-                acc7 = acc7 * a2
+            acc0 = acc0 * gl.expand_dims(alpha, 1)
+            acc1 = acc1 * gl.expand_dims(alpha, 1)
             mbarrier.wait(bar, phase & 1)
             phase += 1
-            for j in gl.static_range(MERGE_GROUP):
-                w = gl.exp2(gl.where(j == 0, lq0, gl.where(j == 1, lq1, gl.where(j == 2, lq2, lq3))) - m_safe)
-                den = den + w
-                w2 = gl.expand_dims(w, 0)
-                acc0 = acc0 + w2 * _chunk(flat, j, 0, NBOX, layout)
-                acc1 = acc1 + w2 * _chunk(flat, j, 1, NBOX, layout)
-                acc2 = acc2 + w2 * _chunk(flat, j, 2, NBOX, layout)
-                acc3 = acc3 + w2 * _chunk(flat, j, 3, NBOX, layout)
-                if NL == 8:
-                    acc4 = acc4 + w2 * _chunk(flat, j, 4, NBOX, layout)
-                    acc5 = acc5 + w2 * _chunk(flat, j, 5, NBOX, layout)
-                    acc6 = acc6 + w2 * _chunk(flat, j, 6, NBOX, layout)
-                    acc7 = acc7 + w2 * _chunk(flat, j, 7, NBOX, layout)
+            den, acc0, acc1 = _piece_add(stage, 0, lq0, m_safe, den, acc0, acc1, lay, NBOX)
+            if g0 + 1 <= p1:
+                den, acc0, acc1 = _piece_add(stage, 1, lq1, m_safe, den, acc0, acc1, lay, NBOX)
+            if g0 + 2 <= p1:
+                den, acc0, acc1 = _piece_add(stage, 2, lq2, m_safe, den, acc0, acc1, lay, NBOX)
+            if g0 + 3 <= p1:
+                den, acc0, acc1 = _piece_add(stage, 3, lq3, m_safe, den, acc0, acc1, lay, NBOX)
             m = m_new
             gl.thread_barrier()  # every warp has read the group before the next one (or a tile) lands on it
+        none = den == 0.0
+        inv = gl.expand_dims(1.0 / gl.where(none, 1.0, den), 1)
+        optr = (o_ptr + b.to(gl.int64) * stride_ob + gl.expand_dims((rows // H) * stride_os + (rows % H) * stride_oh, 1)
+                + cols)
+        gl.store(optr, (acc0 * inv).to(o_ptr.dtype.element_ty))
+        if NBOX == 2:
+            gl.store(optr + BOXC, (acc1 * inv).to(o_ptr.dtype.element_ty))
+        gl.store(l_ptr + b.to(gl.int64) * stride_lb + (rows // H) * stride_ls + (rows % H) * stride_lh,
+                 gl.where(none, float("-inf"), (m + gl.log2(gl.where(none, 1.0, den))) * 0.6931471805599453))
         fence_async_shared()  # the generic reads of stage before the async proxy's next writes
-        return phase, m, den, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7
-
-    @gluon.jit
-    def _part_chunk(op_ptr, slot, rows, cw, k: gl.constexpr, NL: gl.constexpr, ok):
-        """Columns 64 k .. 64 k + 63 of the partial in slot (its row offset) as O^T (64, rows), read from global
-        memory in the accumulators' layout (as ``_store_piece`` wrote them); zeros where not ok."""
-        ptr = op_ptr + slot * (NL * CW) + gl.expand_dims(rows * (NL * CW), 0) + gl.expand_dims(cw, 1) + k * CW
-        return gl.load(ptr, mask=ok, other=0.0)
-
-    @gluon.jit
-    def _merge_loads(op_ptr, lp_ptr, p, p0, p1, rows, cw, lse_own, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7,
-                     NL: gl.constexpr):
-        """``_merge_regs`` with the other pieces' partials read by plain loads into the accumulators' layout, a piece
-        at a time (no TMA, no shared memory)."""
-        RN: gl.constexpr = rows.shape[0]
-        m = lse_own
-        den = gl.where(lse_own == float("-inf"), 0.0, 1.0)
-        for q in range(p0, p1 + 1):
-            lq = _other_lse(lp_ptr, q, p, p0, p1, rows, RN)
-            slot = (2 * q + (q == p0).to(gl.int32)).to(gl.int64) * RN
-            ok = (q != p) & (gl.expand_dims(rows, 0) < RN)
-            c0 = _part_chunk(op_ptr, slot, rows, cw, 0, NL, ok)
-            c1 = _part_chunk(op_ptr, slot, rows, cw, 1, NL, ok)
-            c2 = _part_chunk(op_ptr, slot, rows, cw, 2, NL, ok)
-            c3 = _part_chunk(op_ptr, slot, rows, cw, 3, NL, ok)
-            m_new = gl.maximum(m, lq)
-            m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = gl.exp2(m - m_safe)
-            w = gl.exp2(lq - m_safe)
-            den = den * alpha + w
-            a2 = gl.expand_dims(alpha, 0)
-            w2 = gl.expand_dims(w, 0)
-            acc0 = acc0 * a2 + w2 * c0
-            acc1 = acc1 * a2 + w2 * c1
-            acc2 = acc2 * a2 + w2 * c2
-            acc3 = acc3 * a2 + w2 * c3
-            if NL == 8:
-                acc4 = acc4 * a2 + w2 * _part_chunk(op_ptr, slot, rows, cw, 4, NL, ok)
-                acc5 = acc5 * a2 + w2 * _part_chunk(op_ptr, slot, rows, cw, 5, NL, ok)
-                acc6 = acc6 * a2 + w2 * _part_chunk(op_ptr, slot, rows, cw, 6, NL, ok)
-                acc7 = acc7 * a2 + w2 * _part_chunk(op_ptr, slot, rows, cw, 7, NL, ok)
-            m = m_new
-        return m, den, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7
+        return phase
 
     @gluon.jit
     def _wide_producer(q_desc, kv_desc, pe_desc, q_smem, kv_smem, q_bar, q_free, ready, empty, seqlens_ptr, tbl_ptr,
@@ -972,7 +910,7 @@ if HAVE_GLUON:
                        min_units, max_pieces, op_desc, q3_desc, kv3_desc, RN: gl.constexpr, CAUSAL: gl.constexpr,
                        PAGED: gl.constexpr, STAGES: gl.constexpr, BLOCK_B: gl.constexpr, MERGE: gl.constexpr,
                        NL: gl.constexpr, TN: gl.constexpr, TMA3: gl.constexpr, ONE_WAIT: gl.constexpr = False,
-                       TRACE: gl.constexpr = False, trace_ptr=None, MERGE_LOADS: gl.constexpr = False):
+                       TRACE: gl.constexpr = False, trace_ptr=None):
         """Program p: all RN = s_q * H rows (16 or 32) of every piece in slice p; see the module docstring. NL: the
         latent's 64-column boxes (8 for C = 512, 4 for 256); TN: tokens a tile (64, or 128: two 64-token boxes in
         each buffer, the MMAs' M and K). No warp specialization: the program issues its own loads, a piece's first
@@ -1065,13 +1003,11 @@ if HAVE_GLUON:
                     acc5 = gl.zeros([CW, RN], gl.float32, mma)
                     acc6 = gl.zeros([CW, RN], gl.float32, mma)
                     acc7 = gl.zeros([CW, RN], gl.float32, mma)
-                else:  # (not used: the epilogue's helpers take eight)
-                    acc4, acc5, acc6, acc7 = acc0, acc1, acc2, acc3
                 mbarrier.wait(q_bar, pc & 1)
                 if TRACE:
                     e = _stamp(trace_ptr, p, e, 3)
                 s = s_zero  # (ONE_WAIT) tile i's scores, issued before tile i - 1's P V was waited for
-                if ONE_WAIT:
+                if ONE_WAIT:  # noqa: SIM102 (a constexpr branch: the other builds never see the runtime test)
                     if n_tiles > 0:
                         mbarrier.wait(ready.index(g % STAGES), (g // STAGES) & 1)
                         if TRACE:
@@ -1151,54 +1087,30 @@ if HAVE_GLUON:
                     if TRACE:
                         e = _stamp(trace_ptr, p, e, 6)
                 else:  # a piece: float32 partial in slot 2 p + (it starts the sequence), log2 lse
-                    lse_p = gl.where(empty_row, float("-inf"), m_i + gl.log2(l_safe))
                     slot = (2 * p + (lo == 0).to(gl.int32)).to(gl.int64) * RN
-                    if MERGE:  # a ticket (before the stores): the sequence's last piece merges the others into its
-                        # own registers once they are all stored (they hold earlier tickets, so they run: a safe spin)
+                    optr_p = op_ptr + slot * (NL * CW) + gl.expand_dims(rows * (NL * CW), 0) + gl.expand_dims(cw, 1)
+                    _store4(optr_p, acc0, acc1, acc2, acc3, inv)
+                    if NL == 8:
+                        _store4(optr_p + 4 * CW, acc4, acc5, acc6, acc7, inv)
+                    gl.store(lp_ptr + slot + rows, gl.where(empty_row, float("-inf"), m_i + gl.log2(l_safe)))
+                    if TRACE:
+                        e = _stamp(trace_ptr, p, e, 6)
+                    if MERGE:  # count in (after every thread's stores: a CTA barrier, then one thread's acq_rel
+                        # atomic at GPU scope, its result shared by a reduction; a plain scalar atomic here runs on
+                        # every thread); the last of the sequence's pieces merges them and resets its counter
+                        gl.thread_barrier()
                         p0, p1 = _cut(b, S, k, W, uniform, P, B)
-                        if _atomic_one(cnt_ptr + b, 1, "acq_rel") == p1 - p0:
-                            if TRACE:
-                                e = _stamp(trace_ptr, p, e, 6)
-                            n_stored = 0
-                            while n_stored < p1 - p0:
-                                n_stored = _atomic_one(cnt_ptr + B + b, 0, "acquire")
-                            if MERGE_LOADS:
-                                m_i, den, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _merge_loads(
-                                    op_ptr, lp_ptr, p, p0, p1, rows, cw, lse_p, acc0 * inv, acc1 * inv, acc2 * inv,
-                                    acc3 * inv, acc4 * inv, acc5 * inv, acc6 * inv, acc7 * inv, NL)
-                            else:
-                                mph, m_i, den, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _merge_regs(
-                                    op_desc, lp_ptr, stage, m_bar, mph, p, p0, p1, rows, lse_p, acc0 * inv,
-                                    acc1 * inv, acc2 * inv, acc3 * inv, acc4 * inv, acc5 * inv, acc6 * inv,
-                                    acc7 * inv, NL, mma)
-                            none = den == 0.0
-                            den_safe = gl.where(none, 1.0, den)
-                            inv_m = gl.expand_dims(1.0 / den_safe, 0)
-                            optr_o = (o_ptr + b.to(gl.int64) * stride_ob
-                                      + gl.expand_dims((rows // H) * stride_os + (rows % H) * stride_oh, 0)
-                                      + gl.expand_dims(cw, 1))
-                            _store4(optr_o, acc0, acc1, acc2, acc3, inv_m)
-                            if NL == 8:
-                                _store4(optr_o + 4 * CW, acc4, acc5, acc6, acc7, inv_m)
-                            gl.store(l_ptr + b.to(gl.int64) * stride_lb + (rows // H) * stride_ls
-                                     + (rows % H) * stride_lh,
-                                     gl.where(none, float("-inf"), (m_i + gl.log2(den_safe)) * 0.6931471805599453))
+                        lane = gl.arange(0, 32 * gl.num_warps(), layout=gl.BlockedLayout([1], [32], [gl.num_warps()],
+                                                                                          [0]))
+                        got = gl.atomic_add(cnt_ptr + b + lane * 0, lane * 0 + 1, mask=lane == 0, sem="acq_rel",
+                                            scope="gpu")
+                        arrived = gl.max(gl.where(lane == 0, got, -1), 0)
+                        if arrived == p1 - p0:
+                            mph = _merge(op_desc, lp_ptr, o_ptr, l_ptr, stage, m_bar, mph, b, p0, p1, H, stride_ob,
+                                         stride_os, stride_oh, stride_lb, stride_ls, stride_lh, RN, NL)
                             gl.store(cnt_ptr + b, 0)
-                            gl.store(cnt_ptr + B + b, 0)
                             if TRACE:
                                 e = _stamp(trace_ptr, p, e, 7)
-                        else:
-                            _store_piece(op_ptr, lp_ptr, slot, rows, cw, lse_p, acc0, acc1, acc2, acc3, acc4, acc5,
-                                         acc6, acc7, inv, NL)
-                            if TRACE:
-                                e = _stamp(trace_ptr, p, e, 6)
-                            gl.thread_barrier()  # every thread's stores, then one thread's release: stored
-                            _atomic_one(cnt_ptr + B + b, 1, "release")
-                    else:
-                        _store_piece(op_ptr, lp_ptr, slot, rows, cw, lse_p, acc0, acc1, acc2, acc3, acc4, acc5, acc6,
-                                     acc7, inv, NL)
-                        if TRACE:
-                            e = _stamp(trace_ptr, p, e, 6)
                 pc += 1
             S = S + OVERHEAD_C + k
             b += 1
@@ -1212,9 +1124,6 @@ if HAVE_GLUON:
 # gained 2-4% (B=128, 1K: 42.7 against 45.0 us); 32 rows lost 8-27% (B=128, 4K, s_q=2: 179.9 against 163.1 us), so
 # they keep the combine kernel.
 MERGE_ROWS = (16,)
-# The in-kernel merge's reads of the other pieces' partials: plain loads into the accumulators' layout (True) or
-# TMA copies into the free ring read back through shared-memory views (``_merge_regs``).
-MERGE_LOADS = False
 # The combine kernel as a programmatic dependent launch (``combine``'s pdl): its launch and schedule overlap the
 # attention kernel, which lets it launch from its first instruction (``_launch_dependents``).
 PDL = True
@@ -1258,6 +1167,7 @@ TMA3_LATENTS = (512,)
 # 150.3 -> 154.4). A first form that waited for both together lost 3-14% at 16 rows (-ab-onewait-*.md): the next
 # tile's load went out only once that tile had arrived, so 16 rows keep the two waits.
 ONE_WAIT_ROWS = (32,)
+
 # A traced narrow launch's event codes (``mla_decode_gluon(..., trace=)``): each program's (%globaltimer ns, %clock64,
 # code) in the order they happen; a piece is codes 9, 2-6 (its tiles 4 and 5 each), a merge 7.
 TRACE_CODES = {0: "start", 1: "scheduled", 9: "piece known", 2: "piece issued", 3: "query in", 4: "tile in",
@@ -1358,8 +1268,7 @@ def mla_decode_gluon(q, kv, pe, seqlens, scale, causal, block_table, out, lse, k
     o_part = torch.empty(2 * P, rows, C, dtype=torch.float32, device=q.device)
     l_part = torch.empty(2 * P, rows, dtype=torch.float32, device=q.device)
     tbl = block_table if paged else seqlens
-    counts = arrival_counters("mla_decode_gluon", q.device, 2 * B)  # the narrow kernel's merge: tickets,
-    # then stores, a sequence each (zero between launches)
+    counts = arrival_counters("mla_decode_gluon", q.device, B)  # the narrow kernel's merge (zero between launches)
     args = (_desc(q2, 64 if kind == "wide" else rows, 64), _desc(kv2, 64, 64), _desc(pe2, 64, 64), seqlens, tbl,
             out, lse, o_part, l_part, counts, tbl.stride(0) if paged else 0, out.stride(0), out.stride(1),
             out.stride(2), lse.stride(0), lse.stride(2), lse.stride(1), capacity, B, H, s_q,
@@ -1388,7 +1297,6 @@ def mla_decode_gluon(q, kv, pe, seqlens, scale, causal, block_table, out, lse, k
         _narrow_kernel[grid](*args, _part_desc(o_part), _desc3(q2, C // 64, rows), _desc3(kv2, C // 64, 64), RN=rows,
                              CAUSAL=causal, PAGED=paged, STAGES=stages, BLOCK_B=block_b, MERGE=merge, NL=C // 64,
                              TN=unit, TMA3=C in TMA3_LATENTS and unit == 64, ONE_WAIT=rows in ONE_WAIT_ROWS,
-                             MERGE_LOADS=MERGE_LOADS,
                              num_warps=4, **traced)
     if not merge and P > 1:  # (one program computes every sequence whole)
         combine(o_part, l_part, seqlens, capacity, min_units, out, lse, unit, pdl=PDL)
