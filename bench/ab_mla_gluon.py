@@ -2,8 +2,9 @@
 other revisions' copies of it (``--base``, e.g. ``git show REV:kernels/mla_decode_gluon.py > /tmp/base.py``), all
 called through ``mla_decode`` (each swapped in for ``minids.kernels.mla_decode_gluon``), on the V3 shapes
 furthest below the issue's targets: short caches at batch 32 and 128, fixed and ragged lengths, s_q 1 and 2, 16 and
-128 heads; or (``--cases small``) small-v3's latent (C=256, R=32) at 16 heads, ragged; or (``--cases long``) V3's
-long caches (16K at batch 128 and 16 heads; 4K at batch 128 and 16K at batch 32, 128 heads).
+128 heads; or (``--cases wide``) the 128-head shapes alone (1K, and 4K at s_q 1 and 2); or (``--cases small``)
+small-v3's latent (C=256, R=32) at 16 heads, ragged; or (``--cases long``) V3's long caches (16K at batch 128 and 16
+heads; 4K at batch 128 and 16K at batch 32, 128 heads).
 
     python3 bench/ab_mla_gluon.py --base /tmp/base.py [more.py ...] --out bench/results --stem mla_decode-ab-merge   # the H200
 
@@ -46,6 +47,9 @@ def cases(which: str) -> list[tuple[str, int, int, int, bool, int, bool]]:
     if which == "small":  # small-v3's latent: bench/mla_decode.py's shapes of it
         return [("small", B, 16, mean, True, s_q, False) for B in (32, 128) for mean in (1024, 4096, 16384)
                 for s_q in (1, 2) if B * mean <= 128 * 4096]
+    if which == "wide":  # the wide kernel (128 heads) alone: its short caches, and two 4K shapes
+        return ([("V3", B, 128, 1024, var, s_q, False) for B in (32, 128) for var in (False, True) for s_q in (1, 2)]
+                + [("V3", 32, 128, 4096, False, 1, False), ("V3", 128, 128, 4096, False, 2, False)])
     if which == "long":  # V3's long caches, where the tile loop's steady state decides
         return ([("V3", 128, 16, 16384, var, s_q, False) for var in (False, True) for s_q in (1, 2)]
                 + [("V3", B, 128, mean, False, s_q, False) for B, mean in ((128, 4096), (32, 16384)) for s_q in (1, 2)])
@@ -65,7 +69,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--stem", default="mla_decode-ab")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--cases", choices=("h16", "all", "small", "long"), default="all")
+    ap.add_argument("--cases", choices=("h16", "all", "small", "long", "wide"), default="all")
     args = ap.parse_args()
     stems = [f.stem for f in args.base]
     if "head" in stems or len(set(stems)) != len(stems):

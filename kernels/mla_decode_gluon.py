@@ -660,7 +660,7 @@ if HAVE_GLUON:
                   op_ptr, lp_ptr, stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, capacity, B, H, S_Q,
                   n_rows, qk_scale, row0, p, u0, u1, b, S, RN: gl.constexpr, CAUSAL: gl.constexpr, PART: gl.constexpr,
                   STAGES: gl.constexpr, TRANSPOSED: gl.constexpr, SPLIT: gl.constexpr, TRACE: gl.constexpr, trace_ptr,
-                  pt, e):
+                  pt, e, EARLY_Q_FREE: gl.constexpr):
         """One consumer warpgroup of the warp-specialized kernels: for each piece of the slice, the scores and softmax
         of RN rows (from row0) and P V for output columns [256 PART, +256) (four 64-column accumulators); the output
         (a whole sequence) or the piece's partial slot (``combine``). Wide kernel: RN = 64 rows as the MMA's M, P from
@@ -746,6 +746,9 @@ if HAVE_GLUON:
                         s = _scores_half(q_smem, kv_smem, st * NB, PART * (BN // 2), s_zero_h)
                     else:
                         s = _scores(q_smem, kv_smem, st * NB, s_zero)
+                    if EARLY_Q_FREE:  # noqa: SIM102 (a constexpr branch: the other builds never see the test)
+                        if i == hi - lo - 1:  # the piece's last reader of the query is done: the producer brings
+                            mbarrier.arrive(q_free)  # the next piece's during this tile's softmax, P V and stores
                     tok0 = (lo + i) * BN
                     if SPLIT:
                         s = _masked(s, tok0 + toks_h, limit, qk_scale, 1)
@@ -803,7 +806,11 @@ if HAVE_GLUON:
                     if STAMP:
                         e = _stamp(trace_ptr, pt, e, 5)
                     g += 1
-                mbarrier.arrive(q_free)  # every MMA reading this query tile is done
+                if EARLY_Q_FREE:
+                    if hi == lo:  # (a piece of no tiles: nothing read the query)
+                        mbarrier.arrive(q_free)
+                else:
+                    mbarrier.arrive(q_free)  # every MMA reading this query tile is done
                 if SPLIT:  # the row sums: both consumers' tokens (sx_smem[2 ..], by the piece's parity)
                     mine = 2 + (pc % 2) * 2 + PART
                     l_i = l_i + _exchange(l_i, sx_smem, mine, mine + 1 - 2 * PART, sx_bar.index(2), pc & 1)
@@ -839,7 +846,7 @@ if HAVE_GLUON:
                    stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, capacity, B, H, S_Q, qk_scale,
                    min_units, max_pieces, CAUSAL: gl.constexpr, PAGED: gl.constexpr, STAGES: gl.constexpr,
                    BLOCK_B: gl.constexpr, RN: gl.constexpr, TRANSPOSED: gl.constexpr, SPLIT: gl.constexpr = False,
-                   TRACE: gl.constexpr = False, trace_ptr=None):
+                   TRACE: gl.constexpr = False, trace_ptr=None, EARLY_Q_FREE: gl.constexpr = False):
         """The warp-specialized kernels, program (row block, p): rows [RN row block, +RN) of every piece in slice p.
         A producer warp (``_wide_producer``) and two consumer warpgroups (``_consumer``), each with half of the
         output columns. The wide kernel: RN = 64 rows as the MMA's M. TRANSPOSED: the narrow kernel's
@@ -895,11 +902,11 @@ if HAVE_GLUON:
             (_consumer, (q_smem, kv_smem, p_smem, sx_smem, sx_bar, q_bar, q_free, ready, empty, seqlens_ptr, o_ptr,
                          l_ptr, op_ptr, lp_ptr, stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh,
                          capacity, B, H, S_Q, n_rows, qk_scale, row0, p, u0, u1, b, S, RN, CAUSAL, 0, STAGES,
-                         TRANSPOSED, SPLIT, TRACE, trace_ptr, pt, e)),
+                         TRANSPOSED, SPLIT, TRACE, trace_ptr, pt, e, EARLY_Q_FREE)),
             (_consumer, (q_smem, kv_smem, p_smem, sx_smem, sx_bar, q_bar, q_free, ready, empty, seqlens_ptr, o_ptr,
                          l_ptr, op_ptr, lp_ptr, stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh,
                          capacity, B, H, S_Q, n_rows, qk_scale, row0, p, u0, u1, b, S, RN, CAUSAL, 1, STAGES,
-                         TRANSPOSED, SPLIT, TRACE, trace_ptr, pt, e)),
+                         TRANSPOSED, SPLIT, TRACE, trace_ptr, pt, e, EARLY_Q_FREE)),
             (_wide_producer, (q_desc, kv_desc, pe_desc, q_smem, kv_smem, q_bar, q_free, ready, empty, seqlens_ptr,
                               tbl_ptr, stride_tb, capacity, B, n_rows, row0, u0, u1, b, S, PAGED, STAGES)),
         ], [4, 1], [232, 24])
@@ -1138,6 +1145,11 @@ PDL = True
 # narrow2.md). tests/test_kernels_mla_gluon.py routes it explicitly (its 12 GPU tests pass), bench/mla_decode.py
 # --narrow2 times it.
 NARROW2_ROWS: tuple[int, ...] = ()
+# The warp-specialized kernels' consumers release the query buffer once a piece's last score MMAs are done (rather
+# than after its last P V), so the producer brings the next piece's query, then its tiles, a tile's softmax and P V
+# earlier. On the H200 (bench/results/mla_decode-ab-qfree.md, against the release after P V) 0-2.3% faster at H=128
+# (B=128 4K s_q=2 716.9 -> 700.5 us, B=128 1K~ 125.0 -> 123.6), B=32 1K unchanged (40.7 / 40.8).
+EARLY_Q_FREE = True
 # The wide kernel's consumers each score half of a tile's tokens (``_consumer``'s SPLIT) rather than all of them, at
 # the price of two meetings a tile. On the H200 (bench/results/mla_decode-ab-split.md, -ab-long.md: against the
 # kernel where both score all 64 tokens) 8-11% faster from 4K on (B=128 4K s_q=2 763.1 -> 691.2 us, 383 -> 423
@@ -1292,7 +1304,7 @@ def mla_decode_gluon(q, kv, pe, seqlens, scale, causal, block_table, out, lse, k
     if kind == "wide" or two:
         _ws_kernel[grid](*args, CAUSAL=causal, PAGED=paged, STAGES=stages, BLOCK_B=block_b,
                          RN=64 if kind == "wide" else rows, TRANSPOSED=two, SPLIT=kind == "wide" and WIDE_SPLIT,
-                         num_warps=4, **traced)
+                         EARLY_Q_FREE=EARLY_Q_FREE, num_warps=4, **traced)
     else:
         _narrow_kernel[grid](*args, _part_desc(o_part), _desc3(q2, C // 64, rows), _desc3(kv2, C // 64, 64), RN=rows,
                              CAUSAL=causal, PAGED=paged, STAGES=stages, BLOCK_B=block_b, MERGE=merge, NL=C // 64,
