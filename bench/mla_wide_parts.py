@@ -10,7 +10,8 @@ written, so this is a timing only); ``combine`` the combine kernel alone on rand
 (no PDL: its launch and schedule prologue are in it); ``floor`` the whole call with every length s_q (one tile a
 sequence: the launch, schedule, query and first-tile loads, stores and the combine, with almost no tile work);
 ``no_cut`` the call with one program per sequence and row block (num_splits=B, fixed lengths: no partials, the
-combine launched but finding nothing to merge; half the SMs or fewer busy). The call is checked against the float32 reference first.
+combine launched but finding nothing to merge; half the SMs or fewer busy). The call is checked against the float32
+reference first.
 """
 
 from __future__ import annotations

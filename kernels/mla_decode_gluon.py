@@ -80,7 +80,7 @@ if HAVE_TRITON:
 
 LATENT, ROPE = 512, 64  # V3's (C, R): the wide kernel's only one
 NARROW_LATENTS = {512: 64, 256: 32}  # the narrow kernel's (C, largest R): V3's and small-v3's
-TRACE_LEN = 256  # events a program of a traced narrow launch records (``mla_decode_gluon(..., trace=)``)
+TRACE_LEN = 256  # events a program of a traced launch records (``mla_decode_gluon(..., trace=)``)
 
 if HAVE_TRITON:
 
@@ -1180,8 +1180,9 @@ TMA3_LATENTS = (512,)
 # tile's load went out only once that tile had arrived, so 16 rows keep the two waits.
 ONE_WAIT_ROWS = (32,)
 
-# A traced narrow launch's event codes (``mla_decode_gluon(..., trace=)``): each program's (%globaltimer ns, %clock64,
-# code) in the order they happen; a piece is codes 9, 2-6 (its tiles 4 and 5 each), a merge 7.
+# A traced launch's event codes (``mla_decode_gluon(..., trace=)``): each program's (%globaltimer ns, %clock64, code)
+# in the order they happen; a piece is codes 9, 2-6 (its tiles 4 and 5 each), a merge 7 (the narrow kernel at 16
+# rows). The wide kernel's are its first consumer warpgroup's: code 2 when it starts the piece.
 TRACE_CODES = {0: "start", 1: "scheduled", 9: "piece known", 2: "piece issued", 3: "query in", 4: "tile in",
                5: "tile done", 6: "piece stored", 7: "merged", 8: "end"}
 
