@@ -71,6 +71,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--cases", choices=("h16", "all", "small", "long", "wide"), default="all")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("ab_mla_gluon: needs a CUDA GPU (sm_90, with Triton 3.6's Gluon); none here")
     stems = [f.stem for f in args.base]
     if "head" in stems or len(set(stems)) != len(stems):
         ap.error(f"--base files are named by their stems, which must differ from each other and from 'head' (this "

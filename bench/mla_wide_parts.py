@@ -87,6 +87,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--stem", default="mla_decode-wide-parts")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("mla_wide_parts: needs a CUDA GPU (sm_90, with Triton 3.6's Gluon); none here")
     rows = []
     for case in CASES:
         rows.append(measure(*case))

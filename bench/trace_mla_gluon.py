@@ -121,6 +121,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--cases", choices=("short", "long", "wide"), default="short")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("trace_mla_gluon: needs a CUDA GPU (sm_90, with Triton 3.6's Gluon); none here")
     scale = (128 + 64) ** -0.5
     rows = []
     for cfg, B, mean, var, s_q in {"short": CASES, "long": LONG, "wide": WIDE}[args.cases]:
