@@ -78,7 +78,8 @@ def gluon_kernel(kind: str, rows: int, paged: bool, C: int = 512, trace: bool = 
                       TMA3=C in glu.TMA3_LATENTS and tn == 64, ONE_WAIT=rows in glu.ONE_WAIT_ROWS)
     else:  # the warp-specialized kernel: wide, or the narrow math on two consumer warpgroups ("narrow2")
         consts.update(RN=64 if kind == "wide" else rows, TRANSPOSED=kind == "narrow2",
-                      SPLIT=kind == "wide" and glu.WIDE_SPLIT, EARLY_Q_FREE=glu.EARLY_Q_FREE)
+                      SPLIT=kind == "wide" and glu.WIDE_SPLIT, EARLY_Q_FREE=glu.EARLY_Q_FREE,
+                      TMA3=kind == "wide" and glu.WIDE_TMA3)
     consts["TRACE"] = trace
     if not trace:
         consts["trace_ptr"] = None
@@ -89,7 +90,7 @@ def gluon_kernel(kind: str, rows: int, paged: bool, C: int = 512, trace: bool = 
         elif a == "op_desc":
             sig[a] = mangle_type(glu._part_desc(torch.empty(8, rows, C, dtype=torch.float32)))
         elif a in ("q3_desc", "kv3_desc"):
-            sig[a] = mangle_type(glu._desc3(t[:, :C], C // 64, rows if a == "q3_desc" else 64))
+            sig[a] = mangle_type(glu._desc3(t[:, :C], C // 64, rows if a == "q3_desc" and kind != "wide" else 64))
         elif a.endswith("_desc"):
             sig[a] = mangle_type(glu._desc(t, 64 if a != "q_desc" or kind == "wide" else rows, 64))
         elif a in ("seqlens_ptr", "tbl_ptr", "cnt_ptr"):

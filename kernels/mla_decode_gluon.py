@@ -354,11 +354,12 @@ if HAVE_GLUON:
             return seqlen + rows * 0
 
     @gluon.jit
-    def _scores(q_smem, kv_smem, base, s_zero):
-        """S = Q K^T of the tile in boxes base .. base + NKV (8 latent boxes and the RoPE box), waited for."""
-        s = warpgroup_mma(q_smem.index(0), kv_smem.index(base).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        for c in gl.static_range(1, NKV + 1):
-            s = warpgroup_mma(q_smem.index(c), kv_smem.index(base + c).permute((1, 0)), s, is_async=True)
+    def _scores(q_lat, q_rope, kv_lat, kv_rope, base, s_zero):
+        """S = Q K^T of the tile in latent boxes base .. base + NKV - 1 and the RoPE box kv_rope, waited for."""
+        s = warpgroup_mma(q_lat.index(0), kv_lat.index(base).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        for c in gl.static_range(1, NKV):
+            s = warpgroup_mma(q_lat.index(c), kv_lat.index(base + c).permute((1, 0)), s, is_async=True)
+        s = warpgroup_mma(q_rope, kv_rope.permute((1, 0)), s, is_async=True)
         return warpgroup_mma_wait(num_outstanding=0, deps=(s,))
 
     @gluon.jit
@@ -384,14 +385,15 @@ if HAVE_GLUON:
         return s
 
     @gluon.jit
-    def _scores_half(q_smem, kv_smem, base, t0: gl.constexpr, s_zero):
-        """S = Q K^T over the tile's tokens t0 .. t0 + 31 (rows t0 .. of each of its boxes base .. base + NKV: the
-        latent's and the RoPE's), waited for: a consumer's half of the wide kernel's scores (``SPLIT``)."""
-        s = warpgroup_mma(q_smem.index(0), kv_smem.index(base).slice(t0, BN // 2).permute((1, 0)), s_zero,
+    def _scores_half(q_lat, q_rope, kv_lat, kv_rope, base, t0: gl.constexpr, s_zero):
+        """S = Q K^T over the tile's tokens t0 .. t0 + 31 (rows t0 .. of its latent boxes base .. base + NKV - 1 and
+        of its RoPE box kv_rope), waited for: a consumer's half of the wide kernel's scores (``SPLIT``)."""
+        s = warpgroup_mma(q_lat.index(0), kv_lat.index(base).slice(t0, BN // 2).permute((1, 0)), s_zero,
                           use_acc=False, is_async=True)
-        for c in gl.static_range(1, NKV + 1):
-            s = warpgroup_mma(q_smem.index(c), kv_smem.index(base + c).slice(t0, BN // 2).permute((1, 0)), s,
+        for c in gl.static_range(1, NKV):
+            s = warpgroup_mma(q_lat.index(c), kv_lat.index(base + c).slice(t0, BN // 2).permute((1, 0)), s,
                               is_async=True)
+        s = warpgroup_mma(q_rope, kv_rope.slice(t0, BN // 2).permute((1, 0)), s, is_async=True)
         return warpgroup_mma_wait(num_outstanding=0, deps=(s,))
 
     @gluon.jit
@@ -602,12 +604,20 @@ if HAVE_GLUON:
         return phase
 
     @gluon.jit
-    def _wide_producer(q_desc, kv_desc, pe_desc, q_smem, kv_smem, q_bar, q_free, ready, empty, seqlens_ptr, tbl_ptr,
-                       stride_tb, capacity, B, n_rows, row0, u0, u1, b, S, PAGED: gl.constexpr,
-                       STAGES: gl.constexpr):
+    def _wide_producer(q_desc, kv_desc, pe_desc, q_lat, q_rope, kv_lat, kv_rope, q_bar, q_free, ready, empty,
+                       seqlens_ptr, tbl_ptr, stride_tb, capacity, B, n_rows, row0, u0, u1, b, S, PAGED: gl.constexpr,
+                       STAGES: gl.constexpr, q3_desc, kv3_desc, TMA3: gl.constexpr):
         """One warp: for each piece of the slice, the query tile (once both consumers are done with the previous
         one), then its cache tiles through the ring (buffer g % STAGES of the slice's g-th tile, once both
-        consumers have released it; a fresh barrier reports phase 1 complete, so the first pass does not wait)."""
+        consumers have released it; a fresh barrier reports phase 1 complete, so the first pass does not wait):
+        latent boxes into q_lat / kv_lat[NKV st ..], RoPE boxes into q_rope / kv_rope[st]. TMA3 (``WIDE_TMA3``):
+        q_lat and kv_lat are allocated in the 3-D copies' layout, a query's and each tile's latent boxes brought in
+        one copy of q3_desc / kv3_desc."""
+        if TMA3:  # (each partition takes its own 2-D view: views passed into partitions do not lower)
+            q_lat3 = q_lat
+            kv_lat3 = kv_lat
+            q_lat = q_lat3._reinterpret(q_desc.dtype, [NKV, q_desc.block_type.shape[0], CW], q_desc.layout)
+            kv_lat = kv_lat3._reinterpret(kv_desc.dtype, [STAGES * NKV, BN, CW], kv_desc.layout)
         g = 0
         pc = 0
         length = gl.load(seqlens_ptr + b, mask=b < B, other=0)
@@ -616,15 +626,27 @@ if HAVE_GLUON:
             _, k, lo, hi, has, _ = _piece_of(length, S, u0, u1, capacity)
             if has:
                 mbarrier.wait(q_free, (pc & 1) ^ 1)
-                mbarrier.expect(q_bar, (NKV + 1) * q_desc.block_type.nbytes)
-                for c in gl.static_range(NKV + 1):
-                    tma.async_copy_global_to_shared(q_desc, [b * n_rows + row0, c * CW], q_bar, q_smem.index(c))
+                if TMA3:
+                    mbarrier.expect(q_bar, q3_desc.block_type.nbytes + q_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(q3_desc, [0, b * n_rows + row0, 0], q_bar, q_lat3)
+                else:
+                    mbarrier.expect(q_bar, (NKV + 1) * q_desc.block_type.nbytes)
+                    for c in gl.static_range(NKV):
+                        tma.async_copy_global_to_shared(q_desc, [b * n_rows + row0, c * CW], q_bar, q_lat.index(c))
+                tma.async_copy_global_to_shared(q_desc, [b * n_rows + row0, NKV * CW], q_bar, q_rope)
                 tbl = tbl_ptr + b.to(gl.int64) * stride_tb
                 for i in range(hi - lo):
                     st = g % STAGES
                     mbarrier.wait(empty.index(st), ((g // STAGES) & 1) ^ 1)
-                    _load_tile(kv_desc, pe_desc, _tile_row(tbl, b * capacity, (lo + i) * BN, PAGED), ready.index(st),
-                               kv_smem, st * (NKV + 1), kv_smem.index(st * (NKV + 1) + NKV), NKV)
+                    row = _tile_row(tbl, b * capacity, (lo + i) * BN, PAGED)
+                    if TMA3:  # the ring slot's predicated copy (a view's offset must be static), then the RoPE box
+                        mbarrier.expect(ready.index(st), kv3_desc.block_type.nbytes + pe_desc.block_type.nbytes)
+                        for sb in gl.static_range(STAGES):
+                            tma.async_copy_global_to_shared(kv3_desc, [0, row, 0], ready.index(st),
+                                                            kv_lat3.slice(sb * NKV, NKV), pred=st == sb)
+                        tma.async_copy_global_to_shared(pe_desc, [row, 0], ready.index(st), kv_rope.index(st))
+                    else:
+                        _load_tile(kv_desc, pe_desc, row, ready.index(st), kv_lat, st * NKV, kv_rope.index(st), NKV)
                     g += 1
                 pc += 1
             S = S + OVERHEAD_C + k
@@ -656,11 +678,12 @@ if HAVE_GLUON:
             _store_rows(acc3, inv, base, stride_qi, stride_h, c0 + 3 * CW, rows, cols, H)
 
     @gluon.jit
-    def _consumer(q_smem, kv_smem, p_smem, sx_smem, sx_bar, q_bar, q_free, ready, empty, seqlens_ptr, o_ptr, l_ptr,
+    def _consumer(q_lat, q_rope, kv_lat, kv_rope, p_smem, sx_smem, sx_bar, q_bar, q_free, ready, empty, seqlens_ptr,
+                  o_ptr, l_ptr,
                   op_ptr, lp_ptr, stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, capacity, B, H, S_Q,
                   n_rows, qk_scale, row0, p, u0, u1, b, S, RN: gl.constexpr, CAUSAL: gl.constexpr, PART: gl.constexpr,
                   STAGES: gl.constexpr, TRANSPOSED: gl.constexpr, SPLIT: gl.constexpr, TRACE: gl.constexpr, trace_ptr,
-                  pt, e, EARLY_Q_FREE: gl.constexpr):
+                  pt, e, EARLY_Q_FREE: gl.constexpr, TMA3: gl.constexpr):
         """One consumer warpgroup of the warp-specialized kernels: for each piece of the slice, the scores and softmax
         of RN rows (from row0) and P V for output columns [256 PART, +256) (four 64-column accumulators); the output
         (a whole sequence) or the piece's partial slot (``combine``). Wide kernel: RN = 64 rows as the MMA's M, P from
@@ -671,8 +694,12 @@ if HAVE_GLUON:
         writes its tokens' half to p_smem.index(PART), then both multiply the whole P by their columns' values); the
         row sums are each consumer's tokens', added at the piece's end. TRACE: consumer 0 records the timeline of
         program pt from event e on (``_ws_kernel``)."""
-        NB: gl.constexpr = NKV + 1  # boxes a tile
         STAMP: gl.constexpr = gl.constexpr(TRACE) and gl.constexpr(PART) == 0
+        if TMA3:  # (the 3-D copies' allocations: the MMAs' 2-D view of the same bytes)
+            q_lat = q_lat._reinterpret(q_lat.dtype, [NKV, RN, CW],
+                                       gl.NVMMASharedLayout.get_default_for([RN, CW], q_lat.dtype))
+            kv_lat = kv_lat._reinterpret(kv_lat.dtype, [STAGES * NKV, BN, CW],
+                                         gl.NVMMASharedLayout.get_default_for([BN, CW], kv_lat.dtype))
         if TRANSPOSED:
             AX: gl.constexpr = 0  # the tokens' axis of the scores
             mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -735,17 +762,18 @@ if HAVE_GLUON:
                     if STAMP:
                         e = _stamp(trace_ptr, pt, e, 4)
                     if TRANSPOSED:  # this consumer's share of the scores, the other's through sx_smem (by tile parity)
-                        s = _scores_t(kv_smem, q_smem, st * NB, kv_smem.index(st * NB + NKV), q_smem.index(NKV),
-                                      s_zero, PART * 4, PART * 4 + 4, PART == 0)  # (consumer 0 the RoPE box too)
+                        s = _scores_t(kv_lat, q_lat, st * NKV, kv_rope.index(st), q_rope, s_zero, PART * 4,
+                                      PART * 4 + 4, PART == 0)  # (consumer 0 the RoPE box too)
                         sx_smem.index((g % 2) * 2 + PART).store(s)
                         gl.thread_barrier()  # this warpgroup's share is all in shared memory
                         mbarrier.arrive(sx_bar.index(g % 2))
                         mbarrier.wait(sx_bar.index(g % 2), (g // 2) & 1)
                         s = s + sx_smem.index((g % 2) * 2 + 1 - PART).load(mma)
                     elif SPLIT:  # this consumer's tokens' scores; the tile's row maxima through sx_smem[0 .. 1]
-                        s = _scores_half(q_smem, kv_smem, st * NB, PART * (BN // 2), s_zero_h)
+                        s = _scores_half(q_lat, q_rope, kv_lat, kv_rope.index(st), st * NKV, PART * (BN // 2),
+                                         s_zero_h)
                     else:
-                        s = _scores(q_smem, kv_smem, st * NB, s_zero)
+                        s = _scores(q_lat, q_rope, kv_lat, kv_rope.index(st), st * NKV, s_zero)
                     if EARLY_Q_FREE:  # noqa: SIM102 (a constexpr branch: the other builds never see the test)
                         if i == hi - lo - 1:  # the piece's last reader of the query is done: the producer brings
                             mbarrier.arrive(q_free)  # the next piece's during this tile's softmax, P V and stores
@@ -765,40 +793,40 @@ if HAVE_GLUON:
                         s = _masked(s, tok0 + toks, limit, qk_scale, AX)
                         p_, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, AX)
                         a2 = gl.expand_dims(alpha, AX)
-                    v0 = st * NB + PART * 4
+                    v0 = st * NKV + PART * 4
                     tail = tok0 + BN > seqlen  # the last tile: its tokens past the length, zeroed in this half's
                     if TRANSPOSED:  # values (only this warpgroup reads these boxes)
                         if tail:
-                            _zero_tail(kv_smem, v0, 4, tok0, seqlen)
-                        pbuf.store(p_.to(kv_smem.dtype))
+                            _zero_tail(kv_lat, v0, 4, tok0, seqlen)
+                        pbuf.store(p_.to(kv_lat.dtype))
                         fence_async_shared()
                         gl.thread_barrier()  # this warpgroup's 128 threads (a named barrier in a partition)
-                        acc0 = warpgroup_mma(kv_smem.index(v0).permute((1, 0)), pbuf, acc0 * a2, is_async=True)
-                        acc1 = warpgroup_mma(kv_smem.index(v0 + 1).permute((1, 0)), pbuf, acc1 * a2, is_async=True)
-                        acc2 = warpgroup_mma(kv_smem.index(v0 + 2).permute((1, 0)), pbuf, acc2 * a2, is_async=True)
-                        acc3 = warpgroup_mma(kv_smem.index(v0 + 3).permute((1, 0)), pbuf, acc3 * a2, is_async=True)
+                        acc0 = warpgroup_mma(kv_lat.index(v0).permute((1, 0)), pbuf, acc0 * a2, is_async=True)
+                        acc1 = warpgroup_mma(kv_lat.index(v0 + 1).permute((1, 0)), pbuf, acc1 * a2, is_async=True)
+                        acc2 = warpgroup_mma(kv_lat.index(v0 + 2).permute((1, 0)), pbuf, acc2 * a2, is_async=True)
+                        acc3 = warpgroup_mma(kv_lat.index(v0 + 3).permute((1, 0)), pbuf, acc3 * a2, is_async=True)
                     elif SPLIT:  # P's two halves through p_smem, then P V over all 64 tokens for this half's columns
                         if tail:
-                            _zero_tail(kv_smem, v0, 4, tok0, seqlen)
-                        p_smem.index(PART).store(p_.to(q_smem.dtype))
+                            _zero_tail(kv_lat, v0, 4, tok0, seqlen)
+                        p_smem.index(PART).store(p_.to(q_lat.dtype))
                         fence_async_shared()
                         gl.thread_barrier()
                         mbarrier.arrive(sx_bar.index(1))
                         mbarrier.wait(sx_bar.index(1), g & 1)
-                        acc0 = _pv_halves(p_smem, kv_smem, v0, acc0 * a2)
-                        acc1 = _pv_halves(p_smem, kv_smem, v0 + 1, acc1 * a2)
-                        acc2 = _pv_halves(p_smem, kv_smem, v0 + 2, acc2 * a2)
-                        acc3 = _pv_halves(p_smem, kv_smem, v0 + 3, acc3 * a2)
+                        acc0 = _pv_halves(p_smem, kv_lat, v0, acc0 * a2)
+                        acc1 = _pv_halves(p_smem, kv_lat, v0 + 1, acc1 * a2)
+                        acc2 = _pv_halves(p_smem, kv_lat, v0 + 2, acc2 * a2)
+                        acc3 = _pv_halves(p_smem, kv_lat, v0 + 3, acc3 * a2)
                     else:
-                        pa = gl.convert_layout(p_.to(q_smem.dtype), p_layout)
+                        pa = gl.convert_layout(p_.to(q_lat.dtype), p_layout)
                         if tail:
-                            _zero_tail(kv_smem, v0, 4, tok0, seqlen)
+                            _zero_tail(kv_lat, v0, 4, tok0, seqlen)
                             fence_async_shared()
                             gl.thread_barrier()
-                        acc0 = warpgroup_mma(pa, kv_smem.index(v0), acc0 * a2, is_async=True)
-                        acc1 = warpgroup_mma(pa, kv_smem.index(v0 + 1), acc1 * a2, is_async=True)
-                        acc2 = warpgroup_mma(pa, kv_smem.index(v0 + 2), acc2 * a2, is_async=True)
-                        acc3 = warpgroup_mma(pa, kv_smem.index(v0 + 3), acc3 * a2, is_async=True)
+                        acc0 = warpgroup_mma(pa, kv_lat.index(v0), acc0 * a2, is_async=True)
+                        acc1 = warpgroup_mma(pa, kv_lat.index(v0 + 1), acc1 * a2, is_async=True)
+                        acc2 = warpgroup_mma(pa, kv_lat.index(v0 + 2), acc2 * a2, is_async=True)
+                        acc3 = warpgroup_mma(pa, kv_lat.index(v0 + 3), acc3 * a2, is_async=True)
                     acc0, acc1, acc2, acc3 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1, acc2, acc3))
                     if TRANSPOSED:
                         gl.thread_barrier()  # every warp is past this tile's MMAs before P^T is rewritten
@@ -844,9 +872,10 @@ if HAVE_GLUON:
     @gluon.jit
     def _ws_kernel(q_desc, kv_desc, pe_desc, seqlens_ptr, tbl_ptr, o_ptr, l_ptr, op_ptr, lp_ptr, cnt_ptr, stride_tb,
                    stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, capacity, B, H, S_Q, qk_scale,
-                   min_units, max_pieces, CAUSAL: gl.constexpr, PAGED: gl.constexpr, STAGES: gl.constexpr,
-                   BLOCK_B: gl.constexpr, RN: gl.constexpr, TRANSPOSED: gl.constexpr, SPLIT: gl.constexpr = False,
-                   TRACE: gl.constexpr = False, trace_ptr=None, EARLY_Q_FREE: gl.constexpr = False):
+                   min_units, max_pieces, q3_desc, kv3_desc, CAUSAL: gl.constexpr, PAGED: gl.constexpr,
+                   STAGES: gl.constexpr, BLOCK_B: gl.constexpr, RN: gl.constexpr, TRANSPOSED: gl.constexpr,
+                   SPLIT: gl.constexpr = False, TRACE: gl.constexpr = False, trace_ptr=None,
+                   EARLY_Q_FREE: gl.constexpr = False, TMA3: gl.constexpr = False):
         """The warp-specialized kernels, program (row block, p): rows [RN row block, +RN) of every piece in slice p.
         A producer warp (``_wide_producer``) and two consumer warpgroups (``_consumer``), each with half of the
         output columns. The wide kernel: RN = 64 rows as the MMA's M. TRANSPOSED: the narrow kernel's
@@ -869,9 +898,14 @@ if HAVE_GLUON:
             e = _stamp(trace_ptr, pt, e, 1)
         row0 = rb * RN
         n_rows = S_Q * H
-        NB: gl.constexpr = NKV + 1
-        q_smem = gl.allocate_shared_memory(q_desc.dtype, [NB, RN, CW], q_desc.layout)
-        kv_smem = gl.allocate_shared_memory(kv_desc.dtype, [STAGES * NB, BN, CW], kv_desc.layout)
+        if TMA3:  # the 3-D copies' layout for the latent boxes (each partition takes its 2-D view)
+            q_lat = gl.allocate_shared_memory(q_desc.dtype, [NKV, RN, CW], q3_desc.layout)
+            kv_lat = gl.allocate_shared_memory(kv_desc.dtype, [STAGES * NKV, BN, CW], kv3_desc.layout)
+        else:
+            q_lat = gl.allocate_shared_memory(q_desc.dtype, [NKV, RN, CW], q_desc.layout)
+            kv_lat = gl.allocate_shared_memory(kv_desc.dtype, [STAGES * NKV, BN, CW], kv_desc.layout)
+        q_rope = gl.allocate_shared_memory(q_desc.dtype, [RN, CW], q_desc.layout)
+        kv_rope = gl.allocate_shared_memory(kv_desc.dtype, [STAGES, BN, CW], kv_desc.layout)
         if TRANSPOSED:  # each consumer's P^T; the score shares exchanged (two tiles' worth)
             p_smem = gl.allocate_shared_memory(kv_desc.dtype, [2, BN, RN],
                                                gl.NVMMASharedLayout.get_default_for([BN, RN], gl.bfloat16))
@@ -883,8 +917,8 @@ if HAVE_GLUON:
             sx_smem = gl.allocate_shared_memory(gl.float32, [8, RN],
                                                 gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0]))
         else:
-            p_smem = q_smem  # (unused)
-            sx_smem = q_smem
+            p_smem = q_rope  # (unused)
+            sx_smem = q_rope
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         q_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -899,16 +933,19 @@ if HAVE_GLUON:
             mbarrier.init(empty.index(sb), count=2)
         fence_async_shared()
         gl.warp_specialize([
-            (_consumer, (q_smem, kv_smem, p_smem, sx_smem, sx_bar, q_bar, q_free, ready, empty, seqlens_ptr, o_ptr,
+            (_consumer, (q_lat, q_rope, kv_lat, kv_rope, p_smem, sx_smem, sx_bar, q_bar, q_free, ready, empty,
+                         seqlens_ptr, o_ptr,
                          l_ptr, op_ptr, lp_ptr, stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh,
                          capacity, B, H, S_Q, n_rows, qk_scale, row0, p, u0, u1, b, S, RN, CAUSAL, 0, STAGES,
-                         TRANSPOSED, SPLIT, TRACE, trace_ptr, pt, e, EARLY_Q_FREE)),
-            (_consumer, (q_smem, kv_smem, p_smem, sx_smem, sx_bar, q_bar, q_free, ready, empty, seqlens_ptr, o_ptr,
+                         TRANSPOSED, SPLIT, TRACE, trace_ptr, pt, e, EARLY_Q_FREE, TMA3)),
+            (_consumer, (q_lat, q_rope, kv_lat, kv_rope, p_smem, sx_smem, sx_bar, q_bar, q_free, ready, empty,
+                         seqlens_ptr, o_ptr,
                          l_ptr, op_ptr, lp_ptr, stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh,
                          capacity, B, H, S_Q, n_rows, qk_scale, row0, p, u0, u1, b, S, RN, CAUSAL, 1, STAGES,
-                         TRANSPOSED, SPLIT, TRACE, trace_ptr, pt, e, EARLY_Q_FREE)),
-            (_wide_producer, (q_desc, kv_desc, pe_desc, q_smem, kv_smem, q_bar, q_free, ready, empty, seqlens_ptr,
-                              tbl_ptr, stride_tb, capacity, B, n_rows, row0, u0, u1, b, S, PAGED, STAGES)),
+                         TRANSPOSED, SPLIT, TRACE, trace_ptr, pt, e, EARLY_Q_FREE, TMA3)),
+            (_wide_producer, (q_desc, kv_desc, pe_desc, q_lat, q_rope, kv_lat, kv_rope, q_bar, q_free, ready, empty,
+                              seqlens_ptr, tbl_ptr, stride_tb, capacity, B, n_rows, row0, u0, u1, b, S, PAGED, STAGES,
+                              q3_desc, kv3_desc, TMA3)),
         ], [4, 1], [232, 24])
 
     @gluon.jit
@@ -1150,6 +1187,11 @@ NARROW2_ROWS: tuple[int, ...] = ()
 # earlier. On the H200 (bench/results/mla_decode-ab-qfree.md, against the release after P V) 0-2.3% faster at H=128
 # (B=128 4K s_q=2 716.9 -> 700.5 us, B=128 1K~ 125.0 -> 123.6), B=32 1K unchanged (40.7 / 40.8).
 EARLY_Q_FREE = True
+# The wide kernel's producer brings a query's and each tile's eight latent boxes in one 3-D copy each (``_desc3``, as
+# the narrow kernel's ``TMA3_LATENTS``) instead of a copy a box: 2 copies a tile, not 9. On the H200
+# (bench/results/mla_decode-ab-widetma3.md, against a copy a box) 0-3.7% faster at H=128 (B=128 4K s_q=2 708.3 ->
+# 682.0 us, B=32 1K 40.9 -> 40.1), B=128 1K s_q=2 within 0.4% (200.3 / 201.2).
+WIDE_TMA3 = True
 # The wide kernel's consumers each score half of a tile's tokens (``_consumer``'s SPLIT) rather than all of them, at
 # the price of two meetings a tile. On the H200 (bench/results/mla_decode-ab-split.md, -ab-long.md: against the
 # kernel where both score all 64 tokens) 8-11% faster from 4K on (B=128 4K s_q=2 763.1 -> 691.2 us, 383 -> 423
@@ -1303,9 +1345,10 @@ def mla_decode_gluon(q, kv, pe, seqlens, scale, causal, block_table, out, lse, k
         trace.fill_(-1)
         traced = {"TRACE": True, "trace_ptr": trace}
     if kind == "wide" or two:
-        _ws_kernel[grid](*args, CAUSAL=causal, PAGED=paged, STAGES=stages, BLOCK_B=block_b,
-                         RN=64 if kind == "wide" else rows, TRANSPOSED=two, SPLIT=kind == "wide" and WIDE_SPLIT,
-                         EARLY_Q_FREE=EARLY_Q_FREE, num_warps=4, **traced)
+        rn = 64 if kind == "wide" else rows
+        _ws_kernel[grid](*args, _desc3(q2, C // 64, rn), _desc3(kv2, C // 64, 64), CAUSAL=causal, PAGED=paged,
+                         STAGES=stages, BLOCK_B=block_b, RN=rn, TRANSPOSED=two, SPLIT=kind == "wide" and WIDE_SPLIT,
+                         EARLY_Q_FREE=EARLY_Q_FREE, TMA3=kind == "wide" and WIDE_TMA3, num_warps=4, **traced)
     else:
         _narrow_kernel[grid](*args, _part_desc(o_part), _desc3(q2, C // 64, rows), _desc3(kv2, C // 64, 64), RN=rows,
                              CAUSAL=causal, PAGED=paged, STAGES=stages, BLOCK_B=block_b, MERGE=merge, NL=C // 64,
