@@ -7,7 +7,8 @@ dot operand in registers (64 rows x 576: 144 registers a thread per warpgroup) b
 H=128 its sm_90 build spills 5.9 KB a thread and runs at 109-276 TFLOP/s against the >= 300 target; at H=16 it runs
 one latency-bound warp a scheduler (0.16 issues a cycle, 29% of copy at B=32, 1K). Here the query and the cache tiles
 stay in shared memory (TMA loads, 64-token tiles in 64-column boxes), where the MMAs read them. With V3's latent
-the narrow kernel brings a tile's (and the query's) eight latent boxes in one 3-D copy (``TMA3_LATENTS``).
+the narrow kernel brings a tile's (and the query's) eight latent boxes in one 3-D copy (``TMA3_LATENTS``), as the
+wide kernel's producer does (``WIDE_TMA3``).
 
 Two kernels, by rows = s_q * H:
 - rows a multiple of 64 (H=128, H=64): ``_ws_kernel`` (the wide kernel), 64 rows a program, warp-specialized: a
