@@ -680,11 +680,10 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _consumer(q_lat, q_rope, kv_lat, kv_rope, p_smem, sx_smem, sx_bar, q_bar, q_free, ready, empty, seqlens_ptr,
-                  o_ptr, l_ptr,
-                  op_ptr, lp_ptr, stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, capacity, B, H, S_Q,
-                  n_rows, qk_scale, row0, p, u0, u1, b, S, RN: gl.constexpr, CAUSAL: gl.constexpr, PART: gl.constexpr,
-                  STAGES: gl.constexpr, TRANSPOSED: gl.constexpr, SPLIT: gl.constexpr, TRACE: gl.constexpr, trace_ptr,
-                  pt, e, EARLY_Q_FREE: gl.constexpr, TMA3: gl.constexpr):
+                  o_ptr, l_ptr, op_ptr, lp_ptr, stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh,
+                  capacity, B, H, S_Q, n_rows, qk_scale, row0, p, u0, u1, b, S, RN: gl.constexpr, CAUSAL: gl.constexpr,
+                  PART: gl.constexpr, STAGES: gl.constexpr, TRANSPOSED: gl.constexpr, SPLIT: gl.constexpr,
+                  TRACE: gl.constexpr, trace_ptr, pt, e, EARLY_Q_FREE: gl.constexpr, TMA3: gl.constexpr):
         """One consumer warpgroup of the warp-specialized kernels: for each piece of the slice, the scores and softmax
         of RN rows (from row0) and P V for output columns [256 PART, +256) (four 64-column accumulators); the output
         (a whole sequence) or the piece's partial slot (``combine``). Wide kernel: RN = 64 rows as the MMA's M, P from
