@@ -695,7 +695,8 @@ if HAVE_GLUON:
         row sums are each consumer's tokens', added at the piece's end. TRACE: consumer 0 records the timeline of
         program pt from event e on (``_ws_kernel``)."""
         STAMP: gl.constexpr = gl.constexpr(TRACE) and gl.constexpr(PART) == 0
-        if TMA3:  # (the 3-D copies' allocations: the MMAs' 2-D view of the same bytes)
+        if TMA3:  # (the 3-D copies' allocations: the MMAs' 2-D view of the same bytes, in the layout the host gives
+            # q_desc and kv_desc, ``_layout``)
             q_lat = q_lat._reinterpret(q_lat.dtype, [NKV, RN, CW],
                                        gl.NVMMASharedLayout.get_default_for([RN, CW], q_lat.dtype))
             kv_lat = kv_lat._reinterpret(kv_lat.dtype, [STAGES * NKV, BN, CW],
@@ -934,15 +935,13 @@ if HAVE_GLUON:
         fence_async_shared()
         gl.warp_specialize([
             (_consumer, (q_lat, q_rope, kv_lat, kv_rope, p_smem, sx_smem, sx_bar, q_bar, q_free, ready, empty,
-                         seqlens_ptr, o_ptr,
-                         l_ptr, op_ptr, lp_ptr, stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh,
-                         capacity, B, H, S_Q, n_rows, qk_scale, row0, p, u0, u1, b, S, RN, CAUSAL, 0, STAGES,
-                         TRANSPOSED, SPLIT, TRACE, trace_ptr, pt, e, EARLY_Q_FREE, TMA3)),
+                         seqlens_ptr, o_ptr, l_ptr, op_ptr, lp_ptr, stride_ob, stride_os, stride_oh, stride_lb,
+                         stride_ls, stride_lh, capacity, B, H, S_Q, n_rows, qk_scale, row0, p, u0, u1, b, S, RN,
+                         CAUSAL, 0, STAGES, TRANSPOSED, SPLIT, TRACE, trace_ptr, pt, e, EARLY_Q_FREE, TMA3)),
             (_consumer, (q_lat, q_rope, kv_lat, kv_rope, p_smem, sx_smem, sx_bar, q_bar, q_free, ready, empty,
-                         seqlens_ptr, o_ptr,
-                         l_ptr, op_ptr, lp_ptr, stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh,
-                         capacity, B, H, S_Q, n_rows, qk_scale, row0, p, u0, u1, b, S, RN, CAUSAL, 1, STAGES,
-                         TRANSPOSED, SPLIT, TRACE, trace_ptr, pt, e, EARLY_Q_FREE, TMA3)),
+                         seqlens_ptr, o_ptr, l_ptr, op_ptr, lp_ptr, stride_ob, stride_os, stride_oh, stride_lb,
+                         stride_ls, stride_lh, capacity, B, H, S_Q, n_rows, qk_scale, row0, p, u0, u1, b, S, RN,
+                         CAUSAL, 1, STAGES, TRANSPOSED, SPLIT, TRACE, trace_ptr, pt, e, EARLY_Q_FREE, TMA3)),
             (_wide_producer, (q_desc, kv_desc, pe_desc, q_lat, q_rope, kv_lat, kv_rope, q_bar, q_free, ready, empty,
                               seqlens_ptr, tbl_ptr, stride_tb, capacity, B, n_rows, row0, u0, u1, b, S, PAGED, STAGES,
                               q3_desc, kv3_desc, TMA3)),
@@ -1302,8 +1301,7 @@ def mla_decode_gluon(q, kv, pe, seqlens, scale, causal, block_table, out, lse, k
     the work is balanced over, with no floor on a slice (``MIN_UNITS`` 1); None: one per SM (per row block).
     trace: for the one-warpgroup narrow and the wide kernels, an int64 (programs, TRACE_LEN, 3) tensor (programs:
     the grid's, row block major) filled with each program's timeline (``TRACE_CODES``; bench/trace_mla_gluon.py),
-    code -1 past a program's last event. Returns the grid (for
-    benchmarks' reports)."""
+    code -1 past a program's last event. Returns the grid (for benchmarks' reports)."""
     B, s_q, H, D = q.shape
     C = kv.shape[-1]
     rows = s_q * H
