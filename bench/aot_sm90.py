@@ -79,7 +79,7 @@ def gluon_kernel(kind: str, rows: int, paged: bool, C: int = 512, trace: bool = 
     else:  # the warp-specialized kernel: wide, or the narrow math on two consumer warpgroups ("narrow2")
         consts.update(RN=64 if kind == "wide" else rows, TRANSPOSED=kind == "narrow2",
                       SPLIT=kind == "wide" and glu.WIDE_SPLIT, EARLY_Q_FREE=glu.EARLY_Q_FREE,
-                      TMA3=kind == "wide" and glu.WIDE_TMA3, SEESAW=kind == "wide" and glu.WIDE_SPLIT and glu.WIDE_SEESAW)
+                      TMA3=kind == "wide" and glu.WIDE_TMA3)
     consts["TRACE"] = trace
     if not trace:
         consts["trace_ptr"] = None

@@ -405,76 +405,6 @@ if HAVE_GLUON:
         return warpgroup_mma(p_smem.index(1), kv_smem.index(v).slice(BN // 2, BN // 2), acc, is_async=True)
 
     @gluon.jit
-    def _seesaw0(s, m_i, l_i, acc0, acc1, acc2, acc3, p_smem, sx_smem, sx_bar, ph, kv_lat, v0):
-        """Consumer 0's share of a tile in the seesaw order (``SEESAW``; its scores s are the tile's first 32
-        tokens', masked): its softmax against m0 = max(m, its maxima), m0 to consumer 1 (X), acc = acc 2^(m - m0) +
-        P_a V_a over its columns (P_a from registers); then, once consumer 1 sends m1 and its P_b (Y), P_a rescaled
-        by 2^(m0 - m1) to p_smem[0] for consumer 1 (Z), and acc = acc 2^(m0 - m1) + P_b V_b. Returns (m1, l, acc0 ..
-        acc3), the last P V MMAs issued and not waited for."""
-        acc_rows: gl.constexpr = gl.SliceLayout(1, acc0.type.layout)
-        m0 = gl.maximum(m_i, gl.max(s, axis=1))
-        m0_safe = gl.where(m0 == float("-inf"), 0.0, m0)
-        sc0 = gl.exp2(m_i - m0_safe)
-        p = gl.exp2(s - gl.expand_dims(m0_safe, 1))
-        l_i = l_i * sc0 + gl.sum(p, axis=1)
-        sx_smem.index(0).store(m0)
-        gl.thread_barrier()  # m0 is all in shared memory before it arrives
-        mbarrier.arrive(sx_bar.index(0))
-        pa = gl.convert_layout(p.to(kv_lat.dtype), gl.DotOperandLayout(operand_index=0, parent=acc0.type.layout,
-                                                                        k_width=2))
-        a2 = gl.expand_dims(gl.convert_layout(sc0, acc_rows), 1)
-        acc0 = warpgroup_mma(pa, kv_lat.index(v0).slice(0, BN // 2), acc0 * a2, is_async=True)
-        acc1 = warpgroup_mma(pa, kv_lat.index(v0 + 1).slice(0, BN // 2), acc1 * a2, is_async=True)
-        acc2 = warpgroup_mma(pa, kv_lat.index(v0 + 2).slice(0, BN // 2), acc2 * a2, is_async=True)
-        acc3 = warpgroup_mma(pa, kv_lat.index(v0 + 3).slice(0, BN // 2), acc3 * a2, is_async=True)
-        mbarrier.wait(sx_bar.index(1), ph)  # consumer 1's m1 and P_b
-        m1 = sx_smem.index(1).load(m0.type.layout)
-        sc1 = gl.exp2(m0 - gl.where(m1 == float("-inf"), 0.0, m1))
-        p_smem.index(0).store((p * gl.expand_dims(sc1, 1)).to(kv_lat.dtype))
-        fence_async_shared()
-        gl.thread_barrier()
-        mbarrier.arrive(sx_bar.index(3))
-        a2 = gl.expand_dims(gl.convert_layout(sc1, acc_rows), 1)
-        acc0, acc1, acc2, acc3 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1, acc2, acc3))
-        acc0 = warpgroup_mma(p_smem.index(1), kv_lat.index(v0).slice(BN // 2, BN // 2), acc0 * a2, is_async=True)
-        acc1 = warpgroup_mma(p_smem.index(1), kv_lat.index(v0 + 1).slice(BN // 2, BN // 2), acc1 * a2, is_async=True)
-        acc2 = warpgroup_mma(p_smem.index(1), kv_lat.index(v0 + 2).slice(BN // 2, BN // 2), acc2 * a2, is_async=True)
-        acc3 = warpgroup_mma(p_smem.index(1), kv_lat.index(v0 + 3).slice(BN // 2, BN // 2), acc3 * a2, is_async=True)
-        return m1, l_i * sc1, acc0, acc1, acc2, acc3
-
-    @gluon.jit
-    def _seesaw1(s, m_i, l_i, acc0, acc1, acc2, acc3, p_smem, sx_smem, sx_bar, ph, kv_lat, v0):
-        """Consumer 1's share of a tile in the seesaw order (its scores s are the tile's last 32 tokens', masked):
-        once consumer 0 sends m0 (X), its softmax against m1 = max(m0, its maxima), P_b to p_smem[1] and m1 to
-        consumer 0 (Y), acc = acc 2^(m - m1) + P_b V_b over its columns; then, once consumer 0's rescaled P_a is in
-        p_smem[0] (Z), acc += P_a V_a. Returns (m1, l, acc0 .. acc3), the P V MMAs issued and not waited for."""
-        acc_rows: gl.constexpr = gl.SliceLayout(1, acc0.type.layout)
-        mx = gl.max(s, axis=1)
-        mbarrier.wait(sx_bar.index(0), ph)
-        m0 = sx_smem.index(0).load(mx.type.layout)
-        m1 = gl.maximum(m0, mx)
-        m1_safe = gl.where(m1 == float("-inf"), 0.0, m1)
-        sc = gl.exp2(m_i - m1_safe)  # 2^(m - m0) 2^(m0 - m1)
-        p = gl.exp2(s - gl.expand_dims(m1_safe, 1))
-        l_i = l_i * sc + gl.sum(p, axis=1)
-        p_smem.index(1).store(p.to(kv_lat.dtype))
-        sx_smem.index(1).store(m1)
-        fence_async_shared()
-        gl.thread_barrier()
-        mbarrier.arrive(sx_bar.index(1))
-        a2 = gl.expand_dims(gl.convert_layout(sc, acc_rows), 1)
-        acc0 = warpgroup_mma(p_smem.index(1), kv_lat.index(v0).slice(BN // 2, BN // 2), acc0 * a2, is_async=True)
-        acc1 = warpgroup_mma(p_smem.index(1), kv_lat.index(v0 + 1).slice(BN // 2, BN // 2), acc1 * a2, is_async=True)
-        acc2 = warpgroup_mma(p_smem.index(1), kv_lat.index(v0 + 2).slice(BN // 2, BN // 2), acc2 * a2, is_async=True)
-        acc3 = warpgroup_mma(p_smem.index(1), kv_lat.index(v0 + 3).slice(BN // 2, BN // 2), acc3 * a2, is_async=True)
-        mbarrier.wait(sx_bar.index(3), ph)  # consumer 0's P_a, rescaled to m1
-        acc0 = warpgroup_mma(p_smem.index(0), kv_lat.index(v0).slice(0, BN // 2), acc0, is_async=True)
-        acc1 = warpgroup_mma(p_smem.index(0), kv_lat.index(v0 + 1).slice(0, BN // 2), acc1, is_async=True)
-        acc2 = warpgroup_mma(p_smem.index(0), kv_lat.index(v0 + 2).slice(0, BN // 2), acc2, is_async=True)
-        acc3 = warpgroup_mma(p_smem.index(0), kv_lat.index(v0 + 3).slice(0, BN // 2), acc3, is_async=True)
-        return m1, l_i, acc0, acc1, acc2, acc3
-
-    @gluon.jit
     def _exchange(x, xs_smem, mine, theirs, bar, phase):
         """Write this consumer's row vector x to xs_smem[mine], meet the other consumer at bar (count 2, this phase),
         and return the other's, xs_smem[theirs]."""
@@ -753,8 +683,7 @@ if HAVE_GLUON:
                   o_ptr, l_ptr, op_ptr, lp_ptr, stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh,
                   capacity, B, H, S_Q, n_rows, qk_scale, row0, p, u0, u1, b, S, RN: gl.constexpr, CAUSAL: gl.constexpr,
                   PART: gl.constexpr, STAGES: gl.constexpr, TRANSPOSED: gl.constexpr, SPLIT: gl.constexpr,
-                  TRACE: gl.constexpr, trace_ptr, pt, e, EARLY_Q_FREE: gl.constexpr, TMA3: gl.constexpr,
-                  SEESAW: gl.constexpr):
+                  TRACE: gl.constexpr, trace_ptr, pt, e, EARLY_Q_FREE: gl.constexpr, TMA3: gl.constexpr):
         """One consumer warpgroup of the warp-specialized kernels: for each piece of the slice, the scores and softmax
         of RN rows (from row0) and P V for output columns [256 PART, +256) (four 64-column accumulators); the output
         (a whole sequence) or the piece's partial slot (``combine``). Wide kernel: RN = 64 rows as the MMA's M, P from
@@ -850,9 +779,7 @@ if HAVE_GLUON:
                         if i == hi - lo - 1:  # the piece's last reader of the query is done: the producer brings
                             mbarrier.arrive(q_free)  # the next piece's during this tile's softmax, P V and stores
                     tok0 = (lo + i) * BN
-                    if SEESAW:
-                        s = _masked(s, tok0 + toks_h, limit, qk_scale, 1)
-                    elif SPLIT:
+                    if SPLIT:
                         s = _masked(s, tok0 + toks_h, limit, qk_scale, 1)
                         mx = gl.max(s, axis=1)
                         mx = gl.maximum(mx, _exchange(mx, sx_smem, PART, 1 - PART, sx_bar.index(0), g & 1))
@@ -879,17 +806,6 @@ if HAVE_GLUON:
                         acc1 = warpgroup_mma(kv_lat.index(v0 + 1).permute((1, 0)), pbuf, acc1 * a2, is_async=True)
                         acc2 = warpgroup_mma(kv_lat.index(v0 + 2).permute((1, 0)), pbuf, acc2 * a2, is_async=True)
                         acc3 = warpgroup_mma(kv_lat.index(v0 + 3).permute((1, 0)), pbuf, acc3 * a2, is_async=True)
-                    elif SEESAW:  # consumer 0 the tile's first 32 tokens, consumer 1 its last 32 (``_seesaw0``)
-                        if tail:
-                            _zero_tail(kv_lat, v0, 4, tok0, seqlen)
-                            fence_async_shared()
-                            gl.thread_barrier()
-                        if PART == 0:
-                            m_i, l_i, acc0, acc1, acc2, acc3 = _seesaw0(s, m_i, l_i, acc0, acc1, acc2, acc3, p_smem,
-                                                                        sx_smem, sx_bar, g & 1, kv_lat, v0)
-                        else:
-                            m_i, l_i, acc0, acc1, acc2, acc3 = _seesaw1(s, m_i, l_i, acc0, acc1, acc2, acc3, p_smem,
-                                                                        sx_smem, sx_bar, g & 1, kv_lat, v0)
                     elif SPLIT:  # P's two halves through p_smem, then P V over all 64 tokens for this half's columns
                         if tail:
                             _zero_tail(kv_lat, v0, 4, tok0, seqlen)
@@ -960,7 +876,7 @@ if HAVE_GLUON:
                    min_units, max_pieces, q3_desc, kv3_desc, CAUSAL: gl.constexpr, PAGED: gl.constexpr,
                    STAGES: gl.constexpr, BLOCK_B: gl.constexpr, RN: gl.constexpr, TRANSPOSED: gl.constexpr,
                    SPLIT: gl.constexpr = False, TRACE: gl.constexpr = False, trace_ptr=None,
-                   EARLY_Q_FREE: gl.constexpr = False, TMA3: gl.constexpr = False, SEESAW: gl.constexpr = False):
+                   EARLY_Q_FREE: gl.constexpr = False, TMA3: gl.constexpr = False):
         """The warp-specialized kernels, program (row block, p): rows [RN row block, +RN) of every piece in slice p.
         A producer warp (``_wide_producer``) and two consumer warpgroups (``_consumer``), each with half of the
         output columns. The wide kernel: RN = 64 rows as the MMA's M. TRANSPOSED: the narrow kernel's
@@ -1008,14 +924,11 @@ if HAVE_GLUON:
         q_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        sx_bar = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
+        sx_bar = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
         mbarrier.init(q_free, count=2)
-        for sb in gl.static_range(4):  # SEESAW: X, Y and Z one-way (one arrival); the row sums' meeting (two)
-            if SEESAW and sb != 2:
-                mbarrier.init(sx_bar.index(sb), count=1)
-            else:
-                mbarrier.init(sx_bar.index(sb), count=2)
+        for sb in gl.static_range(3):
+            mbarrier.init(sx_bar.index(sb), count=2)
         for sb in gl.static_range(STAGES):
             mbarrier.init(ready.index(sb), count=1)
             mbarrier.init(empty.index(sb), count=2)
@@ -1024,13 +937,11 @@ if HAVE_GLUON:
             (_consumer, (q_lat, q_rope, kv_lat, kv_rope, p_smem, sx_smem, sx_bar, q_bar, q_free, ready, empty,
                          seqlens_ptr, o_ptr, l_ptr, op_ptr, lp_ptr, stride_ob, stride_os, stride_oh, stride_lb,
                          stride_ls, stride_lh, capacity, B, H, S_Q, n_rows, qk_scale, row0, p, u0, u1, b, S, RN,
-                         CAUSAL, 0, STAGES, TRANSPOSED, SPLIT, TRACE, trace_ptr, pt, e, EARLY_Q_FREE, TMA3,
-                         SEESAW)),
+                         CAUSAL, 0, STAGES, TRANSPOSED, SPLIT, TRACE, trace_ptr, pt, e, EARLY_Q_FREE, TMA3)),
             (_consumer, (q_lat, q_rope, kv_lat, kv_rope, p_smem, sx_smem, sx_bar, q_bar, q_free, ready, empty,
                          seqlens_ptr, o_ptr, l_ptr, op_ptr, lp_ptr, stride_ob, stride_os, stride_oh, stride_lb,
                          stride_ls, stride_lh, capacity, B, H, S_Q, n_rows, qk_scale, row0, p, u0, u1, b, S, RN,
-                         CAUSAL, 1, STAGES, TRANSPOSED, SPLIT, TRACE, trace_ptr, pt, e, EARLY_Q_FREE, TMA3,
-                         SEESAW)),
+                         CAUSAL, 1, STAGES, TRANSPOSED, SPLIT, TRACE, trace_ptr, pt, e, EARLY_Q_FREE, TMA3)),
             (_wide_producer, (q_desc, kv_desc, pe_desc, q_lat, q_rope, kv_lat, kv_rope, q_bar, q_free, ready, empty,
                               seqlens_ptr, tbl_ptr, stride_tb, capacity, B, n_rows, row0, u0, u1, b, S, PAGED, STAGES,
                               q3_desc, kv3_desc, TMA3)),
@@ -1286,11 +1197,6 @@ WIDE_TMA3 = True
 # TFLOP/s; B=32 16K s_q=2 735.0 -> 661.4 us), 1-5% at B=128 1K, and 1.5-4.6% slower at B=32 1K (40.0 -> 40.6 us;
 # ragged 51.8 -> 54.2), where each program has few tiles to amortize the meetings over.
 WIDE_SPLIT = True
-# The wide kernel's consumers take a tile's two halves in FlashMLA's "seesaw" order (``_seesaw0`` / ``_seesaw1``;
-# DeepSeek's FlashMLA deep-dive, 2025-04-22) instead of meeting twice a tile as equals: consumer 0 sends its half's
-# running maximum one way, consumer 1 its own and its P back, so each one's softmax runs while the other's MMAs
-# keep the tensor cores busy.
-WIDE_SEESAW = True
 STAGES = {"wide": 2, "narrow": 2}  # _ws_kernel's cache tiles in flight: 2 x 72 KB (with the 72 / 18-36 KB query)
 # The narrow kernel's (tokens a tile: the schedule's unit, tiles in flight) by (latent, rows). C = 512: 64-token tiles
 # of 72 KB, two in flight (with the 18-36 KB query: 168-189 KB of shared memory). C = 256, 16 rows: a 128-token tile
@@ -1440,8 +1346,7 @@ def mla_decode_gluon(q, kv, pe, seqlens, scale, causal, block_table, out, lse, k
         rn = 64 if kind == "wide" else rows
         _ws_kernel[grid](*args, _desc3(q2, C // 64, rn), _desc3(kv2, C // 64, 64), CAUSAL=causal, PAGED=paged,
                          STAGES=stages, BLOCK_B=block_b, RN=rn, TRANSPOSED=two, SPLIT=kind == "wide" and WIDE_SPLIT,
-                         EARLY_Q_FREE=EARLY_Q_FREE, TMA3=kind == "wide" and WIDE_TMA3,
-                         SEESAW=kind == "wide" and WIDE_SPLIT and WIDE_SEESAW, num_warps=4, **traced)
+                         EARLY_Q_FREE=EARLY_Q_FREE, TMA3=kind == "wide" and WIDE_TMA3, num_warps=4, **traced)
     else:
         _narrow_kernel[grid](*args, _part_desc(o_part), _desc3(q2, C // 64, rows), _desc3(kv2, C // 64, 64), RN=rows,
                              CAUSAL=causal, PAGED=paged, STAGES=stages, BLOCK_B=block_b, MERGE=merge, NL=C // 64,
