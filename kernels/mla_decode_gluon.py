@@ -92,9 +92,9 @@ if HAVE_TRITON:
                         OVERHEAD: tl.constexpr, PDL: tl.constexpr = False):
         """Rows [BLOCK_R program_id 1, +BLOCK_R) of sequence b (program_id 0), if the schedule (``slices_ref`` with
         P programs) cut it: out = sum_j w_j o_j / sum_j w_j, w_j = 2^(l_j - max l), over its pieces j in
-        program order; lse = (max + log2 sum w) ln 2. O_PART (2 P, n_rows, C) and L_PART (2 P, n_rows) float32 (log2
-        units; -inf and a zero partial for a piece that saw no token of a row). A sequence in one piece was written
-        by the attention kernel: nothing to do. PDL (a programmatic dependent launch after the attention kernel): the
+        program order; lse = (max + log2 sum w) ln 2. O_PART (2 P, n_rows, C) float32 or bfloat16 (added in
+        float32) and L_PART (2 P, n_rows) float32 (log2 units; -inf and a zero partial for a piece that saw no token
+        of a row). A sequence in one piece was written by the attention kernel: nothing to do. PDL (a programmatic dependent launch after the attention kernel): the
         schedule is derived while that kernel runs, and the partials read once it is done (griddepcontrol.wait)."""
         b = tl.program_id(0)
         r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -144,8 +144,8 @@ if HAVE_TRITON:
 def combine(o_part: torch.Tensor, l_part: torch.Tensor, seqlens: torch.Tensor, capacity: int, min_units: int,
             out: torch.Tensor, lse: torch.Tensor, unit: int = UNIT, pdl: bool = False) -> None:
     """Merge the pieces of every sequence the schedule of P = len(o_part) // 2 programs cut (o_part (2 P, s_q * H,
-    C), l_part (2 P, s_q * H) float32, log2 units: the slots of ``pieces_ref``) into out (B, s_q, H, C) and lse (B, H,
-    s_q) (natural log), in program order; the rows of uncut sequences are left as they are. unit: the schedule's tokens
+    C) float32 or bfloat16, l_part (2 P, s_q * H) float32, log2 units: the slots of ``pieces_ref``) into out (B, s_q,
+    H, C) and lse (B, H, s_q) (natural log), in program order; the rows of uncut sequences are left as they are. unit: the schedule's tokens
     a tile (the attention kernel's). pdl: launched as a programmatic dependent of the kernel before it on the stream
     (a CUDA GPU of sm_90 or later): its schedule overlaps that kernel's end, its reads wait for it."""
     two_p, n_rows, C = o_part.shape
@@ -193,7 +193,7 @@ def pieces_ref(lens: list[int], P: int, min_units: int = MIN_UNITS) -> list[list
 
 def combine_ref(o_part: torch.Tensor, l_part: torch.Tensor, lens: list[int], min_units: int, out: torch.Tensor,
                 lse: torch.Tensor) -> None:
-    """``combine`` in torch (the tests' reference), float32, from ``pieces_ref``."""
+    """``combine`` in torch (the tests' reference), in float32 (whatever the partials' dtype), from ``pieces_ref``."""
     P = o_part.shape[0] // 2
     H = out.shape[2]
     work = pieces_ref(lens, P, min_units)
@@ -203,7 +203,7 @@ def combine_ref(o_part: torch.Tensor, l_part: torch.Tensor, lens: list[int], min
             if slot is not None:
                 slots.setdefault(b, []).append(slot)
     for b, js in slots.items():
-        lp, op = l_part[js], o_part[js]  # (pieces, rows), (pieces, rows, C)
+        lp, op = l_part[js], o_part[js].float()  # (pieces, rows), (pieces, rows, C)
         m = lp.amax(0)
         w = torch.exp2(lp - torch.where(torch.isinf(m), torch.zeros_like(m), m))
         den = w.sum(0)
@@ -1197,6 +1197,11 @@ WIDE_TMA3 = True
 # TFLOP/s; B=32 16K s_q=2 735.0 -> 661.4 us), 1-5% at B=128 1K, and 1.5-4.6% slower at B=32 1K (40.0 -> 40.6 us;
 # ragged 51.8 -> 54.2), where each program has few tiles to amortize the meetings over.
 WIDE_SPLIT = True
+# The partials of pieces merged by the combine kernel (the wide kernel's, and the narrow kernel's at row counts
+# outside MERGE_ROWS) stored in bfloat16 (each piece's normalized output, as the result itself is stored) rather
+# than float32: half the bytes written at a piece's end and read back by the combine. Their log-sum-exps stay
+# float32, and the combine adds in float32. The narrow kernel's own merge (MERGE_ROWS) keeps float32 partials.
+PART_BF16 = True
 STAGES = {"wide": 2, "narrow": 2}  # _ws_kernel's cache tiles in flight: 2 x 72 KB (with the 72 / 18-36 KB query)
 # The narrow kernel's (tokens a tile: the schedule's unit, tiles in flight) by (latent, rows). C = 512: 64-token tiles
 # of 72 KB, two in flight (with the 18-36 KB query: 168-189 KB of shared memory). C = 256, 16 rows: a 128-token tile
@@ -1288,10 +1293,12 @@ def _flat32():
 
 
 def _part_desc(o_part: torch.Tensor) -> TensorDescriptor:
-    """The float32 partials (2 P, rows, C) as (2 P rows, C), in boxes of (rows, min(C, 256)) unswizzled (the narrow
-    kernel's merge)."""
+    """The partials (2 P, rows, C) as (2 P rows, C), in boxes of (rows, min(C, 256)) unswizzled (the narrow
+    kernel's merge reads float32 ones; bfloat16 ones, for the combine kernel, are not read through it)."""
     two_p, rows, C = o_part.shape
-    return TensorDescriptor.from_tensor(o_part.view(two_p * rows, C), [rows, min(C, 256)], _flat32())
+    layout = _flat32() if o_part.dtype == torch.float32 else gl.NVMMASharedLayout(
+        swizzle_byte_width=0, element_bitwidth=8 * o_part.element_size(), rank=2)
+    return TensorDescriptor.from_tensor(o_part.view(two_p * rows, C), [rows, min(C, 256)], layout)
 
 
 def mla_decode_gluon(q, kv, pe, seqlens, scale, causal, block_table, out, lse, kind, num_splits=None, trace=None):
@@ -1318,7 +1325,10 @@ def mla_decode_gluon(q, kv, pe, seqlens, scale, causal, block_table, out, lse, k
         min_units = MIN_UNITS
     else:
         P, min_units = num_splits, 1
-    o_part = torch.empty(2 * P, rows, C, dtype=torch.float32, device=q.device)
+    two = kind == "narrow" and rows in NARROW2_ROWS and C == LATENT  # (its kernel takes V3's latent only)
+    merge = kind == "narrow" and rows in MERGE_ROWS and not two
+    o_part = torch.empty(2 * P, rows, C, dtype=torch.bfloat16 if PART_BF16 and not merge else torch.float32,
+                         device=q.device)
     l_part = torch.empty(2 * P, rows, dtype=torch.float32, device=q.device)
     tbl = block_table if paged else seqlens
     counts = arrival_counters("mla_decode_gluon", q.device, B)  # the narrow kernel's merge (zero between launches)
@@ -1327,9 +1337,7 @@ def mla_decode_gluon(q, kv, pe, seqlens, scale, causal, block_table, out, lse, k
             out.stride(2), lse.stride(0), lse.stride(2), lse.stride(1), capacity, B, H, s_q,
             scale * 1.4426950408889634, min_units, max(2, MAX_PIECES))
     block_b = min(MAX_BLOCK_B, max(16, triton.next_power_of_2(B)))
-    two = kind == "narrow" and rows in NARROW2_ROWS and C == LATENT  # (its kernel takes V3's latent only)
     grid = (row_blocks, P) if kind == "wide" else (1, P) if two else (P,)
-    merge = kind == "narrow" and rows in MERGE_ROWS and not two
     unit, stages = NARROW_TILES[C, rows] if kind == "narrow" and not two else (UNIT, STAGES[kind])
     if trace is not None and two:
         raise ValueError(f"mla_decode_gluon: trace= is for the one-warpgroup narrow and the wide kernels, this call "

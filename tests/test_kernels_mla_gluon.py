@@ -31,16 +31,18 @@ def _gluon_here() -> bool:
 @pytest.mark.parametrize("lens,P,rows", [([5, 300, 0, 64, 1000], 3, 16), ([4097, 1, 63], 7, 32),
                                          ([200, 200, 200, 200], 9, 64), ([1, 2000], 40, 128),
                                          ([1000, 980, 1024], 10, 16)])
-def test_combine_matches_torch(lens, P, rows):
+@pytest.mark.parametrize("part_dtype", [torch.float32, torch.bfloat16])
+def test_combine_matches_torch(lens, P, rows, part_dtype):
     """The pieces of every cut sequence (``pieces_ref`` with P programs: balanced slices for ragged lengths, equal
     pieces for equal tile counts, the last two cases) merged in program order: random partials, a piece that saw
     nothing (-inf, zeros) for some rows, rows no piece saw (out 0, lse -inf). Slots no piece wrote hold NaN (a read of
-    one would show), and sequences computed whole are left as they were (NaN here)."""
+    one would show), and sequences computed whole are left as they were (NaN here). The partials in float32 (the
+    narrow kernel's own merge) or bfloat16 (``PART_BF16``: what the kernels hand the combine), added in float32."""
     from minids.kernels.mla_decode_gluon import combine, combine_ref, pieces_ref
 
     gen = torch.Generator().manual_seed(P * 100 + rows)
     C, H = 512, 16
-    o_part = torch.randn(2 * P, rows, C, generator=gen)
+    o_part = torch.randn(2 * P, rows, C, generator=gen).to(part_dtype)
     l_part = torch.randn(2 * P, rows, generator=gen) * 4
     work = pieces_ref(lens, P, 1)
     used = sorted(slot for pieces in work for *_, slot in pieces if slot is not None)
@@ -209,6 +211,25 @@ def test_gluon_wide_unsplit_scores(layout, H, s_q, num_splits, monkeypatch):
     check([100, 128, 65], s_q, H=H, C=512, R=64, layout=layout, num_splits=num_splits)
     check([0, 1, 129], s_q, H=H, C=512, R=64, layout=layout, num_splits=num_splits)
     assert mod.LAST_LAUNCH["cfg"] == {"gluon": "wide"}
+
+
+@GPU
+@pytest.mark.parametrize("layout", ["contiguous", "paged"])
+@pytest.mark.parametrize("H,s_q", [(16, 2), (128, 1)])
+@pytest.mark.parametrize("num_splits", [None, 3])
+def test_gluon_float32_partials(layout, H, s_q, num_splits, monkeypatch):
+    """The pieces the combine kernel merges handed over in float32 (``PART_BF16`` off; the default stores them in
+    bfloat16), from the narrow kernel at 32 rows and the wide kernel, through the same checks: ragged lengths, equal
+    tile counts, an empty sequence."""
+    from minids.kernels import mla_decode as mod
+    from minids.kernels import mla_decode_gluon
+
+    monkeypatch.setattr(mod, "GLUON_MLA", True)
+    monkeypatch.setattr(mla_decode_gluon, "PART_BF16", False)
+    check([1, 63, 64, 65, 4097], s_q, H=H, C=512, R=64, layout=layout, num_splits=num_splits)
+    check([100, 128, 65], s_q, H=H, C=512, R=64, layout=layout, num_splits=num_splits)
+    check([0, 1, 129], s_q, H=H, C=512, R=64, layout=layout, num_splits=num_splits)
+    assert mod.LAST_LAUNCH["cfg"] == {"gluon": "narrow" if s_q * H <= 32 else "wide"}
 
 
 @GPU
