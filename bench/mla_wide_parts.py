@@ -7,8 +7,8 @@ one that meets it (4K).
 Per shape: ``call`` the default path (attention kernel, then the combine kernel as its programmatic dependent);
 ``attn`` the attention kernel alone (the combine launch left out: the output of cut sequences is then not
 written, so this is a timing only); ``combine`` the combine kernel alone on random partials of the call's shape
-(no PDL: its launch and schedule prologue are in it); ``floor`` the whole call with every length s_q (one tile a
-sequence: the launch, schedule, query and first-tile loads, stores and the combine, with almost no tile work);
+and dtype (no PDL: its launch and schedule prologue are in it); ``floor`` the whole call with every length s_q (one
+tile a sequence: the launch, schedule, query and first-tile loads, stores and the combine, with almost no tile work);
 ``no_cut`` the call with one program per sequence and row block (num_splits=B, fixed lengths: no partials, the
 combine launched but finding nothing to merge; half the SMs or fewer busy). The call is checked against the float32
 reference first.
@@ -72,7 +72,7 @@ def measure(B: int, mean: int, var: bool, s_q: int) -> dict:
     finally:
         glu.combine = real_combine
     P = grid[1]
-    o_part = torch.randn(2 * P, s_q * H, C, device="cuda")
+    o_part = torch.randn(2 * P, s_q * H, C, device="cuda").to(torch.bfloat16 if glu.PART_BF16 else torch.float32)
     l_part = torch.randn(2 * P, s_q * H, device="cuda")
     row["combine_us"] = graph_ms(
         lambda: glu.combine(o_part, l_part, seqlens, kv0.shape[1], MIN_UNITS, out, lse, UNIT)) * 1e3

@@ -537,16 +537,16 @@ if HAVE_GLUON:
     def _piece_add(stage, j: gl.constexpr, lq, m_safe, den, acc0, acc1, lay: gl.constexpr, NBOX: gl.constexpr):
         """den + w, acc + w o_j for the group's piece j in stage (boxes j NBOX ..), w = 2^(lq - m_safe)."""
         w = gl.exp2(lq - m_safe)
-        acc0 += gl.expand_dims(w, 1) * stage.index(j * NBOX).load(lay)
+        acc0 += gl.expand_dims(w, 1) * stage.index(j * NBOX).load(lay).to(gl.float32)
         if NBOX == 2:
-            acc1 += gl.expand_dims(w, 1) * stage.index(j * NBOX + 1).load(lay)
+            acc1 += gl.expand_dims(w, 1) * stage.index(j * NBOX + 1).load(lay).to(gl.float32)
         return den + w, acc0, acc1
 
     @gluon.jit
     def _merge(op_desc, lp_ptr, o_ptr, l_ptr, stage, bar, phase, b, p0, p1, H, stride_ob, stride_os, stride_oh,
                stride_lb, stride_ls, stride_lh, RN: gl.constexpr, NL: gl.constexpr):
-        """The last piece's program merges sequence b's pieces (programs p0 .. p1, in that order) from their float32
-        partial slots, as ``_combine_kernel`` does: out = sum_j w_j o_j / sum_j w_j, w_j = 2^(l_j - max l). Four
+        """The last piece's program merges sequence b's pieces (programs p0 .. p1, in that order) from their partial
+        slots (float32 or bfloat16, added in float32), as ``_combine_kernel`` does: out = sum_j w_j o_j / sum_j w_j, w_j = 2^(l_j - max l). Four
         pieces at a time come into stage (the cache tiles' shared memory, free by now) by TMA, on bar at once, with
         their lse: one round trip to L2 a group (the eighteenth session's merge, a piece a round trip through
         registers, took 4.7 us at B=32 1K: bench/results/mla_decode-trace.md); a group's slots past p1 are read from
@@ -996,8 +996,9 @@ if HAVE_GLUON:
         fence_async_shared()
         BOXC: gl.constexpr = op_desc.block_type.shape[1]
         if MERGE:  # the merge's MERGE_GROUP partials in the cache tiles' shared memory
-            gl.static_assert(MERGE_GROUP * RN * NL * CW * 4 <= STAGES * NL * TN * CW * 2)
-            stage = kv_lat3._reinterpret(gl.float32, [MERGE_GROUP * (NL * CW // BOXC), RN, BOXC], op_desc.layout)
+            PT: gl.constexpr = op_desc.block_type.element_ty  # the partials' dtype (``PART_BF16``)
+            gl.static_assert(MERGE_GROUP * RN * NL * CW * PT.primitive_bitwidth // 8 <= STAGES * NL * TN * CW * 2)
+            stage = kv_lat3._reinterpret(PT, [MERGE_GROUP * (NL * CW // BOXC), RN, BOXC], op_desc.layout)
         else:
             stage = kv_lat
         mph = 0  # m_bar's phase
@@ -1327,8 +1328,7 @@ def mla_decode_gluon(q, kv, pe, seqlens, scale, causal, block_table, out, lse, k
         P, min_units = num_splits, 1
     two = kind == "narrow" and rows in NARROW2_ROWS and C == LATENT  # (its kernel takes V3's latent only)
     merge = kind == "narrow" and rows in MERGE_ROWS and not two
-    o_part = torch.empty(2 * P, rows, C, dtype=torch.bfloat16 if PART_BF16 and not merge else torch.float32,
-                         device=q.device)
+    o_part = torch.empty(2 * P, rows, C, dtype=torch.bfloat16 if PART_BF16 else torch.float32, device=q.device)
     l_part = torch.empty(2 * P, rows, dtype=torch.float32, device=q.device)
     tbl = block_table if paged else seqlens
     counts = arrival_counters("mla_decode_gluon", q.device, B)  # the narrow kernel's merge (zero between launches)
