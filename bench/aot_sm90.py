@@ -83,12 +83,13 @@ def gluon_kernel(kind: str, rows: int, paged: bool, C: int = 512, trace: bool = 
     consts["TRACE"] = trace
     if not trace:
         consts["trace_ptr"] = None
+    part = torch.bfloat16 if glu.PART_BF16 else torch.float32  # the partials' dtype
     sig = {}
     for a in fn.arg_names:
         if a in consts:
             sig[a] = "constexpr"
         elif a == "op_desc":
-            sig[a] = mangle_type(glu._part_desc(torch.empty(8, rows, C, dtype=torch.float32)))
+            sig[a] = mangle_type(glu._part_desc(torch.empty(8, rows, C, dtype=part)))
         elif a in ("q3_desc", "kv3_desc"):
             sig[a] = mangle_type(glu._desc3(t[:, :C], C // 64, rows if a == "q3_desc" and kind != "wide" else 64))
         elif a.endswith("_desc"):
@@ -98,7 +99,7 @@ def gluon_kernel(kind: str, rows: int, paged: bool, C: int = 512, trace: bool = 
         elif a == "trace_ptr":
             sig[a] = "*i64"
         elif a in ("o_ptr", "l_ptr", "op_ptr", "lp_ptr"):
-            sig[a] = "*bf16" if a == "o_ptr" else "*fp32"
+            sig[a] = "*bf16" if a == "o_ptr" or a == "op_ptr" and part == torch.bfloat16 else "*fp32"
         else:
             sig[a] = "fp32" if a == "qk_scale" else "i32"
     ck = triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
