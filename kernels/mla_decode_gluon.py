@@ -1198,10 +1198,13 @@ WIDE_TMA3 = True
 # TFLOP/s; B=32 16K s_q=2 735.0 -> 661.4 us), 1-5% at B=128 1K, and 1.5-4.6% slower at B=32 1K (40.0 -> 40.6 us;
 # ragged 51.8 -> 54.2), where each program has few tiles to amortize the meetings over.
 WIDE_SPLIT = True
-# The partials of pieces merged by the combine kernel (the wide kernel's, and the narrow kernel's at row counts
-# outside MERGE_ROWS) stored in bfloat16 (each piece's normalized output, as the result itself is stored) rather
-# than float32: half the bytes written at a piece's end and read back by the combine. Their log-sum-exps stay
-# float32, and the combine adds in float32. The narrow kernel's own merge (MERGE_ROWS) keeps float32 partials.
+# The partials of cut sequences (each piece's normalized output, rounded as the result itself is) stored in bfloat16
+# rather than float32: half the bytes written at a piece's end and read back by the combine kernel or the narrow
+# kernel's own merge (MERGE_ROWS). Their log-sum-exps stay float32, and both merges add in float32; FlashMLA keeps
+# float32 partials. On the H200 (bench/results/mla_decode-ab-partbf16-*.md, -ab-mergebf16-*.md, against float32): 32
+# rows 2-9% faster on short and ragged caches (B=32 1K s_q=2 26.3 -> 24.2 us, 4K~ 62.7 -> 58.8), 16 rows 1-3.5% (B=32
+# 4K~ 54.9 -> 53.1), H=128 0-1.6% at 1K, long caches within +-1% (-ab-partbf16-long3.md); the largest output error
+# against the float32 reference over the shapes timed is 7.8e-3 either way.
 PART_BF16 = True
 STAGES = {"wide": 2, "narrow": 2}  # _ws_kernel's cache tiles in flight: 2 x 72 KB (with the 72 / 18-36 KB query)
 # The narrow kernel's (tokens a tile: the schedule's unit, tiles in flight) by (latent, rows). C = 512: 64-token tiles
