@@ -94,8 +94,9 @@ if HAVE_TRITON:
         P programs) cut it: out = sum_j w_j o_j / sum_j w_j, w_j = 2^(l_j - max l), over its pieces j in
         program order; lse = (max + log2 sum w) ln 2. O_PART (2 P, n_rows, C) float32 or bfloat16 (added in
         float32) and L_PART (2 P, n_rows) float32 (log2 units; -inf and a zero partial for a piece that saw no token
-        of a row). A sequence in one piece was written by the attention kernel: nothing to do. PDL (a programmatic dependent launch after the attention kernel): the
-        schedule is derived while that kernel runs, and the partials read once it is done (griddepcontrol.wait)."""
+        of a row). A sequence in one piece was written by the attention kernel: nothing to do. PDL (a programmatic
+        dependent launch after the attention kernel): the schedule is derived while that kernel runs, and the
+        partials read once it is done (griddepcontrol.wait)."""
         b = tl.program_id(0)
         r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
         r_ok = r < n_rows
@@ -145,9 +146,10 @@ def combine(o_part: torch.Tensor, l_part: torch.Tensor, seqlens: torch.Tensor, c
             out: torch.Tensor, lse: torch.Tensor, unit: int = UNIT, pdl: bool = False) -> None:
     """Merge the pieces of every sequence the schedule of P = len(o_part) // 2 programs cut (o_part (2 P, s_q * H,
     C) float32 or bfloat16, l_part (2 P, s_q * H) float32, log2 units: the slots of ``pieces_ref``) into out (B, s_q,
-    H, C) and lse (B, H, s_q) (natural log), in program order; the rows of uncut sequences are left as they are. unit: the schedule's tokens
-    a tile (the attention kernel's). pdl: launched as a programmatic dependent of the kernel before it on the stream
-    (a CUDA GPU of sm_90 or later): its schedule overlaps that kernel's end, its reads wait for it."""
+    H, C) and lse (B, H, s_q) (natural log), in program order; the rows of uncut sequences are left as they are.
+    unit: the schedule's tokens a tile (the attention kernel's). pdl: launched as a programmatic dependent of the
+    kernel before it on the stream (a CUDA GPU of sm_90 or later): its schedule overlaps that kernel's end, its
+    reads wait for it."""
     two_p, n_rows, C = o_part.shape
     B, H = out.shape[0], out.shape[2]
     block_r = 16
@@ -546,12 +548,12 @@ if HAVE_GLUON:
     def _merge(op_desc, lp_ptr, o_ptr, l_ptr, stage, bar, phase, b, p0, p1, H, stride_ob, stride_os, stride_oh,
                stride_lb, stride_ls, stride_lh, RN: gl.constexpr, NL: gl.constexpr):
         """The last piece's program merges sequence b's pieces (programs p0 .. p1, in that order) from their partial
-        slots (float32 or bfloat16, added in float32), as ``_combine_kernel`` does: out = sum_j w_j o_j / sum_j w_j, w_j = 2^(l_j - max l). Four
-        pieces at a time come into stage (the cache tiles' shared memory, free by now) by TMA, on bar at once, with
-        their lse: one round trip to L2 a group (the eighteenth session's merge, a piece a round trip through
-        registers, took 4.7 us at B=32 1K: bench/results/mla_decode-trace.md); a group's slots past p1 are read from
-        rows past the partials' end (zero-filled, weight 0, not added). A running max across groups. Returns bar's
-        phase after."""
+        slots (float32 or bfloat16, added in float32), as ``_combine_kernel`` does: out = sum_j w_j o_j / sum_j w_j,
+        w_j = 2^(l_j - max l). Four pieces at a time come into stage (the cache tiles' shared memory, free by now) by
+        TMA, on bar at once, with their lse: one round trip to L2 a group (the eighteenth session's merge, a piece a
+        round trip through registers, took 4.7 us at B=32 1K: bench/results/mla_decode-trace.md); a group's slots past
+        p1 are read from rows past the partials' end (zero-filled, weight 0, not added). A running max across groups.
+        Returns bar's phase after."""
         gl.static_assert(MERGE_GROUP == 4)  # (the group's four lse below)
         BOXC: gl.constexpr = op_desc.block_type.shape[1]
         NBOX: gl.constexpr = NL * CW // BOXC
@@ -1297,8 +1299,8 @@ def _flat32():
 
 
 def _part_desc(o_part: torch.Tensor) -> TensorDescriptor:
-    """The partials (2 P, rows, C) as (2 P rows, C), in boxes of (rows, min(C, 256)) unswizzled (the narrow
-    kernel's merge reads float32 ones; bfloat16 ones, for the combine kernel, are not read through it)."""
+    """The partials (2 P, rows, C), float32 or bfloat16, as (2 P rows, C), in boxes of (rows, min(C, 256))
+    unswizzled (the narrow kernel's merge)."""
     two_p, rows, C = o_part.shape
     layout = _flat32() if o_part.dtype == torch.float32 else gl.NVMMASharedLayout(
         swizzle_byte_width=0, element_bitwidth=8 * o_part.element_size(), rank=2)

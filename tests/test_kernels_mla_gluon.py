@@ -36,8 +36,8 @@ def test_combine_matches_torch(lens, P, rows, part_dtype):
     """The pieces of every cut sequence (``pieces_ref`` with P programs: balanced slices for ragged lengths, equal
     pieces for equal tile counts, the last two cases) merged in program order: random partials, a piece that saw
     nothing (-inf, zeros) for some rows, rows no piece saw (out 0, lse -inf). Slots no piece wrote hold NaN (a read of
-    one would show), and sequences computed whole are left as they were (NaN here). The partials in float32 (the
-    narrow kernel's own merge) or bfloat16 (``PART_BF16``: what the kernels hand the combine), added in float32."""
+    one would show), and sequences computed whole are left as they were (NaN here). The partials in float32
+    (``PART_BF16`` off) or bfloat16 (the kernels' default), added in float32."""
     from minids.kernels.mla_decode_gluon import combine, combine_ref, pieces_ref
 
     gen = torch.Generator().manual_seed(P * 100 + rows)
@@ -215,12 +215,12 @@ def test_gluon_wide_unsplit_scores(layout, H, s_q, num_splits, monkeypatch):
 
 @GPU
 @pytest.mark.parametrize("layout", ["contiguous", "paged"])
-@pytest.mark.parametrize("H,s_q", [(16, 2), (128, 1)])
+@pytest.mark.parametrize("H,s_q", [(16, 1), (16, 2), (128, 1)])
 @pytest.mark.parametrize("num_splits", [None, 3])
 def test_gluon_float32_partials(layout, H, s_q, num_splits, monkeypatch):
-    """The pieces the combine kernel merges handed over in float32 (``PART_BF16`` off; the default stores them in
-    bfloat16), from the narrow kernel at 32 rows and the wide kernel, through the same checks: ragged lengths, equal
-    tile counts, an empty sequence."""
+    """The partials of cut sequences in float32 (``PART_BF16`` off; the default stores them in bfloat16): the narrow
+    kernel at 16 rows (its own merge) and 32 rows and the wide kernel (the combine kernel), through the same checks:
+    ragged lengths, equal tile counts, an empty sequence."""
     from minids.kernels import mla_decode as mod
     from minids.kernels import mla_decode_gluon
 
