@@ -1294,17 +1294,16 @@ def _desc3(t2: torch.Tensor, boxes: int, rows: int) -> TensorDescriptor:
 
 
 @functools.cache
-def _flat32():
-    return gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+def _flat(bits: int):
+    return gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=bits, rank=2)
 
 
 def _part_desc(o_part: torch.Tensor) -> TensorDescriptor:
     """The partials (2 P, rows, C), float32 or bfloat16, as (2 P rows, C), in boxes of (rows, min(C, 256))
     unswizzled (the narrow kernel's merge)."""
     two_p, rows, C = o_part.shape
-    layout = _flat32() if o_part.dtype == torch.float32 else gl.NVMMASharedLayout(
-        swizzle_byte_width=0, element_bitwidth=8 * o_part.element_size(), rank=2)
-    return TensorDescriptor.from_tensor(o_part.view(two_p * rows, C), [rows, min(C, 256)], layout)
+    return TensorDescriptor.from_tensor(o_part.view(two_p * rows, C), [rows, min(C, 256)],
+                                        _flat(8 * o_part.element_size()))
 
 
 def mla_decode_gluon(q, kv, pe, seqlens, scale, causal, block_table, out, lse, kind, num_splits=None, trace=None):
