@@ -79,7 +79,9 @@ def gluon_kernel(kind: str, rows: int, paged: bool, C: int = 512, trace: bool = 
     else:  # the warp-specialized kernel: wide, or the narrow math on two consumer warpgroups ("narrow2")
         consts.update(RN=64 if kind == "wide" else rows, TRANSPOSED=kind == "narrow2",
                       SPLIT=kind == "wide" and glu.WIDE_SPLIT, EARLY_Q_FREE=glu.EARLY_Q_FREE,
-                      TMA3=kind == "wide" and glu.WIDE_TMA3)
+                      TMA3=kind == "wide" and glu.WIDE_TMA3, TSTORE=kind == "wide" and glu.WIDE_TSTORE and glu.WIDE_SPLIT and glu.PART_BF16)
+        if not consts["TSTORE"]:
+            consts.update(o_desc=None, p_desc=None)
     consts["TRACE"] = trace
     if not trace:
         consts["trace_ptr"] = None

@@ -17,7 +17,8 @@ Two kernels, by rows = s_q * H:
   and the RoPE box), meet for the rows' maxima, write their half of P to shared memory, meet again, and compute
   P V over all 64 tokens for their own half of the 512 output columns (four 64-wide accumulators) (``WIDE_SPLIT``;
   before, each computed all 64 x 64 scores, 1.5x the ideal tensor work, with no traffic between the warpgroups:
-  8-11% slower on long caches, bench/results/mla_decode-ab-long.md).
+  8-11% slower on long caches, bench/results/mla_decode-ab-long.md). A piece's output (or partial) leaves through
+  its last tile's buffer by TMA (``WIDE_TSTORE``).
 - rows 16 or 32 (H=16, s_q 1 or 2): ``_narrow_kernel``, transposed: the tile's 64 tokens are the MMA's M and the
   rows its N (no padding to 64 rows): S^T = K Q^T, softmax along the tokens, O^T (C x rows) += V^T P^T with P^T
   written to shared memory (the MMA's B operand) and V^T read transposed from the cache tile, on one warpgroup.
@@ -681,11 +682,32 @@ if HAVE_GLUON:
             _store_rows(acc3, inv, base, stride_qi, stride_h, c0 + 3 * CW, rows, cols, H)
 
     @gluon.jit
+    def _tma_store4(desc, kv_lat, v0, row, c0, acc0, acc1, acc2, acc3, inv):
+        """acc_j * inv (j = 0 .. 3: 64 x 64 chunks of a wide consumer's output) into boxes v0 + j of kv_lat (viewed in
+        desc's element type), then TMA copies to desc at (row, c0 + 64 j), waited for until read: the boxes may be
+        released after. Every thread's writes are fenced (generic to async proxy) and met before the copies go."""
+        dt: gl.constexpr = desc.dtype
+        stg = kv_lat._reinterpret(dt, kv_lat.shape, desc.layout)
+        stg.index(v0).store((acc0 * inv).to(dt))
+        stg.index(v0 + 1).store((acc1 * inv).to(dt))
+        stg.index(v0 + 2).store((acc2 * inv).to(dt))
+        stg.index(v0 + 3).store((acc3 * inv).to(dt))
+        fence_async_shared()
+        gl.thread_barrier()  # this warpgroup's writes are all in shared memory (a named barrier in a partition)
+        tma.async_copy_shared_to_global(desc, [row, c0], stg.index(v0))
+        tma.async_copy_shared_to_global(desc, [row, c0 + CW], stg.index(v0 + 1))
+        tma.async_copy_shared_to_global(desc, [row, c0 + 2 * CW], stg.index(v0 + 2))
+        tma.async_copy_shared_to_global(desc, [row, c0 + 3 * CW], stg.index(v0 + 3))
+        tma.store_wait(pendings=0)
+        gl.thread_barrier()  # (the copies were issued by one thread: every thread past its wait before the release)
+
+    @gluon.jit
     def _consumer(q_lat, q_rope, kv_lat, kv_rope, p_smem, sx_smem, sx_bar, q_bar, q_free, ready, empty, seqlens_ptr,
                   o_ptr, l_ptr, op_ptr, lp_ptr, stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh,
                   capacity, B, H, S_Q, n_rows, qk_scale, row0, p, u0, u1, b, S, RN: gl.constexpr, CAUSAL: gl.constexpr,
                   PART: gl.constexpr, STAGES: gl.constexpr, TRANSPOSED: gl.constexpr, SPLIT: gl.constexpr,
-                  TRACE: gl.constexpr, trace_ptr, pt, e, EARLY_Q_FREE: gl.constexpr, TMA3: gl.constexpr):
+                  TRACE: gl.constexpr, trace_ptr, pt, e, EARLY_Q_FREE: gl.constexpr, TMA3: gl.constexpr, o_desc,
+                  p_desc, TSTORE: gl.constexpr):
         """One consumer warpgroup of the warp-specialized kernels: for each piece of the slice, the scores and softmax
         of RN rows (from row0) and P V for output columns [256 PART, +256) (four 64-column accumulators); the output
         (a whole sequence) or the piece's partial slot (``combine``). Wide kernel: RN = 64 rows as the MMA's M, P from
@@ -694,9 +716,12 @@ if HAVE_GLUON:
         consumer the scores of its own half of a tile's tokens (32 of 64: no score computed twice), the two meeting
         twice a tile through sx_smem / sx_bar: for the rows' maxima (then each has the tile's), and for P (each
         writes its tokens' half to p_smem.index(PART), then both multiply the whole P by their columns' values); the
-        row sums are each consumer's tokens', added at the piece's end. TRACE: consumer 0 records the timeline of
-        program pt from event e on (``_ws_kernel``)."""
+        row sums are each consumer's tokens', added at the piece's end. TSTORE (``WIDE_TSTORE``, the wide kernel
+        with SPLIT): a piece's last tile keeps its buffer past P V; the consumer writes its output (or partial) into
+        its own four latent boxes of it, which TMA copies to o_desc (or p_desc) in whole 128-byte rows, and releases
+        the buffer once they are read. TRACE: consumer 0 records the timeline of program pt from event e on (``_ws_kernel``)."""
         STAMP: gl.constexpr = gl.constexpr(TRACE) and gl.constexpr(PART) == 0
+        gl.static_assert(SPLIT or not TSTORE)  # (see WIDE_TSTORE)
         if TMA3:  # (the 3-D copies' allocations: the MMAs' 2-D view of the same bytes, in the layout the host gives
             # q_desc and kv_desc, ``_layout``)
             q_lat = q_lat._reinterpret(q_lat.dtype, [NKV, RN, CW],
@@ -833,7 +858,11 @@ if HAVE_GLUON:
                     acc0, acc1, acc2, acc3 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1, acc2, acc3))
                     if TRANSPOSED:
                         gl.thread_barrier()  # every warp is past this tile's MMAs before P^T is rewritten
-                    mbarrier.arrive(empty.index(st))
+                    if TSTORE:  # (a piece's last tile: its buffer released once the stores below have read it)
+                        if i < hi - lo - 1:
+                            mbarrier.arrive(empty.index(st))
+                    else:
+                        mbarrier.arrive(empty.index(st))
                     if STAMP:
                         e = _stamp(trace_ptr, pt, e, 5)
                     g += 1
@@ -850,17 +879,30 @@ if HAVE_GLUON:
                 empty_row = l_i == 0.0
                 l_safe = gl.where(empty_row, 1.0, l_i)
                 inv = gl.expand_dims(1.0 / l_safe, AX)  # 0 for a row that saw nothing (acc = 0)
+                staged = False
+                if TSTORE:  # noqa: SIM102 (a constexpr branch: the other builds never see the runtime test)
+                    if hi > lo:  # through the last tile's buffer: this consumer's own boxes, free after its P V
+                        v0 = ((g - 1) % STAGES) * NKV + PART * 4
+                        if whole:
+                            _tma_store4(o_desc, kv_lat, v0, b * n_rows + row0, c0, acc0, acc1, acc2, acc3, inv)
+                        else:
+                            _tma_store4(p_desc, kv_lat, v0, (2 * p + (lo == 0).to(gl.int32)) * n_rows + row0, c0,
+                                        acc0, acc1, acc2, acc3, inv)
+                        mbarrier.arrive(empty.index((g - 1) % STAGES))
+                        staged = True
                 if whole:  # the result: out and the natural-log lse
-                    _store_out(o_ptr + b.to(gl.int64) * stride_ob, stride_os, stride_oh, c0, rows, cols, H, acc0, acc1,
-                               acc2, acc3, inv, TRANSPOSED)
+                    if not staged:
+                        _store_out(o_ptr + b.to(gl.int64) * stride_ob, stride_os, stride_oh, c0, rows, cols, H, acc0,
+                                   acc1, acc2, acc3, inv, TRANSPOSED)
                     if PART == 0:
                         lse = gl.where(empty_row, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
                         gl.store(l_ptr + b.to(gl.int64) * stride_lb + (rows // H) * stride_ls + (rows % H) * stride_lh,
                                  lse)
-                else:  # a piece: float32 partial in slot 2 p + (it starts the sequence), log2 lse
+                else:  # a piece: partial in slot 2 p + (it starts the sequence), log2 lse
                     slot = (2 * p + (lo == 0).to(gl.int32)).to(gl.int64) * n_rows
-                    _store_out(op_ptr + slot * (NKV * CW), H * NKV * CW, NKV * CW, c0, rows, cols, H, acc0, acc1, acc2,
-                               acc3, inv, TRANSPOSED)
+                    if not staged:
+                        _store_out(op_ptr + slot * (NKV * CW), H * NKV * CW, NKV * CW, c0, rows, cols, H, acc0, acc1,
+                                   acc2, acc3, inv, TRANSPOSED)
                     if PART == 0:
                         gl.store(lp_ptr + slot + rows, gl.where(empty_row, float("-inf"), m_i + gl.log2(l_safe)))
                 if STAMP:
@@ -878,7 +920,8 @@ if HAVE_GLUON:
                    min_units, max_pieces, q3_desc, kv3_desc, CAUSAL: gl.constexpr, PAGED: gl.constexpr,
                    STAGES: gl.constexpr, BLOCK_B: gl.constexpr, RN: gl.constexpr, TRANSPOSED: gl.constexpr,
                    SPLIT: gl.constexpr = False, TRACE: gl.constexpr = False, trace_ptr=None,
-                   EARLY_Q_FREE: gl.constexpr = False, TMA3: gl.constexpr = False):
+                   EARLY_Q_FREE: gl.constexpr = False, TMA3: gl.constexpr = False, o_desc=None, p_desc=None,
+                   TSTORE: gl.constexpr = False):
         """The warp-specialized kernels, program (row block, p): rows [RN row block, +RN) of every piece in slice p.
         A producer warp (``_wide_producer``) and two consumer warpgroups (``_consumer``), each with half of the
         output columns. The wide kernel: RN = 64 rows as the MMA's M. TRANSPOSED: the narrow kernel's
@@ -939,11 +982,13 @@ if HAVE_GLUON:
             (_consumer, (q_lat, q_rope, kv_lat, kv_rope, p_smem, sx_smem, sx_bar, q_bar, q_free, ready, empty,
                          seqlens_ptr, o_ptr, l_ptr, op_ptr, lp_ptr, stride_ob, stride_os, stride_oh, stride_lb,
                          stride_ls, stride_lh, capacity, B, H, S_Q, n_rows, qk_scale, row0, p, u0, u1, b, S, RN,
-                         CAUSAL, 0, STAGES, TRANSPOSED, SPLIT, TRACE, trace_ptr, pt, e, EARLY_Q_FREE, TMA3)),
+                         CAUSAL, 0, STAGES, TRANSPOSED, SPLIT, TRACE, trace_ptr, pt, e, EARLY_Q_FREE, TMA3,
+                         o_desc, p_desc, TSTORE)),
             (_consumer, (q_lat, q_rope, kv_lat, kv_rope, p_smem, sx_smem, sx_bar, q_bar, q_free, ready, empty,
                          seqlens_ptr, o_ptr, l_ptr, op_ptr, lp_ptr, stride_ob, stride_os, stride_oh, stride_lb,
                          stride_ls, stride_lh, capacity, B, H, S_Q, n_rows, qk_scale, row0, p, u0, u1, b, S, RN,
-                         CAUSAL, 1, STAGES, TRANSPOSED, SPLIT, TRACE, trace_ptr, pt, e, EARLY_Q_FREE, TMA3)),
+                         CAUSAL, 1, STAGES, TRANSPOSED, SPLIT, TRACE, trace_ptr, pt, e, EARLY_Q_FREE, TMA3,
+                         o_desc, p_desc, TSTORE)),
             (_wide_producer, (q_desc, kv_desc, pe_desc, q_lat, q_rope, kv_lat, kv_rope, q_bar, q_free, ready, empty,
                               seqlens_ptr, tbl_ptr, stride_tb, capacity, B, n_rows, row0, u0, u1, b, S, PAGED, STAGES,
                               q3_desc, kv3_desc, TMA3)),
@@ -1208,6 +1253,15 @@ WIDE_SPLIT = True
 # 4K~ 54.9 -> 53.1), H=128 0-1.6% at 1K, long caches within +-1% (-ab-partbf16-long3.md); the largest output error
 # against the float32 reference over the shapes timed is 7.8e-3 either way.
 PART_BF16 = True
+# The wide kernel's consumers write a piece's output (or bfloat16 partial) through shared memory and TMA (``TSTORE``:
+# the last tile's buffer, held past its P V) instead of from the accumulators' registers, where each store
+# instruction writes 16 bytes to each of 8 rows. Needs the partials in bfloat16, out's rows at one stride, and the
+# split scores (``WIDE_SPLIT``: after the consumers' meeting for P, neither reads the other's boxes of the tile;
+# without it, one's score MMAs may still read the boxes the other overwrites). On the H200
+# (bench/results/mla_decode-ab-widetstore.md, against the stores from registers) 3-14% faster at every 128-head
+# shape: B=32 1K 40.5 -> 34.8 us (225 -> 262 TFLOP/s), B=128 1K~ 121.3 -> 108.8 (276 -> 307), B=128 4K s_q=2 687.7
+# -> 666.1.
+WIDE_TSTORE = True
 STAGES = {"wide": 2, "narrow": 2}  # _ws_kernel's cache tiles in flight: 2 x 72 KB (with the 72 / 18-36 KB query)
 # The narrow kernel's (tokens a tile: the schedule's unit, tiles in flight) by (latent, rows). C = 512: 64-token tiles
 # of 72 KB, two in flight (with the 18-36 KB query: 168-189 KB of shared memory). C = 256, 16 rows: a 128-token tile
@@ -1306,6 +1360,16 @@ def _part_desc(o_part: torch.Tensor) -> TensorDescriptor:
                                         _flat(8 * o_part.element_size()))
 
 
+def _rows_view(t: torch.Tensor, n: int) -> torch.Tensor | None:
+    """t (.., C) of a 16-bit dtype as (n, C) without a copy, if TMA can address its rows (16-byte aligned), else
+    None."""
+    try:
+        t2 = t.view(n, t.shape[-1])
+    except RuntimeError:  # its rows are not at one stride
+        return None
+    return t2 if t2.stride(0) % 8 == 0 and t2.data_ptr() % 16 == 0 else None
+
+
 def mla_decode_gluon(q, kv, pe, seqlens, scale, causal, block_table, out, lse, kind, num_splits=None, trace=None):
     """Fill out (B, s_q, H, C) and lse (B, H, s_q) (see ``kernels.mla_decode.mla_decode``); kv (.., C) and pe (.., R)
     the latent and RoPE parts (views of one cache, or KVCache's two tensors), contiguous (B, T, .) or paged
@@ -1356,9 +1420,15 @@ def mla_decode_gluon(q, kv, pe, seqlens, scale, causal, block_table, out, lse, k
         traced = {"TRACE": True, "trace_ptr": trace}
     if kind == "wide" or two:
         rn = 64 if kind == "wide" else rows
+        out2 = _rows_view(out, B * rows) if kind == "wide" and WIDE_TSTORE and WIDE_SPLIT and PART_BF16 else None
+        stores = {}
+        if out2 is not None:
+            stores = {"o_desc": _desc(out2, 64, 64), "p_desc": _desc(o_part.view(2 * P * rows, C), 64, 64),
+                      "TSTORE": True}
         _ws_kernel[grid](*args, _desc3(q2, C // 64, rn), _desc3(kv2, C // 64, 64), CAUSAL=causal, PAGED=paged,
                          STAGES=stages, BLOCK_B=block_b, RN=rn, TRANSPOSED=two, SPLIT=kind == "wide" and WIDE_SPLIT,
-                         EARLY_Q_FREE=EARLY_Q_FREE, TMA3=kind == "wide" and WIDE_TMA3, num_warps=4, **traced)
+                         EARLY_Q_FREE=EARLY_Q_FREE, TMA3=kind == "wide" and WIDE_TMA3, num_warps=4, **stores,
+                         **traced)
     else:
         _narrow_kernel[grid](*args, _part_desc(o_part), _desc3(q2, C // 64, rows), _desc3(kv2, C // 64, 64), RN=rows,
                              CAUSAL=causal, PAGED=paged, STAGES=stages, BLOCK_B=block_b, MERGE=merge, NL=C // 64,

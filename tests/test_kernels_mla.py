@@ -78,7 +78,18 @@ def make_cache(lens: list[int], C: int, R: int, layout: str, gen: torch.Generato
     return pool.to(device), None, table.to(device), dense
 
 
-def check(lens, s_q, H, C, R, layout, num_splits=None, causal=True, seed=0, page_size=PAGE, config=None):
+def _poisoned_out(B, s_q, H, C, out_layout):
+    """A NaN-filled (B, s_q, H, C) output: dense; "padded", its rows 64 columns apart in a wider buffer; or
+    "heads_major", a (B, H, s_q, C) buffer seen through a permutation (its rows not at one stride when s_q > 1)."""
+    if out_layout == "padded":
+        return torch.full((B, s_q, H, C + 64), float("nan"), dtype=dtype, device=device)[..., :C]
+    if out_layout == "heads_major":
+        return torch.full((B, H, s_q, C), float("nan"), dtype=dtype, device=device).permute(0, 2, 1, 3)
+    return torch.full((B, s_q, H, C), float("nan"), dtype=dtype, device=device)
+
+
+def check(lens, s_q, H, C, R, layout, num_splits=None, causal=True, seed=0, page_size=PAGE, config=None,
+          out_layout="dense"):
     gen = torch.Generator().manual_seed(seed)
     kv, pe, table, dense = make_cache(lens, C, R, layout, gen, page_size)
     B = len(lens)
@@ -86,7 +97,7 @@ def check(lens, s_q, H, C, R, layout, num_splits=None, causal=True, seed=0, page
     seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
     scale = (C + R) ** -0.5 * 1.7  # not 1/sqrt(d): the scale must be applied, not assumed
     want_o, want_lse = mla_decode_ref(q, dense.to(device), seqlens, C, scale, causal=causal)
-    out = (torch.full((B, s_q, H, C), float("nan"), dtype=dtype, device=device),  # NaN-poisoned outputs
+    out = (_poisoned_out(B, s_q, H, C, out_layout),  # NaN-poisoned outputs
            torch.full((B, H, s_q), float("nan"), dtype=torch.float32, device=device))
     got_o, got_lse = mla_decode(
         q, kv, seqlens, C, scale, causal=causal, block_table=table, pe_cache=pe, num_splits=num_splits, out=out,

@@ -232,6 +232,40 @@ def test_gluon_float32_partials(layout, H, s_q, num_splits, monkeypatch):
     assert mod.LAST_LAUNCH["cfg"] == {"gluon": "narrow" if s_q * H <= 32 else "wide"}
 
 
+def test_rows_view_only_for_rows_at_one_aligned_stride():
+    """The wide kernel's TMA stores (``WIDE_TSTORE``) address out as (rows, C): a view of the caller's tensor, never
+    a copy, and only where TMA can (one row stride, 16-byte aligned); otherwise None (the stores from registers)."""
+    from minids.kernels.mla_decode_gluon import _rows_view
+
+    dense = torch.zeros(2, 2, 64, 512, dtype=torch.bfloat16)
+    v = _rows_view(dense, 256)
+    assert v is not None and v.data_ptr() == dense.data_ptr() and v.stride() == (512, 1)
+    padded = torch.zeros(2, 2, 64, 576, dtype=torch.bfloat16)[..., :512]
+    assert _rows_view(padded, 256).stride() == (576, 1)
+    assert _rows_view(torch.zeros(2, 64, 2, 512, dtype=torch.bfloat16).permute(0, 2, 1, 3), 256) is None
+    assert _rows_view(torch.zeros(2, 1, 64, 516, dtype=torch.bfloat16)[..., :512], 128) is None  # 1032-byte rows
+    assert _rows_view(torch.zeros(2 * 64 * 512 + 1, dtype=torch.bfloat16)[1:].view(2, 1, 64, 512), 128) is None
+
+
+@GPU
+@pytest.mark.parametrize("out_layout", ["padded", "heads_major"])
+@pytest.mark.parametrize("H,s_q", [(64, 1), (128, 2)])
+@pytest.mark.parametrize("num_splits", [None, 3])
+def test_gluon_wide_strided_out(out_layout, H, s_q, num_splits, monkeypatch):
+    """The wide kernel writing into a caller's strided out: rows at one stride wider than C (its TMA stores,
+    ``WIDE_TSTORE``, take that stride), or heads-major (B, H, s_q, C) seen as (B, s_q, H, C), whose rows are not at
+    one stride when s_q = 2 (the stores from registers), through the same checks: ragged lengths, equal tile counts,
+    an empty sequence, the combine."""
+    from minids.kernels import mla_decode as mod
+    from minids.kernels import mla_decode_gluon
+
+    monkeypatch.setattr(mod, "GLUON_MLA", True)
+    assert mla_decode_gluon.WIDE_TSTORE and mla_decode_gluon.PART_BF16
+    for lens in ([1, 63, 64, 65, 4097], [100, 128, 65], [0, 1, 129]):
+        check(lens, s_q, H=H, C=512, R=64, layout="contiguous", num_splits=num_splits, out_layout=out_layout)
+    assert mod.LAST_LAUNCH["cfg"] == {"gluon": "wide"}
+
+
 @GPU
 @pytest.mark.parametrize("H,s_q", [(16, 1), (16, 2), (64, 1), (64, 2)])
 def test_gluon_traced_launch(H, s_q, monkeypatch):
