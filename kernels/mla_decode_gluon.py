@@ -995,12 +995,35 @@ if HAVE_GLUON:
         ], [4, 1], [232, 24])
 
     @gluon.jit
+    def _stage_t4(stg, j0: gl.constexpr, acc0, acc1, acc2, acc3, inv):
+        """acc_j * inv (j = 0 .. 3: 64-column chunks of the narrow kernel's O^T, columns x rows) into boxes j0 + j of
+        stg as (rows, columns), in stg's element type."""
+        dt: gl.constexpr = stg.dtype
+        stg.index(j0).permute((1, 0)).store((acc0 * inv).to(dt))
+        stg.index(j0 + 1).permute((1, 0)).store((acc1 * inv).to(dt))
+        stg.index(j0 + 2).permute((1, 0)).store((acc2 * inv).to(dt))
+        stg.index(j0 + 3).permute((1, 0)).store((acc3 * inv).to(dt))
+
+    @gluon.jit
+    def _tma_out(desc, stg, row, NL: gl.constexpr):
+        """Boxes 0 .. NL - 1 of stg (every thread's writes fenced and met first) by TMA to desc at (row, 64 j), waited
+        for until read (the ring may take loads after). Not for partials merged in the kernel: those would have to be
+        waited for until written before their arrival is counted."""
+        fence_async_shared()
+        gl.thread_barrier()  # every thread's part of the boxes is in shared memory
+        for j in gl.static_range(NL):
+            tma.async_copy_shared_to_global(desc, [row, j * CW], stg.index(j))
+        tma.store_wait(pendings=0)
+        gl.thread_barrier()  # (the copies were issued by one thread: every thread past its wait)
+
+    @gluon.jit
     def _narrow_kernel(q_desc, kv_desc, pe_desc, seqlens_ptr, tbl_ptr, o_ptr, l_ptr, op_ptr, lp_ptr, cnt_ptr, stride_tb,
                        stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, capacity, B, H, S_Q, qk_scale,
                        min_units, max_pieces, op_desc, q3_desc, kv3_desc, RN: gl.constexpr, CAUSAL: gl.constexpr,
                        PAGED: gl.constexpr, STAGES: gl.constexpr, BLOCK_B: gl.constexpr, MERGE: gl.constexpr,
                        NL: gl.constexpr, TN: gl.constexpr, TMA3: gl.constexpr, ONE_WAIT: gl.constexpr = False,
-                       TRACE: gl.constexpr = False, trace_ptr=None):
+                       TRACE: gl.constexpr = False, trace_ptr=None, o_desc=None, ps_desc=None,
+                       TSTORE: gl.constexpr = False):
         """Program p: all RN = s_q * H rows (16 or 32) of every piece in slice p; see the module docstring. NL: the
         latent's 64-column boxes (8 for C = 512, 4 for 256); TN: tokens a tile (64, or 128: two 64-token boxes in
         each buffer, the MMAs' M and K). No warp specialization: the program issues its own loads, a piece's first
@@ -1011,6 +1034,7 @@ if HAVE_GLUON:
         copy a box. ONE_WAIT (``ONE_WAIT_ROWS``): tile i + 1's score MMAs go out behind tile i's P V ones, the P V
         waited for first, then the freed buffer's next tile (i + STAGES) issued, then the scores waited for; a piece's
         first STAGES tiles go with its query. TRACE: record the program's timeline (``TRACE_CODES``) at trace_ptr."""
+        gl.static_assert(not (TSTORE and MERGE))  # (``_tma_out``)
         p = gl.program_id(0)
         P = gl.num_programs(0)
         e = 0  # (the traced events so far)
@@ -1167,22 +1191,37 @@ if HAVE_GLUON:
                 l_safe = gl.where(empty_row, 1.0, l_i)
                 inv = gl.expand_dims(1.0 / l_safe, 0)
                 if whole:  # the result: out^T and the natural-log lse
-                    optr_o = (o_ptr + b.to(gl.int64) * stride_ob
-                              + gl.expand_dims((rows // H) * stride_os + (rows % H) * stride_oh, 0)
-                              + gl.expand_dims(cw, 1))
-                    _store4(optr_o, acc0, acc1, acc2, acc3, inv)
-                    if NL == 8:
-                        _store4(optr_o + 4 * CW, acc4, acc5, acc6, acc7, inv)
+                    if TSTORE:  # through the ring (free: no load in flight, every MMA waited for) by TMA
+                        stg = kv_lat3._reinterpret(o_desc.dtype, [NL, RN, CW], o_desc.layout)
+                        _stage_t4(stg, 0, acc0, acc1, acc2, acc3, inv)
+                        if NL == 8:
+                            _stage_t4(stg, 4, acc4, acc5, acc6, acc7, inv)
+                        _tma_out(o_desc, stg, b * RN, NL)
+                    else:
+                        optr_o = (o_ptr + b.to(gl.int64) * stride_ob
+                                  + gl.expand_dims((rows // H) * stride_os + (rows % H) * stride_oh, 0)
+                                  + gl.expand_dims(cw, 1))
+                        _store4(optr_o, acc0, acc1, acc2, acc3, inv)
+                        if NL == 8:
+                            _store4(optr_o + 4 * CW, acc4, acc5, acc6, acc7, inv)
                     gl.store(l_ptr + b.to(gl.int64) * stride_lb + (rows // H) * stride_ls + (rows % H) * stride_lh,
                              gl.where(empty_row, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453))
                     if TRACE:
                         e = _stamp(trace_ptr, p, e, 6)
                 else:  # a piece: float32 partial in slot 2 p + (it starts the sequence), log2 lse
                     slot = (2 * p + (lo == 0).to(gl.int32)).to(gl.int64) * RN
-                    optr_p = op_ptr + slot * (NL * CW) + gl.expand_dims(rows * (NL * CW), 0) + gl.expand_dims(cw, 1)
-                    _store4(optr_p, acc0, acc1, acc2, acc3, inv)
-                    if NL == 8:
-                        _store4(optr_p + 4 * CW, acc4, acc5, acc6, acc7, inv)
+                    if TSTORE:
+                        stg = kv_lat3._reinterpret(ps_desc.dtype, [NL, RN, CW], ps_desc.layout)
+                        _stage_t4(stg, 0, acc0, acc1, acc2, acc3, inv)
+                        if NL == 8:
+                            _stage_t4(stg, 4, acc4, acc5, acc6, acc7, inv)
+                        _tma_out(ps_desc, stg, (2 * p + (lo == 0).to(gl.int32)) * RN, NL)
+                    else:
+                        optr_p = (op_ptr + slot * (NL * CW) + gl.expand_dims(rows * (NL * CW), 0)
+                                  + gl.expand_dims(cw, 1))
+                        _store4(optr_p, acc0, acc1, acc2, acc3, inv)
+                        if NL == 8:
+                            _store4(optr_p + 4 * CW, acc4, acc5, acc6, acc7, inv)
                     gl.store(lp_ptr + slot + rows, gl.where(empty_row, float("-inf"), m_i + gl.log2(l_safe)))
                     if TRACE:
                         e = _stamp(trace_ptr, p, e, 6)
@@ -1262,6 +1301,14 @@ PART_BF16 = True
 # shape: B=32 1K 40.5 -> 34.8 us (225 -> 262 TFLOP/s), B=128 1K~ 121.3 -> 108.8 (276 -> 307), B=128 4K s_q=2 687.7
 # -> 666.1.
 WIDE_TSTORE = True
+# The (latent, rows) whose narrow kernel writes a piece's output (or bfloat16 partial) through its ring's shared
+# memory (free at a piece's end) and TMA (``TSTORE``) rather than from O^T's registers, where a thread's neighbouring
+# values are neighbouring rows, C apart in memory: 2-byte stores. On the H200
+# (bench/results/mla_decode-ab-narrowtstore-*.md, against the stores from registers): V3 at 32 rows 1-11% faster (B=128
+# 1K~ s_q=2 77.6 -> 69.2 us, 4K~ 173.1 -> 164.4, 82% of copy; B=128 1K 50.8 -> 48.0); 16 rows (its partials, merged in
+# the kernel, waited for until written before their arrival was counted) 0.3-1.4% slower (B=32 4K 44.8 -> 45.3);
+# small-v3 within -1.4% to +0.3%. Not with MERGE_ROWS (see ``_tma_out``).
+NARROW_TSTORE = ((512, 32),)
 STAGES = {"wide": 2, "narrow": 2}  # _ws_kernel's cache tiles in flight: 2 x 72 KB (with the 72 / 18-36 KB query)
 # The narrow kernel's (tokens a tile: the schedule's unit, tiles in flight) by (latent, rows). C = 512: 64-token tiles
 # of 72 KB, two in flight (with the 18-36 KB query: 168-189 KB of shared memory). C = 256, 16 rows: a 128-token tile
@@ -1430,10 +1477,15 @@ def mla_decode_gluon(q, kv, pe, seqlens, scale, causal, block_table, out, lse, k
                          EARLY_Q_FREE=EARLY_Q_FREE, TMA3=kind == "wide" and WIDE_TMA3, num_warps=4, **stores,
                          **traced)
     else:
+        out2 = _rows_view(out, B * rows) if (C, rows) in NARROW_TSTORE and PART_BF16 and not merge else None
+        stores = {}
+        if out2 is not None:
+            stores = {"o_desc": _desc(out2, rows, 64), "ps_desc": _desc(o_part.view(2 * P * rows, C), rows, 64),
+                      "TSTORE": True}
         _narrow_kernel[grid](*args, _part_desc(o_part), _desc3(q2, C // 64, rows), _desc3(kv2, C // 64, 64), RN=rows,
                              CAUSAL=causal, PAGED=paged, STAGES=stages, BLOCK_B=block_b, MERGE=merge, NL=C // 64,
                              TN=unit, TMA3=C in TMA3_LATENTS and unit == 64, ONE_WAIT=rows in ONE_WAIT_ROWS,
-                             num_warps=4, **traced)
+                             num_warps=4, **stores, **traced)
     if not merge and P > 1:  # (one program computes every sequence whole)
         combine(o_part, l_part, seqlens, capacity, min_units, out, lse, unit, pdl=PDL)
     return grid

@@ -249,21 +249,25 @@ def test_rows_view_only_for_rows_at_one_aligned_stride():
 
 @GPU
 @pytest.mark.parametrize("out_layout", ["padded", "heads_major"])
-@pytest.mark.parametrize("H,s_q", [(64, 1), (128, 2)])
+@pytest.mark.parametrize("H,s_q,C,R", [(16, 1, 512, 64), (16, 2, 512, 64), (16, 1, 256, 32), (16, 2, 256, 32),
+                                       (64, 1, 512, 64), (128, 2, 512, 64)])
 @pytest.mark.parametrize("num_splits", [None, 3])
-def test_gluon_wide_strided_out(out_layout, H, s_q, num_splits, monkeypatch):
-    """The wide kernel writing into a caller's strided out: rows at one stride wider than C (its TMA stores,
-    ``WIDE_TSTORE``, take that stride), or heads-major (B, H, s_q, C) seen as (B, s_q, H, C), whose rows are not at
-    one stride when s_q = 2 (the stores from registers), through the same checks: ragged lengths, equal tile counts,
-    an empty sequence, the combine."""
+def test_gluon_strided_out(out_layout, H, s_q, C, R, num_splits, monkeypatch):
+    """The Gluon kernels writing into a caller's strided out: rows at one stride wider than C (the TMA stores,
+    ``WIDE_TSTORE`` and ``NARROW_TSTORE``, take that stride), or heads-major (B, H, s_q, C) seen as (B, s_q, H, C),
+    whose rows are not at one stride when s_q = 2 (the stores from registers), through the same checks: ragged
+    lengths, equal tile counts, an empty sequence, the merge or the combine. At 32 rows the narrow kernel's TMA stores
+    are on for either latent (off at 16 rows, whose partials its own merge reads)."""
     from minids.kernels import mla_decode as mod
     from minids.kernels import mla_decode_gluon
 
     monkeypatch.setattr(mod, "GLUON_MLA", True)
-    assert mla_decode_gluon.WIDE_TSTORE and mla_decode_gluon.PART_BF16
+    assert mla_decode_gluon.WIDE_TSTORE and (512, 32) in mla_decode_gluon.NARROW_TSTORE
+    if s_q * H == 32:  # the narrow kernel's TMA stores on for this latent too (small-v3's are off by default)
+        monkeypatch.setattr(mla_decode_gluon, "NARROW_TSTORE", ((C, 32),))
     for lens in ([1, 63, 64, 65, 4097], [100, 128, 65], [0, 1, 129]):
-        check(lens, s_q, H=H, C=512, R=64, layout="contiguous", num_splits=num_splits, out_layout=out_layout)
-    assert mod.LAST_LAUNCH["cfg"] == {"gluon": "wide"}
+        check(lens, s_q, H=H, C=C, R=R, layout="contiguous", num_splits=num_splits, out_layout=out_layout)
+    assert mod.LAST_LAUNCH["cfg"] == {"gluon": "narrow" if s_q * H <= 32 else "wide"}
 
 
 @GPU
