@@ -82,7 +82,8 @@ def gluon_kernel(kind: str, rows: int, paged: bool, C: int = 512, trace: bool = 
     else:  # the warp-specialized kernel: wide, or the narrow math on two consumer warpgroups ("narrow2")
         consts.update(RN=64 if kind == "wide" else rows, TRANSPOSED=kind == "narrow2",
                       SPLIT=kind == "wide" and glu.WIDE_SPLIT, EARLY_Q_FREE=glu.EARLY_Q_FREE,
-                      TMA3=kind == "wide" and glu.WIDE_TMA3, TSTORE=kind == "wide" and glu.WIDE_TSTORE and glu.WIDE_SPLIT and glu.PART_BF16)
+                      TMA3=kind == "wide" and glu.WIDE_TMA3,
+                      TSTORE=kind == "wide" and glu.WIDE_TSTORE and glu.WIDE_SPLIT and glu.PART_BF16)
         if not consts["TSTORE"]:
             consts.update(o_desc=None, p_desc=None)
     consts["TRACE"] = trace
@@ -98,8 +99,8 @@ def gluon_kernel(kind: str, rows: int, paged: bool, C: int = 512, trace: bool = 
         elif a in ("q3_desc", "kv3_desc"):
             sig[a] = mangle_type(glu._desc3(t[:, :C], C // 64, rows if a == "q3_desc" and kind != "wide" else 64))
         elif a.endswith("_desc"):
-            sig[a] = mangle_type(glu._desc(t, 64 if a not in ("q_desc", "o_desc", "ps_desc") or kind == "wide" else rows,
-                                           64))
+            narrow_rows = a in ("q_desc", "o_desc", "ps_desc") and kind != "wide"  # boxes of the narrow kernel's rows
+            sig[a] = mangle_type(glu._desc(t, rows if narrow_rows else 64, 64))
         elif a in ("seqlens_ptr", "tbl_ptr", "cnt_ptr"):
             sig[a] = "*i32"
         elif a == "trace_ptr":

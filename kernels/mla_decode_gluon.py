@@ -23,7 +23,8 @@ Two kernels, by rows = s_q * H:
   rows its N (no padding to 64 rows): S^T = K Q^T, softmax along the tokens, O^T (C x rows) += V^T P^T with P^T
   written to shared memory (the MMA's B operand) and V^T read transposed from the cache tile, on one warpgroup.
   C = 256 takes 4 latent boxes instead of 8, and a RoPE narrower than 64 columns (R = 32) is zero-filled past R by
-  the TMA in both the query's box and the cache's. Its
+  the TMA in both the query's box and the cache's. At V3's 32 rows a piece's output (or partial) leaves through the
+  ring's shared memory by TMA (``NARROW_TSTORE``). Its
   two-warpgroup form (``_ws_kernel`` with TRANSPOSED: the wide kernel's warp specialization, each consumer with half
   of the output columns and the scores of its own boxes, the two shares added through shared memory) passes its GPU
   tests but is off (``NARROW2_ROWS``): on the H200 it wins only on ragged batches at 32 rows
@@ -719,7 +720,8 @@ if HAVE_GLUON:
         row sums are each consumer's tokens', added at the piece's end. TSTORE (``WIDE_TSTORE``, the wide kernel
         with SPLIT): a piece's last tile keeps its buffer past P V; the consumer writes its output (or partial) into
         its own four latent boxes of it, which TMA copies to o_desc (or p_desc) in whole 128-byte rows, and releases
-        the buffer once they are read. TRACE: consumer 0 records the timeline of program pt from event e on (``_ws_kernel``)."""
+        the buffer once they are read. TRACE: consumer 0 records the timeline of program pt from event e on
+        (``_ws_kernel``)."""
         STAMP: gl.constexpr = gl.constexpr(TRACE) and gl.constexpr(PART) == 0
         gl.static_assert(SPLIT or not TSTORE)  # (see WIDE_TSTORE)
         if TMA3:  # (the 3-D copies' allocations: the MMAs' 2-D view of the same bytes, in the layout the host gives
@@ -1033,7 +1035,9 @@ if HAVE_GLUON:
         each tile's latent boxes in one copy of q3_desc / kv3_desc ((box, row, column) views, ``_desc3``), else one
         copy a box. ONE_WAIT (``ONE_WAIT_ROWS``): tile i + 1's score MMAs go out behind tile i's P V ones, the P V
         waited for first, then the freed buffer's next tile (i + STAGES) issued, then the scores waited for; a piece's
-        first STAGES tiles go with its query. TRACE: record the program's timeline (``TRACE_CODES``) at trace_ptr."""
+        first STAGES tiles go with its query. TSTORE (``NARROW_TSTORE``, not with MERGE): a piece's output (or
+        partial) goes through the ring's shared memory, free at its end, by TMA to o_desc (or ps_desc). TRACE: record
+        the program's timeline (``TRACE_CODES``) at trace_ptr."""
         gl.static_assert(not (TSTORE and MERGE))  # (``_tma_out``)
         p = gl.program_id(0)
         P = gl.num_programs(0)
@@ -1208,7 +1212,7 @@ if HAVE_GLUON:
                              gl.where(empty_row, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453))
                     if TRACE:
                         e = _stamp(trace_ptr, p, e, 6)
-                else:  # a piece: float32 partial in slot 2 p + (it starts the sequence), log2 lse
+                else:  # a piece: partial in slot 2 p + (it starts the sequence), log2 lse
                     slot = (2 * p + (lo == 0).to(gl.int32)).to(gl.int64) * RN
                     if TSTORE:
                         stg = kv_lat3._reinterpret(ps_desc.dtype, [NL, RN, CW], ps_desc.layout)

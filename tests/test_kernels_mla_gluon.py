@@ -233,8 +233,9 @@ def test_gluon_float32_partials(layout, H, s_q, num_splits, monkeypatch):
 
 
 def test_rows_view_only_for_rows_at_one_aligned_stride():
-    """The wide kernel's TMA stores (``WIDE_TSTORE``) address out as (rows, C): a view of the caller's tensor, never
-    a copy, and only where TMA can (one row stride, 16-byte aligned); otherwise None (the stores from registers)."""
+    """The Gluon kernels' TMA stores (``WIDE_TSTORE``, ``NARROW_TSTORE``) address out as (rows, C): a view of the
+    caller's tensor, never a copy, and only where TMA can (one row stride, 16-byte aligned); otherwise None (the
+    stores from registers)."""
     from minids.kernels.mla_decode_gluon import _rows_view
 
     dense = torch.zeros(2, 2, 64, 512, dtype=torch.bfloat16)
