@@ -685,8 +685,8 @@ if HAVE_GLUON:
     @gluon.jit
     def _tma_store4(desc, kv_lat, v0, row, c0, acc0, acc1, acc2, acc3, inv):
         """acc_j * inv (j = 0 .. 3: 64 x 64 chunks of a wide consumer's output) into boxes v0 + j of kv_lat (viewed in
-        desc's element type), then TMA copies to desc at (row, c0 + 64 j), waited for until read: the boxes may be
-        released after. Every thread's writes are fenced (generic to async proxy) and met before the copies go."""
+        desc's element type), then TMA copies to desc at (row, c0 + 64 j), issued, not waited for (``_release``).
+        Every thread's writes are fenced (generic to async proxy) and met before the copies go."""
         dt: gl.constexpr = desc.dtype
         stg = kv_lat._reinterpret(dt, kv_lat.shape, desc.layout)
         stg.index(v0).store((acc0 * inv).to(dt))
@@ -699,8 +699,13 @@ if HAVE_GLUON:
         tma.async_copy_shared_to_global(desc, [row, c0 + CW], stg.index(v0 + 1))
         tma.async_copy_shared_to_global(desc, [row, c0 + 2 * CW], stg.index(v0 + 2))
         tma.async_copy_shared_to_global(desc, [row, c0 + 3 * CW], stg.index(v0 + 3))
+
+    @gluon.jit
+    def _release(empty, slot):
+        """The TMA stores out of ring buffer slot read (``_tma_store4``), then the buffer released to the producer."""
         tma.store_wait(pendings=0)
         gl.thread_barrier()  # (the copies were issued by one thread: every thread past its wait before the release)
+        mbarrier.arrive(empty.index(slot))
 
     @gluon.jit
     def _consumer(q_lat, q_rope, kv_lat, kv_rope, p_smem, sx_smem, sx_bar, q_bar, q_free, ready, empty, seqlens_ptr,
@@ -757,6 +762,9 @@ if HAVE_GLUON:
         c0 = PART * 4 * CW
         g = 0
         pc = 0
+        held = 0  # (TSTORE) 1 while a piece's last buffer is held for its stores, released at the next tile's scores
+        if TSTORE:
+            gl.static_assert(STAGES >= 2)  # (the next piece's first tile comes into another buffer)
         length = gl.load(seqlens_ptr + b, mask=b < B, other=0)
         while (b < B) & (S < u1):
             nxt_length = gl.load(seqlens_ptr + b + 1, mask=b + 1 < B, other=0)  # in flight during this piece
@@ -804,6 +812,10 @@ if HAVE_GLUON:
                                          s_zero_h)
                     else:
                         s = _scores(q_lat, q_rope, kv_lat, kv_rope.index(st), st * NKV, s_zero)
+                    if TSTORE:  # noqa: SIM102 (a constexpr branch: the other builds never see the runtime test)
+                        if held != 0:  # the last piece's stores have had its end, this query and these scores
+                            _release(empty, (g - 1) % STAGES)
+                            held = 0
                     if EARLY_Q_FREE:  # noqa: SIM102 (a constexpr branch: the other builds never see the test)
                         if i == hi - lo - 1:  # the piece's last reader of the query is done: the producer brings
                             mbarrier.arrive(q_free)  # the next piece's during this tile's softmax, P V and stores
@@ -890,7 +902,7 @@ if HAVE_GLUON:
                         else:
                             _tma_store4(p_desc, kv_lat, v0, (2 * p + (lo == 0).to(gl.int32)) * n_rows + row0, c0,
                                         acc0, acc1, acc2, acc3, inv)
-                        mbarrier.arrive(empty.index((g - 1) % STAGES))
+                        held = 1
                         staged = True
                 if whole:  # the result: out and the natural-log lse
                     if not staged:
@@ -913,6 +925,9 @@ if HAVE_GLUON:
             S = S + OVERHEAD_C + k
             b += 1
             length = nxt_length
+        if TSTORE:  # noqa: SIM102
+            if held != 0:  # (the slice's last stores: read before the program ends)
+                _release(empty, (g - 1) % STAGES)
         if STAMP:
             e = _stamp(trace_ptr, pt, e, 8)
 
