@@ -724,8 +724,8 @@ if HAVE_GLUON:
         writes its tokens' half to p_smem.index(PART), then both multiply the whole P by their columns' values); the
         row sums are each consumer's tokens', added at the piece's end. TSTORE (``WIDE_TSTORE``, the wide kernel
         with SPLIT): a piece's last tile keeps its buffer past P V; the consumer writes its output (or partial) into
-        its own four latent boxes of it, which TMA copies to o_desc (or p_desc) in whole 128-byte rows, and releases
-        the buffer once they are read. TRACE: consumer 0 records the timeline of program pt from event e on
+        its own four latent boxes of it, which TMA copies to o_desc (or p_desc) in whole 128-byte rows; the buffer is
+        released, once they are read, at the next piece's first scores (or the slice's end). TRACE: consumer 0 records the timeline of program pt from event e on
         (``_ws_kernel``)."""
         STAMP: gl.constexpr = gl.constexpr(TRACE) and gl.constexpr(PART) == 0
         gl.static_assert(SPLIT or not TSTORE)  # (see WIDE_TSTORE)
@@ -1318,7 +1318,8 @@ PART_BF16 = True
 # without it, one's score MMAs may still read the boxes the other overwrites). On the H200
 # (bench/results/mla_decode-ab-widetstore.md, against the stores from registers) 3-14% faster at every 128-head
 # shape: B=32 1K 40.5 -> 34.8 us (225 -> 262 TFLOP/s), B=128 1K~ 121.3 -> 108.8 (276 -> 307), B=128 4K s_q=2 687.7
-# -> 666.1.
+# -> 666.1. The buffer's release waits for the next piece's first scores, the stores draining meanwhile: 0-2% more at
+# 8 of 10 shapes, 0.9% less at B=32 4K (mla_decode-ab-release.md).
 WIDE_TSTORE = True
 # The (latent, rows) whose narrow kernel writes a piece's output (or bfloat16 partial) through its ring's shared
 # memory (free at a piece's end) and TMA (``TSTORE``) rather than from O^T's registers, where a thread's neighbouring
