@@ -78,7 +78,7 @@ def gluon_kernel(kind: str, rows: int, paged: bool, C: int = 512, trace: bool = 
                       TMA3=C in glu.TMA3_LATENTS and tn == 64, ONE_WAIT=rows in glu.ONE_WAIT_ROWS,
                       TSTORE=(C, rows) in glu.NARROW_TSTORE and glu.PART_BF16 and rows not in glu.MERGE_ROWS)
         if not consts["TSTORE"]:
-            consts.update(o_desc=None, ps_desc=None)
+            consts.update(o_desc=None, p_desc=None)
     else:  # the warp-specialized kernel: wide, or the narrow math on two consumer warpgroups ("narrow2")
         consts.update(RN=64 if kind == "wide" else rows, TRANSPOSED=kind == "narrow2",
                       SPLIT=kind == "wide" and glu.WIDE_SPLIT, EARLY_Q_FREE=glu.EARLY_Q_FREE,
@@ -99,7 +99,7 @@ def gluon_kernel(kind: str, rows: int, paged: bool, C: int = 512, trace: bool = 
         elif a in ("q3_desc", "kv3_desc"):
             sig[a] = mangle_type(glu._desc3(t[:, :C], C // 64, rows if a == "q3_desc" and kind != "wide" else 64))
         elif a.endswith("_desc"):
-            narrow_rows = a in ("q_desc", "o_desc", "ps_desc") and kind != "wide"  # boxes of the narrow kernel's rows
+            narrow_rows = a in ("q_desc", "o_desc", "p_desc") and kind != "wide"  # boxes of the narrow kernel's rows
             sig[a] = mangle_type(glu._desc(t, rows if narrow_rows else 64, 64))
         elif a in ("seqlens_ptr", "tbl_ptr", "cnt_ptr"):
             sig[a] = "*i32"

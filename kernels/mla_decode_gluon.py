@@ -725,8 +725,8 @@ if HAVE_GLUON:
         row sums are each consumer's tokens', added at the piece's end. TSTORE (``WIDE_TSTORE``, the wide kernel
         with SPLIT): a piece's last tile keeps its buffer past P V; the consumer writes its output (or partial) into
         its own four latent boxes of it, which TMA copies to o_desc (or p_desc) in whole 128-byte rows; the buffer is
-        released, once they are read, at the next piece's first scores (or the slice's end). TRACE: consumer 0 records the timeline of program pt from event e on
-        (``_ws_kernel``)."""
+        released, once they are read, at the next piece's first scores (or the slice's end). TRACE: consumer 0
+        records the timeline of program pt from event e on (``_ws_kernel``)."""
         STAMP: gl.constexpr = gl.constexpr(TRACE) and gl.constexpr(PART) == 0
         gl.static_assert(SPLIT or not TSTORE)  # (see WIDE_TSTORE)
         if TMA3:  # (the 3-D copies' allocations: the MMAs' 2-D view of the same bytes, in the layout the host gives
@@ -872,7 +872,7 @@ if HAVE_GLUON:
                     acc0, acc1, acc2, acc3 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1, acc2, acc3))
                     if TRANSPOSED:
                         gl.thread_barrier()  # every warp is past this tile's MMAs before P^T is rewritten
-                    if TSTORE:  # (a piece's last tile: its buffer released once the stores below have read it)
+                    if TSTORE:  # (a piece's last tile: its buffer held for the stores below, ``_release``)
                         if i < hi - lo - 1:
                             mbarrier.arrive(empty.index(st))
                     else:
@@ -1039,7 +1039,7 @@ if HAVE_GLUON:
                        min_units, max_pieces, op_desc, q3_desc, kv3_desc, RN: gl.constexpr, CAUSAL: gl.constexpr,
                        PAGED: gl.constexpr, STAGES: gl.constexpr, BLOCK_B: gl.constexpr, MERGE: gl.constexpr,
                        NL: gl.constexpr, TN: gl.constexpr, TMA3: gl.constexpr, ONE_WAIT: gl.constexpr = False,
-                       TRACE: gl.constexpr = False, trace_ptr=None, o_desc=None, ps_desc=None,
+                       TRACE: gl.constexpr = False, trace_ptr=None, o_desc=None, p_desc=None,
                        TSTORE: gl.constexpr = False):
         """Program p: all RN = s_q * H rows (16 or 32) of every piece in slice p; see the module docstring. NL: the
         latent's 64-column boxes (8 for C = 512, 4 for 256); TN: tokens a tile (64, or 128: two 64-token boxes in
@@ -1051,7 +1051,7 @@ if HAVE_GLUON:
         copy a box. ONE_WAIT (``ONE_WAIT_ROWS``): tile i + 1's score MMAs go out behind tile i's P V ones, the P V
         waited for first, then the freed buffer's next tile (i + STAGES) issued, then the scores waited for; a piece's
         first STAGES tiles go with its query. TSTORE (``NARROW_TSTORE``, not with MERGE): a piece's output (or
-        partial) goes through the ring's shared memory, free at its end, by TMA to o_desc (or ps_desc). TRACE: record
+        partial) goes through the ring's shared memory, free at its end, by TMA to o_desc (or p_desc). TRACE: record
         the program's timeline (``TRACE_CODES``) at trace_ptr."""
         gl.static_assert(not (TSTORE and MERGE))  # (``_tma_out``)
         p = gl.program_id(0)
@@ -1230,11 +1230,11 @@ if HAVE_GLUON:
                 else:  # a piece: partial in slot 2 p + (it starts the sequence), log2 lse
                     slot = (2 * p + (lo == 0).to(gl.int32)).to(gl.int64) * RN
                     if TSTORE:
-                        stg = kv_lat3._reinterpret(ps_desc.dtype, [NL, RN, CW], ps_desc.layout)
+                        stg = kv_lat3._reinterpret(p_desc.dtype, [NL, RN, CW], p_desc.layout)
                         _stage_t4(stg, 0, acc0, acc1, acc2, acc3, inv)
                         if NL == 8:
                             _stage_t4(stg, 4, acc4, acc5, acc6, acc7, inv)
-                        _tma_out(ps_desc, stg, (2 * p + (lo == 0).to(gl.int32)) * RN, NL)
+                        _tma_out(p_desc, stg, (2 * p + (lo == 0).to(gl.int32)) * RN, NL)
                     else:
                         optr_p = (op_ptr + slot * (NL * CW) + gl.expand_dims(rows * (NL * CW), 0)
                                   + gl.expand_dims(cw, 1))
@@ -1437,6 +1437,17 @@ def _rows_view(t: torch.Tensor, n: int) -> torch.Tensor | None:
     return t2 if t2.stride(0) % 8 == 0 and t2.data_ptr() % 16 == 0 else None
 
 
+def _tma_stores(out: torch.Tensor, o_part: torch.Tensor, box_rows: int) -> dict:
+    """The kernels' TMA-store arguments (``TSTORE``): out (B, s_q, H, C) and the partials (2 P, rows, C) as (rows, C)
+    descriptors in (box_rows, 64) boxes; none where out's rows cannot be addressed so (the stores from registers)."""
+    two_p, rows, C = o_part.shape
+    out2 = _rows_view(out, out.shape[0] * rows)
+    if out2 is None:
+        return {}
+    return {"o_desc": _desc(out2, box_rows, 64), "p_desc": _desc(o_part.view(two_p * rows, C), box_rows, 64),
+            "TSTORE": True}
+
+
 def mla_decode_gluon(q, kv, pe, seqlens, scale, causal, block_table, out, lse, kind, num_splits=None, trace=None):
     """Fill out (B, s_q, H, C) and lse (B, H, s_q) (see ``kernels.mla_decode.mla_decode``); kv (.., C) and pe (.., R)
     the latent and RoPE parts (views of one cache, or KVCache's two tensors), contiguous (B, T, .) or paged
@@ -1487,21 +1498,13 @@ def mla_decode_gluon(q, kv, pe, seqlens, scale, causal, block_table, out, lse, k
         traced = {"TRACE": True, "trace_ptr": trace}
     if kind == "wide" or two:
         rn = 64 if kind == "wide" else rows
-        out2 = _rows_view(out, B * rows) if kind == "wide" and WIDE_TSTORE and WIDE_SPLIT and PART_BF16 else None
-        stores = {}
-        if out2 is not None:
-            stores = {"o_desc": _desc(out2, 64, 64), "p_desc": _desc(o_part.view(2 * P * rows, C), 64, 64),
-                      "TSTORE": True}
+        stores = _tma_stores(out, o_part, 64) if kind == "wide" and WIDE_TSTORE and WIDE_SPLIT and PART_BF16 else {}
         _ws_kernel[grid](*args, _desc3(q2, C // 64, rn), _desc3(kv2, C // 64, 64), CAUSAL=causal, PAGED=paged,
                          STAGES=stages, BLOCK_B=block_b, RN=rn, TRANSPOSED=two, SPLIT=kind == "wide" and WIDE_SPLIT,
                          EARLY_Q_FREE=EARLY_Q_FREE, TMA3=kind == "wide" and WIDE_TMA3, num_warps=4, **stores,
                          **traced)
     else:
-        out2 = _rows_view(out, B * rows) if (C, rows) in NARROW_TSTORE and PART_BF16 and not merge else None
-        stores = {}
-        if out2 is not None:
-            stores = {"o_desc": _desc(out2, rows, 64), "ps_desc": _desc(o_part.view(2 * P * rows, C), rows, 64),
-                      "TSTORE": True}
+        stores = _tma_stores(out, o_part, rows) if (C, rows) in NARROW_TSTORE and PART_BF16 and not merge else {}
         _narrow_kernel[grid](*args, _part_desc(o_part), _desc3(q2, C // 64, rows), _desc3(kv2, C // 64, 64), RN=rows,
                              CAUSAL=causal, PAGED=paged, STAGES=stages, BLOCK_B=block_b, MERGE=merge, NL=C // 64,
                              TN=unit, TMA3=C in TMA3_LATENTS and unit == 64, ONE_WAIT=rows in ONE_WAIT_ROWS,
