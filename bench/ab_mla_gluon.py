@@ -8,6 +8,8 @@ heads; 4K at batch 128 and 16K at batch 32, 128 heads).
 
     python3 bench/ab_mla_gluon.py --base /tmp/base.py [more.py ...] --out bench/results --stem mla_decode-ab-merge   # the H200
 
+``--ragged`` keeps the chosen cases' variable-length shapes alone (where the schedule's balance shows).
+
 Each (shape, build) is checked against the float32 reference (``mla_decode_ref``; max relative error of out over
 rows, 0.02 allowed for bf16) and timed from a CUDA graph as bench/mla_decode.py times it, the builds taking turns
 (``--reps`` rounds; the median of each build's rounds is reported). GB/s and TFLOP/s are counted as there.
@@ -70,6 +72,7 @@ def main() -> None:
     ap.add_argument("--stem", default="mla_decode-ab")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--cases", choices=("h16", "all", "small", "long", "wide"), default="all")
+    ap.add_argument("--ragged", action="store_true", help="only the cases' ragged (variable-length) shapes")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("ab_mla_gluon: needs a CUDA GPU (sm_90, with Triton 3.6's Gluon); none here")
@@ -82,6 +85,8 @@ def main() -> None:
     scale = (128 + 64) ** -0.5
     rows = []
     for cfg, B, H, mean, var, s_q, paged in cases(args.cases):
+        if args.ragged and not var:
+            continue
         C, R = (512, 64) if cfg == "V3" else (256, 32)
         gen = torch.Generator().manual_seed(B * 7 + mean + s_q)
         lens = lengths(B, mean, var, s_q, gen)

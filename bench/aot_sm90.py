@@ -76,14 +76,16 @@ def gluon_kernel(kind: str, rows: int, paged: bool, C: int = 512, trace: bool = 
         tn, stages = glu.NARROW_TILES[C, rows]
         consts.update(RN=rows, MERGE=rows in glu.MERGE_ROWS, NL=C // 64, TN=tn, STAGES=stages,
                       TMA3=C in glu.TMA3_LATENTS and tn == 64, ONE_WAIT=rows in glu.ONE_WAIT_ROWS,
-                      TSTORE=(C, rows) in glu.NARROW_TSTORE and glu.PART_BF16 and rows not in glu.MERGE_ROWS)
+                      TSTORE=(C, rows) in glu.NARROW_TSTORE and glu.PART_BF16 and rows not in glu.MERGE_ROWS,
+                      PRE=rows in glu.NARROW_PRE)
         if not consts["TSTORE"]:
             consts.update(o_desc=None, p_desc=None)
     else:  # the warp-specialized kernel: wide, or the narrow math on two consumer warpgroups ("narrow2")
         consts.update(RN=64 if kind == "wide" else rows, TRANSPOSED=kind == "narrow2",
                       SPLIT=kind == "wide" and glu.WIDE_SPLIT, EARLY_Q_FREE=glu.EARLY_Q_FREE,
                       TMA3=kind == "wide" and glu.WIDE_TMA3,
-                      TSTORE=kind == "wide" and glu.WIDE_TSTORE and glu.WIDE_SPLIT and glu.PART_BF16)
+                      TSTORE=kind == "wide" and glu.WIDE_TSTORE and glu.WIDE_SPLIT and glu.PART_BF16,
+                      PRE=kind == "wide" and glu.WIDE_PREFORK)
         if not consts["TSTORE"]:
             consts.update(o_desc=None, p_desc=None)
     consts["TRACE"] = trace

@@ -84,25 +84,28 @@ MAX_PIECES = 32  # most programs one sequence is cut across (bounds the last arr
 MAX_BLOCK_B = 1024  # lengths read at once while the schedule is derived (a power of two; larger batches loop)
 
 
-def balanced_slices(lens: list[int], programs: int, min_units: int = MIN_UNITS, max_pieces: int = MAX_PIECES):
-    """The kernel's W (units per slice) and each program's slice [u0, u1) of the units line (sequence b: OVERHEAD
+def balanced_slices(lens: list[int], programs: int, min_units: int = MIN_UNITS, max_pieces: int = MAX_PIECES,
+                    overhead: int = OVERHEAD):
+    """The kernel's W (units per slice) and each program's slice [u0, u1) of the units line (sequence b: overhead
     units, then one per UNIT tokens, laid end to end)."""
     n = [-(-max(0, x) // UNIT) for x in lens]
-    total = sum(k + OVERHEAD for k in n)
+    total = sum(k + overhead for k in n)
     W = max(-(-total // programs), min_units, -(-max(n, default=0) // max(1, max_pieces - 1)))
     return W, [(p * W, min(p * W + W, total)) for p in range(programs)]
 
 
-def slice_pieces(lens: list[int], slices: list[tuple[int, int]]) -> list[list[tuple]]:
-    """For each program's slice [u0, u1), the (sequence, first token, end token, slot or None) pieces it computes;
-    slot None: written as the result, else the partial slot 2 p + (the piece starts the sequence)."""
+def slice_pieces(lens: list[int], slices: list[tuple[int, int]], overhead: int = OVERHEAD) -> list[list[tuple]]:
+    """For each program's slice [u0, u1) of the units line (sequence b: overhead units, then its tiles), the
+    (sequence, first token, end token, slot or None) pieces it computes; slot None: written as the result, else the
+    partial slot 2 p + (the piece starts the sequence)."""
     n = [-(-max(0, x) // UNIT) for x in lens]
     work = []
     for p, (u0, u1) in enumerate(slices):
         pieces, S = [], 0
         for b, k in enumerate(n):
-            first = S + OVERHEAD  # the unit of the sequence's first tile
-            lo, hi = max(u0, first) - first, min(u1, first + k) - first
+            first = S + overhead  # the unit of the sequence's first tile
+            lo = max(u0, first) - first
+            hi = max(min(u1, first + k) - first, lo)  # (a slice ending within the overhead units: none of its tiles)
             if u0 < u1 and (hi > lo or (k == 0 and u0 <= S < u1)):
                 whole = lo == 0 and hi == k
                 pieces.append((b, lo * UNIT, min(hi * UNIT, max(0, lens[b])), None if whole else 2 * p + (lo == 0)))
@@ -111,11 +114,13 @@ def slice_pieces(lens: list[int], slices: list[tuple[int, int]]) -> list[list[tu
     return work
 
 
-def schedule_ref(lens: list[int], programs: int, min_units: int = MIN_UNITS, max_pieces: int = MAX_PIECES):
+def schedule_ref(lens: list[int], programs: int, min_units: int = MIN_UNITS, max_pieces: int = MAX_PIECES,
+                 overhead: int = OVERHEAD):
     """The kernel's schedule in Python (documentation and tests): W units per slice, and for each program the
-    (sequence, first token, end token, slot or None) pieces it computes; slot None: written as the result."""
-    W, slices = balanced_slices(lens, programs, min_units, max_pieces)
-    return W, slice_pieces(lens, slices)
+    (sequence, first token, end token, slot or None) pieces it computes; slot None: written as the result. overhead:
+    the units charged per sequence (this kernel's OVERHEAD; the Gluon kernels' ``SEQ_OVERHEAD``)."""
+    W, slices = balanced_slices(lens, programs, min_units, max_pieces, overhead)
+    return W, slice_pieces(lens, slices, overhead)
 
 
 if HAVE_TRITON:

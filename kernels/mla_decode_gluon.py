@@ -31,17 +31,17 @@ Two kernels, by rows = s_q * H:
   (bench/results/mla_decode-ab-merge2.md).
 
 Work split (``slices_ref``, ``pieces_ref``): P programs per row block (one per SM) take consecutive slices of the
-units line of all sequences (sequence b: OVERHEAD units, then one a tile: 64 tokens, or 128 for the narrow kernel
-with C = 256, ``NARROW_TILES``). Ragged tile counts take the Triton kernel's balanced slices
-(``kernels.mla_decode.schedule_ref``: every program the same work to a unit; a slice may cut sequences and run on
-into the next ones); equal ones keep the fixed split (each sequence cut into P // B equal pieces, or whole sequences
-when B > P), which measured faster there. Every program derives the
-schedule from the lengths in the kernel (no host read, graph-capturable). A sequence in one piece is written to
-out / lse directly; the pieces of a cut one go to float32 partial slots (2 a program), merged in program order: at
-16 rows (``MERGE_ROWS``) by the program of the last piece to finish (a per-sequence arrival counter; the partials
-brought into the free tile buffers by TMA, four a round trip), otherwise by ``_combine_kernel``, a second launch
-whenever P > 1, programmatically dependent (``PDL``: it launches while the attention kernel runs and waits for it
-before reading).
+units line of all sequences (sequence b: SEQ_OVERHEAD units, then one a tile: 64 tokens, or 128 for the narrow
+kernel with C = 256, ``NARROW_TILES``). Ragged tile counts take the Triton kernel's balanced slices
+(``kernels.mla_decode.schedule_ref``, with these kernels' SEQ_OVERHEAD: every program the same work to a unit; a
+slice may cut sequences and run on into the next ones); equal ones keep the fixed split (each sequence cut into P //
+B equal pieces, or whole sequences when B > P), which measured faster there. Every program derives the schedule
+from the lengths in the kernel (no host read, graph-capturable). A sequence in one piece is written to out / lse
+directly; the pieces of a cut one go to partial slots (2 a program; bfloat16, ``PART_BF16``), merged in program
+order: at 16 rows (``MERGE_ROWS``) by the program of the last piece to finish (a per-sequence arrival counter; the
+partials brought into the free tile buffers by TMA, four a round trip), otherwise by ``_combine_kernel``, a second
+launch whenever P > 1, programmatically dependent (``PDL``: it launches while the attention kernel runs and waits
+for it before reading).
 Paged caches: 64-token pages (one a 64-column TMA box's rows), looked up per box in the block table.
 Preconditions (``form``): q, cache and pe of one 16-bit dtype; C = 512 and R = 64, or at 16 / 32 rows C = 256 and R
 <= 32 (a multiple of 8); the cache's rows 16-byte aligned (TMA); the page size 64 when paged.
@@ -69,7 +69,6 @@ from minids.kernels.mla_decode import (
     MAX_BLOCK_B,
     MAX_PIECES,
     MIN_UNITS,
-    OVERHEAD,
     UNIT,
     balanced_slices,
     slice_pieces,
@@ -84,6 +83,13 @@ if HAVE_TRITON:
 LATENT, ROPE = 512, 64  # V3's (C, R): the wide kernel's only one
 NARROW_LATENTS = {512: 64, 256: 32}  # the narrow kernel's (C, largest R): V3's and small-v3's
 TRACE_LEN = 256  # events a program of a traced launch records (``mla_decode_gluon(..., trace=)``)
+# The units the Gluon kernels' schedule charges a sequence beside its tiles (the Triton kernel's OVERHEAD is 1): a
+# piece's start and end (its query's load, its stores, the merge) cost these kernels about two tiles' time, so
+# slices holding many short pieces take fewer tiles. On the H200 (bench/results/mla_decode-ab-pre-*.md, build ovh2,
+# and -ab-overhead-*.md, against 1, 3 and 4 on the ragged shapes): 2 is 3.5% faster over them (geometric mean), at
+# most 0.6% slower at one (small-v3 B=128 1K~ s_q=1); B=32 H=128 1K~ 43.6 -> 39.7 us, B=128 H=16 1K~ 50.7 -> 45.0;
+# 3 is as fast on the whole but up to 6% slower at one shape; equal lengths keep the fixed split (unchanged).
+SEQ_OVERHEAD = 2
 
 if HAVE_TRITON:
 
@@ -159,19 +165,20 @@ def combine(o_part: torch.Tensor, l_part: torch.Tensor, seqlens: torch.Tensor, c
         seqlens, o_part, l_part, out, lse, B, capacity, min_units, max(2, MAX_PIECES), n_rows, H, out.stride(0),
         out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2), two_p // 2, C=C,
         BLOCK_C=triton.next_power_of_2(C), BLOCK_R=block_r,
-        BLOCK_B=min(MAX_BLOCK_B, max(16, triton.next_power_of_2(B))), UNIT=unit, OVERHEAD=OVERHEAD,
+        BLOCK_B=min(MAX_BLOCK_B, max(16, triton.next_power_of_2(B))), UNIT=unit, OVERHEAD=SEQ_OVERHEAD,
         **({"PDL": True, "launch_pdl": True} if pdl else {}))
 
 
 def slices_ref(lens: list[int], P: int, min_units: int = MIN_UNITS) -> list[tuple[int, int]]:
-    """Each program's slice [u0, u1) of the units line (sequence b: OVERHEAD units, then one a 64-token tile; laid
-    end to end). Ragged tile counts: ``kernels.mla_decode``'s balanced slices of W units (``schedule_ref``). Equal
+    """Each program's slice [u0, u1) of the units line (sequence b: SEQ_OVERHEAD units, then one a 64-token tile;
+    laid end to end). Ragged tile counts: ``kernels.mla_decode``'s balanced slices of W units (``schedule_ref``). Equal
     ones (k tiles each): with P >= B programs, each sequence cut into equal pieces of ceil(k / (P // B)) tiles, one a
     program (programs past B (P // B) idle); with fewer, ceil(B / P) whole sequences a program. Equal lengths thus
     keep the fixed split's pieces (no program straddles two sequences)."""
     n = [-(-max(0, x) // UNIT) for x in lens]
     B = len(n)
-    total = sum(k + OVERHEAD for k in n)
+    OH = SEQ_OVERHEAD
+    total = sum(k + OH for k in n)
     if B and min(n) == max(n):
         k = n[0]
         if P >= B:
@@ -180,19 +187,19 @@ def slices_ref(lens: list[int], P: int, min_units: int = MIN_UNITS) -> list[tupl
             out = []
             for p in range(P):
                 b, j = min(p // s, B), p % s
-                S = b * (k + OVERHEAD)
-                u0 = S if j == 0 else S + OVERHEAD + j * per
-                out.append((u0, max(u0, S + OVERHEAD + min((j + 1) * per, k)) if b < B else u0))
+                S = b * (k + OH)
+                u0 = S if j == 0 else S + OH + j * per
+                out.append((u0, max(u0, S + OH + min((j + 1) * per, k)) if b < B else u0))
             return out
         m = -(-B // P)
-        return [(min(p * m, B) * (k + OVERHEAD), min((min(p * m, B) + m) * (k + OVERHEAD), total)) for p in range(P)]
-    return balanced_slices(lens, P, min_units, max(2, MAX_PIECES))[1]
+        return [(min(p * m, B) * (k + OH), min((min(p * m, B) + m) * (k + OH), total)) for p in range(P)]
+    return balanced_slices(lens, P, min_units, max(2, MAX_PIECES), OH)[1]
 
 
 def pieces_ref(lens: list[int], P: int, min_units: int = MIN_UNITS) -> list[list[tuple]]:
     """For each program the (sequence, first token, end token, slot or None) pieces of its slice (``slices_ref``);
     slot None: written as the result; else the partial slot 2 p + (the piece starts the sequence)."""
-    return slice_pieces(lens, slices_ref(lens, P, min_units))
+    return slice_pieces(lens, slices_ref(lens, P, min_units), SEQ_OVERHEAD)
 
 
 def combine_ref(o_part: torch.Tensor, l_part: torch.Tensor, lens: list[int], min_units: int, out: torch.Tensor,
@@ -222,7 +229,7 @@ if HAVE_GLUON:
     BN = gl.constexpr(64)  # tokens a TMA box (and a page); the wide kernel's tile, the narrow kernel's TN = 64 or 128
     CW = gl.constexpr(64)  # columns a TMA box / shared-memory chunk (128 bytes of 16-bit values: one swizzle row)
     NKV = gl.constexpr(LATENT // 64)  # latent boxes a tile (the value's columns); the RoPE box is chunk NKV
-    OVERHEAD_C = gl.constexpr(OVERHEAD)  # the schedule's units charged per sequence (``kernels.mla_decode``)
+    OVERHEAD_C = gl.constexpr(SEQ_OVERHEAD)  # the schedule's units charged per sequence
     FAR_PAGE = gl.constexpr(1 << 24)  # a page whose rows (2^30 on) lie past any cache's 2-D view: TMA zero fill
     TRACE_EVENTS = gl.constexpr(TRACE_LEN)
     MERGE_GROUP = gl.constexpr(4)  # partials the narrow kernel's merge brings into shared memory at once
@@ -498,12 +505,13 @@ if HAVE_GLUON:
     def _piece_of(length, S, u0, u1, capacity, TN: gl.constexpr = BN):
         """A sequence of the given length starting at unit S, within the slice [u0, u1): (length clamped, its tiles
         k, the slice's tiles of it [lo, hi), whether the slice holds a piece of it, whether that piece is the whole
-        sequence)."""
+        sequence). hi is at least lo: a slice that ends within the sequence's overhead units holds none of its tiles
+        (and the whole of an empty one that starts in it)."""
         seqlen = gl.minimum(gl.maximum(length, 0), capacity)
         k = gl.cdiv(seqlen, TN)
         first = S + OVERHEAD_C
         lo = gl.maximum(u0, first) - first
-        hi = gl.minimum(u1, first + k) - first
+        hi = gl.maximum(gl.minimum(u1, first + k) - first, lo)
         has = (hi > lo) | ((k == 0) & (u0 <= S))
         return seqlen, k, lo, hi, has, (lo == 0) & (hi == k)
 
@@ -609,49 +617,80 @@ if HAVE_GLUON:
         return phase
 
     @gluon.jit
+    def _query(q_desc, q3_desc, q_lat3, q_lat, q_rope, q_bar, qrow, NL: gl.constexpr, TMA3: gl.constexpr):
+        """A piece's query tile (rows qrow ..) into q_lat3 (TMA3: its NL latent boxes in one 3-D copy) or q_lat (a
+        copy a box), and its RoPE box into q_rope, arriving on q_bar."""
+        if TMA3:
+            mbarrier.expect(q_bar, q3_desc.block_type.nbytes + q_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q3_desc, [0, qrow, 0], q_bar, q_lat3)
+        else:
+            mbarrier.expect(q_bar, (NL + 1) * q_desc.block_type.nbytes)
+            for c in gl.static_range(NL):
+                tma.async_copy_global_to_shared(q_desc, [qrow, c * CW], q_bar, q_lat.index(c))
+        tma.async_copy_global_to_shared(q_desc, [qrow, NL * CW], q_bar, q_rope)
+
+    @gluon.jit
+    def _wide_tile(kv_desc, kv3_desc, pe_desc, kv_lat3, kv_lat, kv_rope, bar, row, st, STAGES: gl.constexpr,
+                   TMA3: gl.constexpr):
+        """The 64-token tile at cache row row into ring slot st, arriving on bar: TMA3, its latent boxes in one 3-D
+        copy (the slot's predicated copy: a view's offset must be static), else a copy a box; then its RoPE box."""
+        if TMA3:
+            mbarrier.expect(bar, kv3_desc.block_type.nbytes + pe_desc.block_type.nbytes)
+            for sb in gl.static_range(STAGES):
+                tma.async_copy_global_to_shared(kv3_desc, [0, row, 0], bar, kv_lat3.slice(sb * NKV, NKV),
+                                                pred=st == sb)
+            tma.async_copy_global_to_shared(pe_desc, [row, 0], bar, kv_rope.index(st))
+        else:
+            _load_tile(kv_desc, pe_desc, row, bar, kv_lat, st * NKV, kv_rope.index(st), NKV)
+
+    @gluon.jit
     def _wide_producer(q_desc, kv_desc, pe_desc, q_lat, q_rope, kv_lat, kv_rope, q_bar, q_free, ready, empty,
                        seqlens_ptr, tbl_ptr, stride_tb, capacity, B, n_rows, row0, u0, u1, b, S, PAGED: gl.constexpr,
-                       STAGES: gl.constexpr, q3_desc, kv3_desc, TMA3: gl.constexpr):
+                       STAGES: gl.constexpr, q3_desc, kv3_desc, TMA3: gl.constexpr, PRE: gl.constexpr = False,
+                       length0=0, pre_q=0, pre_t=0):
         """One warp: for each piece of the slice, the query tile (once both consumers are done with the previous
         one), then its cache tiles through the ring (buffer g % STAGES of the slice's g-th tile, once both
         consumers have released it; a fresh barrier reports phase 1 complete, so the first pass does not wait):
         latent boxes into q_lat / kv_lat[NKV st ..], RoPE boxes into q_rope / kv_rope[st]. TMA3 (``WIDE_TMA3``):
         q_lat and kv_lat are allocated in the 3-D copies' layout, a query's and each tile's latent boxes brought in
-        one copy of q3_desc / kv3_desc."""
+        one copy of q3_desc / kv3_desc. PRE (``WIDE_PREFORK``): the first sequence's length is length0, and its
+        piece's query (pre_q 1) and first pre_t tiles were issued before the fork (``_ws_kernel``)."""
         if TMA3:  # (each partition takes its own 2-D view: views passed into partitions do not lower)
             q_lat3 = q_lat
             kv_lat3 = kv_lat
             q_lat = q_lat3._reinterpret(q_desc.dtype, [NKV, q_desc.block_type.shape[0], CW], q_desc.layout)
             kv_lat = kv_lat3._reinterpret(kv_desc.dtype, [STAGES * NKV, BN, CW], kv_desc.layout)
-        g = 0
+        else:
+            q_lat3 = q_lat
+            kv_lat3 = kv_lat
         pc = 0
-        length = gl.load(seqlens_ptr + b, mask=b < B, other=0)
+        if PRE:
+            g = pre_t
+            length = length0
+        else:
+            g = 0
+            length = gl.load(seqlens_ptr + b, mask=b < B, other=0)
         while (b < B) & (S < u1):
             nxt_length = gl.load(seqlens_ptr + b + 1, mask=b + 1 < B, other=0)  # in flight during this piece
             _, k, lo, hi, has, _ = _piece_of(length, S, u0, u1, capacity)
             if has:
-                mbarrier.wait(q_free, (pc & 1) ^ 1)
-                if TMA3:
-                    mbarrier.expect(q_bar, q3_desc.block_type.nbytes + q_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(q3_desc, [0, b * n_rows + row0, 0], q_bar, q_lat3)
+                i0 = 0
+                if PRE:
+                    pre = (pc == 0) & (pre_q != 0)  # (the first piece's query and first tiles went before the fork)
+                    i0 = gl.where(pre, pre_t, 0)
+                    if not pre:
+                        mbarrier.wait(q_free, (pc & 1) ^ 1)
+                        _query(q_desc, q3_desc, q_lat3, q_lat, q_rope, q_bar, b * n_rows + row0, NKV, TMA3)
                 else:
-                    mbarrier.expect(q_bar, (NKV + 1) * q_desc.block_type.nbytes)
-                    for c in gl.static_range(NKV):
-                        tma.async_copy_global_to_shared(q_desc, [b * n_rows + row0, c * CW], q_bar, q_lat.index(c))
-                tma.async_copy_global_to_shared(q_desc, [b * n_rows + row0, NKV * CW], q_bar, q_rope)
+                    mbarrier.wait(q_free, (pc & 1) ^ 1)
+                    _query(q_desc, q3_desc, q_lat3, q_lat, q_rope, q_bar, b * n_rows + row0, NKV, TMA3)
                 tbl = tbl_ptr + b.to(gl.int64) * stride_tb
-                for i in range(hi - lo):
+                for i in range(i0, hi - lo):
                     st = g % STAGES
                     mbarrier.wait(empty.index(st), ((g // STAGES) & 1) ^ 1)
                     row = _tile_row(tbl, b * capacity, (lo + i) * BN, PAGED)
-                    if TMA3:  # the ring slot's predicated copy (a view's offset must be static), then the RoPE box
-                        mbarrier.expect(ready.index(st), kv3_desc.block_type.nbytes + pe_desc.block_type.nbytes)
-                        for sb in gl.static_range(STAGES):
-                            tma.async_copy_global_to_shared(kv3_desc, [0, row, 0], ready.index(st),
-                                                            kv_lat3.slice(sb * NKV, NKV), pred=st == sb)
-                        tma.async_copy_global_to_shared(pe_desc, [row, 0], ready.index(st), kv_rope.index(st))
-                    else:
-                        _load_tile(kv_desc, pe_desc, row, ready.index(st), kv_lat, st * NKV, kv_rope.index(st), NKV)
+                    _wide_tile(kv_desc, kv3_desc, pe_desc, kv_lat3, kv_lat, kv_rope, ready.index(st), row, st, STAGES,
+                               TMA3)
                     g += 1
                 pc += 1
             S = S + OVERHEAD_C + k
@@ -938,7 +977,7 @@ if HAVE_GLUON:
                    STAGES: gl.constexpr, BLOCK_B: gl.constexpr, RN: gl.constexpr, TRANSPOSED: gl.constexpr,
                    SPLIT: gl.constexpr = False, TRACE: gl.constexpr = False, trace_ptr=None,
                    EARLY_Q_FREE: gl.constexpr = False, TMA3: gl.constexpr = False, o_desc=None, p_desc=None,
-                   TSTORE: gl.constexpr = False):
+                   TSTORE: gl.constexpr = False, PRE: gl.constexpr = False):
         """The warp-specialized kernels, program (row block, p): rows [RN row block, +RN) of every piece in slice p.
         A producer warp (``_wide_producer``) and two consumer warpgroups (``_consumer``), each with half of the
         output columns. The wide kernel: RN = 64 rows as the MMA's M. TRANSPOSED: the narrow kernel's
@@ -995,6 +1034,20 @@ if HAVE_GLUON:
             mbarrier.init(ready.index(sb), count=1)
             mbarrier.init(empty.index(sb), count=2)
         fence_async_shared()
+        length0 = 0
+        pre_q = 0
+        pre_t = 0
+        if PRE:  # the first piece's query and first tile issued here, ahead of the fork (``WIDE_PREFORK``)
+            length0 = gl.load(seqlens_ptr + b, mask=b < B, other=0)
+            _, _, lo0, hi0, has0, _ = _piece_of(length0, S, u0, u1, capacity)
+            if (b < B) & (S < u1) & has0:
+                _query(q_desc, q3_desc, q_lat, q_lat, q_rope, q_bar, b * n_rows + row0, NKV, TMA3)
+                pre_q = 1
+                if hi0 > lo0:
+                    row = _tile_row(tbl_ptr + b.to(gl.int64) * stride_tb, b * capacity, lo0 * BN, PAGED)
+                    _wide_tile(kv_desc, kv3_desc, pe_desc, kv_lat, kv_lat, kv_rope, ready.index(0), row, b * 0,
+                               STAGES, TMA3)
+                    pre_t = 1
         gl.warp_specialize([
             (_consumer, (q_lat, q_rope, kv_lat, kv_rope, p_smem, sx_smem, sx_bar, q_bar, q_free, ready, empty,
                          seqlens_ptr, o_ptr, l_ptr, op_ptr, lp_ptr, stride_ob, stride_os, stride_oh, stride_lb,
@@ -1008,7 +1061,7 @@ if HAVE_GLUON:
                          o_desc, p_desc, TSTORE)),
             (_wide_producer, (q_desc, kv_desc, pe_desc, q_lat, q_rope, kv_lat, kv_rope, q_bar, q_free, ready, empty,
                               seqlens_ptr, tbl_ptr, stride_tb, capacity, B, n_rows, row0, u0, u1, b, S, PAGED, STAGES,
-                              q3_desc, kv3_desc, TMA3)),
+                              q3_desc, kv3_desc, TMA3, PRE, length0, pre_q, pre_t)),
         ], [4, 1], [232, 24])
 
     @gluon.jit
@@ -1040,7 +1093,7 @@ if HAVE_GLUON:
                        PAGED: gl.constexpr, STAGES: gl.constexpr, BLOCK_B: gl.constexpr, MERGE: gl.constexpr,
                        NL: gl.constexpr, TN: gl.constexpr, TMA3: gl.constexpr, ONE_WAIT: gl.constexpr = False,
                        TRACE: gl.constexpr = False, trace_ptr=None, o_desc=None, p_desc=None,
-                       TSTORE: gl.constexpr = False):
+                       TSTORE: gl.constexpr = False, PRE: gl.constexpr = False):
         """Program p: all RN = s_q * H rows (16 or 32) of every piece in slice p; see the module docstring. NL: the
         latent's 64-column boxes (8 for C = 512, 4 for 256); TN: tokens a tile (64, or 128: two 64-token boxes in
         each buffer, the MMAs' M and K). No warp specialization: the program issues its own loads, a piece's first
@@ -1100,6 +1153,16 @@ if HAVE_GLUON:
         g = 0  # the slice's tiles so far (ring position)
         pc = 0
         length = gl.load(seqlens_ptr + b, mask=b < B, other=0)
+        spec = 0
+        if PRE:  # the first piece's query and first tile, issued before its length is back (``NARROW_PRE``)
+            first0 = S + OVERHEAD_C
+            if (b < B) & (u0 < u1) & (u1 > first0) & ((u0 == S) | (u0 >= first0)):  # then b's piece is the
+                # slice's first and (but for an empty b, starting the slice) holds the tile lo0
+                lo0 = gl.maximum(u0, first0) - first0
+                _query(q_desc, q3_desc, q_lat3, q_lat, q_rope, q_bar, b * RN, NL, TMA3)
+                _load_tiles(kv_desc, kv3_desc, pe_desc, tbl_ptr + b.to(gl.int64) * stride_tb, b * capacity, lo0 * TN,
+                            capacity, ready.index(0), kv_lat3, kv_lat, kv_rope, b * 0, STAGES, NL, TN, PAGED, TMA3)
+                spec = 1
         while (b < B) & (S < u1):
             nxt_length = gl.load(seqlens_ptr + b + 1, mask=b + 1 < B, other=0)  # in flight during this piece
             seqlen, k, lo, hi, has, whole = _piece_of(length, S, u0, u1, capacity, TN)
@@ -1109,17 +1172,19 @@ if HAVE_GLUON:
                 kv_row = b * capacity
                 if TRACE:
                     e = _stamp(trace_ptr, p, e, 9)
-                if TMA3:  # (the previous piece's MMAs are done) the query's latent boxes in one copy, its RoPE box
-                    mbarrier.expect(q_bar, q3_desc.block_type.nbytes + q_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(q3_desc, [0, b * RN, 0], q_bar, q_lat3)
-                    tma.async_copy_global_to_shared(q_desc, [b * RN, NL * CW], q_bar, q_rope)
+                j0 = 0  # (the first tiles already in flight)
+                if PRE:
+                    pre = (pc == 0) & (spec != 0)  # the slice's first piece: its query and first tile went out above
+                    j0 = pre.to(gl.int32)
+                    if not pre:  # (the previous piece's MMAs are done)
+                        _query(q_desc, q3_desc, q_lat3, q_lat, q_rope, q_bar, b * RN, NL, TMA3)
+                    elif n_tiles == 0:  # (an empty sequence: the tile went out for nothing, its ring slot skipped)
+                        mbarrier.wait(ready.index(0), 0)
+                        g += 1
                 else:
-                    mbarrier.expect(q_bar, (NL + 1) * q_desc.block_type.nbytes)
-                    for c in gl.static_range(NL):
-                        tma.async_copy_global_to_shared(q_desc, [b * RN, c * CW], q_bar, q_lat.index(c))
-                    tma.async_copy_global_to_shared(q_desc, [b * RN, NL * CW], q_bar, q_rope)
+                    _query(q_desc, q3_desc, q_lat3, q_lat, q_rope, q_bar, b * RN, NL, TMA3)
                 for j in gl.static_range(STAGES - 1 + ONE_WAIT):  # the first tiles in flight
-                    if j < n_tiles:
+                    if (j < n_tiles) & (j >= j0):
                         sj = (g + j) % STAGES
                         _load_tiles(kv_desc, kv3_desc, pe_desc, tbl, kv_row, (lo + j) * TN, seqlen, ready.index(sj),
                                     kv_lat3, kv_lat, kv_rope, sj, STAGES, NL, TN, PAGED, TMA3)
@@ -1329,6 +1394,15 @@ WIDE_TSTORE = True
 # the kernel, waited for until written before their arrival was counted) 0.3-1.4% slower (B=32 4K 44.8 -> 45.3);
 # small-v3 within -1.4% to +0.3%. Not with MERGE_ROWS (see ``_tma_out``).
 NARROW_TSTORE = ((512, 32),)
+# The wide kernel's first piece: its query and first tile issued by the kernel's warps before the fork into the
+# producer and consumers (whose start costs about 1 us: bench/results/mla_decode-trace-wide-tstore.md, 1.7 us from
+# the schedule to the consumers' first length read), the first length read there too.
+WIDE_PREFORK = True
+# Row counts whose narrow kernel issues its first piece's query and first tile once the schedule is known, before the
+# piece's length is back (bench/results/mla_decode-trace-len.md: 1.6 us from the schedule to the loads issued). When
+# the slice reaches into its first sequence b's tiles, b's piece is the slice's first and holds tile lo0, unless b is
+# empty and the slice starts at b: then the tile is waited for and its ring slot skipped.
+NARROW_PRE = (16,)
 STAGES = {"wide": 2, "narrow": 2}  # _ws_kernel's cache tiles in flight: 2 x 72 KB (with the 72 / 18-36 KB query)
 # The narrow kernel's (tokens a tile: the schedule's unit, tiles in flight) by (latent, rows). C = 512: 64-token tiles
 # of 72 KB, two in flight (with the 18-36 KB query: 168-189 KB of shared memory). C = 256, 16 rows: a 128-token tile
@@ -1501,14 +1575,14 @@ def mla_decode_gluon(q, kv, pe, seqlens, scale, causal, block_table, out, lse, k
         stores = _tma_stores(out, o_part, 64) if kind == "wide" and WIDE_TSTORE and WIDE_SPLIT and PART_BF16 else {}
         _ws_kernel[grid](*args, _desc3(q2, C // 64, rn), _desc3(kv2, C // 64, 64), CAUSAL=causal, PAGED=paged,
                          STAGES=stages, BLOCK_B=block_b, RN=rn, TRANSPOSED=two, SPLIT=kind == "wide" and WIDE_SPLIT,
-                         EARLY_Q_FREE=EARLY_Q_FREE, TMA3=kind == "wide" and WIDE_TMA3, num_warps=4, **stores,
-                         **traced)
+                         EARLY_Q_FREE=EARLY_Q_FREE, TMA3=kind == "wide" and WIDE_TMA3, num_warps=4,
+                         PRE=kind == "wide" and WIDE_PREFORK, **stores, **traced)
     else:
         stores = _tma_stores(out, o_part, rows) if (C, rows) in NARROW_TSTORE and PART_BF16 and not merge else {}
         _narrow_kernel[grid](*args, _part_desc(o_part), _desc3(q2, C // 64, rows), _desc3(kv2, C // 64, 64), RN=rows,
                              CAUSAL=causal, PAGED=paged, STAGES=stages, BLOCK_B=block_b, MERGE=merge, NL=C // 64,
                              TN=unit, TMA3=C in TMA3_LATENTS and unit == 64, ONE_WAIT=rows in ONE_WAIT_ROWS,
-                             num_warps=4, **stores, **traced)
+                             PRE=rows in NARROW_PRE, num_warps=4, **stores, **traced)
     if not merge and P > 1:  # (one program computes every sequence whole)
         combine(o_part, l_part, seqlens, capacity, min_units, out, lse, unit, pdl=PDL)
     return grid
