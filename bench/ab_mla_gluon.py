@@ -4,7 +4,8 @@ called through ``mla_decode`` (each swapped in for ``minids.kernels.mla_decode_g
 furthest below the issue's targets: short caches at batch 32 and 128, fixed and ragged lengths, s_q 1 and 2, 16 and
 128 heads; or (``--cases wide``) the 128-head shapes alone (1K, and 4K at s_q 1 and 2); or (``--cases small``)
 small-v3's latent (C=256, R=32) at 16 heads, ragged; or (``--cases long``) V3's long caches (16K at batch 128 and 16
-heads; 4K at batch 128 and 16K at batch 32, 128 heads).
+heads; 4K at batch 128 and 16K at batch 32, 128 heads, and 16K at batch 128 with s_q 1) and small-v3's ragged 16K at
+batch 128.
 
     python3 bench/ab_mla_gluon.py --base /tmp/base.py [more.py ...] --out bench/results --stem mla_decode-ab-merge   # the H200
 
@@ -52,9 +53,10 @@ def cases(which: str) -> list[tuple[str, int, int, int, bool, int, bool]]:
     if which == "wide":  # the wide kernel (128 heads) alone: its short caches, and two 4K shapes
         return ([("V3", B, 128, 1024, var, s_q, False) for B in (32, 128) for var in (False, True) for s_q in (1, 2)]
                 + [("V3", 32, 128, 4096, False, 1, False), ("V3", 128, 128, 4096, False, 2, False)])
-    if which == "long":  # V3's long caches, where the tile loop's steady state decides
+    if which == "long":  # V3's long caches, where the tile loop's steady state decides (and small-v3's longest)
         return ([("V3", 128, 16, 16384, var, s_q, False) for var in (False, True) for s_q in (1, 2)]
-                + [("V3", B, 128, mean, False, s_q, False) for B, mean in ((128, 4096), (32, 16384)) for s_q in (1, 2)])
+                + [("V3", B, 128, mean, False, s_q, False) for B, mean in ((128, 4096), (32, 16384)) for s_q in (1, 2)]
+                + [("V3", 128, 128, 16384, False, 1, False), ("small", 128, 16, 16384, True, 1, False)])
     out = [("V3", B, 16, mean, var, s_q, False) for B in (32, 128) for mean in (1024, 4096) for var in (False, True)
            for s_q in (1, 2)]
     out += [("V3", 32, 16, 4096, False, 1, True), ("V3", 32, 16, 16384, False, 2, False),
@@ -73,6 +75,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--cases", choices=("h16", "all", "small", "long", "wide"), default="all")
     ap.add_argument("--ragged", action="store_true", help="only the cases' ragged (variable-length) shapes")
+    ap.add_argument("--only", nargs="+", default=None, help="only the cases' shapes named so (as the report names them)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("ab_mla_gluon: needs a CUDA GPU (sm_90, with Triton 3.6's Gluon); none here")
@@ -85,7 +88,8 @@ def main() -> None:
     scale = (128 + 64) ** -0.5
     rows = []
     for cfg, B, H, mean, var, s_q, paged in cases(args.cases):
-        if args.ragged and not var:
+        name = f"{cfg} B={B} H={H} len={mean}{'~' if var else ''} s_q={s_q}{' paged' if paged else ''}"
+        if (args.ragged and not var) or (args.only and name not in args.only):
             continue
         C, R = (512, 64) if cfg == "V3" else (256, 32)
         gen = torch.Generator().manual_seed(B * 7 + mean + s_q)
@@ -96,7 +100,6 @@ def main() -> None:
         ref_kv = kv if table is None else kv[table.long()].flatten(1, 2)
         want = mla_decode_ref(q, ref_kv, seqlens, C, scale, causal=True)[0].float()
         nbytes, flops = work(int(lens.sum()), B, s_q, H, C, R)
-        name = f"{cfg} B={B} H={H} len={mean}{'~' if var else ''} s_q={s_q}{' paged' if paged else ''}"
         times: dict[str, list[float]] = {k: [] for k in builds}
         errs = {}
         for rep in range(args.reps):

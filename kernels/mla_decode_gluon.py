@@ -1395,13 +1395,22 @@ WIDE_TSTORE = True
 # small-v3 within -1.4% to +0.3%. Not with MERGE_ROWS (see ``_tma_out``).
 NARROW_TSTORE = ((512, 32),)
 # The wide kernel's first piece: its query and first tile issued by the kernel's warps before the fork into the
-# producer and consumers (whose start costs about 1 us: bench/results/mla_decode-trace-wide-tstore.md, 1.7 us from
-# the schedule to the consumers' first length read), the first length read there too.
+# producer and consumers (bench/results/mla_decode-trace-wide-tstore.md: 1.7 us from the schedule to the consumers'
+# first length read), the first length read there too. On the H200 (mla_decode-ab-prefork.md, -ab-s28-*.md, against
+# the producer's own first loads) 0-2.3% faster at 8 of 10 128-head shapes (B=32 1K 35.2 -> 34.4 us, B=32 4K 95.4 ->
+# 94.4), at most 0.6% slower at the others. Traced (mla_decode-trace-wide-s28.md), the consumers now reach their first
+# piece 5.5-5.8 us in (2.5 before), the first tile usable at 6.1-6.4 us, about as before; handing them the length read
+# before the fork changed neither (-s28b.md, -ab-s28-qlen.md). The second tile held back until the first has landed
+# (build ``alone``) gained nothing.
 WIDE_PREFORK = True
 # Row counts whose narrow kernel issues its first piece's query and first tile once the schedule is known, before the
 # piece's length is back (bench/results/mla_decode-trace-len.md: 1.6 us from the schedule to the loads issued). When
 # the slice reaches into its first sequence b's tiles, b's piece is the slice's first and holds tile lo0, unless b is
-# empty and the slice starts at b: then the tile is waited for and its ring slot skipped.
+# empty and the slice starts at b: then the tile is waited for and its ring slot skipped. On the H200
+# (mla_decode-ab-pre-{h16,small}.md, head against base) 16 rows within 1%: faster at B=32 on fixed lengths (4K 44.8
+# -> 44.6 us, paged 45.5 -> 45.1) and B=128 1K (41.8 -> 41.5), slower on B=128's ragged ones (1K~ 50.2 -> 50.7); at 32
+# rows its build's tile loop grew (1557 -> 1581 instructions, sm_90) and long or B=128 caches lost up to 3% (small-v3
+# B=128 4K~ 89.9 -> 92.7), so 32 rows keep their own first loads.
 NARROW_PRE = (16,)
 STAGES = {"wide": 2, "narrow": 2}  # _ws_kernel's cache tiles in flight: 2 x 72 KB (with the 72 / 18-36 KB query)
 # The narrow kernel's (tokens a tile: the schedule's unit, tiles in flight) by (latent, rows). C = 512: 64-token tiles
