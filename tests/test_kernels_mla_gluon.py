@@ -121,9 +121,9 @@ def test_gluon_equal_tile_counts(layout, H, s_q, num_splits, monkeypatch):
 @pytest.mark.parametrize("H,s_q", [(16, 1), (16, 2), (128, 1)])
 def test_gluon_empty_and_non_causal(H, s_q, monkeypatch):
     """Length 0 and a causal query with nothing before it (out 0, lse -inf); no causal mask. The empty sequence
-    starts a slice, whose first tile the kernels issue before its length is back (``NARROW_PRE``, ``WIDE_PREFORK``):
-    that tile is waited for and skipped. With 7 programs the empty sequence's slice ends within its overhead units
-    (``SEQ_OVERHEAD``): that slice still writes it whole."""
+    starts a slice: at 16 rows the narrow kernel issues that slice's first tile before the length is back
+    (``NARROW_PRE``), then waits for it and skips its ring slot. With 7 programs the empty sequence's slice ends
+    within its overhead units (``SEQ_OVERHEAD``): that slice still writes it whole."""
     from minids.kernels import mla_decode as mod
 
     monkeypatch.setattr(mod, "GLUON_MLA", True)
