@@ -1399,7 +1399,7 @@ NARROW_TSTORE = ((512, 32),)
 # first length read), the first length read there too. On the H200 (mla_decode-ab-prefork.md, -ab-s28-*.md, against
 # the producer's own first loads) 0-2.3% faster at 8 of 10 128-head shapes (B=32 1K 35.2 -> 34.4 us, B=32 4K 95.4 ->
 # 94.4), at most 0.6% slower at the others. Traced (mla_decode-trace-wide-s28.md), the consumers now reach their first
-# piece 5.5-5.8 us in (2.5 before), the first tile usable at 6.1-6.4 us, about as before; handing them the length read
+# piece 4.6-5.8 us in (2.5-2.8 before), the first tile usable at 6.4-6.5 us (6.0-7.5); handing them the length read
 # before the fork changed neither (-s28b.md, -ab-s28-qlen.md). The second tile held back until the first has landed
 # (build ``alone``) gained nothing.
 WIDE_PREFORK = True
