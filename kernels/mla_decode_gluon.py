@@ -444,7 +444,7 @@ if HAVE_GLUON:
         u0, the unit S where b starts, the balanced slices' width W and whether the tile counts are equal. Run by
         the kernel's 4 warps; one read of the lengths when B <= BLOCK_B (a round trip to L2 before the first load is
         issued), else two passes."""
-        lay: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+        lay: gl.constexpr = gl.BlockedLayout([max(BLOCK_B // 32, 1)], [32], [gl.num_warps()], [0])  # (warps alike)
         if B <= BLOCK_B:
             offs = gl.arange(0, BLOCK_B, layout=lay)
             ok = offs < B

@@ -323,3 +323,20 @@ def test_gluon_traced_launch(H, s_q, monkeypatch):
     assert flat.count(6) == blocks * sum(len(pieces) for pieces in work)
     cut = {b for pieces in work for b, *_, slot in pieces if slot is not None}
     assert flat.count(7) == (len(cut) if kind == "narrow" and s_q * H in glu.MERGE_ROWS else 0)
+
+
+@GPU
+@pytest.mark.parametrize("H,s_q", [(16, 1), (16, 2), (128, 1)])
+@pytest.mark.parametrize("num_splits", [None, 7])
+def test_gluon_schedule_in_passes(H, s_q, num_splits, monkeypatch):
+    """More sequences than the schedule reads at once (``MAX_BLOCK_B`` cut to 16: 40 ragged lengths and an empty one
+    read in three passes, its two-pass form), through the same checks: the slices, the pieces and their merge or
+    combine as with one read."""
+    from minids.kernels import mla_decode as mod
+    from minids.kernels import mla_decode_gluon as glu
+
+    monkeypatch.setattr(mod, "GLUON_MLA", True)
+    monkeypatch.setattr(glu, "MAX_BLOCK_B", 16)
+    lens = torch.randint(0, 700, (40,), generator=torch.Generator().manual_seed(H + s_q)).tolist() + [0]
+    check(lens, s_q, H=H, C=512, R=64, layout="contiguous", num_splits=num_splits)
+    assert mod.LAST_LAUNCH["cfg"] == {"gluon": "narrow" if s_q * H <= 32 else "wide"}
