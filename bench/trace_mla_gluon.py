@@ -12,9 +12,11 @@ the producer warp's loads are not stamped); its programs are (row block, slice) 
 Per shape (the inputs rotated over copies as bench/mla_decode.py does, so the cache comes from memory): the graph
 time of the default path; then --reps traced launches, each program's events read back. Reported (medians over the
 launches; "med" / "max" over programs): span (first start to last end), the launch's start skew, schedule (start to
-the schedule known), known (start to the first piece's bounds known: its length read), issued (start to its loads
+the schedule known), fork (the wide kernel: start to its first consumer's start), known (start to the first piece's bounds known: its length read), issued (start to its loads
 issued), first tile (start to the first tile usable), a tile's compute (tile in to its MMAs done), the
-wait for a tile after the previous one's MMAs (data not yet there), the piece's stores, the merge, and for the
+wait for a tile after the previous one's MMAs (data not yet there), the piece's stores, a cut piece's arrival counted
+(from its stores), the merge (from that count; files before the twenty-ninth session's timed it from the stores) and
+its first partials' arrival, and for the
 program that ends last its share of each. Times within a program come from %clock64 (cycles, converted at the
 rate each launch measures against %globaltimer), across programs from %globaltimer.
 """
@@ -53,12 +55,15 @@ def program_stats(ev: list[tuple[int, int, int]], ghz: float) -> dict[str, float
     """One program's events (globaltimer ns, clock64, code) -> its phases in microseconds (clock64 deltas)."""
     t0c = ev[0][1]
     us = lambda c: (c - t0c) / ghz / 1e3
-    out = {"sched": 0.0, "known": float("nan"), "issued": float("nan"), "first_tile": float("nan"), "compute": [],
-           "wait": [], "stores": [], "merge": [], "end": us(ev[-1][1]), "tiles": 0, "pieces": 0}
-    last_done = None
+    out = {"sched": 0.0, "fork": float("nan"), "known": float("nan"), "issued": float("nan"), "first_tile": float("nan"), "compute": [],
+           "wait": [], "stores": [], "count": [], "merge": [], "merge_in": [], "end": us(ev[-1][1]), "tiles": 0,
+           "pieces": 0}
+    last_done = stored = counted = None
     for i, (_, c, code) in enumerate(ev):
         if code == 1:
             out["sched"] = us(c)
+        elif code == 12:
+            out["fork"] = us(c)
         elif code == 9:
             if not out["pieces"]:
                 out["known"] = us(c)
@@ -76,10 +81,17 @@ def program_stats(ev: list[tuple[int, int, int]], ghz: float) -> dict[str, float
         elif code == 5:
             out["compute"].append((c - ev[i - 1][1]) / ghz / 1e3)
             last_done = c
-        elif code == 6 and last_done is not None:
-            out["stores"].append((c - last_done) / ghz / 1e3)
+        elif code == 6:
+            stored = c
+            if last_done is not None:
+                out["stores"].append((c - last_done) / ghz / 1e3)
+        elif code == 10 and stored is not None:
+            out["count"].append((c - stored) / ghz / 1e3)
+            counted = c
+        elif code == 11 and counted is not None:
+            out["merge_in"].append((c - counted) / ghz / 1e3)
         elif code == 7:
-            out["merge"].append((c - ev[i - 1][1]) / ghz / 1e3)
+            out["merge"].append((c - (counted if counted is not None else ev[i - 1][1])) / ghz / 1e3)
     return out
 
 
@@ -98,13 +110,15 @@ def analyse(trace: torch.Tensor) -> dict[str, float]:
     return {
         "span_us": (max(ends) - t0) / 1e3, "start_skew_us": (max(starts) - t0) / 1e3, "clock_GHz": ghz,
         "sched_med": med([s["sched"] for s in stats]),
+        "fork_med": med([s["fork"] for s in stats if s["fork"] == s["fork"]]),
         "known_med": med([s["known"] for s in stats if s["pieces"] and s["known"] == s["known"]]),
         "issued_med": med([s["issued"] for s in stats if s["pieces"]]),
         "first_tile_med": med([s["first_tile"] for s in stats if s["tiles"]]),
         "first_tile_max": max(s["first_tile"] for s in stats if s["tiles"]),
         "compute_med": med(flat("compute")), "wait_med": med(flat("wait")),
         "wait_sum_med": med([sum(s["wait"]) for s in stats]),
-        "stores_med": med(flat("stores")), "merge_med": med(flat("merge")),
+        "stores_med": med(flat("stores")), "count_med": med(flat("count")), "merge_in_med": med(flat("merge_in")),
+        "merge_med": med(flat("merge")),
         "merge_max": max(flat("merge"), default=0.0), "end_med": med([s["end"] for s in stats]),
         "tiles_med": med([s["tiles"] for s in stats]), "pieces_med": med([s["pieces"] for s in stats]),
         "crit_start": (starts[max(range(len(progs)), key=lambda i: ends[i])] - t0) / 1e3,
@@ -168,9 +182,11 @@ def main() -> None:
                       "(bench/trace_mla_gluon.py): microseconds; graph_us the untraced "
                       "default path's CUDA-graph time; the rest medians over the traced launches (eager, not in a "
                       "graph) of: span (first program start to last end), start skew, per program (med / max over "
-                      "programs) the schedule, the first piece known (its length read), its loads issued, the "
+                      "programs) the schedule, the wide kernel's consumer past the fork, the first piece known (its length read), its loads issued, the "
                       "first tile usable, a tile's compute (in to MMAs done), the wait for a tile after the "
-                      "previous one's MMAs, a piece's stores, the merge, the program's end; "
+                      "previous one's MMAs, a piece's stores, the count of a cut piece's arrival (stored to counted: the partial's "
+                      "stores drained and the counter's atomic), the merge (counted to merged) and its first partials' "
+                      "arrival (counted to in), the program's end; "
                       "crit_*: the program that ends last (its start offset and its sums). err_vs_untraced: max "
                       "difference of the traced output from the untraced one, relative to its max.")
 

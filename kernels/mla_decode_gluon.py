@@ -556,14 +556,15 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _merge(op_desc, lp_ptr, o_ptr, l_ptr, stage, bar, phase, b, p0, p1, H, stride_ob, stride_os, stride_oh,
-               stride_lb, stride_ls, stride_lh, RN: gl.constexpr, NL: gl.constexpr):
+               stride_lb, stride_ls, stride_lh, RN: gl.constexpr, NL: gl.constexpr, trace_ptr, p, e,
+               TRACE: gl.constexpr):
         """The last piece's program merges sequence b's pieces (programs p0 .. p1, in that order) from their partial
         slots (float32 or bfloat16, added in float32), as ``_combine_kernel`` does: out = sum_j w_j o_j / sum_j w_j,
         w_j = 2^(l_j - max l). Four pieces at a time come into stage (the cache tiles' shared memory, free by now) by
         TMA, on bar at once, with their lse: one round trip to L2 a group (the eighteenth session's merge, a piece a
         round trip through registers, took 4.7 us at B=32 1K: bench/results/mla_decode-trace.md); a group's slots past
         p1 are read from rows past the partials' end (zero-filled, weight 0, not added). A running max across groups.
-        Returns bar's phase after."""
+        TRACE: event 11 once the first group has landed. Returns bar's phase after, and the events so far."""
         gl.static_assert(MERGE_GROUP == 4)  # (the group's four lse below)
         BOXC: gl.constexpr = op_desc.block_type.shape[1]
         NBOX: gl.constexpr = NL * CW // BOXC
@@ -595,6 +596,9 @@ if HAVE_GLUON:
             acc1 = acc1 * gl.expand_dims(alpha, 1)
             mbarrier.wait(bar, phase & 1)
             phase += 1
+            if TRACE:
+                if g0 == p0:
+                    e = _stamp(trace_ptr, p, e, 11)
             den, acc0, acc1 = _piece_add(stage, 0, lq0, m_safe, den, acc0, acc1, lay, NBOX)
             if g0 + 1 <= p1:
                 den, acc0, acc1 = _piece_add(stage, 1, lq1, m_safe, den, acc0, acc1, lay, NBOX)
@@ -614,7 +618,7 @@ if HAVE_GLUON:
         gl.store(l_ptr + b.to(gl.int64) * stride_lb + (rows // H) * stride_ls + (rows % H) * stride_lh,
                  gl.where(none, float("-inf"), (m + gl.log2(gl.where(none, 1.0, den))) * 0.6931471805599453))
         fence_async_shared()  # the generic reads of stage before the async proxy's next writes
-        return phase
+        return phase, e
 
     @gluon.jit
     def _query(q_desc, q3_desc, q_lat3, q_lat, q_rope, q_bar, qrow, NL: gl.constexpr, TMA3: gl.constexpr):
@@ -804,6 +808,8 @@ if HAVE_GLUON:
         held = 0  # (TSTORE) 1 while a piece's last buffer is held for its stores, released at the next tile's scores
         if TSTORE:
             gl.static_assert(STAGES >= 2)  # (the next piece's first tile comes into another buffer)
+        if STAMP:
+            e = _stamp(trace_ptr, pt, e, 12)
         length = gl.load(seqlens_ptr + b, mask=b < B, other=0)
         while (b < B) & (S < u1):
             nxt_length = gl.load(seqlens_ptr + b + 1, mask=b + 1 < B, other=0)  # in flight during this piece
@@ -1319,9 +1325,12 @@ if HAVE_GLUON:
                         got = gl.atomic_add(cnt_ptr + b + lane * 0, lane * 0 + 1, mask=lane == 0, sem="acq_rel",
                                             scope="gpu")
                         arrived = gl.max(gl.where(lane == 0, got, -1), 0)
+                        if TRACE:
+                            e = _stamp(trace_ptr, p, e, 10)
                         if arrived == p1 - p0:
-                            mph = _merge(op_desc, lp_ptr, o_ptr, l_ptr, stage, m_bar, mph, b, p0, p1, H, stride_ob,
-                                         stride_os, stride_oh, stride_lb, stride_ls, stride_lh, RN, NL)
+                            mph, e = _merge(op_desc, lp_ptr, o_ptr, l_ptr, stage, m_bar, mph, b, p0, p1, H,
+                                            stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, RN, NL,
+                                            trace_ptr, p, e, TRACE)
                             gl.store(cnt_ptr + b, 0)
                             if TRACE:
                                 e = _stamp(trace_ptr, p, e, 7)
@@ -1437,10 +1446,12 @@ TMA3_LATENTS = (512,)
 ONE_WAIT_ROWS = (32,)
 
 # A traced launch's event codes (``mla_decode_gluon(..., trace=)``): each program's (%globaltimer ns, %clock64, code)
-# in the order they happen; a piece is codes 9, 2-6 (its tiles 4 and 5 each), a merge 7 (the narrow kernel at 16
-# rows). The wide kernel's are its first consumer warpgroup's: code 2 when it starts the piece.
+# in the order they happen; a piece is codes 9, 2-6 (its tiles 4 and 5 each), then at 16 rows (the narrow kernel's
+# merge) a cut one's arrival counted 10, and for the last to arrive its merge: the first partials in 11, merged 7.
+# The wide kernel's are its first consumer warpgroup's: 12 when it starts (past the fork), 2 when it starts a piece.
 TRACE_CODES = {0: "start", 1: "scheduled", 9: "piece known", 2: "piece issued", 3: "query in", 4: "tile in",
-               5: "tile done", 6: "piece stored", 7: "merged", 8: "end"}
+               5: "tile done", 6: "piece stored", 10: "arrival counted", 11: "partials in", 7: "merged", 8: "end",
+               12: "consumer in"}
 
 
 @functools.cache
