@@ -282,7 +282,8 @@ def test_gluon_traced_launch(H, s_q, monkeypatch):
     narrow kernel, is refused before any launch), and each program's timeline is well formed: start and schedule
     first, end last, both clocks non-decreasing; every 64-token tile in and done once over all programs of a row
     block; a piece stored for each piece of ``pieces_ref``; at 16 rows a merge for each cut sequence, elsewhere (the
-    combine kernel's) none."""
+    combine kernel's) none, each cut piece's arrival counted there and each merge's first partials in; the wide
+    kernel's first consumer started once a program."""
     from minids.kernels import mla_decode_gluon as glu
 
     lens = [1, 63, 64, 65, 4097, 0]
@@ -322,7 +323,12 @@ def test_gluon_traced_launch(H, s_q, monkeypatch):
     work = glu.pieces_ref(lens, P, 1)
     assert flat.count(6) == blocks * sum(len(pieces) for pieces in work)
     cut = {b for pieces in work for b, *_, slot in pieces if slot is not None}
-    assert flat.count(7) == (len(cut) if kind == "narrow" and s_q * H in glu.MERGE_ROWS else 0)
+    merged = kind == "narrow" and s_q * H in glu.MERGE_ROWS
+    assert flat.count(7) == (len(cut) if merged else 0)
+    # each cut piece's arrival counted (10), each merge's first partials in (11), the wide consumer's start (12)
+    assert flat.count(10) == (sum(slot is not None for pieces in work for *_, slot in pieces) if merged else 0)
+    assert flat.count(11) == flat.count(7)
+    assert flat.count(12) == (blocks * P if kind == "wide" else 0)
 
 
 @GPU
