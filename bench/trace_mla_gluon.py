@@ -12,12 +12,12 @@ the producer warp's loads are not stamped); its programs are (row block, slice) 
 Per shape (the inputs rotated over copies as bench/mla_decode.py does, so the cache comes from memory): the graph
 time of the default path; then --reps traced launches, each program's events read back. Reported (medians over the
 launches; "med" / "max" over programs): span (first start to last end), the launch's start skew, schedule (start to
-the schedule known), fork (the wide kernel: start to its first consumer's start), known (start to the first piece's bounds known: its length read), issued (start to its loads
-issued), first tile (start to the first tile usable), a tile's compute (tile in to its MMAs done), the
-wait for a tile after the previous one's MMAs (data not yet there), the piece's stores, a cut piece's arrival counted
-(from its stores), the merge (from that count; files before the twenty-ninth session's timed it from the stores) and
-its first partials' arrival, and for the
-program that ends last its share of each. Times within a program come from %clock64 (cycles, converted at the
+the schedule known), fork (the wide kernel: start to its first consumer's start), known (start to the first piece's
+bounds known: its length read), issued (start to its loads issued), first tile (start to the first tile usable), a
+tile's compute (tile in to its MMAs done), the wait for a tile after the previous one's MMAs (data not yet there),
+the piece's stores, a cut piece's arrival counted (from its stores), the merge (from that count; files before the
+twenty-ninth session's timed it from the stores) and its first partials' arrival, and for the program that ends last
+its share of each. Times within a program come from %clock64 (cycles, converted at the
 rate each launch measures against %globaltimer), across programs from %globaltimer.
 """
 
@@ -55,9 +55,9 @@ def program_stats(ev: list[tuple[int, int, int]], ghz: float) -> dict[str, float
     """One program's events (globaltimer ns, clock64, code) -> its phases in microseconds (clock64 deltas)."""
     t0c = ev[0][1]
     us = lambda c: (c - t0c) / ghz / 1e3
-    out = {"sched": 0.0, "fork": float("nan"), "known": float("nan"), "issued": float("nan"), "first_tile": float("nan"), "compute": [],
-           "wait": [], "stores": [], "count": [], "merge": [], "merge_in": [], "end": us(ev[-1][1]), "tiles": 0,
-           "pieces": 0}
+    out = {"sched": 0.0, "fork": float("nan"), "known": float("nan"), "issued": float("nan"),
+           "first_tile": float("nan"), "compute": [], "wait": [], "stores": [], "count": [], "merge": [],
+           "merge_in": [], "end": us(ev[-1][1]), "tiles": 0, "pieces": 0}
     last_done = stored = counted = None
     for i, (_, c, code) in enumerate(ev):
         if code == 1:
@@ -182,11 +182,12 @@ def main() -> None:
                       "(bench/trace_mla_gluon.py): microseconds; graph_us the untraced "
                       "default path's CUDA-graph time; the rest medians over the traced launches (eager, not in a "
                       "graph) of: span (first program start to last end), start skew, per program (med / max over "
-                      "programs) the schedule, the wide kernel's consumer past the fork, the first piece known (its length read), its loads issued, the "
-                      "first tile usable, a tile's compute (in to MMAs done), the wait for a tile after the "
-                      "previous one's MMAs, a piece's stores, the count of a cut piece's arrival (stored to counted: the partial's "
-                      "stores drained and the counter's atomic), the merge (counted to merged) and its first partials' "
-                      "arrival (counted to in), the program's end; "
+                      "programs) the schedule, the wide kernel's consumer past the fork, the first piece known (its "
+                      "length read), its loads issued, the first tile usable, a tile's compute (in to MMAs done), "
+                      "the wait for a tile after the previous one's MMAs, a piece's stores, the count of a cut "
+                      "piece's arrival (stored to counted: the partial's stores drained and the counter's atomic), "
+                      "the merge (counted to merged) and its first partials' arrival (counted to in), the program's "
+                      "end; "
                       "crit_*: the program that ends last (its start offset and its sums). err_vs_untraced: max "
                       "difference of the traced output from the untraced one, relative to its max.")
 
