@@ -4,8 +4,10 @@ Uses the ptxas and cuobjdump that ship inside the Triton wheel. The Gluon kernel
 (the device's release), so run this under a 3.6 install beside the project's, e.g.
 
     python -m venv --system-site-packages /tmp/t36 && /tmp/t36/bin/pip install triton==3.6.0
-    PYTHONPATH=. /tmp/t36/bin/python bench/aot_sm90.py
+    PYTHONPATH=. /tmp/t36/bin/python bench/aot_sm90.py [--jit-like]
 
+``--jit-like`` specializes the Gluon builds' integers and pointers as the device's JIT does for a representative call
+(B=32, H=16 or 128; integers equal to 1 become constants: S_Q at s_q=1, the lse strides), else they are plain i32.
 Each build: registers, stack, shared memory, SASS opcode counts, and the tile loop's (``tile_loop``: its length, CTA
 barriers, shuffles, shared-memory loads and stores, spill reloads). Counts are the compiler's, not measurements;
 bench/results/kernels_notes.md quotes them as such.
@@ -13,6 +15,7 @@ bench/results/kernels_notes.md quotes them as such.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import os
 import re
@@ -65,7 +68,22 @@ def counts(cubin: bytes) -> str:
             f"HMMA {ops['HMMA']}, LDL {ops['LDL']}, STL {ops['STL']}){inner}")
 
 
-def gluon_kernel(kind: str, rows: int, paged: bool, C: int = 512, trace: bool = False) -> str:
+def jit_ints(kind: str, rows: int, paged: bool, C: int) -> dict[str, int]:
+    """The integer arguments of a representative call (B=32, cache capacity 1024, H=16 at 16 and 32 rows, else 128;
+    contiguous outputs): what the device's JIT specializes on (``--jit-like``)."""
+    H = 16 if kind != "wide" else rows
+    s_q = rows // H
+    return {"stride_tb": 16 if paged else 0, "stride_ob": s_q * H * C, "stride_os": H * C, "stride_oh": C,
+            "stride_lb": H * s_q, "stride_ls": 1, "stride_lh": s_q, "capacity": 1024, "B": 32, "H": H, "S_Q": s_q,
+            "min_units": glu.MIN_UNITS, "max_pieces": max(2, glu.MAX_PIECES)}
+
+
+def gluon_kernel(kind: str, rows: int, paged: bool, C: int = 512, trace: bool = False, jit_like: bool = False) -> str:
+    """One Gluon build's counts. jit_like: specialized as the JIT specializes a launch of ``jit_ints``' values
+    (integers equal to 1 become constants, multiples of 16 and the pointers are marked 16-divisible), so the
+    counts are those of the build the device runs for that call; else every integer is a plain i32."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.nvidia.compiler import CUDABackend
     from triton.experimental.gluon._runtime import GluonASTSource
 
     fn = glu._narrow_kernel if kind == "narrow" else glu._ws_kernel
@@ -93,7 +111,17 @@ def gluon_kernel(kind: str, rows: int, paged: bool, C: int = 512, trace: bool = 
         consts["trace_ptr"] = None
     part = torch.bfloat16 if glu.PART_BF16 else torch.float32  # the partials' dtype
     sig = {}
-    for a in fn.arg_names:
+    attrs = {}
+    ints = jit_ints(kind, rows, paged, C) if jit_like else {}
+    for i, a in enumerate(fn.arg_names):
+        if a in ints and a not in consts:
+            ty, spec = native_specialize_impl(CUDABackend, ints[a], False, True, True)
+            if ty == "constexpr":
+                consts[a] = spec
+            elif spec:
+                attrs[(i,)] = CUDABackend.parse_attr(spec)
+        elif jit_like and a.endswith("_ptr"):
+            attrs[(i,)] = CUDABackend.parse_attr("D")  # (torch's allocations are 256-byte aligned)
         if a in consts:
             sig[a] = "constexpr"
         elif a == "op_desc":
@@ -111,7 +139,8 @@ def gluon_kernel(kind: str, rows: int, paged: bool, C: int = 512, trace: bool = 
             sig[a] = "*bf16" if a == "o_ptr" or a == "op_ptr" and part == torch.bfloat16 else "*fp32"
         else:
             sig[a] = "fp32" if a == "qk_scale" else "i32"
-    ck = triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+    ck = triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                        target=GPUTarget("cuda", 90, 32),
                         options={"num_warps": 4})
     return f"shared {ck.metadata.shared} B, " + counts(ck.asm["cubin"])
 
@@ -132,15 +161,19 @@ def triton_kernel(block_m: int, block_n: int, warps: int, stages: int, v_split: 
 
 
 def main() -> None:
-    print(f"triton {triton.__version__}, sm_90")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--jit-like", action="store_true", help="the Gluon builds specialized as the device's JIT "
+                    "specializes a representative call (``jit_ints``), instead of plain i32 integers")
+    jit = ap.parse_args().jit_like
+    print(f"triton {triton.__version__}, sm_90{', JIT-like specialization' if jit else ''}")
     if glu.HAVE_GLUON:
         for kind, rows, C in (("wide", 128, 512), ("narrow", 16, 512), ("narrow", 32, 512), ("narrow2", 16, 512),
                               ("narrow2", 32, 512), ("narrow", 16, 256), ("narrow", 32, 256)):
             for paged in (False, True):
-                print(f"gluon {kind} rows={rows} C={C} paged={paged}: {gluon_kernel(kind, rows, paged, C)}",
-                      flush=True)
-        print(f"gluon narrow rows=16 C=512 traced: {gluon_kernel('narrow', 16, False, 512, True)}", flush=True)
-        print(f"gluon wide rows=128 C=512 traced: {gluon_kernel('wide', 128, False, 512, True)}", flush=True)
+                print(f"gluon {kind} rows={rows} C={C} paged={paged}: "
+                      f"{gluon_kernel(kind, rows, paged, C, jit_like=jit)}", flush=True)
+        print(f"gluon narrow rows=16 C=512 traced: {gluon_kernel('narrow', 16, False, 512, True, jit)}", flush=True)
+        print(f"gluon wide rows=128 C=512 traced: {gluon_kernel('wide', 128, False, 512, True, jit)}", flush=True)
     else:
         print("no Gluon with Triton 3.6's API here: the Gluon kernels skipped")
     for cfg in ((16, 32, 4, 3), (16, 64, 4, 3), (32, 64, 8, 3), (64, 64, 8, 2), (128, 32, 8, 2, 2)):
