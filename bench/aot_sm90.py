@@ -120,7 +120,7 @@ def gluon_kernel(kind: str, rows: int, paged: bool, C: int = 512, trace: bool = 
                 consts[a] = spec
             elif spec:
                 attrs[(i,)] = CUDABackend.parse_attr(spec)
-        elif jit_like and a.endswith("_ptr"):
+        elif jit_like and a.endswith("_ptr") and a not in consts:
             attrs[(i,)] = CUDABackend.parse_attr("D")  # (torch's allocations are 256-byte aligned)
         if a in consts:
             sig[a] = "constexpr"
