@@ -96,7 +96,7 @@ def gluon_kernel(kind: str, rows: int, paged: bool, C: int = 512, trace: bool = 
                       TMA3=C in glu.TMA3_LATENTS and tn == 64, ONE_WAIT=rows in glu.ONE_WAIT_ROWS,
                       TSTORE=(C, rows) in glu.NARROW_TSTORE and glu.PART_BF16 and rows not in glu.MERGE_ROWS,
                       PRE=rows in glu.NARROW_PRE,
-                      NEXT=glu.NARROW_NEXT.get(rows, 0) if glu.PART_BF16 or rows not in glu.MERGE_ROWS else 0)
+                      NEXT=rows in glu.NARROW_NEXT and (glu.PART_BF16 or rows not in glu.MERGE_ROWS))
         if not consts["TSTORE"]:
             consts.update(o_desc=None, p_desc=None)
     else:  # the warp-specialized kernel: wide, or the narrow math on two consumer warpgroups ("narrow2")

@@ -1099,7 +1099,7 @@ if HAVE_GLUON:
                        PAGED: gl.constexpr, STAGES: gl.constexpr, BLOCK_B: gl.constexpr, MERGE: gl.constexpr,
                        NL: gl.constexpr, TN: gl.constexpr, TMA3: gl.constexpr, ONE_WAIT: gl.constexpr = False,
                        TRACE: gl.constexpr = False, trace_ptr=None, o_desc=None, p_desc=None,
-                       TSTORE: gl.constexpr = False, PRE: gl.constexpr = False, NEXT: gl.constexpr = 0):
+                       TSTORE: gl.constexpr = False, PRE: gl.constexpr = False, NEXT: gl.constexpr = False):
         """Program p: all RN = s_q * H rows (16 or 32) of every piece in slice p; see the module docstring. NL: the
         latent's 64-column boxes (8 for C = 512, 4 for 256); TN: tokens a tile (64, or 128: two 64-token boxes in
         each buffer, the MMAs' M and K). No warp specialization: the program issues its own loads, a piece's first
@@ -1111,10 +1111,10 @@ if HAVE_GLUON:
         waited for first, then the freed buffer's next tile (i + STAGES) issued, then the scores waited for; a piece's
         first STAGES tiles go with its query. TSTORE (``NARROW_TSTORE``, not with MERGE): a piece's output (or
         partial) goes through the ring's shared memory, free at its end, by TMA to o_desc (or p_desc). NEXT
-        (``NARROW_NEXT``): the slice's next piece's query and first tile go out before this piece's epilogue (the
-        query once its last scores are done; the tile, NEXT 1, in the tile loop into the ring slot its last loads
-        leave free, or, NEXT 2, after the loop), and the epilogue (its stores, the merge) keeps to the ring slot of
-        its last tile. TRACE: record the program's timeline (``TRACE_CODES``) at trace_ptr."""
+        (``NARROW_NEXT``): the slice's next piece's query and first tile go out before this piece's end (the tile in
+        the ring slot its last tile frees, the query once its last scores are done), and the piece's epilogue (its
+        stores, the merge) uses the ring slot of its last tile only. TRACE: record the program's timeline
+        (``TRACE_CODES``) at trace_ptr."""
         gl.static_assert(not (TSTORE and MERGE))  # (``_tma_out``)
         p = gl.program_id(0)
         P = gl.num_programs(0)
@@ -1218,8 +1218,8 @@ if HAVE_GLUON:
                     S_n = S + OVERHEAD_C + k
                     sl_n, _k, lo_n, hi_n, has_n, _w = _piece_of(nxt_length, S_n, u0, u1, capacity, TN)
                     has_n = has_n & (b + 1 < B) & (S_n < u1)
-                    in_loop = n_tiles >= STAGES - 1 + ONE_WAIT  # (NEXT 1: the tile loop reaches its load)
-                    t_n = gl.where(has_n & (hi_n > lo_n) & (in_loop | (NEXT == 2)), lo_n * TN, has_n.to(gl.int32) - 2)
+                    t_n = gl.where(has_n & (hi_n > lo_n) & (n_tiles >= STAGES - 1 + ONE_WAIT), lo_n * TN,
+                                   has_n.to(gl.int32) - 2)
                 limit = _row_limit(seqlen, rows, H, S_Q, CAUSAL)
                 m_i = gl.full([RN], float("-inf"), gl.float32, gl.SliceLayout(0, mma))
                 l_w = _per_warp(s_zero, 4, True)  # the row sums, per warp (``_softmax_t``)
@@ -1248,7 +1248,7 @@ if HAVE_GLUON:
                     if not ONE_WAIT:
                         nxt = i + STAGES - 1  # into the buffer tile i - 1 used: its MMAs are done (the barrier below)
                         own = nxt < n_tiles
-                        if own | ((nxt == n_tiles) & (t_n >= 0) & (NEXT == 1)):  # (or the next piece's first tile)
+                        if own | ((nxt == n_tiles) & (t_n >= 0)):  # (NEXT: or the next piece's first tile)
                             sn = (g + STAGES - 1) % STAGES
                             _load_tiles(kv_desc, kv3_desc, pe_desc, tbl + gl.where(own, 0, stride_tb),
                                         kv_row + gl.where(own, 0, capacity), gl.where(own, (lo + nxt) * TN, t_n),
@@ -1297,7 +1297,7 @@ if HAVE_GLUON:
                     gl.thread_barrier()  # every warp is past this tile's P V before its buffer and P^T are rewritten
                     if ONE_WAIT:  # the freed buffer's next tile (NEXT: or the next piece's first), the scores' wait
                         own = i + STAGES < n_tiles
-                        if own | ((i + STAGES == n_tiles) & (t_n >= 0) & (NEXT == 1)):
+                        if own | ((i + STAGES == n_tiles) & (t_n >= 0)):
                             _load_tiles(kv_desc, kv3_desc, pe_desc, tbl + gl.where(own, 0, stride_tb),
                                         kv_row + gl.where(own, 0, capacity), gl.where(own, (lo + i + STAGES) * TN, t_n),
                                         gl.where(own, seqlen, sl_n), ready.index(st), kv_lat3, kv_lat, kv_rope, st,
@@ -1313,12 +1313,6 @@ if HAVE_GLUON:
                         if ONE_WAIT:
                             gl.thread_barrier()  # (every warp past the last scores' wait)
                         _query(q_desc, q3_desc, q_lat3, q_lat, q_rope, q_bar, (b + 1) * RN, NL, TMA3)
-                        if NEXT == 2:  # noqa: SIM102 (a constexpr branch)
-                            if t_n >= 0:  # its first tile into the slot after the last tile's (free: every load of
-                                # this piece is consumed)
-                                sn = g % STAGES
-                                _load_tiles(kv_desc, kv3_desc, pe_desc, tbl + stride_tb, kv_row + capacity, t_n, sl_n,
-                                            ready.index(sn), kv_lat3, kv_lat, kv_rope, sn, STAGES, NL, TN, PAGED, TMA3)
                         ahead_q = 1
                         ahead_t = (t_n >= 0).to(gl.int32)
                     es = (g + STAGES - 1) % STAGES
@@ -1494,12 +1488,11 @@ TMA3_LATENTS = (512,)
 # 150.3 -> 154.4). A first form that waited for both together lost 3-14% at 16 rows (-ab-onewait-*.md): the next
 # tile's load went out only once that tile had arrived, so 16 rows keep the two waits.
 ONE_WAIT_ROWS = (32,)
-# The narrow kernel's row counts that issue the slice's next piece's query and first tile before the current piece's
-# epilogue (``NEXT``), so that a piece switch (its stores, a merge) overlaps the next piece's first loads; the
-# epilogue then keeps to its last tile's ring slot. By rows, where the tile goes out: 1 in the tile loop, into the
-# ring slot the piece's last loads leave free (a tile's time earlier); 2 after the loop (nothing added to the loop).
-# Only programs with more than one piece (ragged lengths) see it.
-NARROW_NEXT: dict[int, int] = {}  # (on trial: see the thirtieth session's notes)
+# Row counts whose narrow kernel issues the slice's next piece's query and first tile before the current piece ends
+# (``NEXT``): the tile into the ring slot the piece's last loads leave free, the query once its last scores are
+# done, so that a piece switch (its stores, a merge) overlaps the next piece's first loads; the epilogue then keeps to
+# its last tile's ring slot. Only programs with more than one piece (ragged lengths) see it.
+NARROW_NEXT: tuple[int, ...] = ()  # (on trial: see the twenty-ninth session's notes)
 
 # A traced launch's event codes (``mla_decode_gluon(..., trace=)``): each program's (%globaltimer ns, %clock64, code)
 # in the order they happen; a piece is codes 9, 2-6 (its tiles 4 and 5 each), then at 16 rows (the narrow kernel's
@@ -1658,7 +1651,7 @@ def mla_decode_gluon(q, kv, pe, seqlens, scale, causal, block_table, out, lse, k
         _narrow_kernel[grid](*args, _part_desc(o_part), _desc3(q2, C // 64, rows), _desc3(kv2, C // 64, 64), RN=rows,
                              CAUSAL=causal, PAGED=paged, STAGES=stages, BLOCK_B=block_b, MERGE=merge, NL=C // 64,
                              TN=unit, TMA3=C in TMA3_LATENTS and unit == 64, ONE_WAIT=rows in ONE_WAIT_ROWS,
-                             PRE=rows in NARROW_PRE, NEXT=NARROW_NEXT.get(rows, 0) if PART_BF16 or not merge else 0,
+                             PRE=rows in NARROW_PRE, NEXT=rows in NARROW_NEXT and (PART_BF16 or not merge),
                              num_warps=4, **stores, **traced)
     if not merge and P > 1:  # (one program computes every sequence whole)
         combine(o_part, l_part, seqlens, capacity, min_units, out, lse, unit, pdl=PDL)
