@@ -95,8 +95,7 @@ def gluon_kernel(kind: str, rows: int, paged: bool, C: int = 512, trace: bool = 
         consts.update(RN=rows, MERGE=rows in glu.MERGE_ROWS, NL=C // 64, TN=tn, STAGES=stages,
                       TMA3=C in glu.TMA3_LATENTS and tn == 64, ONE_WAIT=rows in glu.ONE_WAIT_ROWS,
                       TSTORE=(C, rows) in glu.NARROW_TSTORE and glu.PART_BF16 and rows not in glu.MERGE_ROWS,
-                      PRE=rows in glu.NARROW_PRE,
-                      NEXT=rows in glu.NARROW_NEXT and (glu.PART_BF16 or rows not in glu.MERGE_ROWS))
+                      PRE=rows in glu.NARROW_PRE)
         if not consts["TSTORE"]:
             consts.update(o_desc=None, p_desc=None)
     else:  # the warp-specialized kernel: wide, or the narrow math on two consumer warpgroups ("narrow2")

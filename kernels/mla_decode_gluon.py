@@ -546,21 +546,21 @@ if HAVE_GLUON:
         return gl.load(lp_ptr + slot.to(gl.int64) * RN + rows, mask=(rows < RN) & (q <= p1), other=float("-inf"))
 
     @gluon.jit
-    def _piece_add(stage, sb, j: gl.constexpr, lq, m_safe, den, acc0, acc1, lay: gl.constexpr, NBOX: gl.constexpr):
-        """den + w, acc + w o_j for the group's piece j in stage (boxes sb + j NBOX ..), w = 2^(lq - m_safe)."""
+    def _piece_add(stage, j: gl.constexpr, lq, m_safe, den, acc0, acc1, lay: gl.constexpr, NBOX: gl.constexpr):
+        """den + w, acc + w o_j for the group's piece j in stage (boxes j NBOX ..), w = 2^(lq - m_safe)."""
         w = gl.exp2(lq - m_safe)
-        acc0 += gl.expand_dims(w, 1) * stage.index(sb + j * NBOX).load(lay).to(gl.float32)
+        acc0 += gl.expand_dims(w, 1) * stage.index(j * NBOX).load(lay).to(gl.float32)
         if NBOX == 2:
-            acc1 += gl.expand_dims(w, 1) * stage.index(sb + j * NBOX + 1).load(lay).to(gl.float32)
+            acc1 += gl.expand_dims(w, 1) * stage.index(j * NBOX + 1).load(lay).to(gl.float32)
         return den + w, acc0, acc1
 
     @gluon.jit
-    def _merge(op_desc, lp_ptr, o_ptr, l_ptr, stage, sb, bar, phase, b, p0, p1, H, stride_ob, stride_os, stride_oh,
+    def _merge(op_desc, lp_ptr, o_ptr, l_ptr, stage, bar, phase, b, p0, p1, H, stride_ob, stride_os, stride_oh,
                stride_lb, stride_ls, stride_lh, RN: gl.constexpr, NL: gl.constexpr, trace_ptr, p, e,
                TRACE: gl.constexpr):
         """The last piece's program merges sequence b's pieces (programs p0 .. p1, in that order) from their partial
         slots (float32 or bfloat16, added in float32), as ``_combine_kernel`` does: out = sum_j w_j o_j / sum_j w_j,
-        w_j = 2^(l_j - max l). Four pieces at a time come into stage from box sb (a free ring slot's memory) by
+        w_j = 2^(l_j - max l). Four pieces at a time come into stage (the cache tiles' shared memory, free by now) by
         TMA, on bar at once, with their lse: one round trip to L2 a group (the eighteenth session's merge, a piece a
         round trip through registers, took 4.7 us at B=32 1K: bench/results/mla_decode-trace.md); a group's slots past
         p1 are read from rows past the partials' end (zero-filled, weight 0, not added). A running max across groups.
@@ -583,7 +583,7 @@ if HAVE_GLUON:
                 q = g0 + j
                 row = gl.where(q <= p1, (2 * q + (q == p0).to(gl.int32)) * RN, end_row)
                 for c in gl.static_range(NBOX):
-                    tma.async_copy_global_to_shared(op_desc, [row, c * BOXC], bar, stage.index(sb + j * NBOX + c))
+                    tma.async_copy_global_to_shared(op_desc, [row, c * BOXC], bar, stage.index(j * NBOX + c))
             lq0 = _piece_lse(lp_ptr, g0, p0, p1, rows, RN)
             lq1 = _piece_lse(lp_ptr, g0 + 1, p0, p1, rows, RN)
             lq2 = _piece_lse(lp_ptr, g0 + 2, p0, p1, rows, RN)
@@ -599,13 +599,13 @@ if HAVE_GLUON:
             if TRACE:
                 if g0 == p0:
                     e = _stamp(trace_ptr, p, e, 11)
-            den, acc0, acc1 = _piece_add(stage, sb, 0, lq0, m_safe, den, acc0, acc1, lay, NBOX)
+            den, acc0, acc1 = _piece_add(stage, 0, lq0, m_safe, den, acc0, acc1, lay, NBOX)
             if g0 + 1 <= p1:
-                den, acc0, acc1 = _piece_add(stage, sb, 1, lq1, m_safe, den, acc0, acc1, lay, NBOX)
+                den, acc0, acc1 = _piece_add(stage, 1, lq1, m_safe, den, acc0, acc1, lay, NBOX)
             if g0 + 2 <= p1:
-                den, acc0, acc1 = _piece_add(stage, sb, 2, lq2, m_safe, den, acc0, acc1, lay, NBOX)
+                den, acc0, acc1 = _piece_add(stage, 2, lq2, m_safe, den, acc0, acc1, lay, NBOX)
             if g0 + 3 <= p1:
-                den, acc0, acc1 = _piece_add(stage, sb, 3, lq3, m_safe, den, acc0, acc1, lay, NBOX)
+                den, acc0, acc1 = _piece_add(stage, 3, lq3, m_safe, den, acc0, acc1, lay, NBOX)
             m = m_new
             gl.thread_barrier()  # every warp has read the group before the next one (or a tile) lands on it
         none = den == 0.0
@@ -1071,24 +1071,24 @@ if HAVE_GLUON:
         ], [4, 1], [232, 24])
 
     @gluon.jit
-    def _stage_t4(stg, sb, j0: gl.constexpr, acc0, acc1, acc2, acc3, inv):
-        """acc_j * inv (j = 0 .. 3: 64-column chunks of the narrow kernel's O^T, columns x rows) into boxes sb + j0 +
-        j of stg as (rows, columns), in stg's element type."""
+    def _stage_t4(stg, j0: gl.constexpr, acc0, acc1, acc2, acc3, inv):
+        """acc_j * inv (j = 0 .. 3: 64-column chunks of the narrow kernel's O^T, columns x rows) into boxes j0 + j of
+        stg as (rows, columns), in stg's element type."""
         dt: gl.constexpr = stg.dtype
-        stg.index(sb + j0).permute((1, 0)).store((acc0 * inv).to(dt))
-        stg.index(sb + j0 + 1).permute((1, 0)).store((acc1 * inv).to(dt))
-        stg.index(sb + j0 + 2).permute((1, 0)).store((acc2 * inv).to(dt))
-        stg.index(sb + j0 + 3).permute((1, 0)).store((acc3 * inv).to(dt))
+        stg.index(j0).permute((1, 0)).store((acc0 * inv).to(dt))
+        stg.index(j0 + 1).permute((1, 0)).store((acc1 * inv).to(dt))
+        stg.index(j0 + 2).permute((1, 0)).store((acc2 * inv).to(dt))
+        stg.index(j0 + 3).permute((1, 0)).store((acc3 * inv).to(dt))
 
     @gluon.jit
-    def _tma_out(desc, stg, sb, row, NL: gl.constexpr):
-        """Boxes sb .. sb + NL - 1 of stg (every thread's writes fenced and met first) by TMA to desc at (row, 64 j),
-        waited for until read (the ring may take loads after). Not for partials merged in the kernel: those would have
-        to be waited for until written before their arrival is counted."""
+    def _tma_out(desc, stg, row, NL: gl.constexpr):
+        """Boxes 0 .. NL - 1 of stg (every thread's writes fenced and met first) by TMA to desc at (row, 64 j), waited
+        for until read (the ring may take loads after). Not for partials merged in the kernel: those would have to be
+        waited for until written before their arrival is counted."""
         fence_async_shared()
         gl.thread_barrier()  # every thread's part of the boxes is in shared memory
         for j in gl.static_range(NL):
-            tma.async_copy_shared_to_global(desc, [row, j * CW], stg.index(sb + j))
+            tma.async_copy_shared_to_global(desc, [row, j * CW], stg.index(j))
         tma.store_wait(pendings=0)
         gl.thread_barrier()  # (the copies were issued by one thread: every thread past its wait)
 
@@ -1099,7 +1099,7 @@ if HAVE_GLUON:
                        PAGED: gl.constexpr, STAGES: gl.constexpr, BLOCK_B: gl.constexpr, MERGE: gl.constexpr,
                        NL: gl.constexpr, TN: gl.constexpr, TMA3: gl.constexpr, ONE_WAIT: gl.constexpr = False,
                        TRACE: gl.constexpr = False, trace_ptr=None, o_desc=None, p_desc=None,
-                       TSTORE: gl.constexpr = False, PRE: gl.constexpr = False, NEXT: gl.constexpr = False):
+                       TSTORE: gl.constexpr = False, PRE: gl.constexpr = False):
         """Program p: all RN = s_q * H rows (16 or 32) of every piece in slice p; see the module docstring. NL: the
         latent's 64-column boxes (8 for C = 512, 4 for 256); TN: tokens a tile (64, or 128: two 64-token boxes in
         each buffer, the MMAs' M and K). No warp specialization: the program issues its own loads, a piece's first
@@ -1110,11 +1110,8 @@ if HAVE_GLUON:
         copy a box. ONE_WAIT (``ONE_WAIT_ROWS``): tile i + 1's score MMAs go out behind tile i's P V ones, the P V
         waited for first, then the freed buffer's next tile (i + STAGES) issued, then the scores waited for; a piece's
         first STAGES tiles go with its query. TSTORE (``NARROW_TSTORE``, not with MERGE): a piece's output (or
-        partial) goes through the ring's shared memory, free at its end, by TMA to o_desc (or p_desc). NEXT
-        (``NARROW_NEXT``): the slice's next piece's query and first tile go out before this piece's end (the tile in
-        the ring slot its last tile frees, the query once its last scores are done), and the piece's epilogue (its
-        stores, the merge) uses the ring slot of its last tile only. TRACE: record the program's timeline
-        (``TRACE_CODES``) at trace_ptr."""
+        partial) goes through the ring's shared memory, free at its end, by TMA to o_desc (or p_desc). TRACE: record
+        the program's timeline (``TRACE_CODES``) at trace_ptr."""
         gl.static_assert(not (TSTORE and MERGE))  # (``_tma_out``)
         p = gl.program_id(0)
         P = gl.num_programs(0)
@@ -1147,15 +1144,12 @@ if HAVE_GLUON:
             mbarrier.init(ready.index(sb), count=1)
         fence_async_shared()
         BOXC: gl.constexpr = op_desc.block_type.shape[1]
-        if MERGE:  # the merge's MERGE_GROUP partials in the cache tiles' shared memory (NEXT: one slot's)
+        if MERGE:  # the merge's MERGE_GROUP partials in the cache tiles' shared memory
             PT: gl.constexpr = op_desc.block_type.element_ty  # the partials' dtype (``PART_BF16``)
-            MBOX: gl.constexpr = NL * TN * CW * 2 // (RN * BOXC * (PT.primitive_bitwidth // 8))  # (a ring slot's)
-            gl.static_assert(MERGE_GROUP * (NL * CW // BOXC) <= MBOX * (1 if NEXT else STAGES))
-            stage = kv_lat3._reinterpret(PT, [STAGES * MBOX, RN, BOXC], op_desc.layout)
+            gl.static_assert(MERGE_GROUP * RN * NL * CW * PT.primitive_bitwidth // 8 <= STAGES * NL * TN * CW * 2)
+            stage = kv_lat3._reinterpret(PT, [MERGE_GROUP * (NL * CW // BOXC), RN, BOXC], op_desc.layout)
         else:
-            MBOX: gl.constexpr = 0
             stage = kv_lat
-        SBOX: gl.constexpr = NL * TN // RN  # (TSTORE: the (RN, 64) output boxes a ring slot holds)
         mph = 0  # m_bar's phase
 
         toks0 = gl.arange(0, TN, layout=gl.SliceLayout(1, mma))
@@ -1165,11 +1159,7 @@ if HAVE_GLUON:
         g = 0  # the slice's tiles so far (ring position)
         pc = 0
         length = gl.load(seqlens_ptr + b, mask=b < B, other=0)
-        nxt_length = length  # (NEXT: the next sequence's, read a piece ahead of its piece's start)
-        if NEXT:
-            nxt_length = gl.load(seqlens_ptr + b + 1, mask=b + 1 < B, other=0)
-        ahead_q = 0  # the piece's query already issued (``NARROW_PRE``, NEXT)
-        ahead_t = 0  # and its first tile, at ring position g
+        spec = 0
         if PRE:  # the first piece's query and first tile, issued before its length is back (``NARROW_PRE``)
             first0 = S + OVERHEAD_C
             if (b < B) & (u0 < u1) & (u1 > first0) & ((u0 == S) | (u0 >= first0)):  # then b's piece is the
@@ -1178,12 +1168,9 @@ if HAVE_GLUON:
                 _query(q_desc, q3_desc, q_lat3, q_lat, q_rope, q_bar, b * RN, NL, TMA3)
                 _load_tiles(kv_desc, kv3_desc, pe_desc, tbl_ptr + b.to(gl.int64) * stride_tb, b * capacity, lo0 * TN,
                             capacity, ready.index(0), kv_lat3, kv_lat, kv_rope, b * 0, STAGES, NL, TN, PAGED, TMA3)
-                ahead_q = 1
-                ahead_t = 1
+                spec = 1
         while (b < B) & (S < u1):
-            nxt2_length = nxt_length  # NEXT: the one after next, read once this piece's tiles are done
-            if not NEXT:  # (in flight during this piece)
-                nxt_length = gl.load(seqlens_ptr + b + 1, mask=b + 1 < B, other=0)
+            nxt_length = gl.load(seqlens_ptr + b + 1, mask=b + 1 < B, other=0)  # in flight during this piece
             seqlen, k, lo, hi, has, whole = _piece_of(length, S, u0, u1, capacity, TN)
             if has:
                 n_tiles = hi - lo
@@ -1192,16 +1179,14 @@ if HAVE_GLUON:
                 if TRACE:
                     e = _stamp(trace_ptr, p, e, 9)
                 j0 = 0  # (the first tiles already in flight)
-                if PRE or NEXT:
-                    j0 = ahead_t
-                    if ahead_q == 0:  # (the previous piece's MMAs are done)
+                if PRE:
+                    pre = (pc == 0) & (spec != 0)  # the slice's first piece: its query and first tile went out above
+                    j0 = pre.to(gl.int32)
+                    if not pre:  # (the previous piece's MMAs are done)
                         _query(q_desc, q3_desc, q_lat3, q_lat, q_rope, q_bar, b * RN, NL, TMA3)
-                    if (ahead_t != 0) & (n_tiles == 0):  # (PRE, an empty sequence: the tile went out for nothing,
-                        # its ring slot skipped)
-                        mbarrier.wait(ready.index(g % STAGES), (g // STAGES) & 1)
+                    elif n_tiles == 0:  # (an empty sequence: the tile went out for nothing, its ring slot skipped)
+                        mbarrier.wait(ready.index(0), 0)
                         g += 1
-                    ahead_q = 0
-                    ahead_t = 0
                 else:
                     _query(q_desc, q3_desc, q_lat3, q_lat, q_rope, q_bar, b * RN, NL, TMA3)
                 for j in gl.static_range(STAGES - 1 + ONE_WAIT):  # the first tiles in flight
@@ -1211,15 +1196,6 @@ if HAVE_GLUON:
                                     kv_lat3, kv_lat, kv_rope, sj, STAGES, NL, TN, PAGED, TMA3)
                 if TRACE:
                     e = _stamp(trace_ptr, p, e, 2)
-                t_n = -2  # NEXT: the first token of the slice's next piece's first tile if it goes out in the tile
-                # loop, else -1 if the slice has a next piece, else -2
-                sl_n = seqlen
-                if NEXT:
-                    S_n = S + OVERHEAD_C + k
-                    sl_n, _k, lo_n, hi_n, has_n, _w = _piece_of(nxt_length, S_n, u0, u1, capacity, TN)
-                    has_n = has_n & (b + 1 < B) & (S_n < u1)
-                    t_n = gl.where(has_n & (hi_n > lo_n) & (n_tiles >= STAGES - 1 + ONE_WAIT), lo_n * TN,
-                                   has_n.to(gl.int32) - 2)
                 limit = _row_limit(seqlen, rows, H, S_Q, CAUSAL)
                 m_i = gl.full([RN], float("-inf"), gl.float32, gl.SliceLayout(0, mma))
                 l_w = _per_warp(s_zero, 4, True)  # the row sums, per warp (``_softmax_t``)
@@ -1247,13 +1223,10 @@ if HAVE_GLUON:
                     st = g % STAGES
                     if not ONE_WAIT:
                         nxt = i + STAGES - 1  # into the buffer tile i - 1 used: its MMAs are done (the barrier below)
-                        own = nxt < n_tiles
-                        if own | ((nxt == n_tiles) & (t_n >= 0)):  # (NEXT: or the next piece's first tile)
+                        if nxt < n_tiles:
                             sn = (g + STAGES - 1) % STAGES
-                            _load_tiles(kv_desc, kv3_desc, pe_desc, tbl + gl.where(own, 0, stride_tb),
-                                        kv_row + gl.where(own, 0, capacity), gl.where(own, (lo + nxt) * TN, t_n),
-                                        gl.where(own, seqlen, sl_n), ready.index(sn), kv_lat3, kv_lat, kv_rope, sn,
-                                        STAGES, NL, TN, PAGED, TMA3)
+                            _load_tiles(kv_desc, kv3_desc, pe_desc, tbl, kv_row, (lo + nxt) * TN, seqlen,
+                                        ready.index(sn), kv_lat3, kv_lat, kv_rope, sn, STAGES, NL, TN, PAGED, TMA3)
                         mbarrier.wait(ready.index(st), (g // STAGES) & 1)
                         if TRACE:
                             e = _stamp(trace_ptr, p, e, 4)
@@ -1295,38 +1268,25 @@ if HAVE_GLUON:
                         acc0, acc1, acc2, acc3 = warpgroup_mma_wait(num_outstanding=ONE_WAIT,
                                                                     deps=(acc0, acc1, acc2, acc3))
                     gl.thread_barrier()  # every warp is past this tile's P V before its buffer and P^T are rewritten
-                    if ONE_WAIT:  # the freed buffer's next tile (NEXT: or the next piece's first), the scores' wait
-                        own = i + STAGES < n_tiles
-                        if own | ((i + STAGES == n_tiles) & (t_n >= 0)):
-                            _load_tiles(kv_desc, kv3_desc, pe_desc, tbl + gl.where(own, 0, stride_tb),
-                                        kv_row + gl.where(own, 0, capacity), gl.where(own, (lo + i + STAGES) * TN, t_n),
-                                        gl.where(own, seqlen, sl_n), ready.index(st), kv_lat3, kv_lat, kv_rope, st,
-                                        STAGES, NL, TN, PAGED, TMA3)
+                    if ONE_WAIT:  # the freed buffer's next tile, then the scores' wait
+                        if i + STAGES < n_tiles:
+                            _load_tiles(kv_desc, kv3_desc, pe_desc, tbl, kv_row, (lo + i + STAGES) * TN, seqlen,
+                                        ready.index(st), kv_lat3, kv_lat, kv_rope, st, STAGES, NL, TN, PAGED, TMA3)
                         s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
                     if TRACE:
                         e = _stamp(trace_ptr, p, e, 5)
                     g += 1
-                es = 0  # (TSTORE, MERGE) the epilogue's ring slot: NEXT, its last tile's
-                if NEXT:
-                    nxt2_length = gl.load(seqlens_ptr + b + 2, mask=b + 2 < B, other=0)
-                    if t_n >= -1:  # the next piece's query (this piece's last scores are done)
-                        if ONE_WAIT:
-                            gl.thread_barrier()  # (every warp past the last scores' wait)
-                        _query(q_desc, q3_desc, q_lat3, q_lat, q_rope, q_bar, (b + 1) * RN, NL, TMA3)
-                        ahead_q = 1
-                        ahead_t = (t_n >= 0).to(gl.int32)
-                    es = (g + STAGES - 1) % STAGES
                 l_i = _warp_sums(l_w, gl.SliceLayout(0, mma))
                 empty_row = l_i == 0.0
                 l_safe = gl.where(empty_row, 1.0, l_i)
                 inv = gl.expand_dims(1.0 / l_safe, 0)
                 if whole:  # the result: out^T and the natural-log lse
                     if TSTORE:  # through the ring (free: no load in flight, every MMA waited for) by TMA
-                        stg = kv_lat3._reinterpret(o_desc.dtype, [STAGES * SBOX, RN, CW], o_desc.layout)
-                        _stage_t4(stg, es * SBOX, 0, acc0, acc1, acc2, acc3, inv)
+                        stg = kv_lat3._reinterpret(o_desc.dtype, [NL, RN, CW], o_desc.layout)
+                        _stage_t4(stg, 0, acc0, acc1, acc2, acc3, inv)
                         if NL == 8:
-                            _stage_t4(stg, es * SBOX, 4, acc4, acc5, acc6, acc7, inv)
-                        _tma_out(o_desc, stg, es * SBOX, b * RN, NL)
+                            _stage_t4(stg, 4, acc4, acc5, acc6, acc7, inv)
+                        _tma_out(o_desc, stg, b * RN, NL)
                     else:
                         optr_o = (o_ptr + b.to(gl.int64) * stride_ob
                                   + gl.expand_dims((rows // H) * stride_os + (rows % H) * stride_oh, 0)
@@ -1341,11 +1301,11 @@ if HAVE_GLUON:
                 else:  # a piece: partial in slot 2 p + (it starts the sequence), log2 lse
                     slot = (2 * p + (lo == 0).to(gl.int32)).to(gl.int64) * RN
                     if TSTORE:
-                        stg = kv_lat3._reinterpret(p_desc.dtype, [STAGES * SBOX, RN, CW], p_desc.layout)
-                        _stage_t4(stg, es * SBOX, 0, acc0, acc1, acc2, acc3, inv)
+                        stg = kv_lat3._reinterpret(p_desc.dtype, [NL, RN, CW], p_desc.layout)
+                        _stage_t4(stg, 0, acc0, acc1, acc2, acc3, inv)
                         if NL == 8:
-                            _stage_t4(stg, es * SBOX, 4, acc4, acc5, acc6, acc7, inv)
-                        _tma_out(p_desc, stg, es * SBOX, (2 * p + (lo == 0).to(gl.int32)) * RN, NL)
+                            _stage_t4(stg, 4, acc4, acc5, acc6, acc7, inv)
+                        _tma_out(p_desc, stg, (2 * p + (lo == 0).to(gl.int32)) * RN, NL)
                     else:
                         optr_p = (op_ptr + slot * (NL * CW) + gl.expand_dims(rows * (NL * CW), 0)
                                   + gl.expand_dims(cw, 1))
@@ -1368,20 +1328,16 @@ if HAVE_GLUON:
                         if TRACE:
                             e = _stamp(trace_ptr, p, e, 10)
                         if arrived == p1 - p0:
-                            mph, e = _merge(op_desc, lp_ptr, o_ptr, l_ptr, stage, es * MBOX, m_bar, mph, b, p0, p1, H,
+                            mph, e = _merge(op_desc, lp_ptr, o_ptr, l_ptr, stage, m_bar, mph, b, p0, p1, H,
                                             stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh, RN, NL,
                                             trace_ptr, p, e, TRACE)
                             gl.store(cnt_ptr + b, 0)
                             if TRACE:
                                 e = _stamp(trace_ptr, p, e, 7)
                 pc += 1
-            elif NEXT:  # (no piece of b: the one after next read now)
-                nxt2_length = gl.load(seqlens_ptr + b + 2, mask=b + 2 < B, other=0)
             S = S + OVERHEAD_C + k
             b += 1
             length = nxt_length
-            if NEXT:
-                nxt_length = nxt2_length
         if TRACE:
             e = _stamp(trace_ptr, p, e, 8)
 
@@ -1488,11 +1444,6 @@ TMA3_LATENTS = (512,)
 # 150.3 -> 154.4). A first form that waited for both together lost 3-14% at 16 rows (-ab-onewait-*.md): the next
 # tile's load went out only once that tile had arrived, so 16 rows keep the two waits.
 ONE_WAIT_ROWS = (32,)
-# Row counts whose narrow kernel issues the slice's next piece's query and first tile before the current piece ends
-# (``NEXT``): the tile into the ring slot the piece's last loads leave free, the query once its last scores are
-# done, so that a piece switch (its stores, a merge) overlaps the next piece's first loads; the epilogue then keeps to
-# its last tile's ring slot. Only programs with more than one piece (ragged lengths) see it.
-NARROW_NEXT: tuple[int, ...] = ()  # (on trial: see the twenty-ninth session's notes)
 
 # A traced launch's event codes (``mla_decode_gluon(..., trace=)``): each program's (%globaltimer ns, %clock64, code)
 # in the order they happen; a piece is codes 9, 2-6 (its tiles 4 and 5 each), then at 16 rows (the narrow kernel's
@@ -1651,8 +1602,7 @@ def mla_decode_gluon(q, kv, pe, seqlens, scale, causal, block_table, out, lse, k
         _narrow_kernel[grid](*args, _part_desc(o_part), _desc3(q2, C // 64, rows), _desc3(kv2, C // 64, 64), RN=rows,
                              CAUSAL=causal, PAGED=paged, STAGES=stages, BLOCK_B=block_b, MERGE=merge, NL=C // 64,
                              TN=unit, TMA3=C in TMA3_LATENTS and unit == 64, ONE_WAIT=rows in ONE_WAIT_ROWS,
-                             PRE=rows in NARROW_PRE, NEXT=rows in NARROW_NEXT and (PART_BF16 or not merge),
-                             num_warps=4, **stores, **traced)
+                             PRE=rows in NARROW_PRE, num_warps=4, **stores, **traced)
     if not merge and P > 1:  # (one program computes every sequence whole)
         combine(o_part, l_part, seqlens, capacity, min_units, out, lse, unit, pdl=PDL)
     return grid

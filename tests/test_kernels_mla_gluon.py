@@ -235,28 +235,6 @@ def test_gluon_float32_partials(layout, H, s_q, num_splits, monkeypatch):
     assert mod.LAST_LAUNCH["cfg"] == {"gluon": "narrow" if s_q * H <= 32 else "wide"}
 
 
-@GPU
-@pytest.mark.parametrize("layout", ["contiguous", "paged"])
-@pytest.mark.parametrize("s_q", [1, 2])
-@pytest.mark.parametrize("C,R", [(512, 64), (256, 32)])
-@pytest.mark.parametrize("next_rows", [(), (16, 32)])
-def test_gluon_narrow_next_loads(layout, s_q, C, R, next_rows, monkeypatch):
-    """The narrow kernel with the slice's next piece's query and first tile issued before the current piece ends
-    (``NARROW_NEXT``; its epilogue then keeps to its last tile's ring slot) and without (those loads at the next
-    piece's start), whatever the default: ragged lengths, equal tile counts, an empty sequence, on 3 programs (slices
-    of several pieces) and on one per SM."""
-    from minids.kernels import mla_decode as mod
-    from minids.kernels import mla_decode_gluon
-
-    monkeypatch.setattr(mod, "GLUON_MLA", True)
-    monkeypatch.setattr(mla_decode_gluon, "NARROW_NEXT", next_rows)
-    for num_splits in (None, 3):
-        check([1, 63, 64, 65, 4097], s_q, H=16, C=C, R=R, layout=layout, num_splits=num_splits)
-        check([100, 128, 65], s_q, H=16, C=C, R=R, layout=layout, num_splits=num_splits)
-        check([0, 1, 129], s_q, H=16, C=C, R=R, layout=layout, num_splits=num_splits)
-    assert mod.LAST_LAUNCH["cfg"] == {"gluon": "narrow"}
-
-
 def test_rows_view_only_for_rows_at_one_aligned_stride():
     """The Gluon kernels' TMA stores (``WIDE_TSTORE``, ``NARROW_TSTORE``) address out as (rows, C): a view of the
     caller's tensor, never a copy, and only where TMA can (one row stride, 16-byte aligned); otherwise None (the
