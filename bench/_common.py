@@ -1,6 +1,7 @@
-"""Shared pieces of the GPU benchmarks (bench/rmsnorm.py, moe.py, fp8.py, mla_decode.py, decode.py): run metadata,
-the two hardware ceilings measured in the same process, a median timer, a CUDA-graph timer, a kernel-time timer
-(torch.profiler), the Nsight Compute bracket of the profile_*.py scripts, and the JSON + markdown writer.
+"""Shared pieces of the GPU benchmarks (bench/rmsnorm.py, moe.py, fp8.py, mla_decode.py, decode.py): run metadata
+(device, versions, date, the commit and the tracked files changed from it), the two hardware ceilings measured in the same process, a median timer, a CUDA-graph timer, a kernel-time timer
+(torch.profiler), the Nsight Compute bracket of the profile_*.py scripts, and the JSON + markdown writer (each file
+written whole beside its name, then renamed over it).
 
 Ceilings (the device tool's METHOD.md): bandwidth from a device-to-device copy of 2 GiB (bytes read + bytes written), compute from an
 8192^3 bf16 torch.matmul. Both are timed with triton.testing.do_bench (CUDA events, median, warm-up first). A third, per
@@ -15,6 +16,8 @@ import datetime
 import functools
 import json
 import math
+import os
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,7 +36,20 @@ def metadata() -> dict:
         "triton": triton.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_sha": sha,
+        "git_changed": git_changed(),
     }
+
+
+def git_changed(where: Path | None = None) -> str | None:
+    """The tracked files that differ from HEAD in the checkout holding ``where`` (this file's, by default),
+    space-separated ("" when none; None without git): git_sha alone names the commit the measured tree started from,
+    not uncommitted changes to it."""
+    try:
+        res = subprocess.run(["git", "diff", "--name-only", "HEAD"], cwd=where or Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return " ".join(res.stdout.split()) if res.returncode == 0 else None
 
 
 def median_ms(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) -> float:
@@ -163,7 +179,7 @@ def matmul_tflops(n: int = 8192) -> float:
 def write_results(out: Path, name: str, meta: dict, rows: list[dict], columns: list[str], notes: str) -> str:
     """Write out/name.json and out/name.md; return the markdown table."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
+    _write_atomic(out / f"{name}.json", json.dumps({**meta, "rows": rows}, indent=2))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         cells = []
@@ -173,5 +189,15 @@ def write_results(out: Path, name: str, meta: dict, rows: list[dict], columns: l
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     head = ", ".join(f"{k}: {v}" for k, v in meta.items() if not isinstance(v, (dict, list)))
-    (out / f"{name}.md").write_text(f"# {name}\n\n{head}\n\n{table}\n\n{notes}\n")
+    _write_atomic(out / f"{name}.md", f"# {name}\n\n{head}\n\n{table}\n\n{notes}\n")
     return table
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write beside path and rename over it: an earlier result of the same name stays whole until the new one is."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -19,6 +19,7 @@ rows, 0.02 allowed for bf16) and timed from a CUDA graph as bench/mla_decode.py 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import statistics
 import sys
@@ -125,12 +126,15 @@ def main() -> None:
         del sets
         torch.cuda.empty_cache()
     if args.out:
-        write_results(args.out, args.stem, {**metadata(), "copy_GBps": copy_gbs, "base": [str(f) for f in args.base]},
+        sources = {"head": Path(head.__file__), **{f.stem: f for f in args.base}}
+        digests = " ".join(f"{k}={hashlib.sha256(p.read_bytes()).hexdigest()[:12]}" for k, p in sources.items())
+        write_results(args.out, args.stem, {**metadata(), "copy_GBps": copy_gbs, "base": [str(f) for f in args.base],
+                                            "build_sha256": digests},
                       rows,
                       ["shape", "build", "us", "us_all", "GBps", "frac_copy", "TFLOPs", "err", "ok"],
                       "build head: this tree's kernels/mla_decode_gluon.py; the others: the --base copies (by "
-                      "file stem), all through mla_decode; us: median of the rounds (us_all), each a CUDA-graph replay, the builds "
-                      "alternating; bytes and FLOPs as bench/mla_decode.py counts them; err: max relative error of out "
+                      "file stem), all through mla_decode; build_sha256: each build's source file, hashed; us: median "
+                      "of the rounds (us_all), each a CUDA-graph replay, the builds alternating; bytes and FLOPs as bench/mla_decode.py counts them; err: max relative error of out "
                       "against the float32 reference over rows.")
 
 

@@ -2,9 +2,11 @@
 narrow Gluon MLA kernel records with ``trace=``), on a hand-made trace whose phases are known by construction (the GPU
 produces the real ones); and bench/_common.py's read floor kernel (the per-shape bandwidth ceiling bench/mla_decode.py
 reports), which must read every byte it is given, or the ceiling it times is not the read of that many bytes (under
-the Triton interpreter here; the GPU times it)."""
+the Triton interpreter here; the GPU times it); and the results' writer and provenance (whole files, changed files
+named)."""
 
 import importlib.util
+import subprocess
 import sys
 from functools import reduce
 from operator import xor
@@ -94,3 +96,41 @@ def test_tile_loop_of_a_hand_made_listing():
     assert got["instructions"] == 8 and got["HGMMA"] == 2 and got["BAR"] == 2
     assert got["SHFL"] == 1 and got["LDL"] == 1 and got["BRA"] == 1 and "FADD" not in got
     assert mod.tile_loop("\n".join(listing[:1] + listing[-4:])) == {}  # the loop at 0xd0 only: no MMA in it
+
+
+def test_results_replace_the_old_ones_whole(tmp_path, monkeypatch):
+    """bench/_common.py's writer: a result written again replaces the old one; a write that fails before its rename
+    leaves the old file as it was, and no temporary beside it."""
+    mod = _bench_module("_common")
+    mod.write_results(tmp_path, "r", {"run": 1}, [{"x": 1.0}], ["x"], "first")
+    old = (tmp_path / "r.json").read_text(), (tmp_path / "r.md").read_text()
+    mod.write_results(tmp_path, "r", {"run": 2}, [{"x": 2.0}], ["x"], "second")
+    assert '"run": 2' in (tmp_path / "r.json").read_text() and "second" in (tmp_path / "r.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md"]
+
+    def refuse(src, dst):
+        raise OSError("disk full")
+
+    mod.write_results(tmp_path, "r", {"run": 1}, [{"x": 1.0}], ["x"], "first")
+    monkeypatch.setattr(mod.os, "replace", refuse)
+    with pytest.raises(OSError, match="disk full"):
+        mod.write_results(tmp_path, "r", {"run": 3}, [{"x": 3.0}], ["x"], "third")
+    assert ((tmp_path / "r.json").read_text(), (tmp_path / "r.md").read_text()) == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md"]
+
+
+def test_git_changed_names_uncommitted_files(tmp_path):
+    """The results' ``git_changed``: the tracked files that differ from HEAD, so that a result measured on a changed
+    tree says so beside its git_sha."""
+    mod = _bench_module("_common")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run([*git, "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "a.py").write_text("1\n")
+    (tmp_path / "b.py").write_text("1\n")
+    subprocess.run([*git, "add", "a.py", "b.py"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], cwd=tmp_path, check=True)
+    assert mod.git_changed(tmp_path) == ""
+    (tmp_path / "b.py").write_text("2\n")
+    (tmp_path / "new.py").write_text("untracked\n")
+    assert mod.git_changed(tmp_path) == "b.py"
+    assert mod.git_changed(tmp_path.parent / "no-such-dir") is None
