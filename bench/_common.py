@@ -179,7 +179,7 @@ def matmul_tflops(n: int = 8192) -> float:
 def write_results(out: Path, name: str, meta: dict, rows: list[dict], columns: list[str], notes: str) -> str:
     """Write out/name.json and out/name.md; return the markdown table."""
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / f"{name}.json", json.dumps({**meta, "rows": rows}, indent=2))
+    write_atomic(out / f"{name}.json", json.dumps({**meta, "rows": rows}, indent=2))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         cells = []
@@ -189,11 +189,11 @@ def write_results(out: Path, name: str, meta: dict, rows: list[dict], columns: l
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     head = ", ".join(f"{k}: {v}" for k, v in meta.items() if not isinstance(v, (dict, list)))
-    _write_atomic(out / f"{name}.md", f"# {name}\n\n{head}\n\n{table}\n\n{notes}\n")
+    write_atomic(out / f"{name}.md", f"# {name}\n\n{head}\n\n{table}\n\n{notes}\n")
     return table
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     """Write beside path and rename over it: an earlier result of the same name stays whole until the new one is."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:

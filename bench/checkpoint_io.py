@@ -28,6 +28,9 @@ import torch
 import minids
 from minids.train import _git_sha
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_atomic
+
 CFG = {  # ~1.0B parameters with the default width; scaled by --params through the layer count
     "model_type": "deepseek_v3", "vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632,
     "moe_intermediate_size": 704, "num_hidden_layers": 8, "num_attention_heads": 16, "q_lora_rank": 512,
@@ -186,7 +189,7 @@ def main() -> None:
     print(f"peak RSS while loading: {rec['peak_rss_bytes'] / 1e9:.2f} GB = {rec['peak_rss_over_model']:.2f} x the model")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     dest = Path(args.out) / f"checkpoint_io-{platform.node() or 'host'}.json"
-    dest.write_text(json.dumps(rec, indent=1) + "\n")
+    write_atomic(dest, json.dumps(rec, indent=1) + "\n")
     print(f"wrote {dest}")
 
 

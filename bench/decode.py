@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import minids
 from minids.cache import KVCache
 from minids.decode import Decoder
-from _common import copy_bandwidth_gbs, matmul_tflops, metadata  # noqa: E402
+from _common import copy_bandwidth_gbs, matmul_tflops, metadata, write_atomic  # noqa: E402
 
 SMALL = {"num_hidden_layers": 4, "max_position_embeddings": 32768 + 256}  # small-v3 with the 4 layers
 REFERENCE_TOKS = 366.0  # the eager official-style implementation at batch 8 (absorbed), H200
@@ -341,8 +341,8 @@ def main() -> None:
     print()
     print(text)
     name = "decode" if args.only == "all" else f"decode-{args.only}"
-    (out_dir / f"{name}.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
-    (out_dir / f"{name}.md").write_text(text)
+    write_atomic(out_dir / f"{name}.json", json.dumps(record, indent=1, default=str) + "\n")
+    write_atomic(out_dir / f"{name}.md", text)
     if any(math.isnan(r.get("tok_s", 0.0)) for r in rows):
         sys.exit("a row measured NaN")
 

@@ -155,7 +155,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench/sweep_mla.py needs a CUDA GPU (or --cpu-smoke under TRITON_INTERPRET=1)")
         return 1
-    from _common import copy_bandwidth_gbs, graph_ms, matmul_tflops, metadata, write_results
+    from _common import copy_bandwidth_gbs, graph_ms, matmul_tflops, metadata, write_atomic, write_results
 
     t0 = time.time()
     meta = metadata()
@@ -185,7 +185,7 @@ def main() -> int:
     write_results(args.out, "sweep_mla", meta, rows, ["shape", "variant", "us", "GBps", "TFLOPs", "err"],
                   "bench/sweep_mla.py: fixed configs of minids.kernels.mla_decode; see the script's docstring.")
     configs = {shape[0]: variants_for(shape[4] * shape[7], shape[1]) for shape in SHAPES}
-    (args.out / "sweep_mla_configs.json").write_text(json.dumps(configs))
+    write_atomic(args.out / "sweep_mla_configs.json", json.dumps(configs))
     return 0
 
 

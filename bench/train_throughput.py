@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_atomic
+
 import minids  # noqa: E402
 from minids.train import _git_sha  # noqa: E402
 
@@ -203,7 +205,7 @@ def main() -> None:
     }
     Path(args.out).mkdir(parents=True, exist_ok=True)
     dest = Path(args.out) / f"train_throughput-{dev}.json"
-    dest.write_text(json.dumps(out, indent=1) + "\n")
+    write_atomic(dest, json.dumps(out, indent=1) + "\n")
     print(f"wrote {dest}")
 
 
