@@ -1,7 +1,8 @@
 """Shared pieces of the GPU benchmarks (bench/rmsnorm.py, moe.py, fp8.py, mla_decode.py, decode.py): run metadata
-(device, versions, date, the commit and the tracked files changed from it), the two hardware ceilings measured in the same process, a median timer, a CUDA-graph timer, a kernel-time timer
-(torch.profiler), the Nsight Compute bracket of the profile_*.py scripts, and the JSON + markdown writer (each file
-written whole beside its name, then renamed over it).
+(device, versions, date, the commit and the tracked files changed from it), the two hardware ceilings measured in
+the same process, a median timer, a CUDA-graph timer, a kernel-time timer (torch.profiler), the Nsight Compute
+bracket of the profile_*.py scripts, and the JSON + markdown writer (each file written whole beside its name, then
+renamed over it).
 
 Ceilings (the device tool's METHOD.md): bandwidth from a device-to-device copy of 2 GiB (bytes read + bytes written), compute from an
 8192^3 bf16 torch.matmul. Both are timed with triton.testing.do_bench (CUDA events, median, warm-up first). A third, per

@@ -134,8 +134,9 @@ def main() -> None:
                       ["shape", "build", "us", "us_all", "GBps", "frac_copy", "TFLOPs", "err", "ok"],
                       "build head: this tree's kernels/mla_decode_gluon.py; the others: the --base copies (by "
                       "file stem), all through mla_decode; build_sha256: each build's source file, hashed; us: median "
-                      "of the rounds (us_all), each a CUDA-graph replay, the builds alternating; bytes and FLOPs as bench/mla_decode.py counts them; err: max relative error of out "
-                      "against the float32 reference over rows.")
+                      "of the rounds (us_all), each a CUDA-graph replay, the builds alternating; bytes and FLOPs as "
+                      "bench/mla_decode.py counts them; err: max relative error of out against the float32 reference "
+                      "over rows.")
 
 
 if __name__ == "__main__":
