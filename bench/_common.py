@@ -17,12 +17,12 @@ import datetime
 import functools
 import json
 import math
-import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from minids.checkpoint import _atomic_write_text as write_atomic  # (text, path): beside path, then renamed
 
 
 def metadata() -> dict:
@@ -180,7 +180,7 @@ def matmul_tflops(n: int = 8192) -> float:
 def write_results(out: Path, name: str, meta: dict, rows: list[dict], columns: list[str], notes: str) -> str:
     """Write out/name.json and out/name.md; return the markdown table."""
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / f"{name}.json", json.dumps({**meta, "rows": rows}, indent=2))
+    write_atomic(json.dumps({**meta, "rows": rows}, indent=2), out / f"{name}.json")
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         cells = []
@@ -190,15 +190,5 @@ def write_results(out: Path, name: str, meta: dict, rows: list[dict], columns: l
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     head = ", ".join(f"{k}: {v}" for k, v in meta.items() if not isinstance(v, (dict, list)))
-    write_atomic(out / f"{name}.md", f"# {name}\n\n{head}\n\n{table}\n\n{notes}\n")
+    write_atomic(f"# {name}\n\n{head}\n\n{table}\n\n{notes}\n", out / f"{name}.md")
     return table
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write beside path and rename over it: an earlier result of the same name stays whole until the new one is."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -189,7 +189,7 @@ def main() -> None:
     print(f"peak RSS while loading: {rec['peak_rss_bytes'] / 1e9:.2f} GB = {rec['peak_rss_over_model']:.2f} x the model")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     dest = Path(args.out) / f"checkpoint_io-{platform.node() or 'host'}.json"
-    write_atomic(dest, json.dumps(rec, indent=1) + "\n")
+    write_atomic(json.dumps(rec, indent=1) + "\n", dest)
     print(f"wrote {dest}")
 
 

@@ -341,8 +341,8 @@ def main() -> None:
     print()
     print(text)
     name = "decode" if args.only == "all" else f"decode-{args.only}"
-    write_atomic(out_dir / f"{name}.json", json.dumps(record, indent=1, default=str) + "\n")
-    write_atomic(out_dir / f"{name}.md", text)
+    write_atomic(json.dumps(record, indent=1, default=str) + "\n", out_dir / f"{name}.json")
+    write_atomic(text, out_dir / f"{name}.md")
     if any(math.isnan(r.get("tok_s", 0.0)) for r in rows):
         sys.exit("a row measured NaN")
 

@@ -185,7 +185,7 @@ def main() -> int:
     write_results(args.out, "sweep_mla", meta, rows, ["shape", "variant", "us", "GBps", "TFLOPs", "err"],
                   "bench/sweep_mla.py: fixed configs of minids.kernels.mla_decode; see the script's docstring.")
     configs = {shape[0]: variants_for(shape[4] * shape[7], shape[1]) for shape in SHAPES}
-    write_atomic(args.out / "sweep_mla_configs.json", json.dumps(configs))
+    write_atomic(json.dumps(configs), args.out / "sweep_mla_configs.json")
     return 0
 
 

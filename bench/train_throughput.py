@@ -205,7 +205,7 @@ def main() -> None:
     }
     Path(args.out).mkdir(parents=True, exist_ok=True)
     dest = Path(args.out) / f"train_throughput-{dev}.json"
-    write_atomic(dest, json.dumps(out, indent=1) + "\n")
+    write_atomic(json.dumps(out, indent=1) + "\n", dest)
     print(f"wrote {dest}")
 
 

@@ -6,6 +6,7 @@ the Triton interpreter here; the GPU times it); and the results' writer and prov
 named)."""
 
 import importlib.util
+import os
 import subprocess
 import sys
 from functools import reduce
@@ -112,7 +113,7 @@ def test_results_replace_the_old_ones_whole(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     mod.write_results(tmp_path, "r", {"run": 1}, [{"x": 1.0}], ["x"], "first")
-    monkeypatch.setattr(mod.os, "replace", refuse)
+    monkeypatch.setattr(os, "replace", refuse)
     with pytest.raises(OSError, match="disk full"):
         mod.write_results(tmp_path, "r", {"run": 3}, [{"x": 3.0}], ["x"], "third")
     assert ((tmp_path / "r.json").read_text(), (tmp_path / "r.md").read_text()) == old
