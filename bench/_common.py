@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from minids.checkpoint import _atomic_write_text as write_atomic  # (text, path): beside path, then renamed
+from minids.fileio import atomic_write_text as write_atomic  # (text, path): beside path, then renamed
 
 
 def metadata() -> dict:

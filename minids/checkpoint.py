@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from minids.config import ConfigError, ModelConfig
+from minids.fileio import atomic_write_text, written_whole
 from minids.fp8 import weight_dequant
 from minids.safetensors_io import SafetensorsFile, write_safetensors
 
@@ -329,24 +330,8 @@ def hf_state_dict(
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], dst: Path, cast: dict[str, torch.dtype] | None = None) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    try:
+    with written_whole(dst) as tmp:
         write_safetensors(tensors, tmp, cast=cast)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _atomic_write_text(text: str, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_pretrained(
@@ -414,10 +399,10 @@ def save_pretrained(
     if len(shards) > 1:
         weight_map = {k: fname for shard, fname in zip(shards, names) for k in shard}
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        _atomic_write_text(json.dumps(index, indent=2) + "\n", path / INDEX)
+        atomic_write_text(json.dumps(index, indent=2) + "\n", path / INDEX)
     else:
         (path / INDEX).unlink(missing_ok=True)
-    _atomic_write_text(json.dumps(out_cfg, indent=2) + "\n", path / "config.json")
+    atomic_write_text(json.dumps(out_cfg, indent=2) + "\n", path / "config.json")
     ours = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")  # only shards this layout names
     for stale in path.glob("model*.safetensors"):
         if ours.match(stale.name) and stale.name not in names:
@@ -471,16 +456,17 @@ def convert_checkpoint(
     bar.close()
     if (src / INDEX).is_file():
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        _atomic_write_text(json.dumps(index, indent=2) + "\n", dst / INDEX)
+        atomic_write_text(json.dumps(index, indent=2) + "\n", dst / INDEX)
     out_cfg = json.loads((src / "config.json").read_text())
     out_cfg.pop("quantization_config", None)
     out_cfg["dtype" if "dtype" in out_cfg else "torch_dtype"] = str(dtype).removeprefix("torch.")
     if drop_mtp:
         out_cfg["num_nextn_predict_layers"] = 0
-    _atomic_write_text(json.dumps(out_cfg, indent=2) + "\n", dst / "config.json")
+    atomic_write_text(json.dumps(out_cfg, indent=2) + "\n", dst / "config.json")
     for other in src.iterdir():
         if other.is_file() and not other.name.endswith(".safetensors") and other.name not in ("config.json", INDEX):
-            shutil.copy2(other, dst / other.name)
+            with written_whole(dst / other.name) as tmp:
+                shutil.copy2(other, tmp)
     return dst
 
 

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from minids.fileio import atomic_write_text
+
 __all__ = ["ConfigError", "ModelConfig", "preset_names", "preset_path"]
 
 
@@ -248,9 +250,7 @@ class ModelConfig:
         if p.suffix != ".json":
             p.mkdir(parents=True, exist_ok=True)
             p = p / "config.json"
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        tmp.replace(p)
+        atomic_write_text(json.dumps(self.to_dict(), indent=2) + "\n", p)
 
     # ----------------------------------------------------------------------------- derived
     @property

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from minids.fileio import atomic_write_text, written_whole
+
 __all__ = ["ByteTokenizer", "HFTokenizer", "TokenData", "get_tokenizer", "load_documents", "split_documents"]
 
 EXCLUDED_STDLIB = ("test", "tests", "idlelib", "lib2to3", "site-packages")
@@ -139,7 +141,7 @@ class ByteTokenizer:
         return b
 
     def save(self, directory: Path) -> None:
-        (Path(directory) / "tokenizer_minids.json").write_text(json.dumps({"type": "byte"}) + "\n")
+        atomic_write_text(json.dumps({"type": "byte"}) + "\n", Path(directory) / "tokenizer_minids.json")
 
 
 class HFTokenizer:
@@ -183,7 +185,8 @@ class HFTokenizer:
         return out
 
     def save(self, directory: Path) -> None:
-        self.tok.save(str(Path(directory) / "tokenizer.json"))
+        with written_whole(Path(directory) / "tokenizer.json") as tmp:
+            self.tok.save(str(tmp))
 
 
 def get_tokenizer(spec: str, train_docs: list[tuple[str, str]] | None = None):

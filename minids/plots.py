@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from minids.fileio import written_whole
+
 __all__ = ["PlotError", "plot_run", "read_metrics"]
 
 
@@ -18,16 +20,38 @@ class PlotError(RuntimeError):
 
 
 def read_metrics(run: str | Path) -> list[dict]:
+    """The records of a run's ``metrics.jsonl``, in order. A last line cut short (a run killed while
+    writing it, which ``--resume`` drops too) is left out; a bad line anywhere else is an error."""
     path = Path(run) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics (is {run} a minids run directory?)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    lines = text.splitlines()
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1 and not text.endswith("\n"):
+                break  # cut short mid-write
+            raise ValueError(f"{path}, line {i + 1}: not a JSON record ({e.msg}); mend or delete that line") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}, line {i + 1}: a {type(rec).__name__}, not a record; mend or delete that line")
+        rows.append(rec)
+    return rows
 
 
 def _series(rows: list[dict], key: str) -> tuple[list, list]:
     """x in millions of tokens, y the metric."""
     pts = [(r["tokens"] / 1e6, r[key]) for r in rows if key in r]
     return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _save(fig, path: Path) -> None:
+    with written_whole(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
 
 
 def plot_run(run: str | Path) -> list[Path]:
@@ -60,7 +84,7 @@ def plot_run(run: str | Path) -> list[Path]:
     fig.suptitle(run.name)
     fig.tight_layout()
     written.append(run / "loss.png")
-    fig.savefig(written[-1], dpi=110)
+    _save(fig, written[-1])
     plt.close(fig)
 
     x, y = _series(rows, "lr")
@@ -71,7 +95,7 @@ def plot_run(run: str | Path) -> list[Path]:
         ax.set_ylabel("learning rate")
         fig.tight_layout()
         written.append(run / "lr.png")
-        fig.savefig(written[-1], dpi=110)
+        _save(fig, written[-1])
         plt.close(fig)
 
     x, y = _series(rows, "maxvio_batch")
@@ -87,14 +111,17 @@ def plot_run(run: str | Path) -> list[Path]:
         ax.legend()
         fig.tight_layout()
         written.append(run / "maxvio.png")
-        fig.savefig(written[-1], dpi=110)
+        _save(fig, written[-1])
         plt.close(fig)
 
     load_file = run / "expert_load.json"
     if load_file.is_file():
         import numpy as np
 
-        load = np.array(json.loads(load_file.read_text())["load"], dtype=float)  # (L, E)
+        try:
+            load = np.array(json.loads(load_file.read_text())["load"], dtype=float)  # (L, E)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{load_file}: not an expert-load record ({e}); delete it to plot the rest") from None
         rel = load / load.mean(axis=1, keepdims=True)
         fig, ax = plt.subplots(figsize=(max(5, 0.35 * rel.shape[1] + 2), 0.5 * rel.shape[0] + 1.5))
         im = ax.imshow(rel, cmap="coolwarm", vmin=0, vmax=2, aspect="auto")
@@ -104,6 +131,6 @@ def plot_run(run: str | Path) -> list[Path]:
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
         written.append(run / "expert_load.png")
-        fig.savefig(written[-1], dpi=110)
+        _save(fig, written[-1])
         plt.close(fig)
     return written

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from minids.balance import BiasBalancer, max_vio
 from minids.checkpoint import from_pretrained, save_pretrained
 from minids.config import ModelConfig
+from minids.fileio import atomic_write_text
 from minids.data import TokenData, get_tokenizer, load_documents, split_documents
 from minids.model import Transformer
 from minids.safetensors_io import SafetensorsFile, write_safetensors
@@ -513,7 +514,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         fwd_model = torch.compile(fwd_model)
 
     if main and ck is None:
-        (run / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+        atomic_write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n", run / "train_config.json")
         mcfg.save(run / "model_config.json")
         tokenizer.save(run)
         info = {"minids": __import__("minids").__version__, "torch": torch.__version__,
@@ -521,13 +522,13 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
                 "gpu": torch.cuda.get_device_name() if on_gpu else None, "processes": acc.num_processes,
                 "data": data_desc, "train_tokens": len(data.train), "val_tokens": len(data.val),
                 "parameters": sum(p.numel() for p in model.parameters()), "precision": precision}
-        (run / "run_info.json").write_text(json.dumps(info, indent=1) + "\n")
+        atomic_write_text(json.dumps(info, indent=1) + "\n", run / "run_info.json")
     if main and ck is not None and (run / "metrics.jsonl").is_file():
         # steps logged after the checkpoint (a crash) are run again: drop them so each step appears once, and a
         # line the crash cut short with them
         kept = [line for line in (run / "metrics.jsonl").read_text().splitlines()
                 if (rec := _json_or_none(line)) is not None and rec.get("step", 0) <= start]
-        (run / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+        atomic_write_text("".join(line + "\n" for line in kept), run / "metrics.jsonl")
     log = open(run / "metrics.jsonl", "a") if main else None
     tb = None
     if main and cfg.tensorboard:
@@ -635,7 +636,8 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
                 emit({"step": step, "tokens": step * tokens_per_step,
                       **{k: v for k, v in last_eval.items() if k != "expert_load"}})
                 if "expert_load" in last_eval and log is not None:
-                    (run / "expert_load.json").write_text(json.dumps({"step": step, "load": last_eval["expert_load"]}))
+                    atomic_write_text(json.dumps({"step": step, "load": last_eval["expert_load"]}),
+                                      run / "expert_load.json")
             if acc.num_processes > 1:  # every rank must agree to stop (Ctrl-C reaches them at different times)
                 flag = torch.tensor(float(interrupted), device=device)
                 interrupted = bool(acc.reduce(flag, reduction="sum").item())
@@ -663,7 +665,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         text = sample(fwd_model, mcfg, tokenizer, cfg.sample_prompt, cfg.sample_tokens, device)
         result["sample"] = text
         if main:
-            (run / "sample.txt").write_text(text)
+            atomic_write_text(text, run / "sample.txt")
             print("sample (greedy):\n" + text)
     if main:
         if cfg.plots:
