@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from minids.balance import BiasBalancer, max_vio
 from minids.checkpoint import from_pretrained, save_pretrained
 from minids.config import ModelConfig
-from minids.fileio import atomic_write_text
 from minids.data import TokenData, get_tokenizer, load_documents, split_documents
+from minids.fileio import atomic_write_text
 from minids.model import Transformer
 from minids.safetensors_io import SafetensorsFile, write_safetensors
 from torch.distributed.checkpoint.state_dict import (
