@@ -24,7 +24,7 @@ def written_whole(dst: str | Path) -> Iterator[Path]:
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     try:
         yield tmp
-        with open(tmp, "rb") as fh:
+        with open(tmp, "r+b") as fh:  # (a handle open for writing: Windows refuses to flush a read-only one)
             os.fsync(fh.fileno())
         os.replace(tmp, dst)
     finally:
