@@ -23,10 +23,12 @@ naming the step and the first module whose output was not finite.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -120,13 +122,24 @@ class TrainConfig:
                 data = json.loads(Path(path).read_text())
             except (OSError, json.JSONDecodeError) as e:
                 raise TrainError(f"{path}: cannot read the training config ({e})") from None
+            if not isinstance(data, dict):
+                raise TrainError(f"{path}: a training config is a JSON object of fields, not a {type(data).__name__}")
+            if "hidden_size" in data or "model_type" in data:
+                raise TrainError(f"{path}: this is a model config: pass it with --model (--config takes a training "
+                                 "config, see minids/train.py's TrainConfig)")
+        file_fields = set(data) - set(overrides or {})
         data.update(overrides or {})
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise TrainError(f"unknown training config field(s) {unknown}; known: {', '.join(sorted(known))}")
+            where = f"{path}: " if path is not None and set(unknown) <= file_fields else ""
+            raise TrainError(f"{where}unknown training config field(s) {unknown}; known: {', '.join(sorted(known))}")
         cfg = cls(**data)
-        cfg.validate()
+        try:
+            cfg.validate()
+        except TrainError as e:
+            name = str(e).split("=", 1)[0]
+            raise TrainError(f"{path}: {e}" if path is not None and name in file_fields else str(e)) from None
         return cfg
 
     def validate(self) -> None:
@@ -149,6 +162,15 @@ class TrainConfig:
             v = getattr(self, n)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 bad(n, "must be a positive integer or null")
+        for n in ("model", "tokenizer", "schedule", "bias_rule", "precision", "fp8", "moe_impl", "out_dir",
+                  "sample_prompt"):
+            if not isinstance(getattr(self, n), str) or (n != "sample_prompt" and not getattr(self, n)):
+                bad(n, "must be a non-empty string")
+        if self.data is not None and (not isinstance(self.data, str) or not self.data):
+            bad("data", "must be a path, folder, glob or hf:NAME (or null for the embedded corpus)")
+        for n in ("compile", "resume", "tensorboard", "plots"):
+            if not isinstance(getattr(self, n), bool):
+                bad(n, "must be true or false")
         for n in ("model_overrides", "balance"):
             if not isinstance(getattr(self, n), dict):
                 bad(n, "must be a JSON object, e.g. '{\"num_hidden_layers\": 2}'")
@@ -162,7 +184,10 @@ class TrainConfig:
 
         if self.fp8 not in FP8_MODES:
             bad("fp8", f"one of {', '.join(FP8_MODES)}")
-        if not 0 < self.val_fraction < 1:
+        if self.moe_impl not in ("auto", "grouped", "loop", "triton"):
+            bad("moe_impl", "one of auto, grouped, loop, triton")
+        if isinstance(self.val_fraction, bool) or not isinstance(self.val_fraction, (int, float)) \
+                or not 0 < self.val_fraction < 1:
             bad("val_fraction", "must lie in (0, 1)")
 
 
@@ -187,12 +212,18 @@ def parse_overrides(argv: list[str], cls=TrainConfig) -> dict[str, Any]:
                 out[name] = True
                 i += 1
                 continue
-            if i + 1 == len(argv):
+            if i + 1 == len(argv) or argv[i + 1].startswith("--"):
                 raise TrainError(f"--{name} needs a value")
             value = argv[i + 1]
             i += 2
         if name not in fields:
             raise TrainError(f"unknown option --{name}; fields: {', '.join(sorted(fields))}")
+        if str(fields[name].type) == "bool":
+            words = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+            if value.lower() not in words:
+                raise TrainError(f"--{name} {value}: say true or false")
+            out[name] = words[value.lower()]
+            continue
         try:
             parsed = json.loads(value)
         except json.JSONDecodeError:
@@ -253,6 +284,9 @@ def _fsync_dir(path: Path) -> None:
                 os.fsync(fh.fileno())
 
 
+_CKPT_NAME = re.compile(r"step-\d{7}")
+
+
 def save_checkpoint(
     run: Path, step: int, acc, fwd_model, model, optimizer, cfg: TrainConfig, extra: dict, tokenizer=None
 ) -> Path | None:
@@ -293,7 +327,7 @@ def save_checkpoint(
             os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
-        for stale in sorted(ckdir.glob("step-*"))[: -max(1, cfg.keep_checkpoints)]:
+        for stale in _checkpoints(run)[: -max(1, cfg.keep_checkpoints)]:
             shutil.rmtree(stale, ignore_errors=True)
     acc.wait_for_everyone()
     return final
@@ -305,8 +339,16 @@ def _is_fsdp(acc) -> bool:
     return acc.distributed_type == DistributedType.FSDP
 
 
+def _checkpoints(run: Path) -> list[Path]:
+    """The run's checkpoints, oldest first: checkpoints/step-NNNNNNN only (a user's copy beside them is not one)."""
+    ckdir = run / "checkpoints"
+    if not ckdir.is_dir():
+        return []
+    return sorted(p for p in ckdir.iterdir() if _CKPT_NAME.fullmatch(p.name) and p.is_dir())
+
+
 def latest_checkpoint(run: Path) -> Path | None:
-    cks = sorted((run / "checkpoints").glob("step-*")) if (run / "checkpoints").is_dir() else []
+    cks = _checkpoints(run)
     return cks[-1] if cks else None
 
 
@@ -417,9 +459,13 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
 
     torch.manual_seed(cfg.seed)
     run = Path(cfg.out_dir)
+    if not cfg.resume and run.is_dir() and any(not p.name.startswith(".write-test") for p in run.iterdir()):
+        what = "holds a run" if (run / "train_config.json").is_file() or (run / "checkpoints").is_dir() else "is not empty"
+        raise TrainError(f"{run}: the output directory {what}: add --resume to continue it, or choose another --out_dir "
+                         "(nothing there is overwritten)")
     try:
         run.mkdir(parents=True, exist_ok=True)
-        probe = run / ".write-test"
+        probe = run / f".write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
@@ -442,6 +488,14 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     ck = latest_checkpoint(run) if cfg.resume else None
     if cfg.resume and ck is None:
         raise TrainError(f"{run}: --resume given but the run has no checkpoint under {run / 'checkpoints'}")
+    if ck is not None and (run / "train_config.json").is_file():
+        was = _json_or_none((run / "train_config.json").read_text()) or {}
+        if was.get("tokenizer", cfg.tokenizer) != cfg.tokenizer:
+            raise TrainError(f"{run}: cannot resume with tokenizer {cfg.tokenizer}: the run was trained with "
+                             f"{was['tokenizer']}; leave --tokenizer out (the run's own settings), or choose another "
+                             "--out_dir")
+    if cfg.moe_impl == "triton" and device.type != "cuda":
+        raise TrainError(f"--moe_impl triton needs a CUDA GPU (this run is on {device.type}): use --moe_impl auto or grouped")
     tokenizer = get_tokenizer(str(run) if ck is not None and (run / "tokenizer.json").is_file() else cfg.tokenizer,
                               train_docs)
     data = TokenData.build(train_docs, val_docs, tokenizer)
@@ -451,6 +505,11 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     from_weights = Path(cfg.model).is_dir() and any(Path(cfg.model).glob("*.safetensors"))
     requested = ModelConfig.load(cfg.model)
     if cfg.model_overrides:
+        fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"extra", "rope_spelling", "absent_defaults"}
+        if unknown := sorted(set(cfg.model_overrides) - fields):
+            near = {k: difflib.get_close_matches(k, fields, n=1) for k in unknown}
+            hint = "; ".join(f"{k}: did you mean {m[0]}?" for k, m in near.items() if m)
+            raise TrainError(f"model_overrides: unknown model config field(s) {unknown}" + (f" ({hint})" if hint else ""))
         requested = ModelConfig.from_dict({**requested.to_dict(), **cfg.model_overrides})
     if ck is not None:
         saved = ModelConfig.load(run / "model_config.json")

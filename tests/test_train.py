@@ -326,6 +326,47 @@ def test_resume_with_another_model_config(corpus, run_a):
     assert sorted(p.relative_to(run_a) for p in run_a.rglob("*")) == before
 
 
+def _snapshot(run: Path) -> dict:
+    return {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def test_existing_run_is_not_overwritten(corpus, run_a, tmp_path):
+    before = _snapshot(run_a)
+    bad_run(tiny_cfg(corpus, run_a), "holds a run", "--resume", "another --out_dir")
+    assert _snapshot(run_a) == before
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "metrics.jsonl").write_text("a user's own file\n")
+    bad_run(tiny_cfg(corpus, tmp_path / "mine"), "is not empty")
+    assert (tmp_path / "mine" / "metrics.jsonl").read_text() == "a user's own file\n"
+
+
+def test_a_copied_checkpoint_is_neither_resumed_nor_pruned(corpus, run_a, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_a, run)
+    best = run / "checkpoints" / "step-0000008-best"  # a user's copy, which sorts after step-0000008
+    shutil.copytree(run / "checkpoints" / "step-0000008", best)
+    bad_run(tiny_cfg(corpus, run, resume=True, tokenizer="bpe:300"), "trained with byte", "leave --tokenizer out")
+    result = train(tiny_cfg(corpus, run, resume=True, max_steps=10, ckpt_interval=1, keep_checkpoints=2))
+    assert result["step"] == 10
+    assert [r["step"] for r in metrics(run) if "loss" in r] == list(range(1, 11))  # resumed from step 8
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000008-best", "step-0000009",
+                                                                       "step-0000010"]
+
+
+def test_model_override_typo_is_named(corpus, tmp_path):
+    bad_run(tiny_cfg(corpus, tmp_path / "run", model_overrides={"num_hidden_layer": 2}),
+            "unknown model config field(s) ['num_hidden_layer']", "did you mean num_hidden_layers?")
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton MoE is refused only off CUDA")
+def test_triton_moe_on_the_cpu_is_refused_up_front(corpus, tmp_path):
+    bad_run(tiny_cfg(corpus, tmp_path / "run", moe_impl="triton"), "--moe_impl triton needs a CUDA GPU",
+            "--moe_impl auto")
+
+
 def test_unknown_train_config_field():
     with pytest.raises(TrainError, match=r"unknown training config field\(s\) \['bogus'\]"):
         TrainConfig.load(None, {"bogus": 1})
@@ -341,6 +382,29 @@ def test_train_config_file(tmp_path):
     assert (cfg.seq_len, cfg.lr) == (64, 5e-4)
     with pytest.raises(TrainError, match="cannot read"):
         TrainConfig.load(tmp_path / "missing.json")
+
+
+def test_train_config_file_errors_name_the_file(tmp_path):
+    cases = {"list.json": ([1], "a training config is a JSON object of fields, not a list"),
+             "model.json": ({"hidden_size": 64, "model_type": "deepseek_v3"}, "this is a model config: pass it with --model"),
+             "typo.json": ({"seq_lenn": 64}, "unknown training config field(s) ['seq_lenn']"),
+             "type.json": ({"batch_size": "2"}, "batch_size='2': must be a positive integer"),
+             "null.json": ({"out_dir": None}, "out_dir=None: must be a non-empty string"),
+             "bool.json": ({"resume": "no"}, "resume='no': must be true or false")}
+    for name, (content, needle) in cases.items():
+        (tmp_path / name).write_text(json.dumps(content))
+        with pytest.raises(TrainError) as e:
+            TrainConfig.load(tmp_path / name)
+        assert str(e.value).startswith(f"{tmp_path / name}: ") and needle in str(e.value), str(e.value)
+    with pytest.raises(TrainError) as e:  # the bad value came from the command line: no file to blame
+        TrainConfig.load(tmp_path / "typo.json", {"seq_lenn": 32, "lr": -1})
+    assert str(e.value).startswith("unknown")
+    (tmp_path / "ok.json").write_text("{}")
+    with pytest.raises(TrainError, match="^lr=-1: must be a non-negative number"):
+        TrainConfig.load(tmp_path / "ok.json", {"lr": -1})
+    for field in ("model", "tokenizer", "data"):
+        with pytest.raises(TrainError, match=f"^{field}="):
+            TrainConfig.load(None, {field: 3})
 
 
 def test_tokenizer_larger_than_vocab(corpus, tmp_path):
@@ -419,8 +483,13 @@ def test_parse_overrides_types():
         "model": "tiny-dense", "tokenizer": "bpe:300"}
     cfg = TrainConfig.load(None, parse_overrides(["--max_steps", "8", "--plots", "false"]))
     assert cfg.max_steps == 8 and cfg.plots is False
+    assert parse_overrides(["--resume", "no", "--plots", "off", "--compile", "0", "--tensorboard", "Yes"]) == {
+        "resume": False, "plots": False, "compile": False, "tensorboard": True}
+    assert parse_overrides(["--plots=on"]) == {"plots": True}
     for argv, needle in ((["--nope", "1"], "unknown option --nope"), (["--nope=1"], "unknown option --nope"),
-                         (["--lr"], "needs a value"), (["lr", "1"], "unexpected argument")):
+                         (["--lr"], "needs a value"), (["lr", "1"], "unexpected argument"),
+                         (["--seq_len", "--out_dir", "x"], "--seq_len needs a value"),
+                         (["--plots", "maybe"], "--plots maybe: say true or false")):
         with pytest.raises(TrainError, match=needle):
             parse_overrides(argv)
 
