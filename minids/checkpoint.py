@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from minids.config import ConfigError, ModelConfig
-from minids.fileio import atomic_write_text, written_whole
+from minids.fileio import atomic_write_text
 from minids.fp8 import weight_dequant
 from minids.safetensors_io import SafetensorsFile, write_safetensors
 
@@ -329,11 +329,6 @@ def hf_state_dict(
         yield f"model.layers.{L + depth}.shared_head.head.weight", head.detach().clone()
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], dst: Path, cast: dict[str, torch.dtype] | None = None) -> None:
-    with written_whole(dst) as tmp:
-        write_safetensors(tensors, tmp, cast=cast)
-
-
 def save_pretrained(
     model: torch.nn.Module,
     path: str | Path,
@@ -426,47 +421,68 @@ def convert_checkpoint(
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
         raise CheckpointError(f"{dst}: the destination must differ from the source")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        what = "is a file" if not dst.is_dir() else "exists and is not empty"
+        raise CheckpointError(f"{dst}: the destination {what}: convert into a new directory (nothing there is overwritten)")
     cfg = ModelConfig.load(src)
     files = _shard_files(src)
-    dst.mkdir(parents=True, exist_ok=True)
+    for file in sorted(set(files.values())):  # every shard readable before anything is written
+        with _open(file):
+            pass
     L = cfg.num_hidden_layers
     by_file: dict[Path, list[str]] = {}
     for n in sorted(files):
         by_file.setdefault(files[n], []).append(n)
     weight_map: dict[str, str] = {}
     total = 0
-    bar = tqdm(total=len(files), desc=f"convert {src.name}", unit="tensor", disable=not progress)
-    for file, keys in sorted(by_file.items()):
-        out: dict[str, torch.Tensor] = {}
-        with _open(file) as f:
-            for key in keys:
-                bar.update(1)
-                if key.endswith("_scale_inv"):
-                    continue
-                if drop_mtp and (m := _LAYER.match(key)) and int(m.group(1)) >= L:
-                    continue
-                t = _read(f, key, file, files)
-                if t.is_floating_point() and not key.endswith("e_score_correction_bias"):
-                    t = t.to(dtype)
-                out[key] = t.contiguous()
-                total += t.numel() * t.element_size()
-        if out:
-            _atomic_save(out, dst / file.name)
-            weight_map.update({k: file.name for k in out})
-    bar.close()
-    if (src / INDEX).is_file():
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        atomic_write_text(json.dumps(index, indent=2) + "\n", dst / INDEX)
-    out_cfg = json.loads((src / "config.json").read_text())
-    out_cfg.pop("quantization_config", None)
-    out_cfg["dtype" if "dtype" in out_cfg else "torch_dtype"] = str(dtype).removeprefix("torch.")
-    if drop_mtp:
-        out_cfg["num_nextn_predict_layers"] = 0
-    atomic_write_text(json.dumps(out_cfg, indent=2) + "\n", dst / "config.json")
-    for other in src.iterdir():
-        if other.is_file() and not other.name.endswith(".safetensors") and other.name not in ("config.json", INDEX):
-            with written_whole(dst / other.name) as tmp:
-                shutil.copy2(other, tmp)
+    # everything into a temporary directory beside dst, renamed to dst at the end: a failure half-way leaves nothing
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier try's
+        tmp.mkdir()
+    except OSError as e:
+        raise CheckpointError(f"{dst}: cannot create the destination ({e.strerror})") from None
+    try:
+        bar = tqdm(total=len(files), desc=f"convert {src.name}", unit="tensor", disable=not progress)
+        for file, keys in sorted(by_file.items()):
+            out: dict[str, torch.Tensor] = {}
+            with _open(file) as f:
+                for key in keys:
+                    bar.update(1)
+                    if key.endswith("_scale_inv"):
+                        continue
+                    if drop_mtp and (m := _LAYER.match(key)) and int(m.group(1)) >= L:
+                        continue
+                    t = _read(f, key, file, files)
+                    if t.is_floating_point() and not key.endswith("e_score_correction_bias"):
+                        t = t.to(dtype)
+                    out[key] = t.contiguous()
+                    total += t.numel() * t.element_size()
+            if out:
+                write_safetensors(out, tmp / file.name)
+                weight_map.update({k: file.name for k in out})
+        bar.close()
+        if (src / INDEX).is_file():
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            atomic_write_text(json.dumps(index, indent=2) + "\n", tmp / INDEX)
+        out_cfg = json.loads((src / "config.json").read_text())
+        out_cfg.pop("quantization_config", None)
+        out_cfg["dtype" if "dtype" in out_cfg else "torch_dtype"] = str(dtype).removeprefix("torch.")
+        if drop_mtp:
+            out_cfg["num_nextn_predict_layers"] = 0
+        atomic_write_text(json.dumps(out_cfg, indent=2) + "\n", tmp / "config.json")
+        for other in src.iterdir():
+            if other.is_file() and not other.name.endswith(".safetensors") and other.name not in ("config.json", INDEX):
+                shutil.copy2(other, tmp / other.name)
+        for f in tmp.iterdir():
+            with open(f, "r+b") as fh:
+                os.fsync(fh.fileno())
+        if dst.is_dir():
+            dst.rmdir()  # empty (checked above)
+        os.replace(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return dst
 
 

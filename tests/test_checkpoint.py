@@ -180,6 +180,35 @@ def test_convert_fp8_to_bf16_drops_scales_and_mtp(tmp_path):
     assert len(back.mtp) == 0 and back.lm_head.weight.dtype == torch.bfloat16
 
 
+def test_convert_never_mixes_with_or_overwrites_a_destination(tmp_path, capsys):
+    src = tmp_path / "src"
+    minids.save_pretrained(make("tiny-v3"), src, max_shard_bytes=2_000_000)  # sharded
+    shards = sorted(src.glob("model-*.safetensors"))
+    assert len(shards) >= 3
+    old = tmp_path / "old"
+    minids.save_pretrained(make("tiny-dense"), old)
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
+    assert main(["convert", str(src), str(old)]) == 2  # a non-empty destination is refused, left as it was
+    assert "exists and is not empty: convert into a new directory" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == before
+    (tmp_path / "file").write_text("mine")
+    assert main(["convert", str(src), str(tmp_path / "file")]) == 2
+    assert "the destination is a file" in capsys.readouterr().err and (tmp_path / "file").read_text() == "mine"
+
+    with open(shards[-1], "r+b") as fh:  # the last shard cut short: found before anything is written
+        fh.truncate(shards[-1].stat().st_size // 2)
+    assert main(["convert", str(src), str(tmp_path / "new")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and shards[-1].name in err and "truncated" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "old", "src"]  # no destination, no temporary
+
+    minids.save_pretrained(make("tiny-v3"), src, max_shard_bytes=2_000_000)  # mended: an empty directory is fine
+    (tmp_path / "empty").mkdir()
+    assert main(["convert", str(src), str(tmp_path / "empty"), "--dtype", "fp32"]) == 0
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == sorted(p.name for p in src.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file", "old", "src"]
+
+
 # ------------------------------------------------------------------------------------------ bad input
 @pytest.fixture
 def saved(tmp_path):
