@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -86,6 +87,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.list:
         print("\n".join(preset_names()))
         return 0
+    if args.seq_len < 1:
+        raise ValueError(f"--seq-len {args.seq_len}: must be at least 1")
     names = preset_names() if args.configs == ["all"] or not args.configs else args.configs
     records = []
     for name in names:
@@ -135,10 +138,33 @@ def _check_device(device: str) -> None:
         dev = torch.device(device)
     except RuntimeError:
         raise ValueError(f"--device {device}: not a device name; use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device}: minids runs on cpu or cuda (cuda:N)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: this torch has no CUDA GPU available; use --device cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+
+
+def _check_memory(name: str, need: int, device: str, what: str) -> None:
+    """One line instead of an allocator's traceback (or the kernel's OOM killer) when ``need`` bytes cannot fit."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        free = torch.cuda.mem_get_info(torch.device(device))[0]
+    else:  # what the kernel could hand out: available memory (free + reclaimable cache) and free swap
+        try:
+            info = {k: int(v.split()[0]) * 1024 for k, v in
+                    (line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)}
+            free = info["MemAvailable"] + info.get("SwapFree", 0)
+        except (OSError, KeyError, ValueError):  # not Linux: the physical memory, if the system says
+            try:
+                free = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            except (ValueError, OSError, AttributeError):
+                return
+    if need > free:
+        raise ValueError(f"{name}: {what} need at least {need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB "
+                         f"free on {device}; try a tiny preset (minids info --list)")
 
 
 def cmd_smoke(args: argparse.Namespace) -> int:
@@ -146,10 +172,18 @@ def cmd_smoke(args: argparse.Namespace) -> int:
 
     _check_device(args.device)
 
+    from minids.accounting import count
     from minids.config import ModelConfig
     from minids.model import Transformer
 
     cfg = ModelConfig.load(args.config)
+    if args.batch < 1:
+        raise ValueError(f"--batch {args.batch}: must be at least 1")
+    if not cfg.num_nextn_predict_layers + 2 <= args.seq_len <= cfg.max_position_embeddings:
+        raise ValueError(f"--seq-len {args.seq_len}: must lie in [{cfg.num_nextn_predict_layers + 2}, "
+                         f"{cfg.max_position_embeddings}] for {args.config} (MTP depth + 2 up to its positions)")
+    c = count(cfg)  # fp32 weights and their gradients, before any activation
+    _check_memory(args.config, 8 * (c.total + c.mtp), args.device, f"{c.total + c.mtp:,} parameters in fp32")
     torch.manual_seed(0)
     device = torch.device(args.device)
     model = Transformer(cfg).to(device)
@@ -202,15 +236,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from minids.checkpoint import from_pretrained
     from minids.data import ByteTokenizer, load_saved_tokenizer
+    from minids.decode import check_prompts
     from minids.generate import stream
     from minids.model import Transformer
 
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature {args.temperature}: must be >= 0 (0 = greedy)")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k {args.top_k}: must be at least 1")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p {args.top_p}: must lie in (0, 1]")
     src = Path(args.model)
-    if src.is_dir() and any(src.glob("*.safetensors")):
+    if src.is_dir():  # a checkpoint: its weights, never random ones
+        weights = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+        _check_memory(args.model, weights, args.device, f"its {weights:,} bytes of weights")
         model = from_pretrained(src, device=args.device)
         tok = load_saved_tokenizer(src) or load_saved_tokenizer(src.parent.parent)  # a run's checkpoint dir
     else:
+        from minids.accounting import count
+
         torch.manual_seed(0)
+        c = count(args.model)
+        n = c.total + c.mtp
+        _check_memory(args.model, 4 * n, args.device, f"{n:,} parameters in fp32")
         model = Transformer(args.model).to(args.device)
         print(f"({args.model}: random weights; pass a checkpoint directory for a trained model)", file=sys.stderr)
         tok = None
@@ -219,6 +269,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.model}: no tokenizer found beside the weights (tokenizer.json or tokenizer_minids.json)")
         tok = ByteTokenizer()
     prompts = [tok.encode(p) or [tok.eos_id] for p in args.prompt]
+    check_prompts(model, prompts, args.max_new_tokens)  # before the prompt is echoed
     g = torch.Generator(device=args.device).manual_seed(args.seed)
     out = [list(p) for p in prompts]
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_tokens=[tok.eos_id], generator=g)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import json
 import math
 import warnings
@@ -154,6 +155,10 @@ class ModelConfig:
         if p.is_dir():
             p = p / "config.json"
             if not p.is_file():
+                cks = sorted((Path(source) / "checkpoints").glob("step-*"))
+                if cks:
+                    raise ConfigError(f"{source}: a training run, not a checkpoint; pass one of its checkpoints, "
+                                      f"e.g. {cks[-1]}")
                 raise ConfigError(f"{source}: directory has no config.json; pass the file or a preset name")
         elif not p.is_file():
             p = preset_path(str(source))
@@ -161,6 +166,9 @@ class ModelConfig:
             data = json.loads(p.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"{p}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p}: not a JSON config (binary data); pass a checkpoint directory, its config.json or "
+                              "a preset name") from None
         except OSError as e:
             raise ConfigError(f"{p}: cannot read ({e.strerror})") from None
         if not isinstance(data, dict):
@@ -197,6 +205,10 @@ class ModelConfig:
             if k in known:
                 kwargs[k] = v
             else:
+                if k not in _PASSTHROUGH_KEYS and not k.startswith("_"):
+                    near = difflib.get_close_matches(k, known, n=1, cutoff=0.8)
+                    if near and near[0] not in data:  # a misspelt field would leave the real one at its default
+                        raise ConfigError(f"{k}={v!r}: not a config field; did you mean {near[0]}?")
                 extra[k] = v
                 if k not in _PASSTHROUGH_KEYS and not k.startswith("_"):
                     warnings.warn(f"config key {k!r} is not used by minids (kept and written back as is)", stacklevel=3)
@@ -358,6 +370,21 @@ class ModelConfig:
             if v < lo:
                 bad(name, f"must be >= {lo}")
 
+        for f in dataclasses.fields(self):  # the types the annotations promise, for what JSON may hold instead
+            v, typ = getattr(self, f.name), str(f.type)
+            if v is None and typ.endswith("| None"):
+                continue
+            if typ.startswith("bool") and not isinstance(v, bool):
+                bad(f.name, "must be true or false" + (" (or null)" if typ.endswith("| None") else ""))
+            if typ.startswith("float") and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                bad(f.name, "must be a number" + (" (or null)" if typ.endswith("| None") else ""))
+            if typ.startswith("str") and not isinstance(v, str):
+                bad(f.name, "must be a string" + (" (or null)" if typ.endswith("| None") else ""))
+        for n in ("bos_token_id", "eos_token_id"):
+            v = getattr(self, n)
+            ids = v if isinstance(v, list) else [v]
+            if v is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                bad(n, "must be a token id (a non-negative integer)" + (", or a list of them" if n[0] == "e" else ""))
         if self.model_type not in _MODEL_TYPES:
             bad("model_type", f"unknown model type; minids reads {', '.join(_MODEL_TYPES)}")
         for n in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"):

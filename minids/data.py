@@ -75,12 +75,18 @@ def _path_documents(spec: str) -> tuple[list[tuple[str, str]], str]:
         files = [p]
     else:
         files = sorted(Path(f) for f in glob.glob(spec, recursive=True) if Path(f).is_file())
+    if not files and p.is_dir():
+        raise DataError(f"data {spec!r}: the folder holds no files")
     if not files:
         raise DataError(f"data {spec!r}: no such file, folder or glob match")
     docs = []
     for f in files:
         if f.suffix == ".jsonl":
-            for i, line in enumerate(f.read_text(encoding="utf-8").splitlines()):
+            try:
+                text = f.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{f}: not UTF-8 text (byte {e.start}); JSONL files must be UTF-8") from None
+            for i, line in enumerate(text.splitlines()):
                 if not line.strip():
                     continue
                 try:
@@ -218,7 +224,11 @@ def get_tokenizer(spec: str, train_docs: list[tuple[str, str]] | None = None):
         p = p / "tokenizer.json"
     if not p.is_file():
         raise DataError(f"tokenizer {spec!r}: not 'byte', 'bpe:VOCAB' or an existing tokenizer.json")
-    return HFTokenizer(Tokenizer.from_file(str(p)), str(p))
+    try:
+        tok = Tokenizer.from_file(str(p))
+    except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot parse
+        raise DataError(f"{p}: not a readable tokenizer.json ({str(e).splitlines()[0][:160]})") from None
+    return HFTokenizer(tok, str(p))
 
 
 def load_saved_tokenizer(directory: str | Path):

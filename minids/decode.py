@@ -88,7 +88,7 @@ def check_prompts(model, prompts: Sequence[Sequence[int]], max_new_tokens: int) 
     if need > cfg.max_position_embeddings:
         raise ValueError(
             f"prompt of {max(len(p) for p in prompts)} tokens + {max_new_tokens} new tokens exceeds "
-            f"max_position_embeddings={cfg.max_position_embeddings}: shorten the prompt or --max_new_tokens"
+            f"max_position_embeddings={cfg.max_position_embeddings}: shorten the prompt or ask for fewer new tokens"
         )
     return need
 

@@ -39,13 +39,17 @@ def read_metrics(run: str | Path) -> list[dict]:
             raise ValueError(f"{path}, line {i + 1}: not a JSON record ({e.msg}); mend or delete that line") from None
         if not isinstance(rec, dict):
             raise ValueError(f"{path}, line {i + 1}: a {type(rec).__name__}, not a record; mend or delete that line")
+        if isinstance(rec.get("tokens"), bool) or not isinstance(rec.get("tokens"), (int, float)):
+            raise ValueError(f"{path}, line {i + 1}: a record needs its number of 'tokens' (minids train writes it); "
+                             "mend or delete that line")
         rows.append(rec)
     return rows
 
 
 def _series(rows: list[dict], key: str) -> tuple[list, list]:
     """x in millions of tokens, y the metric."""
-    pts = [(r["tokens"] / 1e6, r[key]) for r in rows if key in r]
+    pts = [(r["tokens"] / 1e6, r[key]) for r in rows
+           if isinstance(r.get(key), (int, float)) and not isinstance(r[key], bool)]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
@@ -58,6 +62,8 @@ def plot_run(run: str | Path) -> list[Path]:
     """Write the run's PNGs; returns their paths. Raises PlotError when matplotlib is missing."""
     run = Path(run)
     rows = read_metrics(run)
+    if not rows:
+        raise ValueError(f"{run / 'metrics.jsonl'}: no records yet (a run logs its first after its first step)")
     try:
         import matplotlib
 
@@ -120,6 +126,8 @@ def plot_run(run: str | Path) -> list[Path]:
 
         try:
             load = np.array(json.loads(load_file.read_text())["load"], dtype=float)  # (L, E)
+            if load.ndim != 2 or not load.size:
+                raise ValueError(f"load of shape {load.shape}, not (MoE layers, experts)")
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{load_file}: not an expert-load record ({e}); delete it to plot the rest") from None
         rel = load / load.mean(axis=1, keepdims=True)

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from minids.balance import BiasBalancer, max_vio
-from minids.checkpoint import from_pretrained, save_pretrained
+from minids.checkpoint import CheckpointError, from_pretrained, save_pretrained
 from minids.config import ModelConfig
 from minids.data import TokenData, get_tokenizer, load_documents, split_documents
 from minids.fileio import atomic_write_text
@@ -354,9 +354,16 @@ def latest_checkpoint(run: Path) -> Path | None:
 
 def load_trainer_state(ck: Path, model, optimizer) -> dict:
     """Restore the optimizer (full state, keyed by parameter name; re-sharded under FSDP) and the RNG."""
-    state = json.loads((ck / "trainer_state.json").read_text())
-    with SafetensorsFile(ck / "trainer_state.safetensors") as f:
-        tensors = {k: f.read(k) for k in f.keys()}
+    try:
+        state = json.loads((ck / "trainer_state.json").read_text())
+        with SafetensorsFile(ck / "trainer_state.safetensors") as f:
+            tensors = {k: f.read(k) for k in f.keys()}
+        if not isinstance(state, dict) or "step" not in state or "param_groups" not in state:
+            raise ValueError("trainer_state.json: not a trainer state")
+    except (OSError, ValueError) as e:  # (a JSONDecodeError is a ValueError)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise TrainError(f"{ck}: cannot resume from this checkpoint ({why}); move it out of {ck.parent} to resume "
+                         "from the checkpoint before") from None
     opt_state: dict = {}
     for k, v in tensors.items():
         if k.startswith("optimizer."):
@@ -519,7 +526,10 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
                 f"{run}: cannot resume: the run was trained with a different model config ({', '.join(diff)} differ); "
                 "use another --out_dir or the run's own --model"
             )
-        model = from_pretrained(ck, dtype=torch.float32)
+        try:
+            model = from_pretrained(ck, dtype=torch.float32)
+        except CheckpointError as e:
+            raise TrainError(f"{e}; move {ck.name} out of {ck.parent} to resume from the checkpoint before") from None
     elif from_weights:
         model = from_pretrained(cfg.model, dtype=torch.float32)
     else:

@@ -1,0 +1,143 @@
+"""Bad input to the command line and the library's loaders: one line each, naming what, where and what to do, and
+never a traceback (minids/cli.py, config.py, data.py, train.py, plots.py). The cases come from a review that tried
+realistic mistakes against every command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import minids
+from minids.cli import main
+from minids.config import ConfigError, ModelConfig
+from minids.data import DataError, get_tokenizer, load_documents
+from minids.train import TrainConfig, TrainError, train
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    """A tiny checkpoint as a training run leaves it: runs/x/checkpoints/step-0000001 beside the run's tokenizer."""
+    run = tmp_path_factory.mktemp("run") / "x"
+    ck = run / "checkpoints" / "step-0000001"
+    torch.manual_seed(0)
+    minids.save_pretrained(minids.Transformer("tiny-v3"), ck)
+    (run / "tokenizer_minids.json").write_text('{"type": "byte"}\n')
+    return ck
+
+
+def one_line(argv: list[str], capsys, *needles: str) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"minids {argv[0]}: "), repr(err)
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["smoke", "tiny-v3", "--device", "mps"], ["--device mps: minids runs on cpu or cuda"]),
+    (["smoke", "tiny-v3", "--batch", "0"], ["--batch 0: must be at least 1"]),
+    (["smoke", "tiny-v3", "--seq-len", "-3"], ["--seq-len -3: must lie in [3, 1024]"]),
+    (["smoke", "deepseek-v3"], ["deepseek-v3: 682,636,472,320 parameters in fp32 need at least", "tiny preset"]),
+    (["info", "tiny-v3", "--seq-len", "0"], ["--seq-len 0: must be at least 1"]),
+    (["generate", "tiny-v3", "--prompt", "x", "--top-k", "0"], ["--top-k 0: must be at least 1"]),
+    (["generate", "tiny-v3", "--prompt", "x", "--top-p", "2"], ["--top-p 2.0: must lie in (0, 1]"]),
+    (["generate", "tiny-v3", "--prompt", "x", "--temperature", "-1"], ["--temperature -1.0: must be >= 0"]),
+    (["generate", "tiny-v3", "--prompt", "x", "--max-new-tokens", "0"], ["--max-new-tokens 0: must be at least 1"]),
+])
+def test_cli_argument_errors(argv, needles, capsys):
+    one_line(argv, capsys, *needles)
+
+
+def test_generate_names_what_a_directory_is(ckpt, tmp_path, capsys):
+    run = ckpt.parent.parent
+    one_line(["generate", str(run), "--prompt", "x"], capsys, "a training run, not a checkpoint", str(ckpt))
+    one_line(["generate", str(ckpt / "model.safetensors"), "--prompt", "x"], capsys, "not a JSON config (binary data)")
+    bare = tmp_path / "config_only"  # a config beside no weights is not a model with random weights
+    bare.mkdir()
+    (bare / "config.json").write_text((ckpt / "config.json").read_text())
+    (bare / "pytorch_model.bin").write_bytes(b"\x80\x04not loaded")
+    one_line(["generate", str(bare), "--prompt", "x"], capsys, "no model.safetensors", "pickle files are never loaded")
+    one_line(["generate", str(ckpt), "--prompt", "x" * 1100], capsys, "exceeds max_position_embeddings=1024",
+             "fewer new tokens")
+    assert "x" * 1100 not in capsys.readouterr().out  # the prompt is checked before it is echoed
+    assert main(["generate", str(ckpt), "--prompt", "def ", "--max-new-tokens", "4"]) == 0
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("hidden_sizee", 256, "hidden_sizee=256: not a config field; did you mean hidden_size?"),
+    ("tie_word_embeddings", "false", "tie_word_embeddings='false': must be true or false"),
+    ("use_mla", "false", "use_mla='false': must be true or false (or null)"),
+    ("rope_theta", True, "rope_theta=True: must be a number"),
+    ("aux_loss_alpha", "x", "aux_loss_alpha='x': must be a number (or null)"),
+    ("eos_token_id", "x", "eos_token_id='x': must be a token id"),
+])
+def test_model_config_types_and_typos(tmp_path, field, value, needle):
+    p = tmp_path / "c.json"
+    base = json.loads(Path(minids.config.preset_path("tiny-v3")).read_text())
+    if field == "hidden_sizee":  # a misspelt field standing in for the real one (beside it, it only warns)
+        del base["hidden_size"]
+    p.write_text(json.dumps({**base, field: value}))
+    with pytest.raises(ConfigError) as e:
+        ModelConfig.load(p)
+    assert str(e.value) == f"{p}: {needle}" or str(e.value).startswith(f"{p}: {needle}"), str(e.value)
+
+
+def test_model_config_keeps_unknown_keys_that_resemble_no_field():
+    with pytest.warns(UserWarning, match="'initializer_cutoff' is not used"):
+        cfg = ModelConfig.from_dict({"hidden_size": 64, "num_attention_heads": 4, "initializer_cutoff": 3})
+    assert cfg.extra["initializer_cutoff"] == 3 and cfg.to_dict()["initializer_cutoff"] == 3
+
+
+def test_data_and_tokenizer_errors_name_the_file(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="the folder holds no files"):
+        load_documents(str(tmp_path / "empty"))
+    (tmp_path / "latin1.jsonl").write_bytes('{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.jsonl: not UTF-8 text \(byte 13\)"):
+        load_documents(str(tmp_path / "latin1.jsonl"))
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{bad")
+    pytest.importorskip("tokenizers")
+    with pytest.raises(DataError, match=r"tok/tokenizer.json: not a readable tokenizer.json"):
+        get_tokenizer(str(tmp_path / "tok"))
+
+
+def test_resume_from_a_broken_checkpoint_says_which_and_what_to_do(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def f(x):\n    return x + 1\n" * 400)
+    cfg = dict(model="tiny-v3", model_overrides={"num_hidden_layers": 2}, data=str(corpus), seq_len=32, batch_size=2,
+               max_steps=2, eval_interval=2, eval_tokens=256, sample_tokens=0, plots=False, ckpt_interval=1,
+               out_dir=str(tmp_path / "run"))
+    train(TrainConfig(**cfg))
+    ck = tmp_path / "run" / "checkpoints" / "step-0000002"
+    (ck / "trainer_state.json").write_text('{"step": 2, "param')
+    with pytest.raises(TrainError) as e:
+        train(TrainConfig(**{**cfg, "resume": True, "max_steps": 3}))
+    msg = str(e.value)
+    assert msg.startswith(f"{ck}: cannot resume from this checkpoint") and "\n" not in msg
+    assert f"move it out of {ck.parent} to resume from the checkpoint before" in msg
+    (ck / "trainer_state.json").unlink()
+    with pytest.raises(TrainError, match="No such file"):
+        train(TrainConfig(**{**cfg, "resume": True, "max_steps": 3}))
+    (tmp_path / "run" / "checkpoints" / "moved").mkdir()
+    ck.rename(tmp_path / "run" / "checkpoints" / "moved" / ck.name)  # as the message says: step 1 resumes
+    assert train(TrainConfig(**{**cfg, "resume": True, "max_steps": 3}))["step"] == 3
+
+
+@pytest.mark.parametrize("metrics, load, needle", [
+    ("", None, "metrics.jsonl: no records yet"),
+    ('{"step": 1, "loss": 1.0}\n', None, "metrics.jsonl, line 1: a record needs its number of 'tokens'"),
+    ('{"step": 1, "tokens": 10, "loss": 1.0}\n', {"step": 1, "load": [1, 2]},
+     "expert_load.json: not an expert-load record (load of shape (2,)"),
+])
+def test_plot_errors(tmp_path, metrics, load, needle, capsys):
+    pytest.importorskip("matplotlib")
+    (tmp_path / "metrics.jsonl").write_text(metrics)
+    if load is not None:
+        (tmp_path / "expert_load.json").write_text(json.dumps(load))
+    one_line(["plot", str(tmp_path)], capsys, needle)
+    assert not list(tmp_path.glob("*.png")) or load is not None
