@@ -1,9 +1,10 @@
 """Files written whole: a temporary name beside the destination, flushed to disk, then renamed over it.
 
 A crash, Ctrl-C or full disk while writing leaves the previous file as it was (or no file), never a
-half-written one, and no temporary behind. Used for everything minids writes into a user's
-directories: checkpoints' JSON, a run's configs, metrics rewrite, expert loads, sample and plots,
-converted checkpoints' side files, and the benchmarks' records.
+half-written one, and no temporary behind. Used for the files minids writes into a user's
+directories one at a time: checkpoints' JSON, a run's configs, metrics rewrite, expert loads, sample,
+tokenizer and plots, and the benchmarks' records. (Whole directories, a training checkpoint or a
+converted model, are written under a temporary name and renamed the same way.)
 """
 
 from __future__ import annotations
