@@ -68,6 +68,7 @@ T cache capacity, M = s_q * H rows, N tokens per tile, P programs per row block.
 from __future__ import annotations
 
 import torch
+from minids.attention import check_mla_decode_args
 from minids.kernels import AUTOTUNE, HAVE_TRITON, INTERPRET, arrival_counters, require_runs_here, sm_count
 
 __all__ = ["mla_decode", "pick_config", "schedule_ref"]
@@ -469,39 +470,14 @@ def _check_config(config: dict) -> None:
 
 
 def _check(q, kv_cache, cache_seqlens, head_dim_v, block_table, pe_cache):
-    if q.dim() != 4:
-        raise ValueError(f"q must be (batch, s_q, heads, C + R), got shape {tuple(q.shape)}")
-    B, s_q, H, D = q.shape
-    C = head_dim_v
-    R = D - C
-    if R < 0:
-        raise ValueError(f"q's last dimension {D} is smaller than head_dim_v={C}")
-    if kv_cache.dim() != 3:
-        raise ValueError("kv_cache must be (batch, tokens, width) or (pages, page_size, width), got "
-                         f"{tuple(kv_cache.shape)}")
-    want = C if pe_cache is not None else C + R
-    if kv_cache.shape[-1] != want:
-        raise ValueError(f"kv_cache's last dimension is {kv_cache.shape[-1]}, expected {want} (C={C}, R={R}"
-                         f"{', the RoPE part in pe_cache' if pe_cache is not None else ''})")
-    if pe_cache is not None and (pe_cache.shape[:2] != kv_cache.shape[:2] or pe_cache.shape[-1] != R):
-        raise ValueError(f"pe_cache must be {tuple(kv_cache.shape[:2]) + (R,)}, got {tuple(pe_cache.shape)}")
-    if block_table is None and kv_cache.shape[0] != B:
-        raise ValueError(f"a contiguous kv_cache needs one row per sequence: {kv_cache.shape[0]} rows, batch {B}")
-    if block_table is not None and (block_table.dim() != 2 or block_table.shape[0] != B):
-        raise ValueError(f"block_table must be (batch={B}, max_pages), got {tuple(block_table.shape)}")
-    if cache_seqlens.shape != (B,):
-        raise ValueError(f"cache_seqlens must be (batch={B},), got {tuple(cache_seqlens.shape)}")
-    if cache_seqlens.is_floating_point() or cache_seqlens.is_complex() or cache_seqlens.dtype == torch.bool:
-        raise ValueError(f"cache_seqlens must hold integers, got {cache_seqlens.dtype}")
+    """The reference's shape and dtype checks (no values: a host read would break CUDA-graph capture), and the
+    kernels' own: contiguous last dimensions, the cache's lengths on the queries' device."""
+    B, s_q, H, C, R = check_mla_decode_args(q, kv_cache, cache_seqlens, head_dim_v, block_table, pe_cache)
     if cache_seqlens.device != q.device:  # a host copy per call would also break CUDA-graph capture
         raise ValueError(f"cache_seqlens is on {cache_seqlens.device}, q on {q.device}: keep them on one device")
-    if kv_cache.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"the cache must be bf16, fp16 or fp32, got {kv_cache.dtype}")
     for name, t in (("q", q), ("kv_cache", kv_cache), ("pe_cache", pe_cache)):
         if t is not None and t.stride(-1) != 1:
             raise ValueError(f"{name}'s last dimension must be contiguous (stride 1), got strides {t.stride()}")
-    if pe_cache is not None and pe_cache.dtype != kv_cache.dtype:
-        raise ValueError(f"pe_cache ({pe_cache.dtype}) and kv_cache ({kv_cache.dtype}) must share a dtype")
     return B, s_q, H, C, R
 
 

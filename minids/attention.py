@@ -27,9 +27,21 @@ from minids.norm import RMSNorm
 from minids.rope import apply_rope
 
 __all__ = [
-    "MHA", "MLA", "attention", "attention_ref", "masked_attention", "mla_attention_absorbed", "mla_attention_naive",
-    "mla_decode_ref",
+    "MHA", "MLA", "attention", "attention_ref", "check_mla_decode_args", "masked_attention", "mla_attention_absorbed",
+    "mla_attention_naive", "mla_decode_ref",
 ]
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, name: str) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"{name}: q, k, v must be (batch, heads, length, width), got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"{name}: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must share batch and "
+                         "heads, k and v their length, q and k their width")
+    if q.shape[-2] > k.shape[-2]:
+        raise ValueError(f"{name}: {q.shape[-2]} queries over {k.shape[-2]} keys; causal attention takes the last "
+                         "queries of the keys' sequence (S <= T)")
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -37,6 +49,7 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
 
     q: (B, H, S, Dqk), k: (B, H, S, Dqk), v: (B, H, S, Dv) -> (B, H, S, Dv) in q.dtype.
     """
+    _check_qkv(q, k, v, "attention_ref")
     S, T = q.shape[-2], k.shape[-2]
     scores = torch.einsum("bhsd,bhtd->bhst", q.float(), k.float()) * scale  # (B, H, S, T)
     causal = torch.ones(S, T, dtype=torch.bool, device=q.device).tril(T - S)
@@ -52,6 +65,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
     (about 1.5x faster forward + backward measured on tiny-v3 shapes) and the padding is sliced off.
     CUDA's kernels take unequal widths directly.
     """
+    _check_qkv(q, k, v, "attention")
+    if q.shape[-2] != k.shape[-2]:  # SDPA's causal mask is aligned top-left, the reference's bottom-right
+        raise ValueError(f"attention: {q.shape[-2]} queries over {k.shape[-2]} keys; it takes equal lengths (use "
+                         "attention_ref or masked_attention for new queries over a longer cache)")
     dv = v.shape[-1]
     if q.device.type == "cpu" and dv < q.shape[-1]:
         v = F.pad(v, (0, q.shape[-1] - dv))
@@ -104,6 +121,48 @@ def mla_attention_absorbed(
     return torch.einsum("bshc,hdc->bshd", o_lat, w_uv).to(q_nope.dtype)  # (B, S, H, Dv)
 
 
+def check_mla_decode_args(
+    q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens: torch.Tensor, head_dim_v: int,
+    block_table: torch.Tensor | None = None, pe_cache: torch.Tensor | None = None,
+) -> tuple[int, int, int, int, int]:
+    """The shapes and dtypes that ``mla_decode_ref`` and the kernels (``minids.kernels.mla_decode``) take, one clear
+    line for each violation; reads no values. Returns (B, s_q, H, C, R)."""
+    if q.dim() != 4:
+        raise ValueError(f"q must be (batch, s_q, heads, C + R), got shape {tuple(q.shape)}")
+    B, s_q, H, D = q.shape
+    C = head_dim_v
+    R = D - C
+    if R < 0:
+        raise ValueError(f"q's last dimension {D} is smaller than head_dim_v={C}")
+    if kv_cache.dim() != 3:
+        raise ValueError("kv_cache must be (batch, tokens, width) or (pages, page_size, width), got "
+                         f"{tuple(kv_cache.shape)}")
+    want = C if pe_cache is not None else C + R
+    if kv_cache.shape[-1] != want:
+        raise ValueError(f"kv_cache's last dimension is {kv_cache.shape[-1]}, expected {want} (C={C}, R={R}"
+                         f"{', the RoPE part in pe_cache' if pe_cache is not None else ''})")
+    if pe_cache is not None and (pe_cache.shape[:2] != kv_cache.shape[:2] or pe_cache.shape[-1] != R):
+        raise ValueError(f"pe_cache must be {tuple(kv_cache.shape[:2]) + (R,)}, got {tuple(pe_cache.shape)}")
+    if block_table is None and kv_cache.shape[0] != B:
+        raise ValueError(f"a contiguous kv_cache needs one row per sequence: {kv_cache.shape[0]} rows, batch {B}")
+    if block_table is not None and (block_table.dim() != 2 or block_table.shape[0] != B):
+        raise ValueError(f"block_table must be (batch={B}, max_pages), got {tuple(block_table.shape)}")
+    if block_table is not None and (block_table.is_floating_point() or block_table.dtype == torch.bool):
+        raise ValueError(f"block_table must hold page indices (integers), got {block_table.dtype}")
+    if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.shape != (B,):
+        got = tuple(cache_seqlens.shape) if isinstance(cache_seqlens, torch.Tensor) else type(cache_seqlens).__name__
+        raise ValueError(f"cache_seqlens must be a (batch={B},) tensor, got {got}")
+    if cache_seqlens.is_floating_point() or cache_seqlens.is_complex() or cache_seqlens.dtype == torch.bool:
+        raise ValueError(f"cache_seqlens must hold integers, got {cache_seqlens.dtype}")
+    if kv_cache.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"the cache must be bf16, fp16 or fp32, got {kv_cache.dtype}")
+    if q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"q must be bf16, fp16 or fp32, got {q.dtype}")
+    if pe_cache is not None and pe_cache.dtype != kv_cache.dtype:
+        raise ValueError(f"pe_cache ({pe_cache.dtype}) and kv_cache ({kv_cache.dtype}) must share a dtype")
+    return B, s_q, H, C, R
+
+
 def mla_decode_ref(
     q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens: torch.Tensor, head_dim_v: int, scale: float, *,
     causal: bool = True, block_table: torch.Tensor | None = None, pe_cache: torch.Tensor | None = None,
@@ -132,13 +191,24 @@ def mla_decode_ref(
     Returns out (B, s_q, H, C) in q.dtype and lse (B, H, s_q) float32, the natural-log sum of exp of the
     scaled scores. A query that sees no token gets out = 0 and lse = -inf.
     """
-    B, s_q, _, D = q.shape
-    C = head_dim_v
+    B, s_q, _, C, R = check_mla_decode_args(q, kv_cache, cache_seqlens, head_dim_v, block_table, pe_cache)
+    D = C + R
+    lens = cache_seqlens.long().to(q.device)
+    capacity = block_table.shape[1] * kv_cache.shape[1] if block_table is not None else kv_cache.shape[1]
+    checks = B > 0 and not (q.is_cuda and torch.cuda.is_current_stream_capturing())  # (the checks read values)
+    if checks and not (0 <= int(lens.min()) and int(lens.max()) <= capacity):
+        raise ValueError(f"cache_seqlens must lie in [0, {capacity}] (the cache's tokens per sequence"
+                         f"{', max_pages x page_size' if block_table is not None else ''}), got "
+                         f"{int(lens.min())}..{int(lens.max())}")
     if block_table is not None:
         page = kv_cache.shape[1]
         n_pages = block_table.shape[1]
-        need = (cache_seqlens.long() + page - 1) // page  # (B,) pages each sequence uses
+        need = (lens + page - 1) // page  # (B,) pages each sequence uses
         used = torch.arange(n_pages, device=q.device)[None, :] < need[:, None]
+        if checks and (bad := used & ((block_table < 0) | (block_table >= kv_cache.shape[0]))).any():
+            b, p = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"block_table[{b}, {p}] = {int(block_table[b, p])} is not a page of kv_cache (0.."
+                             f"{kv_cache.shape[0] - 1}), and sequence {b} of {int(lens[b])} tokens uses it")
         idx = torch.where(used, block_table.long(), 0)  # (B, P): never index with an unused entry
         kv = kv_cache[idx].flatten(1, 2)  # (B, P * page, C + R) or (B, P * page, C)
         pe = pe_cache[idx].flatten(1, 2) if pe_cache is not None else None  # (B, P * page, R)
@@ -147,7 +217,6 @@ def mla_decode_ref(
     if pe is not None:
         kv = torch.cat([kv[..., :C], pe], dim=-1)  # (B, T, C + R)
     T = kv.shape[1]
-    lens = cache_seqlens.long().to(q.device)
     stored = torch.arange(T, device=q.device)[None, :] < lens[:, None]  # (B, T)
     kv = torch.where(stored[..., None], kv.float(), 0.0)  # slots past a length may hold anything, NaN included
     scores = torch.einsum("bshd,btd->bhst", q.float(), kv[..., :D]) * scale  # (B, H, s_q, T)

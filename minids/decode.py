@@ -43,11 +43,22 @@ __all__ = ["Decoder", "check_prompts", "graph_blocker", "sample_with_noise", "sa
 CHECK_EVERY = 16  # with stop tokens: steps between two host checks of "every sequence finished"
 
 
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """One line for sampling settings that have no distribution (checked where sampling starts, and by the CLI)."""
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature}: must be >= 0 (0 = greedy)")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k={top_k!r}: must be a positive integer (or None for all tokens)")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p!r}: must lie in (0, 1] (or None)")
+
+
 def sampling_probs(
     logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None
 ) -> torch.Tensor:
     """The distribution ``minids.generate.sample_next`` draws from (temperature > 0): logits (B, V) ->
     probabilities (B, V) float32 after temperature, top-k, then top-p (the smallest prefix reaching p)."""
+    check_sampling(temperature, top_k, top_p)
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         logits = logits.masked_fill(logits < logits.topk(top_k, dim=-1).values[:, -1:], float("-inf"))
@@ -141,6 +152,7 @@ class Decoder:
     ):
         if cuda_graphs not in ("auto", True, False):
             raise ValueError(f"cuda_graphs={cuda_graphs!r}: one of 'auto', True, False")
+        check_sampling(temperature, top_k, top_p)
         if speculative and not len(model.mtp):
             raise ValueError("this model has no MTP module (num_nextn_predict_layers=0): it cannot draft tokens")
         self.model = model

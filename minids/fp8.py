@@ -95,6 +95,9 @@ def act_quant(
 def act_dequant(q: torch.Tensor, s: torch.Tensor, block: int = 128, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Inverse of ``act_quant``: q (..., K), s (..., ceil(K/b)) -> (..., K)."""
     K = q.shape[-1]
+    if block < 1 or s.shape != q.shape[:-1] + (-(-K // block),):
+        raise ValueError(f"act_dequant: scales {tuple(s.shape)} do not fit q {tuple(q.shape)} in blocks of {block} "
+                         f"(expected {tuple(q.shape[:-1]) + (-(-K // max(block, 1)),)}): pass the block act_quant used")
     return (q.float() * s.repeat_interleave(block, dim=-1)[..., :K]).to(dtype)
 
 

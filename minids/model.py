@@ -176,6 +176,16 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"sequence length {S} exceeds max_position_embeddings={self.cfg.max_position_embeddings}"
             )
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels must be (batch, length) like input_ids {tuple(input_ids.shape)}, unshifted (the "
+                             f"loss shifts them, as transformers does), got {tuple(labels.shape)}")
+        if labels is not None and S < 2:
+            raise ValueError(f"a loss needs at least 2 tokens a sequence (the next-token target), got length {S}")
+        if cache is None and input_ids.device.type == "cpu" and input_ids.numel() and not (
+                0 <= int(input_ids.min()) and int(input_ids.max()) < self.cfg.vocab_size):  # (no host read on CUDA,
+            # nor in decoding, whose prompts minids.decode.check_prompts checks once)
+            raise ValueError(f"input_ids must lie in [0, vocab_size={self.cfg.vocab_size}), got "
+                             f"{int(input_ids.min())}..{int(input_ids.max())}")
         if cache is not None:
             if labels is not None:
                 raise ValueError("labels and cache together: train without a cache, decode with one")

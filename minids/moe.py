@@ -62,6 +62,20 @@ def route(
 
     Returns gate weights (N, K) float32, expert indices (N, K) int64, and the scores s (N, E) float32.
     """
+    if logits.dim() != 2:
+        raise ValueError(f"route: logits must be (tokens, experts), got {tuple(logits.shape)}; flatten the batch first")
+    E = logits.shape[1]
+    if bias is not None and bias.shape != (E,):
+        raise ValueError(f"route: bias must be ({E},), one per expert, got {tuple(bias.shape)}")
+    if topk_method not in ("greedy", "group_limited_greedy", "noaux_tc"):
+        raise ValueError(f"route: topk_method={topk_method!r}: one of greedy, group_limited_greedy, noaux_tc")
+    if n_group < 1 or E % n_group or not 1 <= topk_group <= n_group:
+        raise ValueError(f"route: n_group={n_group}, topk_group={topk_group}: n_group must divide the {E} experts "
+                         "and 1 <= topk_group <= n_group")
+    allowed = E if topk_method == "greedy" or n_group == 1 else topk_group * (E // n_group)
+    if not 1 <= top_k <= allowed:
+        raise ValueError(f"route: top_k={top_k}: must lie in [1, {allowed}] (the experts of the "
+                         f"{'kept groups' if allowed < E else 'layer'})")
     logits = logits.float()
     if scoring_func == "softmax":
         scores = logits.softmax(dim=-1)  # (N, E)

@@ -63,6 +63,10 @@ def rope_inv_freq(dim: int, base: float, scaling: dict | None = None) -> torch.T
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
     """Rotate x: (B, S, H, R) by cos/sin: (B or 1, S, R/2). Computed in float32, returned in x.dtype."""
+    if x.dim() != 4 or cos.dim() != 3 or cos.shape != sin.shape or cos.shape[1] != x.shape[1] \
+            or 2 * cos.shape[-1] != x.shape[-1] or cos.shape[0] not in (1, x.shape[0]):
+        raise ValueError(f"apply_rope: x must be (B, S, H, R) and cos, sin (B or 1, S, R/2), got {tuple(x.shape)}, "
+                         f"{tuple(cos.shape)}, {tuple(sin.shape)}")
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (B, S, 1, R/2)
     xf = x.float()
     if interleave:

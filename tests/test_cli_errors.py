@@ -1,6 +1,7 @@
-"""Bad input to the command line and the library's loaders: one line each, naming what, where and what to do, and
-never a traceback (minids/cli.py, config.py, data.py, train.py, plots.py). The cases come from a review that tried
-realistic mistakes against every command."""
+"""Bad input to the command line, the library's loaders and its references: one line each, naming what, where and
+what to do, never a traceback, and never a silently wrong answer from an oracle (minids/cli.py, config.py, data.py,
+train.py, plots.py; attention.py, model.py, moe.py, decode.py, fp8.py, rope.py). The cases come from two reviews that
+tried realistic mistakes against every command and public function."""
 
 from __future__ import annotations
 
@@ -141,3 +142,93 @@ def test_plot_errors(tmp_path, metrics, load, needle, capsys):
         (tmp_path / "expert_load.json").write_text(json.dumps(load))
     one_line(["plot", str(tmp_path)], capsys, needle)
     assert not list(tmp_path.glob("*.png")) or load is not None
+
+
+# ------------------------------------------------------------------------------------------ the library's references
+def test_mla_decode_ref_refuses_what_it_cannot_answer():
+    """The oracle checks what the kernels check (shapes, dtypes) and, reading values as the kernels cannot (no host
+    reads there), lengths past the cache and block-table entries a sequence uses that name no page."""
+    from minids.attention import mla_decode_ref
+
+    q, kv = torch.randn(2, 2, 4, 48), torch.randn(2, 10, 48)  # C = 32, R = 16
+    lens = torch.tensor([7, 10])
+    mla_decode_ref(q, kv, lens, 32, 0.3)  # fine
+    for call, needle in (
+        (lambda: mla_decode_ref(q[0], kv, lens, 32, 0.3), "q must be (batch, s_q, heads, C + R)"),
+        (lambda: mla_decode_ref(q[..., :32], kv, lens, 32, 0.3), "kv_cache's last dimension is 48, expected 32"),
+        (lambda: mla_decode_ref(q, kv, lens, 512, 0.3), "smaller than head_dim_v=512"),
+        (lambda: mla_decode_ref(q, kv, torch.tensor([7, 15]), 32, 0.3), "cache_seqlens must lie in [0, 10]"),
+        (lambda: mla_decode_ref(q, kv, torch.tensor([7]), 32, 0.3), "cache_seqlens must be a (batch=2,) tensor"),
+        (lambda: mla_decode_ref(q, kv, [7, 10], 32, 0.3), "got list"),
+        (lambda: mla_decode_ref(q.double(), kv, lens, 32, 0.3), "q must be bf16, fp16 or fp32"),
+    ):
+        with pytest.raises(ValueError, match=re_escape(needle)):
+            call()
+    pages = torch.randn(4, 4, 48)  # 4 pages of 4 tokens
+    table = torch.tensor([[0, 1, -1], [2, 3, 7]])
+    mla_decode_ref(q, pages, torch.tensor([8, 8]), 32, 0.3, block_table=table)  # -1 and 7 are past both ends: fine
+    with pytest.raises(ValueError, match=re_escape("block_table[1, 2] = 7 is not a page of kv_cache (0..3)")):
+        mla_decode_ref(q, pages, torch.tensor([8, 11]), 32, 0.3, block_table=table)
+    with pytest.raises(ValueError, match=re_escape("cache_seqlens must lie in [0, 12]")):
+        mla_decode_ref(q, pages, torch.tensor([8, 13]), 32, 0.3, block_table=table)
+    with pytest.raises(ValueError, match=re_escape("block_table must be (batch=2, max_pages)")):
+        mla_decode_ref(q, pages, torch.tensor([8, 8]), 32, 0.3, block_table=table[:1])
+
+
+def re_escape(s: str) -> str:
+    import re
+
+    return re.escape(s)
+
+
+def test_attention_lengths_and_the_model_labels():
+    from minids.attention import attention, attention_ref
+
+    q, k, v = torch.randn(1, 2, 6, 24), torch.randn(1, 2, 10, 24), torch.randn(1, 2, 10, 16)
+    assert attention_ref(q, k, v, 0.2).shape == (1, 2, 6, 16)  # the last 6 queries of 10 positions
+    with pytest.raises(ValueError, match="it takes equal lengths"):
+        attention(q, k, v, 0.2)  # SDPA would align the causal mask top-left: a different answer
+    with pytest.raises(ValueError, match="k and v their length"):
+        attention(q, q, v[:, :, :2], 0.2)
+    with pytest.raises(ValueError, match=re_escape("10 queries over 6 keys")):
+        attention_ref(k, q, v[:, :, :6], 0.2)
+    m = minids.Transformer("tiny-v3")
+    ids = torch.randint(0, 512, (2, 8))
+    with pytest.raises(ValueError, match=re_escape("labels must be (batch, length) like input_ids (2, 8), unshifted")):
+        m(ids, labels=ids[:, 1:])  # already shifted: would train on the token after next
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        m(ids[:, :1], labels=ids[:, :1])
+    with pytest.raises(ValueError, match=re_escape("input_ids must lie in [0, vocab_size=512), got 0..512")):
+        m(torch.tensor([[0, 512]]))
+
+
+def test_router_sampling_fp8_and_rope_arguments():
+    from minids.decode import sampling_probs
+    from minids.fp8 import act_dequant, act_quant
+    from minids.moe import route
+    from minids.rope import apply_rope
+
+    lg = torch.randn(20, 16)
+    with pytest.raises(ValueError, match="logits must be \\(tokens, experts\\)"):
+        route(lg[None], None, top_k=2)
+    with pytest.raises(ValueError, match="topk_method='noaux-tc'"):
+        route(lg, torch.zeros(16), top_k=4, topk_method="noaux-tc", n_group=4, topk_group=2)
+    with pytest.raises(ValueError, match=re_escape("top_k=9: must lie in [1, 8] (the experts of the kept groups)")):
+        route(lg, torch.zeros(16), top_k=9, topk_method="noaux_tc", n_group=4, topk_group=2)
+    with pytest.raises(ValueError, match="n_group must divide the 16 experts"):
+        route(lg, None, top_k=2, topk_method="group_limited_greedy", n_group=3, topk_group=1)
+    for kw, needle in (({"top_p": 0.0}, "top_p=0.0: must lie in (0, 1]"), ({"top_k": 0}, "top_k=0: must be a positive"),
+                       ({"top_p": -1.0}, "top_p=-1.0")):
+        with pytest.raises(ValueError, match=re_escape(needle)):
+            sampling_probs(lg, 1.0, **kw)
+        with pytest.raises(ValueError, match=re_escape(needle)):
+            minids.generate.generate(minids.Transformer("tiny-v3"), [[1, 2]], 2, temperature=1.0, **kw)
+    x = torch.randn(4, 200)
+    xq, s = act_quant(x, 64)
+    assert (act_dequant(xq, s, 64) - x).abs().max() < 0.5
+    with pytest.raises(ValueError, match=re_escape("scales (4, 4) do not fit q (4, 200) in blocks of 128")):
+        act_dequant(xq, s)
+    cos, sin = torch.randn(1, 5, 8), torch.randn(1, 5, 8)
+    assert apply_rope(torch.randn(1, 5, 2, 16), cos, sin, True).shape == (1, 5, 2, 16)
+    with pytest.raises(ValueError, match="apply_rope: x must be \\(B, S, H, R\\)"):
+        apply_rope(torch.randn(1, 5, 16), cos, sin, True)  # would broadcast to (1, 5, 5, 16)
