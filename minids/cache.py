@@ -93,6 +93,12 @@ class KVCache:
         sequence lengths (the Triton MLA kernel). In a decode step of a small model these few index ops per layer are
         a visible share of the kernels.
         """
+        B = self.lengths.shape[0]
+        if new_lens.shape != (B,) or new_lens.is_floating_point() or new_lens.dtype == torch.bool:
+            raise ValueError(f"lengths must be ({B},) integers, one per sequence of the cache, got "
+                             f"{tuple(new_lens.shape)} {new_lens.dtype}")
+        # (their values, 0 <= new_lens <= S and lengths + new_lens <= max_len, are the caller's: a step reads nothing
+        # back from the device; minids.decode checks its prompts once, before the first step)
         self.new_lens = new_lens
         pos = self.positions(S)  # (B, S)
         real = torch.arange(S, device=pos.device)[None, :] < new_lens[:, None]

@@ -232,3 +232,16 @@ def test_router_sampling_fp8_and_rope_arguments():
     assert apply_rope(torch.randn(1, 5, 2, 16), cos, sin, True).shape == (1, 5, 2, 16)
     with pytest.raises(ValueError, match="apply_rope: x must be \\(B, S, H, R\\)"):
         apply_rope(torch.randn(1, 5, 16), cos, sin, True)  # would broadcast to (1, 5, 5, 16)
+
+
+def test_cache_lengths_of_the_wrong_shape_are_refused_before_anything_is_written():
+    from minids.cache import KVCache
+
+    m = minids.Transformer("tiny-v3")
+    cache = KVCache.allocate(m.cfg, 2, 16)
+    with pytest.raises(ValueError, match=re_escape("lengths must be (2,) integers, one per sequence of the cache, got "
+                                                   "(2,) torch.float32")):
+        m(torch.randint(0, 512, (2, 4)), cache=cache, lengths=torch.tensor([4.0, 3.0]))
+    with pytest.raises(ValueError, match=re_escape("got (3,)")):
+        m(torch.randint(0, 512, (2, 4)), cache=cache, lengths=torch.tensor([4, 3, 2]))
+    assert cache.lengths.tolist() == [0, 0]
