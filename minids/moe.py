@@ -122,10 +122,13 @@ def moe_align(indices: torch.Tensor, n_experts: int, block_m: int) -> MoEAlignme
     captured in a CUDA graph. This is what the Triton grouped GEMMs (``minids.kernels.moe``) iterate over: row
     block b belongs to expert block_expert[b], and its rows gather tokens sorted_pair // K.
     """
+    if indices.dim() != 2 or indices.is_floating_point() or indices.dtype == torch.bool or block_m < 1:
+        raise ValueError(f"moe_align: indices must be (N, K) integers and block_m >= 1, got {tuple(indices.shape)} "
+                         f"{indices.dtype}, block_m={block_m}")
     N, K = indices.shape
     P, E, dev = N * K, n_experts, indices.device
     n_blocks = (P + E * (block_m - 1) + block_m - 1) // block_m
-    flat = indices.reshape(-1)  # (P,)
+    flat = indices.reshape(-1).long()  # (P,) (int32 indices too)
     order = flat.argsort(stable=True)  # (P,): pairs sorted by expert
     counts = torch.zeros(E, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))  # (E,)
     padded = (counts + block_m - 1) // block_m * block_m  # (E,)
@@ -251,6 +254,8 @@ def check_experts_args(x, weights, indices, w_gate, w_up, w_down) -> None:
             f"moe_experts: x {tuple(x.shape)} must be (N, D), weights {tuple(weights.shape)} and indices "
             f"{tuple(indices.shape)} (N, K)"
         )
+    if indices.is_floating_point() or indices.dtype == torch.bool:
+        raise ValueError(f"moe_experts: indices must hold expert numbers (integers), got {indices.dtype}")
     if w_gate.dim() != 3:
         raise ValueError(f"moe_experts: w_gate {tuple(w_gate.shape)} must be (E, I, D)")
     E, I, D = w_gate.shape
@@ -292,7 +297,7 @@ def moe_experts(
         return moe_experts_triton(x, weights, indices, w_gate, w_up, w_down)
     N, K = indices.shape
     E = w_gate.shape[0]
-    flat = indices.reshape(-1)  # (P,)
+    flat = indices.reshape(-1).long()  # (P,) (int32 indices too)
     order = flat.argsort(stable=True)  # (P,): pairs sorted by expert
     token = order // K  # (P,): source token of each sorted pair
     counts = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))  # (E,)

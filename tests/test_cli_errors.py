@@ -245,3 +245,21 @@ def test_cache_lengths_of_the_wrong_shape_are_refused_before_anything_is_written
     with pytest.raises(ValueError, match=re_escape("got (3,)")):
         m(torch.randint(0, 512, (2, 4)), cache=cache, lengths=torch.tensor([4, 3, 2]))
     assert cache.lengths.tolist() == [0, 0]
+
+
+def test_experts_take_int32_indices_and_refuse_float_ones():
+    from minids.moe import moe_align, moe_experts
+
+    torch.manual_seed(0)
+    x, w = torch.randn(6, 16), torch.rand(6, 2)
+    idx = torch.randint(0, 4, (6, 2))
+    wg, wu, wd = torch.randn(4, 8, 16), torch.randn(4, 8, 16), torch.randn(4, 16, 8)
+    for impl in ("grouped", "loop"):
+        y64, c64 = moe_experts(x, w, idx, wg, wu, wd, impl=impl)
+        y32, c32 = moe_experts(x, w, idx.int(), wg, wu, wd, impl=impl)  # what kernel authors often hold
+        assert torch.equal(y64, y32) and torch.equal(c64, c32)
+    with pytest.raises(ValueError, match="indices must hold expert numbers"):
+        moe_experts(x, w, idx.float(), wg, wu, wd, impl="loop")
+    assert torch.equal(moe_align(idx.int(), 4, 4).sorted_pair, moe_align(idx, 4, 4).sorted_pair)
+    with pytest.raises(ValueError, match="block_m >= 1"):
+        moe_align(idx, 4, 0)
