@@ -236,18 +236,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from minids.checkpoint import from_pretrained
     from minids.data import ByteTokenizer, load_saved_tokenizer
-    from minids.decode import check_prompts
+    from minids.decode import check_prompts, check_sampling
     from minids.generate import stream
     from minids.model import Transformer
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
-    if args.temperature < 0:
-        raise ValueError(f"--temperature {args.temperature}: must be >= 0 (0 = greedy)")
-    if args.top_k is not None and args.top_k < 1:
-        raise ValueError(f"--top-k {args.top_k}: must be at least 1")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise ValueError(f"--top-p {args.top_p}: must lie in (0, 1]")
+    check_sampling(args.temperature, args.top_k, args.top_p)  # before a model is loaded
     src = Path(args.model)
     if src.is_dir():  # a checkpoint: its weights, never random ones
         weights = sum(f.stat().st_size for f in src.glob("*.safetensors"))

@@ -179,10 +179,21 @@ class ModelConfig:
             raise ConfigError(f"{p}: {e}") from None
 
     @classmethod
+    def field_names(cls) -> set[str]:
+        """The config.json keys minids reads."""
+        return {f.name for f in dataclasses.fields(cls)} - {"extra", "rope_spelling", "absent_defaults"}
+
+    @classmethod
+    def near_field(cls, key: str) -> str | None:
+        """The field a misspelt key most likely meant, if one is close enough."""
+        near = difflib.get_close_matches(key, cls.field_names(), n=1, cutoff=0.8)
+        return near[0] if near else None
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Build from a Hugging Face style dict; unknown keys are kept in ``extra`` (and warned about)."""
         data = dict(data)
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra", "rope_spelling", "absent_defaults"}
+        known = cls.field_names()
         kwargs: dict[str, Any] = {}
         extra = data.pop("extra", None) or {}
         if not isinstance(extra, dict):
@@ -206,9 +217,9 @@ class ModelConfig:
                 kwargs[k] = v
             else:
                 if k not in _PASSTHROUGH_KEYS and not k.startswith("_"):
-                    near = difflib.get_close_matches(k, known, n=1, cutoff=0.8)
-                    if near and near[0] not in data:  # a misspelt field would leave the real one at its default
-                        raise ConfigError(f"{k}={v!r}: not a config field; did you mean {near[0]}?")
+                    near = cls.near_field(k)
+                    if near and near not in data:  # a misspelt field would leave the real one at its default
+                        raise ConfigError(f"{k}={v!r}: not a config field; did you mean {near}?")
                 extra[k] = v
                 if k not in _PASSTHROUGH_KEYS and not k.startswith("_"):
                     warnings.warn(f"config key {k!r} is not used by minids (kept and written back as is)", stacklevel=3)

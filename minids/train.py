@@ -23,7 +23,6 @@ naming the step and the first module whose output was not finite.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import os
@@ -512,10 +511,8 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     from_weights = Path(cfg.model).is_dir() and any(Path(cfg.model).glob("*.safetensors"))
     requested = ModelConfig.load(cfg.model)
     if cfg.model_overrides:
-        fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"extra", "rope_spelling", "absent_defaults"}
-        if unknown := sorted(set(cfg.model_overrides) - fields):
-            near = {k: difflib.get_close_matches(k, fields, n=1) for k in unknown}
-            hint = "; ".join(f"{k}: did you mean {m[0]}?" for k, m in near.items() if m)
+        if unknown := sorted(set(cfg.model_overrides) - ModelConfig.field_names()):
+            hint = "; ".join(f"{k}: did you mean {n}?" for k in unknown if (n := ModelConfig.near_field(k)))
             raise TrainError(f"model_overrides: unknown model config field(s) {unknown}" + (f" ({hint})" if hint else ""))
         requested = ModelConfig.from_dict({**requested.to_dict(), **cfg.model_overrides})
     if ck is not None:

@@ -44,9 +44,9 @@ def one_line(argv: list[str], capsys, *needles: str) -> str:
     (["smoke", "tiny-v3", "--seq-len", "-3"], ["--seq-len -3: must lie in [3, 1024]"]),
     (["smoke", "deepseek-v3"], ["deepseek-v3: 682,636,472,320 parameters in fp32 need at least", "tiny preset"]),
     (["info", "tiny-v3", "--seq-len", "0"], ["--seq-len 0: must be at least 1"]),
-    (["generate", "tiny-v3", "--prompt", "x", "--top-k", "0"], ["--top-k 0: must be at least 1"]),
-    (["generate", "tiny-v3", "--prompt", "x", "--top-p", "2"], ["--top-p 2.0: must lie in (0, 1]"]),
-    (["generate", "tiny-v3", "--prompt", "x", "--temperature", "-1"], ["--temperature -1.0: must be >= 0"]),
+    (["generate", "tiny-v3", "--prompt", "x", "--top-k", "0"], ["top_k=0: must be a positive integer"]),
+    (["generate", "tiny-v3", "--prompt", "x", "--top-p", "2"], ["top_p=2.0: must lie in (0, 1]"]),
+    (["generate", "tiny-v3", "--prompt", "x", "--temperature", "-1"], ["temperature=-1.0: must be >= 0"]),
     (["generate", "tiny-v3", "--prompt", "x", "--max-new-tokens", "0"], ["--max-new-tokens 0: must be at least 1"]),
 ])
 def test_cli_argument_errors(argv, needles, capsys):
