@@ -84,6 +84,22 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return torch.einsum("bhst,bthd->bshd", probs, v.float()).to(q.dtype)  # (B, S, H, Dv)
 
 
+def _check_mla(q_nope, q_pe, c_kv, k_pe, wkv_b, mask, name: str) -> None:
+    """The naive and absorbed forms' shapes (no values read)."""
+    ok = q_nope.dim() == q_pe.dim() == 4 and c_kv.dim() == k_pe.dim() == wkv_b.dim() == 3 and mask.dim() == 4
+    if ok:
+        B, S, H, Dn = q_nope.shape
+        T, C, R = c_kv.shape[1], c_kv.shape[2], q_pe.shape[-1]
+        ok = (q_pe.shape[:3] == (B, S, H) and c_kv.shape[0] == B and k_pe.shape == (B, T, R)
+              and wkv_b.shape[0] == H and wkv_b.shape[1] > Dn and wkv_b.shape[2] == C
+              and mask.shape == (B, 1, S, T) and mask.dtype == torch.bool)
+    if not ok:
+        raise ValueError(
+            f"{name}: expected q_nope (B, S, H, Dn), q_pe (B, S, H, R), c_kv (B, T, C), k_pe (B, T, R), wkv_b "
+            f"(H, Dn + Dv, C), mask (B, 1, S, T) bool; got {tuple(q_nope.shape)}, {tuple(q_pe.shape)}, "
+            f"{tuple(c_kv.shape)}, {tuple(k_pe.shape)}, {tuple(wkv_b.shape)}, {tuple(mask.shape)} {mask.dtype}")
+
+
 def mla_attention_naive(
     q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, wkv_b: torch.Tensor,
     mask: torch.Tensor, scale: float,
@@ -94,6 +110,7 @@ def mla_attention_naive(
     k_pe: (B, T, R) RoPE'd shared keys, wkv_b: (H, Dn + Dv, C) = kv_b_proj.weight viewed per head,
     mask: (B, 1, S, T) -> (B, S, H, Dv).
     """
+    _check_mla(q_nope, q_pe, c_kv, k_pe, wkv_b, mask, "mla_attention_naive")
     Dn = q_nope.shape[-1]
     kv = torch.einsum("btc,hdc->bthd", c_kv.float(), wkv_b.float())  # (B, T, H, Dn + Dv)
     k_nope, v = kv[..., :Dn], kv[..., Dn:]
@@ -111,6 +128,7 @@ def mla_attention_absorbed(
     W_UK is folded into the query, the weighted sum runs over the C-wide latents, and W_UV is applied
     to the result, so no per-head key or value is ever formed.
     """
+    _check_mla(q_nope, q_pe, c_kv, k_pe, wkv_b, mask, "mla_attention_absorbed")
     Dn = q_nope.shape[-1]
     w_uk, w_uv = wkv_b[:, :Dn].float(), wkv_b[:, Dn:].float()  # (H, Dn, C), (H, Dv, C)
     q_lat = torch.einsum("bshd,hdc->bshc", q_nope.float(), w_uk)  # (B, S, H, C)

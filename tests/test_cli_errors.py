@@ -263,3 +263,19 @@ def test_experts_take_int32_indices_and_refuse_float_ones():
     assert torch.equal(moe_align(idx.int(), 4, 4).sorted_pair, moe_align(idx, 4, 4).sorted_pair)
     with pytest.raises(ValueError, match="block_m >= 1"):
         moe_align(idx, 4, 0)
+
+
+def test_mla_forms_refuse_mixed_up_shapes():
+    from minids.attention import mla_attention_absorbed, mla_attention_naive
+
+    qn, qp = torch.randn(1, 3, 2, 8), torch.randn(1, 3, 2, 4)
+    c_kv, k_pe, wkv_b = torch.randn(1, 5, 16), torch.randn(1, 5, 4), torch.randn(2, 8 + 6, 16)
+    mask = torch.ones(1, 1, 3, 5, dtype=torch.bool)
+    assert mla_attention_naive(qn, qp, c_kv, k_pe, wkv_b, mask, 0.3).shape == (1, 3, 2, 6)
+    for form in (mla_attention_naive, mla_attention_absorbed):
+        for args in ((qn, qp, c_kv, k_pe[..., :2], wkv_b, mask),  # RoPE widths that differ
+                     (qn, qp, c_kv, k_pe, wkv_b[0], mask),  # one head's weight
+                     (qn, qp, c_kv[:, :4], k_pe, wkv_b, mask),  # latents and RoPE keys of different lengths
+                     (qn, qp, c_kv, k_pe, wkv_b, mask.float())):  # an additive mask
+            with pytest.raises(ValueError, match=f"{form.__name__}: expected q_nope"):
+                form(*args, 0.3)
