@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 __all__ = ["main"]
@@ -341,6 +342,15 @@ def main(argv: list[str] | None = None) -> int:
     from minids.plots import PlotError
 
     args, rest = build_parser().parse_known_args(argv)
+    # a warning is one line, once (not the source line that raised it, nor again each time a config is read)
+    show, shown = warnings.showwarning, set()
+
+    def one_line(message, *_args, **_kwargs) -> None:
+        if str(message) not in shown:
+            shown.add(str(message))
+            print(f"minids {args.command}: warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = one_line
     try:
         if getattr(args, "takes_rest", False):
             return args.func(args, rest)
@@ -350,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, OSError, PlotError) as e:
         print(f"minids {args.command}: {e}", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = show
 
 
 if __name__ == "__main__":

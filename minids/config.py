@@ -174,7 +174,7 @@ class ModelConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: a config must be a JSON object, found {type(data).__name__}")
         try:
-            return cls.from_dict(data)
+            return cls.from_dict(data, source=str(p))
         except ConfigError as e:
             raise ConfigError(f"{p}: {e}") from None
 
@@ -190,8 +190,9 @@ class ModelConfig:
         return near[0] if near else None
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        """Build from a Hugging Face style dict; unknown keys are kept in ``extra`` (and warned about)."""
+    def from_dict(cls, data: dict[str, Any], *, source: str | None = None) -> ModelConfig:
+        """Build from a Hugging Face style dict; unknown keys are kept in ``extra`` (and warned about, naming
+        ``source``, the file they came from, if given)."""
         data = dict(data)
         known = cls.field_names()
         kwargs: dict[str, Any] = {}
@@ -222,7 +223,9 @@ class ModelConfig:
                         raise ConfigError(f"{k}={v!r}: not a config field; did you mean {near}?")
                 extra[k] = v
                 if k not in _PASSTHROUGH_KEYS and not k.startswith("_"):
-                    warnings.warn(f"config key {k!r} is not used by minids (kept and written back as is)", stacklevel=3)
+                    where = f"{source}: " if source else ""
+                    warnings.warn(f"{where}config key {k!r} is not used by minids (kept and written back as is)",
+                                  stacklevel=3)
         kwargs.setdefault("model_type", model_type)
         cfg = cls(**kwargs, extra=extra, rope_spelling=rope_spelling)
         cfg.absent_defaults = {k: copy.deepcopy(getattr(cfg, k)) for k in known - set(data)}

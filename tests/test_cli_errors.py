@@ -279,3 +279,11 @@ def test_mla_forms_refuse_mixed_up_shapes():
                      (qn, qp, c_kv, k_pe, wkv_b, mask.float())):  # an additive mask
             with pytest.raises(ValueError, match=f"{form.__name__}: expected q_nope"):
                 form(*args, 0.3)
+
+
+def test_a_config_warning_is_one_line_naming_the_file(tmp_path, capsys):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({**json.loads(Path(minids.config.preset_path("tiny-v3")).read_text()), "my_note": 3}))
+    assert main(["info", str(p)]) == 0  # the config is read twice (the table and the counts): one warning
+    err = capsys.readouterr().err
+    assert err == f"minids info: warning: {p}: config key 'my_note' is not used by minids (kept and written back as is)\n"
