@@ -473,6 +473,9 @@ def _check(q, kv_cache, cache_seqlens, head_dim_v, block_table, pe_cache):
     """The reference's shape and dtype checks (no values: a host read would break CUDA-graph capture), and the
     kernels' own: contiguous last dimensions, the cache's lengths on the queries' device."""
     B, s_q, H, C, R = check_mla_decode_args(q, kv_cache, cache_seqlens, head_dim_v, block_table, pe_cache)
+    if torch.float64 in (q.dtype, kv_cache.dtype):
+        raise ValueError(f"the kernels take bf16, fp16 or fp32 (q {q.dtype}, cache {kv_cache.dtype}); float64 is "
+                         "minids.mla_decode_ref's")
     if cache_seqlens.device != q.device:  # a host copy per call would also break CUDA-graph capture
         raise ValueError(f"cache_seqlens is on {cache_seqlens.device}, q on {q.device}: keep them on one device")
     for name, t in (("q", q), ("kv_cache", kv_cache), ("pe_cache", pe_cache)):

@@ -32,6 +32,11 @@ __all__ = [
 ]
 
 
+def _acc(*ts: torch.Tensor | None) -> torch.dtype:
+    """The references' arithmetic: float32, or float64 when an input is float64 (an oracle asked for more digits)."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in ts) else torch.float32
+
+
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, name: str) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"{name}: q, k, v must be (batch, heads, length, width), got {tuple(q.shape)}, "
@@ -50,11 +55,11 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     q: (B, H, S, Dqk), k: (B, H, S, Dqk), v: (B, H, S, Dv) -> (B, H, S, Dv) in q.dtype.
     """
     _check_qkv(q, k, v, "attention_ref")
-    S, T = q.shape[-2], k.shape[-2]
-    scores = torch.einsum("bhsd,bhtd->bhst", q.float(), k.float()) * scale  # (B, H, S, T)
+    S, T, acc = q.shape[-2], k.shape[-2], _acc(q, k, v)
+    scores = torch.einsum("bhsd,bhtd->bhst", q.to(acc), k.to(acc)) * scale  # (B, H, S, T)
     causal = torch.ones(S, T, dtype=torch.bool, device=q.device).tril(T - S)
     probs = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
-    return torch.einsum("bhst,bhtd->bhsd", probs, v.float()).to(q.dtype)
+    return torch.einsum("bhst,bhtd->bhsd", probs, v.to(acc)).to(q.dtype)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -79,9 +84,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """Attention of new queries over a cache. q: (B, S, H, Dqk), k: (B, T, H, Dqk), v: (B, T, H, Dv),
     mask: (B, 1, S, T) bool -> (B, S, H, Dv); float32 softmax."""
-    scores = torch.einsum("bshd,bthd->bhst", q.float(), k.float()) * scale  # (B, H, S, T)
+    acc = _acc(q, k, v)
+    scores = torch.einsum("bshd,bthd->bhst", q.to(acc), k.to(acc)) * scale  # (B, H, S, T)
     probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-    return torch.einsum("bhst,bthd->bshd", probs, v.float()).to(q.dtype)  # (B, S, H, Dv)
+    return torch.einsum("bhst,bthd->bshd", probs, v.to(acc)).to(q.dtype)  # (B, S, H, Dv)
 
 
 def _check_mla(q_nope, q_pe, c_kv, k_pe, wkv_b, mask, name: str) -> None:
@@ -111,11 +117,11 @@ def mla_attention_naive(
     mask: (B, 1, S, T) -> (B, S, H, Dv).
     """
     _check_mla(q_nope, q_pe, c_kv, k_pe, wkv_b, mask, "mla_attention_naive")
-    Dn = q_nope.shape[-1]
-    kv = torch.einsum("btc,hdc->bthd", c_kv.float(), wkv_b.float())  # (B, T, H, Dn + Dv)
+    Dn, acc = q_nope.shape[-1], _acc(q_nope, q_pe, c_kv, k_pe, wkv_b)
+    kv = torch.einsum("btc,hdc->bthd", c_kv.to(acc), wkv_b.to(acc))  # (B, T, H, Dn + Dv)
     k_nope, v = kv[..., :Dn], kv[..., Dn:]
-    scores = torch.einsum("bshd,bthd->bhst", q_nope.float(), k_nope)  # (B, H, S, T)
-    scores = (scores + torch.einsum("bshr,btr->bhst", q_pe.float(), k_pe.float())) * scale
+    scores = torch.einsum("bshd,bthd->bhst", q_nope.to(acc), k_nope)  # (B, H, S, T)
+    scores = (scores + torch.einsum("bshr,btr->bhst", q_pe.to(acc), k_pe.to(acc))) * scale
     probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
     return torch.einsum("bhst,bthd->bshd", probs, v).to(q_nope.dtype)  # (B, S, H, Dv)
 
@@ -129,13 +135,13 @@ def mla_attention_absorbed(
     to the result, so no per-head key or value is ever formed.
     """
     _check_mla(q_nope, q_pe, c_kv, k_pe, wkv_b, mask, "mla_attention_absorbed")
-    Dn = q_nope.shape[-1]
-    w_uk, w_uv = wkv_b[:, :Dn].float(), wkv_b[:, Dn:].float()  # (H, Dn, C), (H, Dv, C)
-    q_lat = torch.einsum("bshd,hdc->bshc", q_nope.float(), w_uk)  # (B, S, H, C)
-    scores = torch.einsum("bshc,btc->bhst", q_lat, c_kv.float())  # (B, H, S, T)
-    scores = (scores + torch.einsum("bshr,btr->bhst", q_pe.float(), k_pe.float())) * scale
+    Dn, acc = q_nope.shape[-1], _acc(q_nope, q_pe, c_kv, k_pe, wkv_b)
+    w_uk, w_uv = wkv_b[:, :Dn].to(acc), wkv_b[:, Dn:].to(acc)  # (H, Dn, C), (H, Dv, C)
+    q_lat = torch.einsum("bshd,hdc->bshc", q_nope.to(acc), w_uk)  # (B, S, H, C)
+    scores = torch.einsum("bshc,btc->bhst", q_lat, c_kv.to(acc))  # (B, H, S, T)
+    scores = (scores + torch.einsum("bshr,btr->bhst", q_pe.to(acc), k_pe.to(acc))) * scale
     probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-    o_lat = torch.einsum("bhst,btc->bshc", probs, c_kv.float())  # (B, S, H, C)
+    o_lat = torch.einsum("bhst,btc->bshc", probs, c_kv.to(acc))  # (B, S, H, C)
     return torch.einsum("bshc,hdc->bshd", o_lat, w_uv).to(q_nope.dtype)  # (B, S, H, Dv)
 
 
@@ -172,10 +178,11 @@ def check_mla_decode_args(
         raise ValueError(f"cache_seqlens must be a (batch={B},) tensor, got {got}")
     if cache_seqlens.is_floating_point() or cache_seqlens.is_complex() or cache_seqlens.dtype == torch.bool:
         raise ValueError(f"cache_seqlens must hold integers, got {cache_seqlens.dtype}")
-    if kv_cache.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"the cache must be bf16, fp16 or fp32, got {kv_cache.dtype}")
-    if q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"q must be bf16, fp16 or fp32, got {q.dtype}")
+    floats = (torch.bfloat16, torch.float16, torch.float32, torch.float64)  # (float64: the reference's only)
+    if kv_cache.dtype not in floats:
+        raise ValueError(f"the cache must be bf16, fp16, fp32 (or float64, the reference only), got {kv_cache.dtype}")
+    if q.dtype not in floats:
+        raise ValueError(f"q must be bf16, fp16, fp32 (or float64, the reference only), got {q.dtype}")
     if pe_cache is not None and pe_cache.dtype != kv_cache.dtype:
         raise ValueError(f"pe_cache ({pe_cache.dtype}) and kv_cache ({kv_cache.dtype}) must share a dtype")
     return B, s_q, H, C, R
@@ -207,7 +214,8 @@ def mla_decode_ref(
         not depend on it, and the reference ignores it.
     out: optional preallocated (out, lse) to write the result into (and return).
     Returns out (B, s_q, H, C) in q.dtype and lse (B, H, s_q) float32, the natural-log sum of exp of the
-    scaled scores. A query that sees no token gets out = 0 and lse = -inf.
+    scaled scores. A query that sees no token gets out = 0 and lse = -inf. Float64 inputs are computed in
+    float64 (lse too), for oracles that want the digits; the kernels take 16- and 32-bit inputs only.
     """
     B, s_q, _, C, R = check_mla_decode_args(q, kv_cache, cache_seqlens, head_dim_v, block_table, pe_cache)
     D = C + R
@@ -236,8 +244,9 @@ def mla_decode_ref(
         kv = torch.cat([kv[..., :C], pe], dim=-1)  # (B, T, C + R)
     T = kv.shape[1]
     stored = torch.arange(T, device=q.device)[None, :] < lens[:, None]  # (B, T)
-    kv = torch.where(stored[..., None], kv.float(), 0.0)  # slots past a length may hold anything, NaN included
-    scores = torch.einsum("bshd,btd->bhst", q.float(), kv[..., :D]) * scale  # (B, H, s_q, T)
+    acc = _acc(q, kv)
+    kv = torch.where(stored[..., None], kv.to(acc), 0.0)  # slots past a length may hold anything, NaN included
+    scores = torch.einsum("bshd,btd->bhst", q.to(acc), kv[..., :D]) * scale  # (B, H, s_q, T)
     limit = lens[:, None] - (s_q - 1 - torch.arange(s_q, device=q.device))[None, :] if causal \
         else lens[:, None].expand(B, s_q)  # (B, s_q): query i sees t < limit[b, i]
     visible = torch.arange(T, device=q.device)[None, None, :] < limit[:, :, None]  # (B, s_q, T)

@@ -423,7 +423,8 @@ def convert_checkpoint(
         raise CheckpointError(f"{dst}: the destination must differ from the source")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         what = "is a file" if not dst.is_dir() else "exists and is not empty"
-        raise CheckpointError(f"{dst}: the destination {what}: convert into a new directory (nothing there is overwritten)")
+        raise CheckpointError(f"{dst}: the destination {what}: convert into a new directory (nothing there is "
+                              "overwritten)")
     cfg = ModelConfig.load(src)
     files = _shard_files(src)
     for file in sorted(set(files.values())):  # every shard readable before anything is written

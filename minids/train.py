@@ -218,7 +218,8 @@ def parse_overrides(argv: list[str], cls=TrainConfig) -> dict[str, Any]:
         if name not in fields:
             raise TrainError(f"unknown option --{name}; fields: {', '.join(sorted(fields))}")
         if str(fields[name].type) == "bool":
-            words = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+            words = {"true": True, "yes": True, "on": True, "1": True,
+                     "false": False, "no": False, "off": False, "0": False}
             if value.lower() not in words:
                 raise TrainError(f"--{name} {value}: say true or false")
             out[name] = words[value.lower()]
@@ -466,9 +467,9 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     run = Path(cfg.out_dir)
     if not cfg.resume and run.is_dir() and any(not p.name.startswith(".write-test") for p in run.iterdir()):
-        what = "holds a run" if (run / "train_config.json").is_file() or (run / "checkpoints").is_dir() else "is not empty"
-        raise TrainError(f"{run}: the output directory {what}: add --resume to continue it, or choose another --out_dir "
-                         "(nothing there is overwritten)")
+        is_run = (run / "train_config.json").is_file() or (run / "checkpoints").is_dir()
+        raise TrainError(f"{run}: the output directory {'holds a run' if is_run else 'is not empty'}: add --resume to "
+                         "continue it, or choose another --out_dir (nothing there is overwritten)")
     try:
         run.mkdir(parents=True, exist_ok=True)
         probe = run / f".write-test-{os.getpid()}"
@@ -501,7 +502,8 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
                              f"{was['tokenizer']}; leave --tokenizer out (the run's own settings), or choose another "
                              "--out_dir")
     if cfg.moe_impl == "triton" and device.type != "cuda":
-        raise TrainError(f"--moe_impl triton needs a CUDA GPU (this run is on {device.type}): use --moe_impl auto or grouped")
+        raise TrainError(f"--moe_impl triton needs a CUDA GPU (this run is on {device.type}): use --moe_impl auto or "
+                         "grouped")
     tokenizer = get_tokenizer(str(run) if ck is not None and (run / "tokenizer.json").is_file() else cfg.tokenizer,
                               train_docs)
     data = TokenData.build(train_docs, val_docs, tokenizer)
@@ -513,7 +515,8 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.model_overrides:
         if unknown := sorted(set(cfg.model_overrides) - ModelConfig.field_names()):
             hint = "; ".join(f"{k}: did you mean {n}?" for k in unknown if (n := ModelConfig.near_field(k)))
-            raise TrainError(f"model_overrides: unknown model config field(s) {unknown}" + (f" ({hint})" if hint else ""))
+            raise TrainError(f"model_overrides: unknown model config field(s) {unknown}"
+                             + (f" ({hint})" if hint else ""))
         requested = ModelConfig.from_dict({**requested.to_dict(), **cfg.model_overrides})
     if ck is not None:
         saved = ModelConfig.load(run / "model_config.json")

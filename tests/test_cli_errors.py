@@ -160,7 +160,7 @@ def test_mla_decode_ref_refuses_what_it_cannot_answer():
         (lambda: mla_decode_ref(q, kv, torch.tensor([7, 15]), 32, 0.3), "cache_seqlens must lie in [0, 10]"),
         (lambda: mla_decode_ref(q, kv, torch.tensor([7]), 32, 0.3), "cache_seqlens must be a (batch=2,) tensor"),
         (lambda: mla_decode_ref(q, kv, [7, 10], 32, 0.3), "got list"),
-        (lambda: mla_decode_ref(q.double(), kv, lens, 32, 0.3), "q must be bf16, fp16 or fp32"),
+        (lambda: mla_decode_ref(q.int(), kv, lens, 32, 0.3), "q must be bf16, fp16, fp32 (or float64"),
     ):
         with pytest.raises(ValueError, match=re_escape(needle)):
             call()
@@ -286,4 +286,34 @@ def test_a_config_warning_is_one_line_naming_the_file(tmp_path, capsys):
     p.write_text(json.dumps({**json.loads(Path(minids.config.preset_path("tiny-v3")).read_text()), "my_note": 3}))
     assert main(["info", str(p)]) == 0  # the config is read twice (the table and the counts): one warning
     err = capsys.readouterr().err
-    assert err == f"minids info: warning: {p}: config key 'my_note' is not used by minids (kept and written back as is)\n"
+    assert err == (f"minids info: warning: {p}: config key 'my_note' is not used by minids (kept and written back "
+                   "as is)\n")
+
+
+def test_the_references_answer_float64_in_float64():
+    """An oracle user asking in float64 gets float64 digits (the float32 path is ~1e-7 off), against the formula
+    written out here in float64."""
+    from minids.attention import attention_ref, mla_attention_absorbed, mla_attention_naive, mla_decode_ref
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 5, 8, dtype=torch.float64) for _ in range(3))
+    s = (q @ k.transpose(-1, -2)) * 0.3
+    want = s.masked_fill(~torch.ones(5, 5, dtype=torch.bool).tril(), float("-inf")).softmax(-1) @ v
+    got = attention_ref(q, k, v, 0.3)
+    assert got.dtype == torch.float64 and (got - want).abs().max() < 1e-12
+    assert (attention_ref(q.float(), k.float(), v.float(), 0.3).double() - want).abs().max() > 1e-9  # float32's error
+
+    qd, kv = torch.randn(1, 1, 2, 12, dtype=torch.float64), torch.randn(1, 6, 12, dtype=torch.float64)  # C=8, R=4
+    out, lse = mla_decode_ref(qd, kv, torch.tensor([6]), 8, 0.3)
+    sc = torch.einsum("bshd,btd->bhst", qd, kv) * 0.3
+    assert out.dtype == lse.dtype == torch.float64
+    assert (out - torch.einsum("bhst,btc->bshc", sc.softmax(-1), kv[..., :8])).abs().max() < 1e-12
+    assert (lse - sc.logsumexp(-1)).abs().max() < 1e-12
+
+    qn, qp = torch.randn(1, 3, 2, 8, dtype=torch.float64), torch.randn(1, 3, 2, 4, dtype=torch.float64)
+    c_kv, k_pe, wkv_b = (torch.randn(1, 5, 16, dtype=torch.float64), torch.randn(1, 5, 4, dtype=torch.float64),
+                         torch.randn(2, 14, 16, dtype=torch.float64))
+    mask = torch.ones(1, 1, 3, 5, dtype=torch.bool).tril(2)
+    a = mla_attention_naive(qn, qp, c_kv, k_pe, wkv_b, mask, 0.3)
+    b = mla_attention_absorbed(qn, qp, c_kv, k_pe, wkv_b, mask, 0.3)
+    assert a.dtype == b.dtype == torch.float64 and (a - b).abs().max() < 1e-12  # the two forms agree to float64

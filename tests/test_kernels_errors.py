@@ -47,3 +47,11 @@ def test_fp8_gemm_takes_fp8_operands_only():
     a = torch.randn(4, 128, device=dev)
     with pytest.raises(ValueError, match="FP8 operands, got a torch.float32"):
         fp8.fp8_gemm(a, torch.ones(4, 1, device=dev), a, torch.ones(1, 1, device=dev))
+
+
+def test_mla_decode_leaves_float64_to_the_reference():
+    from minids.kernels.mla_decode import mla_decode
+
+    q, kv = torch.randn(1, 1, 2, 96, dtype=torch.float64), torch.randn(1, 8, 96, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float64 is minids.mla_decode_ref's"):
+        mla_decode(q, kv, torch.tensor([8]), 64, 0.1)

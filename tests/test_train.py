@@ -386,7 +386,8 @@ def test_train_config_file(tmp_path):
 
 def test_train_config_file_errors_name_the_file(tmp_path):
     cases = {"list.json": ([1], "a training config is a JSON object of fields, not a list"),
-             "model.json": ({"hidden_size": 64, "model_type": "deepseek_v3"}, "this is a model config: pass it with --model"),
+             "model.json": ({"hidden_size": 64, "model_type": "deepseek_v3"},
+                            "this is a model config: pass it with --model"),
              "typo.json": ({"seq_lenn": 64}, "unknown training config field(s) ['seq_lenn']"),
              "type.json": ({"batch_size": "2"}, "batch_size='2': must be a positive integer"),
              "null.json": ({"out_dir": None}, "out_dir=None: must be a non-empty string"),
