@@ -52,6 +52,7 @@ def test_fp8_gemm_takes_fp8_operands_only():
 def test_mla_decode_leaves_float64_to_the_reference():
     from minids.kernels.mla_decode import mla_decode
 
-    q, kv = torch.randn(1, 1, 2, 96, dtype=torch.float64), torch.randn(1, 8, 96, dtype=torch.float64)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # (CPU tensors on a GPU machine are refused before)
+    q, kv = (torch.randn(*shape, dtype=torch.float64, device=dev) for shape in ((1, 1, 2, 96), (1, 8, 96)))
     with pytest.raises(ValueError, match="float64 is minids.mla_decode_ref's"):
-        mla_decode(q, kv, torch.tensor([8]), 64, 0.1)
+        mla_decode(q, kv, torch.tensor([8], device=dev), 64, 0.1)
