@@ -250,7 +250,7 @@ class ModelConfig:
             if not self.is_mla and f.name in _MLA_FIELDS:
                 continue
             out[f.name] = v
-        for name, default in (("use_mla", None), ("rope_interleave", self.model_type in ("deepseek_v3", "deepseek_v2"))):
+        for name, default in (("use_mla", None), ("rope_interleave", self._mla_pairs())):
             v = getattr(self, name)
             if self.absent_defaults is not None:
                 if name not in self.absent_defaults or v != self.absent_defaults[name]:
@@ -282,6 +282,12 @@ class ModelConfig:
     @property
     def is_mla(self) -> bool:
         return self.kv_lora_rank is not None and self.use_mla is not False
+
+    def _mla_pairs(self) -> bool:
+        """The default ``rope_interleave``: the published MLA checkpoints store RoPE channels as interleaved pairs
+        (docs/REFERENCE.md 2.4); Llama-style dense models, DeepSeekMoE-16B and the V2 family's ``use_mla: false``
+        models (VL2-Tiny: an "mha_*" attention class, Llama's, REFERENCE-2.md A2.3) rotate halves."""
+        return self.model_type in ("deepseek_v3", "deepseek_v2") and self.is_mla
 
     @property
     def is_moe(self) -> bool:
@@ -363,9 +369,7 @@ class ModelConfig:
             if self.n_shared_experts is None:
                 self.n_shared_experts = 0
         if self.rope_interleave is None:
-            # the published MLA checkpoints store RoPE channels as interleaved pairs (REFERENCE.md 2.4);
-            # Llama-style dense models and DeepSeekMoE-16B rotate halves.
-            self.rope_interleave = mt in ("deepseek_v3", "deepseek_v2")
+            self.rope_interleave = self._mla_pairs()
         if isinstance(self.rope_scaling, dict):  # anything else is rejected by _validate_rope
             self.rope_scaling = dict(self.rope_scaling)
 

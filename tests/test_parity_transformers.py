@@ -300,3 +300,32 @@ def test_v2_native_ignores_norm_topk_prob(tmp_path):
     back = load_hf(tmp_path / "ours")
     assert_close(ref, logits_of(back, ids), "minids -> transformers V2 (flag ignored)")
     assert rel_err(got, logits_of(back, ids)) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------- REFERENCE-2 A2.3
+def test_v2_family_mha_rotates_halves_like_llama():
+    """REFERENCE-2 A2.1 / A2.3: VL2-Tiny is a ``deepseek_v2`` config with ``use_mla: false``, whose "mha_*" attention
+    class in the VL2 code is transformers' ``LlamaAttention``: RoPE on rotated halves, no interleave permute (that
+    permute belongs to the MLA class, REFERENCE 2.4). minids with such a config (its MLA ranks present, as in the
+    published file) must give a random tiny Llama's logits from the same weights; the interleaved pairs, which
+    ``deepseek_v2`` MLA models use, would not."""
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False)).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.copy_(1.0 + 0.1 * torch.randn_like(p)) if "norm" in name else p.normal_(0.0, 0.05)
+    cfg = minids.ModelConfig.from_dict(dict(
+        model_type="deepseek_v2", use_mla=False, kv_lora_rank=32, vocab_size=128, hidden_size=64,
+        intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+        max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-6))
+    assert not cfg.is_mla and cfg.rope_interleave is False
+    ours = Transformer(cfg).eval()
+    ours.load_state_dict(hf.state_dict())  # strict: the MHA model's names are Llama's
+    ids = ids_for(40, seed=5)
+    ref = logits_of(hf, ids)
+    assert_close(ref, logits_of(ours, ids), "deepseek_v2 use_mla=false == Llama (rotate-half RoPE)")
+    assert_differ(ref, logits_of(variant(ours, rope_interleave=True), ids), "interleaved RoPE would differ")
+    assert minids.ModelConfig.load("deepseek-vl2-tiny").rope_interleave is False
+    assert all(minids.ModelConfig.load(n).rope_interleave for n in ("deepseek-v2", "deepseek-vl2-small", "deepseek-v3"))
