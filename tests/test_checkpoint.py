@@ -310,3 +310,37 @@ def test_corrupt_offsets_are_rejected(tmp_path):
 
     with pytest.raises(ValueError, match=r"corrupt safetensors entry for x: offsets 0..8 do not hold \(4,\)"):
         SafetensorsFile(tmp_path / "bad.safetensors")
+
+
+def test_v3_layout_holds_the_official_files_element_count():
+    """REFERENCE.md 1.4: the V3 HF files hold 684,489,830,400 weights (main model, MTP, and layer 61's copies of the
+    embedding and head), and CKPT-R1 counts 684,531,386,000 elements with the fp32 selection biases and the
+    ``*_scale_inv`` tensors: one float a 128 x 128 block of each FP8 tensor (5.2: the attention projections and
+    every MLP's gate/up/down, experts and shared experts, MTP included; not the router, eh_proj, norms, embeddings
+    or head). minids' layout of a meta-device V3 must give both counts and 5.2's example scale shapes."""
+    import re
+    import warnings
+
+    from minids.checkpoint import hf_state_dict
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = minids.ModelConfig.load("deepseek-v3")
+    with torch.device("meta"):
+        model = minids.Transformer(cfg)
+    fp8 = re.compile(r"\.(q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj|gate_proj|up_proj|down_proj)\.weight$")
+    weights = biases = scales = 0
+    shapes = {}
+    for name, t in hf_state_dict(model):
+        if name.endswith("e_score_correction_bias"):
+            biases += t.numel()
+            continue
+        weights += t.numel()
+        if fp8.search(name):
+            shapes[name] = (math.ceil(t.shape[0] / 128), math.ceil(t.shape[1] / 128))
+            scales += math.prod(shapes[name])
+    assert weights == 684_489_830_400
+    assert weights + biases + scales == 684_531_386_000
+    assert shapes["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"] == (5, 56)
+    assert shapes["model.layers.0.self_attn.kv_b_proj.weight"] == (256, 4)
+    assert shapes["model.layers.61.mlp.experts.255.down_proj.weight"] == (56, 16)

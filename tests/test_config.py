@@ -260,3 +260,67 @@ def test_yarn_parameters_must_be_numbers():
     d["rope_scaling"] = {**d["rope_scaling"], "beta_fast": None}
     with pytest.raises(ConfigError, match=r"rope_scaling=.*yarn's 'beta_fast' must be a number, got None"):
         ModelConfig.from_dict(d)
+
+
+# The published router, RoPE, context and token fields of each preset, typed from docs/REFERENCE.md 1.1 (V3, V2,
+# V2-Lite, DeepSeekMoE-16B), REFERENCE-2.md A1.1 (dense), A2.1 (VL2) and A3.1 (V2-derived releases). Parameter
+# counts cannot see any of these; a wrong scaling factor, top-k method or YaRN mscale changes every output.
+def _yarn(mscale: float) -> dict:
+    return {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+            "beta_slow": 1, "mscale": mscale, "mscale_all_dim": mscale}
+
+
+_V3 = dict(scoring_func="sigmoid", topk_method="noaux_tc", n_group=8, topk_group=4, norm_topk_prob=True,
+           routed_scaling_factor=2.5, rope_theta=10000, rope_scaling=_yarn(1.0), max_position_embeddings=163840,
+           num_nextn_predict_layers=1, tie_word_embeddings=False, rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1)
+_V2 = dict(scoring_func="softmax", topk_method="group_limited_greedy", n_group=8, topk_group=3, norm_topk_prob=False,
+           routed_scaling_factor=16.0, rope_theta=10000, rope_scaling=_yarn(0.707), max_position_embeddings=163840,
+           tie_word_embeddings=False, rms_norm_eps=1e-6, bos_token_id=100000, eos_token_id=100001,
+           aux_loss_alpha=0.001, seq_aux=True)
+_V2_LITE = dict(_V2, topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0)
+_LIN4 = {"type": "linear", "factor": 4.0}
+PUBLISHED_FIELDS = {
+    "deepseek-v3": _V3, "deepseek-r1": _V3, "deepseek-v3.1": _V3,
+    "deepseek-v2": _V2, "deepseek-v2.5": _V2, "deepseek-v2-chat-0628": _V2, "deepseek-coder-v2": _V2,
+    "deepseek-v2-lite": _V2_LITE, "deepseek-coder-v2-lite": _V2_LITE,
+    "deepseek-moe-16b": dict(scoring_func="softmax", norm_topk_prob=False, rope_theta=10000, rope_scaling=None,
+                             max_position_embeddings=4096, rms_norm_eps=1e-6, bos_token_id=100000,
+                             eos_token_id=100001, aux_loss_alpha=0.001),
+    "deepseek-vl2": dict(scoring_func="sigmoid", topk_method="noaux_tc", n_group=1, topk_group=1, norm_topk_prob=True,
+                         routed_scaling_factor=2.0, rope_theta=10000, rope_scaling=None, max_position_embeddings=4096,
+                         bos_token_id=0, eos_token_id=1, is_mla=True, rope_interleave=True),
+    "deepseek-vl2-small": dict(scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1,
+                               norm_topk_prob=False, routed_scaling_factor=1.0, rope_scaling=None,
+                               max_position_embeddings=4096, is_mla=True, rope_interleave=True),
+    "deepseek-vl2-tiny": dict(scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1,
+                              norm_topk_prob=False, routed_scaling_factor=1.0, rope_scaling=None,
+                              max_position_embeddings=4096, bos_token_id=0, eos_token_id=1, is_mla=False,
+                              rope_interleave=False),
+    "deepseek-llm-7b": dict(rope_theta=10000, rope_scaling=None, max_position_embeddings=4096),
+    "deepseek-llm-67b": dict(rope_theta=10000, rope_scaling=None, max_position_embeddings=4096),
+    "deepseek-coder-1.3b": dict(rope_theta=100000, rope_scaling=_LIN4, max_position_embeddings=16384,
+                                bos_token_id=32013),
+    "deepseek-coder-6.7b": dict(rope_theta=100000, rope_scaling=_LIN4, max_position_embeddings=16384,
+                                bos_token_id=32013),
+    "deepseek-coder-33b": dict(rope_theta=100000, rope_scaling=_LIN4, max_position_embeddings=16384,
+                               bos_token_id=32013),
+    "deepseek-math-7b": dict(rope_theta=10000, rope_scaling=None, max_position_embeddings=4096,
+                             bos_token_id=100000, eos_token_id=100001),
+    "deepseek-prover-v1.5-7b": dict(rope_theta=10000, rope_scaling=None, max_position_embeddings=4096,
+                                    bos_token_id=100000, eos_token_id=100001),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_FIELDS))
+def test_published_router_rope_and_token_fields(name):
+    cfg = ModelConfig.load(name)
+    got = {k: getattr(cfg, k) for k in PUBLISHED_FIELDS[name]}
+    assert got == PUBLISHED_FIELDS[name]
+    if cfg.rope_scaling and cfg.rope_scaling["type"] == "yarn":  # REFERENCE.md 2.3: the CALC scales
+        want = {1.0: 0.1352338, 0.707: 0.1147214}[cfg.rope_scaling["mscale"]]
+        assert cfg.softmax_scale == pytest.approx(want, abs=1e-7)
+
+
+def test_every_published_preset_has_its_fields_pinned():
+    tiny = {"tiny-dense", "tiny-moe", "tiny-v2", "tiny-v3", "small-v3"}  # minids' own, not published
+    assert set(config_module.preset_names()) - tiny == set(PUBLISHED_FIELDS)
