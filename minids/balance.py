@@ -161,6 +161,23 @@ def comm_balance_loss(
 BALANCE_LOSSES = ("sequence", "expert", "batch", "device", "comm")
 
 
+def recipe_balance(cfg) -> dict[str, float]:
+    """The balance losses of a model config's published recipe ({loss name: alpha}), what ``minids train`` adds
+    unless given ``balance``: none for a dense model; V3's sequence-wise loss at alpha 1e-4 beside the bias rule
+    for the aux-loss-free routers (``topk_method`` noaux_tc; V3P 4.2); otherwise the V2 / DeepSeekMoE
+    expert-level loss at the config's ``aux_loss_alpha`` (0.001 in the published V2, V2-Lite and MoE-16B configs,
+    and 0.001 where the config has none: the alpha1 of V2-Lite and MoE-16B, REFERENCE.md 1.1, 3.3), per sequence
+    unless ``seq_aux`` is false. The V2 paper's alpha1 for the full V2 is 0.003 against its config's 0.001
+    (REFERENCE.md 8); its device and communication losses (alpha2 0.05, alpha3 0.02) describe expert-parallel
+    devices and are left to the caller (``{"device": ..., "comm": ...}``)."""
+    if not cfg.is_moe:
+        return {}
+    if cfg.topk_method == "noaux_tc":
+        return {"sequence": 1e-4}
+    alpha = cfg.aux_loss_alpha if cfg.aux_loss_alpha is not None else 1e-3
+    return {"batch" if cfg.seq_aux is False else "expert": float(alpha)}
+
+
 def balance_losses(
     routing: Iterable, alphas: dict[str, float], n_group: int | None, topk_group: int | None
 ) -> dict[str, torch.Tensor]:

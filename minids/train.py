@@ -8,7 +8,8 @@ accelerate config). What it does per optimizer step:
 The defaults follow the published recipes where they apply (REFERENCE.md 7): AdamW beta2 0.95,
 weight decay 0.1, clip 1.0; warmup then cosine (or warmup-stable-decay); MTP lambda 0.3 then 0.1
 (V3: switch after 10T of 14.8T tokens); bias gamma 0.001 then 0 for the final 500B of 14.8T tokens;
-sequence-wise balance alpha 1e-4 (V3).
+the config's balance losses (``minids.balance.recipe_balance``: V3's sequence-wise alpha 1e-4 for the bias-balanced
+routers, else the V2 / DeepSeekMoE expert-level loss at ``aux_loss_alpha``).
 
 A run directory holds: ``train_config.json`` (resolved), ``model_config.json``, ``run_info.json``
 (versions, git SHA, data hash), ``metrics.jsonl``, the tokenizer, ``checkpoints/step-NNNNNNN/``
@@ -40,7 +41,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from minids.balance import BiasBalancer, max_vio
+from minids.balance import BiasBalancer, max_vio, recipe_balance
 from minids.checkpoint import CheckpointError, from_pretrained, save_pretrained
 from minids.config import ModelConfig
 from minids.data import TokenData, get_tokenizer, load_documents, split_documents
@@ -90,7 +91,7 @@ class TrainConfig:
     bias_gamma_final: float = 0.0
     bias_freeze_fraction: float = 0.966  # V3: gamma 0 for the final 500B of 14.8T tokens
     bias_rule: str = "sign"
-    balance: dict[str, float] = field(default_factory=lambda: {"sequence": 1e-4})
+    balance: dict[str, float] | None = None  # None: the model config's recipe (minids.balance.recipe_balance)
     # execution
     precision: str = "auto"  # auto (fp32 on CPU, bf16 autocast on GPU) | fp32 | bf16
     compile: bool = False
@@ -171,7 +172,7 @@ class TrainConfig:
             if not isinstance(getattr(self, n), bool):
                 bad(n, "must be true or false")
         for n in ("model_overrides", "balance"):
-            if not isinstance(getattr(self, n), dict):
+            if not isinstance(getattr(self, n), dict) and not (n == "balance" and self.balance is None):
                 bad(n, "must be a JSON object, e.g. '{\"num_hidden_layers\": 2}'")
         if self.max_steps is None and not self.max_tokens:
             bad("max_steps", "set max_steps or max_tokens")
@@ -535,6 +536,8 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     else:
         model = Transformer(requested)
     mcfg = model.cfg
+    if cfg.balance is None:  # recorded resolved, in train_config.json
+        cfg = dataclasses.replace(cfg, balance=recipe_balance(mcfg))
     if tokenizer.vocab_size > mcfg.vocab_size:
         raise TrainError(
             f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens but the model's vocab_size is "

@@ -17,8 +17,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from minids.balance import (
-    BiasBalancer, comm_balance_loss, device_balance_loss, expert_balance_loss, max_vio, sequence_balance_loss,
-    update_bias,
+    BiasBalancer, comm_balance_loss, device_balance_loss, expert_balance_loss, max_vio, recipe_balance,
+    sequence_balance_loss, update_bias,
 )
 from minids.config import ModelConfig
 from minids.model import Transformer
@@ -562,3 +562,23 @@ def test_max_vio_on_known_counts():
     assert max_vio(torch.tensor([5, 3, 3, 3, 3, 3])).item() == pytest.approx(0.5, rel=1e-6)  # mean 20/6: (5 - 10/3) / (10/3)
     per_layer = max_vio(torch.tensor([[4, 4, 4, 4], [8, 4, 2, 2], [1, 1, 1, 5]]))  # (L, E) -> (L,)
     assert per_layer.shape == (3,) and per_layer.tolist() == [0.0, 1.0, 1.5]
+
+
+@pytest.mark.parametrize("name, want", [
+    ("deepseek-v3", {"sequence": 1e-4}),  # V3P 4.2: sequence-wise alpha 1e-4 beside the bias rule
+    ("deepseek-vl2", {"sequence": 1e-4}),  # noaux_tc routers (REFERENCE-2 A2.1)
+    ("deepseek-v2", {"expert": 0.001}),  # the config's aux_loss_alpha / seq_aux (REFERENCE.md 1.1)
+    ("deepseek-v2-lite", {"expert": 0.001}),  # V2P B.1: alpha1 0.001 only
+    ("deepseek-moe-16b", {"expert": 0.001}),  # MoEP 5.1.2: alpha1 0.001
+    ("deepseek-vl2-tiny", {"expert": 0.001}),  # no aux_loss_alpha in its config: V2-Lite / MoE-16B's alpha1
+    ("deepseek-llm-7b", {}),  # dense
+])
+def test_recipe_balance_follows_the_published_recipes(name, want):
+    assert recipe_balance(ModelConfig.load(name)) == want
+
+
+def test_recipe_balance_is_batch_wise_without_seq_aux():
+    cfg = ModelConfig.load("tiny-v2")
+    assert recipe_balance(cfg) == {"expert": 0.001}
+    cfg.seq_aux = False
+    assert recipe_balance(cfg) == {"batch": 0.001}

@@ -190,6 +190,16 @@ def test_dense_run_with_bpe_tokenizer_resumes(corpus, tmp_path):
     assert json.loads((run / "model_config.json").read_text())["model_type"] == "llama"
 
 
+def test_balance_losses_default_to_the_model_configs_recipe(corpus, tmp_path):
+    """Without --balance, a V2-style model trains with its config's expert-level loss (aux_loss_alpha 0.001, per
+    sequence), not V3's sequence-wise one; the resolved choice is what train_config.json records."""
+    run = tmp_path / "v2"
+    train(tiny_cfg(corpus, run, model="tiny-v2", max_steps=2, eval_interval=2))
+    assert json.loads((run / "train_config.json").read_text())["balance"] == {"expert": 0.001}
+    rows = [r for r in metrics(run) if "loss" in r]
+    assert rows and all("balance_expert" in r and "balance_sequence" not in r for r in rows)
+
+
 # ------------------------------------------------------------------------------------------------ Ctrl-C
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(corpus, tmp_path):
     run = tmp_path / "run"
