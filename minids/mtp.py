@@ -11,8 +11,10 @@ after its final norm.
 Choices where the sources differ (REFERENCE.md 8.11): the embedding half comes FIRST in the
 concatenation (the order of the checkpoint's ``eh_proj`` as read by vLLM; the paper writes the
 hidden state first), and the checkpoint's extra ``shared_head.norm`` is applied before the head.
-Using h^0 after the final norm also follows vLLM. The loss is L_MTP = (lambda / D) sum_k L^k with
-L^k the mean cross-entropy over the positions that have a target (V3P eq. 25).
+Using h^0 after the final norm also follows vLLM. The loss is L_MTP = (lambda / D) sum_k L^k (V3P eq. 25) with
+L^k the mean cross-entropy over the T - k positions that have a target. V3P eq. 24 divides that sum by T
+instead, which makes L^k smaller by (T - k) / T: 0.02% at V3's T = 4096, 0.4% at ``minids train``'s default
+256; minids keeps the mean, which ignored (-100) labels leave well defined.
 
 Shapes: B batch, S length, D hidden.
 """
