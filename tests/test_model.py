@@ -147,29 +147,33 @@ def test_mtp_loss_alone_reaches_the_mtp_module_and_the_shared_embedding():
 
 # ---------------------------------------------------------------------------------------------- MTP
 def mtp_loss_by_hand(model: Transformer, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Depth-1 MTP loss from REFERENCE.md 4 (vLLM order), from the model's own weights.
+    """The MTP loss from REFERENCE.md 4 (V3P eqs. 21-25; vLLM order), from the model's own weights, any depth D.
 
-    h^0 is the main model's output after its final norm (captured by a hook); at position i the module
-    sees Emb(t_{i+1}) and h^0_i and predicts t_{i+2}.
+    h^0 is the main model's output after its final norm (captured by a hook). Module k, at position i (S - k
+    positions), sees Emb(t_{i+k}) and h^{k-1}_i and predicts t_{i+k+1}; h^k is its decoder layer's output, before
+    shared_head.norm, and feeds module k + 1. The loss is the mean over the D modules.
     """
-    cfg, mtp = model.cfg, model.mtp[0]
+    cfg = model.cfg
     got = {}
     hook = model.model.norm.register_forward_hook(lambda m, i, o: got.setdefault("h0", o))
     with torch.no_grad():
         model(ids)
     hook.remove()
-    h0 = got["h0"]
+    h = got["h0"]
     B, S = ids.shape
-    n = S - 1
     eps = cfg.rms_norm_eps
+    losses = []
     with torch.no_grad():
-        emb = model.model.embed_tokens.weight[ids[:, 1:]]  # Emb(t_{i+1}), (B, S-1, D)
-        cat = torch.cat([rms(emb, mtp.enorm.weight, eps), rms(h0[:, :n], mtp.hnorm.weight, eps)], -1)  # embedding FIRST
-        x = cat @ mtp.eh_proj.weight.T  # (B, S-1, D)
-        cos, sin = hand_cos_sin(n, cfg.rope_dim, cfg.rope_theta)
-        h1, _ = DecoderLayer.forward(mtp, x, cos, sin)  # TRM_1, causal over the S-1 positions
-        logits = rms(h1, mtp.shared_head.norm.weight, eps) @ model.lm_head.weight.T  # (B, S-1, V)
-    return ce(logits[:, : S - 2], labels[:, 2:])  # position i predicts t_{i+2}
+        for k, mtp in enumerate(model.mtp, start=1):
+            n = S - k
+            emb = model.model.embed_tokens.weight[ids[:, k:]]  # Emb(t_{i+k}), (B, S-k, D)
+            cat = torch.cat([rms(emb, mtp.enorm.weight, eps), rms(h[:, :n], mtp.hnorm.weight, eps)], -1)  # emb FIRST
+            x = cat @ mtp.eh_proj.weight.T  # (B, S-k, D)
+            cos, sin = hand_cos_sin(n, cfg.rope_dim, cfg.rope_theta)
+            h, _ = DecoderLayer.forward(mtp, x, cos, sin)  # TRM_k, causal over the S-k positions
+            logits = rms(h, mtp.shared_head.norm.weight, eps) @ model.lm_head.weight.T  # (B, S-k, V)
+            losses.append(ce(logits[:, : S - k - 1], labels[:, k + 1:]))  # position i predicts t_{i+k+1}
+    return torch.stack(losses).mean()
 
 
 def randomize_norms_(model: Transformer, seed: int) -> None:
@@ -188,6 +192,17 @@ def test_mtp_loss_matches_hand_recomputation():
     model = Transformer(cfg)
     randomize_norms_(model, seed=6)
     ids = batch(cfg, 2, 20, seed=7)
+    out = model(ids, labels=ids)
+    torch.testing.assert_close(out.aux["mtp_loss"].double(), mtp_loss_by_hand(model, ids, ids), **TOL32)
+
+
+def test_mtp_loss_of_depth_two_matches_hand_recomputation():
+    """D = 2 (V3 uses 1; eq. 21 chains the depths): module 2 reads module 1's h^1 and Emb(t_{i+2})."""
+    torch.manual_seed(0)
+    cfg = cfg_of("tiny-v3", num_hidden_layers=2, num_nextn_predict_layers=2)
+    model = Transformer(cfg)
+    randomize_norms_(model, seed=16)
+    ids = batch(cfg, 2, 20, seed=17)
     out = model(ids, labels=ids)
     torch.testing.assert_close(out.aux["mtp_loss"].double(), mtp_loss_by_hand(model, ids, ids), **TOL32)
 
