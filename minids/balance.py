@@ -172,7 +172,7 @@ def recipe_balance(cfg) -> dict[str, float]:
     devices and are left to the caller (``{"device": ..., "comm": ...}``)."""
     if not cfg.is_moe:
         return {}
-    if cfg.topk_method == "noaux_tc":
+    if cfg.uses_selection_bias:
         return {"sequence": 1e-4}
     alpha = cfg.aux_loss_alpha if cfg.aux_loss_alpha is not None else 1e-3
     return {"batch" if cfg.seq_aux is False else "expert": float(alpha)}
