@@ -153,14 +153,19 @@ def check_mla_decode_args(
     line for each violation; reads no values. Returns (B, s_q, H, C, R)."""
     if q.dim() != 4:
         raise ValueError(f"q must be (batch, s_q, heads, C + R), got shape {tuple(q.shape)}")
+    if isinstance(head_dim_v, bool) or not isinstance(head_dim_v, int):
+        raise ValueError(f"head_dim_v must be an int (C, the latent width), got {type(head_dim_v).__name__} (the "
+                         "arguments are (q, kv_cache, cache_seqlens, head_dim_v, scale), block_table by keyword)")
     B, s_q, H, D = q.shape
     C = head_dim_v
     R = D - C
     if R < 0:
         raise ValueError(f"q's last dimension {D} is smaller than head_dim_v={C}")
     if kv_cache.dim() != 3:
+        hint = ("; a FlashMLA k_cache (pages, page_size, 1, width): pass k_cache[:, :, 0]"
+                if kv_cache.dim() == 4 and kv_cache.shape[2] == 1 else "")
         raise ValueError("kv_cache must be (batch, tokens, width) or (pages, page_size, width), got "
-                         f"{tuple(kv_cache.shape)}")
+                         f"{tuple(kv_cache.shape)}{hint}")
     want = C if pe_cache is not None else C + R
     if kv_cache.shape[-1] != want:
         raise ValueError(f"kv_cache's last dimension is {kv_cache.shape[-1]}, expected {want} (C={C}, R={R}"
@@ -195,7 +200,11 @@ def mla_decode_ref(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention over the latent cache in the absorbed form, in float32 (the spec of ``minids.kernels.mla_decode``).
 
-    The interface follows FlashMLA's ``flash_mla_with_kvcache``. Every head attends with the query
+    The semantics are FlashMLA's ``flash_mla_with_kvcache`` (lengths that include the new tokens, the
+    bottom-right causal mask, natural-log lse (B, H, s_q), the value as the first C columns of the same cache
+    rows), not its signature: the cache has no kv-head axis (FlashMLA's k_cache[:, :, 0]), the scale has no
+    default, ``causal`` defaults to True (FlashMLA's to False), and a query that sees no token gets lse = -inf
+    (FlashMLA writes +inf there; -inf is the log of the empty sum and the neutral element of a merge). Every head attends with the query
     q = [W_UK^T q_nope; q_pe] (C + R wide) to the single shared latent key [c_kv; k_pe] of each cached token,
     and the value is the latent c_kv itself (its first C = head_dim_v columns); W_UV is applied by the caller.
 

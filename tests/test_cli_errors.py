@@ -161,6 +161,9 @@ def test_mla_decode_ref_refuses_what_it_cannot_answer():
         (lambda: mla_decode_ref(q, kv, torch.tensor([7]), 32, 0.3), "cache_seqlens must be a (batch=2,) tensor"),
         (lambda: mla_decode_ref(q, kv, [7, 10], 32, 0.3), "got list"),
         (lambda: mla_decode_ref(q.int(), kv, lens, 32, 0.3), "q must be bf16, fp16, fp32 (or float64"),
+        # FlashMLA's argument order (block_table before the lengths) and its 4-D k_cache
+        (lambda: mla_decode_ref(q, kv, torch.zeros(2, 3, dtype=torch.int32), lens, 0.3), "head_dim_v must be an int"),
+        (lambda: mla_decode_ref(q, kv[:, :, None], lens, 32, 0.3), "pass k_cache[:, :, 0]"),
     ):
         with pytest.raises(ValueError, match=re_escape(needle)):
             call()

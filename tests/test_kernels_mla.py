@@ -105,6 +105,7 @@ def check(lens, s_q, H, C, R, layout, num_splits=None, causal=True, seed=0, page
     assert got_o is out[0] and got_lse is out[1]
     assert not got_o.isnan().any() and not got_lse.isnan().any(), "unwritten or NaN-contaminated output"
     assert torch.equal(got_lse.isinf(), want_lse.isinf())  # the same queries see no token
+    assert torch.equal(got_lse == float("-inf"), want_lse == float("-inf"))  # -inf there (FlashMLA: +inf)
     assert rel_err(got_o, want_o) < OUT_TOL
     fin = want_lse.isfinite()
     assert (got_lse[fin] - want_lse[fin]).abs().max().item() < LSE_TOL
