@@ -68,8 +68,9 @@ T cache capacity, M = s_q * H rows, N tokens per tile, P programs per row block.
 from __future__ import annotations
 
 import torch
-from minids.attention import check_mla_decode_args
 from minids.kernels import AUTOTUNE, HAVE_TRITON, INTERPRET, arrival_counters, require_runs_here, sm_count
+
+from minids.attention import check_mla_decode_args
 
 __all__ = ["mla_decode", "pick_config", "schedule_ref"]
 

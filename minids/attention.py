@@ -204,9 +204,10 @@ def mla_decode_ref(
     bottom-right causal mask, natural-log lse (B, H, s_q), the value as the first C columns of the same cache
     rows), not its signature: the cache has no kv-head axis (FlashMLA's k_cache[:, :, 0]), the scale has no
     default, ``causal`` defaults to True (FlashMLA's to False), and a query that sees no token gets lse = -inf
-    (FlashMLA writes +inf there; -inf is the log of the empty sum and the neutral element of a merge). Every head attends with the query
-    q = [W_UK^T q_nope; q_pe] (C + R wide) to the single shared latent key [c_kv; k_pe] of each cached token,
-    and the value is the latent c_kv itself (its first C = head_dim_v columns); W_UV is applied by the caller.
+    (FlashMLA writes +inf there; -inf is the log of the empty sum and the neutral element of a merge).
+    Every head attends with the query q = [W_UK^T q_nope; q_pe] (C + R wide) to the single shared latent key
+    [c_kv; k_pe] of each cached token, and the value is the latent c_kv itself (its first C = head_dim_v columns);
+    W_UV is applied by the caller.
 
     q: (B, s_q, H, C + R) the absorbed queries of the s_q new tokens of each sequence.
     kv_cache: contiguous (B, T, C + R), or paged (num_pages, page_size, C + R) with ``block_table``;
