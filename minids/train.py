@@ -171,9 +171,11 @@ class TrainConfig:
         for n in ("compile", "resume", "tensorboard", "plots"):
             if not isinstance(getattr(self, n), bool):
                 bad(n, "must be true or false")
-        for n in ("model_overrides", "balance"):
-            if not isinstance(getattr(self, n), dict) and not (n == "balance" and self.balance is None):
-                bad(n, "must be a JSON object, e.g. '{\"num_hidden_layers\": 2}'")
+        if not isinstance(self.model_overrides, dict):
+            bad("model_overrides", "must be a JSON object, e.g. '{\"num_hidden_layers\": 2}'")
+        if self.balance is not None and not isinstance(self.balance, dict):
+            bad("balance", "must be a JSON object of loss weights, e.g. '{\"sequence\": 1e-4}', or null (the model "
+                "config's recipe)")
         if self.max_steps is None and not self.max_tokens:
             bad("max_steps", "set max_steps or max_tokens")
         if self.schedule not in ("cosine", "wsd"):
