@@ -52,11 +52,16 @@ def test_combine_matches_torch(lens, P, rows, part_dtype):
     l_part[unused] = float("nan")
     l_part[used[0], :3] = float("-inf")  # that piece saw nothing for these rows
     o_part[used[0], :3] = 0.0
+    b0 = next(b for pieces in work for b, *_, slot in pieces if slot == used[0])
+    cut = [slot for pieces in work for b, *_, slot in pieces if b == b0 and slot is not None]
+    l_part[cut, 3:5] = float("-inf")  # no piece of that sequence saw these rows
+    o_part[cut, 3:5] = 0.0
     B = len(lens)
     out = torch.full((B, rows // H, H, C), float("nan"))
     lse = torch.full((B, H, rows // H), float("nan"))
     want, want_lse = out.clone(), lse.clone()
     combine_ref(o_part, l_part, lens, 1, want, want_lse)
+    assert (want_lse == float("-inf")).any(), "the case must have rows no piece saw"
     seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
     out, lse = out.to(device), lse.to(device)
     combine(o_part.to(device), l_part.to(device), seqlens, max(lens), 1, out, lse)
@@ -64,6 +69,7 @@ def test_combine_matches_torch(lens, P, rows, part_dtype):
     assert torch.equal(out.isnan(), want.isnan()) and torch.equal(lse.isnan(), want_lse.isnan())
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6, equal_nan=True)
     assert torch.equal(lse.isinf(), want_lse.isinf())
+    assert torch.equal(lse == float("-inf"), want_lse == float("-inf"))  # rows no piece saw: -inf (FlashMLA: +inf)
     fin = want_lse.isfinite()
     torch.testing.assert_close(lse[fin], want_lse[fin], rtol=1e-5, atol=1e-5)
 
