@@ -24,10 +24,17 @@ SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "official_parity.p
 
 @pytest.fixture(scope="module")
 def op():
+    """The script as a module. It puts the checkout's root first on sys.path (to run from a checkout); that is undone
+    at once, or transformers, imported by later tests, would find kernels/ there for Hugging Face's package of that
+    name (tests/conftest.py)."""
+    path = list(sys.path)
     spec = importlib.util.spec_from_file_location("official_parity", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
     sys.modules["official_parity"] = mod
-    spec.loader.exec_module(mod)
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path[:] = path
     yield mod
     sys.modules.pop("official_parity", None)
 
