@@ -95,10 +95,17 @@ def route(
         group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)  # (N, G)
         choice = grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).view(N, E)  # (N, E)
     indices = choice.topk(top_k, dim=-1).indices  # (N, K)
-    weights = scores.gather(1, indices)  # (N, K): unbiased scores of the chosen experts
+    return gate_weights(scores, indices, norm_topk_prob, routed_scaling_factor), indices, scores
+
+
+def gate_weights(scores: torch.Tensor, indices: torch.Tensor, norm_topk_prob: bool,
+                 routed_scaling_factor: float) -> torch.Tensor:
+    """The gate weights (N, K) float32 of chosen experts indices (N, K): their unbiased scores (N, E), normalised
+    to sum 1 if norm_topk_prob, times routed_scaling_factor (``route``'s last step)."""
+    weights = scores.gather(1, indices)  # (N, K)
     if norm_topk_prob:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return weights * routed_scaling_factor, indices, scores
+    return weights * routed_scaling_factor
 
 
 class MoEAlignment(NamedTuple):

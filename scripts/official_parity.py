@@ -87,7 +87,7 @@ from minids.cache import KVCache
 from minids.config import ConfigError, ModelConfig, yarn_mscale
 from minids.generate import generate
 from minids.model import Transformer
-from minids.moe import route
+from minids.moe import gate_weights, route
 from minids.norm import RMSNorm
 
 _COMMON = {
@@ -113,6 +113,16 @@ _COMMON = {
     "initializer_range": 0.02,
 }
 
+_YARN40 = {  # V3's YaRN (config.json): factor 40 over 4096 positions
+    "type": "yarn",
+    "factor": 40,
+    "original_max_position_embeddings": 4096,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+}
+
 CONFIGS: dict[str, dict] = {
     "v3": {
         **_COMMON,
@@ -129,15 +139,7 @@ CONFIGS: dict[str, dict] = {
         "norm_topk_prob": True,
         "routed_scaling_factor": 2.5,
         "max_position_embeddings": 8192,
-        "rope_scaling": {
-            "type": "yarn",
-            "factor": 40,
-            "original_max_position_embeddings": 4096,
-            "beta_fast": 32,
-            "beta_slow": 1,
-            "mscale": 1.0,
-            "mscale_all_dim": 1.0,
-        },
+        "rope_scaling": _YARN40,
     },
     "v2-lite": {
         **_COMMON,
@@ -151,15 +153,7 @@ CONFIGS: dict[str, dict] = {
         "norm_topk_prob": False,
         "routed_scaling_factor": 1.0,
         "max_position_embeddings": 8192,
-        "rope_scaling": {
-            "type": "yarn",
-            "factor": 40,
-            "original_max_position_embeddings": 4096,
-            "beta_fast": 32,
-            "beta_slow": 1,
-            "mscale": 0.707,
-            "mscale_all_dim": 0.707,
-        },
+        "rope_scaling": {**_YARN40, "mscale": 0.707, "mscale_all_dim": 0.707},
     },
     "v2": {
         **_COMMON,
@@ -444,7 +438,7 @@ class RouterLog:
 
     The calls are one forward of everything (minids without a cache) or a prefill of P tokens and one-token steps.
     With ``force`` (per layer, another model's (B, P + steps, K) choices) a minids router's choice is replaced by
-    that one and its gate weights recomputed from its own float32 scores, as ``minids.moe.route`` does.
+    that one and its gate weights recomputed from its own float32 scores (``minids.moe.gate_weights``).
     """
 
     def __init__(
@@ -478,10 +472,7 @@ class RouterLog:
         scores = out[2]  # a minids router: weights (N, K), indices (N, K), scores (N, E) float32
         idx = self._slice(self.force[k], len(self.calls[k]), scores.shape[0])
         self.calls[k].append(idx)
-        w = scores.gather(1, idx)
-        if self.cfg.norm_topk_prob:
-            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
-        return w * self.cfg.routed_scaling_factor, idx, scores
+        return gate_weights(scores, idx, self.cfg.norm_topk_prob, self.cfg.routed_scaling_factor), idx, scores
 
     def choices(self) -> list[torch.Tensor]:
         """Per layer, the (B, P + steps, K) choices."""
